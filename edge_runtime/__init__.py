@@ -1,0 +1,3 @@
+"""Edge inference runtime for portable ultrasound and X-ray imaging."""
+
+__version__ = "0.1.0"

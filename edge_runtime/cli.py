@@ -1,0 +1,55 @@
+"""One entry point: ``edge-runtime <group> ...``.
+
+Each group lives in the module that owns it; that module exposes ``configure(parser)`` and
+``run(args) -> int``. Only the chosen group's module is imported, so ``edge-runtime devices``
+does not pay for importing onnxruntime or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import EdgeRuntimeError
+
+# group -> (module, one-line help)
+GROUPS: dict[str, tuple[str, str]] = {
+    "demo": ("edge_runtime.demo", "stream the bundled phantoms and real DICOM cine, write out/demo/"),
+    "devices": ("edge_runtime.devices", "list device configs and detect the current device"),
+    "models": ("export.training.cli", "train / list the reference models (needs the train extra)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: edge-runtime <group> [options]", "", "groups:"]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in GROUPS.items()]
+    lines += ["", "edge-runtime <group> --help for a group's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    group = argv[0]
+    if group not in GROUPS:
+        print(f"edge-runtime: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(GROUPS[group][0])
+    parser = argparse.ArgumentParser(prog=f"edge-runtime {group}", description=GROUPS[group][1])
+    module.configure(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except EdgeRuntimeError as exc:
+        # Our own errors already say what was expected and found: no traceback for users.
+        print(f"edge-runtime {group}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Export toolchain: trained model -> checked ONNX -> quantised -> gated -> engine -> bundle."""
