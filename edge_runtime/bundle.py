@@ -1,0 +1,152 @@
+"""Read and verify a model bundle: a directory with manifest.json and the files it hashes.
+
+The manifest format is specified in docs/BUNDLE.md. Verification is strict: every listed file
+must exist with its sha256, and no unlisted file may sit in the bundle, so a swapped or added
+model is refused rather than run on a patient. The bundle's identity in provenance is the
+sha256 of manifest.json, which itself pins every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError, expected
+
+MANIFEST = "manifest.json"
+FORMAT = "edge-runtime-bundle"
+FORMAT_VERSION = 1
+TASKS = ("detection", "enhancement", "segmentation")
+PRECISIONS = ("fp32", "fp16", "int8")
+ARTIFACT_KINDS = ("onnx", "engine")
+REQUIRED = ("format", "format_version", "name", "task", "modality", "inputs", "outputs",
+            "preprocess", "postprocess", "artifacts", "files")
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One runnable file of the bundle: an ONNX variant or a TensorRT engine."""
+
+    file: str
+    kind: str
+    precision: str
+    sha256: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. quantisation options, engine key
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict[str, Any]
+    sha256: str  # of manifest.json: what results cite as provenance
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> "Bundle":
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(expected("a bundle directory containing manifest.json", str(root)))
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(expected(f"{MANIFEST} in the bundle", f"no such file in {root}"))
+        raw = mpath.read_bytes()
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{mpath}: not valid JSON ({exc})") from None
+        bundle = cls(root, manifest, hashlib.sha256(raw).hexdigest())
+        bundle._check_schema()
+        if verify:
+            bundle.verify()
+        return bundle
+
+    # -- manifest accessors -------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return str(self.manifest["name"])
+
+    @property
+    def task(self) -> str:
+        return str(self.manifest["task"])
+
+    @property
+    def preprocess(self) -> dict[str, Any]:
+        return dict(self.manifest["preprocess"])
+
+    @property
+    def postprocess(self) -> dict[str, Any]:
+        return dict(self.manifest["postprocess"])
+
+    @property
+    def artifacts(self) -> list[Artifact]:
+        return [Artifact(a["file"], a["kind"], a["precision"], self.manifest["files"][a["file"]],
+                         dict(a.get("metrics", {})), dict(a.get("info", {})))
+                for a in self.manifest["artifacts"]]
+
+    def artifact(self, precision: str = "fp32", kind: str = "onnx") -> Artifact:
+        for a in self.artifacts:
+            if a.precision == precision and a.kind == kind:
+                return a
+        have = [f"{a.kind}/{a.precision}" for a in self.artifacts]
+        raise BundleError(f"bundle {self.name!r}: " + expected(f"a {kind} artifact in {precision}", have))
+
+    def file(self, rel: str) -> Path:
+        return self.path / rel
+
+    # -- checks -------------------------------------------------------------------------
+    def _check_schema(self) -> None:
+        m = self.manifest
+        where = f"{self.path / MANIFEST}"
+        if not isinstance(m, dict):
+            raise BundleError(f"{where}: " + expected("a JSON object", type(m).__name__))
+        missing = [k for k in REQUIRED if k not in m]
+        if missing:
+            raise BundleError(f"{where}: " + expected(f"fields {list(REQUIRED)}", f"missing {missing}"))
+        if m["format"] != FORMAT:
+            raise BundleError(f"{where}: " + expected(f"format {FORMAT!r}", m["format"]))
+        if m["format_version"] != FORMAT_VERSION:
+            raise BundleError(f"{where}: " + expected(f"format_version {FORMAT_VERSION}", m["format_version"]))
+        if m["task"] not in TASKS:
+            raise BundleError(f"{where}: " + expected(f"task in {TASKS}", m["task"]))
+        files = m["files"]
+        if not isinstance(files, dict):
+            raise BundleError(f"{where}: " + expected("files as an object {path: sha256}", type(files).__name__))
+        for a in m["artifacts"]:
+            if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
+                raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
+                    f"kind in {ARTIFACT_KINDS} and precision in {PRECISIONS}", (a.get("kind"), a.get("precision"))))
+            if a.get("file") not in files:
+                raise BundleError(f"{where}: " + expected(f"artifact {a.get('file')!r} listed in files", "not listed"))
+        for rel in files:
+            p = Path(rel)
+            if p.is_absolute() or ".." in p.parts:
+                raise BundleError(f"{where}: " + expected("file paths inside the bundle", rel))
+
+    def verify(self) -> None:
+        """Raise BundleError naming every file whose hash differs, is missing, or is unlisted."""
+        problems = []
+        listed = self.manifest["files"]
+        for rel, digest in listed.items():
+            p = self.path / rel
+            if not p.is_file():
+                problems.append(f"{rel}: missing")
+            elif (found := sha256_file(p)) != digest:
+                problems.append(f"{rel}: sha256 {found[:16]}..., manifest says {digest[:16]}...")
+        for p in sorted(self.path.rglob("*")):
+            rel = p.relative_to(self.path).as_posix()
+            if p.is_file() and rel != MANIFEST and rel not in listed:
+                problems.append(f"{rel}: present but not listed in the manifest")
+        if problems:
+            raise BundleError(f"bundle {self.path} failed verification, refusing it: " + "; ".join(problems))
