@@ -44,3 +44,50 @@ def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) ->
         f.write("\n")
     os.replace(tmp, root / MANIFEST)
     return Bundle.load(root, verify=True)
+
+
+def write_archive(directory: str | os.PathLike[str], archive: str | os.PathLike[str]) -> Path:
+    """Pack a verified bundle into one uncompressed .tar (members under ``<name>/``, sorted,
+    owner 0, mtime = the manifest's creation time): the same bundle gives the same bytes."""
+    import tarfile
+
+    bundle = Bundle.load(directory, verify=True)
+    created = str(bundle.manifest.get("created") or "1970-01-01T00:00:00+00:00")
+    mtime = int(datetime.fromisoformat(created).timestamp())
+    out = Path(archive)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".tmp")
+    os.close(fd)
+    rels = [MANIFEST] + sorted(bundle.manifest["files"])
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for rel in rels:
+                info = tar.gettarinfo(str(bundle.path / rel), arcname=f"{bundle.name}/{rel}")
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                info.mtime = mtime
+                info.mode = 0o644
+                with open(bundle.path / rel, "rb") as f:
+                    tar.addfile(info, f)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def unpack_archive(archive: str | os.PathLike[str], into: str | os.PathLike[str]) -> Path:
+    """Extract a bundle archive with tarfile's "data" filter (no links out, no absolute paths,
+    no devices) and return the bundle directory; verify it with ``Bundle.load``."""
+    import tarfile
+
+    from edge_runtime.errors import BundleError, expected
+
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tops = {Path(m.name).parts[0] for m in tar.getmembers() if m.name not in ("", ".")}
+            if len(tops) != 1:
+                raise BundleError(f"{archive}: " + expected("one top-level bundle directory", sorted(tops)))
+            tar.extractall(into, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"{archive}: not a readable bundle archive ({exc})") from None
+    return Path(into) / tops.pop()

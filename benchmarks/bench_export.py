@@ -1,0 +1,184 @@
+"""Export toolchain benchmark: time per export step, and FP32 vs FP16 vs INT8 latency on ONNX Runtime CPU.
+
+For each reference bundle (edge_runtime/models/*/):
+1. export steps: the full `edge-runtime export reference` flow (check, fp16, calibration frames,
+   calibrate + quantise, validation) on a temporary copy of the bundle, timed per step;
+2. latency: the bundle's fp32/fp16/int8 ONNX files through the runtime's OrtBackend (CPU provider,
+   ``--threads`` intra-op threads), one pre-processed phantom frame of the model's modality,
+   interleaved (fp32, fp16, int8, fp32, ...) so machine drift hits all precisions alike, ``--runs``
+   timed calls each after a warm-up; p50 / p99 / mean in ms and the INT8 / FP32 speed-up;
+   the accuracy gate's verdict is read from the bundle's validation.json.
+
+INT8 speed on x86 comes from ONNX Runtime's VNNI / AVX-512 / AMX kernels; the CPU flags that
+matter are recorded in the JSON.
+
+    python -m benchmarks.bench_export [out/bench/export.json] [--models a,b] [--runs 200] [--skip-steps]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from edge_runtime.backends.base import percentile
+
+MODELS = ROOT / "edge_runtime" / "models"
+PRECISIONS = ("fp32", "fp16", "int8")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "avx512_fp16")
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "int8_flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def frame_tensor(manifest: dict[str, Any]) -> Any:
+    from edge_runtime.preprocess import Preprocessor
+    from export.calibration import VALIDATION_SEED0, phantom_frames, phantom_kind, phantom_size
+
+    frame = next(iter(phantom_frames(phantom_kind(manifest), 1, VALIDATION_SEED0, size=phantom_size(manifest))))
+    return Preprocessor.from_manifest(manifest)(frame)[0]
+
+
+def latency(bundle_dir: Path, runs: int, threads: int) -> dict[str, Any]:
+    from edge_runtime.backends.onnxruntime import OrtBackend
+    from edge_runtime.bundle import Bundle
+
+    b = Bundle.load(bundle_dir)
+    x = frame_tensor(b.manifest)
+    name = b.manifest["inputs"][0]["name"]
+    backends = {}
+    for p in PRECISIONS:
+        try:
+            backends[p] = OrtBackend(b.file(b.artifact(p).file), threads=threads, providers=["cpu"], precision=p).load()
+        except Exception as exc:  # noqa: BLE001 - a missing artefact is reported, not fatal
+            print(f"  {b.name}: no {p} ({exc})", file=sys.stderr)
+    times: dict[str, list[float]] = {p: [] for p in backends}
+    try:
+        for bk in backends.values():
+            for _ in range(5):
+                bk.infer({name: x})
+        for _ in range(runs):
+            for p, bk in backends.items():
+                t = time.perf_counter()
+                bk.infer({name: x})
+                times[p].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for bk in backends.values():
+            bk.close()
+    out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads}
+    for p, ts in times.items():
+        out[p] = {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99), "mean_ms": sum(ts) / len(ts)}
+    if "int8" in out and "fp32" in out:
+        out["int8_speedup_p50"] = out["fp32"]["p50_ms"] / out["int8"]["p50_ms"]
+    if "fp16" in out and "fp32" in out:
+        out["fp16_speedup_p50"] = out["fp32"]["p50_ms"] / out["fp16"]["p50_ms"]
+    val = bundle_dir / "validation.json"
+    if val.is_file():
+        v = json.loads(val.read_text())
+        out["gate_passed"] = v.get("passed")
+        out["int8_nodes_in_float"] = (v.get("repair") or {}).get("nodes_in_float", [])
+        for c in v.get("candidates", []):
+            out.setdefault("metrics", {})[c["precision"]] = {k: c["metrics"].get(k) for k in
+                                                             ("ap50", "sensitivity", "psnr_db", "ssim", "dice")
+                                                             if k in c["metrics"]}
+        out.setdefault("metrics", {})["fp32"] = {k: v["fp32"]["metrics"].get(k) for k in
+                                                 ("ap50", "sensitivity", "psnr_db", "ssim", "dice")
+                                                 if k in v["fp32"]["metrics"]}
+    return out
+
+
+def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]:
+    """The full reference flow on a copy (the shipped bundle is not touched)."""
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.errors import AccuracyGateError
+    from export.bundle_write import write_bundle
+    from export.cli import export_reference
+
+    b = Bundle.load(bundle_dir)
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        copy = Path(tmp) / b.name
+        copy.mkdir()
+        fp32 = b.artifact("fp32").file
+        shutil.copyfile(b.file(fp32), copy / fp32)
+        manifest = {k: v for k, v in b.manifest.items() if k not in ("calibration", "validation")}
+        manifest["artifacts"] = [a for a in manifest["artifacts"] if a["precision"] == "fp32" and a["kind"] == "onnx"]
+        write_bundle(copy, manifest)
+        t = time.perf_counter()
+        try:
+            res = export_reference(copy, threads=threads, repair=repair, progress=False)
+        except AccuracyGateError as exc:
+            return {"passed": False, "error": str(exc).splitlines()[0], "total_s": round(time.perf_counter() - t, 2),
+                    "times_s": {}}
+        total = time.perf_counter() - t
+    return {"times_s": res["times_s"], "total_s": round(total, 2), "passed": res["passed"],
+            "nodes_in_float": res["nodes_in_float"]}
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'model':<16}{'fp32 p50/p99':>16}{'fp16 p50/p99':>16}{'int8 p50/p99':>16}{'int8 x':>8}  gate"]
+    for name, r in results["models"].items():
+        lat = r["latency"]
+        cells = [f"{lat[p]['p50_ms']:.2f}/{lat[p]['p99_ms']:.2f}" if p in lat else "-" for p in PRECISIONS]
+        gate = {True: "pass", False: "FAIL", None: "?"}[lat.get("gate_passed")]
+        speedup = lat.get("int8_speedup_p50", float("nan"))
+        lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells) + f"{speedup:>8.2f}  {gate}")
+    lines.append("(ms per frame, ONNX Runtime CPU, interleaved runs)")
+    for name, r in results["models"].items():
+        if "steps" in r:
+            s = r["steps"]
+            lines.append(f"{name}: export {s['total_s']:.1f} s: "
+                         + ", ".join(f"{k} {v:.2f}" for k, v in s["times_s"].items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", nargs="?", default="out/bench/export.json")
+    ap.add_argument("--models", help="comma-separated bundle names (default: all under edge_runtime/models)")
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-steps", action="store_true", help="latency only (no export-step timing)")
+    ap.add_argument("--repair", action="store_true", help="export steps with --repair when the gate fails")
+    args = ap.parse_args(argv)
+    import onnxruntime
+
+    names = args.models.split(",") if args.models else sorted(p.parent.name for p in MODELS.glob("*/manifest.json"))
+    results: dict[str, Any] = {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__, "models": {}}
+    for name in names:
+        print(f"[{name}] latency ...", file=sys.stderr, flush=True)
+        entry: dict[str, Any] = {"latency": latency(MODELS / name, args.runs, args.threads)}
+        if not args.skip_steps:
+            print(f"[{name}] export steps ...", file=sys.stderr, flush=True)
+            entry["steps"] = export_steps(MODELS / name, args.threads, args.repair)
+        results["models"][name] = entry
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

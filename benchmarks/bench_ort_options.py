@@ -1,0 +1,124 @@
+"""Which ONNX Runtime session options give the lowest per-frame latency on this CPU?
+
+Times one conv model (default: 6 conv 3x3 layers, 16 channels, ReLU, one 512x512 grey frame,
+batch 1 -- the shape of our enhancement / detection backbones) under a few option sets, each
+through ``edge_runtime.backends.onnxruntime.session_options`` (so what is measured is what the
+backend uses), and prints p50 / p99 / mean per set.
+
+Each option set runs in its own block (warm-up, then ``--runs`` timed calls), and the blocks run
+``--rounds`` times, alternating forward and reverse order, so slow drift of a shared machine does
+not favour whichever set ran first. Samples of all rounds are pooled per set.
+
+    python -m benchmarks.bench_ort_options [--size 512] [--runs 200] [--rounds 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from edge_runtime.backends.base import percentile
+from edge_runtime.backends.onnxruntime import session_options
+
+# name -> session_options(...) arguments. "ours" is OrtBackend's default.
+OPTION_SETS: dict[str, dict[str, object]] = {
+    "ours (threads=0 -> physical cores, sequential, all, spin on)": {},
+    "threads=1": {"threads": 1},
+    "threads=2": {"threads": 2},
+    "parallel executor (inter_op=2)": {"execution_mode": "parallel", "inter_op_threads": 2},
+    "graph opt basic": {"graph_optimization": "basic"},
+    "graph opt disabled": {"graph_optimization": "disable"},
+    "spinning off": {"allow_spinning": False},
+}
+
+
+def conv_model(path: Path, layers: int = 6, channels: int = 16) -> Path:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    prev, prev_c = "image", 1
+    for i in range(layers):
+        w = (rng.standard_normal((channels, prev_c, 3, 3)) / np.sqrt(9 * prev_c)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(channels, np.float32), f"b{i}")]
+        nodes += [helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Relu", [f"c{i}"], [f"r{i}"])]
+        prev, prev_c = f"r{i}", channels
+    graph = helper.make_graph(
+        nodes, "bench_conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "H", "W"])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1, channels, "H", "W"])], inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+    return path
+
+
+def time_set(model: Path, options: dict[str, object], image: np.ndarray, runs: int, warmup: int) -> list[float]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model), sess_options=session_options(**options),  # type: ignore[arg-type]
+                                   providers=["CPUExecutionProvider"])
+    feeds = {"image": image}
+    for _ in range(warmup):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feeds)
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="frame height and width")
+    parser.add_argument("--runs", type=int, default=200, help="timed runs per set per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    image = np.random.default_rng(1).random((1, 1, args.size, args.size), dtype=np.float32)
+    samples: dict[str, list[float]] = {name: [] for name in OPTION_SETS}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = conv_model(Path(tmp) / "conv.onnx")
+        names = list(OPTION_SETS)
+        for round_index in range(args.rounds):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                samples[name] += time_set(model, OPTION_SETS[name], image, args.runs, args.warmup)
+                print(f"round {round_index + 1}/{args.rounds} {name}: done", file=sys.stderr, flush=True)
+
+    rows = []
+    for name, values in samples.items():
+        rows.append({"options": name, "n": len(values), "p50_ms": percentile(values, 50),
+                     "p99_ms": percentile(values, 99), "mean_ms": float(np.mean(values))})
+    env = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+           "machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__,
+           "model": f"6x conv3x3 16ch + ReLU, 1x1x{args.size}x{args.size} float32", "runs_per_set": args.runs * args.rounds}
+    print(f"\nONNX Runtime {ort.__version__}, {env['affinity']} usable CPUs, {env['model']}, "
+          f"{env['runs_per_set']} runs per set\n")
+    print("| options | p50 ms | p99 ms | mean ms |\n|---|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['options']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_ms']:.2f} |")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""ONNX Runtime backend: the embedded default, CPU first, GPU providers when present and allowed.
+
+Session options are chosen for the latency of one frame at a time on a small CPU (see
+``benchmarks/bench_ort_options.py`` for the measurement behind them):
+- ``intra_op_num_threads`` from the device config's ``cpu_threads`` (0 lets ONNX Runtime use one
+  thread per physical core), ``inter_op_num_threads`` 1 and ``ORT_SEQUENTIAL``: our graphs are
+  chains of convolutions, so running branches in parallel buys nothing and costs a second pool;
+- ``ORT_ENABLE_ALL`` graph optimisation (fusions + NCHWc layouts on x86);
+- memory arena and memory pattern on: same shapes every frame, so buffers are planned once;
+- spinning of idle intra-op threads stays ON by default (ONNX Runtime's own default) because it
+  shortens each call; turn it off (``allow_spinning=False``) when the same cores also run
+  pre/post-processing or other processes, where spinning threads steal their time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, expected
+from .base import Backend, TensorSpec
+
+log = logging.getLogger(__name__)
+
+# Short names accepted in device configs and CLI options, in preference order for "auto".
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+# "auto" leaves the TensorRT execution provider out on purpose: it builds engines while the
+# session is created, which can take minutes on a Jetson and would block the stream. Engines are
+# built by export/trt_build.py in the background instead; list "tensorrt" explicitly to opt in.
+AUTO_PROVIDERS = ("cuda", "cpu")
+
+GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+
+# ONNX Runtime's type strings for the tensor element types our models use.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(uint16)": np.uint16,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(bool)": np.bool_,
+}
+
+
+def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) -> list[str]:
+    """Map ``"auto"`` or a list of short/full provider names to the available ones, in order.
+
+    Unknown names are a ConfigError; known but unavailable ones are skipped with a warning; if none
+    is left, BackendError names what this onnxruntime build offers.
+    """
+    auto = requested == "auto"
+    if isinstance(requested, str):
+        requested = list(AUTO_PROVIDERS) if auto else [requested]
+    full: list[str] = []
+    for item in requested:
+        name = PROVIDER_NAMES.get(item.lower(), item) if isinstance(item, str) else item
+        if name not in PROVIDER_NAMES.values():
+            raise ConfigError(
+                f"onnxruntime provider {item!r}: "
+                + expected(f"'auto' or some of {sorted(PROVIDER_NAMES)} (or their full names)", item)
+            )
+        if name not in full:
+            full.append(name)
+    chosen = [p for p in full if p in available]
+    skipped = [p for p in full if p not in available]
+    if skipped and not auto:  # "auto" lists what it would like; only an explicit request warns
+        log.warning("onnxruntime: providers %s not in this build (available: %s), skipped", skipped,
+                    list(available))
+    if not chosen:
+        raise BackendError(f"onnxruntime providers: expected one of {full} available, found only {list(available)}")
+    return chosen
+
+
+def session_options(
+    *,
+    threads: int = 0,
+    inter_op_threads: int = 1,
+    execution_mode: Literal["sequential", "parallel"] = "sequential",
+    graph_optimization: str = "all",
+    allow_spinning: bool = True,
+    optimized_model_path: Path | None = None,
+) -> Any:
+    """Build ``onnxruntime.SessionOptions`` for low per-frame latency (see the module docstring)."""
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise ConfigError(f"onnxruntime threads: {expected('>= 0 (0 = one per physical core)', threads)}")
+    if graph_optimization not in GRAPH_OPTIMIZATION:
+        raise ConfigError(f"graph_optimization: {expected(f'one of {GRAPH_OPTIMIZATION}', graph_optimization)}")
+    if execution_mode not in ("sequential", "parallel"):
+        raise ConfigError(f"execution_mode: {expected('sequential or parallel', execution_mode)}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = inter_op_threads
+    opts.execution_mode = (
+        ort.ExecutionMode.ORT_SEQUENTIAL if execution_mode == "sequential" else ort.ExecutionMode.ORT_PARALLEL
+    )
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[graph_optimization]
+    opts.enable_cpu_mem_arena = True
+    opts.enable_mem_pattern = True
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if optimized_model_path is not None:
+        opts.optimized_model_filepath = str(optimized_model_path)
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
+    return opts
+
+
+def _spec(node: Any) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(node.type)
+    if dtype is None:
+        raise BackendError(
+            f"tensor {node.name!r}: expected one of {sorted(_ORT_DTYPES)}, found {node.type!r}"
+        )
+    # ONNX Runtime reports dynamic dims as strings ("batch") or None.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in node.shape)
+    return TensorSpec(node.name, np.dtype(dtype), shape)
+
+
+class OrtBackend(Backend):
+    """Run an ONNX model with ONNX Runtime.
+
+    Args:
+        model_path: the ``.onnx`` file.
+        threads: intra-op threads (device config ``cpu_threads``; 0 = one per physical core).
+        providers: ``"auto"`` (CUDA when this onnxruntime has it, then CPU) or a list of
+            ``cpu``/``cuda``/``tensorrt`` (or full provider names) in preference order.
+        precision: what the model is (``fp32``/``fp16``/``int8``), recorded for provenance.
+        graph_optimization: ``disable``/``basic``/``extended``/``all``.
+        inter_op_threads, execution_mode, allow_spinning: see the module docstring.
+        optimized_cache_dir: when set, the optimised graph is saved there on first load, keyed by
+            the model's sha256, the optimisation level, the providers and the onnxruntime version,
+            and later loads read it with optimisation off (faster start on slow devices).
+        device_id: GPU index for the CUDA / TensorRT providers.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        threads: int = 0,
+        providers: str | Sequence[str] = "auto",
+        precision: str = "fp32",
+        graph_optimization: str = "all",
+        inter_op_threads: int = 1,
+        execution_mode: Literal["sequential", "parallel"] = "sequential",
+        allow_spinning: bool = True,
+        optimized_cache_dir: str | Path | None = None,
+        device_id: int = 0,
+    ) -> None:
+        super().__init__(precision=precision)
+        self.model_path = Path(model_path)
+        self.threads = threads
+        self.providers = providers
+        self.graph_optimization = graph_optimization
+        self.inter_op_threads = inter_op_threads
+        self.execution_mode = execution_mode
+        self.allow_spinning = allow_spinning
+        self.optimized_cache_dir = Path(optimized_cache_dir) if optimized_cache_dir is not None else None
+        self.device_id = device_id
+        self._session: Any = None
+        self._output_names: list[str] = []
+
+    def describe_model(self) -> str:
+        return self.model_path.name
+
+    def _provider_list(self, chosen: list[str]) -> list[Any]:
+        out: list[Any] = []
+        for name in chosen:
+            if name == "CUDAExecutionProvider":
+                out.append((name, {"device_id": self.device_id}))
+            elif name == "TensorrtExecutionProvider":
+                opts: dict[str, object] = {"device_id": self.device_id}
+                if self.optimized_cache_dir is not None:
+                    opts |= {"trt_engine_cache_enable": True,
+                             "trt_engine_cache_path": str(self.optimized_cache_dir / "ort-trt")}
+                out.append((name, opts))
+            else:
+                out.append(name)
+        return out
+
+    def _optimized_path(self, chosen: list[str]) -> Path | None:
+        if self.optimized_cache_dir is None or self.graph_optimization == "disable":
+            return None
+        import onnxruntime as ort
+
+        digest = hashlib.sha256(self.model_path.read_bytes())
+        digest.update(f"|{self.graph_optimization}|{','.join(chosen)}|{ort.__version__}".encode())
+        return self.optimized_cache_dir / f"{self.model_path.stem}.{digest.hexdigest()[:16]}.ort.onnx"
+
+    def _load(self) -> None:
+        import onnxruntime as ort
+
+        if not self.model_path.is_file():
+            raise BackendError(f"onnx model: expected a file at {self.model_path}, found none")
+        chosen = resolve_providers(self.providers, ort.get_available_providers())
+        model = self.model_path
+        level = self.graph_optimization
+        save_to: Path | None = None
+        cached = self._optimized_path(chosen)
+        if cached is not None and cached.is_file():
+            model, level = cached, "disable"  # already optimised for these providers
+            log.info("onnxruntime: using optimised graph cache %s", cached)
+        elif cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                save_to = cached
+            except OSError as exc:  # read-only cache location: run without the cache
+                log.warning("onnxruntime: cannot write optimised graph cache %s (%s)", cached.parent, exc)
+        opts = session_options(
+            threads=self.threads, inter_op_threads=self.inter_op_threads, execution_mode=self.execution_mode,
+            graph_optimization=level, allow_spinning=self.allow_spinning, optimized_model_path=save_to,
+        )
+        try:
+            session = ort.InferenceSession(str(model), sess_options=opts, providers=self._provider_list(chosen))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"onnxruntime could not load {model}: {exc}") from exc
+        self._session = session
+        self._inputs = [_spec(n) for n in session.get_inputs()]
+        self._outputs = [_spec(n) for n in session.get_outputs()]
+        self._output_names = [s.name for s in self._outputs]
+        self.provider = session.get_providers()[0]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            values = self._session.run(self._output_names, feeds)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime run of {self.model_path.name} failed: {exc}") from exc
+        return dict(zip(self._output_names, values))
+
+    def _close(self) -> None:
+        self._session = None

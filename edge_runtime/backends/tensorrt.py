@@ -1,0 +1,502 @@
+"""TensorRT backend (with export/trt_build.py, the only modules that import tensorrt or pycuda).
+
+Written against the name-based I/O API of TensorRT 10 (JetPack 6 ships 10.3 on Orin), which also
+exists from TensorRT 8.5 and is kept in TensorRT 11:
+``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` / ``get_tensor_dtype`` /
+``get_tensor_shape`` on the engine, ``set_input_shape`` / ``set_tensor_address`` /
+``execute_async_v3`` on the execution context. Memory and the stream come from pycuda.
+
+``tensorrt`` and ``pycuda`` are imported inside functions only, so this module imports (and its
+pure logic is tested) on machines without them. The TensorRT calls are type-checked with mypy
+against ``tensorrt-stubs`` (tests/test_typecheck.py); they have not run on real hardware here.
+
+CUDA context: the device's *primary* context is retained on ``load`` and pushed/popped around
+every call, so the backend works from whichever thread calls it (a pipeline worker thread, not
+only the thread that loaded it). ``pycuda.autoinit`` is deliberately not used: it makes a context
+current on the importing thread only, and other threads then fail with "invalid device context".
+The primary context is the one TensorRT and the CUDA runtime API use, so nothing is duplicated.
+
+CUDA graphs are NOT implemented (``use_cuda_graph=True`` is refused): capturing
+``execute_async_v3`` needs stream capture (cudaStreamBeginCapture/EndCapture and graph launch),
+which pycuda does not expose in a form we could verify here, and a captured graph is only valid
+while every tensor address and input shape stays the same (re-capture after any re-allocation or
+shape change, one warm-up ``execute_async_v3`` before capture, no host synchronisation inside).
+Without a GPU to check it on, shipping it would be guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import BackendError, ConfigError, InputError, expected
+from .base import Backend, TensorSpec
+
+if TYPE_CHECKING:  # types only: never imported at runtime at module level
+    import tensorrt as trt
+
+log = logging.getLogger(__name__)
+
+# Name-based I/O (set_tensor_address / execute_async_v3) exists from TensorRT 8.5.
+MIN_RUNTIME_VERSION = (8, 5, 0)
+
+# TensorRT DataType names -> numpy. Mirrors tensorrt.nptype for the types numpy has; BF16, FP8,
+# INT4, FP4 and E8M0 have no numpy dtype, so an engine with such I/O is refused with a message
+# (keep those types inside the network and give it FP32/FP16 inputs and outputs).
+TRT_TO_NUMPY: dict[str, type[np.generic]] = {
+    "FLOAT": np.float32,
+    "HALF": np.float16,
+    "INT8": np.int8,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure logic (no tensorrt, no pycuda): version parsing, dtype mapping, shape checks, buffer plans
+# ---------------------------------------------------------------------------------------------
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"10.3.0.30"`` -> ``(10, 3, 0)``; ``"8.2.1"`` -> ``(8, 2, 1)``; ``"11.0"`` -> ``(11, 0, 0)``."""
+    match = re.match(r"^\s*(\d+)\.(\d+)(?:\.(\d+))?", str(text))
+    if match is None:
+        raise BackendError(f"TensorRT version: {expected('MAJOR.MINOR[.PATCH...]', text)}")
+    major, minor, patch = match.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
+def numpy_dtype(trt_dtype_name: str, tensor: str = "?") -> np.dtype[Any]:
+    """TensorRT DataType name (``DataType.name``) -> numpy dtype, or BackendError naming the tensor."""
+    name = trt_dtype_name.upper().removeprefix("DATATYPE.")
+    if name not in TRT_TO_NUMPY:
+        raise BackendError(
+            f"engine tensor {tensor!r}: expected an I/O dtype numpy can hold ({', '.join(TRT_TO_NUMPY)}), "
+            f"found {name}"
+        )
+    return np.dtype(TRT_TO_NUMPY[name])
+
+
+@dataclass(frozen=True)
+class IOTensor:
+    """One engine I/O tensor as the engine describes it (shape: None for dynamic dims)."""
+
+    name: str
+    is_input: bool
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]
+    # (min, opt, max) of optimisation profile 0, for dynamic inputs only
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(d is None for d in self.shape)
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+def dims_to_shape(dims: Sequence[int]) -> tuple[int | None, ...]:
+    """TensorRT dims (``-1`` for dynamic) -> our shape (``None`` for dynamic)."""
+    return tuple(None if int(d) < 0 else int(d) for d in dims)
+
+
+def check_profile(tensor: IOTensor, shape: tuple[int, ...]) -> None:
+    """InputError when ``shape`` lies outside the engine's optimisation profile for ``tensor``."""
+    if tensor.profile is None:
+        return
+    low, _, high = tensor.profile
+    if len(low) != len(shape) or any(not (lo <= s <= hi) for lo, s, hi in zip(low, shape, high)):
+        raise InputError(
+            f"input {tensor.name!r}: expected a shape within the engine's profile min {low} max {high}, "
+            f"found {shape}; rebuild the engine with a profile that covers it"
+        )
+
+
+def nbytes_for(shape: Sequence[int], dtype: np.dtype[Any]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize if len(shape) else dtype.itemsize
+
+
+def plan_buffers(tensors: Sequence[IOTensor], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Bytes each I/O tensor needs for concrete ``shapes`` (every tensor must have one)."""
+    plan: dict[str, int] = {}
+    for tensor in tensors:
+        shape = shapes.get(tensor.name)
+        if shape is None or any(d < 0 for d in shape):
+            raise BackendError(
+                f"engine tensor {tensor.name!r}: expected a concrete shape before allocation, found {shape}"
+                " (data-dependent output shapes need an output allocator, which this backend does not implement)"
+            )
+        plan[tensor.name] = nbytes_for(shape, tensor.dtype)
+    return plan
+
+
+def buffers_to_grow(capacity: Mapping[str, int], plan: Mapping[str, int]) -> list[str]:
+    """Tensors whose buffer must be (re)allocated: missing, or smaller than the plan needs.
+
+    Buffers never shrink: a smaller frame after a larger one reuses the large buffer.
+    """
+    return [name for name, need in plan.items() if capacity.get(name, -1) < need]
+
+
+def initial_shapes(tensors: Sequence[IOTensor]) -> dict[str, tuple[int, ...]]:
+    """Input shapes to allocate for at load: static shapes as they are, dynamic ones at profile opt."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for tensor in tensors:
+        if not tensor.is_input:
+            continue
+        if tensor.is_dynamic:
+            if tensor.profile is None:
+                raise BackendError(f"engine input {tensor.name!r}: dynamic shape {tensor.shape} without a profile")
+            shapes[tensor.name] = tensor.profile[1]
+        else:
+            shapes[tensor.name] = tuple(int(d) for d in tensor.shape if d is not None)
+    return shapes
+
+
+def python_log_level(severity: int) -> int | None:
+    """TensorRT logger severity (0 INTERNAL_ERROR .. 4 VERBOSE) -> logging level; None = drop.
+
+    TensorRT's INFO is chatty (one line per tactic phase), so it goes to DEBUG.
+    """
+    return {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.DEBUG}.get(severity)
+
+
+# ---------------------------------------------------------------------------------------------
+# Imports of the real packages
+# ---------------------------------------------------------------------------------------------
+def require_tensorrt() -> str:
+    """Import the real TensorRT or raise BackendError; return its version string.
+
+    ``tensorrt-stubs`` installs a ``tensorrt`` directory of ``.pyi`` files only, which Python
+    imports as an empty namespace package: that is treated as "not installed".
+    """
+    try:
+        import tensorrt as trt_mod
+    except ImportError as exc:
+        raise BackendError(f"TensorRT: expected the tensorrt package (JetPack / pip), found none ({exc})") from exc
+    version = getattr(trt_mod, "__version__", None)
+    if not isinstance(version, str) or not hasattr(trt_mod, "Builder"):
+        raise BackendError(
+            "TensorRT: expected the tensorrt package, found only type stubs (tensorrt-stubs) "
+            f"at {list(getattr(trt_mod, '__path__', []))}"
+        )
+    return version
+
+
+def require_pycuda() -> Any:
+    """Import ``pycuda.driver`` (typed Any: pycuda has no stubs) or raise BackendError."""
+    try:
+        import pycuda.driver as cuda
+    except ImportError as exc:
+        raise BackendError(f"TensorRT backend: expected pycuda (pip install pycuda on the device), found none ({exc})") from exc
+    return cuda
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """(True, version) when TensorRT and pycuda import and a CUDA device answers; else (False, why)."""
+    try:
+        version = require_tensorrt()
+        cuda = require_pycuda()
+        cuda.init()
+        if cuda.Device.count() < 1:
+            return False, "no CUDA device"
+    except BackendError as exc:
+        return False, str(exc)
+    except Exception as exc:  # noqa: BLE001 - pycuda raises its own error types when no driver is present
+        return False, f"CUDA driver: {exc}"
+    return True, version
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    """What an engine is tied to, besides the model: TensorRT version and GPU."""
+
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    sm_count: int
+
+
+def probe_device(device_index: int = 0) -> DeviceIdentity:
+    """TensorRT version and GPU name / compute capability / SM count, for the engine cache key."""
+    version = require_tensorrt()
+    cuda = require_pycuda()
+    cuda.init()
+    device = cuda.Device(device_index)
+    major, minor = device.compute_capability()
+    sm_count = int(device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT))
+    return DeviceIdentity(version, str(device.name()), f"{major}.{minor}", sm_count)
+
+
+def make_trt_logger() -> trt.ILogger:
+    """A TensorRT logger that forwards to Python logging (TensorRT INFO -> DEBUG, VERBOSE dropped).
+
+    It also keeps the last error messages so a failed build or deserialisation can quote them.
+    """
+    import tensorrt as trt
+
+    class _ForwardingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self._lock = threading.Lock()
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            level = python_log_level(int(severity))
+            if level is None:
+                return
+            if level >= logging.ERROR:
+                with self._lock:
+                    self.errors = (self.errors + [msg])[-20:]
+            logging.getLogger("tensorrt").log(level, "%s", msg)
+
+    return _ForwardingLogger()
+
+
+def logged_errors(logger: trt.ILogger) -> list[str]:
+    return list(getattr(logger, "errors", []))
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def read_io_tensors(engine: trt.ICudaEngine) -> list[IOTensor]:
+    """Describe every I/O tensor of ``engine`` by name (TensorRT 10 name-based API)."""
+    import tensorrt as trt
+
+    tensors: list[IOTensor] = []
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        if is_input and engine.is_shape_inference_io(name):
+            raise BackendError(f"engine input {name!r}: shape tensors (host-side shape inputs) are not supported")
+        shape = dims_to_shape(_dims(engine.get_tensor_shape(name)))
+        profile = None
+        if is_input and any(d is None for d in shape):
+            low, opt, high = engine.get_tensor_profile_shape(name, 0)  # profile 0: min, opt, max
+            profile = (_dims(low), _dims(opt), _dims(high))
+        dtype = numpy_dtype(engine.get_tensor_dtype(name).name, name)
+        tensors.append(IOTensor(name, is_input, dtype, shape, profile))
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Buffer:
+    device: Any  # pycuda DeviceAllocation
+    host: np.ndarray  # flat page-locked array of `capacity` bytes worth of elements
+    capacity: int
+
+
+class TrtBackend(Backend):
+    """Run a serialised TensorRT engine (built on this device: see engine_cache / trt_build).
+
+    Device and page-locked host buffers are allocated once at load (dynamic inputs at the profile's
+    opt shape) and re-allocated only when a larger dynamic shape arrives. One CUDA stream; copies
+    are asynchronous; one ``stream.synchronize`` per call. Calls are serialised by a lock (one
+    execution context, one set of buffers).
+    """
+
+    name = "tensorrt"
+
+    def __init__(
+        self,
+        engine_path: str | Path,
+        *,
+        device_index: int = 0,
+        use_cuda_graph: bool = False,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__(precision=precision)
+        if use_cuda_graph:
+            raise ConfigError(
+                "use_cuda_graph: expected False, found True: CUDA graph capture is not implemented "
+                "(see the edge_runtime.backends.tensorrt module docstring for why and its constraints)"
+            )
+        if device_index < 0:
+            raise ConfigError(f"device_index: {expected('>= 0', device_index)}")
+        self.engine_path = Path(engine_path)
+        self.device_index = device_index
+        self.trt_version = ""
+        self._lock = threading.Lock()
+        self._cuda: Any = None
+        self._cuda_ctx: Any = None
+        self._logger: trt.ILogger | None = None
+        self._runtime: trt.Runtime | None = None
+        self._engine: trt.ICudaEngine | None = None
+        self._context: trt.IExecutionContext | None = None
+        self._stream: Any = None
+        self._tensors: list[IOTensor] = []
+        self._buffers: dict[str, _Buffer] = {}
+        self._bound_shapes: dict[str, tuple[int, ...]] = {}
+
+    def describe_model(self) -> str:
+        return self.engine_path.name
+
+    # -- load / close --------------------------------------------------------------------------
+    def _load(self) -> None:
+        version_text = require_tensorrt()
+        import tensorrt as trt
+
+        version = parse_version(version_text)
+        if version < MIN_RUNTIME_VERSION:
+            raise BackendError(
+                f"TensorRT backend: expected TensorRT >= {'.'.join(map(str, MIN_RUNTIME_VERSION))} "
+                f"(name-based I/O), found {version_text}; use the ONNX Runtime backend on this device"
+            )
+        if not self.engine_path.is_file():
+            raise BackendError(f"TensorRT engine: expected a file at {self.engine_path}, found none")
+        cuda = require_pycuda()
+        cuda.init()
+        if self.device_index >= cuda.Device.count():
+            raise BackendError(f"CUDA device: expected index < {cuda.Device.count()}, found {self.device_index}")
+        self._cuda = cuda
+        self._cuda_ctx = cuda.Device(self.device_index).retain_primary_context()
+        self._cuda_ctx.push()
+        ok = False
+        try:
+            self._logger = make_trt_logger()
+            self._runtime = trt.Runtime(self._logger)
+            # None on failure (wrong TensorRT version / GPU), although the stubs do not say so
+            engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+            if engine is None:
+                raise BackendError(
+                    f"TensorRT {version_text} could not deserialise {self.engine_path.name} "
+                    f"({'; '.join(logged_errors(self._logger)) or 'see the TensorRT log'}): engines are tied to "
+                    "the TensorRT version and GPU they were built with; rebuild it on this device"
+                )
+            self._engine = engine
+            context: trt.IExecutionContext | None = engine.create_execution_context()
+            if context is None:
+                raise BackendError(f"TensorRT could not create an execution context for {self.engine_path.name}")
+            self._context = context
+            self._tensors = read_io_tensors(engine)
+            self._inputs = [t.spec() for t in self._tensors if t.is_input]
+            self._outputs = [t.spec() for t in self._tensors if not t.is_input]
+            self._stream = cuda.Stream()
+            self._prepare(initial_shapes(self._tensors))
+            self.trt_version = version_text
+            self.provider = f"TensorRT {version_text} on GPU {self.device_index}"
+            ok = True
+        finally:
+            if not ok:
+                self._release()
+            cuda.Context.pop()
+            if not ok:
+                self._cuda_ctx.detach()
+                self._cuda_ctx = None
+
+    def _release(self) -> None:
+        """Free buffers and TensorRT objects (the CUDA context must be current)."""
+        for buf in self._buffers.values():
+            self._free(buf)
+        self._buffers = {}
+        self._bound_shapes = {}
+        # Order matters: context before engine before runtime.
+        self._context = None
+        self._engine = None
+        self._runtime = None
+        self._stream = None
+
+    @staticmethod
+    def _free(buf: _Buffer) -> None:
+        buf.device.free()
+        host_alloc = getattr(buf.host, "base", None)  # pycuda's PagelockedHostAllocation
+        if host_alloc is not None and hasattr(host_alloc, "free"):
+            host_alloc.free()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._cuda_ctx is None:
+                return
+            self._cuda_ctx.push()
+            try:
+                self._release()
+            finally:
+                self._cuda.Context.pop()
+                self._cuda_ctx.detach()
+                self._cuda_ctx = None
+
+    # -- buffers -------------------------------------------------------------------------------
+    def _prepare(self, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Set dynamic input shapes, resolve output shapes, grow buffers; return every tensor's shape."""
+        context = self._context
+        if context is None:
+            raise BackendError("TensorRT backend: no execution context (not loaded)")
+        shapes: dict[str, tuple[int, ...]] = {}
+        for tensor in self._tensors:
+            if not tensor.is_input:
+                continue
+            shape = tuple(input_shapes[tensor.name])
+            if tensor.is_dynamic and self._bound_shapes.get(tensor.name) != shape:
+                check_profile(tensor, shape)
+                if not context.set_input_shape(tensor.name, shape):
+                    raise InputError(f"input {tensor.name!r}: TensorRT refused shape {shape} (profile {tensor.profile})")
+                self._bound_shapes[tensor.name] = shape
+            shapes[tensor.name] = shape
+        for tensor in self._tensors:
+            if not tensor.is_input:
+                shapes[tensor.name] = _dims(context.get_tensor_shape(tensor.name))
+        plan = plan_buffers(self._tensors, shapes)
+        for name in buffers_to_grow({k: b.capacity for k, b in self._buffers.items()}, plan):
+            self._allocate(name, plan[name])
+        return shapes
+
+    def _allocate(self, name: str, nbytes: int) -> None:
+        cuda = self._cuda
+        tensor = next(t for t in self._tensors if t.name == name)
+        old = self._buffers.pop(name, None)
+        if old is not None:
+            self._free(old)
+        count = max(1, -(-nbytes // tensor.dtype.itemsize))
+        host = cuda.pagelocked_empty(count, tensor.dtype)
+        device = cuda.mem_alloc(max(1, nbytes))
+        self._buffers[name] = _Buffer(device, host, nbytes)
+        if self._context is None or not self._context.set_tensor_address(name, int(device)):
+            raise BackendError(f"TensorRT refused the device address for tensor {name!r}")
+        log.debug("tensorrt: allocated %d bytes for %r", nbytes, name)
+
+    # -- inference -----------------------------------------------------------------------------
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._lock:
+            if self._cuda_ctx is None:
+                raise BackendError(f"TensorRT backend for {self.engine_path.name}: closed")
+            self._cuda_ctx.push()
+            try:
+                return self._execute(feeds)
+            finally:
+                self._cuda.Context.pop()
+
+    def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cuda, stream, context = self._cuda, self._stream, self._context
+        if context is None:
+            raise BackendError("TensorRT backend: no execution context (not loaded)")
+        shapes = self._prepare({name: tuple(array.shape) for name, array in feeds.items()})
+        views: dict[str, np.ndarray] = {}
+        for tensor in self._tensors:
+            shape = shapes[tensor.name]
+            count = int(np.prod(shape, dtype=np.int64))
+            views[tensor.name] = self._buffers[tensor.name].host[:count].reshape(shape)
+        for tensor in self._tensors:
+            if tensor.is_input:
+                np.copyto(views[tensor.name], feeds[tensor.name])
+                cuda.memcpy_htod_async(self._buffers[tensor.name].device, views[tensor.name], stream)
+        if not context.execute_async_v3(stream.handle):
+            raise BackendError(f"TensorRT execute_async_v3 failed for {self.engine_path.name}")
+        for tensor in self._tensors:
+            if not tensor.is_input:
+                cuda.memcpy_dtoh_async(views[tensor.name], self._buffers[tensor.name].device, stream)
+        stream.synchronize()
+        # Copies: the page-locked buffers are reused by the next call.
+        return {t.name: views[t.name].copy() for t in self._tensors if not t.is_input}

@@ -1,0 +1,394 @@
+"""Device configs (device_configs/*.yaml) and detection of the device we run on.
+
+One YAML file per device class, read by the export toolchain and the runtime alike. Every field
+is required (null where allowed); unknown fields are rejected so a typo never passes silently.
+Files are read with ``yaml.safe_load`` only.
+
+Fields
+  name                str    the file's stem, lowercase letters, digits and dashes ("jetson-orin-nano-8gb")
+  description         str    one line for people: the hardware and its software stack
+  kind                str    "jetson" (integrated GPU, shared memory), "dgpu" (discrete NVIDIA GPU) or "cpu"
+  backend             str    preferred inference backend: "tensorrt", "onnxruntime", or "auto"
+                             (TensorRT when it is installed and the engine builds, else ONNX Runtime)
+  precisions          list   allowed precisions, a non-empty subset of fp32, fp16, int8 (no duplicates);
+                             int8 needs compute capability >= 6.1 when one is given
+  dla_cores           int    NVIDIA Deep Learning Accelerator cores usable by TensorRT (0 = none)
+  trt_workspace_mb    int    cap on TensorRT's builder workspace in MiB; null = TensorRT's default
+                             (null required when the backend can never be TensorRT)
+  memory_budget_mb    int    memory the runtime may use for models, engines and frame buffers, in MiB
+                             (on a Jetson this is shared with the OS and the CPU side)
+  cpu_threads         int    threads for ONNX Runtime's CPU provider and pre/post-processing; 0 = all cores
+  target_fps          float  frame rate the device class is expected to sustain for a 512x512 stream
+  tensorrt_version    str    TensorRT the device ships with ("10.3" on JetPack 6), quoted; null = none or
+                             whatever is installed (a TensorRT engine is tied to this version)
+  compute_capability  str    CUDA compute capability ("8.7" for Orin), quoted; null = no GPU or any GPU
+  match               list   case-insensitive substrings of /proc/device-tree/model that identify the
+                             device; the longest matching pattern across all configs wins; [] = never
+                             matched that way (CPU and discrete GPU classes are chosen by architecture
+                             and GPU presence)
+
+Detection (``detect``): a device-tree model matching a config's ``match`` picks that config;
+otherwise a discrete NVIDIA GPU (nvidia-smi on PATH, /dev/nvidia0 or /proc/driver/nvidia/gpus)
+picks x86-dgpu; otherwise the architecture picks cpu-x86 or cpu-arm64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, expected
+
+log = logging.getLogger(__name__)
+
+ENV_CONFIG_DIR = "EDGE_RUNTIME_DEVICE_CONFIGS"
+KINDS = ("jetson", "dgpu", "cpu")
+BACKENDS = ("onnxruntime", "tensorrt", "auto")
+PRECISIONS = ("fp32", "fp16", "int8")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+_VERSION = re.compile(r"^\d+(\.\d+)*$")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """One device class; see the module docstring for what each field means."""
+
+    name: str
+    description: str
+    kind: str
+    backend: str
+    precisions: tuple[str, ...]
+    dla_cores: int
+    trt_workspace_mb: int | None
+    memory_budget_mb: int
+    cpu_threads: int
+    target_fps: float
+    tensorrt_version: str | None
+    compute_capability: str | None
+    match: tuple[str, ...] = ()
+    source: str = field(default="", compare=False)  # the file it came from (not a YAML field)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["precisions"] = list(self.precisions)
+        out["match"] = list(self.match)
+        return out
+
+
+YAML_FIELDS = tuple(f.name for f in fields(DeviceConfig) if f.name != "source")
+
+
+def config_dir() -> Path:
+    """$EDGE_RUNTIME_DEVICE_CONFIGS, else the repository's device_configs/ next to the package."""
+    override = os.environ.get(ENV_CONFIG_DIR)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1] / "device_configs"
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+class _Checker:
+    """Field checks that name the file and the field in every message."""
+
+    def __init__(self, origin: str, raw: dict[str, Any]) -> None:
+        self.origin = origin
+        self.raw = raw
+
+    def fail(self, key: str, what: str, found: object) -> ConfigError:
+        return ConfigError(f"{self.origin}: field {key!r}: {expected(what, found)}")
+
+    def string(self, key: str, *, choices: tuple[str, ...] = (), pattern: re.Pattern[str] | None = None,
+               nullable: bool = False, hint: str = "") -> str | None:
+        value = self.raw[key]
+        if value is None and nullable:
+            return None
+        what = f"one of {', '.join(choices)}" if choices else f"a string{hint}"
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(key, what + (" or null" if nullable else ""), value)
+        if choices and value not in choices:
+            raise self.fail(key, what, value)
+        if pattern is not None and not pattern.match(value):
+            raise self.fail(key, f"a string matching {pattern.pattern}{hint}", value)
+        return value
+
+    def integer(self, key: str, *, minimum: int, nullable: bool = False) -> int | None:
+        value = self.raw[key]
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(key, f"an integer >= {minimum}" + (" or null" if nullable else ""), value)
+        return value
+
+    def number(self, key: str, *, above: float) -> float:
+        value = self.raw[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > above:
+            raise self.fail(key, f"a number > {above}", value)
+        return float(value)
+
+    def strings(self, key: str, *, choices: tuple[str, ...] = (), non_empty: bool = False) -> tuple[str, ...]:
+        value = self.raw[key]
+        what = f"a list of {', '.join(choices)}" if choices else "a list of non-empty strings"
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise self.fail(key, what, value)
+        if non_empty and not value:
+            raise self.fail(key, f"a non-empty {what[2:]}", value)
+        if choices and (bad := [v for v in value if v not in choices]):
+            raise self.fail(key, what, bad)
+        if len(set(value)) != len(value):
+            raise self.fail(key, "no duplicates", value)
+        return tuple(value)
+
+
+def validate(raw: object, origin: str, *, stem: str | None = None) -> DeviceConfig:
+    """A parsed YAML mapping -> DeviceConfig, or ConfigError naming ``origin`` and the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: {expected('a mapping of device config fields', type(raw).__name__)}")
+    unknown = sorted(str(k) for k in raw if k not in YAML_FIELDS)
+    if unknown:
+        raise ConfigError(f"{origin}: unknown field(s) {', '.join(map(repr, unknown))}: "
+                          f"{expected('only ' + ', '.join(YAML_FIELDS), unknown)}")
+    missing = [k for k in YAML_FIELDS if k not in raw]
+    if missing:
+        raise ConfigError(f"{origin}: missing field(s) {', '.join(map(repr, missing))}: "
+                          f"{expected('every field present (null where allowed)', sorted(map(str, raw)))}")
+    c = _Checker(origin, raw)
+    quote = " (quote it: \"10.3\", YAML reads 10.3 as a number)"
+    cfg = DeviceConfig(
+        name=str(c.string("name", pattern=_NAME)),
+        description=str(c.string("description")),
+        kind=str(c.string("kind", choices=KINDS)),
+        backend=str(c.string("backend", choices=BACKENDS)),
+        precisions=c.strings("precisions", choices=PRECISIONS, non_empty=True),
+        dla_cores=int(c.integer("dla_cores", minimum=0) or 0),
+        trt_workspace_mb=c.integer("trt_workspace_mb", minimum=1, nullable=True),
+        memory_budget_mb=int(c.integer("memory_budget_mb", minimum=1) or 0),
+        cpu_threads=int(c.integer("cpu_threads", minimum=0) or 0),
+        target_fps=c.number("target_fps", above=0.0),
+        tensorrt_version=c.string("tensorrt_version", pattern=_VERSION, nullable=True, hint=quote),
+        compute_capability=c.string("compute_capability", pattern=_VERSION, nullable=True, hint=quote),
+        match=c.strings("match"),
+        source=origin,
+    )
+    # Cross-field rules: each one a mistake that would otherwise surface late, on the device.
+    if stem is not None and cfg.name != stem:
+        raise c.fail("name", f"the file name {stem!r}", cfg.name)
+    if cfg.kind == "cpu":
+        if cfg.backend != "onnxruntime":
+            raise c.fail("backend", "onnxruntime for kind cpu", cfg.backend)
+        if cfg.tensorrt_version is not None or cfg.trt_workspace_mb is not None:
+            raise c.fail("tensorrt_version" if cfg.tensorrt_version else "trt_workspace_mb",
+                         "null for kind cpu", cfg.tensorrt_version or cfg.trt_workspace_mb)
+    if cfg.dla_cores and cfg.kind != "jetson":
+        raise c.fail("dla_cores", "0 unless kind is jetson (DLA exists only on Jetson SoCs)", cfg.dla_cores)
+    if cfg.dla_cores and cfg.backend == "onnxruntime":
+        raise c.fail("backend", "tensorrt or auto when dla_cores > 0 (only TensorRT drives the DLA)", cfg.backend)
+    if "int8" in cfg.precisions and cfg.compute_capability is not None:
+        major, minor = (int(p) for p in (cfg.compute_capability.split(".") + ["0"])[:2])
+        if (major, minor) < (6, 1):
+            raise c.fail("precisions", f"no int8 at compute capability {cfg.compute_capability} (int8 needs >= 6.1)",
+                         list(cfg.precisions))
+    return cfg
+
+
+def _load_file(path: Path) -> DeviceConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(expected("a readable device config file", f"{path}: {exc.strerror}")) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{path}: {expected('valid YAML', f'{problem}{where}')}") from None
+    return validate(raw, str(path), stem=path.stem)
+
+
+def list_configs() -> list[DeviceConfig]:
+    """Every config in config_dir(), sorted by name; a broken file is an error, not skipped."""
+    directory = config_dir()
+    if not directory.is_dir():
+        raise ConfigError(expected(f"a device config folder (set {ENV_CONFIG_DIR} to override)", str(directory)))
+    configs = [_load_file(p) for p in sorted(directory.glob("*.yaml"))]
+    if not configs:
+        raise ConfigError(expected(f"*.yaml device configs in {directory}", "none"))
+    return configs
+
+
+def load_config(name_or_path: str | Path) -> DeviceConfig:
+    """A config by name ("jetson-orin-nano-8gb") from config_dir(), or by path to a YAML file."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise ConfigError(expected("an existing device config file", text))
+        return _load_file(path)
+    candidate = config_dir() / f"{text}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in config_dir().glob("*.yaml")) if config_dir().is_dir() else []
+        raise ConfigError(expected(f"a device config name ({', '.join(known) or 'none found'})", text))
+    return _load_file(candidate)
+
+
+# --- detection -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Detected:
+    """The chosen config and the facts that chose it."""
+
+    config: str
+    reason: str
+    machine: str
+    device_tree_model: str | None
+    cpu_model: str | None
+    cpu_cores: int | None
+    gpu: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def probe_gpu(root: Path) -> str | None:
+    """A discrete NVIDIA GPU's name (or how it was seen), else None.
+
+    nvidia-smi is only asked when ``root`` is the real "/" (a faked root must not see the host).
+    """
+    if root == Path("/") and (smi := shutil.which("nvidia-smi")):
+        try:
+            out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10, check=False)
+            names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+            if out.returncode == 0 and names:
+                return names[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    gpus = root / "proc" / "driver" / "nvidia" / "gpus"
+    if gpus.is_dir() and any(gpus.iterdir()):
+        for info in sorted(gpus.glob("*/information")):
+            for line in (_read_text(info) or "").splitlines():
+                if line.startswith("Model:"):
+                    return line.split(":", 1)[1].strip()
+        return "NVIDIA GPU (/proc/driver/nvidia)"
+    if (root / "dev" / "nvidia0").exists():
+        return "NVIDIA GPU (/dev/nvidia0)"
+    return None
+
+
+def _cpuinfo(root: Path) -> tuple[str | None, int | None]:
+    text = _read_text(root / "proc" / "cpuinfo")
+    if text is None:
+        return None, None
+    found: dict[str, str] = {}
+    cores = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor" and value.isdigit():
+            cores += 1
+        elif value and not value.isdigit():  # x86 "model : 167" is a number, Arm "Model : Raspberry Pi 5"
+            found.setdefault(key, value)
+    model = found.get("model name") or found.get("hardware") or found.get("model")
+    return model, cores or None
+
+
+def detect(root: Path = Path("/"), *, machine: str | None = None,
+           gpu_probe: Callable[[Path], str | None] = probe_gpu,
+           configs: list[DeviceConfig] | None = None) -> Detected:
+    """Pick the config for the device under ``root`` (faked /proc in tests).
+
+    ``machine`` (platform.machine() by default) and ``gpu_probe`` are injectable for tests.
+    """
+    root = Path(root)
+    arch = (machine or platform.machine() or "unknown").lower()
+    configs = list_configs() if configs is None else configs
+    names = {c.name for c in configs}
+    dt_raw = _read_text(root / "proc" / "device-tree" / "model")
+    dt_model = dt_raw.replace("\x00", "").strip() if dt_raw else None
+    cpu_model, cores = _cpuinfo(root)
+    gpu = gpu_probe(root)
+    facts: dict[str, Any] = {"machine": arch, "device_tree_model": dt_model, "cpu_model": cpu_model,
+                             "cpu_cores": cores, "gpu": gpu}
+
+    if dt_model:
+        hits = [(len(p), c.name, p) for c in configs for p in c.match if p.lower() in dt_model.lower()]
+        if hits:
+            _, name, pattern = max(hits)
+            return Detected(name, f"device-tree model {dt_model!r} matches {pattern!r}", **facts)
+
+    def fallback(name: str, why: str) -> Detected:
+        if name not in names:
+            raise ConfigError(expected(f"a {name!r} config in {config_dir()} for {why}", sorted(names)))
+        return Detected(name, why, **facts)
+
+    jetson_note = f"device-tree model {dt_model!r} matches no config; " if dt_model and "jetson" in dt_model.lower() else ""
+    if gpu and not jetson_note:
+        return fallback("x86-dgpu", f"discrete NVIDIA GPU found ({gpu}) on {arch}")
+    if arch in ("aarch64", "arm64", "armv8l"):
+        return fallback("cpu-arm64", f"{jetson_note}no matching Jetson and no discrete GPU on {arch}: CPU only")
+    if arch not in ("x86_64", "amd64", "i686", "i386"):
+        return fallback("cpu-x86", f"unknown architecture {arch}: generic CPU settings")
+    return fallback("cpu-x86", f"no Jetson device tree and no NVIDIA GPU on {arch}: CPU only")
+
+
+# --- CLI: edge-runtime devices -------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print configs and detection as JSON")
+    parser.add_argument("--config", metavar="NAME_OR_PATH", help="show one config (name or YAML path) in full")
+
+
+def _table(configs: list[DeviceConfig]) -> str:
+    head = ("name", "kind", "backend", "precisions", "DLA", "threads", "fps")
+    rows = [head] + [
+        (c.name, c.kind, c.backend, ",".join(c.precisions), str(c.dla_cores),
+         "all" if c.cpu_threads == 0 else str(c.cpu_threads), f"{c.target_fps:g}")
+        for c in configs
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "config", None):
+        cfg = load_config(args.config)
+        if args.json:
+            print(json.dumps(cfg.to_dict(), indent=2))
+        else:
+            for key, value in cfg.to_dict().items():
+                print(f"{key:<20} {value}")
+        return 0
+    configs = list_configs()
+    found = detect(configs=configs)
+    if args.json:
+        print(json.dumps({"configs": [c.to_dict() for c in configs], "detected": found.to_dict()}, indent=2))
+        return 0
+    print(_table(configs))
+    print()
+    print(f"detected: {found.config}  ({found.reason})")
+    cpu = f"{found.cpu_model or 'unknown CPU'}, {found.cpu_cores or '?'} cores, {found.machine}"
+    print(f"  cpu: {cpu}; gpu: {found.gpu or 'none'}")
+    return 0

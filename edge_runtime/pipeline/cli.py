@@ -1,0 +1,151 @@
+"""``edge-runtime run``: one command (or one YAML file, for carts) starts the supervised pipeline.
+
+    edge-runtime run --source cine.dcm --bundle models/us-detect --workers 2 --record out/run
+    edge-runtime run --source synthetic --processor detect+slow:20 --duration 10 --fast
+    edge-runtime run --config /etc/edge/cart.yaml
+
+Command-line options override the config file. Keys of the YAML file are the long option names
+with ``_`` for ``-`` (source, bundle, processor, workers, device, record, video, view, realtime,
+loop, bind, keys, insecure, duration, mode, transport, report) plus ``source_options`` (a mapping
+passed to ``open_source``) and ``settings`` (heartbeat_s, liveness_s, drain_s, stats_interval_s,
+max_message_bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, expected
+from .builtins import BuiltinProcessor
+from .nodes import NodeSettings
+from .protocol import Limits
+from .security import SecurityConfig
+from .supervisor import RuntimeProcessor, SourceSpec, run_pipeline
+
+log = logging.getLogger(__name__)
+
+# key -> (type(s) accepted, default)
+KEYS: dict[str, tuple[Any, Any]] = {
+    "source": (str, None), "bundle": (str, None), "processor": (str, None), "workers": (int, 1),
+    "device": (str, None), "record": (str, None), "video": (bool, False), "view": ((str, bool), None),
+    "realtime": (bool, True), "loop": (bool, False), "bind": (str, None), "keys": (str, None),
+    "insecure": (bool, False), "duration": ((int, float), None), "mode": (str, "process"),
+    "transport": (str, "auto"), "report": (str, None), "source_options": (dict, {}), "settings": (dict, {}),
+}
+SETTINGS_KEYS = {"heartbeat_s", "liveness_s", "drain_s", "stats_interval_s", "send_timeout_s", "max_message_bytes"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", help="source spec for edge_runtime.sources.open_source, or 'synthetic[:HxW]'")
+    parser.add_argument("--bundle", help="model bundle directory (the Runtime loads it in each worker)")
+    parser.add_argument("--processor", help="built-in processor instead of a bundle: identity, detect, slow:MS, "
+                                            "joined by '+' (testing and benchmarks)")
+    parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    parser.add_argument("--device", help="device config name or YAML path, passed to the Runtime")
+    parser.add_argument("--record", metavar="DIR", help="write DIR/results.jsonl (and videos with --video)")
+    parser.add_argument("--video", action="store_true", default=None, help="annotated video per stream in --record")
+    parser.add_argument("--view", nargs="?", const=True, metavar="DIR",
+                        help="show results: a window if a display exists, else PNG snapshots in DIR")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
+                      help="pace the source at its frame rate; latest frame wins (default)")
+    pace.add_argument("--fast", dest="realtime", action="store_false",
+                      help="replay as fast as the workers go; every frame is processed")
+    parser.add_argument("--loop", action="store_true", default=None, help="loop a finite source")
+    parser.add_argument("--bind", metavar="ENDPOINT", help="also publish results here, e.g. tcp://0.0.0.0:5555")
+    parser.add_argument("--keys", metavar="DIR", help="CURVE keys from `edge-runtime keys generate` (needed "
+                                                      "for a non-loopback --bind)")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow a non-loopback --bind WITHOUT encryption (logged loudly)")
+    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
+    parser.add_argument("--duration", type=float, help="stop after this many seconds")
+    parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")
+    parser.add_argument("--transport", choices=["auto", "ipc", "tcp"], help="between nodes (default: ipc)")
+    parser.add_argument("--report", metavar="DIR", help="write latency.json and latency.png here")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """A cart's YAML file, checked key by key (safe_load: no code, no custom tags)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(expected("a readable YAML config file", f"{p}: {exc.strerror}")) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(expected("valid YAML", f"{p}: {exc}")) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(expected(f"a mapping of options in {p}", type(data).__name__))
+    for key, value in data.items():
+        if key not in KEYS:
+            raise ConfigError(expected(f"a key in {sorted(KEYS)}", f"{key!r} in {p}"))
+        kinds = KEYS[key][0]
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise ConfigError(expected(f"{key!r} of type {'/'.join(k.__name__ for k in kinds)}",
+                                       f"{type(value).__name__} in {p}"))
+    unknown = set(data.get("settings") or {}) - SETTINGS_KEYS
+    if unknown:
+        raise ConfigError(expected(f"settings keys in {sorted(SETTINGS_KEYS)}", sorted(unknown)))
+    return data
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults < config file < command line."""
+    options = {key: default for key, (_, default) in KEYS.items()}
+    if getattr(args, "config", None):
+        options.update({k: v for k, v in load_config(args.config).items() if v is not None})
+    for key in KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            options[key] = value
+    if not options["source"]:
+        raise ConfigError(expected("--source SPEC (or 'source:' in --config)", "none"))
+    if bool(options["bundle"]) == bool(options["processor"]):
+        raise ConfigError(expected("exactly one of --bundle PATH or --processor NAME",
+                                   "both" if options["bundle"] else "neither"))
+    return options
+
+
+def _settings(options: dict[str, Any]) -> NodeSettings:
+    raw = dict(options["settings"])
+    limits = Limits()
+    if "max_message_bytes" in raw:
+        limits = replace(limits, max_message_bytes=int(raw.pop("max_message_bytes")))
+    security = None
+    if options["keys"]:
+        security = SecurityConfig.from_keys_dir(options["keys"], insecure=bool(options["insecure"]))
+    elif options["insecure"]:
+        security = SecurityConfig(insecure=True)
+    try:
+        return NodeSettings(**{k: float(v) for k, v in raw.items()}, limits=limits, security=security)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(expected("numeric settings", str(exc))) from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    o = resolve(args)
+    processor = (BuiltinProcessor(o["processor"]) if o["processor"]
+                 else RuntimeProcessor(str(o["bundle"]), device=o["device"]))
+    source = SourceSpec(o["source"], realtime=bool(o["realtime"]), loop=bool(o["loop"]),
+                        options=tuple(sorted(o["source_options"].items())))
+    view = o["view"]
+    report = run_pipeline(
+        source, processor, n_workers=int(o["workers"]), mode=o["mode"], record_dir=o["record"],
+        duration=None if o["duration"] is None else float(o["duration"]), transport=o["transport"],
+        policy="latest" if o["realtime"] else "all", window=1 if o["realtime"] else 2, video=bool(o["video"]),
+        view=bool(view), view_dir=view if isinstance(view, str) else None, public_endpoint=o["bind"],
+        settings=_settings(o))
+    print(report.summary())
+    report_dir = o["report"] or o["record"]
+    if report_dir:
+        json_path, png_path = report.write_latency_report(report_dir)
+        print(f"latency report: {json_path} {png_path}")
+    return 1 if report.source_error else 0

@@ -1,0 +1,198 @@
+"""Client library for integrators: subscribe to a running pipeline's results.
+
+    from edge_runtime.pipeline.client import Subscriber
+
+    with Subscriber("tcp://cart.local:5555", curve_server_key="keys/server.key",
+                    curve_client_secret="keys/viewer1.key_secret", idle_timeout_s=5) as sub:
+        for result in sub:            # edge_runtime.results.Result objects
+            print(result.seq, [d.label for d in result.detections])
+
+Every receive has a timeout; iteration ends at the pipeline's ``end`` event, after ``idle_timeout_s``
+without a message, or when ``close()`` is called from another thread. Messages are validated like
+everywhere else (a bad one is counted in ``rejected`` and skipped). ``latest_only`` keeps only the
+newest queued result per stream (for displays); ``reorder=N`` releases results in seq order using a
+window of N per stream (results from several workers can arrive out of order).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from ..errors import ConfigError, expected
+from ..results import Result
+from . import protocol, security
+from .nodes import is_late
+from .protocol import DEFAULT_LIMITS, BadMessage, Limits, Message
+
+
+class Reorderer:
+    """Releases results in seq order per stream, holding at most ``window`` of them.
+
+    Seq gaps are normal (superseded frames never reach a worker), so it never waits for a missing
+    seq: the smallest held seq goes out once more than ``window`` are held. A result older than the
+    last released one is late and dropped (counted in ``late``).
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ConfigError(expected("a reorder window >= 1", window))
+        self.window = window
+        self.heaps: dict[str, list[tuple[int, int, Result]]] = {}
+        self.released: dict[str, int] = {}
+        self.late = 0
+        self._tie = 0
+
+    def push(self, result: Result) -> list[Result]:
+        if is_late(result.seq, self.released.get(result.stream_id)):
+            self.late += 1
+            return []
+        heap = self.heaps.setdefault(result.stream_id, [])
+        self._tie += 1
+        heapq.heappush(heap, (result.seq, self._tie, result))
+        out = []
+        while len(heap) > self.window:
+            out.append(self._pop(heap))
+        return out
+
+    def _pop(self, heap: list[tuple[int, int, Result]]) -> Result:
+        result = heapq.heappop(heap)[2]
+        self.released[result.stream_id] = result.seq
+        return result
+
+    def flush(self) -> list[Result]:
+        out = []
+        for heap in self.heaps.values():
+            while heap:
+                out.append(self._pop(heap))
+        return out
+
+
+class Subscriber:
+    """Iterate over a pipeline's results (``Result`` objects) from its PUB endpoint."""
+
+    def __init__(self, endpoint: str, *, curve_server_key: str | os.PathLike | bytes | None = None,
+                 curve_client_secret: str | os.PathLike | None = None, idle_timeout_s: float | None = None,
+                 latest_only: bool = False, reorder: int = 0, topics: tuple[str, ...] = ("result/", "event"),
+                 limits: Limits = DEFAULT_LIMITS, context: zmq.Context | None = None) -> None:
+        if (curve_server_key is None) != (curve_client_secret is None):
+            raise ConfigError(expected("both curve_server_key and curve_client_secret, or neither",
+                                       "only one of them"))
+        self.endpoint = endpoint
+        self.idle_timeout_s = idle_timeout_s
+        self.latest_only = latest_only
+        self.reorderer = Reorderer(reorder) if reorder else None
+        self.limits = limits
+        self.rejected: Counter[str] = Counter()
+        self.dropped = 0  # superseded under latest_only, or late under reorder
+        self.ended = False
+        self.last_stats: dict[str, Any] | None = None
+        self._closed = threading.Event()
+        self._owner = threading.get_ident()
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        self.sock.rcvhwm = 8 if latest_only else 1000
+        for topic in (*topics, "stats"):
+            self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        if curve_server_key is not None and curve_client_secret is not None:
+            security.configure_client(self.sock, curve_client_secret, curve_server_key)
+        self.sock.connect(endpoint)
+        self._pending: list[Result] = []
+
+    def receive(self, timeout_s: float | None = 1.0) -> Message | None:
+        """The next valid message (result, event or stats), or None after ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._closed.is_set():
+            wait = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
+            if self.sock.poll(wait):
+                parts = self.sock.recv_multipart(copy=False)
+                try:
+                    m = protocol.decode(parts[1:], self.limits)
+                except BadMessage as exc:
+                    self.rejected[exc.reason] += 1
+                    continue
+                if m.result is not None:
+                    m.result.stamps["client_recv"] = time.monotonic_ns()
+                if m.type == "stats":
+                    self.last_stats = m.header.get("stats")
+                return m
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+        return None
+
+    def _drain_latest(self, first: Result) -> Result:
+        latest: dict[str, Result] = {first.stream_id: first}
+        while self.sock.poll(0):
+            m = self.receive(0)
+            if m is None:
+                break
+            if m.type == "event" and m.header.get("event") == "end":
+                self.ended = True
+            if m.result is not None:
+                if m.result.stream_id in latest:
+                    self.dropped += 1
+                latest[m.result.stream_id] = m.result
+        # one result per stream per call: the others wait as the newest of their stream
+        out, *rest = sorted(latest.values(), key=lambda r: r.capture_ns)
+        self._pending.extend(rest)
+        return out
+
+    def __iter__(self) -> Iterator[Result]:
+        last = time.monotonic()
+        while not self._closed.is_set():
+            if self._pending:
+                yield self._pending.pop(0)
+                continue
+            if self.ended:
+                break
+            m = self.receive(0.2)
+            now = time.monotonic()
+            if m is None:
+                if self.idle_timeout_s is not None and now - last >= self.idle_timeout_s:
+                    break
+                continue
+            last = now
+            if m.type == "event" and m.header.get("event") == "end":
+                self.ended = True
+                continue
+            if m.result is None:
+                continue
+            if self.latest_only:
+                yield self._drain_latest(m.result)
+            elif self.reorderer is not None:
+                before = self.reorderer.late
+                self._pending.extend(self.reorderer.push(m.result))
+                self.dropped += self.reorderer.late - before
+            else:
+                yield m.result
+        if self.reorderer is not None:
+            yield from self.reorderer.flush()
+
+    def close(self) -> None:
+        """Stop iteration; from another thread this only signals, the owning thread releases the socket."""
+        self._closed.set()
+        if threading.get_ident() == self._owner:
+            self._release()
+
+    def _release(self) -> None:
+        self._closed.set()
+        if not self.sock.closed:
+            self.sock.close(linger=0)
+            if self._own_ctx:
+                self.ctx.term()
+
+    def __enter__(self) -> Subscriber:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()

@@ -1,0 +1,805 @@
+"""Source, worker and hub nodes: the same code runs as a thread (inproc://) or a process (ipc/tcp).
+
+Topology (docs/PROTOCOL.md has the wire details)::
+
+    source ROUTER  --frames-->  worker DEALER (xN)     credit-based: a worker gets a frame only
+           ^  <--credit/heartbeat--'                   after it said it is ready, so it always
+           |                                           gets the newest frame (latest wins)
+    worker/source PUSH --results, stats, errors, events--> hub PULL
+    hub PUB  --[topic, header, parts]--> viewer, integrators' Subscribers (latest-only at the SUB)
+    hub PUSH --[header, parts]--> recorder PULL        (high water mark + hub backlog: reliable)
+
+A node is a dataclass with ``run(ctx, stop) -> exit code``; ``stop`` is a threading.Event that the
+supervisor (thread mode) or a SIGTERM handler (process mode) sets. No call blocks without a timeout:
+every receive is behind a poll with a timeout, every send is non-blocking or has SNDTIMEO.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..errors import InputError, expected
+from ..frames import Frame
+from ..results import Result
+from ..telemetry import Stats
+from . import protocol, security
+from .protocol import DEFAULT_LIMITS, BadMessage, Limits
+from .security import SecurityConfig
+
+log = logging.getLogger(__name__)
+
+SourceFactory = Callable[[], Iterable[Frame]]
+ProcessorFactory = Callable[[], Any]  # -> frame -> Result, or an object with .process (and .close)
+
+EXIT_OK = 0  # a finite source reached its end, or a node was asked to stop
+EXIT_SOURCE_FAILED = 3  # the source raised: restarting would not help, the supervisor stops
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the four channels live. Binders: source (frames), hub (collect, results, record)."""
+
+    frames: str
+    collect: str
+    results: str
+    record: str
+
+    @classmethod
+    def inproc(cls, tag: str | None = None) -> Endpoints:
+        t = tag or uuid.uuid4().hex[:12]
+        return cls(*(f"inproc://edge-{t}-{n}" for n in ("frames", "collect", "results", "record")))
+
+    @classmethod
+    def ipc(cls, directory: str | os.PathLike) -> Endpoints:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        # AF_UNIX paths are limited to ~107 bytes: keep names short.
+        return cls(*(f"ipc://{d / n}" for n in ("frames", "collect", "results", "record")))
+
+    @classmethod
+    def tcp(cls, host: str = "127.0.0.1", ports: tuple[int, int, int, int] | None = None) -> Endpoints:
+        ports = ports or tuple(free_tcp_ports(4, host))  # type: ignore[assignment]
+        return cls(*(f"tcp://{host}:{p}" for p in ports))  # type: ignore[union-attr]
+
+
+def free_tcp_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS says are free now (bound to port 0 together, so they are distinct)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    heartbeat_s: float = 0.5  # ZMTP heartbeat and application heartbeat interval
+    liveness_s: float = 2.0  # a worker silent this long is lost (its credit forgotten, frame counted)
+    stats_interval_s: float = 1.0
+    drain_s: float = 2.0  # how long a stopping node waits to finish / deliver its last work
+    send_timeout_s: float = 1.0
+    limits: Limits = DEFAULT_LIMITS
+    security: SecurityConfig | None = None
+
+
+# --------------------------------------------------------------------------- shared plumbing
+
+POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop request
+RESTART_GAP = 64  # a seq this far below the last one means the stream restarted, not a late result
+
+
+def is_late(seq: int, last: int | None) -> bool:
+    """A result a sink should drop: not newer than the last one it used (and not a stream restart)."""
+    return last is not None and last - RESTART_GAP < seq <= last
+
+
+
+def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,
+                connect: str | None = None, receives: bool = True, identity: bytes | None = None) -> zmq.Socket:
+    """A socket with the house options: LINGER 0, MAXMSGSIZE, heartbeats, CURVE policy, IMMEDIATE."""
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    if receives:
+        sock.setsockopt(zmq.MAXMSGSIZE, settings.limits.max_message_bytes)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    endpoint = bind or connect or ""
+    if not endpoint.startswith("inproc://"):
+        hb = int(settings.heartbeat_s * 1000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, hb)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.liveness_s * 1000))
+        sock.setsockopt(zmq.HEARTBEAT_TTL, int(settings.liveness_s * 1000))
+    sock.sndtimeo = int(settings.send_timeout_s * 1000)
+    if bind is not None:
+        security.bind(sock, bind, settings.security)
+    if connect is not None:
+        if kind in (zmq.DEALER, zmq.PUSH, zmq.REQ):
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue messages for a peer that is not there
+        security.connect(sock, connect, settings.security)
+    return sock
+
+
+_MONITOR_EVENTS = {
+    zmq.EVENT_DISCONNECTED: "peer_disconnected",  # also how libzmq reports a > MAXMSGSIZE message
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",  # a CURVE client not in the allow-list
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+}
+
+
+class Counters:
+    """Per-node counters (rejected by reason, drops by cause, transport events) + rate-limited logs."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.rejected: Counter[str] = Counter()
+        self.drops: Counter[str] = Counter()
+        self.transport: Counter[str] = Counter()
+        self._last_log: dict[str, float] = {}
+        self._monitors: list[tuple[zmq.Socket, zmq.Socket]] = []
+
+    def reject(self, exc: BadMessage, origin: str = "") -> None:
+        self.rejected[exc.reason] += 1
+        # The reason and the offending header values only, never payload bytes; at most 1/s per reason.
+        now = time.monotonic()
+        if now - self._last_log.get(exc.reason, -1e9) >= 1.0:
+            self._last_log[exc.reason] = now
+            log.warning("%s rejected a message%s (%d so far for %s): %s", self.node,
+                        f" from {origin}" if origin else "", self.rejected[exc.reason], exc.reason, str(exc)[:300])
+
+    def monitor(self, sock: zmq.Socket) -> zmq.Socket:
+        mon = sock.get_monitor_socket(sum(_MONITOR_EVENTS))
+        self._monitors.append((sock, mon))
+        return mon
+
+    def drain_monitors(self) -> None:
+        for _, mon in self._monitors:
+            while mon.poll(0):
+                try:
+                    event = recv_monitor_message(mon, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                name = _MONITOR_EVENTS.get(event["event"])
+                if name:
+                    self.transport[name] += 1
+
+    def close_monitors(self) -> None:
+        for sock, mon in self._monitors:
+            try:
+                sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(linger=0)
+        self._monitors.clear()
+
+    def stats_message(self, **extra: Any) -> list[bytes]:
+        self.drain_monitors()
+        return protocol.encode_control("stats", node=self.node, t_ns=time.monotonic_ns(),
+                                       drops=dict(self.drops), rejected=dict(self.rejected),
+                                       transport=dict(self.transport), **extra)
+
+
+class Waker:
+    """Lets a helper thread wake a node's poll loop: a non-blocking pipe registered in the zmq Poller.
+
+    A pipe rather than an inproc socket because ZeroMQ sockets must not be shared between threads,
+    and a helper (a source read, a model call) may still be running when the node shuts down.
+    """
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"\0")
+        except OSError:  # pipe full (a wake-up is pending anyway) or closed at shutdown
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self.r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def wait(self, timeout_s: float) -> None:
+        select.select([self.r], [], [], timeout_s)
+        self.drain()
+
+    def close(self, writer_done: bool) -> None:
+        os.close(self.r)
+        if writer_done:  # else leak the write end: a late write must not hit a reused fd number
+            os.close(self.w)
+
+
+def _send_quiet(sock: zmq.Socket, parts: list[Any], counters: Counters, what: str) -> bool:
+    """Non-blocking send; a full or absent peer costs one counted drop, never a hang."""
+    try:
+        protocol.send(sock, parts, zmq.NOBLOCK)
+        return True
+    except zmq.Again:
+        counters.transport[f"{what}_unsent"] += 1
+        return False
+
+
+# --------------------------------------------------------------------------- source
+
+
+class FrameSlot:
+    """The newest frame per stream. ``latest``: a new frame supersedes the waiting one (a counted drop);
+    ``all``: the producer waits until the slot is taken (file replay at the workers' pace, no drops)."""
+
+    def __init__(self, policy: str) -> None:
+        if policy not in ("latest", "all"):
+            raise InputError(expected("policy 'latest' or 'all'", policy))
+        self.policy = policy
+        self.frames: dict[str, Frame] = {}
+        self.cond = threading.Condition()
+        self.superseded = 0
+        self.read = 0
+
+    def put(self, frame: Frame, stop: threading.Event) -> None:
+        with self.cond:
+            if self.policy == "all":
+                while frame.stream_id in self.frames and not stop.is_set():
+                    self.cond.wait(0.1)
+            if frame.stream_id in self.frames:
+                self.superseded += 1
+            self.frames[frame.stream_id] = frame
+            self.read += 1
+
+    def take(self) -> Frame | None:
+        with self.cond:
+            if not self.frames:
+                return None
+            stream = min(self.frames, key=lambda s: self.frames[s].capture_ns)  # oldest stream first
+            frame = self.frames.pop(stream)
+            self.cond.notify_all()
+            return frame
+
+    def put_back(self, frame: Frame) -> None:
+        """Undo a take (the chosen worker vanished) unless a newer frame arrived meanwhile."""
+        with self.cond:
+            if frame.stream_id in self.frames:
+                self.superseded += 1
+            else:
+                self.frames[frame.stream_id] = frame
+
+    def __len__(self) -> int:
+        with self.cond:
+            return len(self.frames)
+
+
+@dataclass
+class _WorkerState:
+    name: str
+    window: int
+    done: int
+    last_seen: float
+    inflight: deque[tuple[str, int]] = field(default_factory=deque)
+    ready_since: float = 0.0
+
+
+@dataclass
+class SourceNode:
+    """Reads frames in a thread, keeps only the newest per stream, sends one to each worker with credit."""
+
+    source_factory: SourceFactory
+    endpoints: Endpoints
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    policy: str = "latest"
+    name: str = "source"
+    # Start reading only when this many workers have said hello (or after start_timeout_s), so a
+    # file replay does not race ahead of workers that are still loading their model.
+    wait_for_workers: int = 1
+    start_timeout_s: float = 30.0
+
+    def _reader(self, slot: FrameSlot, waker: Waker, stop: threading.Event, state: dict[str, Any]) -> None:
+        try:
+            for frame in self.source_factory():
+                if stop.is_set():
+                    break
+                frame.stamps.setdefault("capture", frame.capture_ns)
+                slot.put(frame, stop)
+                waker.wake()
+        except Exception as exc:  # noqa: BLE001 - any source failure ends the stream; never log frame contents
+            log.error("%s: the source failed: %s: %s", self.name, type(exc).__name__, str(exc)[:300])
+            state["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        finally:
+            state["exhausted"] = True
+            waker.wake()
+
+    def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
+        s = self.settings
+        counters = Counters(self.name)
+        router = open_socket(ctx, zmq.ROUTER, s, bind=self.endpoints.frames)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished worker raises, not drops
+        router.sndtimeo = 0
+        monitor = counters.monitor(router)
+        push = open_socket(ctx, zmq.PUSH, s, connect=self.endpoints.collect, receives=False)
+        waker = Waker()
+        slot = FrameSlot(self.policy)
+        state: dict[str, Any] = {"exhausted": False, "error": None}
+        reader = threading.Thread(target=self._reader, args=(slot, waker, stop, state), daemon=True,
+                                  name=f"{self.name}-reader")
+        workers: dict[bytes, _WorkerState] = {}
+        sent = 0
+        next_stats = time.monotonic() + s.stats_interval_s
+        drain_deadline: float | None = None
+        next_probe = time.monotonic()
+        poller = zmq.Poller()
+        for sock in (router, waker.r, monitor):
+            poller.register(sock, zmq.POLLIN)
+
+        def lose(ident: bytes, why: str) -> None:
+            w = workers.pop(ident)
+            if w.inflight:
+                counters.drops["worker_lost"] += len(w.inflight)
+            _send_quiet(push, protocol.encode_control(
+                "event", node=self.name, event="worker_lost", worker=w.name, why=why, t_ns=time.monotonic_ns(),
+                frames_lost=[{"stream": st, "seq": sq} for st, sq in w.inflight]), counters, "event")
+            log.warning("%s: worker %s lost (%s), %d in-flight frame(s) counted", self.name, w.name, why,
+                        len(w.inflight))
+
+        start_by = time.monotonic() + self.start_timeout_s
+        try:
+            while not stop.is_set():
+                if reader.ident is None and (len(workers) >= self.wait_for_workers or time.monotonic() >= start_by):
+                    reader.start()
+                events = dict(poller.poll(POLL_MS))
+                now = time.monotonic()
+                if waker.r in events:
+                    waker.drain()
+                if monitor in events:
+                    disconnects = counters.transport["peer_disconnected"]
+                    counters.drain_monitors()
+                    if counters.transport["peer_disconnected"] > disconnects:
+                        next_probe = now  # a peer went away: find out which worker, now
+                while router in events:  # credits and heartbeats from workers
+                    try:
+                        msg = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    ident = msg[0].bytes
+                    try:
+                        m = protocol.decode(msg[1:], s.limits)
+                        if m.type not in ("credit", "heartbeat") or m.header.get("state") == "serving":
+                            raise BadMessage("unexpected_type", expected("credit or worker heartbeat", m.type))
+                    except BadMessage as exc:
+                        counters.reject(exc, "a worker")
+                        continue
+                    done, window = m.header["done"], m.header["window"]
+                    w = workers.get(ident)
+                    if w is None:  # a new worker, or one that outlived a source restart: adopt its count
+                        w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
+                    for _ in range(max(0, done - w.done)):
+                        if w.inflight:
+                            w.inflight.popleft()
+                    w.done, w.window, w.last_seen = max(done, w.done), window, now
+                    if m.type == "credit":
+                        w.ready_since = now
+                # Liveness: a silent worker's credit is forgotten and its frames are counted.
+                for ident in [i for i, w in workers.items() if now - w.last_seen > s.liveness_s]:
+                    lose(ident, "no heartbeat")
+                # Probe workers with a heartbeat: ROUTER_MANDATORY makes a vanished one fail at once.
+                if now >= next_probe:
+                    next_probe = now + min(s.heartbeat_s, 0.25)
+                    beat = protocol.encode_control("heartbeat", node=self.name, state="serving")
+                    for ident in list(workers):
+                        try:
+                            protocol.send(router, [ident, *beat], zmq.NOBLOCK)
+                        except zmq.ZMQError as exc:
+                            if exc.errno == zmq.EHOSTUNREACH:
+                                lose(ident, "disconnected")
+                # Dispatch: the newest frame of the oldest-waiting stream to the longest-idle worker.
+                while len(slot):
+                    ready = [(len(w.inflight), w.ready_since, i) for i, w in workers.items()
+                             if len(w.inflight) < w.window]
+                    if not ready:
+                        break
+                    ident = min(ready)[2]
+                    frame = slot.take()
+                    if frame is None:
+                        break
+                    frame.stamps["source_send"] = time.monotonic_ns()
+                    try:
+                        protocol.send(router, [ident, *protocol.encode_frame(frame)], zmq.NOBLOCK)
+                    except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (stuck): not ready
+                        slot.put_back(frame)
+                        lose(ident, f"send failed: {exc.strerror}")
+                        continue
+                    except protocol.ProtocolError as exc:
+                        counters.drops["unencodable"] += 1
+                        log.error("%s: cannot encode frame %s/%d: %s", self.name, frame.stream_id, frame.seq, exc)
+                        continue
+                    workers[ident].inflight.append((frame.stream_id, frame.seq))
+                    sent += 1
+                counters.drops["superseded"] = slot.superseded
+                if now >= next_stats:
+                    next_stats = now + s.stats_interval_s
+                    _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent,
+                                                             workers=len(workers)), counters, "stats")
+                if state["exhausted"] and not len(slot):
+                    # End of a finite source: give in-flight frames a bounded time to come back.
+                    drain_deadline = drain_deadline or now + s.drain_s
+                    if not any(w.inflight for w in workers.values()) or now >= drain_deadline:
+                        break
+        finally:
+            counters.drops["superseded"] = slot.superseded
+            _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent, workers=len(workers)),
+                        counters, "stats")
+            if state["exhausted"] and not stop.is_set():
+                _send_quiet(push, protocol.encode_control(
+                    "event", node=self.name, event="end_of_stream", t_ns=time.monotonic_ns(),
+                    frames_read=slot.read, frames_sent=sent, error=state["error"]), counters, "event")
+            stop.set()  # lets the reader thread leave a blocking put
+            counters.close_monitors()
+            router.close(linger=0)
+            push.close(linger=int(s.drain_s * 1000))  # the end-of-stream event must reach the hub
+            if reader.is_alive():
+                reader.join(timeout=1.0)
+            waker.close(writer_done=not reader.is_alive())
+        if state["error"]:
+            return EXIT_SOURCE_FAILED
+        return EXIT_OK
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def load_processor(factory: ProcessorFactory) -> tuple[Callable[[Frame], Result], Callable[[], None] | None]:
+    """Call the factory (in the worker) and find ``process`` and ``close`` on what it returned."""
+    made = factory()
+    process = getattr(made, "process", made)
+    if not callable(process):
+        raise InputError(expected("a processor factory returning frame -> Result", type(made).__name__))
+    owner = made if hasattr(made, "process") else getattr(process, "__self__", None)
+    close = getattr(owner, "close", None)
+    return process, close if callable(close) else None
+
+
+@dataclass
+class WorkerNode:
+    """Asks for frames by credit, runs the processor in a helper thread, sends results to the hub.
+
+    The processor runs off the socket thread so heartbeats keep flowing during a long inference:
+    a worker is declared lost because its process died or hung the interpreter, not because it is slow.
+    """
+
+    make_processor: ProcessorFactory
+    endpoints: Endpoints
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    name: str = "w0"
+    window: int = 1  # frames in flight per worker: 1 for latest-frame-wins, 2 to pipeline file replay
+    attach_input: bool = False  # send the input pixels with each result (for video / viewer)
+    incarnation: int = 0
+
+    def _process_loop(self, process: Callable[[Frame], Result], inbox: queue.Queue, outbox: queue.Queue,
+                      waker: Waker) -> None:
+        while True:
+            frame = inbox.get()
+            if frame is None:
+                return
+            try:
+                result: Any = process(frame)
+                if not isinstance(result, Result):
+                    raise InputError(expected("the processor to return a Result", type(result).__name__))
+            except Exception as exc:  # noqa: BLE001 - one bad frame must not take the worker down
+                result = exc
+            outbox.put((frame, result))
+            waker.wake()
+
+    def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
+        s = self.settings
+        identity = f"{self.name}.{self.incarnation}.{os.getpid()}.{uuid.uuid4().hex[:4]}"
+        counters = Counters(identity)
+        process, close = load_processor(self.make_processor)  # heavy loading happens here, in the worker
+        dealer = open_socket(ctx, zmq.DEALER, s, connect=self.endpoints.frames, identity=identity.encode())
+        dealer.sndtimeo = 0
+        push = open_socket(ctx, zmq.PUSH, s, connect=self.endpoints.collect, receives=False)
+        waker = Waker()
+        inbox: queue.Queue = queue.Queue()
+        outbox: queue.Queue = queue.Queue()
+        thread = threading.Thread(target=self._process_loop, args=(process, inbox, outbox, waker), daemon=True,
+                                  name=f"{identity}-process")
+        thread.start()
+        pending = done = 0
+        last_sent = 0.0
+        next_stats = time.monotonic() + s.stats_interval_s
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(waker.r, zmq.POLLIN)
+
+        def tell_source(kind: str) -> None:
+            nonlocal last_sent
+            fields: dict[str, Any] = {"worker": identity, "done": done, "window": self.window}
+            if kind == "heartbeat":
+                fields.update(node=identity, state="busy" if pending else "idle")
+            try:
+                protocol.send(dealer, protocol.encode_control(kind, **fields), zmq.NOBLOCK)
+                last_sent = time.monotonic()
+            except zmq.Again:  # no source connected right now: the next heartbeat says it again
+                pass
+
+        def deliver() -> None:
+            nonlocal pending, done
+            while True:
+                try:
+                    frame, result = outbox.get_nowait()
+                except queue.Empty:
+                    return
+                pending -= 1
+                done += 1
+                if isinstance(result, Exception):
+                    counters.drops["processor_error"] += 1
+                    log.warning("%s: processor failed on %s/%d: %s", identity, frame.stream_id, frame.seq,
+                                type(result).__name__)
+                    parts = protocol.encode_control(
+                        "error", node=identity, reason="processor_error", stream=frame.stream_id, seq=frame.seq,
+                        detail=f"{type(result).__name__}: {str(result)[:200]}", t_ns=time.monotonic_ns())
+                else:
+                    result.stamps = {**frame.stamps, **result.stamps}
+                    result.stamps["result_send"] = time.monotonic_ns()
+                    try:
+                        parts = protocol.encode_result(result, worker=identity, frame=frame,
+                                                       attach_input=self.attach_input)
+                    except protocol.ProtocolError as exc:
+                        counters.drops["unencodable"] += 1
+                        log.warning("%s: result %s/%d cannot be encoded: %s", identity, frame.stream_id, frame.seq, exc)
+                        continue
+                try:  # SNDTIMEO bounds this: a missing hub costs a counted drop, not a hang
+                    protocol.send(push, parts)
+                except zmq.Again:
+                    counters.drops["hub_unavailable"] += 1
+                tell_source("credit")
+
+        tell_source("credit")
+        try:
+            while not stop.is_set():
+                events = dict(poller.poll(POLL_MS))
+                if dealer in events:
+                    while True:
+                        try:
+                            msg = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            m = protocol.decode(msg, s.limits)
+                            if m.type == "heartbeat" and m.header["state"] == "serving":
+                                continue  # the source probing us: the reply is our own heartbeat
+                            if m.frame is None:
+                                raise BadMessage("unexpected_type", expected("frame", m.type))
+                        except BadMessage as exc:
+                            counters.reject(exc, "the source")
+                            done += 1  # the source counted it in flight: hand the credit back
+                            tell_source("credit")
+                            continue
+                        m.frame.stamps["worker_recv"] = time.monotonic_ns()
+                        pending += 1
+                        inbox.put(m.frame)
+                if waker.r in events:
+                    waker.drain()
+                    deliver()
+                now = time.monotonic()
+                # Until the first frame arrives, say hello often: the source may not be up yet.
+                if now - last_sent >= (s.heartbeat_s if done or pending else min(0.1, s.heartbeat_s)):
+                    tell_source("heartbeat")
+                if now >= next_stats:
+                    next_stats = now + s.stats_interval_s
+                    _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
+            # Stopping: finish (or, after drain_s, abandon) the frame in hand so its result is not lost.
+            deadline = time.monotonic() + s.drain_s
+            while pending and time.monotonic() < deadline:
+                waker.wait(0.05)
+                deliver()
+            if pending:
+                counters.drops["abandoned_at_stop"] += pending
+            _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
+        finally:
+            inbox.put(None)
+            thread.join(timeout=s.drain_s)
+            counters.close_monitors()
+            dealer.close(linger=0)
+            waker.close(writer_done=not thread.is_alive())
+            push.close(linger=int(s.drain_s * 1000))  # results already sent must reach the hub
+            if close is not None and not thread.is_alive():
+                close()
+        return EXIT_OK
+
+
+# --------------------------------------------------------------------------- hub (first sink)
+
+
+@dataclass
+class HubNode:
+    """Collects results/stats/events from every node, stamps sink_recv, aggregates Stats, fans out.
+
+    - ``results`` PUB: [topic, header, parts...]; a slow subscriber loses messages at its HWM, never
+      slows the hub. Topics: ``result/<stream>``, ``stats``, ``event``, ``error``.
+    - ``record`` PUSH: [header, parts...] to the recorder; when its HWM is full the hub keeps a bounded
+      backlog (in order) instead of dropping, so the recorder sees everything unless it falls behind
+      by more than ``backlog`` messages (counted as drops "recorder_backlog").
+    """
+
+    endpoints: Endpoints
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    record: bool = False
+    public_endpoint: str | None = None  # an extra PUB for integrators, e.g. tcp://0.0.0.0:5555 (CURVE)
+    keep_results: int = 10000  # result summaries kept for the PipelineReport
+    backlog: int = 20000
+    name: str = "hub"
+
+    def __post_init__(self) -> None:
+        self.stats = Stats()
+        self.events: list[dict[str, Any]] = []
+        self.summaries: deque[dict[str, Any]] = deque(maxlen=self.keep_results)
+        self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
+        self.counters = Counters(self.name)
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            self._merge_own_counters()
+            return self.stats.snapshot()
+
+    def _merge_own_counters(self) -> None:
+        self.counters.drain_monitors()
+        self.stats.set_node_counters(self.name, "rejected", self.counters.rejected)
+        self.stats.set_node_counters(self.name, "transport", self.counters.transport)
+        self.stats.set_node_counters(self.name, "drops", self.counters.drops)
+
+    def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
+        s = self.settings
+        pull = open_socket(ctx, zmq.PULL, s, bind=self.endpoints.collect)
+        pubs = [open_socket(ctx, zmq.PUB, s, bind=self.endpoints.results, receives=False)]
+        if self.public_endpoint:
+            pubs.append(open_socket(ctx, zmq.PUB, s, bind=self.public_endpoint, receives=False))
+        for pub in pubs:
+            pub.sndhwm = 64
+        rec = None
+        if self.record:
+            rec = open_socket(ctx, zmq.PUSH, s, bind=self.endpoints.record, receives=False)
+            rec.sndhwm = 1000
+        monitors = [self.counters.monitor(pull)] + [self.counters.monitor(p) for p in pubs[1:]]
+        backlog: deque[list[Any]] = deque()
+        next_stats = time.monotonic() + s.stats_interval_s
+        quiet_since: float | None = None
+        self.ready.set()
+
+        def to_recorder(parts: list[Any] | None = None) -> None:
+            if rec is None:
+                return
+            if parts is not None:
+                if len(backlog) >= self.backlog:
+                    backlog.popleft()
+                    self.counters.drops["recorder_backlog"] += 1
+                backlog.append(parts)
+            while backlog:
+                try:
+                    protocol.send(rec, backlog[0], zmq.NOBLOCK)
+                except zmq.Again:
+                    return
+                backlog.popleft()
+
+        def publish(topic: str, parts: list[Any]) -> None:
+            for pub in pubs:
+                try:
+                    protocol.send(pub, [topic.encode(), *parts], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+            to_recorder(parts)
+
+        def emit_stats() -> None:
+            with self.lock:
+                self._merge_own_counters()
+                snap = self.stats.snapshot()
+            publish("stats", protocol.encode_control("stats", node="pipeline", t_ns=time.monotonic_ns(), stats=snap))
+
+        def handle(msg: list[Any]) -> None:
+            try:
+                m = protocol.decode(msg, s.limits)
+            except BadMessage as exc:
+                with self.lock:
+                    self.counters.reject(exc, "a node")
+                return
+            h = m.header
+            if m.type == "result":
+                now = time.monotonic_ns()
+                r = m.result
+                if r is None:
+                    return
+                r.stamps["sink_recv"] = now
+                h.setdefault("stamps", {})["sink_recv"] = now
+                with self.lock:
+                    self.stats.add(r.stream_id, r.seq, r.stamps, r.timings_ms, r.provenance)
+                    self.summaries.append({"stream": r.stream_id, "seq": r.seq, "worker": h.get("worker", ""),
+                                           "stamps": dict(r.stamps), "detections": len(r.detections)})
+                publish(f"result/{r.stream_id}", [protocol.encode_header(h), *msg[1:]])
+            elif m.type == "stats":  # a node's cumulative counters
+                with self.lock:
+                    self.nodes[h["node"]] = h
+                    for kind in ("drops", "rejected", "transport"):
+                        if isinstance(h.get(kind), dict):
+                            try:
+                                self.stats.set_node_counters(h["node"], kind, h[kind])
+                            except (TypeError, ValueError):
+                                self.counters.rejected["bad_counters"] += 1
+            elif m.type in ("event", "error"):
+                with self.lock:
+                    self.events.append(h)
+                publish(m.type, list(msg))
+            else:
+                with self.lock:
+                    self.counters.reject(BadMessage("unexpected_type", expected("result/stats/event/error",
+                                                                                         m.type)))
+
+        try:
+            # After stop: keep draining until the collect socket has been quiet for 0.2 s (bounded).
+            stop_deadline: float | None = None
+            while True:
+                now = time.monotonic()
+                if stop.is_set():
+                    stop_deadline = stop_deadline or now + s.drain_s
+                    if (quiet_since is not None and now - quiet_since > 0.2) or now >= stop_deadline:
+                        break
+                if pull.poll(100):
+                    quiet_since = None
+                    while True:
+                        try:
+                            handle(pull.recv_multipart(zmq.NOBLOCK, copy=False))
+                        except zmq.Again:
+                            break
+                else:
+                    quiet_since = quiet_since or now
+                    to_recorder()  # retry a backlog while nothing new arrives
+                if any(mon.poll(0) for mon in monitors):
+                    with self.lock:
+                        self.counters.drain_monitors()
+                if time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + s.stats_interval_s
+                    emit_stats()
+            emit_stats()
+            publish("event", protocol.encode_control("event", node=self.name, event="end", t_ns=time.monotonic_ns()))
+            deadline = time.monotonic() + s.drain_s
+            while backlog and rec is not None and time.monotonic() < deadline:
+                try:
+                    protocol.send(rec, backlog[0], zmq.NOBLOCK)
+                    backlog.popleft()
+                except zmq.Again:
+                    time.sleep(0.01)
+            if backlog:
+                self.counters.drops["recorder_backlog"] += len(backlog)
+        finally:
+            with self.lock:
+                self._merge_own_counters()
+            self.counters.close_monitors()
+            pull.close(linger=0)
+            for pub in pubs:
+                pub.close(linger=200)
+            if rec is not None:
+                rec.close(linger=int(s.drain_s * 1000))  # what we queued must reach the recorder
+        return EXIT_OK

@@ -1,0 +1,416 @@
+"""The wire format (docs/PROTOCOL.md is the normative text; this module implements it).
+
+A message is a ZeroMQ multipart message ``[header, payload...]``:
+
+- ``header``: one UTF-8 JSON object. JSON, not a binary struct, because any language reads it and it
+  costs ~10-20 us per message against ~300+ us to move a 2 MB frame (benchmarks/bench_transport.py
+  measures both); the header never carries pixels.
+- ``payload``: raw C-contiguous little-endian pixels, one part per array, described by the header.
+  Arrays are sent with ``copy=False`` (pyzmq copies below its 64 KiB ``copy_threshold`` and shares
+  the buffer above it) and received as views into the ZeroMQ message, so a frame is never copied by
+  Python on either side.
+
+Every receive path validates the whole message before building anything from it and raises
+``BadMessage`` (a ``ProtocolError`` with a short ``reason`` code that nodes count). Nothing is ever
+pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ..errors import InputError, ProtocolError, expected
+from ..frames import PHOTOMETRICS, Frame, GroundTruth
+from ..results import Detection, Result
+
+PROTOCOL_VERSION = 1
+MSG_TYPES = ("frame", "result", "stats", "error", "event", "credit", "heartbeat")
+# Explicit little-endian dtypes: the wire is little-endian whatever the host is.
+WIRE_DTYPES: dict[str, np.dtype] = {
+    "uint8": np.dtype("<u1"),
+    "uint16": np.dtype("<u2"),
+    "float32": np.dtype("<f4"),
+}
+LITTLE_ENDIAN_HOST = sys.byteorder == "little"
+RESULT_PARTS = ("enhanced", "masks", "input")
+STREAM_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+SHORT_TEXT = 256  # longest label / provenance value / reason accepted
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. ``max_message_bytes`` is also set as ZMQ_MAXMSGSIZE (per part)."""
+
+    max_dim: int = 8192
+    max_channels: int = 4
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_detections: int = 1024
+    max_masks: int = 256
+    max_map_entries: int = 64  # stamps, timings_ms, provenance, counters
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class BadMessage(ProtocolError):
+    """A message that breaks docs/PROTOCOL.md. ``reason`` is a short code nodes count by."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+@dataclass
+class Message:
+    """A decoded, validated message. ``frame``/``result`` are set for those types."""
+
+    type: str
+    header: dict[str, Any]
+    frame: Frame | None = None
+    result: Result | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # result parts by name
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def _dumps(header: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except ValueError as exc:  # NaN/inf in a score or a timing: a bug upstream, refuse to send it
+        raise ProtocolError(expected("finite numbers in the header", str(exc))) from exc
+
+
+def wire_array(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A C-contiguous little-endian view (copied only when needed) and its part descriptor."""
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise ProtocolError(expected(f"dtype in {sorted(WIRE_DTYPES)}", name))
+    if array.flags.c_contiguous and (array.dtype.byteorder in "<|" or (array.dtype.isnative and LITTLE_ENDIAN_HOST)):
+        wire = array  # the common case: already what the wire wants, send it as it is
+    else:
+        wire = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+    return wire, {"dtype": name, "shape": list(wire.shape)}
+
+
+def header(msg_type: str, **fields: Any) -> dict[str, Any]:
+    if msg_type not in MSG_TYPES:
+        raise ProtocolError(expected(f"message type in {MSG_TYPES}", msg_type))
+    return {"v": PROTOCOL_VERSION, "type": msg_type, **fields}
+
+
+def encode_control(msg_type: str, **fields: Any) -> list[bytes]:
+    """credit / heartbeat / stats / error / event: a header with no payload."""
+    return [_dumps(header(msg_type, **fields))]
+
+
+def _truth_dict(truth: GroundTruth | None) -> dict[str, Any] | None:
+    if truth is None:
+        return None
+    return {"boxes": [[round(float(v), 2) for v in b] for b in truth.boxes], "labels": list(truth.labels)}
+
+
+def encode_frame(frame: Frame) -> list[Any]:
+    """``[header, pixels]`` for a Frame (ground-truth boxes travel, masks and clean images do not)."""
+    pixels, desc = wire_array(frame.pixels)
+    h = header(
+        "frame", stream=str(frame.stream_id), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
+        modality=frame.modality, dtype=desc["dtype"], bits_stored=int(frame.bits_stored or 0),
+        shape=desc["shape"], photometric=frame.photometric,
+        spacing=None if frame.pixel_spacing is None else [float(v) for v in frame.pixel_spacing],
+        stamps={k: int(v) for k, v in frame.stamps.items()},
+    )
+    truth = _truth_dict(frame.truth)
+    if truth is not None:
+        h["truth"] = truth
+    return [_dumps(h), pixels]
+
+
+def encode_result(result: Result, *, worker: str = "", frame: Frame | None = None,
+                  attach_input: bool = False) -> list[Any]:
+    """``[header, part...]`` for a Result; ``frame`` supplies display metadata and optionally pixels."""
+    parts: list[Any] = []
+    descs: list[dict[str, Any]] = []
+    arrays = [("enhanced", result.enhanced), ("masks", result.masks)]
+    if attach_input and frame is not None:
+        arrays.append(("input", frame.pixels))
+    for name, array in arrays:
+        if array is None:
+            continue
+        if name == "masks":
+            array = np.asarray(array).astype(np.uint8, copy=False)
+        wire, desc = wire_array(array)
+        descs.append({"name": name, **desc})
+        parts.append(wire)
+    h = header(
+        "result", stream=str(result.stream_id), seq=int(result.seq), capture_ns=int(result.capture_ns),
+        worker=worker, detections=[d.to_dict() for d in result.detections], parts=descs,
+        provenance={str(k): str(v) for k, v in result.provenance.items()},
+        timings_ms={str(k): round(float(v), 4) for k, v in result.timings_ms.items()},
+        stamps={str(k): int(v) for k, v in result.stamps.items()},
+    )
+    if frame is not None:
+        h.update(modality=frame.modality, bits_stored=int(frame.bits_stored or 0),
+                 photometric=frame.photometric)
+        truth = _truth_dict(frame.truth)
+        if truth is not None:
+            h["truth"] = truth
+    return [_dumps(h), *parts]
+
+
+def send(sock: zmq.Socket, parts: Sequence[Any], flags: int = 0) -> None:
+    """Send a multipart message; arrays go zero-copy (pyzmq copies small parts itself)."""
+    sock.send_multipart(list(parts), flags=flags, copy=False)
+
+
+def encode_header(h: Mapping[str, Any]) -> bytes:
+    """Re-encode a (validated, possibly re-stamped) header; forwarders keep the payload parts as-is."""
+    return _dumps(h)
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def _bytes(part: Any) -> memoryview:
+    if isinstance(part, zmq.Frame):
+        return part.buffer
+    return memoryview(part)
+
+
+def _field(h: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if name not in h or h[name] is None:
+        if optional:
+            return None
+        raise BadMessage("bad_header", expected(f"field {name!r}", "nothing"))
+    value = h[name]
+    # bool is an int subclass in Python but not in JSON: refuse true/false where numbers belong.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise BadMessage("bad_header", expected(f"{name!r} of type {kind}", value))
+    if not isinstance(value, kind):
+        raise BadMessage("bad_header", expected(f"{name!r} of type {kind}", type(value).__name__))
+    return value
+
+
+def _int(h: Mapping[str, Any], name: str, lo: int = 0, hi: int = 2**63 - 1, optional: bool = False) -> Any:
+    value = _field(h, name, int, optional=optional)
+    if value is not None and not lo <= value <= hi:
+        raise BadMessage("bad_header", expected(f"{name!r} in {lo}..{hi}", value))
+    return value
+
+
+def _text(h: Mapping[str, Any], name: str, optional: bool = False, limit: int = SHORT_TEXT) -> Any:
+    value = _field(h, name, str, optional=optional)
+    if value is not None and len(value) > limit:
+        raise BadMessage("bad_header", expected(f"{name!r} of at most {limit} characters", len(value)))
+    return value
+
+
+def _map(h: Mapping[str, Any], name: str, kind: type | tuple[type, ...], limits: Limits) -> dict[str, Any]:
+    value = _field(h, name, dict, optional=True) or {}
+    if len(value) > limits.max_map_entries:
+        raise BadMessage("bad_header", expected(f"{name!r} with <= {limits.max_map_entries} entries",
+                                                len(value)))
+    for k, v in value.items():
+        if len(k) > 64 or isinstance(v, bool) or not isinstance(v, kind):
+            raise BadMessage("bad_header", expected(f"{name!r} entries str -> {kind}", (k[:64], type(v).__name__)))
+        if isinstance(v, float) and not math.isfinite(v):
+            raise BadMessage("bad_header", expected(f"finite {name!r} values", v))
+        if isinstance(v, str) and len(v) > SHORT_TEXT:
+            raise BadMessage("bad_header", expected(f"{name!r} values of <= {SHORT_TEXT} chars", len(v)))
+    return dict(value)
+
+
+def _array_desc(desc: Mapping[str, Any], limits: Limits, *, masks: bool = False) -> tuple[np.dtype, tuple[int, ...]]:
+    """Check dtype and shape of a part; returns the wire dtype and the shape."""
+    dtype_name = desc.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in WIRE_DTYPES:
+        raise BadMessage("bad_dtype", expected(f"dtype in {sorted(WIRE_DTYPES)}", dtype_name))
+    if masks and dtype_name != "uint8":
+        raise BadMessage("bad_dtype", expected("masks of dtype uint8", dtype_name))
+    shape = desc.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape):
+        raise BadMessage("bad_shape", expected("shape as a list of integers", shape))
+    if masks:
+        if len(shape) != 3 or not 0 <= shape[0] <= limits.max_masks:
+            raise BadMessage("bad_shape", expected(f"masks shape [N<={limits.max_masks}, H, W]", shape))
+        dims = shape[1:]
+    else:
+        if len(shape) not in (2, 3) or (len(shape) == 3 and not 1 <= shape[2] <= limits.max_channels):
+            raise BadMessage("bad_shape", expected(f"shape [H, W] or [H, W, C<={limits.max_channels}]", shape))
+        dims = shape[:2]
+    if not all(1 <= n <= limits.max_dim for n in dims):
+        raise BadMessage("dims_too_large", expected(f"every dimension in 1..{limits.max_dim}", shape))
+    dtype = WIRE_DTYPES[dtype_name]
+    if math.prod(shape) * dtype.itemsize > limits.max_message_bytes:
+        raise BadMessage("message_too_large", expected(f"a part of <= {limits.max_message_bytes} bytes",
+                                                       math.prod(shape) * dtype.itemsize))
+    return dtype, tuple(shape)
+
+
+def _array(part: Any, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    buf = _bytes(part)
+    size = math.prod(shape) * dtype.itemsize
+    if buf.nbytes != size:
+        raise BadMessage("payload_size", expected(f"{size} payload bytes (shape x itemsize)", buf.nbytes))
+    # A view into the ZeroMQ message (no copy; over inproc it is the sender's own memory), so it is
+    # read-only: processors must not modify their input in place.
+    array = np.frombuffer(buf, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+    array.flags.writeable = False
+    return array
+
+
+def _stamps(h: Mapping[str, Any], limits: Limits) -> dict[str, int]:
+    stamps = _map(h, "stamps", int, limits)
+    if any(v < 0 for v in stamps.values()):
+        raise BadMessage("bad_header", expected("non-negative stamps", stamps))
+    return stamps
+
+
+def _truth(h: Mapping[str, Any], limits: Limits) -> GroundTruth | None:
+    t = _field(h, "truth", dict, optional=True)
+    if t is None:
+        return None
+    boxes, labels = t.get("boxes"), t.get("labels")
+    if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) > limits.max_detections:
+        raise BadMessage("bad_header", expected("truth {boxes: [[x0,y0,x1,y1]...], labels: [...]}", type(t)))
+    try:
+        return GroundTruth(boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                           labels=[str(v)[:SHORT_TEXT] for v in labels])
+    except (ValueError, TypeError, InputError) as exc:
+        raise BadMessage("bad_header", expected("truth boxes of 4 numbers with one label each", str(exc))) from exc
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_header(part: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
+    """Parse and check the fields every message has: size, JSON object, version, type."""
+    buf = _bytes(part)
+    if buf.nbytes > limits.max_header_bytes:
+        raise BadMessage("header_too_large", expected(f"a header of <= {limits.max_header_bytes} bytes", buf.nbytes))
+    try:
+        h = json.loads((part.bytes if isinstance(part, zmq.Frame) else bytes(buf)).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadMessage("bad_header", expected("a UTF-8 JSON object", type(exc).__name__)) from exc
+    if not isinstance(h, dict):
+        raise BadMessage("bad_header", expected("a JSON object", type(h).__name__))
+    version = h.get("v")
+    if version != PROTOCOL_VERSION or isinstance(version, bool):
+        raise BadMessage("bad_version", expected(f"protocol version {PROTOCOL_VERSION}", version))
+    if h.get("type") not in MSG_TYPES:
+        raise BadMessage("bad_type", expected(f"type in {MSG_TYPES}", h.get("type")))
+    return h
+
+
+def _check_parts(parts: Sequence[Any], n: int, limits: Limits) -> None:
+    if len(parts) != n:
+        raise BadMessage("bad_parts", expected(f"{n} message parts", len(parts)))
+    total = sum(_bytes(p).nbytes for p in parts)
+    if total > limits.max_message_bytes + limits.max_header_bytes:
+        raise BadMessage("message_too_large", expected(f"a message of <= {limits.max_message_bytes} bytes", total))
+
+
+def _stream_seq(h: Mapping[str, Any]) -> tuple[str, int, int]:
+    stream = _text(h, "stream", limit=64)
+    if not STREAM_RE.match(stream):
+        raise BadMessage("bad_header", expected("stream id of 1-64 characters [A-Za-z0-9_.:-]", stream[:64]))
+    return stream, _int(h, "seq"), _int(h, "capture_ns")
+
+
+def decode_frame(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
+    _check_parts(parts, 2, limits)
+    stream, seq, capture_ns = _stream_seq(h)
+    dtype, shape = _array_desc(h, limits)
+    photometric = _text(h, "photometric")
+    if photometric not in PHOTOMETRICS:
+        raise BadMessage("bad_header", expected(f"photometric in {PHOTOMETRICS}", photometric))
+    spacing = _field(h, "spacing", list, optional=True)
+    if spacing is not None and (len(spacing) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
+        raise BadMessage("bad_header", expected("spacing [row_mm, col_mm] of positive numbers", spacing))
+    bits = _int(h, "bits_stored", 0, 32)
+    pixels = _array(parts[1], dtype, shape)
+    try:
+        return Frame(pixels=pixels, modality=_text(h, "modality", limit=16), bits_stored=bits or None,
+                     photometric=photometric, pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
+                     stream_id=stream, seq=seq, capture_ns=capture_ns, truth=_truth(h, limits),
+                     stamps=_stamps(h, limits))
+    except InputError as exc:  # e.g. 4 channels, or RGB with 2-D pixels: the Frame refuses it
+        raise BadMessage("bad_frame", str(exc)) from exc
+
+
+def _detections(h: Mapping[str, Any], limits: Limits) -> list[Detection]:
+    raw = _field(h, "detections", list, optional=True) or []
+    if len(raw) > limits.max_detections:
+        raise BadMessage("bad_header", expected(f"<= {limits.max_detections} detections", len(raw)))
+    out = []
+    for d in raw:
+        box = d.get("box") if isinstance(d, dict) else None
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise BadMessage("bad_header", expected("detection box [x0, y0, x1, y1] of finite numbers", box))
+        score = d.get("score")
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+            raise BadMessage("bad_header", expected("a finite detection score", score))
+        out.append(Detection(box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
+                             score=float(score), label=_text(d, "label")))
+    return out
+
+
+def decode_result(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS
+                  ) -> tuple[Result, dict[str, np.ndarray]]:
+    stream, seq, capture_ns = _stream_seq(h)
+    descs = _field(h, "parts", list, optional=True) or []
+    _check_parts(parts, 1 + len(descs), limits)
+    arrays: dict[str, np.ndarray] = {}
+    for desc, part in zip(descs, parts[1:]):
+        name = desc.get("name") if isinstance(desc, dict) else None
+        if name not in RESULT_PARTS or name in arrays:
+            raise BadMessage("bad_parts", expected(f"distinct part names in {RESULT_PARTS}", name))
+        dtype, shape = _array_desc(desc, limits, masks=name == "masks")
+        arrays[name] = _array(part, dtype, shape)
+    _text(h, "worker", optional=True)
+    result = Result(stream_id=stream, seq=seq, capture_ns=capture_ns, detections=_detections(h, limits),
+                    enhanced=arrays.get("enhanced"), masks=arrays.get("masks"),
+                    timings_ms=_map(h, "timings_ms", (int, float), limits),
+                    provenance=_map(h, "provenance", str, limits), stamps=_stamps(h, limits))
+    return result, arrays
+
+
+def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Validate and decode any message; raises BadMessage with a reason code."""
+    if not parts:
+        raise BadMessage("bad_parts", expected("at least a header part", 0))
+    h = decode_header(parts[0], limits)
+    kind = h["type"]
+    if kind == "frame":
+        return Message(kind, h, frame=decode_frame(h, parts, limits))
+    if kind == "result":
+        result, arrays = decode_result(h, parts, limits)
+        return Message(kind, h, result=result, arrays=arrays)
+    _check_parts(parts, 1, limits)
+    if kind == "heartbeat":
+        _text(h, "node", limit=128)
+        if h.get("state") not in ("idle", "busy", "serving"):
+            raise BadMessage("bad_header", expected("heartbeat state idle, busy or serving", h.get("state")))
+    if kind == "credit" or (kind == "heartbeat" and h["state"] != "serving"):  # from a worker
+        _text(h, "worker", limit=128)
+        _int(h, "done")
+        _int(h, "window", 1, 64)
+    elif kind in ("stats", "event", "error"):
+        _text(h, "node", limit=128)
+        if kind == "event":
+            _text(h, "event", limit=64)
+        if kind == "error":
+            _text(h, "reason", limit=64)
+    return Message(kind, h)

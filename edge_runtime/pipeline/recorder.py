@@ -1,0 +1,212 @@
+"""Recorder sink: JSONL of every result, event and stats message, and optionally an annotated video.
+
+Durability: each record is written with one ``os.write`` of a whole line (no user-space buffer), so
+a crash or SIGKILL leaves only complete lines already handed to the kernel; ``os.fsync`` runs every
+``fsync_every`` records, every ``fsync_interval_s`` and at stop, so a power cut loses at most that
+window. On SIGTERM the recorder drains what is already queued on its socket, writes it, fsyncs and
+exits. Lines are in arrival order; each carries stream and seq (``read_records(sort=True)`` orders).
+
+The video (``<stream>.mp4``, MJPG ``.avi`` if mp4v is unavailable) shows the input with detections
+and masks next to the enhanced output; late results (older seq than the last frame written) are
+skipped so the video never goes backwards. A video is finalised at a clean stop only; the JSONL is
+the durable record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..errors import InputError, expected
+from . import protocol
+from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, is_late, open_socket
+from .protocol import BadMessage, Message
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+
+
+class JsonlWriter:
+    """Append-only JSON lines: whole-line writes, fsync by count and by time."""
+
+    def __init__(self, path: str | os.PathLike, fsync_every: int = 50, fsync_interval_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self.fsync_every = fsync_every
+        self.fsync_interval_s = fsync_interval_s
+        self.unsynced = 0
+        self.written = 0
+        self.last_sync = time.monotonic()
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = memoryview((json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8"))
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+        self.written += 1
+        self.unsynced += 1
+        if self.unsynced >= self.fsync_every:
+            self.sync()
+
+    def maybe_sync(self) -> None:
+        if self.unsynced and time.monotonic() - self.last_sync >= self.fsync_interval_s:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+        self.unsynced = 0
+        self.last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.sync()
+            os.close(self.fd)
+            self.fd = -1
+
+
+def read_records(path: str | os.PathLike, sort: bool = False) -> list[dict[str, Any]]:
+    """Read a recorder JSONL; a torn last line (no newline: a power cut mid-write) is skipped."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(expected("a recorder JSONL file", str(p)))
+    text = p.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # whatever follows the last newline is incomplete (or empty)
+    records = [json.loads(line) for line in complete if line]
+    if sort:
+        results = sorted((r for r in records if r.get("type") == "result"), key=lambda r: (r["stream"], r["seq"]))
+        return results + [r for r in records if r.get("type") != "result"]
+    return records
+
+
+class VideoSink:
+    """One annotated video per stream, opened at the first frame's size."""
+
+    def __init__(self, out_dir: Path, fps: float) -> None:
+        self.out_dir = out_dir
+        self.fps = fps
+        self.writers: dict[str, Any] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+        self.last_seq: dict[str, int] = {}
+        self.paths: list[Path] = []
+
+    def _open(self, stream: str, size: tuple[int, int]) -> Any:
+        import cv2
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
+        for suffix, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
+            path = self.out_dir / f"{safe}{suffix}"
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), self.fps, size)
+            if writer.isOpened():
+                self.paths.append(path)
+                return writer
+            writer.release()
+        raise InputError(expected("an OpenCV VideoWriter for mp4v or MJPG", "neither opens"))
+
+    def add(self, message: Message) -> bool:
+        import cv2
+
+        from .viewer import compose
+
+        stream, seq = message.header["stream"], message.header["seq"]
+        if is_late(seq, self.last_seq.get(stream)):
+            return False
+        self.last_seq[stream] = seq
+        img = compose(message)
+        if stream not in self.writers:
+            self.sizes[stream] = (img.shape[1], img.shape[0])
+            self.writers[stream] = self._open(stream, self.sizes[stream])
+        if (img.shape[1], img.shape[0]) != self.sizes[stream]:
+            img = cv2.resize(img, self.sizes[stream])
+        self.writers[stream].write(img)
+        return True
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.release()
+        self.writers.clear()
+
+
+@dataclass
+class RecorderNode:
+    endpoints: Endpoints
+    out_dir: str
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    video: bool = False
+    video_fps: float = 30.0
+    fsync_every: int = 50
+    fsync_interval_s: float = 1.0
+    name: str = "recorder"
+
+    def _record(self, m: Message, writer: JsonlWriter, videos: VideoSink | None, counters: Counters) -> bool:
+        """Write one message; returns True on the hub's final ``end`` event."""
+        record = dict(m.header)
+        record.pop("v", None)
+        if m.type == "result":
+            record.setdefault("stamps", {})["record"] = time.monotonic_ns()
+            record["parts"] = [p["name"] for p in record.get("parts", [])]
+        writer.write(record)
+        if m.type == "result" and videos is not None and m.arrays:
+            try:
+                videos.add(m)
+            except InputError as exc:
+                counters.drops["video"] += 1
+                log.error("%s: video disabled: %s", self.name, exc)
+                videos.close()
+                self._videos_off = True
+        return m.type == "event" and m.header.get("event") == "end"
+
+    def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
+        s = self.settings
+        out = Path(self.out_dir)
+        counters = Counters(self.name)
+        writer = JsonlWriter(out / RESULTS_FILE, self.fsync_every, self.fsync_interval_s)
+        self._videos_off = False
+        videos = VideoSink(out, self.video_fps) if self.video else None
+        pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record)
+        pull.rcvhwm = 1000
+        writer.write({"type": "event", "event": "recorder_started", "node": self.name, "pid": os.getpid(),
+                      "t_ns": time.monotonic_ns()})
+        ended = False
+
+        def drain(deadline: float) -> bool:
+            while time.monotonic() < deadline:
+                try:
+                    parts = pull.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return False
+                try:
+                    m = protocol.decode(parts, s.limits)
+                except BadMessage as exc:
+                    counters.reject(exc, self.endpoints.record)
+                    continue
+                if self._record(m, writer, None if self._videos_off else videos, counters):
+                    return True
+            return False
+
+        try:
+            while not stop.is_set() and not ended:
+                if pull.poll(200):
+                    ended = drain(time.monotonic() + 1.0)
+                writer.maybe_sync()
+            if not ended:  # SIGTERM: what already reached this socket is written before exit
+                drain(time.monotonic() + s.drain_s)
+        finally:
+            writer.write({"type": "event", "event": "recorder_stopped", "node": self.name, "t_ns": time.monotonic_ns(),
+                          "records": writer.written, "rejected": dict(counters.rejected), "drops": dict(counters.drops),
+                          "clean_end": ended})
+            writer.close()
+            if videos is not None:
+                videos.close()
+            pull.close(linger=0)
+        return EXIT_OK

@@ -1,0 +1,530 @@
+"""Supervisor: start source, workers and sinks (threads or processes), restart what dies, stop cleanly.
+
+``run_pipeline(...)`` is the one-call form for Python callers (the demo, benchmarks, tests)::
+
+    report = run_pipeline(SyntheticSource(count=300, fps=30), BuiltinProcessor("detect"),
+                          n_workers=2, mode="process", record_dir="out/run")
+    print(report.summary())
+
+The hub (first sink: stats, fan-out to PUB and recorder) runs as a thread in the supervisor's
+process in both modes, so the report is assembled where the results were counted.
+
+Restart policy: a worker, recorder or viewer that exits while the pipeline runs is restarted after a
+backoff (0.2 s doubling to 5 s, reset once it stayed up 10 s); the gap is an event on the results
+channel and in the recorder (``node_exit`` with the exit code, then ``node_restarted`` with the time
+down). The source exits 0 at the end of a finite stream (the pipeline then stops) and 3 when the
+source itself failed (stop, no restart); any other source exit is restarted.
+
+Factories cross into spawned processes by multiprocessing's pickling of the node's arguments
+(parent to child over a local pipe, trusted); frames and results never do: they use the protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..errors import ConfigError, expected
+from ..telemetry import Stats, write_latency_report
+from . import protocol, security
+from .nodes import (
+    EXIT_OK,
+    EXIT_SOURCE_FAILED,
+    Endpoints,
+    HubNode,
+    NodeSettings,
+    ProcessorFactory,
+    SourceFactory,
+    SourceNode,
+    WorkerNode,
+    open_socket,
+)
+from .recorder import RESULTS_FILE, RecorderNode
+from .viewer import ViewerNode
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- factories for real use
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A source factory from a spec string: ``edge_runtime.sources.open_source`` + ``paced``.
+
+    ``synthetic`` or ``synthetic:HxW`` needs no sources module (the built-in moving disc).
+    """
+
+    spec: str
+    realtime: bool = True
+    loop: bool = False
+    fps: float = 30.0  # synthetic only
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __call__(self) -> Any:
+        if self.spec.split(":")[0] == "synthetic":
+            from .builtins import SyntheticSource
+
+            _, _, size = self.spec.partition(":")
+            try:
+                h, w = (int(v) for v in size.split("x")) if size else (256, 256)
+            except ValueError as exc:
+                raise ConfigError(expected("synthetic or synthetic:HxW", self.spec)) from exc
+            return SyntheticSource(count=None if self.loop else 300, shape=(h, w), dtype="uint8",
+                                   fps=self.fps if self.realtime else None)()
+        from ..sources import open_source, paced  # written elsewhere: imported only when used
+
+        return paced(open_source(self.spec, **dict(self.options)), realtime=self.realtime, loop=self.loop)
+
+
+@dataclass(frozen=True)
+class RuntimeProcessor:
+    """A processor factory for a model bundle; the Runtime loads inside the worker that uses it."""
+
+    bundle: str
+    device: str | None = None
+
+    def __call__(self) -> Any:
+        from ..runtime import Runtime  # written elsewhere: imported only when used
+
+        runtime = Runtime(self.bundle, device=self.device)
+        runtime.load()
+        return runtime  # the worker calls .process(frame) and, at the end, .close()
+
+
+# --------------------------------------------------------------------------- configuration + report
+
+
+@dataclass
+class PipelineConfig:
+    n_workers: int = 1
+    mode: str = "thread"  # "thread": one process, inproc://; "process": one process per node
+    transport: str = "auto"  # auto (thread: inproc, process: ipc) | ipc | tcp (loopback, random ports)
+    endpoints: Endpoints | None = None  # overrides transport
+    public_endpoint: str | None = None  # extra results PUB for integrators (--bind); CURVE off the box
+    policy: str = "latest"  # "latest": live, drop superseded frames; "all": replay every frame
+    window: int = 1  # frames in flight per worker (1 for latest-frame-wins)
+    record_dir: str | None = None
+    video: bool = False
+    video_fps: float = 30.0
+    view: bool = False  # a viewer node: a window if a display exists, else snapshots to view_dir
+    view_dir: str | None = None
+    duration_s: float | None = None
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    restart_backoff_s: tuple[float, float] = (0.2, 5.0)
+    stable_after_s: float = 10.0
+    keep_results: int = 10000
+    attach_input: bool | None = None  # send input pixels with results; None: when video or view is on
+    work_dir: str | None = None  # where ipc sockets live (default: a fresh temporary directory)
+    log_level: int = logging.INFO
+
+    def validate(self) -> None:
+        if not isinstance(self.n_workers, int) or not 1 <= self.n_workers <= 64:
+            raise ConfigError(expected("workers in 1..64", self.n_workers))
+        if self.mode not in ("thread", "process"):
+            raise ConfigError(expected("mode 'thread' or 'process'", self.mode))
+        if self.transport not in ("auto", "inproc", "ipc", "tcp"):
+            raise ConfigError(expected("transport auto, inproc, ipc or tcp", self.transport))
+        if self.transport == "inproc" and self.mode == "process":
+            raise ConfigError(expected("ipc or tcp between processes", "inproc"))
+        if self.policy not in ("latest", "all"):
+            raise ConfigError(expected("policy 'latest' or 'all'", self.policy))
+        if not 1 <= self.window <= 64 or (self.policy == "latest" and self.window != 1):
+            raise ConfigError(expected("window 1 with policy 'latest' (more would queue stale frames), "
+                                       "1..64 with 'all'", self.window))
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise ConfigError(expected("a positive duration in seconds", self.duration_s))
+        if self.public_endpoint is not None:
+            security.wants_curve(self.public_endpoint, self.settings.security)  # refuse early, loudly
+
+
+@dataclass
+class PipelineReport:
+    results: int
+    duration_s: float
+    fps: float
+    stats: dict[str, Any]
+    drops: dict[str, int]
+    rejected: dict[str, int]
+    transport: dict[str, int]
+    events: list[dict[str, Any]]
+    restarts: int
+    records: list[dict[str, Any]]  # one summary per result (stream, seq, worker, stamps), newest kept
+    record_path: Path | None
+    exit_codes: dict[str, int | None]
+    source_error: str | None
+    nodes: dict[str, dict[str, Any]]
+    stats_obj: Stats = field(repr=False)
+
+    def write_latency_report(self, out_dir: str | os.PathLike, name: str = "latency",
+                             title: str = "edge-runtime latency") -> tuple[Path, Path]:
+        return write_latency_report(self.stats_obj, out_dir, name=name, title=title,
+                                    extra={"restarts": self.restarts, "events": self.events[-100:]})
+
+    def summary(self) -> str:
+        e2e = self.stats.get("e2e_ms", {})
+        lines = [f"{self.results} results in {self.duration_s:.1f} s ({self.fps:.1f} fps)"]
+        if e2e.get("n"):
+            worst = self.stats.get("worst") or {}
+            lines.append(f"capture->sink ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  max {e2e['max']:.1f} "
+                         f"(worst: stream {worst.get('stream')} seq {worst.get('seq')})")
+        lines.append(f"drops: {self.drops or 'none'}   rejected: {self.rejected or 'none'}   "
+                     f"restarts: {self.restarts}")
+        if self.stats.get("backend"):
+            lines.append(f"backend {self.stats['backend']}, precision {self.stats['precision']}, "
+                         f"model {self.stats.get('model', '')}")
+        if self.source_error:
+            lines.append(f"source error: {self.source_error}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- running one node
+
+
+def run_node_process(node: Any, log_level: int = logging.INFO) -> None:
+    """Spawn target: a fresh context, SIGTERM -> stop, SIGINT left to the supervisor."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    ctx = zmq.Context()
+    code = 1
+    try:
+        code = node.run(ctx, stop)
+    except Exception:  # noqa: BLE001 - logged with its traceback; the exit code tells the supervisor
+        log.error("%s crashed:\n%s", getattr(node, "name", "node"), traceback.format_exc(limit=8))
+    finally:
+        security.stop_authenticator(ctx)
+        ctx.destroy(linger=0)
+    sys.exit(code)
+
+
+class NodeHandle:
+    """One supervised node: a thread or a spawned process, restartable with a new incarnation."""
+
+    def __init__(self, name: str, kind: str, make: Callable[[int], Any], mode: str, ctx: zmq.Context,
+                 log_level: int) -> None:
+        self.name, self.kind, self.make, self.mode, self.ctx = name, kind, make, mode, ctx
+        self.log_level = log_level
+        self.incarnation = -1
+        self.proc: Any = None
+        self.thread: threading.Thread | None = None
+        self.stop_event = threading.Event()
+        self.thread_code: int | None = None
+        self.started_at = 0.0
+        self.exited_at: float | None = None
+        self.last_exit: int | None = None
+        self.restart_at: float | None = None
+        self.backoff = 0.0
+        self.restarts = 0
+        self.finished = False  # exited for good (end of stream, or stopped)
+
+    def start(self) -> None:
+        self.incarnation += 1
+        node = self.make(self.incarnation)
+        self.started_at = time.monotonic()
+        self.exited_at = None
+        self.restart_at = None
+        if self.mode == "process":
+            spawn = mp.get_context("spawn")
+            proc = spawn.Process(target=run_node_process, args=(node, self.log_level),
+                                 name=f"edge-{self.name}.{self.incarnation}", daemon=False)
+            proc.start()
+            self.proc = proc  # only a started process: join/terminate on it are always valid
+        else:
+            self.stop_event = threading.Event()
+            self.thread_code = None
+
+            def main() -> None:
+                try:
+                    self.thread_code = node.run(self.ctx, self.stop_event)
+                except Exception:  # noqa: BLE001 - a crashed node thread is restarted like a process
+                    log.error("%s crashed:\n%s", self.name, traceback.format_exc(limit=8))
+                    self.thread_code = 1
+
+            self.thread = threading.Thread(target=main, name=f"edge-{self.name}.{self.incarnation}", daemon=True)
+            self.thread.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        if self.mode == "process":
+            return self.proc is not None and self.proc.is_alive()
+        return self.thread is not None and self.thread.is_alive()
+
+    def exitcode(self) -> int | None:
+        if self.mode == "process":
+            return None if self.proc is None else self.proc.exitcode
+        return self.thread_code
+
+    def request_stop(self) -> None:
+        if self.mode == "process":
+            if self.proc is not None and self.proc.is_alive():
+                self.proc.terminate()  # SIGTERM: the node finishes its frame / flushes, then exits
+        else:
+            self.stop_event.set()
+
+    def join(self, timeout: float) -> bool:
+        if self.mode == "process" and self.proc is not None:
+            self.proc.join(timeout)
+            if self.proc.is_alive():
+                log.warning("%s did not stop in %.1f s: killing it", self.name, timeout)
+                self.proc.kill()
+                self.proc.join(2.0)
+        elif self.thread is not None:
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                log.warning("%s (thread) did not stop in %.1f s", self.name, timeout)
+        return not self.alive()
+
+
+# --------------------------------------------------------------------------- supervisor
+
+
+class Supervisor:
+    def __init__(self, source_factory: SourceFactory, make_processor: ProcessorFactory,
+                 config: PipelineConfig | None = None) -> None:
+        self.source_factory = source_factory
+        self.make_processor = make_processor
+        self.config = config or PipelineConfig()
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.handles: list[NodeHandle] = []
+        self.source_ended: int | None = None
+        self.started = 0.0
+        self.stopped = 0.0
+
+    # -- setup
+
+    def _endpoints(self) -> Endpoints:
+        c = self.config
+        if c.endpoints is not None:
+            return c.endpoints
+        transport = c.transport if c.transport != "auto" else ("inproc" if c.mode == "thread" else "ipc")
+        if transport == "inproc":
+            return Endpoints.inproc()
+        if transport == "tcp":
+            return Endpoints.tcp()
+        if c.work_dir is not None:
+            return Endpoints.ipc(c.work_dir)
+        self._tmp = tempfile.TemporaryDirectory(prefix="edge-")
+        return Endpoints.ipc(self._tmp.name)
+
+    def start(self) -> None:
+        c = self.config
+        c.validate()
+        s = c.settings
+        self.endpoints = ep = self._endpoints()
+        self.ctx = zmq.Context()
+        attach = c.attach_input if c.attach_input is not None else (c.video or c.view)
+        self.hub = HubNode(ep, s, record=c.record_dir is not None, public_endpoint=c.public_endpoint,
+                           keep_results=c.keep_results)
+        self._hub_stop = threading.Event()
+        self._hub_error: BaseException | None = None
+
+        def hub_main() -> None:
+            try:
+                self.hub.run(self.ctx, self._hub_stop)
+            except BaseException as exc:  # noqa: BLE001 - a bind refused (security) or address in use: surface it
+                self._hub_error = exc
+                log.error("hub failed: %s", exc)
+
+        self._hub_thread = threading.Thread(target=hub_main, name="edge-hub", daemon=True)
+        self._hub_thread.start()
+        while not self.hub.ready.wait(0.05):
+            if not self._hub_thread.is_alive():
+                self.ctx.destroy(linger=0)
+                raise self._hub_error or ConfigError(expected("the hub to start", "it exited"))
+        self._events = open_socket(self.ctx, zmq.PUSH, s, connect=ep.collect, receives=False)
+
+        def add(name: str, kind: str, make: Callable[[int], Any]) -> None:
+            self.handles.append(NodeHandle(name, kind, make, c.mode, self.ctx, c.log_level))
+
+        if c.record_dir is not None:
+            add("recorder", "recorder", lambda _: RecorderNode(ep, str(c.record_dir), s, video=c.video,
+                                                               video_fps=c.video_fps))
+        if c.view:
+            add("viewer", "viewer", lambda _: ViewerNode(ep.results, s, snapshot_dir=c.view_dir))
+        for i in range(c.n_workers):
+            add(f"w{i}", "worker", lambda inc, i=i: WorkerNode(self.make_processor, ep, s, name=f"w{i}", window=c.window,
+                                                               attach_input=attach, incarnation=inc))
+        add("source", "source", lambda _: SourceNode(self.source_factory, ep, s, policy=c.policy,
+                                                      wait_for_workers=c.n_workers))
+        self.started = time.monotonic()
+        try:
+            for h in self.handles:
+                h.start()
+        except BaseException:
+            self._shutdown()
+            self._done.set()
+            raise
+        self._loop_thread = threading.Thread(target=self._loop, name="edge-supervisor", daemon=True)
+        self._loop_thread.start()
+
+    # -- the supervision loop (one thread owns every handle)
+
+    def _event(self, event: str, **fields: Any) -> None:
+        fields.setdefault("t_ns", time.monotonic_ns())
+        try:
+            protocol.send(self._events, protocol.encode_control("event", node="supervisor", event=event, **fields))
+        except zmq.Again:
+            log.warning("supervisor event %s not delivered (hub busy)", event)
+
+    def _on_exit(self, h: NodeHandle, now: float) -> None:
+        code = h.exitcode()
+        h.exited_at, h.last_exit = now, code
+        if h.kind == "source" and code in (EXIT_OK, EXIT_SOURCE_FAILED):
+            h.finished = True
+            self.source_ended = code
+            return
+        lo, hi = self.config.restart_backoff_s
+        uptime = now - h.started_at
+        h.backoff = lo if uptime >= self.config.stable_after_s or h.backoff == 0 else min(hi, h.backoff * 2)
+        h.restart_at = now + h.backoff
+        log.warning("%s exited with code %s after %.1f s; restarting in %.1f s", h.name, code, uptime, h.backoff)
+        self._event("node_exit", node_name=h.name, kind=h.kind, exitcode=code, incarnation=h.incarnation,
+                    uptime_s=round(uptime, 3))
+
+    def _loop(self) -> None:
+        c = self.config
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if c.duration_s is not None and now - self.started >= c.duration_s:
+                    break
+                if self.source_ended is not None:
+                    break
+                if not self._hub_thread.is_alive():
+                    log.error("the hub stopped: stopping the pipeline")
+                    break
+                for h in self.handles:
+                    if h.finished:
+                        continue
+                    if h.restart_at is None and not h.alive() and h.exited_at is None:
+                        self._on_exit(h, now)
+                    elif h.restart_at is not None and now >= h.restart_at:
+                        down_ms = (now - (h.exited_at or now)) * 1000
+                        h.start()
+                        h.restarts += 1
+                        self._event("node_restarted", node_name=h.name, kind=h.kind, incarnation=h.incarnation,
+                                    previous_exitcode=h.last_exit, down_ms=round(down_ms, 1))
+                self._stop.wait(0.05)
+        except Exception:  # noqa: BLE001 - whatever happens, the finally below shuts down
+            log.error("supervisor loop failed:\n%s", traceback.format_exc(limit=8))
+        finally:
+            self._shutdown()
+            self._done.set()
+
+    def _shutdown(self) -> None:
+        """Source first (no new frames), then workers (finish or abandon their frame), then the hub
+        (drains, sends the final stats and ``end``), then the recorder (writes all, fsyncs) and viewer."""
+        s = self.config.settings
+        by_kind = {k: [h for h in self.handles if h.kind == k] for k in ("source", "worker", "recorder", "viewer")}
+        for kind, timeout in (("source", 3.0), ("worker", s.drain_s + 3.0)):
+            for h in by_kind[kind]:
+                h.restart_at = None
+                h.request_stop()
+            for h in by_kind[kind]:
+                h.join(timeout)
+        self._hub_stop.set()
+        self._hub_thread.join(s.drain_s + 5.0)
+        for h in by_kind["recorder"]:  # it exits by itself on the hub's "end"; SIGTERM if it does not
+            if self.config.mode == "process" and h.proc is not None:
+                h.proc.join(s.drain_s + 3.0)
+            h.request_stop()
+            h.join(s.drain_s + 3.0)
+        for h in by_kind["viewer"]:
+            h.request_stop()
+            h.join(3.0)
+        self._events.close(linger=0)
+        self.stopped = time.monotonic()
+        if self.config.mode == "thread" and any(h.alive() for h in self.handles):
+            log.warning("a node thread is still running: leaving its ZeroMQ context open")
+        else:
+            security.stop_authenticator(self.ctx)
+            self.ctx.term()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # -- control
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the pipeline has stopped (end of stream, duration, stop request or failure)."""
+        return self._done.wait(timeout)
+
+    def stop(self, timeout: float = 60.0) -> PipelineReport:
+        self.request_stop()
+        if not self._done.wait(timeout):
+            raise ConfigError(expected(f"the pipeline to stop within {timeout} s", "still running"))
+        return self.report()
+
+    def handle(self, name: str) -> NodeHandle:
+        for h in self.handles:
+            if h.name == name:
+                return h
+        raise ConfigError(expected(f"a node named one of {[h.name for h in self.handles]}", name))
+
+    def report(self) -> PipelineReport:
+        hub = self.hub
+        snap = hub.snapshot()
+        end = self.stopped or time.monotonic()
+        duration = max(end - self.started, 1e-9)
+        source_error = next((e.get("error") for e in hub.events if e.get("event") == "end_of_stream" and e.get("error")),
+                            None)
+        record_path = Path(self.config.record_dir) / RESULTS_FILE if self.config.record_dir else None
+        return PipelineReport(
+            results=snap["results"], duration_s=duration, fps=snap["results"] / duration, stats=snap,
+            drops=snap["drops"], rejected=snap["rejected"], transport=snap["transport"], events=list(hub.events),
+            restarts=sum(h.restarts for h in self.handles), records=list(hub.summaries), record_path=record_path,
+            exit_codes={h.name: h.exitcode() for h in self.handles}, source_error=source_error,
+            nodes=dict(hub.nodes), stats_obj=hub.stats)
+
+
+def run_pipeline(source_factory: SourceFactory, make_processor: ProcessorFactory, n_workers: int = 1,
+                 mode: str = "thread", record_dir: str | os.PathLike | None = None, duration: float | None = None,
+                 **options: Any) -> PipelineReport:
+    """Run until the source ends, ``duration`` seconds pass, or SIGINT/SIGTERM; return the report.
+
+    ``options`` are PipelineConfig fields (policy, window, video, view, view_dir, public_endpoint,
+    settings, transport, ...).
+    """
+    config = PipelineConfig(n_workers=n_workers, mode=mode, duration_s=duration,
+                            record_dir=None if record_dir is None else str(record_dir))
+    for key, value in options.items():
+        if not hasattr(config, key):
+            raise ConfigError(expected("a PipelineConfig field", key))
+        setattr(config, key, value)
+    sup = Supervisor(source_factory, make_processor, config)
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: sup.request_stop())
+    try:
+        sup.start()
+        while not sup.wait(0.2):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return sup.report()
+

@@ -1,0 +1,286 @@
+"""Manifest-driven post-processing: raw model outputs -> detections / enhanced pixels / masks.
+
+Decoding lives here, not in the graphs, so that one ONNX file serves every backend and the
+thresholds stay editable in the manifest. Everything returned is in the ORIGINAL frame's pixel
+coordinates, dtype and range, using the PixelMapping the pre-processor produced.
+
+Supported ``postprocess.type`` values (docs/BUNDLE.md): ``centernet`` (our reference
+detectors), ``yolov8`` (the common YOLOv8/YOLO11 ONNX export, ``[1, 4 + C, N]``), ``enhance``
+(image to image) and ``segmentation`` (per-class logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .errors import BundleError, InputError, expected
+from .frames import Frame
+from .preprocess import PixelMapping, _check_keys
+from .results import Detection
+
+TYPES = ("centernet", "yolov8", "enhance", "segmentation")
+DETECTION_KEYS = {"type", "classes", "score_threshold", "nms_iou", "max_detections"}
+KEYS = {
+    "centernet": DETECTION_KEYS | {"stride", "peak_kernel", "outputs"},
+    "yolov8": DETECTION_KEYS | {"output"},
+    "enhance": {"type", "output", "tile"},
+    "segmentation": {"type", "output", "classes", "activation", "threshold"},
+}
+
+
+@dataclass
+class Decoded:
+    """What post-processing produced for one frame (the runtime copies it into a Result)."""
+
+    detections: list[Detection] = field(default_factory=list)
+    enhanced: np.ndarray | None = None  # input frame's dtype, range and size
+    masks: np.ndarray | None = None  # uint8 (C, H, W), 0/1, original frame size
+    contours: list[list[np.ndarray]] | None = None  # per class, cv2.findContours point arrays
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float,
+        max_detections: int = 0) -> np.ndarray:
+    """Class-wise NMS (OpenCV's NMSBoxesBatched): indices kept, best score first."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    b = np.asarray(boxes, np.float64)
+    xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
+    keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), np.asarray(scores, np.float32).tolist(),
+                                   np.asarray(class_ids, np.int32).tolist(), -np.inf, float(iou))
+    keep = np.asarray(keep, np.int64).reshape(-1)
+    keep = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")]
+    return keep[:max_detections] if max_detections > 0 else keep
+
+
+def enhance_tiled(run_fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tile: int,
+                  overlap: int) -> np.ndarray:
+    """Run an image-to-image model over [1, C, H, W] in overlapping tiles and blend them.
+
+    Each tile's output is weighted by a ramp that falls to nearly zero at tile borders that
+    touch another tile (not at the image border), so seams where the model sees little
+    context get little weight. ``tile`` should respect the model's size multiple; frames not
+    larger than a tile run in one call.
+    """
+    if tile <= 0 or not 0 <= overlap < tile:
+        raise BundleError(expected("tile > 0 and 0 <= overlap < tile", (tile, overlap)))
+    _, _, h, w = x.shape
+    if h <= tile and w <= tile:
+        return run_fn(x)
+
+    def starts(n: int) -> list[int]:
+        if n <= tile:
+            return [0]
+        step = tile - overlap
+        out = list(range(0, n - tile, step)) + [n - tile]
+        return sorted(set(out))
+
+    acc: np.ndarray | None = None
+    weight = np.zeros((h, w), np.float32)
+    ys, xs = starts(h), starts(w)
+    for y in ys:
+        for x0 in xs:
+            th, tw = min(tile, h), min(tile, w)
+            y_tile = run_fn(np.ascontiguousarray(x[:, :, y:y + th, x0:x0 + tw]))
+            if acc is None:
+                acc = np.zeros((1, y_tile.shape[1], h, w), np.float32)
+            wy = _ramp(th, overlap, y > 0, y + th < h)
+            wx = _ramp(tw, overlap, x0 > 0, x0 + tw < w)
+            wt = np.outer(wy, wx)
+            acc[:, :, y:y + th, x0:x0 + tw] += y_tile * wt
+            weight[y:y + th, x0:x0 + tw] += wt
+    if acc is None:  # unreachable: there is always at least one tile
+        raise InputError(expected("at least one tile", (h, w)))
+    acc /= weight
+    return acc
+
+
+def _ramp(n: int, overlap: int, fade_in: bool, fade_out: bool) -> np.ndarray:
+    r = np.ones(n, np.float32)
+    if overlap > 0:
+        ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        if fade_in:
+            r[:overlap] = np.minimum(r[:overlap], ramp)
+        if fade_out:
+            r[n - overlap:] = np.minimum(r[n - overlap:], ramp[::-1])
+    return r
+
+
+class Postprocessor:
+    """``Postprocessor(spec, preprocess=...)(outputs, mapping, frame) -> Decoded``.
+
+    ``outputs`` maps output names to arrays (or is a sequence in the manifest's output order,
+    given ``output_names``). ``preprocess`` is the bundle's pre-processor: enhancement needs
+    it to undo windowing and inversion.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], *, output_names: Sequence[str] | None = None,
+                 preprocess: Any = None) -> None:
+        kind = (spec or {}).get("type")
+        if kind not in TYPES:
+            raise BundleError("postprocess.type: " + expected(f"one of {TYPES}", kind))
+        self.spec = _check_keys(spec, KEYS[kind], f"postprocess ({kind})")
+        self.type = kind
+        self.output_names = list(output_names) if output_names else None
+        self.pre = preprocess
+        self.classes = [str(c) for c in self.spec.get("classes", [])]
+        self.score_threshold = float(self.spec.get("score_threshold", 0.3))
+        self.nms_iou = float(self.spec.get("nms_iou", 0.5))
+        self.max_detections = int(self.spec.get("max_detections", 100))
+        self.stride = int(self.spec.get("stride", 4))
+        self.peak_kernel = int(self.spec.get("peak_kernel", 3))
+        if kind in ("centernet", "yolov8") and not self.classes:
+            raise BundleError(f"postprocess ({kind}): " + expected("a non-empty classes list", self.classes))
+        tile = _check_keys(self.spec.get("tile"), {"size", "overlap"}, "postprocess.tile")
+        self.tile = (int(tile["size"]), int(tile.get("overlap", 0))) if tile else None
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], preprocess: Any = None) -> Postprocessor:
+        names = [o["name"] for o in manifest.get("outputs", [])]
+        return cls(manifest["postprocess"], output_names=names or None, preprocess=preprocess)
+
+    def _output(self, outputs: Any, name: str | None, default_index: int = 0) -> np.ndarray:
+        if isinstance(outputs, Mapping):
+            if name is None:
+                if len(outputs) != 1:
+                    raise InputError(expected("exactly one model output", list(outputs)))
+                return np.asarray(next(iter(outputs.values())))
+            if name not in outputs:
+                raise InputError(expected(f"model output {name!r}", list(outputs)))
+            return np.asarray(outputs[name])
+        seq = list(outputs)
+        if name is not None and self.output_names and name in self.output_names:
+            return np.asarray(seq[self.output_names.index(name)])
+        return np.asarray(seq[default_index])
+
+    def __call__(self, outputs: Any, mapping: PixelMapping, frame: Frame) -> Decoded:
+        if self.type == "centernet":
+            return Decoded(detections=self.decode_centernet(outputs, mapping))
+        if self.type == "yolov8":
+            return Decoded(detections=self.decode_yolov8(outputs, mapping))
+        if self.type == "enhance":
+            return Decoded(enhanced=self.to_frame_pixels(self._output(outputs, self.spec.get("output")),
+                                                         mapping, frame))
+        masks, contours = self.segment(self._output(outputs, self.spec.get("output")), mapping)
+        return Decoded(masks=masks, contours=contours)
+
+    # -- detection ------------------------------------------------------------------------
+    def _finish(self, boxes: np.ndarray, scores: np.ndarray, cls: np.ndarray,
+                mapping: PixelMapping) -> list[Detection]:
+        if len(boxes) == 0:
+            return []
+        boxes = mapping.to_original(boxes)
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes all in padding
+        boxes, scores, cls = boxes[ok], scores[ok], cls[ok]
+        keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
+        return [Detection(tuple(float(v) for v in boxes[i]), float(scores[i]), self.classes[int(cls[i])])
+                for i in keep]
+
+    def decode_centernet(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
+        names = self.spec.get("outputs", {"heatmap": "heatmap", "size": "size", "offset": "offset"})
+        heat = self._output(outputs, names["heatmap"], 0)[0]
+        size = self._output(outputs, names["size"], 1)[0]
+        offset = self._output(outputs, names["offset"], 2)[0]
+        c, h, w = heat.shape
+        if c != len(self.classes):
+            raise InputError(expected(f"a heatmap with {len(self.classes)} classes", heat.shape))
+        if size.shape != (2, h, w) or offset.shape != (2, h, w):
+            raise InputError(expected(f"size and offset of shape (2, {h}, {w})", (size.shape, offset.shape)))
+        k = self.peak_kernel
+        kernel = np.ones((k, k), np.uint8)
+        cand_c, cand_y, cand_x = [], [], []
+        for ci in range(c):
+            plane = np.ascontiguousarray(heat[ci], dtype=np.float32)
+            # A peak is a cell equal to the max of its k x k neighbourhood (CenterNet's max-pool).
+            peaks = (plane >= self.score_threshold) & (plane == cv2.dilate(plane, kernel))
+            ys, xs = np.nonzero(peaks)
+            cand_c.append(np.full(len(ys), ci))
+            cand_y.append(ys)
+            cand_x.append(xs)
+        cls, ys, xs = np.concatenate(cand_c), np.concatenate(cand_y), np.concatenate(cand_x)
+        scores = heat[cls, ys, xs].astype(np.float64)
+        top = np.argsort(-scores, kind="stable")[: max(self.max_detections * 4, 1)]  # top-k before NMS
+        cls, ys, xs, scores = cls[top], ys[top], xs[top], scores[top]
+        cx = (xs + offset[0, ys, xs]) * self.stride
+        cy = (ys + offset[1, ys, xs]) * self.stride
+        bw, bh = np.maximum(size[0, ys, xs], 0), np.maximum(size[1, ys, xs], 0)
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+        return self._finish(boxes, scores, cls, mapping)
+
+    def decode_yolov8(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
+        out = self._output(outputs, self.spec.get("output"))
+        nc = len(self.classes)
+        if out.ndim != 3 or out.shape[0] != 1 or 4 + nc not in out.shape[1:]:
+            raise InputError(expected(f"a YOLOv8 output [1, {4 + nc}, N]", out.shape))
+        pred = out[0].T if out.shape[1] == 4 + nc else out[0]  # (N, 4 + C); some exports transpose
+        scores_all = pred[:, 4:]
+        cls = scores_all.argmax(axis=1)
+        scores = scores_all[np.arange(len(pred)), cls].astype(np.float64)
+        ok = scores >= self.score_threshold
+        pred, cls, scores = pred[ok], cls[ok], scores[ok]
+        cx, cy, bw, bh = (pred[:, i].astype(np.float64) for i in range(4))
+        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+        return self._finish(boxes, scores, cls, mapping)
+
+    # -- enhancement ----------------------------------------------------------------------
+    def to_frame_pixels(self, y: np.ndarray, mapping: PixelMapping, frame: Frame) -> np.ndarray:
+        """[1, C, H, W] in the scaled [0, 1] domain -> the frame's dtype, range and size."""
+        if y.ndim != 4 or y.shape[0] != 1 or tuple(y.shape[2:]) != mapping.input_size:
+            raise InputError(expected(f"an output [1, C, {mapping.input_size[0]}, {mapping.input_size[1]}]",
+                                      y.shape))
+        x0, y0, x1, y1 = mapping.content
+        img = y[0, :, y0:y1, x0:x1]
+        img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+        img = np.array(img, dtype=np.float32)  # one copy: the crop becomes contiguous and ours
+        bits = int(frame.bits_stored or 8)
+        maxval = float(2 ** bits - 1)
+        pre = self.pre
+        if pre is not None and pre.invert_monochrome1 and frame.photometric == "MONOCHROME1":
+            np.subtract(1.0, img, out=img)
+        if pre is not None and pre.window is not None:
+            c, w = pre.window  # inverse of the DICOM linear window (clipped values stay clipped)
+            img -= 0.5
+            img *= w - 1
+            img += c - 0.5
+        else:
+            img *= maxval
+        h, w = mapping.orig_size
+        if img.shape[:2] != (h, w):
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
+        if frame.pixels.dtype == np.float32:  # e.g. signed CT-like values: no integer range to clip to
+            return img
+        np.clip(img, 0.0, maxval, out=img)
+        img += 0.5  # round half up on the cast
+        return img.astype(frame.pixels.dtype)
+
+    # -- segmentation ---------------------------------------------------------------------
+    def segment(self, logits: np.ndarray, mapping: PixelMapping) -> tuple[np.ndarray, list[list[np.ndarray]]]:
+        """Logits [1, C, h, w] -> uint8 masks (C, H, W) at the original size, and contours."""
+        if logits.ndim != 4 or logits.shape[0] != 1:
+            raise InputError(expected("segmentation logits [1, C, h, w]", logits.shape))
+        act = self.spec.get("activation", "sigmoid" if logits.shape[1] == 1 else "softmax")
+        ih, iw = mapping.input_size
+        x0, y0, x1, y1 = mapping.content
+        oh, ow = mapping.orig_size
+        planes = []
+        for c in range(logits.shape[1]):
+            p = np.ascontiguousarray(logits[0, c], dtype=np.float32)
+            if p.shape != (ih, iw):  # an output stride: back to the input grid first
+                p = cv2.resize(p, (iw, ih), interpolation=cv2.INTER_LINEAR)
+            planes.append(cv2.resize(p[y0:y1, x0:x1], (ow, oh), interpolation=cv2.INTER_LINEAR))
+        stack = np.stack(planes)
+        if act == "softmax":
+            winner = stack.argmax(axis=0)
+            masks = np.stack([(winner == c) for c in range(len(planes))]).astype(np.uint8)
+        elif act == "sigmoid":
+            thr = float(self.spec.get("threshold", 0.5))
+            logit_thr = np.log(thr / (1 - thr))  # threshold logits, no sigmoid needed
+            masks = (stack > logit_thr).astype(np.uint8)
+        else:
+            raise BundleError("postprocess.activation: " + expected("'sigmoid' or 'softmax'", act))
+        contours = [list(cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]) for m in masks]
+        return masks, contours

@@ -1,0 +1,723 @@
+"""Frame sources: video file, camera, image folder, DICOM, phantom -> iterator of Frame.
+
+Every source is re-iterable (each ``iter()`` starts from the first frame), has a ``name``, a
+``stream_id`` and ``fps`` (the native frame rate when the input says so, else ``None``), and
+raises the project's own errors for what it cannot read: ``InputError`` (missing, truncated or
+non-image input) or ``UnsupportedFormatError`` (readable, but an encoding this install cannot
+decode; the message names the encoding and the PyPI package that decodes it).
+
+``paced()`` turns a source into a stream: real time at the native (or a given) frame rate, or as
+fast as possible, optionally looping, with a monotonically increasing ``seq``. ``open_source()``
+builds a source from a string ("phantom:us", "camera:0", a path).
+
+DICOM pixel pipeline (``DicomSource``), per frame, in this order:
+  decode (pydicom pixel handlers + installed pylibjpeg plugins; YBR_FULL / YBR_FULL_422 -> RGB)
+  -> PALETTE COLOR through its colour LUT (pydicom ``apply_color_lut``; uint8 or uint16 RGB as
+     the LUT's nominal depth says, bits_stored = that depth)
+  -> grayscale only: modality LUT / rescale slope+intercept (``apply_modality_lut``)
+  -> grayscale only, when asked: VOI LUT or window (``apply_voi_lut``), then scaled to the
+     display range 0 .. 2**BitsStored - 1 (uint8 when BitsStored <= 8, else uint16)
+  -> MONOCHROME1 inverted to MONOCHROME2 (after the VOI when it was applied).
+Output dtype without VOI is decided once per file from the header, so every frame of a stream
+has the same dtype: the possible value range after the modality LUT is computed from BitsStored,
+PixelRepresentation and slope/intercept (or the modality LUT's depth); integral and within
+0..255 for 8-bit input -> uint8, integral and within 0..65535 -> uint16 (bits_stored = what that
+range needs, never less than BitsStored), anything else (negative values, fractional slope) ->
+float32 with bits_stored = BitsStored (the source precision). Patient identifiers are never
+copied into frames, logs or messages: only the file name, shape and coding attributes are.
+Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
+rescales); the first (shared) values are used.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .errors import ConfigError, EdgeRuntimeError, InputError, UnsupportedFormatError, expected
+from .frames import Frame
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".m4v", ".mov", ".mkv", ".mpg", ".mpeg", ".wmv", ".webm")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key so that "img2" < "img10" (alternating text / number chunks)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` has the DICOM Part 10 preamble ("DICM" at byte 128)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float] | None:
+    if spacing is None:
+        return None
+    try:
+        row, col = (float(v) for v in spacing)
+    except (TypeError, ValueError):
+        raise ConfigError(expected("pixel_spacing as (row_mm, col_mm)", spacing)) from None
+    if not (row > 0 and col > 0 and math.isfinite(row) and math.isfinite(col)):
+        raise ConfigError(expected("positive finite pixel_spacing in mm", spacing))
+    return row, col
+
+
+class Source(ABC):
+    """Base of every source: assigns ``seq`` (from 0 per pass), ``stream_id`` and ``source``."""
+
+    name: str = ""
+    fps: float | None = None
+    stream_id: str = "0"
+    n_frames: int | None = None  # frames per pass when known; None = unknown or infinite
+    live: bool = False  # frames arrive at their own pace (camera): paced() never sleeps for them
+
+    def __iter__(self) -> Iterator[Frame]:
+        for seq, frame in enumerate(self._frames()):
+            frame.seq = seq
+            frame.stream_id = self.stream_id
+            frame.source = self.name
+            yield frame
+
+    @abstractmethod
+    def _frames(self) -> Iterator[Frame]:
+        """Yield the frames of one pass, starting from the first."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, fps={self.fps}, n_frames={self.n_frames})"
+
+
+def _to_rgb_or_gray(img: np.ndarray, gray: bool) -> tuple[np.ndarray, str]:
+    """OpenCV's BGR / BGRA / gray -> RGB or gray, with the matching photometric."""
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 2:
+        return np.ascontiguousarray(img), "MONOCHROME2"
+    if img.shape[2] == 4:
+        code = cv2.COLOR_BGRA2GRAY if gray else cv2.COLOR_BGRA2RGB
+    else:
+        code = cv2.COLOR_BGR2GRAY if gray else cv2.COLOR_BGR2RGB
+    return cv2.cvtColor(img, code), "MONOCHROME2" if gray else "RGB"
+
+
+# --- OpenCV video and camera ---------------------------------------------------------------
+
+
+class _CaptureSource(Source):
+    def __init__(self, *, gray: bool, modality: str, pixel_spacing: tuple[float, float] | None) -> None:
+        self.gray = bool(gray)
+        self.modality = modality
+        self.pixel_spacing = _check_spacing(pixel_spacing)
+
+    @abstractmethod
+    def _open(self) -> cv2.VideoCapture: ...
+
+    def _frames(self) -> Iterator[Frame]:
+        cap = self._open()
+        try:
+            while True:
+                ok, img = cap.read()
+                if not ok:
+                    return
+                captured = time.monotonic_ns()
+                pixels, photometric = _to_rgb_or_gray(img, self.gray)
+                yield Frame(pixels, modality=self.modality, photometric=photometric,
+                            pixel_spacing=self.pixel_spacing, capture_ns=captured)
+        finally:
+            cap.release()
+
+
+class VideoSource(_CaptureSource):
+    """A video file read with OpenCV; fps from CAP_PROP_FPS; frames RGB (or gray)."""
+
+    def __init__(self, path: str | Path, *, gray: bool = False, modality: str = "US",
+                 stream_id: str | None = None, pixel_spacing: tuple[float, float] | None = None) -> None:
+        super().__init__(gray=gray, modality=modality, pixel_spacing=pixel_spacing)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(expected("an existing video file", str(self.path)))
+        self.name = self.path.name
+        self.stream_id = stream_id or self.name
+        cap = self._open()
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        cap.release()
+        self.fps = fps if fps > 0 and math.isfinite(fps) else None
+        self.n_frames = count if count > 0 else None
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(str(self.path))
+        if not cap.isOpened():
+            cap.release()
+            raise UnsupportedFormatError(expected(
+                f"a video OpenCV {cv2.__version__} can decode ({', '.join(VIDEO_EXTENSIONS)})", self.path.name))
+        return cap
+
+
+class CameraSource(_CaptureSource):
+    """A live camera (OpenCV device index); capture_ns is the grab time, never re-paced."""
+
+    live = True
+
+    def __init__(self, index: int = 0, *, gray: bool = False, modality: str = "US",
+                 stream_id: str | None = None, pixel_spacing: tuple[float, float] | None = None) -> None:
+        super().__init__(gray=gray, modality=modality, pixel_spacing=pixel_spacing)
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ConfigError(expected("a camera index >= 0", index))
+        self.index = index
+        self.name = f"camera:{index}"
+        self.stream_id = stream_id or self.name
+        cap = self._open()
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        cap.release()
+        self.fps = fps if fps > 0 and math.isfinite(fps) else None
+
+    def _open(self) -> cv2.VideoCapture:
+        cap = cv2.VideoCapture(self.index)
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(expected(f"a camera OpenCV can open at index {self.index}", "none"))
+        return cap
+
+
+# --- image folder --------------------------------------------------------------------------
+
+
+class ImageFolderSource(Source):
+    """A folder of images (or one image file), in natural filename order.
+
+    Read with cv2.IMREAD_UNCHANGED so bit depth is kept: 8-bit PNG/JPEG -> uint8, 16-bit
+    PNG/TIFF -> uint16, float TIFF -> float32. ``bits_stored`` overrides the dtype's depth (e.g.
+    12 for detector data in uint16) and every frame is checked against it. Colour images are
+    RGB (alpha dropped) unless ``gray``.
+    """
+
+    def __init__(self, path: str | Path, *, bits_stored: int | None = None, gray: bool = False,
+                 modality: str = "OT", fps: float | None = None, stream_id: str | None = None,
+                 pixel_spacing: tuple[float, float] | None = None) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            files = [p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            if not files:
+                raise InputError(expected(f"image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.path}", "none"))
+            self.files = sorted(files, key=lambda p: natural_key(p.name))
+        elif self.path.is_file():
+            if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
+                raise UnsupportedFormatError(expected(f"an image file ({', '.join(IMAGE_EXTENSIONS)})", self.path.name))
+            self.files = [self.path]
+        else:
+            raise InputError(expected("an existing image folder or file", str(self.path)))
+        if bits_stored is not None and not (isinstance(bits_stored, int) and 1 <= bits_stored <= 16):
+            raise ConfigError(expected("bits_stored in 1..16", bits_stored))
+        if fps is not None and not (fps > 0 and math.isfinite(fps)):
+            raise ConfigError(expected("fps > 0", fps))
+        self.bits_stored = bits_stored
+        self.gray = bool(gray)
+        self.modality = modality
+        self.fps = fps
+        self.pixel_spacing = _check_spacing(pixel_spacing)
+        self.name = self.path.name
+        self.stream_id = stream_id or self.name
+        self.n_frames = len(self.files)
+
+    def _frames(self) -> Iterator[Frame]:
+        for file in self.files:
+            img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+            if img is None:
+                raise InputError(expected("an image OpenCV can decode", file.name))
+            if img.dtype == np.float64:
+                img = img.astype(np.float32)
+            if img.dtype not in (np.uint8, np.uint16, np.float32):
+                raise UnsupportedFormatError(expected(f"8/16-bit unsigned or float image in {file.name}", str(img.dtype)))
+            pixels, photometric = _to_rgb_or_gray(img, self.gray)
+            bits = self.bits_stored
+            if bits is not None:
+                if bits > pixels.dtype.itemsize * 8 or pixels.dtype == np.float32:
+                    raise InputError(expected(f"an integer image of at least {bits} bits in {file.name}", str(pixels.dtype)))
+                top = int(pixels.max(initial=0))
+                if top >= 1 << bits:
+                    raise InputError(expected(f"values below {1 << bits} for bits_stored={bits} in {file.name}", top))
+            yield Frame(pixels, modality=self.modality, bits_stored=bits, photometric=photometric,
+                        pixel_spacing=self.pixel_spacing)
+
+
+# --- DICOM ---------------------------------------------------------------------------------
+
+# PyPI packages that let pydicom decode each compressed transfer syntax (by UID).
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg (or pyjpegls)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "numpy (pydicom's own RLE decoder) or pylibjpeg-rle",
+}
+_VIDEO_HINT = ("no PyPI package lets pydicom decode video transfer syntaxes (MPEG-2, H.264, HEVC): "
+               "export the cine as JPEG baseline or uncompressed, or decode the stream with opencv-python / ffmpeg")
+
+
+def _syntax_error(uid: Any, why: str) -> UnsupportedFormatError:
+    import pydicom.uid
+
+    name = getattr(uid, "name", str(uid)) or str(uid)
+    if uid in pydicom.uid.MPEGTransferSyntaxes:
+        hint = _VIDEO_HINT
+    else:
+        hint = f"install {_DECODER_PACKAGES[str(uid)]}" if str(uid) in _DECODER_PACKAGES else (
+            "no known PyPI decoder for this transfer syntax")
+    return UnsupportedFormatError(
+        f"{expected('a transfer syntax this install can decode', f'{name} ({uid})')}: {why}; {hint}")
+
+
+def _first_float(value: Any) -> float | None:
+    """A DICOM DS/IS value (possibly multi-valued) as a finite float, else None."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _spacing(ds: Any) -> tuple[float, float] | None:
+    """(row, col) mm from PixelSpacing / ImagerPixelSpacing / shared functional groups / US regions."""
+    candidates = [ds.get("PixelSpacing"), ds.get("ImagerPixelSpacing")]
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared and "PixelMeasuresSequence" in shared[0] and shared[0].PixelMeasuresSequence:
+        candidates.append(shared[0].PixelMeasuresSequence[0].get("PixelSpacing"))
+    for value in candidates:
+        try:
+            if value is not None and len(value) == 2:
+                row, col = float(value[0]), float(value[1])
+                if row > 0 and col > 0:
+                    return row, col
+        except (TypeError, ValueError):
+            continue
+    for region in ds.get("SequenceOfUltrasoundRegions") or []:
+        # Physical units code 3 = cm (PS3.3 C.8.5.5.1.15); deltas are per pixel.
+        if region.get("PhysicalUnitsXDirection") == 3 and region.get("PhysicalUnitsYDirection") == 3:
+            dx, dy = _first_float(region.get("PhysicalDeltaX")), _first_float(region.get("PhysicalDeltaY"))
+            if dx and dy and dx > 0 and dy > 0:
+                return abs(dy) * 10.0, abs(dx) * 10.0
+    return None
+
+
+def _fps(ds: Any) -> float | None:
+    frame_time = _first_float(ds.get("FrameTime"))  # ms per frame
+    if frame_time and frame_time > 0:
+        return 1000.0 / frame_time
+    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
+        rate = _first_float(ds.get(keyword))
+        if rate and rate > 0:
+            return rate
+    return None
+
+
+@dataclass
+class _Plan:
+    """What to do with every frame of one DICOM file, decided once from its header."""
+
+    path: Path
+    header: Any  # pydicom Dataset without pixel data
+    n_frames: int
+    color: str  # "gray", "rgb" or "palette"
+    monochrome1: bool
+    modality_lut: bool
+    dtype: np.dtype  # output dtype when no VOI is applied
+    bits_out: int
+    value_range: tuple[float, float]  # possible range after the modality LUT
+    integral: bool  # values after the modality LUT are whole numbers
+    voi: Any | None  # dataset to take the VOI from, None = no VOI
+    voi_range: tuple[float, float] = (0.0, 0.0)  # what pydicom's VOI outputs span
+    display_bits: int = 8
+
+
+def _read_header(path: Path) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        raise InputError(expected("a DICOM file (128-byte preamble then 'DICM')", path.name)) from None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a cut or corrupt header
+        raise InputError(expected("a complete DICOM header", f"{path.name}: {type(exc).__name__} (truncated or corrupt)")) from None
+
+
+def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _Plan:
+    from pydicom.pixels import get_decoder
+
+    ds = _read_header(path)
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    if uid is None:
+        raise InputError(expected("a Transfer Syntax UID in the file meta", f"none in {path.name}"))
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        raise _syntax_error(uid, "pydicom has no decoder for it") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin installed"
+        raise _syntax_error(uid, f"no decoding plugin available ({missing})")
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    if not rows or not cols:
+        raise InputError(expected("an image (Rows, Columns, Pixel Data)", f"no image attributes in {path.name}"))
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
+    bits_allocated = int(ds.get("BitsAllocated") or bits_stored)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    n_frames = int(_first_float(ds.get("NumberOfFrames")) or 1)
+
+    if photometric == "PALETTE COLOR" and samples == 1:
+        color = "palette"
+    elif samples == 3:
+        color = "rgb"  # RGB as is; YBR_* converted to RGB by pydicom's decoder (raw=False)
+    elif samples == 1:
+        color = "gray"
+    else:
+        raise UnsupportedFormatError(expected("1 or 3 samples per pixel", f"{samples} in {path.name}"))
+
+    # Possible value range after the modality LUT, from the header alone.
+    lo, hi = (-(2.0 ** (bits_stored - 1)), 2.0 ** (bits_stored - 1) - 1) if signed else (0.0, 2.0**bits_stored - 1)
+    integral = True
+    modality_lut = False
+    if color == "gray" and ds.get("ModalityLUTSequence"):
+        modality_lut = True
+        lo, hi = 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
+    elif color == "gray" and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+        slope = _first_float(ds.get("RescaleSlope"))
+        intercept = _first_float(ds.get("RescaleIntercept"))
+        slope = 1.0 if slope is None else slope
+        intercept = 0.0 if intercept is None else intercept
+        if (slope, intercept) != (1.0, 0.0):
+            modality_lut = True
+            ends = (lo * slope + intercept, hi * slope + intercept)
+            lo, hi = min(ends), max(ends)
+            integral = slope.is_integer() and intercept.is_integer()
+    if ds.get("FloatPixelData") is not None or ds.get("DoubleFloatPixelData") is not None:
+        integral = False
+    dtype: np.dtype[Any]
+    if integral and lo >= 0 and hi <= 255 and bits_allocated <= 8:
+        dtype, bits_out = np.dtype(np.uint8), max(1, min(8, max(bits_stored, int(hi).bit_length())))
+    elif integral and lo >= 0 and hi <= 65535:
+        dtype, bits_out = np.dtype(np.uint16), max(1, min(16, max(bits_stored, int(hi).bit_length())))
+    else:
+        dtype, bits_out = np.dtype(np.float32), max(1, min(32, bits_stored))
+
+    plan = _Plan(path, ds, n_frames, color, photometric == "MONOCHROME1", modality_lut, dtype, bits_out, (lo, hi),
+                 integral, None)
+    if (apply_voi or window is not None) and color == "gray":
+        voi = ds
+        if window is not None:
+            voi = copy.deepcopy(ds)
+            if "VOILUTSequence" in voi:
+                del voi.VOILUTSequence
+            voi.WindowCenter, voi.WindowWidth = float(window[0]), float(window[1])
+            voi.VOILUTFunction = "LINEAR"
+        uses_lut = bool(voi.get("VOILUTSequence")) and voi.VOILUTSequence[0].get("LUTData") is not None
+        has_window = voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None
+        if uses_lut:
+            plan.voi = voi
+            plan.voi_range = (0.0, 2.0 ** int(voi.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        elif has_window:
+            plan.voi = voi
+            plan.voi_range = (lo, hi)  # pydicom's windowing spans the post-modality-LUT range
+        else:
+            log.warning("%s: VOI asked but the file has no VOI LUT or window; pixels left as stored", path.name)
+        plan.display_bits = max(1, min(16, bits_stored))
+    elif (apply_voi or window is not None) and color != "gray":
+        log.warning("%s: VOI applies to grayscale only; ignored for %s", path.name, photometric)
+    return plan
+
+
+def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
+    """Decoded frame -> (pixels, bits_stored, photometric) as the module docstring describes."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    ds = plan.header
+    if plan.color == "palette":
+        rgb = apply_color_lut(arr, ds)
+        return np.ascontiguousarray(rgb), rgb.dtype.itemsize * 8, "RGB"
+    if plan.color == "rgb":
+        if arr.dtype not in (np.uint8, np.uint16):
+            raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", f"{arr.dtype} in {plan.path.name}"))
+        return np.ascontiguousarray(arr), min(int(ds.get("BitsStored") or 8), arr.dtype.itemsize * 8), "RGB"
+
+    values = apply_modality_lut(arr, ds) if plan.modality_lut else arr
+    if plan.voi is not None:
+        if plan.integral:  # give a VOI LUT integer indices, as pydicom expects
+            values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
+        shown = apply_voi_lut(values, plan.voi, prefer_lut=True).astype(np.float64)
+        top = float(2**plan.display_bits - 1)
+        y_min, y_max = plan.voi_range
+        if (y_min, y_max) != (0.0, top):
+            shown = (shown - y_min) * (top / (y_max - y_min))
+        out = np.rint(np.clip(shown, 0.0, top))
+        if plan.monochrome1:
+            out = top - out
+        dtype = np.uint8 if plan.display_bits <= 8 else np.uint16
+        return out.astype(dtype), plan.display_bits, "MONOCHROME2"
+
+    lo, hi = plan.value_range
+    if plan.dtype == np.float32:
+        out = np.asarray(values, dtype=np.float32)
+        if plan.monochrome1:
+            out = np.float32(lo + hi) - out
+        return out, plan.bits_out, "MONOCHROME2"
+    if plan.monochrome1:
+        values = (lo + hi) - np.asarray(values, dtype=np.float64)
+    if values.dtype.kind == "f":
+        values = np.rint(values)
+    return np.asarray(values).astype(plan.dtype), plan.bits_out, "MONOCHROME2"
+
+
+class DicomSource(Source):
+    """A DICOM file (single or multi-frame, native or compressed) or a folder (a series).
+
+    A folder yields the frames of every DICOM image file in it (files with the DICM preamble;
+    others, and non-image objects, are skipped), ordered by InstanceNumber, then natural file
+    name; files of different series are kept apart, each series in the order its first file
+    appears. Frames are decoded one at a time with pydicom's ``iter_pixels``, so a long cine is
+    never decoded up front. ``apply_voi`` applies the file's VOI LUT (preferred) or first
+    window; ``window=(centre, width)`` overrides the file's and implies ``apply_voi``. See the
+    module docstring for dtypes and value ranges.
+    """
+
+    def __init__(self, path: str | Path, *, apply_voi: bool = False, window: tuple[float, float] | None = None,
+                 modality: str | None = None, stream_id: str | None = None) -> None:
+        self.path = Path(path)
+        if window is not None:
+            try:
+                centre, width = (float(v) for v in window)
+            except (TypeError, ValueError):
+                raise ConfigError(expected("window as (centre, width)", window)) from None
+            if not (width >= 1 and math.isfinite(centre) and math.isfinite(width)):
+                raise ConfigError(expected("a finite window centre and a width >= 1", window))
+            window = (centre, width)
+        self.apply_voi = bool(apply_voi) or window is not None
+        self.window = window
+        if self.path.is_dir():
+            self.files = self._series(self.path)
+        elif self.path.is_file():
+            self.files = [self.path]
+        else:
+            raise InputError(expected("an existing DICOM file or folder", str(self.path)))
+        # Plan the first file now so unreadable input fails at construction, not mid-stream.
+        self._first = _plan(self.files[0], self.apply_voi, self.window)
+        ds = self._first.header
+        self.modality = modality or str(ds.get("Modality") or "OT")
+        self._modality_override = modality
+        self.fps = _fps(ds)
+        self.transfer_syntax = str(getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID))
+        self.n_frames = self._first.n_frames if len(self.files) == 1 else None
+        self.name = self.path.name
+        self.stream_id = stream_id or self.name
+        log.info("DICOM %s: %d file(s), %s, %s frame(s) in the first, %s", self.name, len(self.files),
+                 self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
+
+    @staticmethod
+    def _series(folder: Path) -> list[Path]:
+        entries = []
+        for path in sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name)):
+            if not is_dicom_file(path):
+                continue
+            ds = _read_header(path)
+            if not ds.get("Rows"):
+                continue  # DICOMDIR, structured reports, presentation states: no pixels
+            number = _first_float(ds.get("InstanceNumber"))
+            entries.append((str(ds.get("SeriesInstanceUID", "")), number, path))
+        if not entries:
+            raise InputError(expected(f"DICOM image files in {folder}", "none"))
+        series_order: dict[str, int] = {}
+        for uid, _, _ in entries:
+            series_order.setdefault(uid, len(series_order))
+        entries.sort(key=lambda e: (series_order[e[0]], e[1] is None, e[1] or 0.0, natural_key(e[2].name)))
+        return [path for _, _, path in entries]
+
+    def _frames(self) -> Iterator[Frame]:
+        for index, path in enumerate(self.files):
+            plan = self._first if index == 0 else _plan(path, self.apply_voi, self.window)
+            yield from self._file_frames(plan)
+
+    def _file_frames(self, plan: _Plan) -> Iterator[Frame]:
+        from pydicom.pixels import iter_pixels
+
+        modality = self._modality_override or str(plan.header.get("Modality") or "OT")
+        spacing = _spacing(plan.header)
+        decoded = 0
+        frames = iter_pixels(plan.path)  # raw=False: YBR_FULL(_422) -> RGB
+        while True:
+            try:
+                arr = next(frames)
+            except StopIteration:
+                break
+            except EdgeRuntimeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pydicom / plugin failures on cut or corrupt pixel data
+                raise InputError(expected(
+                    f"{plan.n_frames} decodable frame(s) in {plan.path.name}",
+                    f"failure at frame {decoded}: {type(exc).__name__}: {str(exc)[:200]} (truncated or corrupt?)",
+                )) from None
+            pixels, bits, photometric = _process(plan, arr)
+            decoded += 1
+            yield Frame(pixels, modality=modality, bits_stored=bits, photometric=photometric, pixel_spacing=spacing)
+        if decoded < plan.n_frames:
+            raise InputError(expected(f"{plan.n_frames} frame(s) in {plan.path.name}",
+                                      f"{decoded} decodable (file truncated?)"))
+
+
+# --- phantoms ------------------------------------------------------------------------------
+
+
+class PhantomSource(Source):
+    """Synthetic ultrasound ("us") or X-ray ("xr") frames with ground truth (edge_runtime.phantoms).
+
+    ``n_frames=None`` streams forever. ``fps`` is the native rate used for real-time pacing; by
+    default 30 for "us" and phantoms.XR_FPS (the rate its breathing motion assumes) for "xr".
+    Extra keyword arguments go to the generator (e.g. geometry="linear" or dose=0.5).
+    """
+
+    def __init__(self, kind: str = "us", *, seed: int = 0, n_frames: int | None = None,
+                 size: tuple[int, int] = (512, 512), fps: float | None = None, stream_id: str | None = None,
+                 **kwargs: Any) -> None:
+        if kind not in ("us", "xr"):
+            raise ConfigError(expected("phantom kind 'us' or 'xr'", kind))
+        if fps is None and kind == "us":
+            fps = 30.0
+        elif fps is None:
+            from . import phantoms
+
+            fps = float(getattr(phantoms, "XR_FPS", 15.0))
+        if n_frames is not None and (not isinstance(n_frames, int) or n_frames < 1):
+            raise ConfigError(expected("n_frames >= 1 or None (infinite)", n_frames))
+        if not (fps > 0 and math.isfinite(fps)):
+            raise ConfigError(expected("fps > 0", fps))
+        self.kind = kind
+        self.seed = seed
+        self.n_frames = n_frames
+        self.size = (int(size[0]), int(size[1]))
+        self.rate = float(fps)
+        self.fps = self.rate
+        self.kwargs = kwargs
+        self.name = f"phantom:{kind}"
+        self.stream_id = stream_id or self.name
+
+    def _frames(self) -> Iterator[Frame]:
+        from . import phantoms  # imported lazily: sources must not depend on phantoms at import
+
+        count = sys.maxsize if self.n_frames is None else self.n_frames  # the generators are lazy
+        if self.kind == "us":
+            return phantoms.us_cine(self.seed, count, size=self.size, fps=self.rate,
+                                    stream_id=self.stream_id, **self.kwargs)
+        return phantoms.xr_sequence(self.seed, count, size=self.size, stream_id=self.stream_id, **self.kwargs)
+
+
+# --- pacing and construction ---------------------------------------------------------------
+
+
+def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | None = None) -> Iterator[Frame]:
+    """Stream ``source`` with a global, monotonically increasing ``seq``.
+
+    realtime: frame k is emitted at start + k / fps on the monotonic clock (deadline-based, so
+    sleep jitter never accumulates into drift; a consumer that falls behind gets the late
+    frames back to back until it has caught up; dropping is the transport's job). ``fps``
+    overrides the source's native rate. Live sources (cameras) are never slept on. capture_ns
+    is stamped at emission except for live sources, whose grab time is kept. loop: restart the
+    source when it ends (seq keeps increasing).
+    """
+    rate = fps if fps is not None else source.fps
+    if fps is not None and not (fps > 0 and math.isfinite(fps)):
+        raise ConfigError(expected("fps > 0", fps))
+    sleeping = realtime and not source.live
+    if sleeping and not rate:
+        raise ConfigError(expected(f"a frame rate for real-time pacing of {source.name}", "none (pass fps=)"))
+    period_ns = round(1e9 / rate) if sleeping and rate else 0
+    seq = 0
+    start_ns: int | None = None
+    while True:
+        emitted = 0
+        for frame in source:
+            if sleeping:
+                now = time.monotonic_ns()
+                if start_ns is None:
+                    start_ns = now
+                wait = start_ns + seq * period_ns - now
+                if wait > 0:
+                    time.sleep(wait / 1e9)
+            if not source.live:
+                frame.capture_ns = time.monotonic_ns()
+            frame.seq = seq
+            frame.stream_id = source.stream_id
+            yield frame
+            seq += 1
+            emitted += 1
+        if not loop or emitted == 0:
+            return
+
+
+def open_source(spec: str | Path, **opts: Any) -> Source:
+    """Build a source from "phantom:us", "phantom:xr", "camera:N" or a path.
+
+    A file is DICOM when it has the DICM preamble (whatever its extension), else a video or an
+    image by extension; a folder is a DICOM series when it holds any DICOM file, else an image
+    folder. ``opts`` go to the source's constructor.
+    """
+    text = str(spec)
+    if text.startswith("phantom:"):
+        return PhantomSource(text.split(":", 1)[1], **opts)
+    if text.startswith("camera:"):
+        index = text.split(":", 1)[1]
+        if not index.isdigit():
+            raise ConfigError(expected("camera:<index> with an integer index", text))
+        return CameraSource(int(index), **opts)
+    path = Path(text)
+    if not path.exists():
+        raise InputError(expected("an existing file or folder (or phantom:us|xr, camera:N)", text))
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file()]
+        if any(is_dicom_file(p) for p in files):
+            return DicomSource(path, **opts)
+        if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+            return ImageFolderSource(path, **opts)
+        raise InputError(expected(f"DICOM files or images ({', '.join(IMAGE_EXTENSIONS)}) in {path}", "none"))
+    if is_dicom_file(path):
+        return DicomSource(path, **opts)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        return VideoSource(path, **opts)
+    if suffix in IMAGE_EXTENSIONS:
+        return ImageFolderSource(path, **opts)
+    raise UnsupportedFormatError(expected(
+        f"a DICOM file (DICM preamble), a video ({', '.join(VIDEO_EXTENSIONS)}) or an image "
+        f"({', '.join(IMAGE_EXTENSIONS)})", path.name))

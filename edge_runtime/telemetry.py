@@ -1,0 +1,238 @@
+"""Latency telemetry the way Holoscan does it: per-stage stamps carried with each frame.
+
+Every frame carries ``stamps`` (stage -> CLOCK_MONOTONIC ns): capture, source_send, worker_recv,
+preprocess, infer, postprocess, result_send, sink_recv. A stage's duration is its stamp minus the
+previous stamp that is present (a processor that does not stamp preprocess/infer/postprocess makes
+``result_send`` cover the whole worker). Monotonic clocks are comparable between processes on one
+host, not between hosts.
+
+``Stats`` aggregates results into fps, p50/p99/max per stage and end to end (capture -> sink_recv),
+the worst frame's seq, drops by cause, and the backend/precision in use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAGES = ("capture", "source_send", "worker_recv", "preprocess", "infer", "postprocess", "result_send",
+          "sink_recv")
+
+
+def stage_durations_ms(stamps: Mapping[str, int]) -> dict[str, float]:
+    """Duration of each present stage since the previous present stage, in ms."""
+    out: dict[str, float] = {}
+    prev: int | None = None
+    for stage in STAGES:
+        t = stamps.get(stage)
+        if t is None:
+            continue
+        if prev is not None:
+            out[stage] = (t - prev) / 1e6
+        prev = t
+    return out
+
+
+def end_to_end_ms(stamps: Mapping[str, int]) -> float | None:
+    if "capture" in stamps and "sink_recv" in stamps:
+        return (stamps["sink_recv"] - stamps["capture"]) / 1e6
+    return None
+
+
+def frame_age_ms(stamps: Mapping[str, int]) -> float | None:
+    """How old a frame was when a worker started on it (capture -> worker_recv)."""
+    if "capture" in stamps and "worker_recv" in stamps:
+        return (stamps["worker_recv"] - stamps["capture"]) / 1e6
+    return None
+
+
+def summarize(values: Any) -> dict[str, float]:
+    a = np.asarray(list(values), dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"n": int(a.size), "mean": round(float(a.mean()), 3), "p50": round(float(p50), 3),
+            "p90": round(float(p90), 3), "p99": round(float(p99), 3), "max": round(float(a.max()), 3)}
+
+
+def device_health() -> dict[str, float]:
+    """Cheap health readings: 1-min load and the hottest thermal zone (Jetson and most Linux boxes)."""
+    health: dict[str, float] = {}
+    try:
+        health["load1"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    temps = []
+    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+        try:
+            temps.append(int(zone.read_text().strip()) / 1000.0)
+        except (OSError, ValueError):
+            continue
+    if temps:
+        health["temp_c_max"] = round(max(temps), 1)
+    return health
+
+
+class Stats:
+    """Aggregates results and drop counters; ``snapshot()`` is the stats message body.
+
+    Keeps the last ``window`` samples per stage (percentiles over thousands of frames, bounded memory).
+    Drop and reject counters are cumulative per reporting node and summed in the snapshot, so a
+    node that restarts (a new identity) adds to the totals instead of resetting them.
+    """
+
+    def __init__(self, window: int = 20000) -> None:
+        self.window = window
+        self.stages: dict[str, deque[float]] = {s: deque(maxlen=window) for s in STAGES[1:]}
+        self.e2e: deque[tuple[float, str, int]] = deque(maxlen=window)  # (ms, stream, seq)
+        self.age: deque[float] = deque(maxlen=window)
+        self.timings: dict[str, deque[float]] = {}
+        self.results = 0
+        self.started = time.monotonic()
+        self._last_snapshot = (self.started, 0)
+        self.local_drops: Counter[str] = Counter()
+        self.node_counters: dict[str, dict[str, Counter[str]]] = {}
+        self.worst: tuple[float, str, int] | None = None
+        self.backend = ""
+        self.precision = ""
+        self.model = ""
+
+    def add(self, stream: str, seq: int, stamps: Mapping[str, int], timings_ms: Mapping[str, float] | None = None,
+            provenance: Mapping[str, str] | None = None) -> None:
+        self.results += 1
+        for stage, ms in stage_durations_ms(stamps).items():
+            self.stages[stage].append(ms)
+        e2e = end_to_end_ms(stamps)
+        if e2e is not None:
+            self.e2e.append((e2e, stream, seq))
+            if self.worst is None or e2e > self.worst[0]:
+                self.worst = (e2e, stream, seq)
+        age = frame_age_ms(stamps)
+        if age is not None:
+            self.age.append(age)
+        for name, ms in (timings_ms or {}).items():
+            self.timings.setdefault(name, deque(maxlen=self.window)).append(float(ms))
+        if provenance:
+            self.backend = provenance.get("backend", self.backend)
+            self.precision = provenance.get("precision", self.precision)
+            self.model = provenance.get("model", self.model)
+
+    def count_drop(self, cause: str, n: int = 1) -> None:
+        self.local_drops[cause] += n
+
+    def set_node_counters(self, node: str, kind: str, counters: Mapping[str, int]) -> None:
+        """Replace one node's cumulative counters of one kind (drops / rejected / transport)."""
+        self.node_counters.setdefault(node, {})[kind] = Counter({str(k): int(v) for k, v in counters.items()})
+
+    def totals(self, kind: str) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for counters in self.node_counters.values():
+            total.update(counters.get(kind, Counter()))
+        if kind == "drops":
+            total.update(self.local_drops)
+        return dict(sorted(total.items()))
+
+    def e2e_ms(self) -> list[float]:
+        return [ms for ms, _, _ in self.e2e]
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        last_t, last_n = self._last_snapshot
+        self._last_snapshot = (now, self.results)
+        elapsed = max(now - self.started, 1e-9)
+        worst = None if self.worst is None else {"ms": round(self.worst[0], 3), "stream": self.worst[1],
+                                                 "seq": self.worst[2]}
+        return {
+            "results": self.results,
+            "fps": round((self.results - last_n) / max(now - last_t, 1e-9), 2),
+            "fps_avg": round(self.results / elapsed, 2),
+            "elapsed_s": round(elapsed, 3),
+            "stages_ms": {s: summarize(v) for s, v in self.stages.items() if v},
+            "e2e_ms": summarize(self.e2e_ms()),
+            "age_at_worker_ms": summarize(self.age),
+            "timings_ms": {k: summarize(v) for k, v in self.timings.items()},
+            "worst": worst,
+            "drops": self.totals("drops"),
+            "rejected": self.totals("rejected"),
+            "transport": self.totals("transport"),
+            "backend": self.backend,
+            "precision": self.precision,
+            "model": self.model,
+            "health": device_health(),
+        }
+
+
+def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any], title: str) -> None:
+    """Latency distribution: matplotlib when importable, else an OpenCV drawing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        plt = None
+    e2e = snapshot.get("e2e_ms", {})
+    if plt is not None:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        ax1.hist(samples or [0.0], bins=60, color="#3b7dd8")
+        for key, style in (("p50", "--"), ("p99", ":")):
+            if key in e2e:
+                ax1.axvline(e2e[key], color="k", linestyle=style, label=f"{key} {e2e[key]:.1f} ms")
+        ax1.set_xlabel("capture -> sink latency (ms)")
+        ax1.set_ylabel("frames")
+        ax1.legend()
+        stages = snapshot.get("stages_ms", {})
+        names = [s for s in STAGES[1:] if s in stages]
+        xs = np.arange(len(names))
+        ax2.bar(xs - 0.2, [stages[n]["p50"] for n in names], 0.4, label="p50")
+        ax2.bar(xs + 0.2, [stages[n]["p99"] for n in names], 0.4, label="p99")
+        ax2.set_xticks(xs, names, rotation=30, ha="right")
+        ax2.set_ylabel("ms")
+        ax2.legend()
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    import cv2
+
+    img = np.full((400, 700, 3), 255, np.uint8)
+    if samples:
+        counts, edges = np.histogram(samples, bins=60)
+        scale = 330 / max(int(counts.max()), 1)
+        for i, c in enumerate(counts):
+            x0 = 40 + i * 10
+            cv2.rectangle(img, (x0, 360 - int(c * scale)), (x0 + 8, 360), (216, 125, 59), -1)
+        cv2.putText(img, f"{edges[0]:.1f} ms", (40, 385), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        cv2.putText(img, f"{edges[-1]:.1f} ms", (600, 385), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+    label = f"{title}  p50 {e2e.get('p50', 0):.1f}  p99 {e2e.get('p99', 0):.1f}  max {e2e.get('max', 0):.1f} ms"
+    cv2.putText(img, label, (10, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img)
+
+
+def write_latency_report(stats: Stats, out_dir: str | os.PathLike, name: str = "latency",
+                         title: str = "edge-runtime latency", extra: Mapping[str, Any] | None = None
+                         ) -> tuple[Path, Path]:
+    """Write ``NAME.json`` (snapshot + histogram) and ``NAME.png`` (distribution) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    snap = stats.snapshot()
+    samples = stats.e2e_ms()
+    counts, edges = np.histogram(samples, bins=50) if samples else (np.zeros(0), np.zeros(0))
+    report = {**snap, "histogram_e2e_ms": {"counts": counts.astype(int).tolist(),
+                                          "edges": [round(float(e), 3) for e in edges]}, **(extra or {})}
+    json_path = out / f"{name}.json"
+    json_path.write_text(json.dumps(report, indent=2, default=str))
+    png_path = out / f"{name}.png"
+    _histogram_png(png_path, samples, snap, title)
+    return json_path, png_path

@@ -1,0 +1,528 @@
+"""`edge-runtime export <step>`: onnx, check, quantize, validate, build, bundle, verify, reference.
+
+Each step is a function in its own module (file in, file out); this module parses options, wires
+steps together and turns failures into exit codes: 0 ok, 1 a refused input or a failed gate (the
+message names what was expected and found), 2 bad usage (argparse).
+
+``reference NAME|all`` runs the whole flow on a shipped reference bundle (edge_runtime/models/NAME):
+check -> FP16 -> INT8 calibrated on phantom frames of the model's modality -> accuracy gate on
+held-out phantoms (seed ranges disjoint from training and from each other) -> bundle rewritten in
+place with fp16.onnx, int8.onnx, calibration.json, validation.json and per-precision metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import AccuracyGateError, ConfigError, EdgeRuntimeError, ExportError, expected
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "edge_runtime" / "models"
+METRIC_KEYS = ("ap50", "sensitivity", "fppi", "psnr_db", "ssim", "dice", "frames")
+
+
+def _say(*parts: Any) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def _shape(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        raise ConfigError(expected("a shape like 1x1x256x256", text)) from None
+
+
+def _csv(text: str | None) -> list[str]:
+    return [t.strip() for t in (text or "").split(",") if t.strip()]
+
+
+def _device(name: str | None) -> Any:
+    if not name:
+        return None
+    from edge_runtime.devices import load_config
+
+    return load_config(name)
+
+
+def _manifest(args: argparse.Namespace) -> dict[str, Any]:
+    """The model description from --bundle DIR (verified) or --manifest FILE."""
+    if getattr(args, "bundle", None):
+        from edge_runtime.bundle import Bundle
+
+        return dict(Bundle.load(args.bundle).manifest)
+    if getattr(args, "manifest", None):
+        try:
+            return dict(json.loads(Path(args.manifest).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--manifest {args.manifest}: {exc}") from None
+    raise ConfigError(expected("--bundle DIR or --manifest FILE (the model's modality, pre/post-processing)",
+                               "neither"))
+
+
+# -- step: onnx ------------------------------------------------------------------------------
+def cmd_onnx(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .onnx_export import export_onnx
+
+    mod_name, _, attr = args.module.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr or "build_model")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(expected("--module package.module:callable returning a torch.nn.Module", args.module)
+                          + f" ({exc})") from None
+    module = factory()
+    if args.weights:
+        # weights_only: tensors and plain containers only, never arbitrary pickled objects.
+        module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    rng = np.random.default_rng(0)
+    samples = [torch.from_numpy(rng.random(_shape(s), dtype=np.float32)) for s in [args.input_shape, *args.extra_shape]]
+    dynamic: dict[str, dict[int, str]] = {}
+    for spec in args.dynamic:  # image:2=H,3=W
+        name, _, dims = spec.partition(":")
+        dynamic[name] = {int(k): v for k, v in (d.split("=") for d in _csv(dims))}
+    out = export_onnx(module, samples[0], args.out, input_names=_csv(args.input_names),
+                      output_names=_csv(args.output_names), dynamic_axes=dynamic, opset=args.opset,
+                      extra_inputs=samples[1:], rtol=args.rtol, atol=args.atol)
+    print(f"wrote {out} (ONNX Runtime matches PyTorch within rtol {args.rtol:g}, atol {args.atol:g})")
+    return 0
+
+
+# -- step: check -----------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from .lint import check_model, parse_profile
+
+    report = check_model(args.model, profile=parse_profile(args.profile) if args.profile else None,
+                         device=_device(args.device), dla=args.dla)
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.ok else 1
+
+
+# -- step: quantize --------------------------------------------------------------------------
+def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phantom") -> Any:
+    from .calibration import VALIDATION_SEED0, frames_from
+    from .validate import EvalSet
+
+    items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
+    label = source if not source.startswith("phantom") else \
+        f"phantom seeds {VALIDATION_SEED0}.. ({len(items)} frames)"
+    return EvalSet.build(manifest, items, source=label)
+
+
+def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_frames: int, exclude: Sequence[str],
+                     progress: bool, source_opts: dict[str, Any] | None = None) -> Any:
+    from . import calibration as C
+
+    items = C.frames_from(source, manifest, frames, seed0=C.CALIBRATION_SEED0, **(source_opts or {}))
+    label = f"{source} seeds {C.CALIBRATION_SEED0}.." if source.startswith("phantom") else source
+    return C.build(items, manifest, source=label, min_frames=min_frames, exclude=exclude, progress=progress)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_int8, to_fp16
+
+    if args.precision == "fp16":
+        out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
+                      node_block_list=_csv(args.exclude_nodes))
+        print(f"wrote {out} (FP16 inside, float32 inputs/outputs; loads in ONNX Runtime CPU)")
+        return 0
+    manifest = _manifest(args)
+    val = _validation_set(manifest, args.val_frames, args.val_source)
+    cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
+                           not args.no_progress, _source_opts(args))
+    res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
+                        method=args.method, nodes_to_exclude=_csv(args.exclude_nodes),
+                        op_types_to_quantize=_csv(args.op_types) or None)
+    record = cal.record(method=args.method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
+    Path(args.record or Path(args.out).with_name("calibration.json")).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {res.path}: {res.summary['quantize_linear']} Q / {res.summary['dequantize_linear']} DQ, "
+          f"{res.summary['per_channel_weights']} per-channel weights, zero points all 0; calibration "
+          f"{len(cal)} frames sha256 {cal.sha256[:16]}...")
+    return 0
+
+
+def _source_opts(args: argparse.Namespace) -> dict[str, Any]:
+    """What a folder or video cannot say about itself (DICOM carries both in its header)."""
+    opts: dict[str, Any] = {}
+    if args.calib_modality:
+        opts["modality"] = args.calib_modality
+    if args.calib_bits:
+        opts["bits_stored"] = args.calib_bits
+    return opts
+
+
+def _set_sha(evalset: Any) -> str:
+    from .calibration import set_sha256
+
+    return set_sha256(evalset.frame_hashes)
+
+
+def _bar(total: int, desc: str, show: bool) -> Any:
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="frame", leave=False)
+
+
+# -- step: validate --------------------------------------------------------------------------
+def cmd_validate(args: argparse.Namespace) -> int:
+    from . import validate as V
+
+    manifest = _manifest(args)
+    fp32 = args.fp32 or (str(Path(args.bundle) / "fp32.onnx") if args.bundle else None)
+    if not fp32:
+        raise ConfigError(expected("--fp32 MODEL (or --bundle DIR holding fp32.onnx)", "none"))
+    cands = {}
+    for c in args.candidate:
+        precision, _, path = c.partition("=")
+        if not path:
+            raise ConfigError(expected("--candidate PRECISION=PATH, e.g. int8=int8.onnx", c))
+        cands[precision] = path
+    show = not args.no_progress
+    evalset = _validation_set(manifest, args.frames, args.source)
+    ref = V.reference(fp32, evalset, threads=args.threads, progress=show)
+    report = V.validate(manifest, fp32, cands, evalset, threads=args.threads, progress=show, ref=ref)
+    if args.repair and "int8" in cands and not report.candidate("int8").passed:
+        if not args.calib:
+            raise ConfigError(expected("--calib SOURCE for --repair (it re-quantises)", "none"))
+        cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
+                               _source_opts(args))
+        with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
+            q, nodes = _int8_factory(fp32, cal, args.method, Path(tmp), show)
+            rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=args.max_float,
+                               threads=args.threads, progress=show)
+            shutil.copyfile(rr.path, args.repaired_out or cands["int8"])
+        report.candidates = [c for c in report.candidates if c.precision != "int8"] + [rr.report]
+        report.repair = rr.to_dict()
+    if args.report:
+        report.write(args.report)
+    print(report.text())
+    report.raise_if_failed()
+    return 0
+
+
+def _int8_factory(fp32: str | Path, cal: Any, method: str, work: Path, progress: bool
+                  ) -> tuple[Callable[[Sequence[str], Path], Any], list[str]]:
+    """quantize(nodes_to_exclude, out) over one pre-processed graph and one cached calibration."""
+    from .quantize import preprocess, quantizable_nodes, quantize_int8
+
+    pre = preprocess(fp32, work / "pre.onnx")
+    cache = work / "ranges.json"
+
+    def q(exclude: Sequence[str], out: Path) -> Any:
+        reader = None if cache.is_file() else cal.reader(_bar(len(cal), f"calibrate ({method})", progress))
+        return quantize_int8(pre, out, reader, method=method, nodes_to_exclude=exclude, cache=cache,
+                             preprocessed=True)
+
+    return q, quantizable_nodes(pre)
+
+
+# -- step: build -----------------------------------------------------------------------------
+def cmd_build(args: argparse.Namespace) -> int:
+    try:
+        trt_build = importlib.import_module("export.trt_build")
+    except ImportError as exc:
+        raise ExportError(f"engine build is not available in this install ({exc})") from None
+    from .lint import parse_profile
+
+    dev = _device(args.device)
+    profiles = {k: (v["min"], v["opt"], v["max"]) for k, v in parse_profile(args.profile).items()} \
+        if args.profile else None
+    dla = args.dla_core if args.dla_core is not None else None
+    report = trt_build.build_engine(args.model, args.out, precision=args.precision,
+                                    workspace_mb=args.workspace_mb or (getattr(dev, "trt_workspace_mb", None) or 1024),
+                                    dla_core=dla, profiles=profiles, timing_cache=args.timing_cache)
+    print(f"wrote {args.out}: {report}")
+    return 0
+
+
+# -- step: bundle / verify -------------------------------------------------------------------
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from .bundle_write import write_archive, write_bundle
+
+    manifest = json.loads(Path(args.manifest).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"fp32.onnx": args.fp32, "fp16.onnx": args.fp16, "int8.onnx": args.int8,
+             "calibration.json": args.calibration, "validation.json": args.validation}
+    artifacts = {a["file"]: a for a in manifest.get("artifacts", [])}
+    for name, src in files.items():
+        if not src:
+            continue
+        if Path(src).resolve() != (out / name).resolve():
+            shutil.copyfile(src, out / name)
+        if name.endswith(".onnx"):
+            artifacts.setdefault(name, {"file": name, "kind": "onnx", "precision": name.split(".")[0]})
+    for extra in args.add:
+        shutil.copyfile(extra, out / Path(extra).name)
+    manifest["artifacts"] = list(artifacts.values())
+    if args.calibration:
+        rec = json.loads(Path(args.calibration).read_text())
+        manifest["calibration"] = {k: rec.get(k) for k in ("frames", "source", "sha256", "method", "min_frames")} \
+            | {"file": "calibration.json"}
+    bundle = write_bundle(out, manifest)
+    print(f"bundle {bundle.path}: {len(bundle.manifest['files'])} files, manifest sha256 {bundle.sha256}")
+    if args.archive:
+        print(f"archive {write_archive(out, args.archive)}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import Bundle
+
+    from .bundle_write import unpack_archive
+
+    failed = 0
+    for target in args.bundles:
+        p = Path(target)
+        try:
+            if p.is_file():
+                with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
+                    b = Bundle.load(unpack_archive(p, tmp))
+                    name, sha, n = b.name, b.sha256, len(b.manifest["files"])
+            else:
+                b = Bundle.load(p)
+                name, sha, n = b.name, b.sha256, len(b.manifest["files"])
+            print(f"OK {target}: {name}, {n} files verified, manifest sha256 {sha}")
+        except EdgeRuntimeError as exc:
+            failed += 1
+            print(f"FAILED {target}: {exc}")
+    return 1 if failed else 0
+
+
+# -- reference: the whole flow on a shipped bundle --------------------------------------------
+def _metric_summary(m: dict[str, Any], ms: float) -> dict[str, Any]:
+    out = {k: (round(float(m[k]), 5) if isinstance(m[k], float) else m[k]) for k in METRIC_KEYS if k in m}
+    out["ms_per_frame_ort_cpu"] = round(ms, 3)
+    return out
+
+
+def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_frames: int = 200,
+                     val_frames: int = 200, repair: bool = False, max_float: int | None = None, threads: int = 2,
+                     progress: bool = True) -> dict[str, Any]:
+    """check -> fp16 -> int8 -> gate -> rewrite the bundle in place; returns step times and results.
+
+    Raises AccuracyGateError (bundle untouched, report written next to it as validation.failed.json)
+    when a candidate fails the gate (after repair when asked).
+    """
+    from edge_runtime.bundle import Bundle, sha256_file
+
+    from . import validate as V
+    from .bundle_write import toolchain_versions, write_bundle
+    from .lint import check_model
+    from .quantize import Int8Result, to_fp16
+
+    root = Path(bundle_dir)
+    bundle = Bundle.load(root)
+    manifest = dict(bundle.manifest)
+    fp32 = bundle.file(bundle.artifact("fp32").file)
+    fp32_sha = sha256_file(fp32)
+    times: dict[str, float] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        if progress:
+            _say(f"[{bundle.name}] {name} ...")
+        out = fn()
+        times[name] = round(time.perf_counter() - t, 3)
+        return out
+
+    evalset = step("validation frames", lambda: _validation_set(manifest, val_frames))
+    lint = step("check", lambda: check_model(fp32, profile=evalset.profile()))
+    if not lint.ok:
+        raise ExportError(f"{fp32} fails the TensorRT lint:\n{lint.table()}")
+    with tempfile.TemporaryDirectory(prefix=f"edge-ref-{bundle.name}-") as tmp_s:
+        tmp = Path(tmp_s)
+        step("fp16", lambda: to_fp16(fp32, tmp / "fp16.onnx"))
+        cal = step("calibration frames", lambda: _calibration_set(manifest, "phantom", calib_frames, 200,
+                                                                  evalset.frame_hashes, progress))
+        q, nodes = _int8_factory(fp32, cal, method, tmp, progress)
+        res: Int8Result = step("int8 (calibrate + quantize)", lambda: q([], tmp / "int8.onnx"))
+        ref = step("validate fp32", lambda: V.reference(fp32, evalset, threads=threads, progress=progress))
+        report = step("validate candidates", lambda: V.validate(
+            manifest, fp32, {"fp16": tmp / "fp16.onnx", "int8": tmp / "int8.onnx"}, evalset, threads=threads,
+            progress=progress, ref=ref))
+        if repair and not report.candidate("int8").passed:
+            rr = step("repair", lambda: V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp,
+                                                      max_float=max_float, threads=threads, progress=progress))
+            res = q(rr.nodes_in_float, tmp / "int8.onnx")  # deterministic: the same graph rr evaluated
+            report.candidates = [c for c in report.candidates if c.precision != "int8"] + [rr.report]
+            report.repair = rr.to_dict()
+        if progress:
+            _say(report.text())
+        if not report.passed:
+            report.write(root.parent / f"{bundle.name}.validation.failed.json")
+            raise AccuracyGateError(f"accuracy gate failed for {bundle.name}; bundle left unchanged:\n"
+                                    + report.text())
+        if sha256_file(fp32) != fp32_sha:
+            raise ExportError(f"{fp32} changed while exporting (re-trained?); run `export reference` again")
+        report.write(tmp / "validation.json")
+        record = cal.record(method=method, validation_sha256=report.validation_set_sha256)
+        (tmp / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
+        for name in ("fp16.onnx", "int8.onnx", "calibration.json", "validation.json"):
+            shutil.copyfile(tmp / name, root / name)
+    fp16_rep, int8_rep = report.candidate("fp16"), report.candidate("int8")
+    src = {"source_fp32_sha256": fp32_sha}
+    old = {a["precision"]: a for a in manifest["artifacts"] if a.get("kind") == "onnx"}
+    manifest["artifacts"] = [
+        {**old.get("fp32", {}), "file": bundle.artifact("fp32").file, "kind": "onnx", "precision": "fp32",
+         "metrics": _metric_summary(report.fp32, report.fp32_ms_per_frame)},
+        {"file": "fp16.onnx", "kind": "onnx", "precision": "fp16",
+         "metrics": _metric_summary(fp16_rep.metrics, fp16_rep.ms_per_frame),
+         "info": {"converter": "onnxruntime.transformers.float16", "io_types": "float32", **src}},
+        {"file": "int8.onnx", "kind": "onnx", "precision": "int8",
+         "metrics": _metric_summary(int8_rep.metrics, int8_rep.ms_per_frame), "info": {**res.info(), **src}},
+    ] + [a for a in manifest["artifacts"] if a.get("kind") != "onnx"]
+    manifest["calibration"] = {"file": "calibration.json", "frames": len(cal), "source": cal.source,
+                               "sha256": cal.sha256, "method": method, "min_frames": 200}
+    manifest["validation"] = {"file": "validation.json", "frames": report.frames, "source": report.source,
+                              "passed": report.passed, "tolerances": report.tolerances}
+    manifest["toolchain"] = {**(manifest.get("toolchain") or {}), **toolchain_versions()}
+    manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    new = write_bundle(root, manifest)
+    return {"model": bundle.name, "bundle_sha256": new.sha256, "times_s": times, "passed": report.passed,
+            "fp32": report.fp32, "fp16": fp16_rep.metrics, "int8": int8_rep.metrics,
+            "nodes_in_float": res.nodes_excluded, "repair": report.repair}
+
+
+def reference_bundles(names: Sequence[str], models_dir: Path = MODELS_DIR) -> list[Path]:
+    if list(names) == ["all"]:
+        found = sorted(p.parent for p in models_dir.glob("*/manifest.json"))
+        if not found:
+            raise ExportError(expected(f"reference bundles in {models_dir}", "none"))
+        return found
+    return [models_dir / n for n in names]
+
+
+def cmd_reference(args: argparse.Namespace) -> int:
+    failed = 0
+    for d in reference_bundles(args.names, Path(args.models_dir)):
+        try:
+            out = export_reference(d, method=args.method, calib_frames=args.calib_frames, val_frames=args.val_frames,
+                                   repair=args.repair, max_float=args.max_float, threads=args.threads,
+                                   progress=not args.no_progress)
+            print(json.dumps({k: out[k] for k in ("model", "passed", "times_s", "nodes_in_float")}))
+        except AccuracyGateError as exc:
+            failed += 1
+            print(f"{d.name}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# -- argparse --------------------------------------------------------------------------------
+def _calib_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="phantom", help="calibration frames: phantom, phantom:us|xr, or a folder / "
+                   "video / DICOM series (default phantom = the model's modality)")
+    p.add_argument("--calib-frames", type=int, default=200, help="frames to take (default 200)")
+    p.add_argument("--min-frames", type=int, default=200, help="refuse fewer calibration frames (default 200)")
+    p.add_argument("--calib-modality", help="modality of folder / video frames (e.g. US); DICOM says its own")
+    p.add_argument("--calib-bits", type=int, help="bits stored of folder frames (e.g. 12 in 16-bit PNGs)")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="step", required=True)
+
+    p = sub.add_parser("onnx", help="PyTorch module -> ONNX, refused unless ONNX Runtime matches PyTorch")
+    p.add_argument("--module", required=True, help="package.module:callable returning the torch.nn.Module")
+    p.add_argument("--weights", help="state_dict file (torch.save), loaded with weights_only=True")
+    p.add_argument("--input-shape", required=True, help="sample input shape, e.g. 1x1x256x256")
+    p.add_argument("--extra-shape", action="append", default=[], help="another sample shape (dynamic axes)")
+    p.add_argument("--input-names", default="image")
+    p.add_argument("--output-names", required=True, help="comma-separated")
+    p.add_argument("--dynamic", action="append", default=[], help="NAME:AXIS=DIM[,AXIS=DIM], e.g. image:2=H,3=W")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--rtol", type=float, default=1e-3)
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_onnx)
+
+    p = sub.add_parser("check", help="onnx.checker + shape inference + TensorRT lint (exit 1 on errors)")
+    p.add_argument("model")
+    p.add_argument("--profile", help="input:MINxx..,OPTxx..,MAXxx.. (';' between inputs)")
+    p.add_argument("--device", help="device config name or YAML path (DLA cores)")
+    p.add_argument("--dla", type=int, help="DLA cores, overriding the device config")
+    p.add_argument("--json", action="store_true", help="JSON instead of the table")
+    p.set_defaults(fn=cmd_check)
+
+    p = sub.add_parser("quantize", help="FP16 or INT8 (symmetric Q/DQ, calibrated) variant of an FP32 ONNX")
+    p.add_argument("model")
+    p.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--bundle", help="bundle whose manifest describes the model (int8)")
+    p.add_argument("--manifest", help="manifest.json describing the model (int8)")
+    _calib_opts(p)
+    p.add_argument("--val-source", default="phantom", help="validation set whose frames calibration must avoid")
+    p.add_argument("--val-frames", type=int, default=200)
+    p.add_argument("--exclude-nodes", help="comma-separated node names kept in float")
+    p.add_argument("--op-types", help="int8: only these op types quantised (comma-separated)")
+    p.add_argument("--keep-op-types", help="fp16: op types kept in float32 (comma-separated)")
+    p.add_argument("--record", help="where calibration.json goes (default next to --out)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_quantize)
+
+    p = sub.add_parser("validate", help="accuracy gate: FP32 vs candidates on held-out frames (exit 1 on failure)")
+    p.add_argument("--bundle")
+    p.add_argument("--manifest")
+    p.add_argument("--fp32")
+    p.add_argument("--candidate", action="append", default=[], help="PRECISION=PATH (.onnx or engine)")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--source", default="phantom", help="held-out frames with ground truth (default phantoms)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repair", action="store_true", help="keep sensitive nodes in float until the gate passes")
+    p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default half)")
+    p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate)")
+    _calib_opts(p)
+    p.add_argument("--report", help="write validation.json here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("build", help="TensorRT engine (export/trt_build.py) on the machine it will run on")
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True)
+    p.add_argument("--device")
+    p.add_argument("--dla-core", type=int)
+    p.add_argument("--workspace-mb", type=int)
+    p.add_argument("--profile")
+    p.add_argument("--timing-cache")
+    p.set_defaults(fn=cmd_build)
+
+    p = sub.add_parser("bundle", help="assemble a bundle directory (and optionally a .tar) from artefacts")
+    p.add_argument("--manifest", required=True, help="manifest.json with name, task, I/O, pre/post, ...")
+    p.add_argument("--out", required=True)
+    for name in ("fp32", "fp16", "int8", "calibration", "validation"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--add", action="append", default=[], help="any other file to include")
+    p.add_argument("--archive", help="also write one uncompressed .tar of the bundle")
+    p.set_defaults(fn=cmd_bundle)
+
+    p = sub.add_parser("verify", help="verify bundle directories or .tar archives (exit 1 naming each problem)")
+    p.add_argument("bundles", nargs="+")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("reference", help="full flow on shipped reference bundles, rewriting them in place")
+    p.add_argument("names", nargs="+", help="model names under edge_runtime/models, or 'all'")
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--calib-frames", type=int, default=200)
+    p.add_argument("--val-frames", type=int, default=200)
+    p.add_argument("--repair", action="store_true")
+    p.add_argument("--max-float", type=int)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_reference)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.fn(args))

@@ -1,0 +1,77 @@
+"""``edge-runtime models``: train, list and document the reference models.
+
+``list`` needs no torch (it reads the shipped manifests); ``train`` and ``card`` import the
+training code, which needs the ``train`` extra (PyTorch CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.errors import ConfigError, EdgeRuntimeError
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "edge_runtime" / "models"
+NAMES = ("us-lesion-det", "xr-nodule-det", "us-despeckle", "xr-denoise")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="shipped bundles and their held-out metrics")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    tr = sub.add_parser("train", help="train one reference model and write its bundle (and card)")
+    tr.add_argument("name", choices=NAMES)
+    tr.add_argument("--out", help="bundle directory (default: edge_runtime/models/NAME)")
+    tr.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
+    tr.add_argument("--seed", type=int, default=0, help="training seed, 0..89 (default 0)")
+    tr.add_argument("--no-card", action="store_true", help="skip regenerating docs/models/NAME.md")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars")
+    cd = sub.add_parser("card", help="regenerate docs/models/NAME.md and its PNGs from the bundle")
+    cd.add_argument("name", choices=NAMES)
+    cd.add_argument("--bundle", help="bundle directory (default: edge_runtime/models/NAME)")
+    cd.add_argument("--out", help="docs directory (default: docs/models)")
+    cd.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _row(b: Bundle) -> dict:
+    m = b.manifest
+    metrics = {k: v for k, v in m.get("metrics", {}).items() if k in ("ap50", "sensitivity_at_0.5_fppi", "psnr_db", "ssim")}
+    info = next((a.info for a in b.artifacts if a.precision == "fp32"), {})
+    flops = {k: v for k, v in info.items() if k.startswith("gflops")}
+    return {"name": b.name, "task": b.task, "modality": m.get("modality"),
+            "precisions": sorted({a.precision for a in b.artifacts}), "params": info.get("params"),
+            **flops, **metrics, "sha256": b.sha256[:12]}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        rows = []
+        for d in sorted(p for p in MODELS_DIR.glob("*") if (p / "manifest.json").is_file()):
+            try:
+                rows.append(_row(Bundle.load(d)))
+            except EdgeRuntimeError as exc:
+                rows.append({"name": d.name, "error": str(exc)})
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for r in rows:
+                print("  ".join(f"{k}={v}" for k, v in r.items()))
+            if not rows:
+                print(f"no bundles under {MODELS_DIR}")
+        return 0
+    try:
+        from . import cards, train
+    except ImportError as exc:
+        raise ConfigError(f"'models {args.command}' needs the train extra (pip install 'edge-runtime[train]'): {exc}") from None
+    if args.command == "train":
+        bundle = train.train(args.name, args.out, steps=args.steps, seed=args.seed, progress=not args.quiet,
+                             card=not args.no_card)
+        print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.sha256, "metrics": bundle.manifest["metrics"],
+                          "baselines": bundle.manifest.get("baselines"),
+                          "wall_s": bundle.manifest["training"]["wall_s"]}, indent=2))
+        return 0
+    path = cards.write_card(args.name, bundle_dir=args.bundle, docs_dir=args.out, progress=not args.quiet)
+    print(path)
+    return 0

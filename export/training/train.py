@@ -1,0 +1,425 @@
+"""Recipes and training of the four reference models, ONNX export, bundle writing.
+
+``train(name)`` reproduces one shipped bundle: phantom data generated in memory from fixed seed
+ranges, a deterministic PyTorch training run on the CPU (2 threads) with a progress bar and a
+JSONL loss log, BatchNorm folding, ONNX export (TorchScript exporter, opset 17), a parity check
+of ONNX Runtime against PyTorch, held-out evaluation through the runtime's own pre/post code,
+tuning and evaluation of the classical baselines, and a bundle written by
+``export.bundle_write.write_bundle``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.errors import ConfigError, ExportError, expected
+from edge_runtime.frames import Frame
+from edge_runtime.preprocess import Preprocessor
+from export.bundle_write import write_bundle
+
+from . import baselines, data, evaluate
+from .models import build, fuse_model, make_fused, wrap_for_export
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "edge_runtime" / "models"
+OPSET = 17
+THREADS = 2
+DESCRIPTION = "demonstration model trained on synthetic phantoms — not for clinical use"
+XR_EVAL_DOSE = 0.1
+PARITY_ATOL = {"heatmap": 1e-4, "size": 1e-2, "offset": 1e-3, "enhanced": 1e-4}  # ORT vs PyTorch
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    task: str  # detection / enhancement
+    family: str  # centernet / denoise_unet
+    arch: dict[str, Any]
+    modality: list[str]
+    bits_stored: int
+    summary: str
+    preprocess: dict[str, Any]
+    postprocess: dict[str, Any]
+    make_train: Callable[[int], Frame]
+    make_eval: Callable[[int], Frame]
+    phantom: dict[str, Any]  # the phantom parameters, as recorded in the manifest and card
+    n_train: int
+    n_eval: int
+    steps: int
+    batch: int
+    crop: int | None
+    lr: float
+    n_tune: int  # training-seed frames used to tune the classical baseline
+    tolerances: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> list[Any]:
+        if self.task == "enhancement":
+            return [1, 1, "height", "width"]
+        return [1, 1, *self.preprocess["resize"]["size"]]
+
+    def outputs(self) -> list[dict[str, Any]]:
+        if self.task == "enhancement":
+            return [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "height", "width"]}]
+        h, w = (v // self.arch["stride"] for v in self.preprocess["resize"]["size"])
+        c = self.arch["num_classes"]
+        return [{"name": "heatmap", "dtype": "float32", "shape": [1, c, h, w]},
+                {"name": "size", "dtype": "float32", "shape": [1, 2, h, w]},
+                {"name": "offset", "dtype": "float32", "shape": [1, 2, h, w]}]
+
+
+def _xr_eval_frame(seed: int, size: tuple[int, int] = (512, 512)) -> Frame:
+    return data.xr_pair_frame(seed, size=size, dose=XR_EVAL_DOSE)
+
+
+RECIPES: dict[str, Recipe] = {
+    "us-lesion-det": Recipe(
+        name="us-lesion-det", task="detection", family="centernet",
+        arch={"num_classes": 2, "widths": [16, 32, 48, 64], "stride": 4, "head": 32, "in_ch": 1},
+        modality=["US"], bits_stored=8,
+        summary="Detects cysts and solid masses in B-mode ultrasound (CenterNet-style, 256x256 letterbox).",
+        preprocess={"color": "gray", "invert_monochrome1": True, "window": None,
+                    "resize": {"mode": "letterbox", "size": [256, 256], "pad_value": 0.0},
+                    "normalize": {"mean": 0.0, "std": 1.0}, "layout": "NCHW", "dtype": "float32"},
+        postprocess={"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3,
+                     "nms_iou": 0.5, "max_detections": 20, "peak_kernel": 3},
+        make_train=data.us_det_frame, make_eval=data.us_det_frame,
+        phantom={"generator": "edge_runtime.phantoms.us_frame", "size": [512, 512],
+                 "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [0, 3]},
+        n_train=3000, n_eval=200, steps=1600, batch=16, crop=None, lr=2e-3, n_tune=40,
+        tolerances={"ap50": 0.01}),
+    "xr-nodule-det": Recipe(
+        name="xr-nodule-det", task="detection", family="centernet",
+        arch={"num_classes": 1, "widths": [16, 32, 48, 64], "stride": 4, "head": 32, "in_ch": 1},
+        modality=["DX", "CR", "XR"], bits_stored=12,
+        summary="Detects lung nodules on 12-bit chest radiographs (CenterNet-style, 512x512, stride 4).",
+        preprocess={"color": "gray", "invert_monochrome1": True, "window": None,
+                    "resize": {"mode": "letterbox", "size": [512, 512], "pad_value": 0.0},
+                    "normalize": {"mean": 0.0, "std": 1.0}, "layout": "NCHW", "dtype": "float32"},
+        postprocess={"type": "centernet", "stride": 4, "classes": ["nodule"], "score_threshold": 0.3,
+                     "nms_iou": 0.5, "max_detections": 20, "peak_kernel": 3},
+        make_train=data.xr_det_frame, make_eval=data.xr_det_frame,
+        phantom={"generator": "edge_runtime.phantoms.xr_frame", "size": [512, 512], "dose": 1.0,
+                 "n_nodules": [0, 3]},
+        n_train=1600, n_eval=200, steps=1600, batch=16, crop=256, lr=2e-3, n_tune=40,
+        tolerances={"ap50": 0.01}),
+    "us-despeckle": Recipe(
+        name="us-despeckle", task="enhancement", family="denoise_unet",
+        arch={"widths": [32, 48, 64], "factor": 4, "in_ch": 1},
+        modality=["US"], bits_stored=8,
+        summary="Speckle reduction for B-mode ultrasound (residual U-Net, any size, real time on CPU).",
+        preprocess={"color": "gray", "invert_monochrome1": True, "window": None,
+                    "resize": {"mode": "none", "multiple": 16, "pad_value": 0.0},
+                    "normalize": {"mean": 0.0, "std": 1.0}, "layout": "NCHW", "dtype": "float32"},
+        postprocess={"type": "enhance", "output": "enhanced", "tile": {"size": 1024, "overlap": 32}},
+        make_train=data.us_pair_frame, make_eval=data.us_pair_frame,
+        phantom={"generator": "edge_runtime.phantoms.us_frame", "size": [512, 512],
+                 "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [1, 3],
+                 "pairs": "(frame.pixels, frame.truth.clean)"},
+        n_train=600, n_eval=24, steps=4000, batch=16, crop=128, lr=1e-3, n_tune=4,
+        tolerances={"psnr_db": 0.3}),
+    "xr-denoise": Recipe(
+        name="xr-denoise", task="enhancement", family="denoise_unet",
+        arch={"widths": [32, 48, 64], "factor": 4, "in_ch": 1},
+        modality=["DX", "CR", "XR"], bits_stored=12,
+        summary="Low-dose denoising for 12-bit radiographs (residual U-Net, 16-bit in and out, any size).",
+        preprocess={"color": "gray", "invert_monochrome1": True, "window": None,
+                    "resize": {"mode": "none", "multiple": 16, "pad_value": 0.0},
+                    "normalize": {"mean": 0.0, "std": 1.0}, "layout": "NCHW", "dtype": "float32"},
+        postprocess={"type": "enhance", "output": "enhanced", "tile": {"size": 1024, "overlap": 32}},
+        make_train=data.xr_pair_frame, make_eval=_xr_eval_frame,
+        phantom={"generator": "edge_runtime.phantoms.xr_frame", "size": [512, 512],
+                 "train_dose": "log-uniform 0.05..1.0 per seed", "eval_dose": XR_EVAL_DOSE,
+                 "n_nodules": [0, 3], "pairs": "(frame.pixels, frame.truth.clean)"},
+        n_train=500, n_eval=24, steps=4000, batch=16, crop=128, lr=1e-3, n_tune=4,
+        tolerances={"psnr_db": 0.3}),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ConfigError(expected(f"a model name in {sorted(RECIPES)}", name))
+    return RECIPES[name]
+
+
+# -- losses ---------------------------------------------------------------------------------
+def centernet_loss(logits: torch.Tensor, size_p: torch.Tensor, off_p: torch.Tensor, heat: torch.Tensor,
+                   size_t: torch.Tensor, off_t: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """CenterNet's penalty-reduced focal loss + L1 on log size and offset at centre cells."""
+    pos = heat.eq(1.0).float()
+    p = torch.sigmoid(logits)
+    pos_loss = -(F.logsigmoid(logits) * (1 - p) ** 2 * pos).sum()
+    neg_loss = -(F.logsigmoid(-logits) * p ** 2 * (1 - heat) ** 4 * (1 - pos)).sum()
+    npos = pos.sum().clamp(min=1.0)
+    m = mask.unsqueeze(1)
+    size_l = (torch.abs(size_p - size_t) * m).sum() / npos
+    off_l = (torch.abs(off_p - off_t) * m).sum() / npos
+    hm = (pos_loss + neg_loss) / npos
+    total = hm + size_l + off_l
+    return total, {"heatmap": hm.item(), "size": size_l.item(), "offset": off_l.item()}
+
+
+# -- training ---------------------------------------------------------------------------------
+def _setup(seed: int) -> None:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def _lr_at(step: int, steps: int, base: float) -> float:
+    warm = max(1, min(100, steps // 10))
+    if step < warm:
+        return base * (step + 1) / warm
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def _bar(iterable: Any, desc: str, enabled: bool, total: int | None = None) -> Any:
+    return tqdm(iterable, desc=desc, total=total, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def _fit(recipe: Recipe, net: nn.Module, sample: Callable[[np.random.Generator], tuple[np.ndarray, ...]],
+         steps: int, seed: int, log_path: Path, progress: bool) -> dict[str, Any]:
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    rng = np.random.default_rng([seed, 1])
+    net.train()
+    t0 = time.perf_counter()
+    last: dict[str, float] = {}
+    ema = None
+    with open(log_path, "w") as log:
+        bar = _bar(range(steps), f"train {recipe.name}", progress)
+        for step in bar:
+            lr = _lr_at(step, steps, recipe.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = [torch.from_numpy(a) for a in sample(rng)]
+            if recipe.task == "detection":
+                logits, size_p, off_p = net(batch[0])
+                loss, parts = centernet_loss(logits, size_p, off_p, *batch[1:])
+            else:
+                pred = net(batch[0])
+                loss = F.mse_loss(pred, batch[1])
+                parts = {"psnr_db": float(-10 * torch.log10(loss.detach().clamp(min=1e-12)))}
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss)
+            ema = value if ema is None else 0.98 * ema + 0.02 * value
+            last = {"loss": value, **parts}
+            if step % 10 == 0 or step == steps - 1:
+                log.write(json.dumps({"step": step, "lr": round(lr, 7), "loss": round(value, 6),
+                                      "loss_ema": round(ema, 6), **{k: round(v, 5) for k, v in parts.items()},
+                                      "elapsed_s": round(time.perf_counter() - t0, 2)}) + "\n")
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{ema:.4f}")
+    return {"train_s": round(time.perf_counter() - t0, 1), "final": {k: round(v, 5) for k, v in last.items()},
+            "loss_ema": round(float(ema or 0.0), 5)}
+
+
+def count_flops(net: nn.Module, shape: tuple[int, ...]) -> float:
+    """GFLOPs (2 x multiply-accumulates, PyTorch's FlopCounterMode) for one frame."""
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.zeros(shape))
+    return fc.get_total_flops() / 1e9
+
+
+# -- export -----------------------------------------------------------------------------------
+def export_onnx(recipe: Recipe, net: nn.Module, path: Path, example: np.ndarray) -> dict[str, Any]:
+    """Fuse BN, export with named I/O (dynamic H/W for enhancers), check ORT against PyTorch."""
+    model = wrap_for_export(recipe.family, fuse_model(net)).eval()
+    names = [o["name"] for o in recipe.outputs()]
+    dynamic = ({"image": {2: "height", 3: "width"}, "enhanced": {2: "height", 3: "width"}}
+               if recipe.task == "enhancement" else None)
+    x = torch.from_numpy(example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=OPSET, input_names=["image"],
+                          output_names=names, dynamic_axes=dynamic, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    diffs = parity(model, path, [example] + ([_odd_example(example)] if recipe.task == "enhancement" else []))
+    return {"opset": OPSET, "exporter": f"torch.onnx.export (TorchScript, dynamo=False), torch {torch.__version__}",
+            "parity_max_abs_diff": diffs, "parity_atol": {k: PARITY_ATOL[k] for k in names}}
+
+
+def _odd_example(x: np.ndarray) -> np.ndarray:
+    """Another spatial size, to check the dynamic dims too."""
+    return np.ascontiguousarray(x[:, :, : max(16, x.shape[2] // 2 // 16 * 16), : max(16, x.shape[3] * 3 // 4 // 16 * 16)])
+
+
+def parity(model: nn.Module, path: Path, examples: list[np.ndarray]) -> dict[str, float]:
+    """Largest |ORT - PyTorch| per output; raises ExportError above PARITY_ATOL."""
+    sess = evaluate.session(path)
+    out_names = [o.name for o in sess.get_outputs()]
+    worst = {n: 0.0 for n in out_names}
+    for x in examples:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x))
+        ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        got = sess.run(out_names, {"image": x})
+        for n, r, g in zip(out_names, ref, got):
+            worst[n] = max(worst[n], float(np.abs(r.numpy() - g).max()))
+    bad = {n: d for n, d in worst.items() if d > PARITY_ATOL.get(n, 1e-4)}
+    if bad:
+        raise ExportError(expected(f"ONNX Runtime within {PARITY_ATOL} of PyTorch", bad))
+    return {n: float(f"{d:.3g}") for n, d in worst.items()}
+
+
+def torch_from_onnx(manifest: dict[str, Any], onnx_path: Path) -> nn.Module:
+    """Rebuild the exported PyTorch module (fused) with the weights stored in the ONNX file."""
+    arch = manifest["training"]["architecture"]
+    model = wrap_for_export(arch["family"], make_fused(build(arch["family"], arch["config"])))
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(onnx_path)).graph.initializer}
+    state = model.state_dict()
+    missing = [k for k in state if k not in inits]
+    if missing:
+        raise ExportError(expected("every PyTorch parameter as an ONNX initializer", f"missing {missing[:5]}"))
+    model.load_state_dict({k: torch.from_numpy(inits[k].copy()) for k in state})
+    return model.eval()
+
+
+# -- the command ------------------------------------------------------------------------------
+def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | None = None, seed: int = 0,
+          n_train: int | None = None, n_eval: int | None = None, n_tune: int | None = None,
+          phantom_size: tuple[int, int] | None = None, progress: bool = True, card: bool = True) -> Bundle:
+    """Train, export, evaluate and write the bundle of one reference model; returns the bundle."""
+    recipe = get_recipe(name)
+    if not 0 <= seed < data.HELDOUT_BASE // data.TRAIN_STRIDE:
+        raise ConfigError(expected(f"seed in 0..{data.HELDOUT_BASE // data.TRAIN_STRIDE - 1}", seed))
+    recipe = replace(recipe, steps=steps or recipe.steps, n_train=n_train or recipe.n_train,
+                     n_eval=n_eval or recipe.n_eval, n_tune=n_tune or recipe.n_tune)
+    make_train, make_eval = recipe.make_train, recipe.make_eval
+    if phantom_size is not None:  # smoke tests: tiny phantoms
+        make_train = _sized(make_train, phantom_size)
+        make_eval = _sized(make_eval, phantom_size)
+    out_dir = Path(out) if out is not None else MODELS_DIR / name
+    wall0 = time.perf_counter()
+    _setup(seed)
+    pre = Preprocessor(recipe.preprocess, {"name": "image", "shape": recipe.input_shape},
+                       modality=recipe.modality, bits_stored=recipe.bits_stored)
+    seeds = data.train_seeds(seed, recipe.n_train)
+    bar = lambda it, d: _bar(it, d, progress)
+
+    net = build(recipe.family, recipe.arch)
+    if recipe.task == "detection":
+        classes = list(recipe.postprocess["classes"])
+        stride = recipe.arch["stride"]
+        ds = data.detection_set(make_train, seeds, pre, classes, lambda it: bar(it, f"phantoms {name}"))
+        sample = lambda rng: data.sample_detection_batch(ds, rng, recipe.batch, recipe.crop, len(classes), stride)
+        example = (ds.images[:1, None].astype(np.float32) / np.float32(ds.maxval))
+        counts = {"train_frames": len(ds), "train_objects": int(sum(len(b) for b in ds.boxes))}
+    else:
+        ps = data.pair_set(make_train, seeds, lambda it: bar(it, f"phantoms {name}"))
+        crop = min(recipe.crop or 128, ps.noisy.shape[1] // 16 * 16, ps.noisy.shape[2] // 16 * 16)
+        sample = lambda rng: data.sample_pair_batch(ps, rng, recipe.batch, crop)
+        example = pre(Frame(ps.noisy[0], modality=recipe.modality[0], bits_stored=recipe.bits_stored))[0]
+        counts = {"train_frames": len(ps), "patches_seen": recipe.steps * recipe.batch, "crop": crop}
+    gen_s = time.perf_counter() - wall0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "train_log.jsonl"
+        fit = _fit(recipe, net, sample, recipe.steps, seed, log_path, progress)
+        eval_shape = (1, 1, 512, 512) if recipe.task == "enhancement" else tuple(example.shape)
+        gflops = count_flops(wrap_for_export(recipe.family, fuse_model(net)), eval_shape)
+        params = int(sum(p.numel() for p in net.parameters()))
+        stage = Path(tmp) / "bundle"
+        stage.mkdir()
+        onnx_path = stage / "fp32.onnx"
+        export_info = export_onnx(recipe, net, onnx_path, example)
+        shutil.copy(log_path, stage / "train_log.jsonl")
+
+        manifest = _manifest(recipe, seed, counts, fit, params, gflops, export_info)
+        heldout = [make_eval(s) for s in bar(data.heldout_seeds(recipe.n_eval), f"held-out {name}")]
+        tune_frames = [make_train(s) for s in seeds[: recipe.n_tune]]
+        manifest["metrics"], manifest["baselines"] = _evaluate(recipe, manifest, onnx_path, heldout, tune_frames)
+        manifest["training"]["wall_s"] = round(time.perf_counter() - wall0, 1)
+        manifest["training"]["phantom_generation_s"] = round(gen_s, 1)
+        write_bundle(stage, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(stage, out_dir)
+    bundle = Bundle.load(out_dir)
+    if card:
+        from .cards import write_card
+
+        write_card(name, bundle_dir=out_dir, progress=progress)
+    return bundle
+
+
+def _sized(make: Callable[..., Frame], size: tuple[int, int]) -> Callable[[int], Frame]:
+    return lambda s: make(s, size=size)
+
+
+def _manifest(recipe: Recipe, seed: int, counts: dict[str, Any], fit: dict[str, Any], params: int,
+              gflops: float, export_info: dict[str, Any]) -> dict[str, Any]:
+    eval_hw = "512x512" if recipe.task == "enhancement" else "x".join(map(str, recipe.preprocess["resize"]["size"]))
+    return {
+        "name": recipe.name, "task": recipe.task, "modality": recipe.modality, "bits_stored": recipe.bits_stored,
+        "photometric": "MONOCHROME2", "description": f"{recipe.summary} {DESCRIPTION[0].upper()}{DESCRIPTION[1:]}.",
+        "inputs": [{"name": "image", "dtype": "float32", "shape": recipe.input_shape}],
+        "outputs": recipe.outputs(),
+        "preprocess": recipe.preprocess, "postprocess": recipe.postprocess,
+        "artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32", "metrics": {},
+                       "info": {**export_info, "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3)}}],
+        "tolerances": recipe.tolerances,
+        "training": {
+            "recipe": f"edge-runtime models train {recipe.name} --seed {seed}",
+            "seed": seed, "steps": recipe.steps, "batch": recipe.batch, "crop": recipe.crop, "lr": recipe.lr,
+            "optimizer": "AdamW (weight decay 1e-4), warm-up then cosine",
+            "loss": ("CenterNet focal (heatmap) + L1 log-size + L1 offset" if recipe.task == "detection"
+                     else "MSE against the clean reference"),
+            "train_seeds": [data.train_seeds(seed, recipe.n_train)[0], data.train_seeds(seed, recipe.n_train)[-1]],
+            "heldout_seeds": [data.HELDOUT_BASE, data.HELDOUT_BASE + recipe.n_eval - 1],
+            "phantom": recipe.phantom, "counts": counts,
+            "architecture": {"family": recipe.family, "config": recipe.arch},
+            "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3),
+            "torch_threads": THREADS, "train_s": fit["train_s"], "final_loss": fit["final"],
+            "loss_log": "train_log.jsonl",
+        },
+    }
+
+
+def _evaluate(recipe: Recipe, manifest: dict[str, Any], onnx_path: Path, heldout: list[Frame],
+              tune_frames: list[Frame]) -> tuple[dict[str, Any], dict[str, Any]]:
+    how = (f"ONNX Runtime CPU ({evaluate.THREADS} threads) through edge_runtime.preprocess/postprocess, "
+           f"{len(heldout)} held-out phantom frames, seeds {data.HELDOUT_BASE}..{data.HELDOUT_BASE + len(heldout) - 1}")
+    if recipe.task == "detection":
+        classes = list(recipe.postprocess["classes"])
+        tuned = baselines.tune_detector(recipe.name, tune_frames, classes)
+        res = evaluate.eval_detector(manifest, onnx_path, heldout, tuned)
+        metrics = {k: res["model"][k] for k in ("ap50", "ap50_per_class", "sensitivity_at_0.5_fppi", "frames", "objects")}
+        metrics["measured_with"] = how + f"; score threshold {evaluate.AP_SCORE_THRESHOLD} for AP, IoU 0.5"
+        base = {"detector": f"export.training.baselines.{baselines.DETECTORS[recipe.name].__name__}",
+                "tuned_on": f"{len(tune_frames)} training-seed frames (AP50 grid search)", **tuned,
+                **{k: res["baseline"][k] for k in ("ap50", "ap50_per_class", "sensitivity_at_0.5_fppi")}}
+        return metrics, base
+    pairs = [(f.pixels, f.truth.clean) for f in tune_frames if f.truth is not None and f.truth.clean is not None]
+    tuned = baselines.tune_filters(pairs, recipe.bits_stored)
+    res = evaluate.eval_enhancer(manifest, onnx_path, heldout, tuned)
+    metrics = {"psnr_db": res["model"]["psnr_db"], "ssim": res["model"]["ssim"],
+               "input_psnr_db": res["input"]["psnr_db"], "input_ssim": res["input"]["ssim"],
+               "frames": res["frames"], "size": res["size"],
+               "measured_with": how + " against frame.truth.clean, data range 2**bits_stored - 1"}
+    base = {name: {**res[name], "tuning_psnr_db": tuned[name]["tuning_psnr_db"]} for name in tuned}
+    base["tuned_on"] = f"{len(pairs)} training-seed frames (PSNR grid search)"
+    return metrics, base

@@ -1,0 +1,479 @@
+"""Accuracy gate: FP32 against each candidate (FP16 / INT8 ONNX, a TensorRT engine) on held-out frames.
+
+Every frame goes through the runtime's own Preprocessor, backend (edge_runtime.backends) and
+Postprocessor, so the numbers describe what the runtime will do. Task metrics come from
+export/metrics.py: detection AP50 and sensitivity at a fixed false-positive rate per image,
+enhancement PSNR and SSIM against the phantom's clean image, segmentation Dice; plus raw output
+error statistics per output. A candidate fails when any gated metric drops below the FP32 value
+by more than the manifest's tolerance; ``raise_if_failed`` turns that into AccuracyGateError.
+
+For detection AP the decoder's score threshold is lowered to ``AP_SCORE_THRESHOLD`` (as the reference models' own evaluation; same
+Postprocessor class, same NMS), so the precision-recall curve is not cut off at the operating
+threshold; sensitivity is read at ``fppi`` false positives per image on that curve.
+
+Repair (``repair_int8``): rank compute nodes by how much keeping each one alone in float reduces
+the INT8 output error (all quantised but one), then keep the worst in float, one more at a time,
+re-quantising from cached calibration ranges, until the gate passes or ``max_float`` is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.errors import AccuracyGateError, ExportError, expected
+from edge_runtime.frames import Frame
+
+GATED = {"detection": ("ap50", "sensitivity"), "enhancement": ("psnr_db", "ssim"), "segmentation": ("dice",)}
+DEFAULT_TOLERANCES = {"ap50": 0.01, "sensitivity": 0.02, "psnr_db": 0.3, "ssim": 0.01, "dice": 0.01}
+AP_SCORE_THRESHOLD = 0.01  # as export/training/evaluate.py: the whole PR curve
+DEFAULT_FPPI = 0.5
+REPORT_FORMAT = "edge-runtime-validation"
+
+
+# -- held-out frames, pre-processed once ----------------------------------------------------
+@dataclass
+class EvalSet:
+    manifest: Mapping[str, Any]
+    frames: list[Frame]
+    tensors: list[np.ndarray]
+    mappings: list[Any]
+    source: str
+    frame_hashes: list[str]
+
+    @classmethod
+    def build(cls, manifest: Mapping[str, Any], frames: Sequence[Frame], *, source: str) -> EvalSet:
+        from edge_runtime.preprocess import Preprocessor
+
+        from .calibration import frame_sha256
+
+        pre = Preprocessor.from_manifest(manifest)
+        frames = list(frames)
+        if not frames:
+            raise ExportError(expected("held-out validation frames", "none"))
+        missing = sum(f.truth is None for f in frames)
+        if missing:
+            raise ExportError(expected("ground truth on every validation frame (phantoms carry it)",
+                                       f"{missing} of {len(frames)} frames without"))
+        done = [pre(f) for f in frames]
+        return cls(manifest, frames, [t for t, _ in done], [m for _, m in done], source,
+                   [frame_sha256(f) for f in frames])
+
+    @property
+    def input_name(self) -> str:
+        return str(((self.manifest.get("inputs") or [{}])[0]).get("name", "image"))
+
+    def subset(self, n: int) -> EvalSet:
+        return EvalSet(self.manifest, self.frames[:n], self.tensors[:n], self.mappings[:n], self.source,
+                       self.frame_hashes[:n])
+
+    def profile(self) -> dict[str, dict[str, list[int]]]:
+        """An optimisation profile covering every validation tensor shape (for the lint)."""
+        shapes = np.array([t.shape for t in self.tensors])
+        common = max({tuple(s) for s in shapes.tolist()}, key=lambda s: sum(tuple(x) == s for x in shapes.tolist()))
+        return {self.input_name: {"min": shapes.min(0).tolist(), "opt": list(common), "max": shapes.max(0).tolist()}}
+
+
+# -- running a model ------------------------------------------------------------------------
+def open_backend(path: str | os.PathLike[str], precision: str, *, threads: int = 2) -> Any:
+    """The runtime's backend for ``path``: ONNX Runtime CPU for .onnx, TensorRT for an engine."""
+    p = Path(path)
+    if p.suffix == ".onnx":
+        from edge_runtime.backends.onnxruntime import OrtBackend
+
+        return OrtBackend(p, threads=threads, providers=["cpu"], precision=precision).load()
+    try:
+        from edge_runtime.backends import tensorrt as trt_backend  # only this module imports tensorrt
+    except ImportError as exc:
+        raise ExportError(f"{p}: cannot validate a TensorRT engine here ({exc})") from None
+    return trt_backend.TrtBackend(p, precision=precision).load()
+
+
+def run_outputs(backend: Any, evalset: EvalSet, *, progress: str | None = None) -> list[dict[str, np.ndarray]]:
+    """Raw outputs per frame (enhancement with a tile spec runs tiled, as the runtime does)."""
+    from edge_runtime.postprocess import enhance_tiled
+
+    post = evalset.manifest.get("postprocess") or {}
+    tile = post.get("tile") if post.get("type") == "enhance" else None
+    name = evalset.input_name
+    items: Any = evalset.tensors
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=progress, unit="frame", leave=False)
+    out = []
+    for x in items:
+        if tile:
+            key = str(post.get("output") or backend.outputs[0].name)
+
+            def run_tile(t: np.ndarray, k: str = key) -> np.ndarray:
+                return backend.infer({name: t})[k]
+
+            y = enhance_tiled(run_tile, x, int(tile["size"]), int(tile.get("overlap", 0)))
+            out.append({key: y})
+        else:
+            out.append(backend.infer({name: x}))
+    return out
+
+
+def task_metrics(evalset: EvalSet, outputs: Sequence[Mapping[str, np.ndarray]], *,
+                 fppi: float = DEFAULT_FPPI) -> dict[str, Any]:
+    from edge_runtime.postprocess import Postprocessor
+    from edge_runtime.preprocess import Preprocessor
+
+    from . import metrics as M
+
+    manifest = evalset.manifest
+    task = manifest["task"]
+    post_spec = dict(manifest["postprocess"])
+    if task == "detection":
+        post_spec["score_threshold"] = min(float(post_spec.get("score_threshold", 1.0)), AP_SCORE_THRESHOLD)
+    post = Postprocessor(post_spec, output_names=[o["name"] for o in manifest.get("outputs", [])] or None,
+                         preprocess=Preprocessor.from_manifest(manifest))
+    decoded = [post(o, m, f) for o, m, f in zip(outputs, evalset.mappings, evalset.frames)]
+    if task == "detection":
+        pairs = [(d.detections, f.truth) for d, f in zip(decoded, evalset.frames)]
+        ap = M.average_precision(pairs, 0.5, classes=post.classes)
+        return {"ap50": ap["ap"], "ap50_per_class": ap["per_class"], "sensitivity": M.sensitivity_at_fppi(
+            pairs, fppi, 0.5), "fppi": fppi, "frames": len(pairs),
+            "objects": int(sum(len(f.truth.boxes) for f in evalset.frames if f.truth is not None))}
+    if task == "enhancement":
+        p, s = [], []
+        for d, f in zip(decoded, evalset.frames):
+            clean = f.truth.clean if f.truth is not None else None
+            if clean is None or d.enhanced is None:
+                raise ExportError(expected("a clean reference image and an enhanced output per frame", "none"))
+            rng = float(2 ** int(f.bits_stored or 8) - 1) if f.pixels.dtype != np.float32 else 1.0
+            p.append(M.psnr(clean, d.enhanced, rng))
+            s.append(M.ssim(clean, d.enhanced, rng))
+        return {"psnr_db": float(np.mean(p)), "ssim": float(np.mean(s)), "frames": len(p)}
+    dices = []
+    classes = [str(c) for c in post_spec.get("classes", [])]
+    for d, f in zip(decoded, evalset.frames):
+        truth = f.truth
+        if d.masks is None or truth is None or truth.masks is None:
+            raise ExportError(expected("predicted and ground-truth masks per frame", "none"))
+        for c in range(d.masks.shape[0]):
+            want = [i for i, lab in enumerate(truth.labels) if not classes or lab == classes[c]]
+            gt = np.asarray(truth.masks[want].any(axis=0)) if want else np.zeros(d.masks.shape[1:], bool)
+            dices.append(M.dice(d.masks[c], gt))
+    return {"dice": float(np.mean(dices)), "frames": len(evalset.frames)}
+
+
+def output_errors(ref: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """Per output: max and mean absolute error over all frames, and the FP32 output's range."""
+    stats: dict[str, Any] = {}
+    for name in ref[0]:
+        mx, total, count, lo, hi, sq, var = 0.0, 0.0, 0, math.inf, -math.inf, 0.0, 0.0
+        for r, g in zip(ref, got):
+            a, b = np.asarray(r[name], np.float64), np.asarray(g[name], np.float64)
+            d = np.abs(a - b)
+            mx = max(mx, float(d.max()))
+            total += float(d.sum())
+            sq += float((d * d).sum())
+            var += float(a.var() * a.size)
+            count += d.size
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+        stats[name] = {"max_abs": mx, "mean_abs": total / count, "rmse": math.sqrt(sq / count),
+                       "fp32_min": lo, "fp32_max": hi, "nmse": sq / var if var > 0 else 0.0}
+    return stats
+
+
+def error_score(errors: Mapping[str, Any]) -> float:
+    """One number for ranking quantisation damage: output error energy over FP32 variance, summed."""
+    return float(sum(v["nmse"] for v in errors.values()))
+
+
+# -- the gate ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateFailure:
+    metric: str
+    fp32: float
+    candidate: float
+    tolerance: float
+
+    def text(self) -> str:
+        return (f"{self.metric}: FP32 {self.fp32:.4f}, candidate {self.candidate:.4f}, drop "
+                f"{self.fp32 - self.candidate:.4f} > tolerance {self.tolerance:g}")
+
+
+def tolerances_for(manifest: Mapping[str, Any]) -> dict[str, float]:
+    """The manifest's tolerances for this task's gated metrics; defaults fill the gaps."""
+    given = {k: float(v) for k, v in (manifest.get("tolerances") or {}).items() if isinstance(v, (int, float))}
+    return {m: given.get(m, DEFAULT_TOLERANCES[m]) for m in GATED[manifest["task"]]}
+
+
+def gate(task: str, fp32: Mapping[str, Any], cand: Mapping[str, Any], tol: Mapping[str, float]) -> list[GateFailure]:
+    out = []
+    for m in GATED[task]:
+        a, b = float(fp32[m]), float(cand[m])
+        if (math.isnan(b) and not math.isnan(a)) or b < a - tol[m] - 1e-12:
+            out.append(GateFailure(m, a, b, tol[m]))
+    return out
+
+
+@dataclass
+class CandidateReport:
+    precision: str
+    file: str
+    metrics: dict[str, Any]
+    output_error: dict[str, Any]
+    failures: list[GateFailure]
+    ms_per_frame: float
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class ValidationReport:
+    model: str
+    task: str
+    source: str
+    frames: int
+    tolerances: dict[str, float]
+    fp32: dict[str, Any]
+    fp32_ms_per_frame: float
+    candidates: list[CandidateReport] = field(default_factory=list)
+    repair: dict[str, Any] | None = None
+    validation_set_sha256: str = ""
+    tolerance_source: dict[str, str] = field(default_factory=dict)  # metric -> "manifest" / "default"
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.candidates)
+
+    def candidate(self, precision: str) -> CandidateReport:
+        for c in self.candidates:
+            if c.precision == precision:
+                return c
+        raise ExportError(expected(f"a {precision} candidate in the report", [c.precision for c in self.candidates]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT, "version": 1, "model": self.model, "task": self.task,
+                "frames": self.frames, "source": self.source, "validation_set_sha256": self.validation_set_sha256,
+                "tolerances": self.tolerances, "tolerance_source": self.tolerance_source,
+                "gated_metrics": list(GATED[self.task]), "passed": self.passed,
+                "fp32": {"metrics": self.fp32, "ms_per_frame": self.fp32_ms_per_frame},
+                "candidates": [{**asdict(c), "passed": c.passed, "failures": [asdict(f) for f in c.failures]}
+                               for c in self.candidates],
+                "repair": self.repair,
+                "conditions": {"backend": "onnxruntime CPUExecutionProvider via edge_runtime.backends",
+                               "ap_score_threshold": AP_SCORE_THRESHOLD,
+                               "ms_per_frame": "median backend.infer wall time during validation, 2 threads"}}
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        return p
+
+    def text(self) -> str:
+        gated = GATED[self.task]
+        lines = [f"{self.model} ({self.task}): {self.frames} held-out frames from {self.source}"]
+        head = f"  {'precision':<10}" + "".join(f"{m:>12}" for m in gated) + f"{'ms/frame':>10}  gate"
+        lines.append(head)
+        lines.append(f"  {'fp32':<10}" + "".join(f"{float(self.fp32[m]):>12.4f}" for m in gated)
+                     + f"{self.fp32_ms_per_frame:>10.2f}  reference")
+        for c in self.candidates:
+            lines.append(f"  {c.precision:<10}" + "".join(f"{float(c.metrics[m]):>12.4f}" for m in gated)
+                         + f"{c.ms_per_frame:>10.2f}  " + ("pass" if c.passed else "FAIL"))
+        lines.append("  tolerances (largest allowed drop): " + ", ".join(
+            f"{k} {v:g}" + (f" ({self.tolerance_source[k]})" if k in self.tolerance_source else "")
+            for k, v in self.tolerances.items()))
+        for c in self.candidates:
+            err = ", ".join(f"{k} max|d| {v['max_abs']:.3g} mean|d| {v['mean_abs']:.3g}"
+                            for k, v in c.output_error.items())
+            lines.append(f"  {c.precision} output error vs fp32: {err}")
+            for f in c.failures:
+                lines.append(f"  {c.precision} FAILED {f.text()}")
+        if self.repair:
+            r = self.repair
+            lines.append(f"  repair: {len(r['nodes_in_float'])} node(s) kept in float "
+                         f"{r['nodes_in_float']}; int8 ms/frame {r['ms_before']:.2f} -> {r['ms_after']:.2f} "
+                         f"(fp32 {r['ms_fp32']:.2f}); {'passed' if r['passed'] else 'did not pass'}")
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise AccuracyGateError("accuracy gate failed:\n" + self.text())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+@dataclass
+class Reference:
+    """FP32 outputs and metrics, computed once and reused for every candidate and repair step."""
+
+    outputs: list[dict[str, np.ndarray]]
+    metrics: dict[str, Any]
+    ms_per_frame: float
+
+
+def reference(fp32: str | os.PathLike[str], evalset: EvalSet, *, threads: int = 2, progress: bool = False,
+              fppi: float = DEFAULT_FPPI) -> Reference:
+    backend = open_backend(fp32, "fp32", threads=threads)
+    try:
+        outs = run_outputs(backend, evalset, progress="validate fp32" if progress else None)
+        ms = backend.timing_summary()["p50_ms"]
+    finally:
+        backend.close()
+    return Reference(outs, task_metrics(evalset, outs, fppi=fppi), ms)
+
+
+def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: EvalSet, ref: Reference,
+                       tol: Mapping[str, float], *, threads: int = 2, progress: bool = False,
+                       fppi: float = DEFAULT_FPPI) -> CandidateReport:
+    backend = open_backend(path, precision, threads=threads)
+    try:
+        outs = run_outputs(backend, evalset, progress=f"validate {precision}" if progress else None)
+        ms = backend.timing_summary()["p50_ms"]
+    finally:
+        backend.close()
+    m = task_metrics(evalset, outs, fppi=fppi)
+    task = evalset.manifest["task"]
+    return CandidateReport(precision, Path(path).name, m, output_errors(ref.outputs, outs),
+                           gate(task, ref.metrics, m, tol), ms)
+
+
+def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
+             candidates: Mapping[str, str | os.PathLike[str]], evalset: EvalSet, *,
+             tolerances: Mapping[str, float] | None = None, threads: int = 2, progress: bool = False,
+             fppi: float = DEFAULT_FPPI, ref: Reference | None = None) -> ValidationReport:
+    """Compare each candidate ({precision: path}) with FP32 on ``evalset``; never raises on a failed gate."""
+    from .calibration import set_sha256
+
+    tol = dict(tolerances) if tolerances is not None else tolerances_for(manifest)
+    ref = ref or reference(fp32, evalset, threads=threads, progress=progress, fppi=fppi)
+    given = manifest.get("tolerances") or {}
+    report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
+                              tol, ref.metrics, ref.ms_per_frame,
+                              validation_set_sha256=set_sha256(evalset.frame_hashes),
+                              tolerance_source={m: "manifest" if m in given and tolerances is None else
+                                                "caller" if tolerances is not None else "default" for m in tol})
+    for precision, path in candidates.items():
+        report.candidates.append(evaluate_candidate(path, precision, evalset, ref, tol, threads=threads,
+                                                    progress=progress, fppi=fppi))
+    return report
+
+
+# -- latency and repair ---------------------------------------------------------------------
+def latency_ms(paths: Mapping[str, str | os.PathLike[str]], x: np.ndarray, input_name: str, *, runs: int = 30,
+               threads: int = 2) -> dict[str, float]:
+    """Median ms per inference of each model, interleaved so that load drifts hit all alike."""
+    backends = {k: open_backend(p, k.split(":")[0], threads=threads) for k, p in paths.items()}
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    try:
+        for b in backends.values():
+            b.infer({input_name: x})  # warm-up
+        for _ in range(runs):
+            for k, b in backends.items():
+                t = time.perf_counter()
+                b.infer({input_name: x})
+                times[k].append((time.perf_counter() - t) * 1e3)
+    finally:
+        for b in backends.values():
+            b.close()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@dataclass
+class RepairResult:
+    path: Path
+    nodes_in_float: list[str]
+    report: CandidateReport
+    sensitivity: list[tuple[str, float]]
+    steps: list[dict[str, Any]]
+    ms_before: float
+    ms_after: float
+    ms_fp32: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodes_in_float": self.nodes_in_float, "passed": self.report.passed,
+                "sensitivity": [{"node": n, "output_nmse_alone": s} for n, s in self.sensitivity],
+                "steps": self.steps, "ms_before": self.ms_before, "ms_after": self.ms_after,
+                "ms_fp32": self.ms_fp32, "method": REPAIR_METHOD}
+
+
+REPAIR_METHOD = ("rank candidate nodes by the output error (NMSE vs FP32, sensitivity subset) of a model in which "
+                 "only that node is quantised; keep the worst in float (1, 2, 3, 4, 6, 8, 12, ... nodes) and "
+                 "re-run the full gate after each step until it passes or the limit is reached")
+
+
+def _schedule(limit: int) -> list[int]:
+    out, k = [], 1
+    while k < limit:
+        out.append(k)
+        k = k + 1 if k < 4 else int(k * 1.5)
+    return out + [limit]
+
+
+def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[str], fp32: str | os.PathLike[str],
+                evalset: EvalSet, ref: Reference, tol: Mapping[str, float], workdir: str | os.PathLike[str], *,
+                max_float: int | None = None, sensitivity_frames: int = 24, threads: int = 2,
+                progress: bool = False, fppi: float = DEFAULT_FPPI) -> RepairResult:
+    """Keep the most sensitive of ``nodes`` in float until the INT8 gate passes.
+
+    ``quantize(nodes_to_exclude, out_path)`` writes an INT8 model (from cached calibration ranges).
+    Quantising one node alone shows the damage of its weights and of the activations it reads and
+    writes (a tensor stays float only when every node touching it is excluded, so single
+    exclusions from the full model would hide an activation outlier). The result's
+    ``report.passed`` says whether the gate passed within ``max_float`` nodes.
+    """
+    work = Path(workdir)
+    limit = min(len(nodes), max_float if max_float is not None else max(1, len(nodes) // 2))
+    sub = evalset.subset(min(sensitivity_frames, len(evalset.frames)))
+    sub_ref = ref.outputs[: len(sub.frames)]
+
+    def score(path: Path) -> float:
+        b = open_backend(path, "int8", threads=threads)
+        try:
+            return error_score(output_errors(sub_ref, run_outputs(b, sub)))
+        finally:
+            b.close()
+
+    base_path = work / "int8-all.onnx"
+    quantize([], base_path)
+    sens = []
+    items: Any = nodes
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(nodes, desc="node sensitivity", unit="node", leave=False)
+    probe = work / "int8-probe.onnx"
+    for n in items:
+        quantize([m for m in nodes if m != n], probe)
+        sens.append((n, score(probe)))
+    sens.sort(key=lambda t: -t[1])
+    report = evaluate_candidate(base_path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
+    steps: list[dict[str, Any]] = [{"nodes_in_float": [], "passed": report.passed,
+                                    **{m: report.metrics[m] for m in tol}}]
+    kept: list[str] = []
+    path = base_path
+    for k in _schedule(limit) if limit > 0 else []:
+        if report.passed:
+            break
+        kept = [n for n, _ in sens[:k]]
+        path = work / f"int8-float{k}.onnx"
+        quantize(kept, path)
+        report = evaluate_candidate(path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
+        steps.append({"nodes_in_float": kept, "passed": report.passed, **{m: report.metrics[m] for m in tol}})
+    x = evalset.tensors[0]
+    ms = latency_ms({"fp32": fp32, "int8:before": base_path, "int8:after": path}, x, evalset.input_name,
+                    threads=threads)
+    return RepairResult(path, kept, report, sens, steps, ms["int8:before"], ms["int8:after"], ms["fp32"])

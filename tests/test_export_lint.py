@@ -1,0 +1,141 @@
+"""Step 2: onnx.checker, shape inference and the TensorRT lint (rules, table, JSON, exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_export_models import blur_model, save
+
+from edge_runtime.errors import ExportError
+from export import cli
+from export.lint import check_model, parse_profile
+
+
+def _run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return cli.run(parser.parse_args(argv))
+
+
+def _qdq_conv(path: Path, zero_point: int, zp_type: int = TensorProto.INT8) -> Path:
+    """x -> Q -> DQ -> Conv (int8 weights behind a DQ), with the given activation zero point."""
+    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.int8), "w_q")
+    inits = [w, numpy_helper.from_array(np.full(2, 0.1, np.float32), "w_s"),
+             numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "x_s"),
+             helper.make_tensor("x_zp", zp_type, [], [zero_point])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_zp"], ["xq"], name="q_x"),
+             helper.make_node("DequantizeLinear", ["xq", "x_s", "x_zp"], ["xd"], name="dq_x"),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_zp"], ["wd"], name="dq_w", axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    return save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 16, 16])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 16, 16])], inits, path)
+
+
+def test_symmetric_qdq_static_model_is_clean(tmp_path: Path) -> None:
+    report = check_model(_qdq_conv(tmp_path / "sym.onnx", 0))
+    assert report.ok, report.table()
+    assert report.op_counts["QuantizeLinear"] == 1
+
+
+def test_asymmetric_qdq_is_an_error(tmp_path: Path) -> None:
+    report = check_model(_qdq_conv(tmp_path / "asym.onnx", 7))
+    assert not report.ok
+    f = [f for f in report.findings if f.rule == "qdq-zero-point"]
+    assert {x.node for x in f} == {"q_x", "dq_x"}
+    assert "[7]" in f[0].message and f[0].severity == "error"
+
+
+def test_uint8_asymmetric_quantizer_output_is_flagged(tmp_path: Path) -> None:
+    """What ORT's quantizer makes with its CPU defaults (uint8, asymmetric): TensorRT cannot build it."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    src = blur_model(tmp_path / "fp32.onnx")
+
+    class Reader:
+        def __init__(self) -> None:
+            self.it = iter([{"image": np.random.default_rng(i).random((1, 1, 16, 16), dtype=np.float32) * 2 - 1}
+                            for i in range(4)])
+
+        def get_next(self) -> dict | None:
+            return next(self.it, None)
+
+    quantize_static(str(src), str(tmp_path / "u8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8)
+    report = check_model(tmp_path / "u8.onnx", profile=parse_profile("image:1x1x16x16,1x1x64x64,1x1x128x128"))
+    assert {"qdq-zero-point", "qdq-type"} <= report.rules("error")
+
+
+def test_unsupported_and_custom_ops(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Det", ["x"], ["d"], name="det"),
+             helper.make_node("Relu", ["d"], ["y"], name="relu")]
+    path = save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], [], tmp_path / "det.onnx")
+    report = check_model(path)
+    bad = [f for f in report.findings if f.rule == "unsupported-op"]
+    assert [(f.node, f.op_type, f.severity) for f in bad] == [("det", "Det", "error")]
+    assert _run_cli(["check", str(path)]) == 1
+
+
+def test_dynamic_dims_need_a_profile(tmp_path: Path) -> None:
+    path = blur_model(tmp_path / "m.onnx")
+    report = check_model(path)
+    assert report.rules("error") == {"dynamic-dims"}
+    ok = check_model(path, profile=parse_profile("image:1x1x64x64,1x1x256x256,1x1x512x512"))
+    assert ok.ok and "profile" in ok.rules("info")
+    bad = check_model(path, profile=parse_profile("image:1x1x64x64,1x1x32x32,1x1x512x512"))
+    assert "profile" in bad.rules("error")
+    wrong_static = check_model(path, profile=parse_profile("image:1x3x64x64,1x3x64x64,1x3x64x64"))
+    assert "profile" in wrong_static.rules("error")
+    with pytest.raises(ExportError, match="profile like"):
+        parse_profile("image:1x1x64x64")
+
+
+def test_opset_range(tmp_path: Path) -> None:
+    nodes = [helper.make_node("Relu", ["x"], ["y"], name="r")]
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    old = check_model(save(nodes, *io, [], tmp_path / "o7.onnx", opset=7))
+    assert "opset" in old.rules("error")
+    new = check_model(save(nodes, *io, [], tmp_path / "o22.onnx", opset=22))
+    assert "opset" in new.rules("warn") and new.ok
+
+
+def test_dla_fallback_layers(tmp_path: Path) -> None:
+    w = numpy_helper.from_array(np.ones((4, 1, 3, 3), np.float32), "w")
+    big = numpy_helper.from_array(np.ones((4, 4, 33, 33), np.float32), "wbig")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv_ok", pads=[1, 1, 1, 1]),
+             helper.make_node("Softplus", ["a"], ["b"], name="softplus"),
+             helper.make_node("Conv", ["b", "wbig"], ["c"], name="conv_big", pads=[16, 16, 16, 16]),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    path = save(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 40, 40])],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 40, 40])], [w, big],
+                tmp_path / "dla.onnx")
+    assert "dla-fallback" not in check_model(path).rules()  # no DLA on the device: no DLA rule
+    report = check_model(path, device={"name": "xavier", "dla_cores": 2})
+    fallback = {f.node for f in report.findings if f.rule == "dla-fallback"}
+    assert fallback == {"softplus", "conv_big"}
+    assert report.ok  # fallback is a warning: TensorRT runs those layers on the GPU
+
+
+def test_table_and_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _qdq_conv(tmp_path / "asym.onnx", 3)
+    assert _run_cli(["check", str(path), "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["ok"] is False and data["counts"]["error"] == 2
+    assert {f["rule"] for f in data["findings"]} == {"qdq-zero-point"}
+    assert _run_cli(["check", str(_qdq_conv(tmp_path / "sym.onnx", 0))]) == 0
+    table = capsys.readouterr().out
+    assert "severity" in table and "OK" in table
+
+
+def test_corrupt_file_is_an_export_error(tmp_path: Path) -> None:
+    p = tmp_path / "x.onnx"
+    p.write_bytes(b"not a protobuf at all \xff\xfe")
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
+        check_model(p)

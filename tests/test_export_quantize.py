@@ -1,0 +1,211 @@
+"""Step 3 + calibration: FP16 and INT8 variants, the INT8 graph's form, calibration governance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+from test_export_models import blur_manifest, blur_model
+
+from edge_runtime.errors import ExportError
+from edge_runtime.frames import Frame, GroundTruth
+from export import calibration as C
+from export.lint import check_model, parse_profile
+from export.quantize import quantize_int8, to_fp16
+
+SIZE = (64, 64)
+
+
+def _xr(n: int, seed0: int = C.CALIBRATION_SEED0) -> list[Frame]:
+    return list(C.phantom_frames("xr", n, seed0, size=SIZE))
+
+
+def _calset(n: int = 16, **kw: object) -> C.CalibrationSet:
+    return C.build(_xr(n), blur_manifest(), source="test", min_frames=n, **kw)  # type: ignore[arg-type]
+
+
+def _run(path: Path, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+
+
+def test_fp16_keeps_float32_io_and_matches(tmp_path: Path) -> None:
+    src = blur_model(tmp_path / "fp32.onnx")
+    out = to_fp16(src, tmp_path / "fp16.onnx")
+    m = onnx.load(str(out))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert m.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert {i.data_type for i in m.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(src, x), atol=2e-3)
+
+
+def test_int8_graph_is_symmetric_per_channel_with_float_bias(tmp_path: Path) -> None:
+    src = blur_model(tmp_path / "fp32.onnx")
+    cal = _calset()
+    res = quantize_int8(src, tmp_path / "int8.onnx", cal.reader(), method="minmax")
+    m = onnx.load(str(res.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    q = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert q, "no Q/DQ nodes"
+    for n in q:
+        zp = inits[n.input[2]]
+        assert zp.dtype == np.int8 and not zp.any(), n.name
+    weights = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    scales = {n.input[0]: inits[n.input[1]].shape for n in weights}
+    assert sorted(scales.values()) == [(1,), (4,)]  # one scale per output channel (conv2 has one)
+    assert all(inits[n.input[0]].dtype == np.int8 for n in weights)
+    convs = [n for n in m.graph.node if n.op_type == "Conv"]
+    assert all(inits[c.input[2]].dtype == np.float32 for c in convs)  # bias not quantised
+    assert res.summary["nonzero_zero_points"] == 0 and res.summary["per_channel_weights"] == 2
+    lint = check_model(res.path, profile=parse_profile("image:1x1x64x64,1x1x64x64,1x1x64x64"))
+    assert lint.ok, lint.table()
+    x = cal.tensors[0]
+    assert np.abs(_run(res.path, x) - _run(src, x)).max() < 0.02
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_produce_valid_graphs(tmp_path: Path, method: str) -> None:
+    src = blur_model(tmp_path / "fp32.onnx")
+    res = quantize_int8(src, tmp_path / f"{method}.onnx", _calset().reader(), method=method)
+    assert res.summary["nonzero_zero_points"] == 0 and res.info()["calibration_method"] == method
+
+
+def test_nodes_to_exclude_and_cached_ranges(tmp_path: Path) -> None:
+    src = blur_model(tmp_path / "fp32.onnx")
+    cache = tmp_path / "ranges.json"
+    quantize_int8(src, tmp_path / "a.onnx", _calset().reader(), cache=cache)
+    assert cache.is_file()
+    res = quantize_int8(src, tmp_path / "b.onnx", None, nodes_to_exclude=["conv2"], cache=cache)
+    assert res.summary["float_compute_nodes"] == ["conv2"]
+    assert res.info()["nodes_in_float"] == ["conv2"]
+    with pytest.raises(ExportError, match="calibration frames or a calibration cache"):
+        quantize_int8(src, tmp_path / "c.onnx", None)
+    with pytest.raises(ExportError, match="calibration method"):
+        quantize_int8(src, tmp_path / "c.onnx", _calset().reader(), method="kl")
+
+
+# -- calibration governance --------------------------------------------------------------------
+def test_too_few_frames_states_count_and_minimum() -> None:
+    with pytest.raises(ExportError, match=r"at least 200 calibration frames, found '150 frames'"):
+        C.build(_xr(150), blur_manifest(), source="phantom:xr")
+
+
+def test_wrong_modality_is_an_error_with_counts() -> None:
+    us = list(C.phantom_frames("us", 12, C.CALIBRATION_SEED0, size=SIZE))
+    with pytest.raises(ExportError, match=r"12 of 12 frames: expected modality in \['DX', 'CR', 'XR'\]"):
+        C.build(us, blur_manifest(), source="phantom:us", min_frames=12)
+
+
+def test_wrong_bit_depth_is_an_error_with_values() -> None:
+    frames = _xr(10)
+    eight_bit = [Frame((f.pixels >> 4).astype(np.uint8), modality="DX", bits_stored=8, truth=GroundTruth())
+                 for f in frames[:3]]
+    with pytest.raises(ExportError, match=r"3 of 10 frames: expected bits_stored 12 \(manifest\), found \{8: 3\}"):
+        C.build(frames[3:] + eight_bit, blur_manifest(), source="mixed", min_frames=10)
+
+
+def test_wrong_photometric_is_an_error() -> None:
+    rgb = [Frame(np.zeros((*SIZE, 3), np.uint16), modality="DX", bits_stored=12, photometric="RGB")
+           for _ in range(4)]
+    with pytest.raises(ExportError, match="photometric MONOCHROME2"):
+        C.build(rgb, blur_manifest(), source="rgb", min_frames=4)
+
+
+def test_overlap_with_validation_is_refused() -> None:
+    frames = _xr(12)
+    val_hashes = [C.frame_sha256(f) for f in frames[5:7]]
+    with pytest.raises(ExportError, match="2 of 12 frames shared"):
+        C.build(frames, blur_manifest(), source="test", min_frames=12, exclude=val_hashes)
+
+
+def test_record_hashes_and_reader() -> None:
+    frames = _xr(12)
+    cal = C.build(frames, blur_manifest(), source="phantom:xr", min_frames=12)
+    assert cal.sha256 == C.set_sha256(reversed([C.frame_sha256(f) for f in frames]))  # order-independent
+    changed = frames[:11] + [Frame(frames[11].pixels ^ np.uint16(1), modality="DX", bits_stored=12)]
+    assert C.build(changed, blur_manifest(), source="x", min_frames=12).sha256 != cal.sha256
+    rec = cal.record(method="minmax", min_frames=12)
+    assert rec["frames"] == 12 and len(rec["frame_sha256"]) == 12 and rec["modality"] == ["DX"]
+    assert rec["bits_stored"] == [12] and rec["tensor_shape"] == ["1x1x64x64"]
+    r = cal.reader()
+    assert len(r) == 12
+    r.set_range(4, 8)
+    got = []
+    while (item := r.get_next()) is not None:
+        got.append(item["image"])
+    assert len(got) == 4 and got[0] is cal.tensors[4]
+    assert abs(float(cal.tensors[0].max()) - frames[0].pixels.max() / 4095) < 1e-6  # the runtime's scaling
+
+
+def test_calibration_from_image_folder(tmp_path: Path) -> None:
+    """A folder source goes through edge_runtime.sources; 8-bit PNGs of a US model."""
+    import cv2
+
+    for i, f in enumerate(C.phantom_frames("us", 6, 1, size=SIZE)):
+        cv2.imwrite(str(tmp_path / f"f{i:02d}.png"), f.pixels)
+    manifest = {**blur_manifest(), "modality": ["US"], "bits_stored": 8}
+    cal = C.build(C.frames_from(str(tmp_path), manifest, 6, seed0=0, modality="US"), manifest,
+                  source=str(tmp_path), min_frames=6)
+    assert len(cal) == 6 and cal.details["modality"] == ["US"]
+
+
+def test_int8_shared_tensor_runs_as_qlinearconv_on_ort_cpu(tmp_path: Path) -> None:
+    """A Relu read by two convs: per-reader Q nodes stay distinct (axis), so ORT fuses both convs."""
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "wa"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "wb")]
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["c"], name="c0", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="r0"),
+             helper.make_node("Conv", ["r", "wa"], ["a"], name="ca", pads=[1] * 4),
+             helper.make_node("Conv", ["r", "wb"], ["b"], name="cb", pads=[1] * 4),
+             helper.make_node("Add", ["a", "b"], ["enhanced"], name="add")]
+    src = save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 64, 64])],
+               [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 8, 64, 64])], inits,
+               tmp_path / "fp32.onnx")
+    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader())
+    m = onnx.load(str(res.path))
+    assert [n.op_type for n in m.graph.node if n.name == "r0"] == ["LeakyRelu"]
+    readers = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r"]
+    axes = [next((a.i for a in n.attribute if a.name == "axis"), 1) for n in readers]
+    assert len(readers) == 2 and len(set(axes)) == 2
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(res.path), so, providers=["CPUExecutionProvider"])
+    x = _calset(8).tensors[0]
+    np.testing.assert_allclose(sess.run(None, {"image": x})[0], _run(src, x), atol=0.1)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+
+
+def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from export import cli
+
+    src = blur_model(tmp_path / "fp32.onnx")
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    base = ["quantize", str(src), "--manifest", str(tmp_path / "m.json"), "--no-progress", "--val-frames", "8"]
+    args = parser.parse_args(base + ["--precision", "int8", "--out", str(tmp_path / "int8.onnx"),
+                                     "--calib-frames", "20", "--min-frames", "20", "--method", "percentile"])
+    assert cli.run(args) == 0
+    rec = json.loads((tmp_path / "calibration.json").read_text())
+    assert rec["frames"] == 20 and rec["method"] == "percentile" and rec["source"].startswith("phantom:xr")
+    assert "zero points all 0" in capsys.readouterr().out
+    with pytest.raises(ExportError, match="at least 200 calibration frames, found '20 frames'"):
+        cli.run(parser.parse_args(base + ["--precision", "int8", "--out", str(tmp_path / "x.onnx"),
+                                          "--calib-frames", "20"]))
+    assert cli.run(parser.parse_args(["quantize", str(src), "--precision", "fp16", "--out",
+                                      str(tmp_path / "fp16.onnx")])) == 0
+    assert (tmp_path / "fp16.onnx").is_file()

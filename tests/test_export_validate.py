@@ -1,0 +1,155 @@
+"""Step 4: the accuracy gate (FP32 vs candidates on held-out phantoms) and --repair."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_export_models import blur_manifest, blur_model
+
+from edge_runtime.errors import AccuracyGateError
+from edge_runtime.frames import Frame, GroundTruth
+from edge_runtime.preprocess import PixelMapping
+from export import calibration as C
+from export import cli
+from export import validate as V
+from export.bundle_write import write_bundle
+from export.quantize import quantize_int8, to_fp16
+
+SIZE = (64, 64)
+
+
+@pytest.fixture(scope="module")
+def evalset() -> V.EvalSet:
+    frames = list(C.phantom_frames("xr", 24, C.VALIDATION_SEED0, size=SIZE))
+    return V.EvalSet.build(blur_manifest(), frames, source="phantom:xr test")
+
+
+@pytest.fixture(scope="module")
+def calset(evalset: V.EvalSet) -> C.CalibrationSet:
+    frames = C.phantom_frames("xr", 16, C.CALIBRATION_SEED0, size=SIZE)
+    return C.build(frames, blur_manifest(), source="phantom:xr", min_frames=16, exclude=evalset.frame_hashes)
+
+
+def test_gate_passes_for_fp16_and_int8_of_a_sound_model(tmp_path: Path, evalset: V.EvalSet,
+                                                        calset: C.CalibrationSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    to_fp16(fp32, tmp_path / "fp16.onnx")
+    quantize_int8(fp32, tmp_path / "int8.onnx", calset.reader())
+    report = V.validate(blur_manifest(), fp32, {"fp16": tmp_path / "fp16.onnx", "int8": tmp_path / "int8.onnx"},
+                        evalset)
+    assert report.passed, report.text()
+    report.raise_if_failed()
+    int8 = report.candidate("int8")
+    assert 20 < report.fp32["psnr_db"] < 60 and int8.metrics["psnr_db"] > report.fp32["psnr_db"] - 0.3
+    assert 0 < int8.output_error["enhanced"]["max_abs"] < 0.05
+    assert report.candidate("fp16").output_error["enhanced"]["max_abs"] < 1e-3
+    data = json.loads(report.write(tmp_path / "validation.json").read_text())
+    assert data["passed"] and data["tolerances"] == {"psnr_db": 0.3, "ssim": 0.01}
+    assert data["validation_set_sha256"] == C.set_sha256(evalset.frame_hashes)
+
+
+def test_gate_fails_on_damaged_weights_with_a_readable_report(tmp_path: Path, evalset: V.EvalSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    damaged = blur_model(tmp_path / "damaged.onnx", damage=0.02)
+    report = V.validate(blur_manifest(), fp32, {"int8": damaged}, evalset)
+    assert not report.passed
+    failure = report.candidate("int8").failures[0]
+    assert failure.metric == "psnr_db" and failure.candidate < failure.fp32 - 0.3
+    with pytest.raises(AccuracyGateError) as err:
+        report.raise_if_failed()
+    msg = str(err.value)
+    assert "psnr_db: FP32" in msg and "candidate" in msg and "tolerance 0.3" in msg and "FAIL" in msg
+
+
+def test_cli_validate_exits_non_zero_on_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blur_model(tmp_path / "fp32.onnx")
+    blur_model(tmp_path / "damaged.onnx", damage=0.02)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(blur_manifest()))
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    base = ["validate", "--manifest", str(manifest), "--fp32", str(tmp_path / "fp32.onnx"), "--frames", "8",
+            "--no-progress", "--report", str(tmp_path / "v.json")]
+    assert cli.run(parser.parse_args(base + ["--candidate", f"fp32copy={tmp_path / 'fp32.onnx'}"])) == 0
+    with pytest.raises(AccuracyGateError, match="psnr_db"):
+        cli.run(parser.parse_args(base + ["--candidate", f"int8={tmp_path / 'damaged.onnx'}"]))
+    assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
+    from edge_runtime.cli import main  # the dispatcher turns the error into exit code 1
+
+    if "export" in __import__("edge_runtime.cli", fromlist=["GROUPS"]).GROUPS:
+        assert main(["export"] + base + ["--candidate", f"int8={tmp_path / 'damaged.onnx'}"]) == 1
+
+
+def test_repair_keeps_the_outlier_layers_in_float(tmp_path: Path, evalset: V.EvalSet,
+                                                 calset: C.CalibrationSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx", outlier=True)
+    q, nodes = cli._int8_factory(fp32, calset, "minmax", tmp_path, False)
+    q([], tmp_path / "int8.onnx")
+    ref = V.reference(fp32, evalset)
+    report = V.validate(blur_manifest(), fp32, {"int8": tmp_path / "int8.onnx"}, evalset, ref=ref)
+    assert not report.passed  # one channel of +500 leaves no INT8 resolution for the image
+    rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp_path, max_float=3, sensitivity_frames=6)
+    assert rr.report.passed and sorted(rr.nodes_in_float) == ["conv1", "conv2", "relu1"], rr.to_dict()
+    assert all(err > 1.0 for _, err in rr.sensitivity)  # each of them alone quantises the outlier tensor
+    d = rr.to_dict()
+    assert d["passed"] and d["ms_before"] > 0 and d["ms_after"] > 0
+    assert not d["steps"][0]["passed"] and d["steps"][-1]["passed"]
+
+
+def test_detection_metrics_through_the_runtime_postprocessor() -> None:
+    """Outputs drawn from the truth give AP50 1; a missed object costs sensitivity and AP."""
+    manifest = {"name": "det", "task": "detection", "modality": ["US"], "bits_stored": 8,
+                "photometric": "MONOCHROME2", "inputs": [{"name": "image", "shape": [1, 1, 64, 64]}],
+                "outputs": [{"name": "heatmap"}, {"name": "size"}, {"name": "offset"}], "preprocess": {},
+                "postprocess": {"type": "centernet", "stride": 4, "classes": ["lesion"], "score_threshold": 0.3,
+                                "nms_iou": 0.5, "max_detections": 10}}
+    boxes = [np.array([[8, 8, 24, 24]], np.float32), np.array([[30, 30, 46, 50], [4, 40, 16, 52]], np.float32)]
+    frames = [Frame(np.zeros((64, 64), np.uint8), modality="US", truth=GroundTruth(b, ["lesion"] * len(b)))
+              for b in boxes]
+
+    def outputs(bs: np.ndarray, drop_last: bool = False) -> dict[str, np.ndarray]:
+        heat, size, off = np.zeros((1, 1, 16, 16), np.float32), np.zeros((1, 2, 16, 16), np.float32), \
+            np.zeros((1, 2, 16, 16), np.float32)
+        for x0, y0, x1, y1 in bs[:-1] if drop_last else bs:
+            cx, cy = (x0 + x1) / 8, (y0 + y1) / 8
+            ix, iy = int(cx), int(cy)
+            heat[0, 0, iy, ix] = 0.9
+            size[0, :, iy, ix] = (x1 - x0, y1 - y0)
+            off[0, :, iy, ix] = (cx - ix, cy - iy)
+        return {"heatmap": heat, "size": size, "offset": off}
+
+    ev = V.EvalSet(manifest, frames, [np.zeros((1, 1, 64, 64), np.float32)] * 2,
+                   [PixelMapping((64, 64), (64, 64), content_size=(64, 64))] * 2, "test", ["a", "b"])
+    good = V.task_metrics(ev, [outputs(b) for b in boxes])
+    assert good["ap50"] == pytest.approx(1.0) and good["sensitivity"] == pytest.approx(1.0)
+    worse = V.task_metrics(ev, [outputs(boxes[0]), outputs(boxes[1], drop_last=True)])
+    assert worse["sensitivity"] == pytest.approx(2 / 3) and worse["ap50"] < 0.7
+    fail = V.gate("detection", good, worse, V.tolerances_for(manifest))
+    assert {f.metric for f in fail} == {"ap50", "sensitivity"}
+
+
+def test_reference_flow_rewrites_a_bundle(tmp_path: Path) -> None:
+    """The full `export reference` flow on a tiny bundle (200 calibration frames, as governed)."""
+    from edge_runtime.bundle import Bundle
+
+    root = tmp_path / "xr-blur"
+    root.mkdir()
+    blur_model(root / "fp32.onnx")
+    write_bundle(root, blur_manifest())
+    out = cli.export_reference(root, val_frames=16, progress=False)
+    b = Bundle.load(root)
+    assert out["passed"] and {a.precision for a in b.artifacts} == {"fp32", "fp16", "int8"}
+    assert set(b.manifest["files"]) == {"fp32.onnx", "fp16.onnx", "int8.onnx", "calibration.json",
+                                        "validation.json"}
+    int8 = b.artifact("int8")
+    assert int8.metrics["psnr_db"] > b.artifact("fp32").metrics["psnr_db"] - 0.3
+    assert int8.info["qdq"]["nonzero_zero_points"] == 0 and int8.info["bias"] == "float32"
+    cal = json.loads((root / "calibration.json").read_text())
+    assert cal["frames"] == 200 and b.manifest["calibration"]["sha256"] == cal["sha256"]
+    val = json.loads((root / "validation.json").read_text())
+    assert val["passed"] and cal["validation_set_sha256"] == val["validation_set_sha256"]
+    assert set(out["times_s"]) >= {"check", "fp16", "int8 (calibrate + quantize)", "validate candidates"}

@@ -1,0 +1,195 @@
+"""End to end over real ZeroMQ sockets: inproc/ipc/tcp, threads and processes, latest-frame-wins,
+load balancing with reordering at the sink, recorder/viewer/video outputs, client library, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.pipeline import cli
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.client import Reorderer, Subscriber
+from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
+from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pipeline
+from edge_runtime.results import Result
+from edge_runtime.telemetry import STAGES
+
+
+def _results(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["type"] == "result"]
+
+
+def _check_every_frame_arrived(report, tmp_path: Path, n: int) -> None:
+    assert report.results == n
+    assert report.drops.get("superseded", 0) == 0 and not report.rejected
+    results = _results(read_records(tmp_path / RESULTS_FILE))
+    assert sorted(r["seq"] for r in results) == list(range(n))
+    first = results[0]
+    assert first["provenance"]["backend"] == "python" and first["provenance"]["model"].startswith("builtin:")
+    assert first["detections"][0]["label"] == "blob"
+    # every stage stamp travelled with the frame and they are in order
+    assert [s for s in STAGES if s in first["stamps"]] == list(STAGES)
+    times = [first["stamps"][s] for s in STAGES]
+    assert times == sorted(times)
+    assert first["stamps"]["record"] >= first["stamps"]["sink_recv"]
+
+
+@pytest.mark.parametrize("transport", ["inproc", "ipc", "tcp"])
+def test_threads_end_to_end(tmp_path: Path, transport: str) -> None:
+    report = run_pipeline(SyntheticSource(count=40, shape=(96, 128), dtype="uint16"), BuiltinProcessor("detect"),
+                          n_workers=2, mode="thread", record_dir=tmp_path, transport=transport, policy="all",
+                          work_dir=str(tmp_path / "sock"))
+    _check_every_frame_arrived(report, tmp_path, 40)
+    assert report.exit_codes == {"recorder": 0, "w0": 0, "w1": 0, "source": 0}
+    assert {r["worker"].split(".")[0] for r in report.records} == {"w0", "w1"}  # both workers were used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_processes_end_to_end(tmp_path: Path, transport: str) -> None:
+    report = run_pipeline(SyntheticSource(count=30, shape=(256, 256), dtype="uint16"), BuiltinProcessor("detect"),
+                          n_workers=2, mode="process", record_dir=tmp_path, transport=transport, policy="all",
+                          window=2)
+    _check_every_frame_arrived(report, tmp_path, 30)
+    assert report.exit_codes == {"recorder": 0, "w0": 0, "w1": 0, "source": 0}
+    lines = (tmp_path / RESULTS_FILE).read_text().splitlines()
+    assert json.loads(lines[-1])["event"] == "recorder_stopped" and json.loads(lines[-1])["clean_end"] is True
+
+
+def test_slow_worker_gets_fresh_frames_and_superseded_ones_are_counted(tmp_path: Path) -> None:
+    service_ms = 50
+    report = run_pipeline(SyntheticSource(count=200, fps=200, shape=(128, 128)), BuiltinProcessor(f"slow:{service_ms}"),
+                          n_workers=1, mode="thread", record_dir=tmp_path)
+    ages = [(r["stamps"]["worker_recv"] - r["stamps"]["capture"]) / 1e6 for r in report.records]
+    assert len(ages) >= 5
+    # Latest frame wins: a frame is at most ~one source interval old when the worker takes it, however
+    # slow the worker is. A queue would make it grow to seconds (200 frames at 20 fps ~ 10 s).
+    assert np.percentile(ages, 90) < 4 * service_ms
+    assert report.drops["superseded"] >= 100
+    assert report.results + report.drops["superseded"] == 200
+    assert report.stats["age_at_worker_ms"]["n"] == report.results
+
+
+def test_two_workers_results_reordered_by_seq_at_the_sink(tmp_path: Path) -> None:
+    config = PipelineConfig(n_workers=2, policy="all", transport="ipc", work_dir=str(tmp_path))
+    sup = Supervisor(SyntheticSource(count=24), BuiltinProcessor("jitter:40"), config)  # even seqs take 40 ms
+    sup.start()
+    with Subscriber(sup.endpoints.results, reorder=3, idle_timeout_s=10) as sub:
+        seqs = [r.seq for r in sub]
+    report = sup.stop()
+    arrival = [r["seq"] for r in report.records]
+    assert sorted(arrival) == list(range(24))
+    assert arrival != sorted(arrival)  # the hub saw them out of order ...
+    assert seqs == sorted(seqs) and len(seqs) >= 12  # ... the reordering sink releases them in order
+    assert sub.ended
+
+
+def test_reorderer_releases_in_order_and_drops_late_results() -> None:
+    def r(seq: int) -> Result:
+        return Result(stream_id="a", seq=seq, capture_ns=seq)
+
+    ro = Reorderer(window=2)
+    out = [x.seq for s in (3, 1, 2, 6, 5, 9) for x in ro.push(r(s))]
+    assert out == [1, 2, 3, 5]
+    assert ro.push(r(4)) == [] and ro.late == 1  # 4 is older than 5, already released
+    assert [x.seq for x in ro.flush()] == [6, 9]
+    ro.push(r(500))
+    assert [x.seq for x in ro.flush()] == [500]
+    ro.push(r(0))  # far below the last one: the stream restarted (a source restart), not late
+    assert ro.late == 1 and [x.seq for x in ro.flush()] == [0]
+
+
+def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:
+    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path),
+                            settings=PipelineConfig().settings.__class__(stats_interval_s=0.2))
+    sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("identity"), config)
+    sup.start()
+    try:
+        with Subscriber(sup.endpoints.results, latest_only=True, idle_timeout_s=5) as sub:
+            got = []
+            for result in sub:
+                got.append(result)
+                time.sleep(0.15)  # a slow display: the queue must not grow, old results are skipped
+                if len(got) == 6:
+                    break
+            assert sub.dropped > 0
+            assert all(b.seq > a.seq for a, b in zip(got, got[1:]))
+            assert got[-1].enhanced is not None and got[-1].enhanced.shape == (64, 64)
+            assert sub.last_stats is not None and "e2e_ms" in sub.last_stats
+    finally:
+        report = sup.stop()
+    assert report.results > 6
+
+
+def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -> None:
+    report = run_pipeline(SyntheticSource(count=20, shape=(64, 80), dtype="uint16"), BuiltinProcessor("identity+detect"),
+                          mode="thread", record_dir=tmp_path / "rec", video=True, video_fps=10, view=True,
+                          view_dir=str(tmp_path / "view"), policy="all")
+    assert report.results == 20
+    snaps = sorted((tmp_path / "view").glob("*.png"))
+    assert snaps, "the viewer wrote no snapshot"
+    img = cv2.imread(str(snaps[-1]))
+    assert img.shape == (64, 160, 3)  # input with boxes | enhanced, side by side
+    videos = list((tmp_path / "rec").glob("0.*"))
+    assert len(videos) == 1
+    cap = cv2.VideoCapture(str(videos[0]))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    cap.release()
+    assert frames == 20
+
+
+def test_latency_report_files(tmp_path: Path) -> None:
+    report = run_pipeline(SyntheticSource(count=30), BuiltinProcessor("detect"), mode="thread", policy="all")
+    json_path, png_path = report.write_latency_report(tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["e2e_ms"]["n"] == 30 and data["worst"]["seq"] in range(30)
+    assert sum(data["histogram_e2e_ms"]["counts"]) == 30
+    assert set(data["stages_ms"]) >= {"source_send", "worker_recv", "infer", "result_send", "sink_recv"}
+    assert cv2.imread(str(png_path)) is not None
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_runs_a_builtin_processor_and_writes_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.run(_cli(["--source", "synthetic:48x64", "--processor", "detect", "--mode", "thread", "--fast",
+                         "--duration", "1.5", "--record", str(tmp_path)]))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "results in" in out and "latency report" in out
+    assert _results(read_records(tmp_path / RESULTS_FILE))
+    assert (tmp_path / "latency.json").is_file() and (tmp_path / "latency.png").is_file()
+
+
+def test_cli_config_file_is_validated(tmp_path: Path) -> None:
+    cfg = tmp_path / "cart.yaml"
+    cfg.write_text("source: synthetic\nprocessor: identity\nworkers: two\n")
+    with pytest.raises(ConfigError, match="workers"):
+        cli.run(_cli(["--config", str(cfg)]))
+    cfg.write_text("source: synthetic\nprocessor: identity\nfps_limit: 3\n")
+    with pytest.raises(ConfigError, match="fps_limit"):
+        cli.run(_cli(["--config", str(cfg)]))
+    cfg.write_text("source: synthetic\nprocessor: identity\nsettings: {heartbeat: 1}\n")
+    with pytest.raises(ConfigError, match="settings"):
+        cli.run(_cli(["--config", str(cfg)]))
+    cfg.write_text("source: synthetic\nprocessor: identity\nbind: tcp://0.0.0.0:5999\n")
+    with pytest.raises(ConfigError, match="insecure"):
+        cli.run(_cli(["--config", str(cfg), "--mode", "thread"]))
+    with pytest.raises(ConfigError, match="exactly one"):
+        cli.run(_cli(["--source", "synthetic"]))
+    with pytest.raises(ConfigError, match="processor steps"):
+        cli.run(_cli(["--source", "synthetic", "--processor", "teleport"]))
+    cfg.write_text("source: synthetic:32x32\nprocessor: identity\nmode: thread\nrealtime: false\nduration: 1\n")
+    assert cli.run(_cli(["--config", str(cfg)])) == 0

@@ -1,0 +1,237 @@
+"""Faults: malformed and oversized messages, a failing model, a SIGKILLed worker, a SIGTERMed recorder,
+a SIGTERMed pipeline. Real sockets and real processes; every wait has a deadline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_runtime.frames import Frame
+from edge_runtime.pipeline import protocol
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.nodes import Endpoints, NodeSettings, WorkerNode
+from edge_runtime.pipeline.protocol import Limits
+from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
+from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pipeline
+from edge_runtime.results import Result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def _strict_lines(path: Path) -> list[dict]:
+    """Every line of the file must be complete JSON (no torn or partial line anywhere)."""
+    text = path.read_text()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_malformed_and_oversized_messages_are_counted_and_the_stream_goes_on(tmp_path: Path) -> None:
+    settings = NodeSettings(limits=Limits(max_message_bytes=1 << 20), stats_interval_s=0.2)
+    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path), settings=settings)
+    sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("detect"), config)
+    sup.start()
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    dealer = ctx.socket(zmq.DEALER)
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 10, "first results")
+        push.connect(sup.endpoints.collect)
+        dealer.connect(sup.endpoints.frames)
+        good = protocol.encode_result(Result(stream_id="x", seq=1, capture_ns=1, enhanced=np.zeros((4, 4), np.uint8)))
+        h = json.loads(good[0])
+        payload = good[1].tobytes()
+        bad = [
+            [json.dumps({**h, "v": 99}).encode(), payload],  # bad_version
+            [json.dumps({**h, "parts": [{**h["parts"][0], "dtype": "int64"}]}).encode(), payload],  # bad_dtype
+            [good[0], payload[:-1]],  # payload_size
+            [json.dumps({**h, "parts": [{**h["parts"][0], "shape": [90000, 90000]}]}).encode(), payload],  # dims
+            [b"\x00\x01 not json"],  # bad_header
+        ]
+        for parts in bad:
+            push.send_multipart(parts)
+        push.send_multipart([good[0], b"\0" * (2 << 20)])  # > ZMQ_MAXMSGSIZE: libzmq drops the connection
+        dealer.send_multipart([b"credit? no"])
+        dealer.send_multipart(protocol.encode_control("event", node="rogue", event="hello"))
+        before = sup.hub.snapshot()["results"]
+
+        def counted() -> bool:
+            snap = sup.hub.snapshot()
+            return (all(snap["rejected"].get(r, 0) >= 1 for r in ("bad_version", "bad_dtype", "payload_size",
+                                                                   "dims_too_large", "bad_header", "unexpected_type"))
+                    and snap["transport"].get("peer_disconnected", 0) >= 1)
+
+        wait_for(counted, 10, "every bad message to be counted")
+        wait_for(lambda: sup.hub.snapshot()["results"] >= before + 10, 10, "the stream to go on")
+    finally:
+        push.close(linger=0)
+        dealer.close(linger=0)
+        ctx.term()
+        report = sup.stop()
+    assert report.exit_codes["w0"] == 0 and report.exit_codes["source"] == 0
+    assert report.rejected["bad_header"] >= 2  # the hub's garbage and the source's "credit? no"
+    assert report.restarts == 0
+
+
+def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(tmp_path: Path) -> None:
+    """Drive one WorkerNode from a hand-made source: the credit protocol as a client in another language sees it."""
+    ep = Endpoints.ipc(tmp_path)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    pull = ctx.socket(zmq.PULL)
+    router.bind(ep.frames)
+    pull.bind(ep.collect)
+    stop = threading.Event()
+    worker = WorkerNode(BuiltinProcessor("detect"), ep, NodeSettings(heartbeat_s=0.2), name="wx")
+    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
+    thread.start()
+
+    def next_control(kind: str) -> tuple[bytes, dict]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if router.poll(200):
+                ident, header = router.recv_multipart()
+                m = protocol.decode([header])
+                if m.type == kind:
+                    return ident, m.header
+        raise AssertionError(f"no {kind} from the worker")
+
+    try:
+        ident, hello = next_control("credit")
+        assert hello["done"] == 0 and hello["window"] == 1 and hello["worker"].startswith("wx.0.")
+        frame = Frame(pixels=np.zeros((32, 32), np.uint8), seq=7, stream_id="s")
+        header, pixels = protocol.encode_frame(frame)
+        router.send_multipart([ident, json.dumps({**json.loads(header), "dtype": "complex64"}).encode(),
+                               pixels.tobytes()])
+        _, credit = next_control("credit")
+        assert credit["done"] == 1  # the bad frame counts as handled: the source gives the credit back
+        frame.pixels[8:12, 8:12] = 255
+        router.send_multipart([ident, *protocol.encode_frame(frame)], copy=False)
+        assert pull.poll(5000)
+        while True:
+            m = protocol.decode(pull.recv_multipart())
+            if m.type == "result":
+                break
+            assert pull.poll(5000)
+        assert m.result is not None and m.result.seq == 7 and m.result.detections
+        assert next_control("credit")[1]["done"] == 2
+        stop.set()
+        thread.join(5)
+        assert not thread.is_alive()
+        stats = []
+        while pull.poll(300):  # the worker's last messages, flushed at stop
+            m = protocol.decode(pull.recv_multipart())
+            if m.type == "stats":
+                stats.append(m.header)
+        assert stats and stats[-1]["rejected"] == {"bad_dtype": 1}
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
+
+
+def test_a_model_failing_on_one_frame_is_an_error_event_not_a_crash() -> None:
+    report = run_pipeline(SyntheticSource(count=20), BuiltinProcessor("detect+raise:5"), mode="thread", policy="all")
+    assert report.results == 19
+    assert report.drops["processor_error"] == 1
+    errors = [e for e in report.events if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["seq"] == 5 and "RuntimeError" in errors[0]["detail"]
+    assert report.restarts == 0
+
+
+@pytest.mark.slow
+def test_sigkilled_worker_is_restarted_and_the_gap_is_recorded(tmp_path: Path) -> None:
+    config = PipelineConfig(mode="process", record_dir=str(tmp_path), restart_backoff_s=(0.2, 1.0),
+                            settings=NodeSettings(heartbeat_s=0.2, liveness_s=1.0))
+    # A 150 ms model on a 30 fps stream: the worker is busy almost all the time, so the kill lands mid-frame.
+    sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("slow:150"), config)
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 2, 20, "first results")
+        victim = sup.handle("w0").pid
+        os.kill(victim, signal.SIGKILL)
+        killed_at = sup.hub.snapshot()["results"]
+        wait_for(lambda: sup.handle("w0").restarts == 1, 10, "the supervisor to restart w0")
+        wait_for(lambda: sup.hub.snapshot()["results"] >= killed_at + 3, 20, "results from the restarted worker")
+        assert sup.handle("w0").pid != victim
+        assert sup.handle("source").alive() and sup.handle("recorder").alive()
+    finally:
+        report = sup.stop()
+    by_event = {e.get("event"): e for e in report.events}
+    assert by_event["node_exit"]["node_name"] == "w0" and by_event["node_exit"]["exitcode"] == -signal.SIGKILL
+    assert by_event["node_restarted"]["down_ms"] > 0 and by_event["node_restarted"]["incarnation"] == 1
+    assert by_event["worker_lost"]["worker"].startswith("w0.0.")  # the source forgot the dead worker's credit
+    assert report.drops.get("worker_lost", 0) == len(by_event["worker_lost"]["frames_lost"])
+    assert {r["worker"].split(".")[1] for r in report.records} == {"0", "1"}  # both incarnations served
+    lines = _strict_lines(tmp_path / RESULTS_FILE)
+    assert {"node_exit", "node_restarted", "worker_lost"} <= {r.get("event") for r in lines}
+
+
+@pytest.mark.slow
+def test_recorder_sigterm_and_sigkill_keep_every_written_line(tmp_path: Path) -> None:
+    config = PipelineConfig(mode="process", record_dir=str(tmp_path), restart_backoff_s=(0.2, 1.0))
+    sup = Supervisor(SyntheticSource(count=None, fps=100, shape=(32, 32)), BuiltinProcessor("detect"), config)
+    path = tmp_path / RESULTS_FILE
+    sup.start()
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 30, 20, "30 recorded results")
+        os.kill(sup.handle("recorder").pid, signal.SIGTERM)
+        before = {r["seq"] for r in read_records(path) if r["type"] == "result"}
+        wait_for(lambda: sup.handle("recorder").restarts == 1, 10, "the recorder to be restarted")
+        lines = _strict_lines(path)
+        stopped = [r for r in lines if r.get("event") == "recorder_stopped"]
+        assert stopped and stopped[0]["clean_end"] is False  # it flushed on SIGTERM and said so
+        assert before <= {r["seq"] for r in lines if r["type"] == "result"}
+        wait_for(lambda: path.read_text().count('"type":"result"') >= len(before) + 30, 20, "recording to go on")
+        os.kill(sup.handle("recorder").pid, signal.SIGKILL)  # no chance to flush: lines already written survive
+        wait_for(lambda: sup.handle("recorder").restarts == 2, 10, "the second restart")
+        _strict_lines(path)
+    finally:
+        report = sup.stop()
+    lines = _strict_lines(path)
+    assert sum(1 for r in lines if r.get("event") == "recorder_started") == 3
+    assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
+    assert report.exit_codes["recorder"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_whole_pipeline_cleanly(tmp_path: Path) -> None:
+    code = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
+            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--source", "synthetic:64x64", "--loop", "--processor",
+                             "detect+slow:20", "--workers", "2", "--record", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = tmp_path / RESULTS_FILE
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 10, 30, "results")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "results in" in out
+    lines = _strict_lines(path)
+    assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
+    assert (tmp_path / "latency.json").is_file()

@@ -1,0 +1,170 @@
+"""Post-processing: detection decoding + NMS, enhancement back to the frame, tiling, masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edge_runtime.errors import BundleError, InputError
+from edge_runtime.frames import Frame
+from edge_runtime.postprocess import Postprocessor, enhance_tiled, nms
+from edge_runtime.preprocess import Preprocessor
+
+
+def _centernet_outputs() -> dict[str, np.ndarray]:
+    heat = np.zeros((1, 2, 8, 8), np.float32)
+    size = np.zeros((1, 2, 8, 8), np.float32)
+    off = np.zeros((1, 2, 8, 8), np.float32)
+    heat[0, 0, 2, 3] = 0.9  # class 0 peak
+    heat[0, 0, 2, 4] = 0.6  # its neighbour: not a 3x3 maximum -> no detection
+    heat[0, 0, 6, 6] = 0.2  # below threshold
+    heat[0, 1, 5, 1] = 0.7  # class 1 peak
+    heat[0, 1, 5, 3] = 0.65  # class 1, a separate peak whose box overlaps the one above
+    size[0, :, 2, 3] = (8, 4)
+    off[0, :, 2, 3] = (0.5, 0.25)
+    size[0, :, 5, 1] = (10, 10)
+    size[0, :, 5, 3] = (10, 10)
+    off[0, :, 5, 3] = (-0.5, 0.0)  # centre at x = 2.5 * 4 = 10 vs 4: IoU 4/16 ... see below
+    return {"heatmap": heat, "size": size, "offset": off}
+
+
+def test_centernet_decode_and_nms_hand_computed() -> None:
+    spec = {"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3,
+            "nms_iou": 0.5, "max_detections": 10}
+    pre = Preprocessor({})
+    frame = Frame(np.zeros((32, 32), np.uint8))
+    _, m = pre(frame)
+    dets = Postprocessor(spec)(_centernet_outputs(), m, frame).detections
+    # class 0: centre ((3 + .5) * 4, (2 + .25) * 4) = (14, 9), size 8 x 4
+    assert [d.label for d in dets] == ["cyst", "solid", "solid"]
+    np.testing.assert_allclose(dets[0].box, (10, 7, 18, 11))
+    assert dets[0].score == pytest.approx(0.9)
+    # class 1: (4, 20) and (10, 20), 10 x 10; intersection 4*10 = 40, union 160 -> IoU 0.25 < 0.5: both kept
+    np.testing.assert_allclose(dets[1].box, (0, 15, 9, 25))  # x0 = -1 clipped to the frame
+    np.testing.assert_allclose(dets[2].box, (5, 15, 15, 25))
+    # A stricter NMS removes the lower-scoring overlapping box of the same class only.
+    spec["nms_iou"] = 0.2
+    dets = Postprocessor(spec)(_centernet_outputs(), m, frame).detections
+    assert [(d.label, round(d.score, 2)) for d in dets] == [("cyst", 0.9), ("solid", 0.7)]
+
+
+def test_centernet_boxes_map_back_through_letterbox() -> None:
+    spec = {"type": "centernet", "stride": 4, "classes": ["a", "b"], "score_threshold": 0.3}
+    pre = Preprocessor({"resize": {"mode": "letterbox", "size": [32, 32]}})
+    frame = Frame(np.zeros((40, 80), np.uint8))  # scale 0.4, content 16 x 32 at offset_y 8
+    _, m = pre(frame)
+    dets = Postprocessor(spec)(_centernet_outputs(), m, frame).detections
+    # class 0 box in the tensor (10, 7, 18, 11) -> ((10, 7-8, 18, 11-8) / 0.4), y clipped at 0
+    np.testing.assert_allclose(dets[0].box, (25, 0, 45, 7.5))
+
+
+def test_nms_is_class_wise_and_orders_by_score() -> None:
+    boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], float)
+    scores = np.array([0.8, 0.9, 0.7, 0.5])
+    cls = np.array([0, 0, 1, 0])
+    # IoU(0, 1) = 81 / 119 = 0.68 > 0.5: box 0 suppressed by box 1; box 2 is another class.
+    assert nms(boxes, scores, cls, 0.5).tolist() == [1, 2, 3]
+    assert nms(boxes, scores, cls, 0.7).tolist() == [1, 0, 2, 3]
+    assert nms(boxes, scores, cls, 0.5, max_detections=2).tolist() == [1, 2]
+
+
+def test_yolov8_layout_decoded() -> None:
+    # [1, 4 + 2, N]: rows cx, cy, w, h, score(class0), score(class1)
+    preds = np.array([
+        [50, 50, 20, 10, 0.9, 0.1],
+        [52, 50, 20, 10, 0.8, 0.05],  # overlaps the first, same class -> suppressed
+        [50, 50, 20, 10, 0.1, 0.6],  # same place, other class -> kept
+        [10, 10, 4, 4, 0.2, 0.1],  # below threshold
+    ], np.float32)
+    spec = {"type": "yolov8", "classes": ["cyst", "solid"], "score_threshold": 0.25, "nms_iou": 0.5}
+    pre = Preprocessor({"resize": {"mode": "letterbox", "size": [128, 128]}})
+    frame = Frame(np.zeros((64, 128), np.uint8))  # scale 1, offset_y 32
+    _, m = pre(frame)
+    for out in (preds.T[None], preds[None]):  # the common layout and its transposed variant
+        dets = Postprocessor(spec)({"output0": out}, m, frame).detections
+        assert [(d.label, round(d.score, 2)) for d in dets] == [("cyst", 0.9), ("solid", 0.6)]
+        np.testing.assert_allclose(dets[0].box, (40, 13, 60, 23))
+    with pytest.raises(InputError, match="YOLOv8"):
+        Postprocessor(spec)({"output0": np.zeros((1, 7, 5), np.float32)}, m, frame)
+
+
+def test_enhance_back_to_uint16_12_bit_range_and_size() -> None:
+    rng = np.random.default_rng(1)
+    px = rng.integers(0, 4096, (300, 200), dtype=np.uint16)
+    frame = Frame(px, modality="DX", bits_stored=12)
+    pre = Preprocessor({"resize": {"mode": "none", "multiple": 16}}, bits_stored=12)
+    x, m = pre(frame)
+    assert x.shape == (1, 1, 304, 208)
+    post = Postprocessor({"type": "enhance"}, preprocess=pre)
+    out = post({"enhanced": x}, m, frame).enhanced
+    assert out.dtype == np.uint16 and out.shape == (300, 200)
+    np.testing.assert_array_equal(out, px)  # identity model -> identical pixels
+    y = x * 2.0  # out-of-range predictions clip to the 12-bit maximum
+    out = post({"enhanced": y}, m, frame).enhanced
+    assert out.max() == 4095
+    # MONOCHROME1: inverted for the model, inverted back for the result.
+    f1 = Frame(px, modality="DX", bits_stored=12, photometric="MONOCHROME1")
+    x1, m1 = pre(f1)
+    np.testing.assert_array_equal(post({"enhanced": x1}, m1, f1).enhanced, px)
+    # Resized models: the result comes back at the frame's size.
+    pre_r = Preprocessor({"resize": {"mode": "letterbox", "size": [128, 128]}}, bits_stored=12)
+    xr, mr = pre_r(frame)
+    out = Postprocessor({"type": "enhance"}, preprocess=pre_r)([xr], mr, frame).enhanced
+    assert out.shape == (300, 200) and np.abs(out.astype(float) - px).mean() < 1200  # content, not padding
+
+
+def _conv_model(path: str) -> ort.InferenceSession:
+    """A fully convolutional identity-like ONNX model: 3x3 conv, centre 0.9, ring 0.0125."""
+    w = np.full((1, 1, 3, 3), 0.0125, np.float32)
+    w[0, 0, 1, 1] = 0.9
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["enhanced"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "h", "w"])],
+        [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 1, "h", "w"])],
+        [helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save(model, path)
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def test_tiled_enhancement_equals_untiled(tmp_path) -> None:
+    sess = _conv_model(str(tmp_path / "conv.onnx"))
+
+    def run(t: np.ndarray) -> np.ndarray:
+        return sess.run(None, {"image": t})[0]
+
+    x = np.random.default_rng(2).random((1, 1, 200, 300), dtype=np.float32)
+    whole = run(x)
+    tiled = enhance_tiled(run, x, tile=64, overlap=16)
+    assert tiled.shape == whole.shape
+    np.testing.assert_allclose(tiled, whole, atol=2e-3)
+    assert np.abs(enhance_tiled(run, x, tile=64, overlap=0) - whole).max() > 1e-3  # seams without overlap
+    np.testing.assert_array_equal(enhance_tiled(run, x[:, :, :64, :64], 64, 16), run(x[:, :, :64, :64]))
+
+
+def test_segmentation_logits_to_masks_and_contours() -> None:
+    frame = Frame(np.zeros((40, 80), np.uint8))
+    pre = Preprocessor({"resize": {"mode": "letterbox", "size": [32, 32]}})
+    _, m = pre(frame)  # content rows 8..24
+    logits = np.full((1, 1, 32, 32), -5.0, np.float32)
+    logits[0, 0, 12:20, 8:16] = 5.0  # -> original rows 10..30, cols 20..40
+    masks, contours = Postprocessor({"type": "segmentation"}).segment(logits, m)
+    assert masks.shape == (1, 40, 80) and masks.dtype == np.uint8
+    ys, xs = np.nonzero(masks[0])
+    assert abs(ys.min() - 10) <= 1 and abs(ys.max() - 29) <= 1 and abs(xs.min() - 20) <= 1
+    assert len(contours[0]) == 1
+    two = np.stack([-logits[0, 0], logits[0, 0]])[None]  # softmax over 2 classes
+    masks, _ = Postprocessor({"type": "segmentation", "activation": "softmax"}).segment(two, m)
+    assert masks.shape == (2, 40, 80) and np.all(masks.sum(axis=0) == 1)
+
+
+def test_bad_specs_are_bundle_errors() -> None:
+    with pytest.raises(BundleError, match="type"):
+        Postprocessor({"type": "ssd"})
+    with pytest.raises(BundleError, match="iou_threshold"):
+        Postprocessor({"type": "centernet", "classes": ["a"], "iou_threshold": 0.5})
+    with pytest.raises(BundleError, match="classes"):
+        Postprocessor({"type": "yolov8"})

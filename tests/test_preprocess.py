@@ -1,0 +1,140 @@
+"""Manifest-driven pre-processing: geometry, scaling, windowing, inversion, validation."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_voi_lut
+
+from edge_runtime.errors import BundleError, InputError
+from edge_runtime.frames import Frame
+from edge_runtime.preprocess import Preprocessor, sector_mask
+
+
+def _frame(px: np.ndarray, **kw) -> Frame:
+    return Frame(px, **kw)
+
+
+def test_letterbox_round_trip_exact_to_the_pixel() -> None:
+    # 240x320 -> 256x256: scale 0.8, content 192x256 centred (offset_y 32).
+    img = np.zeros((240, 320), np.uint8)
+    box = (45, 30, 170, 205)  # x0, y0, x1, y1 (exclusive), multiples of 5 -> integer in the tensor
+    img[box[1]:box[3], box[0]:box[2]] = 255
+    pre = Preprocessor({"resize": {"mode": "letterbox", "size": [256, 256], "interpolation": "area"}})
+    x, m = pre(_frame(img, modality="US"))
+    assert x.shape == (1, 1, 256, 256) and x.dtype == np.float32
+    assert (m.offset_x, m.offset_y, m.content_size) == (0, 32, (192, 256))
+    ys, xs = np.nonzero(x[0, 0] > 0.5)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]])
+    np.testing.assert_array_equal(found, m.to_input(np.array([box])))
+    np.testing.assert_array_equal(m.to_original(found), [box])
+    # Padding rows hold pad_value (0) and the whole padded band is outside the content.
+    assert np.all(x[0, 0, :32] == 0) and np.all(x[0, 0, 224:] == 0)
+
+
+def test_letterbox_mapping_inverse_for_odd_sizes() -> None:
+    pre = Preprocessor({"resize": {"mode": "letterbox", "size": [256, 256]}})
+    m = pre.geometry(333, 517)
+    boxes = np.array([[0, 0, 517, 333], [12.25, 100.5, 77.75, 300.0]])
+    np.testing.assert_allclose(m.to_original(m.to_input(boxes)), boxes, atol=1e-9)
+    # The full frame maps exactly onto the content region (edges onto pixel edges).
+    np.testing.assert_allclose(m.to_input(boxes[:1])[0], m.content, atol=1e-9)
+
+
+def test_bit_depth_scaling_8_12_16() -> None:
+    for bits, dtype in ((8, np.uint8), (12, np.uint16), (16, np.uint16)):
+        px = np.array([[0, 1, 2 ** bits - 1]], dtype)
+        x, _ = Preprocessor({}, bits_stored=bits)(_frame(px, bits_stored=bits))
+        np.testing.assert_allclose(x[0, 0], [[0, 1 / (2 ** bits - 1), 1]], rtol=1e-6)
+
+
+def test_window_agrees_with_pydicom_apply_voi_lut_on_12_bit() -> None:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 4096, size=(64, 80), dtype=np.uint16)
+    arr[0, :6] = [0, 599, 600, 1000, 1399, 4095]
+    ds = Dataset()
+    ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation = 12, 16, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 1000, 801
+    want = apply_voi_lut(arr, ds) / 4095.0
+    pre = Preprocessor({"window": {"center": 1000, "width": 801}}, modality=["DX"], bits_stored=12)
+    x, _ = pre(_frame(arr, modality="DX", bits_stored=12))
+    np.testing.assert_allclose(x[0, 0], want, atol=1e-6)
+    assert x.min() == 0 and x.max() == 1
+
+
+def test_monochrome1_is_inverted_and_can_be_kept() -> None:
+    px = np.array([[0, 1000, 4095]], np.uint16)
+    f = _frame(px, bits_stored=12, photometric="MONOCHROME1")
+    x, _ = Preprocessor({})(f)
+    np.testing.assert_allclose(x[0, 0], 1 - px / 4095.0, atol=1e-6)
+    x, _ = Preprocessor({"invert_monochrome1": False})(f)
+    np.testing.assert_allclose(x[0, 0], px / 4095.0, atol=1e-6)
+    # Windowed: DICOM applies the window, then MONOCHROME1 is displayed inverted.
+    x, _ = Preprocessor({"window": {"center": 1000, "width": 801}})(f)
+    np.testing.assert_allclose(x[0, 0], [[1.0, 1 - ((1000 - 999.5) / 800 + 0.5), 0.0]], atol=1e-6)
+
+
+def test_normalise_pad_value_and_multiple_padding() -> None:
+    px = np.full((100, 130), 255, np.uint8)
+    spec = {"resize": {"mode": "none", "multiple": 16, "pad_value": 0.5},
+            "normalize": {"mean": 0.5, "std": 0.25}}
+    x, m = Preprocessor(spec)(_frame(px))
+    assert x.shape == (1, 1, 112, 144) and m.content == (0, 0, 130, 100)
+    assert np.all(x[0, 0, :100, :130] == 2.0)  # (1 - 0.5) / 0.25
+    assert np.all(x[0, 0, 100:] == 0.0) and np.all(x[0, 0, :, 130:] == 0.0)  # pad 0.5 normalised
+
+
+def test_color_handling() -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    x, _ = Preprocessor({})(_frame(rgb, photometric="RGB", modality="US"))
+    np.testing.assert_allclose(x[0, 0], cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY) / 255.0, atol=1e-6)
+    x, _ = Preprocessor({"color": "rgb", "normalize": {"mean": [0.1, 0.2, 0.3], "std": [1, 2, 4]}})(
+        _frame(rgb, photometric="RGB"))
+    for c, (mu, sd) in enumerate(((0.1, 1), (0.2, 2), (0.3, 4))):
+        np.testing.assert_allclose(x[0, c], (rgb[..., c] / 255.0 - mu) / sd, atol=1e-6)
+    gray = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    x, _ = Preprocessor({"color": "rgb"})(_frame(gray))
+    assert x.shape == (1, 3, 20, 30) and np.array_equal(x[0, 0], x[0, 2])
+
+
+def test_stretch_mapping() -> None:
+    pre = Preprocessor({"resize": {"mode": "stretch", "size": [128, 64]}})
+    x, m = pre(_frame(np.zeros((256, 256), np.uint8)))
+    assert x.shape == (1, 1, 128, 64) and (m.scale_x, m.scale_y) == (0.25, 0.5)
+    np.testing.assert_allclose(m.to_original(np.array([[16, 32, 32, 64]])), [[64, 64, 128, 128]])
+
+
+def test_unknown_keys_and_bad_values_are_bundle_errors() -> None:
+    with pytest.raises(BundleError, match="colour"):
+        Preprocessor({"colour": "gray"})
+    with pytest.raises(BundleError, match="sizes"):
+        Preprocessor({"resize": {"mode": "letterbox", "sizes": [1, 1]}})
+    with pytest.raises(BundleError, match="letterbox/stretch"):
+        Preprocessor({"resize": {"mode": "letterbox"}})
+    with pytest.raises(BundleError, match="std"):
+        Preprocessor({"normalize": {"std": 0}})
+    with pytest.raises(BundleError, match="spatial size"):
+        Preprocessor({"resize": {"mode": "letterbox", "size": [256, 256]}},
+                     {"name": "image", "shape": [1, 1, 512, 512]})
+
+
+def test_frames_of_another_modality_or_bit_depth_are_input_errors() -> None:
+    pre = Preprocessor({}, modality=["DX", "CR"], bits_stored=12)
+    with pytest.raises(InputError, match="modality"):
+        pre(_frame(np.zeros((8, 8), np.uint16), modality="US", bits_stored=12))
+    with pytest.raises(InputError, match="12-bit"):
+        pre(_frame(np.zeros((8, 8), np.uint16), modality="DX", bits_stored=16))
+
+
+def test_sector_mask_removes_annotations_outside_the_fan() -> None:
+    img = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(img, (100, 10), (170, 170), 0, 50, 130, 120, -1)  # a sector
+    cv2.putText(img, "MI 0.9", (5, 190), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1)
+    mask = sector_mask(img)
+    assert mask[150, 100] == 1 and mask[188, 10] == 0
+    x, _ = Preprocessor({"sector_mask": {"threshold": 1}})(_frame(img))
+    assert x[0, 0, 180:195, 0:60].max() == 0 and x[0, 0, 150, 100] > 0

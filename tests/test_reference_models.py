@@ -1,0 +1,145 @@
+"""The four shipped reference models: bundles verify, ONNX Runtime matches PyTorch, and each
+beats its classical baseline on held-out phantoms generated here (random weights would not)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_runtime import phantoms
+from edge_runtime.bundle import Bundle
+from edge_runtime.frames import Frame
+from edge_runtime.postprocess import Postprocessor
+from edge_runtime.preprocess import Preprocessor
+from export.metrics import average_precision, psnr
+
+MODELS = Path(__file__).resolve().parents[1] / "edge_runtime" / "models"
+NAMES = ["us-lesion-det", "xr-nodule-det", "us-despeckle", "xr-denoise"]
+# Held-out seeds for these tests: outside both the training range (< 9e6) and the card's
+# held-out range (9e6 .. 9e6 + 200), so nothing here was tuned on.
+TEST_SEED = 9_500_000
+# ORT vs PyTorch on the same weights (float32, same graph): summed-order differences only.
+PARITY_ATOL = {"heatmap": 1e-4, "size": 1e-2, "offset": 1e-3, "enhanced": 1e-4}
+
+
+def _bundle(name: str) -> Bundle:
+    path = MODELS / name
+    if not (path / "manifest.json").is_file():
+        pytest.fail(f"shipped bundle {path} is missing")
+    return Bundle.load(path)
+
+
+def _session(bundle: Bundle):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    return ort.InferenceSession(str(bundle.file(bundle.artifact("fp32").file)), so,
+                                providers=["CPUExecutionProvider"])
+
+
+def _run(bundle: Bundle, sess, frame: Frame):
+    pre = Preprocessor.from_manifest(bundle.manifest)
+    post = Postprocessor.from_manifest(bundle.manifest, preprocess=pre)
+    x, m = pre(frame)
+    names = [o["name"] for o in bundle.manifest["outputs"]]
+    out = dict(zip(names, sess.run(names, {"image": x})))
+    return post, out, m
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundle_is_shipped_small_and_labelled(name: str) -> None:
+    b = _bundle(name)
+    m = b.manifest
+    assert "not for clinical use" in m["description"]
+    assert b.file("fp32.onnx").stat().st_size < 2_000_000
+    assert m["tolerances"] and m["metrics"] and m["training"]["seed"] == 0
+    assert m["inputs"][0]["name"] == "image"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnxruntime_matches_pytorch(name: str) -> None:
+    torch = pytest.importorskip("torch", reason="PyTorch (the train extra) is not installed")
+    from export.training.train import torch_from_onnx
+
+    b = _bundle(name)
+    model = torch_from_onnx(b.manifest, b.file("fp32.onnx"))
+    sess = _session(b)
+    shape = b.manifest["inputs"][0]["shape"]
+    sizes = [(96, 160), (64, 64)] if isinstance(shape[2], str) else [tuple(shape[2:])]
+    rng = np.random.default_rng(0)
+    for hw in sizes:
+        x = rng.random((1, 1, *hw), dtype=np.float32)
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x))
+        ref = [ref] if isinstance(ref, torch.Tensor) else list(ref)
+        names = [o.name for o in sess.get_outputs()]
+        for n, r, g in zip(names, ref, sess.run(names, {"image": x})):
+            assert g.shape == tuple(r.shape)
+            assert np.abs(r.numpy() - g).max() <= PARITY_ATOL[n], n
+
+
+def _detector_vs_baseline(name: str, frames: list[Frame]) -> tuple[float, float]:
+    from export.training import baselines
+
+    b = _bundle(name)
+    sess = _session(b)
+    classes = b.manifest["postprocess"]["classes"]
+    model_pairs, base_pairs = [], []
+    params = b.manifest["baselines"]["params"]
+    for f in frames:
+        post, out, m = _run(b, sess, f)
+        post.score_threshold = 0.01
+        model_pairs.append((post(out, m, f).detections, f.truth))
+        base_pairs.append((baselines.DETECTORS[name](f, **params), f.truth))
+    return (average_precision(model_pairs, 0.5, classes)["ap"], average_precision(base_pairs, 0.5, classes)["ap"])
+
+
+@pytest.mark.slow
+def test_us_lesion_detector_beats_classical_baseline() -> None:
+    frames = [phantoms.us_frame(TEST_SEED + i, geometry=("sector", "linear")[i % 2], n_lesions=(1, 3))
+              for i in range(12)]
+    model_ap, base_ap = _detector_vs_baseline("us-lesion-det", frames)
+    assert model_ap > 0.6 and model_ap > base_ap + 0.2, (model_ap, base_ap)
+
+
+@pytest.mark.slow
+def test_xr_nodule_detector_beats_classical_baseline() -> None:
+    frames = [phantoms.xr_frame(TEST_SEED + i, n_nodules=(1, 3)) for i in range(8)]
+    model_ap, base_ap = _detector_vs_baseline("xr-nodule-det", frames)
+    assert model_ap > 0.5 and model_ap > base_ap + 0.2, (model_ap, base_ap)
+
+
+def _enhancer_vs_baseline(name: str, frames: list[Frame]) -> tuple[float, float, Frame, np.ndarray]:
+    from export.training import baselines
+
+    b = _bundle(name)
+    sess = _session(b)
+    base = b.manifest["baselines"]
+    best = max((k for k in base if k in baselines.FILTERS), key=lambda k: base[k]["psnr_db"])
+    rng = float(2 ** b.manifest["bits_stored"] - 1)
+    ours, theirs = [], []
+    y = None
+    for f in frames:
+        post, out, m = _run(b, sess, f)
+        y = post(out, m, f).enhanced
+        assert y.dtype == f.pixels.dtype and y.shape == f.pixels.shape
+        ours.append(psnr(f.truth.clean, y, rng))
+        theirs.append(psnr(f.truth.clean, baselines.FILTERS[best](f.pixels, **base[best]["params"]), rng))
+    return float(np.mean(ours)), float(np.mean(theirs)), frames[-1], y
+
+
+def test_us_despeckle_beats_best_classical_filter() -> None:
+    frames = [phantoms.us_frame(TEST_SEED + i, size=(256, 256), geometry=("sector", "linear")[i % 2])
+              for i in range(4)]
+    ours, theirs, _, _ = _enhancer_vs_baseline("us-despeckle", frames)
+    assert ours > theirs + 0.5, (ours, theirs)
+
+
+def test_xr_denoise_beats_best_classical_filter_in_12_bit() -> None:
+    frames = [phantoms.xr_frame(TEST_SEED + i, size=(256, 256), dose=0.1) for i in range(4)]
+    ours, theirs, f, y = _enhancer_vs_baseline("xr-denoise", frames)
+    assert ours > theirs + 0.5, (ours, theirs)
+    assert y.dtype == np.uint16 and y.max() <= 4095 and f.bits_stored == 12

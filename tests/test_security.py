@@ -1,0 +1,125 @@
+"""Security: loopback by default, CURVE + allow-list off the box, keys on disk with the right modes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.pipeline import security
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.client import Subscriber
+from edge_runtime.pipeline.nodes import NodeSettings, free_tcp_ports
+from edge_runtime.pipeline.security import SecurityConfig
+from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor
+
+
+@pytest.mark.parametrize("endpoint, local", [
+    ("inproc://x", True), ("ipc:///tmp/x", True), ("tcp://127.0.0.1:5555", True), ("tcp://127.8.9.1:1", True),
+    ("tcp://localhost:5555", True), ("tcp://[::1]:5555", True), ("tcp://0.0.0.0:5555", False),
+    ("tcp://*:5555", False), ("tcp://eth0:5555", False), ("tcp://192.168.1.20:5555", False),
+    ("tcp://[::]:5555", False), ("tcp://10.0.0.5;127.0.0.1:5555", True), ("ws://127.0.0.1:80", False),
+])
+def test_which_endpoints_leave_the_box(endpoint: str, local: bool) -> None:
+    assert security.is_local_endpoint(endpoint) is local
+
+
+def test_malformed_endpoints_are_config_errors() -> None:
+    for bad in ("127.0.0.1:5555", "http://x:1"):
+        with pytest.raises(ConfigError):
+            security.is_local_endpoint(bad)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("keys")
+    security.generate_keys(d, "server")
+    security.generate_keys(d, "client", allow=True)
+    security.generate_keys(d, "stranger")  # a valid key pair that nobody allowed
+    return d
+
+
+def test_network_bind_without_curve_is_refused_unless_insecure(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The policy check runs before any bind, so nothing binds a non-loopback address here.
+    for endpoint in ("tcp://0.0.0.0:5555", "tcp://*:7000", "tcp://192.168.1.20:5555"):
+        with pytest.raises(ConfigError, match="--insecure"):
+            security.wants_curve(endpoint, None)
+        with pytest.raises(ConfigError):
+            security.wants_curve(endpoint, SecurityConfig(client_secret=keys / "client.key_secret"))
+        with caplog.at_level(logging.WARNING, logger="edge_runtime.pipeline.security"):
+            caplog.clear()
+            assert security.wants_curve(endpoint, SecurityConfig(insecure=True)) is False
+        assert "INSECURE" in caplog.text and endpoint in caplog.text
+        assert security.wants_curve(endpoint, SecurityConfig.from_keys_dir(keys)) is True
+    assert security.wants_curve("tcp://127.0.0.1:5555", None) is False
+    assert security.wants_curve("ipc:///tmp/x", SecurityConfig.from_keys_dir(keys, curve_on_loopback=True)) is False
+    assert security.wants_curve("tcp://127.0.0.1:1", SecurityConfig.from_keys_dir(keys, curve_on_loopback=True))
+    with pytest.raises(ConfigError):
+        security.wants_curve("tcp://127.0.0.1:1", SecurityConfig(curve_on_loopback=True))
+
+
+def test_pipeline_refuses_an_open_network_bind_before_starting(tmp_path: Path) -> None:
+    config = PipelineConfig(public_endpoint="tcp://0.0.0.0:5999")
+    sup = Supervisor(SyntheticSource(count=1), BuiltinProcessor(), config)
+    with pytest.raises(ConfigError, match="non-loopback"):
+        sup.start()
+    assert sup.handles == []  # nothing was started
+
+
+def test_generated_keys_have_safe_modes(keys: Path) -> None:
+    for name in ("server", "client", "stranger"):
+        assert stat.S_IMODE((keys / f"{name}.key_secret").stat().st_mode) == 0o600
+        assert (keys / f"{name}.key").is_file()
+    assert sorted(p.name for p in (keys / "allowed").iterdir()) == ["client.key"]
+    with pytest.raises(ConfigError, match="PUBLIC"):
+        security.allow_key(keys, keys / "stranger.key_secret")
+    with pytest.raises(ConfigError):
+        security.generate_keys(keys, "../escape")
+
+
+def test_keys_cli_generates_and_allows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    security.configure(parser)
+    assert security.run(parser.parse_args(["generate", str(tmp_path), "--name", "cart7", "--allow"])) == 0
+    assert (tmp_path / "allowed" / "cart7.key").is_file()
+    assert stat.S_IMODE((tmp_path / "cart7.key_secret").stat().st_mode) == 0o600
+    security.generate_keys(tmp_path, "viewer")
+    assert security.run(parser.parse_args(["allow", str(tmp_path), str(tmp_path / "viewer.key")])) == 0
+    assert (tmp_path / "allowed" / "viewer.key").is_file()
+    assert "0600" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_curve_allowed_client_receives_and_unknown_key_gets_nothing(keys: Path) -> None:
+    port = free_tcp_ports(1)[0]
+    endpoint = f"tcp://127.0.0.1:{port}"
+    settings = NodeSettings(security=SecurityConfig.from_keys_dir(keys, curve_on_loopback=True))
+    config = PipelineConfig(public_endpoint=endpoint, settings=settings)
+    sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("detect"), config)
+    sup.start()
+    try:
+        with Subscriber(endpoint, curve_server_key=keys / "server.key",
+                        curve_client_secret=keys / "client.key_secret") as allowed, \
+             Subscriber(endpoint, curve_server_key=keys / "server.key",
+                        curve_client_secret=keys / "stranger.key_secret") as stranger, \
+             Subscriber(endpoint) as plain:
+            got = None
+            deadline = time.monotonic() + 10
+            while got is None and time.monotonic() < deadline:
+                m = allowed.receive(0.5)
+                got = m.result if m is not None else None
+            assert got is not None and got.detections and got.detections[0].label == "blob"
+            assert stranger.receive(1.0) is None  # handshake refused by ZAP: no message at all
+            assert plain.receive(0.2) is None  # a NULL-mechanism client cannot talk to a CURVE server
+        deadline = time.monotonic() + 5
+        while sup.hub.snapshot()["transport"].get("auth_failed", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sup.hub.snapshot()["transport"].get("auth_failed", 0) >= 1
+    finally:
+        report = sup.stop()
+    assert report.results > 0

@@ -1,0 +1,374 @@
+"""Frame sources on real pydicom files, DICOM / image / video files written here, and errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.uid import MPEG4HP41, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from edge_runtime.errors import ConfigError, InputError, UnsupportedFormatError
+from edge_runtime.frames import Frame
+from edge_runtime.sources import (
+    CameraSource,
+    DicomSource,
+    ImageFolderSource,
+    PhantomSource,
+    VideoSource,
+    open_source,
+    paced,
+)
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+PATIENT = ("Doe^Jane", "SECRET-ID-4711", "19700101")  # must never leak into frames, logs or errors
+
+
+def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 8,
+                **attrs: object) -> Path:
+    """A minimal Secondary Capture file with identifiers that must not leak."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT
+    ds.StudyDate = PATIENT[2]
+    ds.Modality = "DX"
+    ds.SeriesInstanceUID = "1.2.3.4"
+    ds.set_pixel_data(pixels, photometric, bits_stored)
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def assert_no_identifiers(frames: list[Frame], text: str = "") -> None:
+    for frame in frames:
+        fields = f"{frame.source} {frame.stream_id} {frame.modality} {frame.photometric}"
+        assert not any(value in fields for value in PATIENT)
+    assert not any(value in text for value in PATIENT)
+
+
+# --- real pydicom ultrasound files ----------------------------------------------------------
+
+
+def test_jpeg_ultrasound_cine_decodes_frame_by_frame_to_rgb() -> None:
+    path = TEST_FILES / "examples_ybr_color.dcm"
+    source = DicomSource(path)
+    frames = list(source)
+    assert len(frames) == 30 and source.n_frames == 30
+    assert source.fps == pytest.approx(30.0, abs=0.01)
+    assert [f.seq for f in frames] == list(range(30))
+    first = frames[0]
+    assert first.pixels.shape == (240, 320, 3) and first.pixels.dtype == np.uint8
+    assert (first.photometric, first.modality, first.bits_stored) == ("RGB", "US", 8)
+    # SequenceOfUltrasoundRegions: PhysicalDeltaX/Y in cm -> mm
+    assert first.pixel_spacing == pytest.approx((0.5105, 0.5105), abs=1e-4)
+    reference = pydicom.dcmread(path).pixel_array  # pydicom converts YBR_FULL_422 to RGB
+    np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), reference)
+
+
+def test_palette_color_goes_through_its_lut() -> None:
+    path = TEST_FILES / "examples_palette.dcm"
+    (frame,) = list(DicomSource(path))
+    ds = pydicom.dcmread(path)
+    expected = apply_color_lut(ds.pixel_array, ds)
+    assert frame.photometric == "RGB" and frame.pixels.shape == (350, 800, 3)
+    assert frame.bits_stored == expected.dtype.itemsize * 8
+    np.testing.assert_array_equal(frame.pixels, expected)
+
+
+def test_rgb_ultrasound_file() -> None:
+    path = TEST_FILES / "examples_rgb_color.dcm"
+    (frame,) = list(open_source(path))
+    assert (frame.photometric, frame.modality, frame.pixels.dtype) == ("RGB", "US", np.uint8)
+    np.testing.assert_array_equal(frame.pixels, pydicom.dcmread(path).pixel_array)
+
+
+# --- DICOM files written here --------------------------------------------------------------
+
+
+@pytest.fixture
+def mono1_12bit(tmp_path: Path) -> Path:
+    raw = np.random.default_rng(1).integers(0, 4096, (40, 48), dtype=np.uint16)
+    return write_dicom(tmp_path / "mono1.dcm", raw, "MONOCHROME1", 12, WindowCenter=2000, WindowWidth=1000)
+
+
+def test_monochrome1_12bit_is_inverted_and_keeps_depth(mono1_12bit: Path) -> None:
+    ds = pydicom.dcmread(mono1_12bit)
+    (frame,) = list(DicomSource(mono1_12bit))
+    assert (frame.photometric, frame.bits_stored, frame.pixels.dtype) == ("MONOCHROME2", 12, np.uint16)
+    np.testing.assert_array_equal(frame.pixels, 4095 - ds.pixel_array)
+
+
+def test_window_from_file_matches_pydicom_then_inverts(mono1_12bit: Path) -> None:
+    ds = pydicom.dcmread(mono1_12bit)
+    shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)  # float64 in 0..4095
+    (frame,) = list(DicomSource(mono1_12bit, apply_voi=True))
+    assert frame.bits_stored == 12 and frame.photometric == "MONOCHROME2"
+    np.testing.assert_array_equal(frame.pixels, 4095 - np.rint(shown).astype(np.uint16))
+    assert frame.pixels.min() == 0 and frame.pixels.max() == 4095  # the window clips both ends
+
+
+def test_window_argument_overrides_the_file(mono1_12bit: Path) -> None:
+    ds = pydicom.dcmread(mono1_12bit)
+    ds.WindowCenter, ds.WindowWidth = 1000, 500
+    shown = apply_voi_lut(ds.pixel_array, ds)
+    (frame,) = list(DicomSource(mono1_12bit, window=(1000, 500)))
+    np.testing.assert_array_equal(frame.pixels, 4095 - np.rint(shown).astype(np.uint16))
+    with pytest.raises(ConfigError, match="width"):
+        DicomSource(mono1_12bit, window=(1000, 0))
+
+
+def test_voi_lut_sequence_is_preferred_over_the_window(tmp_path: Path) -> None:
+    raw = np.random.default_rng(2).integers(0, 4096, (32, 32), dtype=np.uint16)
+    lut = np.rint(4095 * (np.arange(4096) / 4095) ** 0.5).astype(np.uint16)  # a gamma curve
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 12])  # LUT Descriptor: entries, first mapped, bits
+    item.add_new(0x00283006, "US", lut.tolist())  # LUT Data
+    path = write_dicom(tmp_path / "voi.dcm", raw, "MONOCHROME2", 12, WindowCenter=100, WindowWidth=10,
+                       VOILUTSequence=[item])
+    ds = pydicom.dcmread(path)
+    (frame,) = list(DicomSource(path, apply_voi=True))
+    np.testing.assert_array_equal(frame.pixels, apply_voi_lut(ds.pixel_array, ds, prefer_lut=True))
+    np.testing.assert_array_equal(frame.pixels, lut[raw])
+
+
+def test_rescale_slope_intercept(tmp_path: Path) -> None:
+    raw = np.random.default_rng(3).integers(0, 4096, (16, 20), dtype=np.uint16)
+    integral = write_dicom(tmp_path / "int.dcm", raw, "MONOCHROME2", 12, RescaleSlope=2, RescaleIntercept=100)
+    fractional = write_dicom(tmp_path / "frac.dcm", raw, "MONOCHROME2", 12, RescaleSlope=0.5, RescaleIntercept=-10)
+    (whole,) = list(DicomSource(integral))
+    ds = pydicom.dcmread(integral)
+    assert whole.pixels.dtype == np.uint16 and whole.bits_stored == 14  # 4095 * 2 + 100 needs 14 bits
+    np.testing.assert_array_equal(whole.pixels, apply_modality_lut(ds.pixel_array, ds))
+    (real,) = list(DicomSource(fractional))
+    ds = pydicom.dcmread(fractional)
+    assert real.pixels.dtype == np.float32
+    np.testing.assert_array_equal(real.pixels, apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")  # signed, intercept -1024: Hounsfield units
+    (hu,) = list(DicomSource(TEST_FILES / "CT_small.dcm"))
+    assert hu.pixels.dtype == np.float32 and hu.pixels.min() < 0
+    np.testing.assert_array_equal(hu.pixels, apply_modality_lut(ct.pixel_array, ct).astype(np.float32))
+
+
+def test_rgb_and_multiframe_written_here(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    rgb = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    (frame,) = list(DicomSource(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB", 8)))
+    np.testing.assert_array_equal(frame.pixels, rgb)
+    cine = rng.integers(0, 1024, (5, 20, 30), dtype=np.uint16)
+    path = write_dicom(tmp_path / "cine.dcm", cine, "MONOCHROME2", 10, FrameTime=50, Modality="XA")
+    source = DicomSource(path)
+    frames = list(source)
+    assert source.fps == pytest.approx(20.0) and source.n_frames == 5
+    assert [f.modality for f in frames] == ["XA"] * 5 and frames[0].bits_stored == 10
+    np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), cine)
+    # asked for a VOI the file does not have: pixels stay as stored (and a warning says so)
+    np.testing.assert_array_equal(next(iter(DicomSource(path, apply_voi=True))).pixels, cine[0])
+
+
+def test_series_folder_ordered_by_instance_number(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "series"
+    folder.mkdir()
+    # file names in the opposite order of InstanceNumber; each frame's value is its instance number
+    for name, instance in [("a1.dcm", 4), ("a2.dcm", 3), ("a10.dcm", 1), ("b.dcm", 2)]:
+        write_dicom(folder / name, np.full((8, 8), instance, np.uint8), InstanceNumber=instance, ImagerPixelSpacing=[0.2, 0.3])
+    (folder / "README.txt").write_text("not a DICOM file")
+    caplog.set_level(logging.DEBUG)
+    source = open_source(folder)
+    assert isinstance(source, DicomSource)
+    frames = list(source)
+    assert [int(f.pixels[0, 0]) for f in frames] == [1, 2, 3, 4]
+    assert frames[0].pixel_spacing == pytest.approx((0.2, 0.3))
+    assert_no_identifiers(frames, caplog.text)
+
+
+# --- DICOM errors --------------------------------------------------------------------------
+
+
+def test_missing_paths_name_themselves(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "cine.dcm"
+    for build in (DicomSource, VideoSource, ImageFolderSource, open_source):
+        with pytest.raises(InputError, match="nowhere"):
+            build(missing)
+
+
+def test_non_dicom_file_is_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"hello, not DICOM" * 20)
+    with pytest.raises(InputError, match="DICM"):
+        DicomSource(path)
+    with pytest.raises(UnsupportedFormatError, match="x.dcm"):
+        open_source(path)  # no preamble, not a video or image extension
+
+
+@pytest.mark.parametrize("source_name", ["examples_ybr_color.dcm", "uncompressed"])
+def test_truncated_dicom_is_an_input_error(tmp_path: Path, source_name: str) -> None:
+    if source_name == "uncompressed":
+        cine = np.random.default_rng(5).integers(0, 4096, (3, 64, 64), dtype=np.uint16)
+        data = write_dicom(tmp_path / "full.dcm", cine, "MONOCHROME2", 12).read_bytes()
+    else:
+        data = (TEST_FILES / source_name).read_bytes()
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match="cut.dcm") as info:
+        list(DicomSource(cut))
+    assert "truncated" in str(info.value)
+    assert_no_identifiers([], str(info.value))
+    cut.write_bytes(data[:200])  # inside the header
+    with pytest.raises(InputError):
+        list(DicomSource(cut))
+
+
+def test_undecodable_transfer_syntax_names_itself(tmp_path: Path) -> None:
+    raw = np.zeros((16, 16), np.uint8)
+    path = write_dicom(tmp_path / "h264.dcm", raw, "MONOCHROME2", 8)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = MPEG4HP41  # H.264 cine: pydicom has no decoder for it
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01" + bytes(64)])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(UnsupportedFormatError) as info:
+        DicomSource(path)
+    message = str(info.value)
+    assert "MPEG-4 AVC/H.264" in message and str(MPEG4HP41) in message and "opencv-python" in message
+    assert_no_identifiers([], message)
+
+
+def test_missing_decoder_plugin_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydicom.pixels.decoders.base import Decoder
+
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(UnsupportedFormatError, match="pylibjpeg-libjpeg") as info:
+        DicomSource(TEST_FILES / "MR_small_jpeg_ls_lossless.dcm")
+    assert "JPEG-LS Lossless" in str(info.value) and "1.2.840.10008.1.2.4.80" in str(info.value)
+    with pytest.raises(UnsupportedFormatError, match="pylibjpeg-openjpeg"):
+        DicomSource(TEST_FILES / "JPEG2000.dcm")
+
+
+def test_empty_folders_are_input_errors(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    for build in (DicomSource, ImageFolderSource, open_source):
+        with pytest.raises(InputError, match="none"):
+            build(tmp_path)
+
+
+# --- images and video ----------------------------------------------------------------------
+
+
+def test_16bit_png_and_tiff_keep_depth_in_natural_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    images = {name: rng.integers(0, 4096, (30, 40), dtype=np.uint16) for name in ("img2.png", "img10.tif", "img1.tiff")}
+    for name, image in images.items():
+        assert cv2.imwrite(str(tmp_path / name), image)
+    source = ImageFolderSource(tmp_path, bits_stored=12, modality="DX")
+    frames = list(source)
+    assert source.n_frames == 3 and [f.bits_stored for f in frames] == [12] * 3
+    for frame, name in zip(frames, ["img1.tiff", "img2.png", "img10.tif"], strict=True):
+        assert frame.pixels.dtype == np.uint16 and frame.modality == "DX"
+        np.testing.assert_array_equal(frame.pixels, images[name])
+    with pytest.raises(InputError, match="bits_stored=8"):
+        list(ImageFolderSource(tmp_path, bits_stored=8))
+
+
+def test_8bit_colour_png_is_rgb(tmp_path: Path) -> None:
+    bgr = np.zeros((10, 12, 3), np.uint8)
+    bgr[..., 2] = 200  # red in OpenCV's BGR order
+    assert cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    (frame,) = list(open_source(tmp_path))
+    assert frame.photometric == "RGB" and frame.pixels[0, 0].tolist() == [200, 0, 0]
+    (gray,) = list(ImageFolderSource(tmp_path / "red.png", gray=True))
+    assert gray.pixels.ndim == 2 and gray.photometric == "MONOCHROME2"
+
+
+def test_video_file_frame_rate_and_count(tmp_path: Path) -> None:
+    path = tmp_path / "probe.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (64, 48))
+    assert writer.isOpened()
+    for i in range(12):
+        bgr = np.zeros((48, 64, 3), np.uint8)
+        bgr[..., 2] = 100 + 10 * i  # red ramp
+        writer.write(bgr)
+    writer.release()
+    source = open_source(path)
+    assert isinstance(source, VideoSource) and source.fps == pytest.approx(25.0)
+    frames = list(source)
+    assert len(frames) == 12 and frames[0].pixels.shape == (48, 64, 3)
+    assert frames[0].modality == "US" and frames[-1].seq == 11
+    red, green, blue = frames[5].pixels[24, 32].astype(int)
+    assert abs(red - 150) < 8 and green < 8 and blue < 8  # BGR -> RGB, JPEG-lossy
+    gray = next(iter(VideoSource(path, gray=True)))
+    assert gray.pixels.shape == (48, 64)
+
+
+def test_unreadable_video_and_camera_are_clear_errors(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.mp4"
+    bogus.write_bytes(b"\x00" * 512)
+    with pytest.raises(UnsupportedFormatError, match="bogus.mp4"):
+        VideoSource(bogus)
+    with pytest.raises(InputError, match="camera"):
+        CameraSource(97)
+    with pytest.raises(ConfigError, match="camera"):
+        open_source("camera:front")
+
+
+# --- pacing --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ten_images(tmp_path: Path) -> Path:
+    for i in range(10):
+        assert cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((4, 4), i, np.uint8))
+    return tmp_path
+
+
+def test_realtime_pacing_follows_the_frame_rate(ten_images: Path) -> None:
+    source = ImageFolderSource(ten_images, fps=100.0)
+    start = time.monotonic()
+    frames = list(paced(source, realtime=True))
+    elapsed = time.monotonic() - start
+    assert len(frames) == 10 and elapsed >= 0.08  # 9 periods of 10 ms after the first frame
+    stamps = [f.capture_ns for f in frames]
+    assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 85_000_000
+    with pytest.raises(ConfigError, match="frame rate"):
+        next(paced(ImageFolderSource(ten_images), realtime=True))
+
+
+def test_loop_keeps_seq_increasing(ten_images: Path) -> None:
+    source = ImageFolderSource(ten_images, stream_id="probe-1")
+    stream = paced(source, realtime=False, loop=True)
+    frames = [next(stream) for _ in range(25)]
+    assert [f.seq for f in frames] == list(range(25))
+    assert [int(f.pixels[0, 0]) for f in frames[9:12]] == [9, 0, 1]  # restarted after 10
+    assert {f.stream_id for f in frames} == {"probe-1"}
+    assert len(list(paced(source, realtime=False))) == 10  # no loop: ends
+
+
+def test_phantom_sources() -> None:
+    pytest.importorskip("edge_runtime.phantoms")
+    source = open_source("phantom:us", n_frames=3, size=(64, 64), seed=1)
+    assert isinstance(source, PhantomSource) and source.fps == 30.0
+    frames = list(source)
+    assert len(frames) == 3 and frames[0].pixels.shape[:2] == (64, 64)
+    assert [f.seq for f in frames] == [0, 1, 2] and frames[0].stream_id == "phantom:us"
+    assert frames[0].truth is not None
+    xr_source = PhantomSource("xr", n_frames=1, size=(64, 64))
+    xr = next(iter(xr_source))
+    assert xr_source.fps == pytest.approx(15.0)
+    assert xr.pixels.dtype == np.uint16 and xr.truth is not None
+    endless = paced(PhantomSource("us", size=(64, 64)), realtime=False)
+    assert [next(endless).seq for _ in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ConfigError, match="kind"):
+        PhantomSource("mri")
