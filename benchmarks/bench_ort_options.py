@@ -5,17 +5,22 @@ batch 1 -- the shape of our enhancement / detection backbones) under a few optio
 through ``edge_runtime.backends.onnxruntime.session_options`` (so what is measured is what the
 backend uses), and prints p50 / p99 / mean per set.
 
+``--busy N`` runs N background processes doing frame-sized numpy work (what a source, a
+pre-processor or a sink does on the same cores of a cart) while timing, to show which options
+hold up under contention.
+
 Each option set runs in its own block (warm-up, then ``--runs`` timed calls), and the blocks run
 ``--rounds`` times, alternating forward and reverse order, so slow drift of a shared machine does
 not favour whichever set ran first. Samples of all rounds are pooled per set.
 
-    python -m benchmarks.bench_ort_options [--size 512] [--runs 200] [--rounds 2] [--json out.json]
+    python -m benchmarks.bench_ort_options [--size 512] [--runs 200] [--rounds 2] [--busy 0] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
@@ -34,13 +39,13 @@ from edge_runtime.backends.onnxruntime import session_options
 
 # name -> session_options(...) arguments. "ours" is OrtBackend's default.
 OPTION_SETS: dict[str, dict[str, object]] = {
-    "ours (threads=0 -> physical cores, sequential, all, spin on)": {},
+    "ours (threads=0 -> physical cores, sequential, all, spinning off)": {},
     "threads=1": {"threads": 1},
     "threads=2": {"threads": 2},
     "parallel executor (inter_op=2)": {"execution_mode": "parallel", "inter_op_threads": 2},
     "graph opt basic": {"graph_optimization": "basic"},
     "graph opt disabled": {"graph_optimization": "disable"},
-    "spinning off": {"allow_spinning": False},
+    "spinning on (ONNX Runtime's default)": {"allow_spinning": True},
 }
 
 
@@ -66,6 +71,14 @@ def conv_model(path: Path, layers: int = 6, channels: int = 16) -> Path:
     return path
 
 
+def _busy_loop(stop: mp.synchronize.Event, size: int) -> None:
+    """Frame-sized work like a neighbouring pipeline stage: scale, clip, convert, sum."""
+    frame = np.random.default_rng(2).integers(0, 4096, (size, size), dtype=np.uint16)
+    while not stop.is_set():
+        scaled = np.clip(frame.astype(np.float32) / 4095.0 * 1.1, 0.0, 1.0)
+        float(scaled.sum())
+
+
 def time_set(model: Path, options: dict[str, object], image: np.ndarray, runs: int, warmup: int) -> list[float]:
     import onnxruntime as ort
 
@@ -88,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=200, help="timed runs per set per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--busy", type=int, default=0, help="background busy processes while timing")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
 
@@ -95,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
 
     image = np.random.default_rng(1).random((1, 1, args.size, args.size), dtype=np.float32)
     samples: dict[str, list[float]] = {name: [] for name in OPTION_SETS}
-    with tempfile.TemporaryDirectory() as tmp:
-        model = conv_model(Path(tmp) / "conv.onnx")
-        names = list(OPTION_SETS)
-        for round_index in range(args.rounds):
-            for name in names if round_index % 2 == 0 else names[::-1]:
-                samples[name] += time_set(model, OPTION_SETS[name], image, args.runs, args.warmup)
-                print(f"round {round_index + 1}/{args.rounds} {name}: done", file=sys.stderr, flush=True)
+    stop = mp.Event()
+    busy = [mp.Process(target=_busy_loop, args=(stop, args.size), daemon=True) for _ in range(args.busy)]
+    for proc in busy:
+        proc.start()
+    try:
+        _run_all(args, image, samples)
+    finally:
+        stop.set()
+        for proc in busy:
+            proc.join(5)
 
     rows = []
     for name, values in samples.items():
@@ -109,15 +126,27 @@ def main(argv: list[str] | None = None) -> int:
                      "p99_ms": percentile(values, 99), "mean_ms": float(np.mean(values))})
     env = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__,
-           "model": f"6x conv3x3 16ch + ReLU, 1x1x{args.size}x{args.size} float32", "runs_per_set": args.runs * args.rounds}
+           "model": f"6x conv3x3 16ch + ReLU, 1x1x{args.size}x{args.size} float32", "runs_per_set": args.runs * args.rounds,
+           "busy_processes": args.busy, "loadavg_after": os.getloadavg()}
     print(f"\nONNX Runtime {ort.__version__}, {env['affinity']} usable CPUs, {env['model']}, "
-          f"{env['runs_per_set']} runs per set\n")
+          f"{env['runs_per_set']} runs per set, {args.busy} busy background processes, "
+          f"load average after {env['loadavg_after'][0]:.1f}\n")
     print("| options | p50 ms | p99 ms | mean ms |\n|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['options']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_ms']:.2f} |")
     if args.json is not None:
         args.json.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def _run_all(args: argparse.Namespace, image: np.ndarray, samples: dict[str, list[float]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = conv_model(Path(tmp) / "conv.onnx")
+        names = list(OPTION_SETS)
+        for round_index in range(args.rounds):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                samples[name] += time_set(model, OPTION_SETS[name], image, args.runs, args.warmup)
+                print(f"round {round_index + 1}/{args.rounds} {name}: done", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

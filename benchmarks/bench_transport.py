@@ -10,9 +10,10 @@
    receiver's monotonic clock at "decoded" minus the sender's at "about to send" (one host, one
    CLOCK_MONOTONIC); blocks of the two kinds alternate so both see the same machine load.
 3. Throughput on 1024x1024 uint16 frames: imagezmq's default REQ/REP (ImageSender/ImageHub over
-   tcp, zero-copy, a reply per frame) vs our pipeline as shipped (source -> worker over the
-   credit protocol -> hub, a no-op model, every frame delivered): processes over ipc and tcp, and
-   threads over inproc. Frames per second from the first to the last result.
+   tcp, zero-copy, a reply per frame) vs (a) our transport alone between two processes (ROUTER ->
+   DEALER, credit window 2, every frame validated and decoded) over tcp and ipc, and (b) our
+   pipeline as shipped (source -> worker -> hub, a no-op model, every frame delivered) as
+   processes over ipc and tcp, and as threads over inproc. Frames per second after a warm-up.
 
 imagezmq is needed for part 3 only (``pip install imagezmq`` into .venv: benchmark-only dependency);
 without it that row is skipped. Writes JSON to --out and prints a table.
@@ -38,12 +39,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from edge_runtime.frames import Frame  # noqa: E402
-from edge_runtime.pipeline import protocol  # noqa: E402
-from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource  # noqa: E402
-from edge_runtime.pipeline.nodes import free_tcp_ports  # noqa: E402
-from edge_runtime.pipeline.supervisor import run_pipeline  # noqa: E402
-from edge_runtime.telemetry import summarize  # noqa: E402
+from edge_runtime.frames import Frame
+from edge_runtime.pipeline import protocol
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.nodes import free_tcp_ports
+from edge_runtime.pipeline.supervisor import run_pipeline
+from edge_runtime.telemetry import summarize
 
 TIMEOUT_MS = 10000
 
@@ -165,8 +166,8 @@ def hop_latency(images: list[np.ndarray], endpoint: str, n: int, block: int = 50
         if server.is_alive():
             server.kill()
     res: dict[str, Any] = {"unit": "us", "endpoint": endpoint.split("://")[0]}
-    for kind in out:
-        res[kind] = {m: summarize(v) for m, v in out[kind].items()}
+    for kind, series in out.items():
+        res[kind] = {m: summarize(v) for m, v in series.items()}
     res["ratio_p50_one_way"] = round(res["ours"]["one_way"]["p50"] / res["bare"]["one_way"]["p50"], 3)
     res["ratio_p99_one_way"] = round(res["ours"]["one_way"]["p99"] / res["bare"]["one_way"]["p99"], 3)
     res["ratio_p50_rtt"] = round(res["ours"]["rtt"]["p50"] / res["bare"]["rtt"]["p50"], 3)
@@ -219,6 +220,64 @@ def imagezmq_throughput(images: list[np.ndarray], n: int) -> dict[str, Any]:
             "imagezmq_version": getattr(imagezmq, "__version__", "?")}
 
 
+def _credit_worker(endpoint: str, window: int) -> None:
+    """The worker side of the credit protocol, bare: decode + validate each frame, hand back credit."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(endpoint)
+    done = 0
+    try:
+        protocol.send(sock, protocol.encode_control("credit", worker="bench", done=0, window=window))
+        while sock.poll(TIMEOUT_MS):
+            m = protocol.decode(sock.recv_multipart(copy=False))
+            if m.type != "frame":
+                return
+            done += 1
+            protocol.send(sock, protocol.encode_control("credit", worker="bench", done=done, window=window))
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: int) -> dict[str, Any]:
+    """Our transport alone between two processes: ROUTER source, DEALER worker, credit window."""
+    spawn = mp.get_context("spawn")
+    worker = spawn.Process(target=_credit_worker, args=(endpoint, window), daemon=True)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(endpoint)
+    worker.start()
+    frames = [Frame(pixels=img, bits_stored=12, seq=i) for i, img in enumerate(images)]
+    warm = 20
+    sent = done = 0
+    t0 = 0.0
+    try:
+        while done < n + warm:
+            if not router.poll(TIMEOUT_MS):
+                raise TimeoutError("no credit from the bench worker")
+            ident, header = router.recv_multipart()
+            done = protocol.decode([header]).header["done"]
+            if done == warm:
+                t0 = time.perf_counter()
+            while sent - done < window and sent < n + warm:
+                f = frames[sent % len(frames)]
+                f.seq = sent
+                f.stamps["source_send"] = time.monotonic_ns()
+                protocol.send(router, [ident, *protocol.encode_frame(f)])
+                sent += 1
+        elapsed = time.perf_counter() - t0
+        protocol.send(router, [ident, *protocol.encode_control("event", node="bench", event="end")])
+    finally:
+        router.close(linger=0)
+        ctx.term()
+        worker.join(5)
+        if worker.is_alive():
+            worker.kill()
+    return {"fps": round(n / elapsed, 1), "frames": n, "window": window, "transport": endpoint.split("://")[0]}
+
+
 def pipeline_throughput(source: SyntheticSource, n: int, mode: str, transport: str, window: int) -> dict[str, Any]:
     from dataclasses import replace
 
@@ -260,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         thr["imagezmq_reqrep_tcp"] = imagezmq_throughput(images, args.frames)
     except ImportError:
         print("  imagezmq not installed: skipping its row (pip install imagezmq)")
+    with __import__("tempfile").TemporaryDirectory(prefix="bench-") as tmp:
+        thr["ours_transport_tcp_w2"] = credit_throughput(images, f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}",
+                                                         args.frames, 2)
+        thr["ours_transport_ipc_w2"] = credit_throughput(images, f"ipc://{tmp}/credit", args.frames, 2)
     for name, mode, transport, window in (("ours_process_ipc", "process", "ipc", 2),
                                           ("ours_process_tcp", "process", "tcp", 2),
                                           ("ours_thread_inproc", "thread", "inproc", 2)):

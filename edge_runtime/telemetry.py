@@ -145,10 +145,12 @@ class Stats:
     def e2e_ms(self) -> list[float]:
         return [ms for ms, _, _ in self.e2e]
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, advance: bool = True) -> dict[str, Any]:
+        """The stats message body; ``fps`` covers the time since the last advancing snapshot."""
         now = time.monotonic()
         last_t, last_n = self._last_snapshot
-        self._last_snapshot = (now, self.results)
+        if advance:
+            self._last_snapshot = (now, self.results)
         elapsed = max(now - self.started, 1e-9)
         worst = None if self.worst is None else {"ms": round(self.worst[0], 3), "stream": self.worst[1],
                                                  "seq": self.worst[2]}
@@ -179,10 +181,12 @@ def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        have_matplotlib = True
     except ImportError:
-        plt = None
+        have_matplotlib = False
     e2e = snapshot.get("e2e_ms", {})
-    if plt is not None:
+    if have_matplotlib:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
         ax1.hist(samples or [0.0], bins=60, color="#3b7dd8")
         for key, style in (("p50", "--"), ("p99", ":")):
@@ -226,7 +230,7 @@ def write_latency_report(stats: Stats, out_dir: str | os.PathLike, name: str = "
     """Write ``NAME.json`` (snapshot + histogram) and ``NAME.png`` (distribution) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    snap = stats.snapshot()
+    snap = stats.snapshot(advance=False)
     samples = stats.e2e_ms()
     counts, edges = np.histogram(samples, bins=50) if samples else (np.zeros(0), np.zeros(0))
     report = {**snap, "histogram_e2e_ms": {"counts": counts.astype(int).tolist(),

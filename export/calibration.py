@@ -132,6 +132,16 @@ def recipe_frames(manifest: Mapping[str, Any], count: int, seed0: int, *, role: 
     return None
 
 
+def describe(spec: str, manifest: Mapping[str, Any], count: int, seed0: int) -> str:
+    """How frames_from(spec, ...) draws its frames, for records and reports."""
+    if not spec.startswith("phantom"):
+        return spec
+    kind = spec.split(":", 1)[1] if ":" in spec else phantom_kind(manifest)
+    gen = str(((manifest.get("training") or {}).get("phantom") or {}).get("generator", ""))
+    how = f"single frames drawn like the training data ({gen})" if spec == "phantom" and gen else "cines, 4 per seed"
+    return f"phantom:{kind} seeds {seed0}.. ({how}, {count} frames)"
+
+
 def frames_from(spec: str, manifest: Mapping[str, Any], count: int, *, seed0: int, role: str = "calibration",
                 **opts: Any) -> Iterator[Frame]:
     """Frames from "phantom" (drawn like the model's training data, else generic phantoms of its

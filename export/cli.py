@@ -110,13 +110,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- step: quantize --------------------------------------------------------------------------
 def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phantom") -> Any:
-    from .calibration import VALIDATION_SEED0, frames_from
+    from .calibration import VALIDATION_SEED0, describe, frames_from
     from .validate import EvalSet
 
     items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
-    label = source if not source.startswith("phantom") else \
-        f"phantom seeds {VALIDATION_SEED0}.. ({len(items)} frames)"
-    return EvalSet.build(manifest, items, source=label)
+    return EvalSet.build(manifest, items, source=describe(source, manifest, len(items), VALIDATION_SEED0))
 
 
 def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_frames: int, exclude: Sequence[str],
@@ -124,7 +122,7 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
     from . import calibration as C
 
     items = C.frames_from(source, manifest, frames, seed0=C.CALIBRATION_SEED0, **(source_opts or {}))
-    label = f"{source} seeds {C.CALIBRATION_SEED0}.." if source.startswith("phantom") else source
+    label = C.describe(source, manifest, frames, C.CALIBRATION_SEED0)
     return C.build(items, manifest, source=label, min_frames=min_frames, exclude=exclude, progress=progress)
 
 

@@ -79,7 +79,12 @@ def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path
     """ORT's recommended quantisation pre-processing: shape inference + graph optimisation (BN folded)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    except Exception:  # noqa: BLE001 - ORT's symbolic inference raises a bare Exception on symbolic dims
+        # Symbolic shape inference cannot follow reshapes over dynamic H/W (pixel (un)shuffle);
+        # ONNX's own shape inference plus ORT's graph optimisation is all quantisation needs.
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     return Path(dst)
 
 

@@ -20,7 +20,6 @@ type-checked by mypy against tensorrt-stubs. Engine builds have not run on real 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import sys
@@ -33,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_runtime.backends.tensorrt import logged_errors, make_trt_logger, parse_version, require_tensorrt
 from edge_runtime.engine_cache import EngineCache, EngineKey, Profile, atomic_write_bytes, normalize_profile
-from edge_runtime.errors import BackendError, ConfigError, ExportError, expected
+from edge_runtime.errors import BackendError, ExportError, expected
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -310,7 +309,7 @@ class BuildReport:
     gpu_fallback: bool
     version_compatible: bool
     hardware_compatible: bool
-    workspace_mb: int
+    workspace_mb: int | None
     profile: dict[str, dict[str, list[int]]]
     timing_cache: str | None
     timing_cache_loaded: bool
@@ -352,7 +351,7 @@ def build_engine(
     engine_path: str | Path,
     *,
     precision: str,
-    workspace_mb: int,
+    workspace_mb: int | None,
     dla_core: int | None = None,
     gpu_fallback: bool = True,
     profiles: Mapping[str, object] | None = None,
@@ -368,7 +367,8 @@ def build_engine(
 
     Args:
         precision: ``fp32``/``fp16``/``int8`` (must agree with the ONNX: FP16 graph, Q/DQ graph).
-        workspace_mb: builder workspace cap (device config).
+        workspace_mb: builder workspace cap (device config); None leaves TensorRT's default (all of
+            the GPU's memory: on a Jetson, whose GPU shares RAM with the CPU, give a cap).
         dla_core: DLA core to run on (Xavier/Orin), with GPU fallback unless ``gpu_fallback=False``.
         profiles: ``{input: (min, opt, max)}`` for dynamic inputs; else derived from ``target_hw``.
         timing_cache: file loaded before and saved after the build (created when missing).
@@ -378,8 +378,8 @@ def build_engine(
         cancel: set it to ask TensorRT to abandon the build (checked at every progress step).
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if workspace_mb <= 0:
-        raise ExportError(f"build workspace_mb: {expected('> 0', workspace_mb)}")
+    if workspace_mb is not None and workspace_mb <= 0:
+        raise ExportError(f"build workspace_mb: {expected('> 0 or None', workspace_mb)}")
     if not onnx_path.is_file():
         raise ExportError(f"build: expected an ONNX file at {onnx_path}, found none")
     try:
@@ -414,11 +414,12 @@ def build_engine(
         )
 
     config = builder.create_builder_config()
-    workspace = int(workspace_mb) << 20
-    if plan.legacy_workspace:
-        config.max_workspace_size = workspace  # type: ignore[attr-defined]  # TensorRT 8.2 API, gone in 10
-    else:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if workspace_mb is not None:
+        workspace = int(workspace_mb) << 20
+        if plan.legacy_workspace:
+            config.max_workspace_size = workspace  # type: ignore[attr-defined]  # TensorRT 8.2 API, gone in 10
+        else:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     for flag in plan.builder_flags:
         _set_flag(config, flag)
     if "INT8" in plan.builder_flags and not builder.platform_has_fast_int8:
@@ -461,9 +462,9 @@ def build_engine(
         config.progress_monitor = _make_progress_monitor(sink)
 
     log.info(
-        "build: %s -> %s with TensorRT %s (%s, strongly typed %s, flags %s, DLA %s, workspace %d MB)",
+        "build: %s -> %s with TensorRT %s (%s, strongly typed %s, flags %s, DLA %s, workspace %s MB)",
         onnx_path.name, engine_path.name, version_text, precision, plan.strongly_typed,
-        list(plan.builder_flags) or "none", dla_core, workspace_mb,
+        list(plan.builder_flags) or "none", dla_core, workspace_mb if workspace_mb is not None else "default",
     )
     started = time.monotonic()
     try:
@@ -546,58 +547,3 @@ def build_into_cache(
         staging.unlink(missing_ok=True)
         raise
     return cache.commit(key, staging, info=report.to_dict())
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: `edge-runtime export build ...` (the export group registers configure/run)
-# ---------------------------------------------------------------------------------------------
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("onnx", type=Path, help="ONNX model (the fp16 / int8 variant for those precisions)")
-    parser.add_argument("engine", type=Path, help="engine file to write (exactly TensorRT's bytes)")
-    parser.add_argument("--precision", choices=PRECISIONS, required=True)
-    parser.add_argument("--workspace-mb", type=int, default=1024)
-    parser.add_argument("--dla-core", type=int, default=None)
-    parser.add_argument("--no-gpu-fallback", action="store_true", help="fail instead of running DLA-less layers on the GPU")
-    parser.add_argument("--target-hw", type=int, nargs=2, metavar=("H", "W"), default=None,
-                        help="fixed size for dynamic H/W axes when no --profile is given")
-    parser.add_argument("--profile", action="append", default=[], metavar="NAME:MIN:OPT:MAX",
-                        help="e.g. input:1x1x256x256:1x1x512x512:1x1x1024x1024 (repeatable)")
-    parser.add_argument("--timing-cache", type=Path, default=None)
-    parser.add_argument("--version-compatible", action="store_true")
-    parser.add_argument("--hardware-compatible", action="store_true")
-    typed = parser.add_mutually_exclusive_group()
-    typed.add_argument("--strongly-typed", dest="strongly_typed", action="store_true", default=None)
-    typed.add_argument("--weakly-typed", dest="strongly_typed", action="store_false")
-    parser.add_argument("--progress", choices=("bar", "log", "off"), default="bar")
-    parser.add_argument("--report", type=Path, default=None, help="write the BuildReport as JSON here")
-
-
-def parse_profile_arg(text: str) -> tuple[str, tuple[tuple[int, ...], ...]]:
-    """``name:1x3x256x256:1x3x512x512:1x3x1024x1024`` -> (name, (min, opt, max))."""
-    parts = text.rsplit(":", 3)
-    if len(parts) != 4:
-        raise ConfigError(f"--profile: {expected('NAME:MIN:OPT:MAX with shapes like 1x3x512x512', text)}")
-    try:
-        shapes = tuple(tuple(int(d) for d in p.split("x")) for p in parts[1:])
-    except ValueError as exc:
-        raise ConfigError(f"--profile: {expected('integer dims separated by x', text)}") from exc
-    return parts[0], shapes
-
-
-def run(args: argparse.Namespace) -> int:
-    import json
-
-    profiles = dict(parse_profile_arg(p) for p in args.profile) or None
-    progress: bool | Literal["bar", "log"] = False if args.progress == "off" else args.progress
-    report = build_engine(
-        args.onnx, args.engine, precision=args.precision, workspace_mb=args.workspace_mb, dla_core=args.dla_core,
-        gpu_fallback=not args.no_gpu_fallback, profiles=profiles,
-        target_hw=tuple(args.target_hw) if args.target_hw else None, timing_cache=args.timing_cache,
-        version_compatible=args.version_compatible, hardware_compatible=args.hardware_compatible,
-        strongly_typed=args.strongly_typed, progress=progress,
-    )
-    text = json.dumps(report.to_dict(), indent=2)
-    if args.report is not None:
-        args.report.write_text(text + "\n")
-    print(text)
-    return 0

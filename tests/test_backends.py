@@ -219,6 +219,7 @@ def test_session_options_follow_arguments() -> None:
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.enable_cpu_mem_arena and opts.enable_mem_pattern
+    assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"  # default off
     with pytest.raises(ConfigError, match="graph_optimization"):
         session_options(graph_optimization="max")
     with pytest.raises(ConfigError, match="threads"):

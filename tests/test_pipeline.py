@@ -4,7 +4,9 @@ load balancing with reordering at the sink, recorder/viewer/video outputs, clien
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,13 +15,15 @@ import numpy as np
 import pytest
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.frames import Frame
 from edge_runtime.pipeline import cli
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
 from edge_runtime.pipeline.client import Reorderer, Subscriber
+from edge_runtime.pipeline.nodes import NodeSettings
 from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
-from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pipeline
+from edge_runtime.pipeline.supervisor import PipelineConfig, RuntimeProcessor, Supervisor, run_pipeline
 from edge_runtime.results import Result
-from edge_runtime.telemetry import STAGES
+from edge_runtime.telemetry import STAGES, Stats, stage_durations_ms, write_latency_report
 
 
 def _results(records: list[dict]) -> list[dict]:
@@ -107,8 +111,7 @@ def test_reorderer_releases_in_order_and_drops_late_results() -> None:
 
 
 def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:
-    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path),
-                            settings=PipelineConfig().settings.__class__(stats_interval_s=0.2))
+    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path), settings=NodeSettings(stats_interval_s=0.2))
     sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("identity"), config)
     sup.start()
     try:
@@ -120,7 +123,7 @@ def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:
                 if len(got) == 6:
                     break
             assert sub.dropped > 0
-            assert all(b.seq > a.seq for a, b in zip(got, got[1:]))
+            assert all(b.seq > a.seq for a, b in itertools.pairwise(got))
             assert got[-1].enhanced is not None and got[-1].enhanced.shape == (64, 64)
             assert sub.last_stats is not None and "e2e_ms" in sub.last_stats
     finally:
@@ -147,6 +150,34 @@ def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -
     assert frames == 20
 
 
+class FakeRuntime:
+    """Shaped like edge_runtime.runtime.Runtime: an object with process() and close(), timings_ms, provenance."""
+
+    closed = 0
+
+    def process(self, frame: Frame) -> Result:
+        return Result(stream_id=frame.stream_id, seq=frame.seq, capture_ns=frame.capture_ns,
+                      timings_ms={"preprocess": 1.0, "infer": 2.0, "postprocess": 0.5}, stamps=dict(frame.stamps),
+                      provenance={"model": "fake", "bundle_sha256": "0" * 64, "backend": "onnxruntime-cpu",
+                                  "precision": "int8"})
+
+    def close(self) -> None:
+        FakeRuntime.closed += 1
+
+
+def test_a_runtime_object_is_closed_and_its_timings_become_stage_stamps() -> None:
+    FakeRuntime.closed = 0
+    report = run_pipeline(SyntheticSource(count=10), FakeRuntime, mode="thread", policy="all")
+    assert report.results == 10 and FakeRuntime.closed == 1
+    stages = report.stats["stages_ms"]
+    assert stages["preprocess"]["n"] == 10
+    assert stages["infer"]["p50"] == pytest.approx(2.0, abs=0.01)
+    assert stages["postprocess"]["p50"] == pytest.approx(0.5, abs=0.01)
+    assert (report.stats["backend"], report.stats["precision"]) == ("onnxruntime-cpu", "int8")
+    with pytest.raises(ConfigError):
+        RuntimeProcessor("just/a/string")  # type: ignore[arg-type]
+
+
 def test_latency_report_files(tmp_path: Path) -> None:
     report = run_pipeline(SyntheticSource(count=30), BuiltinProcessor("detect"), mode="thread", policy="all")
     json_path, png_path = report.write_latency_report(tmp_path)
@@ -155,6 +186,27 @@ def test_latency_report_files(tmp_path: Path) -> None:
     assert sum(data["histogram_e2e_ms"]["counts"]) == 30
     assert set(data["stages_ms"]) >= {"source_send", "worker_recv", "infer", "result_send", "sink_recv"}
     assert cv2.imread(str(png_path)) is not None
+
+
+def test_stats_stage_durations_totals_and_the_png_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a processor that stamps nothing: result_send covers the whole worker
+    stamps = {"capture": 0, "source_send": 1_000_000, "worker_recv": 3_000_000, "result_send": 13_000_000,
+              "sink_recv": 14_000_000}
+    assert stage_durations_ms(stamps) == {"source_send": 1.0, "worker_recv": 2.0, "result_send": 10.0,
+                                          "sink_recv": 1.0}
+    stats = Stats()
+    for seq in range(5):
+        stats.add("a", seq, {**stamps, "sink_recv": stamps["sink_recv"] + seq * 1_000_000})
+    stats.set_node_counters("w0.0.1.ab", "drops", {"processor_error": 2})
+    stats.set_node_counters("w0.1.2.cd", "drops", {"processor_error": 1})  # the restarted worker: added, not reset
+    stats.set_node_counters("source", "drops", {"superseded": 7})
+    stats.set_node_counters("source", "drops", {"superseded": 9})  # cumulative: replaced
+    snap = stats.snapshot()
+    assert snap["drops"] == {"processor_error": 3, "superseded": 9}
+    assert snap["e2e_ms"]["max"] == 18.0 and snap["worst"] == {"ms": 18.0, "stream": "a", "seq": 4}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no matplotlib: OpenCV draws the histogram
+    _, png = write_latency_report(stats, tmp_path)
+    assert cv2.imread(str(png)).shape == (400, 700, 3)
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
+from edge_runtime.errors import BundleError
 from edge_runtime.frames import Frame
 from edge_runtime.pipeline import protocol
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
@@ -104,25 +105,25 @@ def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(tm
     thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
     thread.start()
 
-    def next_control(kind: str) -> tuple[bytes, dict]:
+    def ready(done: int) -> tuple[bytes, dict]:
+        """The worker's next credit (or idle heartbeat, which repeats it) reporting ``done`` frames."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             if router.poll(200):
                 ident, header = router.recv_multipart()
                 m = protocol.decode([header])
-                if m.type == kind:
+                if m.header["done"] == done and (m.type == "credit" or m.header["state"] == "idle"):
                     return ident, m.header
-        raise AssertionError(f"no {kind} from the worker")
+        raise AssertionError(f"the worker never reported done={done}")
 
     try:
-        ident, hello = next_control("credit")
-        assert hello["done"] == 0 and hello["window"] == 1 and hello["worker"].startswith("wx.0.")
+        ident, hello = ready(0)
+        assert hello["window"] == 1 and hello["worker"].startswith("wx.0.")
         frame = Frame(pixels=np.zeros((32, 32), np.uint8), seq=7, stream_id="s")
         header, pixels = protocol.encode_frame(frame)
         router.send_multipart([ident, json.dumps({**json.loads(header), "dtype": "complex64"}).encode(),
                                pixels.tobytes()])
-        _, credit = next_control("credit")
-        assert credit["done"] == 1  # the bad frame counts as handled: the source gives the credit back
+        ready(1)  # the bad frame counts as handled: the worker hands its credit back
         frame.pixels[8:12, 8:12] = 255
         router.send_multipart([ident, *protocol.encode_frame(frame)], copy=False)
         assert pull.poll(5000)
@@ -132,7 +133,7 @@ def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(tm
                 break
             assert pull.poll(5000)
         assert m.result is not None and m.result.seq == 7 and m.result.detections
-        assert next_control("credit")[1]["done"] == 2
+        ready(2)
         stop.set()
         thread.join(5)
         assert not thread.is_alive()
@@ -235,3 +236,75 @@ def test_sigterm_stops_the_whole_pipeline_cleanly(tmp_path: Path) -> None:
     lines = _strict_lines(path)
     assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
     assert (tmp_path / "latency.json").is_file()
+
+
+def test_a_hung_model_call_is_timed_out_and_the_worker_restarted() -> None:
+    config = PipelineConfig(frame_timeout_s=0.5, restart_backoff_s=(0.05, 0.1),
+                            settings=NodeSettings(heartbeat_s=0.2, liveness_s=1.0))
+    sup = Supervisor(SyntheticSource(count=None, fps=50), BuiltinProcessor("hang:3"), config)
+    sup.start()
+    try:
+        wait_for(lambda: sup.handle("w0").restarts == 1, 10, "the hung worker to be restarted")
+        wait_for(lambda: any(r["seq"] > 3 for r in sup.hub.summaries), 10, "results after the restart")
+    finally:
+        report = sup.stop()
+    exits = [e for e in report.events if e.get("event") == "node_exit"]
+    assert exits and exits[0]["exitcode"] == 4 and exits[0]["node_name"] == "w0"
+    assert report.drops["frame_timeout"] == 1
+    assert 3 not in {r["seq"] for r in report.records}
+
+
+def _broken_model() -> None:
+    raise BundleError("expected a bundle at /nowhere, found nothing")
+
+
+def test_a_worker_that_cannot_load_stops_the_pipeline_instead_of_crash_looping() -> None:
+    report = run_pipeline(SyntheticSource(count=None, fps=50), _broken_model, mode="thread",
+                          restart_backoff_s=(0.02, 0.05), max_quick_failures=3)
+    assert report.failure is not None and "w0 failed 3 times" in report.failure
+    assert sum(1 for e in report.events if e.get("event") == "node_exit") == 3
+    assert report.results == 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_nodes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    code = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
+            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--source", "synthetic:32x32", "--loop", "--processor",
+                             "identity", "--record", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    path = tmp_path / RESULTS_FILE
+    children: list[int] = []
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 5, 30, "results")
+        children = _children(proc.pid)
+        assert len(children) >= 3  # recorder, worker, source (and multiprocessing's resource tracker)
+        proc.kill()
+        proc.wait(5)
+        wait_for(lambda: not any(_running(c) for c in children), 10, "the orphaned nodes to exit")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        for c in children:  # only if the test failed: never leave our own processes behind
+            if _running(c):
+                os.kill(c, signal.SIGKILL)

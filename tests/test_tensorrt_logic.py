@@ -835,6 +835,9 @@ def test_build_engine_failures_leave_no_engine(fake_trt: Any, tmp_path: Path) ->
         build_engine(tmp_path / "none.onnx", engine, precision="fp32", workspace_mb=64)
     with pytest.raises(ExportError, match="workspace_mb"):
         build_engine(onnx_path, engine, precision="fp32", workspace_mb=0)
+    fake_trt.build_result = b"engine"
+    build_engine(onnx_path, engine, precision="fp32", workspace_mb=None, target_hw=(8, 8), progress=False)
+    assert fake_trt.created["config"].pool == {} and engine.read_bytes() == b"engine"  # TensorRT's default
 
 
 def test_build_progress_log_and_cancel(fake_trt: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -891,13 +894,6 @@ def test_engine_key_for_probes_device_and_matches_build_profile(fake_trt: Any, t
     assert key.model_sha256 == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     assert (key.trt_version, key.gpu_name, key.compute_capability, key.sm_count) == ("10.3.0.30", "Orin (nvgpu)", "8.7", 16)
     assert key.profile == {"image": ((1, 1, 256, 320),) * 3} and key.dla_core == 0
-
-
-def test_cli_profile_parsing() -> None:
-    assert trt_build.parse_profile_arg("image:1x1x8x8:1x1x16x16:1x1x32x32") == (
-        "image", ((1, 1, 8, 8), (1, 1, 16, 16), (1, 1, 32, 32)))
-    with pytest.raises(ConfigError, match="NAME:MIN:OPT:MAX"):
-        trt_build.parse_profile_arg("image:1x1")
 
 
 # =================================================================================================

@@ -7,9 +7,11 @@ Session options are chosen for the latency of one frame at a time on a small CPU
   chains of convolutions, so running branches in parallel buys nothing and costs a second pool;
 - ``ORT_ENABLE_ALL`` graph optimisation (fusions + NCHWc layouts on x86);
 - memory arena and memory pattern on: same shapes every frame, so buffers are planned once;
-- spinning of idle intra-op threads stays ON by default (ONNX Runtime's own default) because it
-  shortens each call; turn it off (``allow_spinning=False``) when the same cores also run
-  pre/post-processing or other processes, where spinning threads steal their time.
+- spinning of idle intra-op threads OFF (ONNX Runtime spins by default): on a cart the same few
+  cores also run the source, pre/post-processing and the sinks, and threads that spin between
+  frames steal their time. Measured on the 2-core development box with other work running,
+  spinning off cut the conv benchmark's p50 and p99 (figures in the benchmark's output and the
+  export/runtime notes); ``allow_spinning=True`` is there for a machine dedicated to inference.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def session_options(
     inter_op_threads: int = 1,
     execution_mode: Literal["sequential", "parallel"] = "sequential",
     graph_optimization: str = "all",
-    allow_spinning: bool = True,
+    allow_spinning: bool = False,
     optimized_model_path: Path | None = None,
 ) -> Any:
     """Build ``onnxruntime.SessionOptions`` for low per-frame latency (see the module docstring)."""
@@ -163,7 +165,7 @@ class OrtBackend(Backend):
         graph_optimization: str = "all",
         inter_op_threads: int = 1,
         execution_mode: Literal["sequential", "parallel"] = "sequential",
-        allow_spinning: bool = True,
+        allow_spinning: bool = False,
         optimized_cache_dir: str | Path | None = None,
         device_id: int = 0,
     ) -> None:

@@ -8,10 +8,11 @@ Processor spec: ``+``-joined steps, applied in order::
 
     noop            nothing: an empty Result (transport benchmarks)
     identity        enhanced = the input pixels
-    detect          one box around the brightest 1/16 of the frame (label "blob")
+    detect          one box around the bright blob of the frame (label "blob")
     slow:MS         sleep MS milliseconds (a deliberately slow model)
     jitter:MS       sleep MS milliseconds on even seq only (results arrive out of order)
     raise:SEQ       raise RuntimeError on that seq (a model that fails on one frame)
+    hang:SEQ        sleep 5 s on that seq (a model call that hangs)
     exit:SEQ        os._exit(3) on that seq (a worker process that crashes; process mode only)
 """
 
@@ -28,7 +29,7 @@ from ..errors import ConfigError, expected
 from ..frames import Frame, GroundTruth
 from ..results import Detection, Result
 
-STEPS = ("noop", "identity", "detect", "slow", "jitter", "raise", "exit")
+STEPS = ("noop", "identity", "detect", "slow", "jitter", "raise", "hang", "exit")
 
 
 def _parse(spec: str) -> list[tuple[str, int]]:
@@ -37,7 +38,7 @@ def _parse(spec: str) -> list[tuple[str, int]]:
         name, _, arg = part.strip().partition(":")
         if name not in STEPS:
             raise ConfigError(expected(f"processor steps from {STEPS} joined by '+'", spec))
-        needs_arg = name in ("slow", "jitter", "raise", "exit")
+        needs_arg = name in ("slow", "jitter", "raise", "hang", "exit")
         if needs_arg != bool(arg) or (arg and not arg.isdigit()):
             raise ConfigError(expected(f"'{name}:N' with an integer N" if needs_arg else f"'{name}' without an argument",
                                        part))
@@ -73,6 +74,8 @@ class BuiltinProcessor:
                     time.sleep(arg / 1000)
                 elif name == "raise" and frame.seq == arg:
                     raise RuntimeError(f"builtin processor told to fail on seq {arg}")
+                elif name == "hang" and frame.seq == arg:
+                    time.sleep(5.0)
                 elif name == "exit" and frame.seq == arg:
                     os._exit(3)
             result.stamps["infer"] = time.monotonic_ns()
@@ -84,10 +87,10 @@ class BuiltinProcessor:
 
 
 def _blob(pixels: np.ndarray) -> Detection:
-    """A cheap 'detector': the bounding box of the brightest pixels (downsampled 4x)."""
+    """A cheap 'detector': the bounding box of the pixels brighter than halfway from mean to max."""
     gray = pixels if pixels.ndim == 2 else pixels.mean(axis=2)
-    small = gray[::4, ::4]
-    ys, xs = np.nonzero(small >= np.percentile(small, 94))
+    small = gray[::4, ::4].astype(np.float32)
+    ys, xs = np.nonzero(small >= (small.max() + small.mean()) / 2)
     if xs.size == 0:
         return Detection(box=(0.0, 0.0, 1.0, 1.0), score=0.0, label="blob")
     return Detection(box=(float(xs.min() * 4), float(ys.min() * 4), float(xs.max() * 4 + 4), float(ys.max() * 4 + 4)),
@@ -140,6 +143,6 @@ class SyntheticSource:
             h, w = self.shape[:2]
             yield Frame(pixels=images[i % len(images)], modality=self.modality, bits_stored=bits,
                         photometric=photometric, stream_id=stream, seq=i // len(self.streams),
-                        source="synthetic", truth=GroundTruth(boxes=[[w / 4, h / 4, w * 3 / 4, h * 3 / 4]],
+                        source="synthetic", truth=GroundTruth(boxes=np.array([[w / 4, h / 4, w * 3 / 4, h * 3 / 4]]),
                                                               labels=["disc"]))
             i += 1

@@ -6,7 +6,7 @@
 
 Command-line options override the config file. Keys of the YAML file are the long option names
 with ``_`` for ``-`` (source, bundle, processor, workers, device, record, video, view, realtime,
-loop, bind, keys, insecure, duration, mode, transport, report) plus ``source_options`` (a mapping
+loop, bind, keys, insecure, duration, mode, transport, report, frame_timeout) plus ``source_options`` (a mapping
 passed to ``open_source``) and ``settings`` (heartbeat_s, liveness_s, drain_s, stats_interval_s,
 max_message_bytes).
 """
@@ -30,18 +30,19 @@ log = logging.getLogger(__name__)
 
 # key -> (type(s) accepted, default)
 KEYS: dict[str, tuple[Any, Any]] = {
-    "source": (str, None), "bundle": (str, None), "processor": (str, None), "workers": (int, 1),
+    "source": (str, None), "bundle": ((str, list), None), "processor": (str, None), "workers": (int, 1),
     "device": (str, None), "record": (str, None), "video": (bool, False), "view": ((str, bool), None),
     "realtime": (bool, True), "loop": (bool, False), "bind": (str, None), "keys": (str, None),
     "insecure": (bool, False), "duration": ((int, float), None), "mode": (str, "process"),
-    "transport": (str, "auto"), "report": (str, None), "source_options": (dict, {}), "settings": (dict, {}),
+    "transport": (str, "auto"), "report": (str, None), "frame_timeout": ((int, float), None), "source_options": (dict, {}), "settings": (dict, {}),
 }
 SETTINGS_KEYS = {"heartbeat_s", "liveness_s", "drain_s", "stats_interval_s", "send_timeout_s", "max_message_bytes"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", help="source spec for edge_runtime.sources.open_source, or 'synthetic[:HxW]'")
-    parser.add_argument("--bundle", help="model bundle directory (the Runtime loads it in each worker)")
+    parser.add_argument("--bundle", action="append", help="model bundle directory, loaded in each worker; "
+                                                          "repeat for several models (e.g. detect + enhance)")
     parser.add_argument("--processor", help="built-in processor instead of a bundle: identity, detect, slow:MS, "
                                             "joined by '+' (testing and benchmarks)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1)")
@@ -66,6 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")
     parser.add_argument("--transport", choices=["auto", "ipc", "tcp"], help="between nodes (default: ipc)")
     parser.add_argument("--report", metavar="DIR", help="write latency.json and latency.png here")
+    parser.add_argument("--frame-timeout", dest="frame_timeout", type=float, metavar="S",
+                        help="restart a worker whose model call takes longer than S seconds (a hang)")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -91,6 +94,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         if value is not None and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
             raise ConfigError(expected(f"{key!r} of type {'/'.join(k.__name__ for k in kinds)}",
                                        f"{type(value).__name__} in {p}"))
+    if isinstance(data.get("bundle"), list) and not all(isinstance(b, str) for b in data["bundle"]):
+        raise ConfigError(expected("'bundle' as a path or a list of paths", data["bundle"]))
     unknown = set(data.get("settings") or {}) - SETTINGS_KEYS
     if unknown:
         raise ConfigError(expected(f"settings keys in {sorted(SETTINGS_KEYS)}", sorted(unknown)))
@@ -130,10 +135,14 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
         raise ConfigError(expected("numeric settings", str(exc))) from exc
 
 
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def run(args: argparse.Namespace) -> int:
     o = resolve(args)
     processor = (BuiltinProcessor(o["processor"]) if o["processor"]
-                 else RuntimeProcessor(str(o["bundle"]), device=o["device"]))
+                 else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"]))
     source = SourceSpec(o["source"], realtime=bool(o["realtime"]), loop=bool(o["loop"]),
                         options=tuple(sorted(o["source_options"].items())))
     view = o["view"]
@@ -142,10 +151,10 @@ def run(args: argparse.Namespace) -> int:
         duration=None if o["duration"] is None else float(o["duration"]), transport=o["transport"],
         policy="latest" if o["realtime"] else "all", window=1 if o["realtime"] else 2, video=bool(o["video"]),
         view=bool(view), view_dir=view if isinstance(view, str) else None, public_endpoint=o["bind"],
-        settings=_settings(o))
+        settings=_settings(o), frame_timeout_s=None if o["frame_timeout"] is None else float(o["frame_timeout"]))
     print(report.summary())
     report_dir = o["report"] or o["record"]
     if report_dir:
         json_path, png_path = report.write_latency_report(report_dir)
         print(f"latency report: {json_path} {png_path}")
-    return 1 if report.source_error else 0
+    return 1 if report.source_error or report.failure else 0

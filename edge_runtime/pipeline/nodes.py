@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..errors import InputError, expected
+from ..errors import ConfigError, InputError, expected
 from ..frames import Frame
 from ..results import Result
 from ..telemetry import Stats
@@ -47,6 +47,7 @@ ProcessorFactory = Callable[[], Any]  # -> frame -> Result, or an object with .p
 
 EXIT_OK = 0  # a finite source reached its end, or a node was asked to stop
 EXIT_SOURCE_FAILED = 3  # the source raised: restarting would not help, the supervisor stops
+EXIT_HUNG = 4  # a worker's model call ran past frame_timeout_s: exit so that the supervisor restarts it
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,10 @@ class Endpoints:
 
     @classmethod
     def ipc(cls, directory: str | os.PathLike) -> Endpoints:
-        d = Path(directory)
+        d = Path(directory).absolute()
+        if len(str(d / "collect")) > 100:  # AF_UNIX socket paths are limited to 107 bytes
+            raise ConfigError(expected("an ipc directory path of at most 92 characters", str(d)))
         d.mkdir(parents=True, exist_ok=True)
-        # AF_UNIX paths are limited to ~107 bytes: keep names short.
         return cls(*(f"ipc://{d / n}" for n in ("frames", "collect", "results", "record")))
 
     @classmethod
@@ -105,6 +107,7 @@ class NodeSettings:
 
 # --------------------------------------------------------------------------- shared plumbing
 
+MAX_NODES = 512  # distinct node ids whose counters the hub keeps (restarts make new ids)
 POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop request
 RESTART_GAP = 64  # a seq this far below the last one means the stream restarted, not a late result
 
@@ -112,7 +115,6 @@ RESTART_GAP = 64  # a seq this far below the last one means the stream restarted
 def is_late(seq: int, last: int | None) -> bool:
     """A result a sink should drop: not newer than the last one it used (and not a stream restart)."""
     return last is not None and last - RESTART_GAP < seq <= last
-
 
 
 def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,
@@ -131,20 +133,24 @@ def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: st
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.liveness_s * 1000))
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(settings.liveness_s * 1000))
     sock.sndtimeo = int(settings.send_timeout_s * 1000)
-    if bind is not None:
-        security.bind(sock, bind, settings.security)
-    if connect is not None:
-        if kind in (zmq.DEALER, zmq.PUSH, zmq.REQ):
-            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue messages for a peer that is not there
-        security.connect(sock, connect, settings.security)
+    try:
+        if bind is not None:
+            security.bind(sock, bind, settings.security)
+        if connect is not None:
+            if kind in (zmq.DEALER, zmq.PUSH, zmq.REQ):
+                sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue messages for a peer that is not there
+            security.connect(sock, connect, settings.security)
+    except BaseException:
+        sock.close(linger=0)  # a refused bind must not leave a socket that blocks context termination
+        raise
     return sock
 
 
-_MONITOR_EVENTS = {
-    zmq.EVENT_DISCONNECTED: "peer_disconnected",  # also how libzmq reports a > MAXMSGSIZE message
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",  # a CURVE client not in the allow-list
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake_failed",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake_failed",
+_MONITOR_EVENTS: dict[int, str] = {
+    int(zmq.EVENT_DISCONNECTED): "peer_disconnected",  # also how libzmq reports a > MAXMSGSIZE message
+    int(zmq.EVENT_HANDSHAKE_FAILED_AUTH): "auth_failed",  # a CURVE client not in the allow-list
+    int(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL): "handshake_failed",
+    int(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL): "handshake_failed",
 }
 
 
@@ -159,14 +165,18 @@ class Counters:
         self._last_log: dict[str, float] = {}
         self._monitors: list[tuple[zmq.Socket, zmq.Socket]] = []
 
+    def warn(self, key: str, msg: str, *args: Any) -> None:
+        """Log at most once per second per key: a stream of bad input must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_log.get(key, -1e9) >= 1.0:
+            self._last_log[key] = now
+            log.warning(msg, *args)
+
     def reject(self, exc: BadMessage, origin: str = "") -> None:
         self.rejected[exc.reason] += 1
-        # The reason and the offending header values only, never payload bytes; at most 1/s per reason.
-        now = time.monotonic()
-        if now - self._last_log.get(exc.reason, -1e9) >= 1.0:
-            self._last_log[exc.reason] = now
-            log.warning("%s rejected a message%s (%d so far for %s): %s", self.node,
-                        f" from {origin}" if origin else "", self.rejected[exc.reason], exc.reason, str(exc)[:300])
+        # The reason and the offending header values only, never payload bytes.
+        self.warn(exc.reason, "%s rejected a message%s (%d so far for %s): %s", self.node,
+                  f" from {origin}" if origin else "", self.rejected[exc.reason], exc.reason, str(exc)[:300])
 
     def monitor(self, sock: zmq.Socket) -> zmq.Socket:
         mon = sock.get_monitor_socket(sum(_MONITOR_EVENTS))
@@ -180,7 +190,7 @@ class Counters:
                     event = recv_monitor_message(mon, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                name = _MONITOR_EVENTS.get(event["event"])
+                name = _MONITOR_EVENTS.get(int(event["event"]))
                 if name:
                     self.transport[name] += 1
 
@@ -254,9 +264,10 @@ class FrameSlot:
 
     def __init__(self, policy: str) -> None:
         if policy not in ("latest", "all"):
-            raise InputError(expected("policy 'latest' or 'all'", policy))
+            raise ConfigError(expected("policy 'latest' or 'all'", policy))
         self.policy = policy
         self.frames: dict[str, Frame] = {}
+        self.retry: deque[Frame] = deque()  # 'all': frames whose worker vanished, sent first
         self.cond = threading.Condition()
         self.superseded = 0
         self.read = 0
@@ -273,6 +284,8 @@ class FrameSlot:
 
     def take(self) -> Frame | None:
         with self.cond:
+            if self.retry:
+                return self.retry.popleft()
             if not self.frames:
                 return None
             stream = min(self.frames, key=lambda s: self.frames[s].capture_ns)  # oldest stream first
@@ -283,14 +296,16 @@ class FrameSlot:
     def put_back(self, frame: Frame) -> None:
         """Undo a take (the chosen worker vanished) unless a newer frame arrived meanwhile."""
         with self.cond:
-            if frame.stream_id in self.frames:
-                self.superseded += 1
-            else:
+            if frame.stream_id not in self.frames:
                 self.frames[frame.stream_id] = frame
+            elif self.policy == "all":
+                self.retry.append(frame)
+            else:
+                self.superseded += 1
 
     def __len__(self) -> int:
         with self.cond:
-            return len(self.frames)
+            return len(self.frames) + len(self.retry)
 
 
 @dataclass
@@ -433,7 +448,8 @@ class SourceNode:
                         continue
                     except protocol.ProtocolError as exc:
                         counters.drops["unencodable"] += 1
-                        log.error("%s: cannot encode frame %s/%d: %s", self.name, frame.stream_id, frame.seq, exc)
+                        counters.warn("unencodable", "%s: cannot encode frame %s/%d: %s", self.name, frame.stream_id,
+                                      frame.seq, exc)
                         continue
                     workers[ident].inflight.append((frame.stream_id, frame.seq))
                     sent += 1
@@ -481,6 +497,21 @@ def load_processor(factory: ProcessorFactory) -> tuple[Callable[[Frame], Result]
     return process, close if callable(close) else None
 
 
+def _stage_stamps(result: Result, start_ns: int) -> None:
+    """Stamp preprocess/infer/postprocess from the processor's own timings when it did not stamp them.
+
+    A Runtime measures the three steps back to back (timings_ms); laid end to end from the moment
+    the call started they give the stage boundaries the telemetry needs.
+    """
+    stages = ("preprocess", "infer", "postprocess")
+    if any(s in result.stamps for s in stages) or not all(s in result.timings_ms for s in stages):
+        return
+    t = start_ns
+    for stage in stages:
+        t += int(result.timings_ms[stage] * 1e6)
+        result.stamps[stage] = t
+
+
 @dataclass
 class WorkerNode:
     """Asks for frames by credit, runs the processor in a helper thread, sends results to the hub.
@@ -496,17 +527,22 @@ class WorkerNode:
     window: int = 1  # frames in flight per worker: 1 for latest-frame-wins, 2 to pipeline file replay
     attach_input: bool = False  # send the input pixels with each result (for video / viewer)
     incarnation: int = 0
+    # A model call running longer than this is hung (a wedged GPU driver, a deadlock): the worker
+    # exits with EXIT_HUNG and is restarted. None: no limit (heartbeats alone cannot see a hang).
+    frame_timeout_s: float | None = None
 
-    def _process_loop(self, process: Callable[[Frame], Result], inbox: queue.Queue, outbox: queue.Queue,
+    def _process_loop(self, process: Callable[[Frame], Result], inbox: queue.SimpleQueue, outbox: queue.SimpleQueue,
                       waker: Waker) -> None:
         while True:
             frame = inbox.get()
             if frame is None:
                 return
+            start = time.monotonic_ns()
             try:
                 result: Any = process(frame)
                 if not isinstance(result, Result):
                     raise InputError(expected("the processor to return a Result", type(result).__name__))
+                _stage_stamps(result, start)
             except Exception as exc:  # noqa: BLE001 - one bad frame must not take the worker down
                 result = exc
             outbox.put((frame, result))
@@ -521,12 +557,14 @@ class WorkerNode:
         dealer.sndtimeo = 0
         push = open_socket(ctx, zmq.PUSH, s, connect=self.endpoints.collect, receives=False)
         waker = Waker()
-        inbox: queue.Queue = queue.Queue()
-        outbox: queue.Queue = queue.Queue()
+        inbox: queue.SimpleQueue = queue.SimpleQueue()  # C queues: cheap hand-offs
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
         thread = threading.Thread(target=self._process_loop, args=(process, inbox, outbox, waker), daemon=True,
                                   name=f"{identity}-process")
         thread.start()
         pending = done = 0
+        hung = False
+        busy_since = 0.0  # when the oldest frame still in this worker arrived
         last_sent = 0.0
         next_stats = time.monotonic() + s.stats_interval_s
         poller = zmq.Poller()
@@ -545,7 +583,7 @@ class WorkerNode:
                 pass
 
         def deliver() -> None:
-            nonlocal pending, done
+            nonlocal pending, done, busy_since
             while True:
                 try:
                     frame, result = outbox.get_nowait()
@@ -553,10 +591,11 @@ class WorkerNode:
                     return
                 pending -= 1
                 done += 1
+                busy_since = time.monotonic()
                 if isinstance(result, Exception):
                     counters.drops["processor_error"] += 1
-                    log.warning("%s: processor failed on %s/%d: %s", identity, frame.stream_id, frame.seq,
-                                type(result).__name__)
+                    counters.warn("processor_error", "%s: processor failed on %s/%d (%d so far): %s", identity,
+                                  frame.stream_id, frame.seq, counters.drops["processor_error"], type(result).__name__)
                     parts = protocol.encode_control(
                         "error", node=identity, reason="processor_error", stream=frame.stream_id, seq=frame.seq,
                         detail=f"{type(result).__name__}: {str(result)[:200]}", t_ns=time.monotonic_ns())
@@ -568,7 +607,8 @@ class WorkerNode:
                                                        attach_input=self.attach_input)
                     except protocol.ProtocolError as exc:
                         counters.drops["unencodable"] += 1
-                        log.warning("%s: result %s/%d cannot be encoded: %s", identity, frame.stream_id, frame.seq, exc)
+                        counters.warn("unencodable", "%s: result %s/%d cannot be encoded: %s", identity,
+                                      frame.stream_id, frame.seq, exc)
                         continue
                 try:  # SNDTIMEO bounds this: a missing hub costs a counted drop, not a hang
                     protocol.send(push, parts)
@@ -598,12 +638,21 @@ class WorkerNode:
                             tell_source("credit")
                             continue
                         m.frame.stamps["worker_recv"] = time.monotonic_ns()
+                        if not pending:
+                            busy_since = time.monotonic()
                         pending += 1
                         inbox.put(m.frame)
                 if waker.r in events:
                     waker.drain()
                     deliver()
                 now = time.monotonic()
+                if pending and self.frame_timeout_s is not None and now - busy_since > self.frame_timeout_s:
+                    counters.drops["frame_timeout"] += pending
+                    log.error("%s: the model has been busy for %.1f s (limit %.1f s): exiting to be restarted",
+                              identity, now - busy_since, self.frame_timeout_s)
+                    _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
+                    hung = True
+                    return EXIT_HUNG
                 # Until the first frame arrives, say hello often: the source may not be up yet.
                 if now - last_sent >= (s.heartbeat_s if done or pending else min(0.1, s.heartbeat_s)):
                     tell_source("heartbeat")
@@ -620,7 +669,7 @@ class WorkerNode:
             _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
         finally:
             inbox.put(None)
-            thread.join(timeout=s.drain_s)
+            thread.join(timeout=0 if hung else s.drain_s)
             counters.close_monitors()
             dealer.close(linger=0)
             waker.close(writer_done=not thread.is_alive())
@@ -662,12 +711,12 @@ class HubNode:
         self.ready = threading.Event()
 
     def snapshot(self) -> dict[str, Any]:
+        """Live stats for other threads (does not move the once-a-second fps window)."""
         with self.lock:
             self._merge_own_counters()
-            return self.stats.snapshot()
+            return self.stats.snapshot(advance=False)
 
-    def _merge_own_counters(self) -> None:
-        self.counters.drain_monitors()
+    def _merge_own_counters(self) -> None:  # under self.lock; monitor sockets stay in the hub thread
         self.stats.set_node_counters(self.name, "rejected", self.counters.rejected)
         self.stats.set_node_counters(self.name, "transport", self.counters.transport)
         self.stats.set_node_counters(self.name, "drops", self.counters.drops)
@@ -741,6 +790,10 @@ class HubNode:
                 publish(f"result/{r.stream_id}", [protocol.encode_header(h), *msg[1:]])
             elif m.type == "stats":  # a node's cumulative counters
                 with self.lock:
+                    if h["node"] not in self.nodes and len(self.nodes) >= MAX_NODES:
+                        self.counters.reject(BadMessage("too_many_nodes", expected(f"<= {MAX_NODES} nodes",
+                                                                                    h["node"][:64])))
+                        return
                     self.nodes[h["node"]] = h
                     for kind in ("drops", "rejected", "transport"):
                         if isinstance(h.get(kind), dict):
@@ -778,7 +831,7 @@ class HubNode:
                     to_recorder()  # retry a backlog while nothing new arrives
                 if any(mon.poll(0) for mon in monitors):
                     with self.lock:
-                        self.counters.drain_monitors()
+                        self.counters.drain_monitors()  # only this thread touches the monitor sockets
                 if time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + s.stats_interval_s
                     emit_stats()

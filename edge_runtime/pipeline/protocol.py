@@ -43,7 +43,8 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 RESULT_PARTS = ("enhanced", "masks", "input")
 STREAM_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-SHORT_TEXT = 256  # longest label / provenance value / reason accepted
+SHORT_TEXT = 256  # longest label / reason / id accepted
+MAP_TEXT = 1024  # longest string value in a map (provenance of several models joined by '+')
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,8 @@ def _map(h: Mapping[str, Any], name: str, kind: type | tuple[type, ...], limits:
             raise BadMessage("bad_header", expected(f"{name!r} entries str -> {kind}", (k[:64], type(v).__name__)))
         if isinstance(v, float) and not math.isfinite(v):
             raise BadMessage("bad_header", expected(f"finite {name!r} values", v))
-        if isinstance(v, str) and len(v) > SHORT_TEXT:
-            raise BadMessage("bad_header", expected(f"{name!r} values of <= {SHORT_TEXT} chars", len(v)))
+        if isinstance(v, str) and len(v) > MAP_TEXT:
+            raise BadMessage("bad_header", expected(f"{name!r} values of <= {MAP_TEXT} chars", len(v)))
     return dict(value)
 
 

@@ -99,6 +99,7 @@ class VideoSink:
         self.sizes: dict[str, tuple[int, int]] = {}
         self.last_seq: dict[str, int] = {}
         self.paths: list[Path] = []
+        self.failed = False
 
     def _open(self, stream: str, size: tuple[int, int]) -> Any:
         import cv2
@@ -106,7 +107,7 @@ class VideoSink:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
         for suffix, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
             path = self.out_dir / f"{safe}{suffix}"
-            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), self.fps, size)
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), self.fps, size)
             if writer.isOpened():
                 self.paths.append(path)
                 return writer
@@ -156,14 +157,14 @@ class RecorderNode:
             record.setdefault("stamps", {})["record"] = time.monotonic_ns()
             record["parts"] = [p["name"] for p in record.get("parts", [])]
         writer.write(record)
-        if m.type == "result" and videos is not None and m.arrays:
+        if m.type == "result" and videos is not None and not videos.failed and m.arrays:
             try:
                 videos.add(m)
-            except InputError as exc:
+            except InputError as exc:  # no codec: the JSONL goes on without video
                 counters.drops["video"] += 1
                 log.error("%s: video disabled: %s", self.name, exc)
                 videos.close()
-                self._videos_off = True
+                videos.failed = True
         return m.type == "event" and m.header.get("event") == "end"
 
     def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
@@ -171,7 +172,6 @@ class RecorderNode:
         out = Path(self.out_dir)
         counters = Counters(self.name)
         writer = JsonlWriter(out / RESULTS_FILE, self.fsync_every, self.fsync_interval_s)
-        self._videos_off = False
         videos = VideoSink(out, self.video_fps) if self.video else None
         pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record)
         pull.rcvhwm = 1000
@@ -190,7 +190,7 @@ class RecorderNode:
                 except BadMessage as exc:
                     counters.reject(exc, self.endpoints.record)
                     continue
-                if self._record(m, writer, None if self._videos_off else videos, counters):
+                if self._record(m, writer, videos, counters):
                     return True
             return False
 

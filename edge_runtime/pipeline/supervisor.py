@@ -92,17 +92,27 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class RuntimeProcessor:
-    """A processor factory for a model bundle; the Runtime loads inside the worker that uses it."""
+    """A processor factory for model bundles; the models load inside the worker that uses them.
 
-    bundle: str
+    One bundle gives a ``Runtime``; several (e.g. a detector and an enhancer) a ``RuntimeSet`` that
+    routes each frame to the models of its modality. A frozen dataclass, not a closure, so that it
+    can be handed to a spawned worker process.
+    """
+
+    bundles: tuple[str, ...]
     device: str | None = None
 
-    def __call__(self) -> Any:
-        from ..runtime import Runtime  # written elsewhere: imported only when used
+    def __post_init__(self) -> None:
+        if isinstance(self.bundles, str) or not self.bundles:
+            raise ConfigError(expected("a non-empty tuple of bundle paths", self.bundles))
 
-        runtime = Runtime(self.bundle, device=self.device)
-        runtime.load()
-        return runtime  # the worker calls .process(frame) and, at the end, .close()
+    def __call__(self) -> Any:
+        from ..runtime import Runtime, RuntimeSet  # written elsewhere: imported only when used
+
+        runtimes = [Runtime(b, device=self.device) for b in self.bundles]
+        made = runtimes[0] if len(runtimes) == 1 else RuntimeSet(runtimes)
+        made.load()
+        return made  # the worker calls .process(frame) and, at the end, .close()
 
 
 # --------------------------------------------------------------------------- configuration + report
@@ -126,6 +136,8 @@ class PipelineConfig:
     settings: NodeSettings = field(default_factory=NodeSettings)
     restart_backoff_s: tuple[float, float] = (0.2, 5.0)
     stable_after_s: float = 10.0
+    max_quick_failures: int = 5  # a node that dies this often in a row, each time soon after start: stop
+    frame_timeout_s: float | None = None  # a model call longer than this is a hang: restart the worker
     keep_results: int = 10000
     attach_input: bool | None = None  # send input pixels with results; None: when video or view is on
     work_dir: str | None = None  # where ipc sockets live (default: a fresh temporary directory)
@@ -145,6 +157,8 @@ class PipelineConfig:
         if not 1 <= self.window <= 64 or (self.policy == "latest" and self.window != 1):
             raise ConfigError(expected("window 1 with policy 'latest' (more would queue stale frames), "
                                        "1..64 with 'all'", self.window))
+        if self.frame_timeout_s is not None and self.frame_timeout_s <= 0:
+            raise ConfigError(expected("a positive frame timeout in seconds", self.frame_timeout_s))
         if self.duration_s is not None and self.duration_s <= 0:
             raise ConfigError(expected("a positive duration in seconds", self.duration_s))
         if self.public_endpoint is not None:
@@ -166,6 +180,7 @@ class PipelineReport:
     record_path: Path | None
     exit_codes: dict[str, int | None]
     source_error: str | None
+    failure: str | None  # why the supervisor gave up (a node crash-looping), else None
     nodes: dict[str, dict[str, Any]]
     stats_obj: Stats = field(repr=False)
 
@@ -181,13 +196,15 @@ class PipelineReport:
             worst = self.stats.get("worst") or {}
             lines.append(f"capture->sink ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  max {e2e['max']:.1f} "
                          f"(worst: stream {worst.get('stream')} seq {worst.get('seq')})")
-        lines.append(f"drops: {self.drops or 'none'}   rejected: {self.rejected or 'none'}   "
-                     f"restarts: {self.restarts}")
+        drops = {k: v for k, v in self.drops.items() if v}
+        lines.append(f"drops: {drops or 'none'}   rejected: {self.rejected or 'none'}   restarts: {self.restarts}")
         if self.stats.get("backend"):
             lines.append(f"backend {self.stats['backend']}, precision {self.stats['precision']}, "
                          f"model {self.stats.get('model', '')}")
         if self.source_error:
             lines.append(f"source error: {self.source_error}")
+        if self.failure:
+            lines.append(f"FAILED: {self.failure}")
         return "\n".join(lines)
 
 
@@ -199,6 +216,15 @@ def run_node_process(node: Any, log_level: int = logging.INFO) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    parent = os.getppid()
+
+    def orphan_watch() -> None:  # the supervisor was killed (SIGKILL, OOM): do not run on alone
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                log.error("%s: supervisor %d is gone, stopping", getattr(node, "name", "node"), parent)
+                stop.set()
+
+    threading.Thread(target=orphan_watch, daemon=True, name="orphan-watch").start()
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     ctx = zmq.Context()
     code = 1
@@ -230,6 +256,7 @@ class NodeHandle:
         self.restart_at: float | None = None
         self.backoff = 0.0
         self.restarts = 0
+        self.quick_failures = 0  # exits in a row, each soon after its start
         self.finished = False  # exited for good (end of stream, or stopped)
 
     def start(self) -> None:
@@ -308,6 +335,7 @@ class Supervisor:
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.handles: list[NodeHandle] = []
         self.source_ended: int | None = None
+        self.failure: str | None = None
         self.started = 0.0
         self.stopped = 0.0
 
@@ -350,7 +378,10 @@ class Supervisor:
         self._hub_thread.start()
         while not self.hub.ready.wait(0.05):
             if not self._hub_thread.is_alive():
+                security.stop_authenticator(self.ctx)
                 self.ctx.destroy(linger=0)
+                if self._tmp is not None:
+                    self._tmp.cleanup()
                 raise self._hub_error or ConfigError(expected("the hub to start", "it exited"))
         self._events = open_socket(self.ctx, zmq.PUSH, s, connect=ep.collect, receives=False)
 
@@ -362,9 +393,13 @@ class Supervisor:
                                                                video_fps=c.video_fps))
         if c.view:
             add("viewer", "viewer", lambda _: ViewerNode(ep.results, s, snapshot_dir=c.view_dir))
+
+        def worker(name: str) -> Callable[[int], WorkerNode]:
+            return lambda inc: WorkerNode(self.make_processor, ep, s, name=name, window=c.window,
+                                          attach_input=attach, incarnation=inc, frame_timeout_s=c.frame_timeout_s)
+
         for i in range(c.n_workers):
-            add(f"w{i}", "worker", lambda inc, i=i: WorkerNode(self.make_processor, ep, s, name=f"w{i}", window=c.window,
-                                                               attach_input=attach, incarnation=inc))
+            add(f"w{i}", "worker", worker(f"w{i}"))
         add("source", "source", lambda _: SourceNode(self.source_factory, ep, s, policy=c.policy,
                                                       wait_for_workers=c.n_workers))
         self.started = time.monotonic()
@@ -396,11 +431,20 @@ class Supervisor:
             return
         lo, hi = self.config.restart_backoff_s
         uptime = now - h.started_at
-        h.backoff = lo if uptime >= self.config.stable_after_s or h.backoff == 0 else min(hi, h.backoff * 2)
-        h.restart_at = now + h.backoff
-        log.warning("%s exited with code %s after %.1f s; restarting in %.1f s", h.name, code, uptime, h.backoff)
+        stable = uptime >= self.config.stable_after_s
+        h.quick_failures = 0 if stable else h.quick_failures + 1
+        h.backoff = lo if stable or h.backoff == 0 else min(hi, h.backoff * 2)
         self._event("node_exit", node_name=h.name, kind=h.kind, exitcode=code, incarnation=h.incarnation,
                     uptime_s=round(uptime, 3))
+        if h.quick_failures >= self.config.max_quick_failures:
+            # e.g. a bundle that cannot load: restarting forever would only hide it
+            self.failure = (f"{h.name} failed {h.quick_failures} times in a row within {self.config.stable_after_s} s "
+                            f"of starting (last exit code {code}); see its log above")
+            log.error("giving up: %s", self.failure)
+            h.finished = True
+            return
+        h.restart_at = now + h.backoff
+        log.warning("%s exited with code %s after %.1f s; restarting in %.1f s", h.name, code, uptime, h.backoff)
 
     def _loop(self) -> None:
         c = self.config
@@ -409,10 +453,11 @@ class Supervisor:
                 now = time.monotonic()
                 if c.duration_s is not None and now - self.started >= c.duration_s:
                     break
-                if self.source_ended is not None:
+                if self.source_ended is not None or self.failure is not None:
                     break
                 if not self._hub_thread.is_alive():
-                    log.error("the hub stopped: stopping the pipeline")
+                    self.failure = f"the hub stopped: {self._hub_error!r}"
+                    log.error("%s; stopping the pipeline", self.failure)
                     break
                 for h in self.handles:
                     if h.finished:
@@ -455,7 +500,8 @@ class Supervisor:
             h.join(3.0)
         self._events.close(linger=0)
         self.stopped = time.monotonic()
-        if self.config.mode == "thread" and any(h.alive() for h in self.handles):
+        if self._hub_thread.is_alive() or (self.config.mode == "thread" and any(h.alive() for h in self.handles)):
+            # terminating a context with a socket still open would block forever
             log.warning("a node thread is still running: leaving its ZeroMQ context open")
         else:
             security.stop_authenticator(self.ctx)
@@ -496,7 +542,7 @@ class Supervisor:
             results=snap["results"], duration_s=duration, fps=snap["results"] / duration, stats=snap,
             drops=snap["drops"], rejected=snap["rejected"], transport=snap["transport"], events=list(hub.events),
             restarts=sum(h.restarts for h in self.handles), records=list(hub.summaries), record_path=record_path,
-            exit_codes={h.name: h.exitcode() for h in self.handles}, source_error=source_error,
+            exit_codes={h.name: h.exitcode() for h in self.handles}, source_error=source_error, failure=self.failure,
             nodes=dict(hub.nodes), stats_obj=hub.stats)
 
 
@@ -515,7 +561,7 @@ def run_pipeline(source_factory: SourceFactory, make_processor: ProcessorFactory
             raise ConfigError(expected("a PipelineConfig field", key))
         setattr(config, key, value)
     sup = Supervisor(source_factory, make_processor, config)
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda *_: sup.request_stop())

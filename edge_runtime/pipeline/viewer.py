@@ -58,9 +58,9 @@ def _draw(img: np.ndarray, header: dict[str, Any], masks: np.ndarray | None) -> 
     labels: dict[str, int] = {}
     if masks is not None and masks.shape[1:] == img.shape[:2]:
         for i, mask in enumerate(masks):
-            color = np.array(COLORS[i % len(COLORS)], np.float32)
+            tint = np.array(COLORS[i % len(COLORS)], np.float32)
             sel = mask > 0
-            img[sel] = (0.6 * img[sel] + 0.4 * color).astype(np.uint8)
+            img[sel] = (0.6 * img[sel] + 0.4 * tint).astype(np.uint8)
     for det in header.get("detections", []):
         color = COLORS[labels.setdefault(det["label"], len(labels)) % len(COLORS)]
         x0, y0, x1, y1 = (round(v) for v in det["box"])
@@ -97,8 +97,8 @@ def compose(message: Message) -> np.ndarray:
     stamps = h.get("stamps", {})
     if "capture" in stamps and "sink_recv" in stamps:
         e2e = f"  {(stamps['sink_recv'] - stamps['capture']) / 1e6:.1f} ms"
-    cv2.putText(img, f"{h['stream']} #{h['seq']}{e2e}", (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    cv2.putText(img, f"{h['stream']} #{h['seq']}{e2e}", (4, img.shape[0] - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                (255, 255, 255), 1, cv2.LINE_AA)
     return img
 
 

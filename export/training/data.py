@@ -118,19 +118,33 @@ def centernet_targets(boxes: np.ndarray, labels: np.ndarray, num_classes: int, o
 
 
 def sample_detection_batch(ds: DetectionSet, rng: np.random.Generator, batch: int, crop: int | None,
-                           num_classes: int, stride: int) -> tuple[np.ndarray, ...]:
-    """A random batch with horizontal flips (and random crops when ``crop`` is set)."""
+                           num_classes: int, stride: int, object_bias: float = 0.7) -> tuple[np.ndarray, ...]:
+    """A random batch with horizontal flips, and random crops when ``crop`` is set.
+
+    Crops are what makes training affordable on two cores (the networks are fully
+    convolutional, inference sees the whole input); with probability ``object_bias`` a crop is
+    placed around a random object of the frame, so few crops are empty. Crop origins are
+    multiples of the stride, so the output grid stays aligned with the full image's.
+    """
     idx = rng.integers(0, len(ds), batch)
     h, w = ds.images.shape[1:]
-    ch, cw = (crop, crop) if crop else (h, w)
+    ch, cw = (min(crop, h), min(crop, w)) if crop else (h, w)
     xb = np.empty((batch, 1, ch, cw), np.float32)
     targets: list[list[np.ndarray]] = [[], [], [], []]
     for b, i in enumerate(idx):
-        y0 = int(rng.integers(0, h - ch + 1)) if crop else 0
-        x0 = int(rng.integers(0, w - cw + 1)) if crop else 0
+        boxes, labels = ds.boxes[i], ds.labels[i]
+        y0 = x0 = 0
+        if crop:
+            if len(boxes) and rng.random() < object_bias:
+                x_a, y_a, x_b, y_b = boxes[int(rng.integers(0, len(boxes)))]
+                cx, cy = (x_a + x_b) / 2, (y_a + y_b) / 2
+                x0 = int(np.clip(cx - rng.uniform(0.2, 0.8) * cw, 0, w - cw))
+                y0 = int(np.clip(cy - rng.uniform(0.2, 0.8) * ch, 0, h - ch))
+            else:
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            x0, y0 = x0 // stride * stride, y0 // stride * stride
         img = ds.images[i, y0:y0 + ch, x0:x0 + cw]
-        boxes = ds.boxes[i] - np.array([x0, y0, x0, y0], np.float32)
-        labels = ds.labels[i]
+        boxes = boxes - np.array([x0, y0, x0, y0], np.float32)
         if crop and len(boxes):  # keep objects whose centre is inside the crop
             c = (boxes[:, :2] + boxes[:, 2:]) / 2
             keep = (c[:, 0] >= 0) & (c[:, 0] < cw) & (c[:, 1] >= 0) & (c[:, 1] < ch)

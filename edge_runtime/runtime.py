@@ -1,0 +1,298 @@
+"""In-process inference: a verified bundle and a Frame in, a Result out.
+
+``Runtime(bundle, device).process(frame)`` runs the bundle's declared pre-processing, the chosen
+backend and the declared post-processing, timing each stage and stamping provenance on the
+result. On a GPU device with TensorRT, a missing engine is built in the background while ONNX
+Runtime serves; the runtime swaps to the engine between two frames and says so in the log and in
+``status()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .backends import Backend, OrtBackend, TrtBackend, tensorrt_available
+from .bundle import Bundle
+from .devices import DeviceConfig, detect, load_config
+from .errors import BackendError, BundleError, ConfigError, expected
+from .frames import Frame
+from .postprocess import Postprocessor, enhance_tiled
+from .preprocess import Preprocessor
+from .results import Result
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+log = logging.getLogger(__name__)
+
+# Preference when the caller says precision="auto": the fastest artefact the device allows.
+# ONNX Runtime's CPU provider has few FP16 kernels, so CPU configs do not list fp16 at all.
+AUTO_ORDER = ("int8", "fp16", "fp32")
+ENGINE_MAX_HW = (1024, 1024)
+
+
+def resolve_device(device: str | Path | DeviceConfig | None) -> DeviceConfig:
+    if isinstance(device, DeviceConfig):
+        return device
+    if device is None or device == "auto":
+        found = detect()
+        log.info("device: %s (%s)", found.name, found.reason)
+        return load_config(found.name)
+    return load_config(str(device))
+
+
+def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "auto") -> str:
+    """The artefact precision to run: requested, or the fastest one present, allowed and gated."""
+    usable = [a.precision for a in bundle.artifacts
+              if a.kind == "onnx" and a.info.get("gate", "passed") != "failed"]
+    if requested != "auto":
+        if requested not in device.precisions:
+            raise ConfigError(f"device {device.name}: " + expected(f"a precision in {list(device.precisions)}",
+                                                                    requested))
+        if requested not in usable:
+            raise BundleError(f"bundle {bundle.name}: " + expected(f"an ONNX artefact in {requested}", usable))
+        return requested
+    for p in AUTO_ORDER:
+        if p in usable and p in device.precisions:
+            return p
+    raise BundleError(f"bundle {bundle.name} on {device.name}: " + expected(
+        f"an artefact in one of {list(device.precisions)}", usable))
+
+
+class Runtime:
+    """One model on one device. Construction is cheap; ``load()`` verifies and loads."""
+
+    def __init__(self, bundle: str | Path | Bundle, device: str | Path | DeviceConfig | None = None, *,
+                 precision: str = "auto", backend: str | None = None, threads: int | None = None,
+                 engine_cache_dir: str | Path | None = None, build_engines: bool = True) -> None:
+        self._bundle_arg = bundle
+        self._device_arg = device
+        self.requested_precision = precision
+        self.requested_backend = backend
+        self.threads = threads
+        self.engine_cache_dir = engine_cache_dir
+        self.build_engines = build_engines
+        self.bundle: Bundle | None = None
+        self.device: DeviceConfig | None = None
+        self.precision = ""
+        self.backend: Backend | None = None
+        self._pending_engine: Path | None = None
+        self._builder: Any = None
+        self._lock = threading.Lock()
+        self.events: list[str] = []  # backend swaps and build outcomes, for telemetry
+
+    # -- life cycle -----------------------------------------------------------------------
+    def load(self) -> Self:
+        b = self._bundle_arg
+        self.bundle = b if isinstance(b, Bundle) else Bundle.load(b, verify=True)
+        self.device = resolve_device(self._device_arg)
+        self.precision = choose_precision(self.bundle, self.device, self.requested_precision)
+        self.pre = Preprocessor.from_manifest(self.bundle.manifest)
+        self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
+        self.input_name = self.pre.input_name
+        self.backend = self._open_backend().load()
+        log.info("runtime: %s %s on %s via %s", self.bundle.name, self.precision, self.device.name,
+                 self.backend.provider)
+        return self
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def __enter__(self) -> Self:
+        return self.load()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _onnx_path(self) -> Path:
+        if self.bundle is None:
+            raise BackendError("runtime: expected load() before use, found an unloaded runtime")
+        return self.bundle.file(self.bundle.artifact(self.precision, "onnx").file)
+
+    def _ort(self) -> OrtBackend:
+        threads = self.threads if self.threads is not None else (self.device.cpu_threads if self.device else 0)
+        return OrtBackend(self._onnx_path(), threads=threads, precision=self.precision)
+
+    def _open_backend(self) -> Backend:
+        dev = self.device
+        if dev is None:
+            raise BackendError("runtime: expected a device config, found none")
+        want = self.requested_backend or dev.backend
+        if want not in ("auto", "onnxruntime", "tensorrt"):
+            raise ConfigError("backend: " + expected("auto, onnxruntime or tensorrt", want))
+        if want == "onnxruntime":
+            return self._ort()
+        ok, why = tensorrt_available()
+        if not ok:
+            if want == "tensorrt":
+                raise BackendError(f"backend tensorrt on {dev.name}: expected TensorRT, pycuda and a GPU, found {why}")
+            log.info("runtime: TensorRT not used (%s); serving with ONNX Runtime", why)
+            return self._ort()
+        return self._engine_or_fallback()
+
+    def _engine_or_fallback(self) -> Backend:
+        """Use a cached engine, or serve with ONNX Runtime while one builds in the background."""
+        from export.trt_build import build_into_cache, engine_key_for
+
+        from .engine_cache import BackgroundBuilder, EngineCache
+
+        dev = self.device
+        cache = EngineCache(self.engine_cache_dir)
+        dla = 0 if dev is not None and dev.dla_cores > 0 and self.precision != "fp32" else None
+        key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=self._engine_profile())
+        path = cache.lookup(key)  # refuses (BackendError) an engine whose sidecar key differs
+        if path is not None:
+            return TrtBackend(path, precision=self.precision)
+        if not self.build_engines:
+            log.warning("runtime: no engine for %s in %s and building is off; serving with ONNX Runtime",
+                        key.describe(), cache.directory)
+            return self._ort()
+        workspace = dev.trt_workspace_mb if dev is not None else None
+        self._builder = BackgroundBuilder(
+            lambda: build_into_cache(cache, key, self._onnx_path(), workspace_mb=workspace, progress=False),
+            name=f"{self.bundle.name if self.bundle else '?'}-{self.precision}",
+            on_ready=self._engine_ready).start()
+        self.events.append("engine build started; serving with onnxruntime meanwhile")
+        return self._ort()
+
+    def _engine_profile(self) -> dict[str, dict[str, list[int]]] | None:
+        """Image-to-image models have dynamic H/W: one profile from 32 px up to ENGINE_MAX_HW,
+        tuned for 512 x 512; larger frames are tiled by post-processing when the bundle says so."""
+        spec = self.bundle.manifest["inputs"][0] if self.bundle else None
+        if spec is None or all(isinstance(d, int) for d in spec["shape"]):
+            return None
+        c = spec["shape"][1] if isinstance(spec["shape"][1], int) else self.pre.channels
+        return {spec["name"]: {"min": [1, c, 32, 32], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
+
+    def _engine_ready(self, path: Path) -> None:
+        with self._lock:
+            self._pending_engine = path  # swapped in by the serving thread (its CUDA context)
+
+    def _maybe_swap(self) -> None:
+        with self._lock:
+            path, self._pending_engine = self._pending_engine, None
+        if path is None:
+            return
+        new = TrtBackend(path, precision=self.precision).load()
+        old, self.backend = self.backend, new
+        if old is not None:
+            old.close()
+        msg = f"swapped to TensorRT engine {path.name}"
+        self.events.append(msg)
+        log.info("runtime: %s", msg)
+
+    # -- per frame ------------------------------------------------------------------------
+    @property
+    def provenance(self) -> dict[str, str]:
+        if self.bundle is None or self.backend is None:
+            return {}
+        return {"model": self.bundle.name, "bundle_sha256": self.bundle.sha256,
+                "backend": self.backend.name, "precision": self.precision}
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.provenance)
+        if self._builder is not None:
+            out["engine_build"] = self._builder.status()
+        out["events"] = list(self.events)
+        return out
+
+    def process(self, frame: Frame) -> Result:
+        if self.backend is None:
+            raise BackendError("runtime: expected load() before process(), found an unloaded runtime")
+        if self._pending_engine is not None:
+            self._maybe_swap()
+        backend = self.backend
+        t0 = time.perf_counter()
+        x, mapping = self.pre(frame)
+        t1 = time.perf_counter()
+        if self.post.tile is not None:
+            tile, overlap = self.post.tile
+            out_name = self.post.spec.get("output") or backend.outputs[0].name
+            y = {out_name: enhance_tiled(lambda t: backend.infer({self.input_name: t})[out_name], x, tile, overlap)}
+        else:
+            y = backend.infer({self.input_name: x})
+        t2 = time.perf_counter()
+        decoded = self.post(y, mapping, frame)
+        t3 = time.perf_counter()
+        return Result(stream_id=frame.stream_id, seq=frame.seq, capture_ns=frame.capture_ns,
+                      detections=decoded.detections, enhanced=decoded.enhanced, masks=decoded.masks,
+                      timings_ms={"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3,
+                                  "postprocess": (t3 - t2) * 1e3},
+                      provenance=self.provenance, stamps=dict(frame.stamps))
+
+
+class RuntimeSet:
+    """Several runtimes behind one ``process``: each frame goes to the models of its modality.
+
+    Detections from every detector are merged; the enhanced pixels come from the enhancer. The
+    timings and provenance of each model are kept under its name (``us-lesion-det.infer``).
+    """
+
+    def __init__(self, runtimes: Sequence[Runtime]) -> None:
+        self.runtimes = list(runtimes)
+
+    def load(self) -> Self:
+        for r in self.runtimes:
+            r.load()
+        return self
+
+    def close(self) -> None:
+        for r in self.runtimes:
+            r.close()
+
+    def __enter__(self) -> Self:
+        return self.load()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def for_frame(self, frame: Frame) -> list[Runtime]:
+        chosen = [r for r in self.runtimes if r.bundle is not None and frame.modality in r.bundle.manifest["modality"]]
+        if not chosen:
+            have = sorted({m for r in self.runtimes if r.bundle for m in r.bundle.manifest["modality"]})
+            from .errors import InputError
+
+            raise InputError(expected(f"a frame of modality {have}", frame.modality))
+        return chosen
+
+    def process(self, frame: Frame) -> Result:
+        merged = Result(stream_id=frame.stream_id, seq=frame.seq, capture_ns=frame.capture_ns,
+                        stamps=dict(frame.stamps))
+        models = []
+        for r in self.for_frame(frame):
+            res = r.process(frame)
+            merged.detections.extend(res.detections)
+            if res.enhanced is not None:
+                merged.enhanced = res.enhanced
+            if res.masks is not None:
+                merged.masks = res.masks
+            for stage, ms in res.timings_ms.items():
+                merged.timings_ms[f"{r.bundle.name if r.bundle else '?'}.{stage}"] = ms
+                merged.timings_ms[stage] = merged.timings_ms.get(stage, 0.0) + ms
+            models.append(res.provenance)
+        merged.provenance = {k: "+".join(p.get(k, "") for p in models)
+                             for k in ("model", "bundle_sha256", "backend", "precision")}
+        return merged
+
+
+def make_processor(bundles: Sequence[str | Path], device: str | None = None, *,
+                   precision: str = "auto") -> Callable[[], Callable[[Frame], Result]]:
+    """A factory for pipeline workers: called once inside the worker, loads the models there."""
+
+    def factory() -> Callable[[Frame], Result]:
+        return RuntimeSet([Runtime(b, device, precision=precision) for b in bundles]).load().process
+
+    return factory
+
+
+def reference_bundles() -> dict[str, Path]:
+    """The reference bundles shipped inside the package (demonstration models, synthetic data)."""
+    root = Path(__file__).resolve().parent / "models"
+    return {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.json"))}

@@ -1,0 +1,113 @@
+"""Runtime: bundle + frame in, result out, on real ONNX Runtime sessions with tiny bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edge_runtime.bundle import Bundle
+from edge_runtime.devices import load_config
+from edge_runtime.errors import BundleError, ConfigError, InputError
+from edge_runtime.frames import Frame
+from edge_runtime.runtime import Runtime, RuntimeSet, choose_precision
+from export.bundle_write import write_bundle
+
+
+def _invert_model(path: Path) -> None:
+    """y = 1 - x on [1, 1, H, W]: an 'enhancer' whose output we can compute by hand."""
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "H", "W"])
+    y = helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 1, "H", "W"])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph([helper.make_node("Sub", ["one", "image"], ["enhanced"])], "invert", [x], [y], [one])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+
+
+def _enhance_bundle(root: Path, *, tile: dict | None = None) -> Path:
+    root.mkdir()
+    _invert_model(root / "fp32.onnx")
+    post = {"type": "enhance", "output": "enhanced"} | ({"tile": tile} if tile else {})
+    write_bundle(root, {
+        "name": "tiny-invert", "task": "enhancement", "modality": ["DX"], "bits_stored": 12,
+        "photometric": "MONOCHROME2", "description": "test model",
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+        "outputs": [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+        "preprocess": {"color": "gray", "resize": {"mode": "none", "multiple": 8}},
+        "postprocess": post,
+        "artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32"}],
+    })
+    return root
+
+
+def _xr(h: int = 60, w: int = 70) -> Frame:
+    px = np.random.default_rng(0).integers(0, 4096, (h, w)).astype(np.uint16)
+    return Frame(px, modality="DX", bits_stored=12, seq=7, stream_id="s")
+
+
+def test_enhancement_roundtrip_matches_hand_computed(tmp_path: Path) -> None:
+    frame = _xr()
+    with Runtime(_enhance_bundle(tmp_path / "b"), "cpu-x86") as rt:
+        res = rt.process(frame)
+    assert res.enhanced is not None and res.enhanced.dtype == np.uint16 and res.enhanced.shape == (60, 70)
+    # 1 - v/4095 scaled back by 4095: 4095 - v, exactly, after rounding.
+    np.testing.assert_array_equal(res.enhanced, 4095 - frame.pixels)
+    assert res.seq == 7 and res.stream_id == "s"
+    assert res.provenance["backend"] == "onnxruntime" and res.provenance["precision"] == "fp32"
+    assert res.provenance["bundle_sha256"] == Bundle.load(tmp_path / "b").sha256
+    assert set(res.timings_ms) == {"preprocess", "infer", "postprocess"}
+
+
+def test_tiled_enhancement_equals_whole_frame(tmp_path: Path) -> None:
+    frame = _xr(100, 90)
+    with Runtime(_enhance_bundle(tmp_path / "t", tile={"size": 32, "overlap": 8}), "cpu-x86") as rt:
+        tiled = rt.process(frame).enhanced
+    np.testing.assert_array_equal(tiled, 4095 - frame.pixels)
+
+
+def test_tampered_bundle_is_refused(tmp_path: Path) -> None:
+    root = _enhance_bundle(tmp_path / "b")
+    data = bytearray((root / "fp32.onnx").read_bytes())
+    data[-1] ^= 0x01
+    (root / "fp32.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="fp32.onnx: sha256"):
+        Runtime(root, "cpu-x86").load()
+
+
+def test_wrong_modality_is_a_clear_error(tmp_path: Path) -> None:
+    frame = Frame(np.zeros((32, 32), np.uint8), modality="US")
+    with Runtime(_enhance_bundle(tmp_path / "b"), "cpu-x86") as rt, pytest.raises(InputError, match="modality"):
+        rt.process(frame)
+
+
+def test_precision_choice_follows_device_and_artifacts(tmp_path: Path) -> None:
+    bundle = Bundle.load(_enhance_bundle(tmp_path / "b"))
+    assert choose_precision(bundle, load_config("cpu-x86")) == "fp32"
+    with pytest.raises(BundleError, match="int8"):
+        choose_precision(bundle, load_config("cpu-x86"), "int8")
+    with pytest.raises(ConfigError, match="fp16"):
+        choose_precision(bundle, load_config("cpu-x86"), "fp16")  # CPU configs do not allow fp16
+
+
+def test_runtime_set_routes_by_modality(tmp_path: Path) -> None:
+    rs = RuntimeSet([Runtime(_enhance_bundle(tmp_path / "b"), "cpu-x86")]).load()
+    try:
+        res = rs.process(_xr())
+        assert res.enhanced is not None and res.provenance["model"] == "tiny-invert"
+        assert "tiny-invert.infer" in res.timings_ms
+        with pytest.raises(InputError, match="modality"):
+            rs.process(Frame(np.zeros((8, 8), np.uint8), modality="US"))
+    finally:
+        rs.close()
+
+
+def test_manifest_edit_changes_identity(tmp_path: Path) -> None:
+    root = _enhance_bundle(tmp_path / "b")
+    before = Bundle.load(root).sha256
+    m = json.loads((root / "manifest.json").read_text())
+    m["description"] = "edited"
+    (root / "manifest.json").write_text(json.dumps(m))
+    assert Bundle.load(root).sha256 != before
