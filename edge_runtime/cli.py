@@ -18,7 +18,12 @@ from .errors import EdgeRuntimeError
 GROUPS: dict[str, tuple[str, str]] = {
     "demo": ("edge_runtime.demo", "stream the bundled phantoms and real DICOM cine, write out/demo/"),
     "devices": ("edge_runtime.devices", "list device configs and detect the current device"),
-    "models": ("export.training.cli", "train / list the reference models (needs the train extra)"),
+    "models": ("export.training.cli", "train / list the reference models (training needs the train extra)"),
+    "export": ("export.cli", "check, quantise, validate, build engines, write and verify bundles"),
+    "infer": ("edge_runtime.infer", "run bundles over a folder, video or DICOM file into an output folder"),
+    "run": ("edge_runtime.pipeline.cli", "start the ZeroMQ pipeline: source -> workers -> sinks"),
+    "keys": ("edge_runtime.pipeline.security", "make CURVE key pairs for network endpoints"),
+    "bench": ("benchmarks.run_all", "run the benchmarks and regenerate benchmarks/RESULTS.md"),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -280,16 +280,6 @@ class RuntimeSet:
         merged.provenance = {k: "+".join(p.get(k, "") for p in models)
                              for k in ("model", "bundle_sha256", "backend", "precision")}
         return merged
-
-
-def make_processor(bundles: Sequence[str | Path], device: str | None = None, *,
-                   precision: str = "auto") -> Callable[[], Callable[[Frame], Result]]:
-    """A factory for pipeline workers: called once inside the worker, loads the models there."""
-
-    def factory() -> Callable[[Frame], Result]:
-        return RuntimeSet([Runtime(b, device, precision=precision) for b in bundles]).load().process
-
-    return factory
 
 
 def reference_bundles() -> dict[str, Path]:

@@ -39,6 +39,7 @@ def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) ->
            "created": body.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "files": files}
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".json")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600: a bundle is read by other users (the runtime's service)
     with os.fdopen(fd, "w") as f:
         json.dump(out, f, indent=2, sort_keys=False)
         f.write("\n")

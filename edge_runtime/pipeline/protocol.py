@@ -3,8 +3,8 @@
 A message is a ZeroMQ multipart message ``[header, payload...]``:
 
 - ``header``: one UTF-8 JSON object. JSON, not a binary struct, because any language reads it and it
-  costs ~10-20 us per message against ~300+ us to move a 2 MB frame (benchmarks/bench_transport.py
-  measures both); the header never carries pixels.
+  costs ~8 us to encode and ~13 us to decode and fully validate, against ~450 us for one 2 MiB
+  frame hop between processes (benchmarks/bench_transport.py; PROTOCOL.md section 9).
 - ``payload``: raw C-contiguous little-endian pixels, one part per array, described by the header.
   Arrays are sent with ``copy=False`` (pyzmq copies below its 64 KiB ``copy_threshold`` and shares
   the buffer above it) and received as views into the ZeroMQ message, so a frame is never copied by
@@ -85,9 +85,12 @@ class Message:
 # --------------------------------------------------------------------------- encoding
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: ~1 us per message saved
+
+
 def _dumps(header: Mapping[str, Any]) -> bytes:
     try:
-        return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return _ENCODER.encode(header).encode("utf-8")
     except ValueError as exc:  # NaN/inf in a score or a timing: a bug upstream, refuse to send it
         raise ProtocolError(expected("finite numbers in the header", str(exc))) from exc
 

@@ -51,7 +51,7 @@ def to_display(pixels: np.ndarray, bits_stored: int | None = None, photometric: 
     return cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2BGR)
 
 
-def _draw(img: np.ndarray, header: dict[str, Any], masks: np.ndarray | None) -> np.ndarray:
+def draw_overlay(img: np.ndarray, header: dict[str, Any], masks: np.ndarray | None) -> np.ndarray:
     import cv2
 
     img = img.copy()
@@ -81,7 +81,7 @@ def compose(message: Message) -> np.ndarray:
     if source is None:
         source = message.arrays.get("enhanced")
     if source is not None:
-        panels.append(_draw(to_display(source, bits, photometric), h, message.arrays.get("masks")))
+        panels.append(draw_overlay(to_display(source, bits, photometric), h, message.arrays.get("masks")))
     if "input" in message.arrays and "enhanced" in message.arrays:
         enhanced = to_display(message.arrays["enhanced"], bits, photometric)
         if enhanced.shape != panels[0].shape:
@@ -91,7 +91,7 @@ def compose(message: Message) -> np.ndarray:
         boxes = [d["box"] for d in h.get("detections", [])]
         w = int(max([b[2] for b in boxes], default=256)) + 8
         hh = int(max([b[3] for b in boxes], default=256)) + 8
-        panels.append(_draw(np.zeros((min(hh, 2048), min(w, 2048), 3), np.uint8), h, None))
+        panels.append(draw_overlay(np.zeros((min(hh, 2048), min(w, 2048), 3), np.uint8), h, None))
     img = np.hstack(panels) if len(panels) > 1 else panels[0]
     e2e = ""
     stamps = h.get("stamps", {})

@@ -105,7 +105,7 @@ RECIPES: dict[str, Recipe] = {
         make_train=data.us_det_frame, make_eval=data.us_det_frame,
         phantom={"generator": "edge_runtime.phantoms.us_frame", "size": [512, 512],
                  "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [0, 3]},
-        n_train=3000, n_eval=200, steps=1500, batch=16, crop=160, lr=2e-3, n_tune=40,
+        n_train=3000, n_eval=200, steps=3000, batch=16, crop=160, lr=2e-3, n_tune=40,
         tolerances={"ap50": 0.01}),
     "xr-nodule-det": Recipe(
         name="xr-nodule-det", task="detection", family="centernet",
@@ -120,7 +120,7 @@ RECIPES: dict[str, Recipe] = {
         make_train=data.xr_det_frame, make_eval=data.xr_det_frame,
         phantom={"generator": "edge_runtime.phantoms.xr_frame", "size": [512, 512], "dose": 1.0,
                  "n_nodules": [0, 3]},
-        n_train=1600, n_eval=200, steps=1500, batch=16, crop=192, lr=2e-3, n_tune=40,
+        n_train=1600, n_eval=200, steps=2400, batch=16, crop=192, lr=2e-3, n_tune=40,
         tolerances={"ap50": 0.01}),
     "us-despeckle": Recipe(
         name="us-despeckle", task="enhancement", family="denoise_unet",
