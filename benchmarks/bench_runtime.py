@@ -1,0 +1,188 @@
+"""Runtime benchmark: our Runtime vs what a user would otherwise write, same run, same frames.
+
+    python -m benchmarks.bench_runtime [--out out/bench/runtime.json] [--frames 300]
+
+For each shipped reference model (FP32 artefact, so all three run the same graph):
+  ours    edge_runtime.runtime.Runtime.process(frame) -> Result (manifest-driven pre/post,
+          input checks, provenance, per-stage timings);
+  plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
+          (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);
+  cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX) with the same hand-written pre/post.
+The three run interleaved frame by frame so they see the same machine load. Also reported: our
+runtime overhead = (preprocess + postprocess + bookkeeping) / backend.infer, target <= 15%, and
+the INT8 artefact through our Runtime. Latency in ms, p50/p99 over --frames frames after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from edge_runtime import phantoms
+from edge_runtime.bundle import Bundle
+from edge_runtime.frames import Frame
+from edge_runtime.runtime import Runtime, reference_bundles
+from edge_runtime.telemetry import summarize
+
+THREADS = 2
+
+
+def frames_for(bundle: Bundle, n: int) -> list[Frame]:
+    if "US" in bundle.manifest["modality"]:
+        return [phantoms.us_frame(50_000 + i, geometry="sector" if i % 2 else "linear") for i in range(n)]
+    return [phantoms.xr_frame(60_000 + i, dose=0.25) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- the hand-written peer
+def hand_pre(frame: Frame, manifest: dict[str, Any]) -> tuple[np.ndarray, float, int, int]:
+    """What a user writes: letterbox to the model size (or pad to a multiple of 8), scale to [0,1]."""
+    px = frame.pixels.astype(np.float32) / float(2 ** frame.bits_stored - 1)
+    shape = manifest["inputs"][0]["shape"]
+    if isinstance(shape[2], int):
+        th, tw = shape[2], shape[3]
+        r = min(th / px.shape[0], tw / px.shape[1])
+        nh, nw = round(px.shape[0] * r), round(px.shape[1] * r)
+        canvas = np.zeros((th, tw), np.float32)
+        oy, ox = (th - nh) // 2, (tw - nw) // 2
+        canvas[oy:oy + nh, ox:ox + nw] = cv2.resize(px, (nw, nh), interpolation=cv2.INTER_AREA)
+        return canvas[None, None], r, ox, oy
+    h, w = px.shape
+    canvas = np.zeros((1, 1, -(-h // 8) * 8, -(-w // 8) * 8), np.float32)
+    canvas[0, 0, :h, :w] = px
+    return canvas, 1.0, 0, 0
+
+
+def hand_post(outs: list[np.ndarray], frame: Frame, manifest: dict[str, Any], r: float, ox: int, oy: int) -> Any:
+    post = manifest["postprocess"]
+    if post["type"] == "enhance":
+        y = outs[0][0, 0, :frame.height, :frame.width] * float(2 ** frame.bits_stored - 1)
+        return np.clip(y + 0.5, 0, 2 ** frame.bits_stored - 1).astype(frame.pixels.dtype)
+    heat, size, off = outs
+    stride, thr = post["stride"], post["score_threshold"]
+    boxes, scores, classes = [], [], []
+    for c in range(heat.shape[1]):
+        hm = heat[0, c]
+        peaks = (hm == cv2.dilate(hm, np.ones((3, 3), np.uint8))) & (hm >= thr)
+        for y, x in zip(*np.nonzero(peaks)):
+            cx, cy = (x + off[0, 0, y, x]) * stride, (y + off[0, 1, y, x]) * stride
+            bw, bh = size[0, 0, y, x], size[0, 1, y, x]
+            boxes.append([(cx - bw / 2 - ox) / r, (cy - bh / 2 - oy) / r, bw / r, bh / r])
+            scores.append(float(hm[y, x]))
+            classes.append(c)
+    keep = cv2.dnn.NMSBoxesBatched(boxes, scores, classes, thr, post["nms_iou"]) if boxes else []
+    return [(boxes[i], scores[i], classes[i]) for i in np.asarray(keep).reshape(-1)]
+
+
+def make_plain(bundle: Bundle) -> Callable[[Frame], Any]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = THREADS
+    sess = ort.InferenceSession(str(bundle.file("fp32.onnx")), opts, providers=["CPUExecutionProvider"])
+    name, m = sess.get_inputs()[0].name, bundle.manifest
+
+    def run(frame: Frame) -> Any:
+        x, r, ox, oy = hand_pre(frame, m)
+        return hand_post(sess.run(None, {name: x}), frame, m, r, ox, oy)
+
+    return run
+
+
+def make_cv2dnn(bundle: Bundle) -> Callable[[Frame], Any]:
+    net = cv2.dnn.readNetFromONNX(str(bundle.file("fp32.onnx")))
+    names = [o["name"] for o in bundle.manifest["outputs"]]
+    m = bundle.manifest
+
+    def run(frame: Frame) -> Any:
+        x, r, ox, oy = hand_pre(frame, m)
+        net.setInput(x)
+        return hand_post(list(net.forward(names)), frame, m, r, ox, oy)
+
+    return run
+
+
+# --------------------------------------------------------------------------- measurement
+def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, Any]:
+    bundle = Bundle.load(path)
+    frames = frames_for(bundle, 32)
+    cv2.setNumThreads(THREADS)
+    ours = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS).load()
+    ours_int8 = (Runtime(bundle, "cpu-x86", precision="int8", threads=THREADS).load()
+                 if any(a.precision == "int8" for a in bundle.artifacts) else None)
+    peers: dict[str, Callable[[Frame], Any]] = {"ours_fp32": ours.process, "plain_ort_fp32": make_plain(bundle)}
+    try:
+        peers["opencv_dnn_fp32"] = make_cv2dnn(bundle)
+    except cv2.error as exc:
+        print(f"  {name}: OpenCV DNN cannot load the model ({str(exc).splitlines()[0][:80]}); skipped")
+    if ours_int8 is not None:
+        peers["ours_int8"] = ours_int8.process
+    wall: dict[str, list[float]] = {k: [] for k in peers}
+    stages: dict[str, list[float]] = {"preprocess": [], "infer": [], "postprocess": [], "bookkeeping": []}
+    for i in range(warmup + n):
+        frame = frames[i % len(frames)]
+        for key, fn in peers.items():
+            t0 = time.perf_counter()
+            res = fn(frame)
+            dt = (time.perf_counter() - t0) * 1e3
+            if i < warmup:
+                continue
+            wall[key].append(dt)
+            if key == "ours_fp32":
+                t = res.timings_ms
+                for s in ("preprocess", "infer", "postprocess"):
+                    stages[s].append(t[s])
+                stages["bookkeeping"].append(dt - sum(t[s] for s in ("preprocess", "infer", "postprocess")))
+    ours.close()
+    if ours_int8 is not None:
+        ours_int8.close()
+    out: dict[str, Any] = {"wall_ms": {k: summarize(v) for k, v in wall.items()},
+                           "ours_stages_ms": {k: summarize(v) for k, v in stages.items()}}
+    infer = np.median(stages["infer"])
+    over = np.median(np.asarray(stages["preprocess"]) + stages["postprocess"] + np.asarray(stages["bookkeeping"]))
+    out["overhead_fraction_of_infer"] = round(float(over / infer), 4)
+    p50 = {k: v["p50"] for k, v in out["wall_ms"].items()}
+    out["speedup_vs"] = {k: round(p50[k] / p50["ours_fp32"], 3) for k in p50 if k != "ours_fp32"}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("out/bench/runtime.json"))
+    ap.add_argument("--frames", type=int, default=300)
+    args = ap.parse_args(argv)
+    results: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
+                                           "cores": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+                                           "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__,
+                                           "opencv": cv2.__version__},
+                               "frames": args.frames, "models": {}}
+    for name, path in reference_bundles().items():
+        print(f"{name} ...", flush=True)
+        r = bench_model(name, path, args.frames)
+        results["models"][name] = r
+        w = r["wall_ms"]
+        cells = "  ".join(f"{k} p50 {v['p50']:.2f} p99 {v['p99']:.2f}" for k, v in w.items())
+        print(f"  {cells}\n  overhead {100 * r['overhead_fraction_of_infer']:.1f}% of infer; "
+              f"ours is x{r['speedup_vs']} faster (p50 ratio peer/ours)")
+    results["machine"]["load_avg_end"] = os.getloadavg()[0]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
