@@ -111,3 +111,48 @@ def test_manifest_edit_changes_identity(tmp_path: Path) -> None:
     m["description"] = "edited"
     (root / "manifest.json").write_text(json.dumps(m))
     assert Bundle.load(root).sha256 != before
+
+
+def test_missing_engine_serves_onnxruntime_then_swaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the runtime's engine-cache logic around TensorRT with fakes (no TensorRT, no GPU
+    here): a missing engine starts a background build while ONNX Runtime serves, and the runtime
+    swaps to the engine between two frames once the build reports ready."""
+    import export.trt_build as trt_build
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.engine_cache import EngineKey
+
+    key = EngineKey("ab" * 32, "10.3.0", "Orin", "8.7", 8, "fp32", None, {})
+    built = tmp_path / "cache" / "model.engine"
+    release = __import__("threading").Event()
+
+    def fake_build(cache, k, onnx_path, **opts):  # noqa: ANN001, ANN003 - mirrors build_into_cache
+        release.wait(5)
+        built.parent.mkdir(parents=True, exist_ok=True)
+        built.write_bytes(b"engine")
+        return built
+
+    class FakeTrt(OrtBackend):  # runs the ONNX model but reports itself as TensorRT
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, *, precision: str = "fp32", **_: object) -> None:
+            super().__init__(tmp_path / "b" / "fp32.onnx", precision=precision)
+            self.engine_path = engine_path
+
+    monkeypatch.setattr(rt_mod, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(rt_mod, "TrtBackend", FakeTrt)
+    monkeypatch.setattr(trt_build, "engine_key_for", lambda *a, **k: key)
+    monkeypatch.setattr(trt_build, "build_into_cache", fake_build)
+    bundle = _enhance_bundle(tmp_path / "b")
+    rt = Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=tmp_path / "cache").load()
+    try:
+        assert rt.process(_xr()).provenance["backend"] == "onnxruntime"
+        assert "engine build started" in rt.events[0]
+        release.set()
+        rt._builder.wait(10)
+        res = rt.process(_xr())
+        assert res.provenance["backend"] == "tensorrt"
+        assert any("swapped to TensorRT" in e for e in rt.events)
+        np.testing.assert_array_equal(res.enhanced, 4095 - _xr().pixels)
+    finally:
+        rt.close()
