@@ -19,7 +19,7 @@ from .frames import Frame
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
 from .results import Result
-from .runtime import Runtime, RuntimeSet, reference_bundles
+from .runtime import Runtime, RuntimeSet
 from .telemetry import summarize
 
 
@@ -43,12 +43,6 @@ def record(result: Result) -> dict[str, Any]:
             "provenance": result.provenance}
 
 
-def resolve_bundle(spec: str) -> Path:
-    """A path, or the name of a reference bundle shipped with the package."""
-    shipped = reference_bundles()
-    return shipped[spec] if spec in shipped and not Path(spec).exists() else Path(spec)
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", action="append", required=True,
                         help="bundle directory or reference model name (repeat: detector + enhancer)")
@@ -64,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from .sources import open_source
 
     args.out.mkdir(parents=True, exist_ok=True)
-    runtimes = RuntimeSet([Runtime(resolve_bundle(b), args.device, precision=args.precision) for b in args.bundle])
+    runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
     source = open_source(args.source)
     writer = JsonlWriter(args.out / "results.jsonl")
     timings: dict[str, list[float]] = {}

@@ -41,8 +41,8 @@ def resolve_device(device: str | Path | DeviceConfig | None) -> DeviceConfig:
         return device
     if device is None or device == "auto":
         found = detect()
-        log.info("device: %s (%s)", found.name, found.reason)
-        return load_config(found.name)
+        log.info("device: %s (%s)", found.config, found.reason)
+        return load_config(found.config)
     return load_config(str(device))
 
 
@@ -89,7 +89,7 @@ class Runtime:
     # -- life cycle -----------------------------------------------------------------------
     def load(self) -> Self:
         b = self._bundle_arg
-        self.bundle = b if isinstance(b, Bundle) else Bundle.load(b, verify=True)
+        self.bundle = b if isinstance(b, Bundle) else Bundle.load(resolve_bundle(b), verify=True)
         self.device = resolve_device(self._device_arg)
         self.precision = choose_precision(self.bundle, self.device, self.requested_precision)
         self.pre = Preprocessor.from_manifest(self.bundle.manifest)
@@ -286,3 +286,9 @@ def reference_bundles() -> dict[str, Path]:
     """The reference bundles shipped inside the package (demonstration models, synthetic data)."""
     root = Path(__file__).resolve().parent / "models"
     return {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.json"))}
+
+
+def resolve_bundle(spec: str | Path) -> Path:
+    """A bundle path, or the name of a reference bundle shipped with the package."""
+    shipped = reference_bundles()
+    return shipped[str(spec)] if str(spec) in shipped and not Path(spec).exists() else Path(spec)

@@ -209,3 +209,22 @@ def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.run(parser.parse_args(["quantize", str(src), "--precision", "fp16", "--out",
                                       str(tmp_path / "fp16.onnx")])) == 0
     assert (tmp_path / "fp16.onnx").is_file()
+
+
+def test_recipe_frames_follow_the_training_record() -> None:
+    """Phantoms drawn like the model's training data: generator, size, geometry, dose per role."""
+    us = {"modality": ["US"], "training": {"phantom": {
+        "generator": "edge_runtime.phantoms.us_frame", "size": [64, 64],
+        "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [0, 3]}}}
+    frames = list(C.recipe_frames(us, 2, 10))
+    assert [f.pixels.shape for f in frames] == [(64, 64)] * 2 and frames[0].modality == "US"
+    assert not np.array_equal(frames[0].pixels > 0, frames[1].pixels > 0)  # sector then linear footprint
+    xr = {"modality": ["DX"], "training": {"phantom": {
+        "generator": "edge_runtime.phantoms.xr_frame", "size": [64, 64],
+        "train_dose": "log-uniform 0.05..1.0 per seed", "eval_dose": 0.1}}}
+    cal = [f.pixels.astype(float) - f.truth.clean for f in C.recipe_frames(xr, 6, 100)]
+    val = [f.pixels.astype(float) - f.truth.clean for f in C.recipe_frames(xr, 6, 100, role="validation")]
+    assert len({round(float(n.std()), 3) for n in cal}) == 6  # a different dose per calibration seed
+    assert float(np.mean([n.std() for n in val])) > 0  # fixed low evaluation dose: noisy frames
+    assert C.recipe_frames({"modality": ["US"]}, 2, 0) is None
+    assert "drawn like the training data" in C.describe("phantom", us, 2, 10)

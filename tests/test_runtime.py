@@ -156,3 +156,26 @@ def test_missing_engine_serves_onnxruntime_then_swaps(tmp_path: Path, monkeypatc
         np.testing.assert_array_equal(res.enhanced, 4095 - _xr().pixels)
     finally:
         rt.close()
+
+
+def test_device_detection_picks_a_config(tmp_path: Path) -> None:
+    """device=None detects the machine (CPU here) and loads its config."""
+    from edge_runtime.runtime import resolve_device
+
+    cfg = resolve_device(None)
+    assert cfg.name in ("cpu-x86", "cpu-arm64", "x86-dgpu") and cfg.precisions
+
+
+def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline.recorder import read_records
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    rc = main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out),
+               "--device", "cpu-x86", "--limit", "3", "--every", "2"])
+    assert rc == 0
+    records = read_records(out / "results.jsonl")
+    assert [r["seq"] for r in records] == [0, 1, 2]
+    assert all(r["enhanced"] and r["provenance"]["model"] == "tiny-invert" for r in records)
+    assert len(list(out.glob("*.png"))) == 2
