@@ -311,7 +311,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
                      progress: bool = True) -> dict[str, Any]:
     """check -> fp16 -> int8 -> gate -> rewrite the bundle in place; returns step times and results.
 
-    Raises AccuracyGateError (bundle untouched, report written next to it as validation.failed.json)
+    Raises AccuracyGateError (bundle untouched, the report written to out/export/NAME.validation.failed.json)
     when a candidate fails the gate (after repair when asked).
     """
     from edge_runtime.bundle import Bundle, sha256_file
@@ -360,7 +360,9 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
         if progress:
             _say(report.text())
         if not report.passed:
-            report.write(root.parent / f"{bundle.name}.validation.failed.json")
+            failed = Path("out") / "export" / f"{bundle.name}.validation.failed.json"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            report.write(failed)
             raise AccuracyGateError(f"accuracy gate failed for {bundle.name}; bundle left unchanged:\n"
                                     + report.text())
         if sha256_file(fp32) != fp32_sha:
@@ -390,6 +392,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
     manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     new = write_bundle(root, manifest)
     return {"model": bundle.name, "bundle_sha256": new.sha256, "times_s": times, "passed": report.passed,
+            "report": report.text(),
             "fp32": report.fp32, "fp16": fp16_rep.metrics, "int8": int8_rep.metrics,
             "nodes_in_float": res.nodes_excluded, "repair": report.repair}
 
@@ -410,6 +413,7 @@ def cmd_reference(args: argparse.Namespace) -> int:
             out = export_reference(d, method=args.method, calib_frames=args.calib_frames, val_frames=args.val_frames,
                                    repair=args.repair, max_float=args.max_float, threads=args.threads,
                                    progress=not args.no_progress)
+            print(out["report"])
             print(json.dumps({k: out[k] for k in ("model", "passed", "times_s", "nodes_in_float")}))
         except AccuracyGateError as exc:
             failed += 1

@@ -176,10 +176,20 @@ class _Graph:
                 v = _attr(n, "value")
                 if v is not None:
                     self.consts[n.output[0]] = numpy_helper.to_array(v)
+        self.producer = {o: n for n in model.graph.node for o in n.output}
         self.shapes: dict[str, list[int | str]] = {}
         for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
                 self.shapes[vi.name] = _dims(vi)
+
+    def weight(self, name: str) -> np.ndarray | None:
+        """A constant, or the constant behind a DequantizeLinear (a Q/DQ graph's weights)."""
+        if name in self.consts:
+            return self.consts[name]
+        p = self.producer.get(name)
+        if p is not None and p.op_type == "DequantizeLinear" and p.input[0] in self.consts:
+            return self.consts[p.input[0]]
+        return None
 
     def rank(self, name: str) -> int | None:
         s = self.shapes.get(name)
@@ -313,7 +323,7 @@ def _dla_reason(n: Any, g: _Graph) -> str:
         return f"{op} has no DLA layer"
     rank = g.rank(n.input[0]) if n.input else None
     if op in ("Conv", "ConvTranspose", "MaxPool", "AveragePool"):
-        w = g.consts.get(n.input[1]) if len(n.input) > 1 else None
+        w = g.weight(n.input[1]) if len(n.input) > 1 else None
         kernel = list(_attr(n, "kernel_shape", []) or (list(w.shape[2:]) if w is not None else []))
         if len(kernel) != 2:
             return f"{op} is not 2D (kernel {kernel})"

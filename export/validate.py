@@ -411,8 +411,9 @@ class RepairResult:
 
 
 REPAIR_METHOD = ("rank candidate nodes by the output error (NMSE vs FP32, sensitivity subset) of a model in which "
-                 "only that node is quantised; keep the worst in float (1, 2, 3, 4, 6, 8, 12, ... nodes) and "
-                 "re-run the full gate after each step until it passes or the limit is reached")
+                 "only that node is quantised; keep the worst in float (1, 2, 3, 4, 6, 9, 13, ... nodes) and "
+                 "re-run the full gate after each step until it passes or the limit is reached, then bisect "
+                 "down to the smallest passing count")
 
 
 def _schedule(limit: int) -> list[int]:
@@ -421,6 +422,18 @@ def _schedule(limit: int) -> list[int]:
         out.append(k)
         k = k + 1 if k < 4 else int(k * 1.5)
     return out + [limit]
+
+
+def _try_float(quantize: Callable[[Sequence[str], Path], Any], sens: Sequence[tuple[str, float]], k: int,
+               work: Path, evalset: EvalSet, ref: Reference, tol: Mapping[str, float], threads: int, fppi: float,
+               steps: list[dict[str, Any]]) -> tuple[list[str], Path, CandidateReport]:
+    """INT8 with the ``k`` most sensitive nodes in float, through the full gate; logged in ``steps``."""
+    kept = [n for n, _ in sens[:k]]
+    path = work / f"int8-float{k}.onnx"
+    quantize(kept, path)
+    report = evaluate_candidate(path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
+    steps.append({"nodes_in_float": kept, "passed": report.passed, **{m: report.metrics[m] for m in tol}})
+    return kept, path, report
 
 
 def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[str], fp32: str | os.PathLike[str],
@@ -465,14 +478,23 @@ def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[
                                     **{m: report.metrics[m] for m in tol}}]
     kept: list[str] = []
     path = base_path
+    failed_k = 0
     for k in _schedule(limit) if limit > 0 else []:
         if report.passed:
             break
-        kept = [n for n, _ in sens[:k]]
-        path = work / f"int8-float{k}.onnx"
-        quantize(kept, path)
-        report = evaluate_candidate(path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
-        steps.append({"nodes_in_float": kept, "passed": report.passed, **{m: report.metrics[m] for m in tol}})
+        failed_k = len(kept)
+        kept, path, report = _try_float(quantize, sens, k, work, evalset, ref, tol, threads, fppi, steps)
+    # The schedule may overshoot: bisect between the last failing and the first passing count.
+    lo, hi = failed_k, len(kept)
+    best = (kept, path, report)
+    while report.passed and hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = _try_float(quantize, sens, mid, work, evalset, ref, tol, threads, fppi, steps)
+        if trial[2].passed:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    kept, path, report = best
     x = evalset.tensors[0]
     ms = latency_ms({"fp32": fp32, "int8:before": base_path, "int8:after": path}, x, evalset.input_name,
                     threads=threads)

@@ -41,6 +41,8 @@ def test_symmetric_qdq_static_model_is_clean(tmp_path: Path) -> None:
     report = check_model(_qdq_conv(tmp_path / "sym.onnx", 0))
     assert report.ok, report.table()
     assert report.op_counts["QuantizeLinear"] == 1
+    dla = check_model(tmp_path / "sym.onnx", dla=1)  # int8 weights behind a DQ count as constant weights
+    assert "dla-fallback" not in dla.rules() and "dla" in dla.rules("info")
 
 
 def test_asymmetric_qdq_is_an_error(tmp_path: Path) -> None:

@@ -153,3 +153,20 @@ def test_reference_flow_rewrites_a_bundle(tmp_path: Path) -> None:
     val = json.loads((root / "validation.json").read_text())
     assert val["passed"] and cal["validation_set_sha256"] == val["validation_set_sha256"]
     assert set(out["times_s"]) >= {"check", "fp16", "int8 (calibrate + quantize)", "validate candidates"}
+
+
+def test_reference_flow_refuses_a_failing_int8_and_leaves_the_bundle(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_runtime.bundle import Bundle
+
+    monkeypatch.chdir(tmp_path)  # the failed report goes to ./out/export/
+    root = tmp_path / "xr-blur"
+    root.mkdir()
+    blur_model(root / "fp32.onnx", outlier=True)
+    before = write_bundle(root, blur_manifest()).sha256
+    with pytest.raises(AccuracyGateError, match="bundle left unchanged"):
+        cli.export_reference(root, val_frames=8, progress=False)
+    assert Bundle.load(root).sha256 == before
+    assert sorted(p.name for p in root.iterdir()) == ["fp32.onnx", "manifest.json"]
+    failed = json.loads((tmp_path / "out" / "export" / "xr-blur.validation.failed.json").read_text())
+    assert failed["passed"] is False and failed["candidates"][-1]["failures"]

@@ -44,7 +44,7 @@ def us_pair_frame(seed: int, size: tuple[int, int] = (512, 512)) -> Frame:
     return phantoms.us_frame(seed, size=size, geometry="sector" if seed % 2 == 0 else "linear")
 
 
-def xr_dose(seed: int, lo: float = 0.05, hi: float = 1.0) -> float:
+def xr_dose(seed: int, lo: float = 0.05, hi: float = 0.5) -> float:
     """Training dose of a seed: log-uniform in [lo, hi], reproducible from the seed alone."""
     u = np.random.default_rng([seed, 7]).random()
     return float(math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))))

@@ -70,6 +70,7 @@ class Recipe:
     lr: float
     n_tune: int  # training-seed frames used to tune the classical baseline
     tolerances: dict[str, float] = field(default_factory=dict)
+    loss: str = "mse"  # enhancers: "mse" or "l1"
 
     @property
     def input_shape(self) -> list[Any]:
@@ -135,7 +136,7 @@ RECIPES: dict[str, Recipe] = {
         phantom={"generator": "edge_runtime.phantoms.us_frame", "size": [512, 512],
                  "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [1, 3],
                  "pairs": "(frame.pixels, frame.truth.clean)"},
-        n_train=600, n_eval=24, steps=4000, batch=16, crop=128, lr=1e-3, n_tune=4,
+        n_train=600, n_eval=24, steps=6000, batch=16, crop=128, lr=1e-3, n_tune=4,
         tolerances={"psnr_db": 0.3}),
     "xr-denoise": Recipe(
         name="xr-denoise", task="enhancement", family="denoise_unet",
@@ -148,10 +149,13 @@ RECIPES: dict[str, Recipe] = {
         postprocess={"type": "enhance", "output": "enhanced", "tile": {"size": 1024, "overlap": 32}},
         make_train=data.xr_pair_frame, make_eval=_xr_eval_frame,
         phantom={"generator": "edge_runtime.phantoms.xr_frame", "size": [512, 512],
-                 "train_dose": "log-uniform 0.05..1.0 per seed", "eval_dose": XR_EVAL_DOSE,
+                 "train_dose": "log-uniform 0.05..0.5 per seed", "eval_dose": XR_EVAL_DOSE,
                  "n_nodules": [0, 3], "pairs": "(frame.pixels, frame.truth.clean)"},
-        n_train=500, n_eval=24, steps=4000, batch=16, crop=128, lr=1e-3, n_tune=4,
-        tolerances={"psnr_db": 0.3}),
+        n_train=500, n_eval=24, steps=7000, batch=8, crop=192, lr=1e-3, n_tune=4,
+        tolerances={"psnr_db": 0.3},
+        # L1: low-count pixels give heavy-tailed noise (spikes of ~1000 units at dose 0.1) whose
+        # squared errors dominate MSE gradients; L1 converged 3 dB higher in 1000 steps.
+        loss="l1"),
 }
 
 
@@ -216,8 +220,9 @@ def _fit(recipe: Recipe, net: nn.Module, sample: Callable[[np.random.Generator],
                 loss, parts = centernet_loss(logits, size_p, off_p, *batch[1:])
             else:
                 pred = net(batch[0])
-                loss = F.mse_loss(pred, batch[1])
-                parts = {"psnr_db": float(-10 * torch.log10(loss.detach().clamp(min=1e-12)))}
+                loss = F.l1_loss(pred, batch[1]) if recipe.loss == "l1" else F.mse_loss(pred, batch[1])
+                mse = F.mse_loss(pred.detach(), batch[1])
+                parts = {"batch_psnr_db": float(-10 * torch.log10(mse.clamp(min=1e-12)))}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -387,7 +392,7 @@ def _manifest(recipe: Recipe, seed: int, counts: dict[str, Any], fit: dict[str, 
             "seed": seed, "steps": recipe.steps, "batch": recipe.batch, "crop": recipe.crop, "lr": recipe.lr,
             "optimizer": "AdamW (weight decay 1e-4), warm-up then cosine",
             "loss": ("CenterNet focal (heatmap) + L1 log-size + L1 offset" if recipe.task == "detection"
-                     else "MSE against the clean reference"),
+                     else f"{recipe.loss.upper()} against the clean reference"),
             "train_seeds": [data.train_seeds(seed, recipe.n_train)[0], data.train_seeds(seed, recipe.n_train)[-1]],
             "heldout_seeds": [data.HELDOUT_BASE, data.HELDOUT_BASE + recipe.n_eval - 1],
             "phantom": recipe.phantom, "counts": counts,
