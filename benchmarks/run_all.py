@@ -91,7 +91,23 @@ def render_runtime(d: dict[str, Any]) -> list[str]:
 
 
 def render_export(d: dict[str, Any]) -> list[str]:
-    return ["```json", json.dumps(d, indent=1)[:6000], "```"]
+    lines = [f"ONNX Runtime {d['onnxruntime']} CPU; CPU: {json.dumps(d['cpu'])[:300]}.", "",
+             "| model | FP32 p50 / p99 (ms) | FP16 | INT8 | INT8 speed-up (p50) | accuracy gate | export flow (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in d["models"].items():
+        lat = r["latency"]
+        cells = [f"{_f(lat[p]['p50_ms'])} / {_f(lat[p]['p99_ms'])}" if p in lat else "n/a"
+                 for p in ("fp32", "fp16", "int8")]
+        gate = {True: "passed", False: "FAILED", None: "?"}[lat.get("gate_passed")]
+        steps = r.get("steps", {})
+        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} | {gate} | "
+                     f"{_f(steps.get('total_s'), 1)} |")
+    lines.append("")
+    for name, r in d["models"].items():
+        if r.get("steps", {}).get("times_s"):
+            lines.append(f"- {name} export steps (s): "
+                         + ", ".join(f"{k} {_f(v)}" for k, v in r["steps"]["times_s"].items()))
+    return lines
 
 
 def render_stream(d: dict[str, Any]) -> list[str]:
@@ -138,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
             module, extra = BENCHES[name]
             if name == "stream":
                 extra = ["--seconds", str(args.stream_seconds)]
-            cmd = [sys.executable, "-m", module, "--out", str(OUT / f"{name}.json"), *extra]
+            out = str(OUT / f"{name}.json")
+            cmd = [sys.executable, "-m", module, *([out] if name == "export" else ["--out", out]), *extra]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
     RESULTS.write_text(render())

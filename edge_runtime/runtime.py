@@ -48,8 +48,9 @@ def resolve_device(device: str | Path | DeviceConfig | None) -> DeviceConfig:
 
 def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "auto") -> str:
     """The artefact precision to run: requested, or the fastest one present, allowed and gated."""
-    usable = [a.precision for a in bundle.artifacts
-              if a.kind == "onnx" and a.info.get("gate", "passed") != "failed"]
+    # A quantised artefact runs only when the bundle's accuracy gate passed (docs/BUNDLE.md).
+    gated = bool(bundle.manifest.get("validation", {}).get("passed", False))
+    usable = [a.precision for a in bundle.artifacts if a.kind == "onnx" and (a.precision == "fp32" or gated)]
     if requested != "auto":
         if requested not in device.precisions:
             raise ConfigError(f"device {device.name}: " + expected(f"a precision in {list(device.precisions)}",

@@ -179,3 +179,16 @@ def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
     assert [r["seq"] for r in records] == [0, 1, 2]
     assert all(r["enhanced"] and r["provenance"]["model"] == "tiny-invert" for r in records)
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:
+    root = _enhance_bundle(tmp_path / "b")
+    (root / "int8.onnx").write_bytes((root / "fp32.onnx").read_bytes())
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"].append({"file": "int8.onnx", "kind": "onnx", "precision": "int8"})
+    m["validation"] = {"passed": False}
+    write_bundle(root, m)
+    assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "fp32"
+    m["validation"] = {"passed": True}
+    write_bundle(root, m)
+    assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "int8"
