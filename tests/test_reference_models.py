@@ -97,7 +97,6 @@ def _detector_vs_baseline(name: str, frames: list[Frame]) -> tuple[float, float]
     return (average_precision(model_pairs, 0.5, classes)["ap"], average_precision(base_pairs, 0.5, classes)["ap"])
 
 
-@pytest.mark.slow
 def test_us_lesion_detector_beats_classical_baseline() -> None:
     frames = [phantoms.us_frame(TEST_SEED + i, geometry=("sector", "linear")[i % 2], n_lesions=(1, 3))
               for i in range(12)]
@@ -105,7 +104,6 @@ def test_us_lesion_detector_beats_classical_baseline() -> None:
     assert model_ap > 0.6 and model_ap > base_ap + 0.2, (model_ap, base_ap)
 
 
-@pytest.mark.slow
 def test_xr_nodule_detector_beats_classical_baseline() -> None:
     frames = [phantoms.xr_frame(TEST_SEED + i, n_nodules=(1, 3)) for i in range(8)]
     model_ap, base_ap = _detector_vs_baseline("xr-nodule-det", frames)
