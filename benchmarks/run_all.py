@@ -25,7 +25,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 BENCHES = {  # name -> (module, extra args)
     "transport": ("benchmarks.bench_transport", ["--frames", "1000"]),
     "runtime": ("benchmarks.bench_runtime", ["--frames", "300"]),
-    "export": ("benchmarks.bench_export", []),
+    "export": ("benchmarks.bench_export", ["--repair"]),
     "stream": ("benchmarks.bench_stream", []),
 }
 

@@ -54,7 +54,7 @@ class Bundle:
     sha256: str  # of manifest.json: what results cite as provenance
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> "Bundle":
+    def load(cls, path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
         root = Path(path)
         if not root.is_dir():
             raise BundleError(expected("a bundle directory containing manifest.json", str(root)))

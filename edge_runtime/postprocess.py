@@ -50,9 +50,9 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
         return np.zeros(0, np.int64)
     b = np.asarray(boxes, np.float64)
     xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-    keep = cv2.dnn.NMSBoxesBatched(xywh.tolist(), np.asarray(scores, np.float32).tolist(),
+    kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), np.asarray(scores, np.float32).tolist(),
                                    np.asarray(class_ids, np.int32).tolist(), -np.inf, float(iou))
-    keep = np.asarray(keep, np.int64).reshape(-1)
+    keep = np.asarray(kept, np.int64).reshape(-1)
     keep = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")]
     return keep[:max_detections] if max_detections > 0 else keep
 
@@ -177,8 +177,11 @@ class Postprocessor:
         ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes all in padding
         boxes, scores, cls = boxes[ok], scores[ok], cls[ok]
         keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
-        return [Detection(tuple(float(v) for v in boxes[i]), float(scores[i]), self.classes[int(cls[i])])
-                for i in keep]
+        out = []
+        for i in keep:
+            x0, y0, x1, y1 = (float(v) for v in boxes[i])
+            out.append(Detection((x0, y0, x1, y1), float(scores[i]), self.classes[int(cls[i])]))
+        return out
 
     def decode_centernet(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
         names = self.spec.get("outputs", {"heatmap": "heatmap", "size": "size", "offset": "offset"})
@@ -268,7 +271,7 @@ class Postprocessor:
         oh, ow = mapping.orig_size
         planes = []
         for c in range(logits.shape[1]):
-            p = np.ascontiguousarray(logits[0, c], dtype=np.float32)
+            p: np.ndarray = np.ascontiguousarray(logits[0, c], dtype=np.float32)
             if p.shape != (ih, iw):  # an output stride: back to the input grid first
                 p = cv2.resize(p, (iw, ih), interpolation=cv2.INTER_LINEAR)
             planes.append(cv2.resize(p[y0:y1, x0:x1], (ow, oh), interpolation=cv2.INTER_LINEAR))

@@ -258,8 +258,7 @@ def sector_mask(gray: np.ndarray, threshold: int = 1) -> np.ndarray:
 
     Text, calibration marks and colour bars outside the sector are zeroed by the caller.
     """
-    binary = (gray >= threshold).astype(np.uint8)
-    binary = cv2.morphologyEx(binary, cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
+    binary = cv2.morphologyEx((gray >= threshold).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     mask = np.zeros(gray.shape[:2], np.uint8)
     if contours:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, OrtBackend, TrtBackend, tensorrt_available
 from .bundle import Bundle
 from .devices import DeviceConfig, detect, load_config
-from .errors import BackendError, BundleError, ConfigError, expected
+from .errors import BackendError, BundleError, ConfigError, InputError, expected
 from .frames import Frame
 from .postprocess import Postprocessor, enhance_tiled
 from .preprocess import Preprocessor
@@ -258,8 +258,6 @@ class RuntimeSet:
         chosen = [r for r in self.runtimes if r.bundle is not None and frame.modality in r.bundle.manifest["modality"]]
         if not chosen:
             have = sorted({m for r in self.runtimes if r.bundle for m in r.bundle.manifest["modality"]})
-            from .errors import InputError
-
             raise InputError(expected(f"a frame of modality {have}", frame.modality))
         return chosen
 

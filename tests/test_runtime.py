@@ -117,16 +117,16 @@ def test_missing_engine_serves_onnxruntime_then_swaps(tmp_path: Path, monkeypatc
     """Exercises the runtime's engine-cache logic around TensorRT with fakes (no TensorRT, no GPU
     here): a missing engine starts a background build while ONNX Runtime serves, and the runtime
     swaps to the engine between two frames once the build reports ready."""
-    import export.trt_build as trt_build
     from edge_runtime import runtime as rt_mod
     from edge_runtime.backends import OrtBackend
     from edge_runtime.engine_cache import EngineKey
+    from export import trt_build
 
     key = EngineKey("ab" * 32, "10.3.0", "Orin", "8.7", 8, "fp32", None, {})
     built = tmp_path / "cache" / "model.engine"
     release = __import__("threading").Event()
 
-    def fake_build(cache, k, onnx_path, **opts):  # noqa: ANN001, ANN003 - mirrors build_into_cache
+    def fake_build(cache, k, onnx_path, **opts):
         release.wait(5)
         built.parent.mkdir(parents=True, exist_ok=True)
         built.write_bytes(b"engine")

@@ -22,7 +22,6 @@ SMOKE = {"steps": 2, "n_train": 4, "n_eval": 2, "n_tune": 1, "phantom_size": (96
          "card": False}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path) -> None:
     bundle = train(name, tmp_path / name, **SMOKE)
@@ -46,7 +45,6 @@ def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path) -> None:
         assert "ap50" in m["metrics"] and "params" in m["baselines"]
 
 
-@pytest.mark.slow
 def test_training_is_deterministic_for_a_seed(tmp_path) -> None:
     weights = []
     for run in ("a", "b"):

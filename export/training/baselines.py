@@ -18,7 +18,6 @@ Detection: a classical detector per modality, tuned the same way (AP50 on traini
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -80,17 +79,10 @@ def tune_filters(pairs: Sequence[tuple[np.ndarray, np.ndarray]], bits: int) -> d
     return best
 
 
-def timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - t0) * 1e3
-
-
 # -- classical detectors -----------------------------------------------------------------------
 def _fan(gray: np.ndarray) -> np.ndarray:
     """Imaged region of an ultrasound frame, eroded so the fan border is not an 'edge'."""
-    m = (gray > 0).astype(np.uint8)
-    m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
+    m = cv2.morphologyEx((gray > 0).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
     return cv2.erode(m, np.ones((9, 9), np.uint8)).astype(bool)
 
 

@@ -181,7 +181,7 @@ def pair_set(make: Callable[[int], Frame], seeds: Iterable[int],
         f = make(s)
         if f.truth is None or f.truth.clean is None:
             raise ValueError("phantom frame without a clean reference")
-        if noisy is None:
+        if noisy is None or clean is None:
             noisy = np.empty((len(seeds), *f.pixels.shape), f.pixels.dtype)
             clean = np.empty_like(noisy)
         noisy[i], clean[i] = f.pixels, f.truth.clean

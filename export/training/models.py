@@ -85,7 +85,8 @@ class CenterNetLite(nn.Module):
         self.heatmap = nn.Conv2d(head, num_classes, 1)
         self.size = nn.Conv2d(head, 2, 1)
         self.offset = nn.Conv2d(head, 2, 1)
-        nn.init.constant_(self.heatmap.bias, -2.19)  # prior 0.1: stable focal loss at the start
+        if self.heatmap.bias is not None:  # prior 0.1: stable focal loss at the start
+            nn.init.constant_(self.heatmap.bias, -2.19)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(heatmap logits, log of size / stride, offset in cells)."""
@@ -128,8 +129,10 @@ class DenoiseUNet(nn.Module):
         self.d2 = nn.Sequential(ConvBNAct(c2, c2), ConvBNAct(c2, c2))
         self.u2 = nn.ConvTranspose2d(c2, c1, 2, 2)
         self.d1 = nn.Sequential(ConvBNAct(c1, c1), nn.Conv2d(c1, f2, 3, 1, 1))
-        nn.init.zeros_(self.d1[1].weight)  # start as the identity: output = input
-        nn.init.zeros_(self.d1[1].bias)
+        last = self.d1[1]
+        if isinstance(last, nn.Conv2d) and last.bias is not None:  # start as the identity: output = input
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         z = self.down(image)
