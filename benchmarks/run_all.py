@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -111,6 +112,12 @@ def render_export(d: dict[str, Any]) -> list[str]:
 
 
 def render_stream(d: dict[str, Any]) -> list[str]:
+    png = OUT / "stream_latency.png"
+    picture = []
+    if png.is_file():  # the latency distribution, kept beside RESULTS.md
+        (RESULTS.parent / "img").mkdir(exist_ok=True)
+        shutil.copyfile(png, RESULTS.parent / "img" / png.name)
+        picture = ["", f"![latency distribution](img/{png.name})"]
     s, g = d["e2e_ms"], d["growth_ms"]
     ok = "met" if s["p99"] < 50 else "MISSED"
     return [(f"{d['seconds']:.0f} s at 30 fps, {d['workers']} worker(s), {d['results']} results "
@@ -118,7 +125,8 @@ def render_stream(d: dict[str, Any]) -> list[str]:
             "", "| capture -> sink (ms) | p50 | p99 | max | worst seq |", "|---|---|---|---|---|",
             f"| end to end | {_f(s['p50'])} | {_f(s['p99'])} | {_f(s['max'])} | {(d.get('worst') or {}).get('seq')} |",
             "", (f"p99 target < 50 ms: {ok}. Growth (p50 of last tenth - first tenth): {g['delta']:+.2f} ms "
-            f"({g['first_tenth_p50']} -> {g['last_tenth_p50']}). Drops: {d['drops']}. Restarts: {d['restarts']}.")]
+            f"({g['first_tenth_p50']} -> {g['last_tenth_p50']}). Drops: {d['drops']}. Restarts: {d['restarts']}."),
+            *picture]
 
 
 RENDER = {"transport": ("Transport: our protocol vs bare pyzmq vs imagezmq", render_transport),
