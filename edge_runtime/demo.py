@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import platform
 import time
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .pipeline.viewer import to_display
 log = logging.getLogger(__name__)
 
 TILE = 320  # contact-sheet cell height in pixels
+# The demo is the CPU path by design (no engine builds on a Jetson); pick the CPU config of this arch.
+CPU_DEVICE = "cpu-arm64" if platform.machine().lower() in ("aarch64", "arm64") else "cpu-x86"
 
 
 def real_cine_path() -> Path:
@@ -92,7 +95,7 @@ def results_sheet(frames: list[tuple[str, Frame]], bundles: dict[str, Path], out
     from .runtime import Runtime, RuntimeSet
 
     cells = []
-    with RuntimeSet([Runtime(p, "cpu-x86") for p in bundles.values()]) as models:
+    with RuntimeSet([Runtime(p, CPU_DEVICE) for p in bundles.values()]) as models:
         covered = {m for r in models.runtimes if r.bundle for m in r.bundle.manifest["modality"]}
         for name, frame in frames:
             if frame.modality not in covered:
@@ -108,7 +111,7 @@ def results_sheet(frames: list[tuple[str, Frame]], bundles: dict[str, Path], out
 def stream(name: str, spec: str, bundles: tuple[str, ...], out: Path, seconds: float, fps: float) -> str:
     from .pipeline.supervisor import RuntimeProcessor, SourceSpec, run_pipeline
 
-    report = run_pipeline(SourceSpec(spec, realtime=True, loop=True), RuntimeProcessor(bundles, "cpu-x86"),
+    report = run_pipeline(SourceSpec(spec, realtime=True, loop=True), RuntimeProcessor(bundles, CPU_DEVICE),
                           n_workers=1, mode="process", record_dir=out / name, duration=seconds,
                           video=True, video_fps=fps)
     report.write_latency_report(out / name, title=f"{name}: capture -> recorder latency")
