@@ -73,19 +73,9 @@ def latency(bundle_dir: Path, runs: int, threads: int) -> dict[str, Any]:
             backends[p] = OrtBackend(b.file(b.artifact(p).file), threads=threads, providers=["cpu"], precision=p).load()
         except Exception as exc:  # noqa: BLE001 - a missing artefact is reported, not fatal
             print(f"  {b.name}: no {p} ({exc})", file=sys.stderr)
-    times: dict[str, list[float]] = {p: [] for p in backends}
-    try:
-        for bk in backends.values():
-            for _ in range(5):
-                bk.infer({name: x})
-        for _ in range(runs):
-            for p, bk in backends.items():
-                t = time.perf_counter()
-                bk.infer({name: x})
-                times[p].append((time.perf_counter() - t) * 1e3)
-    finally:
-        for bk in backends.values():
-            bk.close()
+    from export.validate import interleaved_times
+
+    times = interleaved_times(backends, {name: x}, runs=runs, warmup=5)
     out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads}
     for p, ts in times.items():
         out[p] = {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99), "mean_ms": sum(ts) / len(ts)}

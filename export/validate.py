@@ -377,19 +377,27 @@ def latency_ms(paths: Mapping[str, str | os.PathLike[str]], x: np.ndarray, input
                threads: int = 2) -> dict[str, float]:
     """Median ms per inference of each model, interleaved so that load drifts hit all alike."""
     backends = {k: open_backend(p, k.split(":")[0], threads=threads) for k, p in paths.items()}
-    times: dict[str, list[float]] = {k: [] for k in paths}
+    times = interleaved_times(backends, {input_name: x}, runs=runs, warmup=1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def interleaved_times(backends: Mapping[str, Any], feeds: Mapping[str, np.ndarray], *, runs: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """ms per call of each loaded backend, calls interleaved so load drifts hit all alike; closes them."""
+    times: dict[str, list[float]] = {k: [] for k in backends}
     try:
         for b in backends.values():
-            b.infer({input_name: x})  # warm-up
+            for _ in range(warmup):
+                b.infer(feeds)
         for _ in range(runs):
             for k, b in backends.items():
                 t = time.perf_counter()
-                b.infer({input_name: x})
+                b.infer(feeds)
                 times[k].append((time.perf_counter() - t) * 1e3)
     finally:
         for b in backends.values():
             b.close()
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
 @dataclass
