@@ -14,7 +14,6 @@ The reference models are demonstration models trained on synthetic phantoms, not
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 import time
 from pathlib import Path
@@ -22,10 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .errors import EdgeRuntimeError, InputError
 from .frames import Frame
 from .pipeline.viewer import to_display
-
-log = logging.getLogger(__name__)
 
 TILE = 320  # contact-sheet cell height in pixels
 # The demo is the CPU path by design (no engine builds on a Jetson); pick the CPU config of this arch.
@@ -38,8 +36,6 @@ def real_cine_path() -> Path:
 
     path = Path(pydicom.__file__).parent / "data" / "test_files" / "examples_ybr_color.dcm"
     if not path.is_file():
-        from .errors import InputError
-
         raise InputError(f"expected pydicom's test file {path.name} in the pydicom install, found none")
     return path
 
@@ -116,7 +112,7 @@ def stream(name: str, spec: str, bundles: tuple[str, ...], out: Path, seconds: f
                           video=True, video_fps=fps)
     report.write_latency_report(out / name, title=f"{name}: capture -> recorder latency")
     if report.failure or report.source_error:
-        raise RuntimeError(f"{name} stream failed: {report.failure or report.source_error}")
+        raise EdgeRuntimeError(f"{name} stream failed: {report.failure or report.source_error}")
     return f"{name}: " + report.summary().replace("\n", "\n    ")
 
 
