@@ -4,7 +4,9 @@
 
 For each shipped reference model (FP32 artefact, so all three run the same graph):
   ours    edge_runtime.runtime.Runtime.process(frame) -> Result (manifest-driven pre/post,
-          input checks, provenance, per-stage timings);
+          input checks, provenance, per-stage timings), with the cpu-x86 device config's
+          ONNX Runtime settings; also with intra-op spinning forced on and off (ours_spin /
+          ours_nospin) to show what the config's ``cpu_spinning`` choice costs or buys;
   plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
           (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);
   cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX) with the same hand-written pre/post.
@@ -34,11 +36,13 @@ if str(ROOT) not in sys.path:
 
 from edge_runtime import phantoms
 from edge_runtime.bundle import Bundle
+from edge_runtime.devices import load_config
 from edge_runtime.frames import Frame
 from edge_runtime.runtime import Runtime, reference_bundles
 from edge_runtime.telemetry import summarize
 
 THREADS = 2
+BLOCK = 10  # frames per peer before the next peer runs
 
 
 def frames_for(bundle: Bundle, n: int) -> list[Frame]:
@@ -121,9 +125,12 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
     frames = frames_for(bundle, 32)
     cv2.setNumThreads(THREADS)
     ours = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS).load()
+    spin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=True).load()
+    nospin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=False).load()
     ours_int8 = (Runtime(bundle, "cpu-x86", precision="int8", threads=THREADS).load()
                  if any(a.precision == "int8" for a in bundle.artifacts) else None)
-    peers: dict[str, Callable[[Frame], Any]] = {"ours_fp32": ours.process, "plain_ort_fp32": make_plain(bundle)}
+    peers: dict[str, Callable[[Frame], Any]] = {"ours_fp32": ours.process, "plain_ort_fp32": make_plain(bundle),
+                                                "ours_fp32_spin": spin.process, "ours_fp32_nospin": nospin.process}
     try:
         peers["opencv_dnn_fp32"] = make_cv2dnn(bundle)
     except cv2.error as exc:
@@ -132,21 +139,29 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
         peers["ours_int8"] = ours_int8.process
     wall: dict[str, list[float]] = {k: [] for k in peers}
     stages: dict[str, list[float]] = {"preprocess": [], "infer": [], "postprocess": [], "bookkeeping": []}
-    for i in range(warmup + n):
-        frame = frames[i % len(frames)]
-        for key, fn in peers.items():
-            t0 = time.perf_counter()
-            res = fn(frame)
-            dt = (time.perf_counter() - t0) * 1e3
-            if i < warmup:
-                continue
-            wall[key].append(dt)
-            if key == "ours_fp32":
-                t = res.timings_ms
-                for s in ("preprocess", "infer", "postprocess"):
-                    stages[s].append(t[s])
-                stages["bookkeeping"].append(dt - sum(t[s] for s in ("preprocess", "infer", "postprocess")))
-    ours.close()
+    keys = list(peers)
+    for fn in peers.values():
+        for i in range(warmup):
+            fn(frames[i % len(frames)])
+    # Blocks of BLOCK frames per peer, the peer order rotating every block: load drifts hit all
+    # peers alike, and a session whose threads spin after a run (ONNX Runtime's default) slows
+    # only the first frame of the next peer's block, not every frame of it.
+    for b in range(-(-n // BLOCK)):
+        for key in keys[b % len(keys):] + keys[:b % len(keys)]:
+            fn = peers[key]
+            for j in range(BLOCK):
+                frame = frames[(b * BLOCK + j) % len(frames)]
+                t0 = time.perf_counter()
+                res = fn(frame)
+                dt = (time.perf_counter() - t0) * 1e3
+                wall[key].append(dt)
+                if key == "ours_fp32":
+                    t = res.timings_ms
+                    for s in ("preprocess", "infer", "postprocess"):
+                        stages[s].append(t[s])
+                    stages["bookkeeping"].append(dt - sum(t[s] for s in ("preprocess", "infer", "postprocess")))
+    for r in (ours, spin, nospin):
+        r.close()
     if ours_int8 is not None:
         ours_int8.close()
     out: dict[str, Any] = {"wall_ms": {k: summarize(v) for k, v in wall.items()},
@@ -163,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out/bench/runtime.json"))
     ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--models", nargs="+", metavar="NAME", help="reference bundles to run (default: all)")
     args = ap.parse_args(argv)
     results: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                            "cores": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
                                            "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__,
                                            "opencv": cv2.__version__},
-                               "frames": args.frames, "models": {}}
+                               "frames": args.frames, "models": {},
+                               "config_spinning": "on" if load_config("cpu-x86").cpu_spinning else "off"}
     for name, path in reference_bundles().items():
+        if args.models and name not in args.models:
+            continue
         print(f"{name} ...", flush=True)
         r = bench_model(name, path, args.frames)
         results["models"][name] = r

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .backends import Backend, OrtBackend, TrtBackend, tensorrt_available
+from .backends import Backend, TrtBackend, select_backend, tensorrt_available
 from .bundle import Bundle
 from .devices import DeviceConfig, detect, load_config
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
@@ -70,12 +70,14 @@ class Runtime:
 
     def __init__(self, bundle: str | Path | Bundle, device: str | Path | DeviceConfig | None = None, *,
                  precision: str = "auto", backend: str | None = None, threads: int | None = None,
-                 engine_cache_dir: str | Path | None = None, build_engines: bool = True) -> None:
+                 spinning: bool | None = None, engine_cache_dir: str | Path | None = None,
+                 build_engines: bool = True) -> None:
         self._bundle_arg = bundle
         self._device_arg = device
         self.requested_precision = precision
         self.requested_backend = backend
         self.threads = threads
+        self.spinning = spinning  # None: the device config's cpu_spinning
         self.engine_cache_dir = engine_cache_dir
         self.build_engines = build_engines
         self.bundle: Bundle | None = None
@@ -117,29 +119,28 @@ class Runtime:
             raise BackendError("runtime: expected load() before use, found an unloaded runtime")
         return self.bundle.file(self.bundle.artifact(self.precision, "onnx").file)
 
-    def _ort(self) -> OrtBackend:
-        threads = self.threads if self.threads is not None else (self.device.cpu_threads if self.device else 0)
-        return OrtBackend(self._onnx_path(), threads=threads, precision=self.precision)
-
     def _open_backend(self) -> Backend:
+        """The device's (or the caller's) backend choice, through ``backends.select_backend``.
+
+        With TensorRT usable, the engine comes from the cache; a missing one is built in the
+        background while ONNX Runtime serves, even when TensorRT was asked for explicitly.
+        """
         dev = self.device
         if dev is None:
             raise BackendError("runtime: expected a device config, found none")
         want = self.requested_backend or dev.backend
-        if want not in ("auto", "onnxruntime", "tensorrt"):
-            raise ConfigError("backend: " + expected("auto, onnxruntime or tensorrt", want))
-        if want == "onnxruntime":
-            return self._ort()
-        ok, why = tensorrt_available()
-        if not ok:
-            if want == "tensorrt":
-                raise BackendError(f"backend tensorrt on {dev.name}: expected TensorRT, pycuda and a GPU, found {why}")
-            log.info("runtime: TensorRT not used (%s); serving with ONNX Runtime", why)
-            return self._ort()
-        return self._engine_or_fallback()
+        engine: Path | None = None
+        if want in ("auto", "tensorrt") and tensorrt_available()[0]:
+            engine = self._cached_engine()
+            if engine is None:
+                want = "auto"
+        return select_backend(
+            want, onnx_path=self._onnx_path(), engine_path=engine, precision=self.precision,
+            threads=self.threads if self.threads is not None else dev.cpu_threads,
+            allow_spinning=self.spinning if self.spinning is not None else dev.cpu_spinning)
 
-    def _engine_or_fallback(self) -> Backend:
-        """Use a cached engine, or serve with ONNX Runtime while one builds in the background."""
+    def _cached_engine(self) -> Path | None:
+        """The cached engine for this bundle, precision and device, or None after starting its build."""
         from export.trt_build import build_into_cache, engine_key_for
 
         from .engine_cache import BackgroundBuilder, EngineCache
@@ -150,18 +151,18 @@ class Runtime:
         key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=self._engine_profile())
         path = cache.lookup(key)  # refuses (BackendError) an engine whose sidecar key differs
         if path is not None:
-            return TrtBackend(path, precision=self.precision)
+            return path
         if not self.build_engines:
             log.warning("runtime: no engine for %s in %s and building is off; serving with ONNX Runtime",
                         key.describe(), cache.directory)
-            return self._ort()
+            return None
         workspace = dev.trt_workspace_mb if dev is not None else None
         self._builder = BackgroundBuilder(
             lambda: build_into_cache(cache, key, self._onnx_path(), workspace_mb=workspace, progress=False),
             name=f"{self.bundle.name if self.bundle else '?'}-{self.precision}",
             on_ready=self._engine_ready).start()
         self.events.append("engine build started; serving with onnxruntime meanwhile")
-        return self._ort()
+        return None
 
     def _engine_profile(self) -> dict[str, dict[str, list[int]]] | None:
         """Image-to-image models have dynamic H/W: one profile from 32 px up to ENGINE_MAX_HW,

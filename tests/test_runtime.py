@@ -192,3 +192,18 @@ def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:
     m["validation"] = {"passed": True}
     write_bundle(root, m)
     assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "int8"
+
+
+def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_path: Path) -> None:
+    """cpu_spinning in the device config reaches the ONNX Runtime session; spinning= overrides it."""
+    import dataclasses
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    cfg = load_config("cpu-x86")
+    for config_value, override, expect in ((True, None, True), (False, None, False), (True, False, False),
+                                           (False, True, True)):
+        device = dataclasses.replace(cfg, cpu_spinning=config_value)
+        with Runtime(bundle, device, precision="fp32", spinning=override) as rt:
+            assert rt.backend is not None and rt.backend.name == "onnxruntime"
+            assert rt.backend.allow_spinning is expect
+            np.testing.assert_array_equal(rt.process(_xr()).enhanced, 4095 - _xr().pixels)

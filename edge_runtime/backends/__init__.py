@@ -31,6 +31,7 @@ def select_backend(
     threads: int = 0,
     providers: str | Sequence[str] = "auto",
     device_index: int = 0,
+    allow_spinning: bool = False,
 ) -> Backend:
     """Pick a backend (not loaded yet) and log why.
 
@@ -52,4 +53,5 @@ def select_backend(
         log.info("backend: onnxruntime (TensorRT not used: %s)", reason)
     if onnx_path is None:
         raise BackendError("backend onnxruntime: expected an ONNX model path, found none")
-    return OrtBackend(onnx_path, threads=threads, providers=providers, precision=precision, device_id=device_index)
+    return OrtBackend(onnx_path, threads=threads, providers=providers, precision=precision, device_id=device_index,
+                      allow_spinning=allow_spinning)
