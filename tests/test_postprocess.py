@@ -61,6 +61,31 @@ def test_centernet_boxes_map_back_through_letterbox() -> None:
     np.testing.assert_allclose(dets[0].box, (25, 0, 45, 7.5))
 
 
+@pytest.mark.parametrize("kernel", [2, 3, 5])
+def test_centernet_peaks_equal_a_dilation_reference(kernel: int) -> None:
+    """The candidate-only peak search finds exactly the cells cv2.dilate's max-pool finds,
+    on heatmaps with plateaus (ties) and peaks on the border."""
+    import cv2
+
+    rng = np.random.default_rng(kernel)
+    spec = {"type": "centernet", "stride": 1, "classes": ["a", "b", "c"], "score_threshold": 0.5,
+            "nms_iou": 1.0, "max_detections": 10_000, "peak_kernel": kernel}
+    frame = Frame(np.zeros((16, 12), np.uint8))
+    _, m = Preprocessor({})(frame)
+    for _ in range(20):
+        heat = np.round(rng.random((1, 3, 16, 12)), 1).astype(np.float32)  # coarse values: many ties
+        outs = {"heatmap": heat, "size": np.full((1, 2, 16, 12), 0.5, np.float32),
+                "offset": np.zeros((1, 2, 16, 12), np.float32)}
+        got = {(d.label, round(d.box[0] + 0.25), round(d.box[1] + 0.25))
+               for d in Postprocessor(spec)(outs, m, frame).detections}
+        want = set()
+        for c, label in enumerate(spec["classes"]):
+            plane = heat[0, c]
+            peaks = (plane >= 0.5) & (plane == cv2.dilate(plane, np.ones((kernel, kernel), np.uint8)))
+            want |= {(label, int(x), int(y)) for y, x in zip(*np.nonzero(peaks))}
+        assert got == want
+
+
 def test_nms_is_class_wise_and_orders_by_score() -> None:
     boxes = np.array([[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]], float)
     scores = np.array([0.8, 0.9, 0.7, 0.5])
