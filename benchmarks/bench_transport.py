@@ -10,10 +10,14 @@
    receiver's monotonic clock at "decoded" minus the sender's at "about to send" (one host, one
    CLOCK_MONOTONIC); blocks of the two kinds alternate so both see the same machine load.
 3. Throughput on 1024x1024 uint16 frames: imagezmq's default REQ/REP (ImageSender/ImageHub over
-   tcp, zero-copy, a reply per frame) vs (a) our transport alone between two processes (ROUTER ->
-   DEALER, credit window 2, every frame validated and decoded) over tcp and ipc, and (b) our
-   pipeline as shipped (source -> worker -> hub, a no-op model, every frame delivered) as
-   processes over ipc and tcp, and as threads over inproc. Frames per second after a warm-up.
+   tcp, as its users run it, a reply per frame) vs (a) our transport alone between two processes
+   (ROUTER -> DEALER, credit window 2, every frame validated and decoded) over tcp and ipc, and (b)
+   our pipeline as shipped (source -> worker -> hub, a no-op model, policy "all": every frame
+   delivered and validated) as processes over ipc and tcp, as processes with the optional
+   shared-memory payload path, and as threads over inproc. Frames per second after a warm-up.
+   Every row is measured --rounds times; each of our measurements is paired with an imagezmq
+   measurement taken just before it (same frames, same machine load), and the ratio is per pair:
+   the JSON keeps every round, the table shows the median and the spread (min..max).
 
 imagezmq is needed for part 3 only (``pip install imagezmq`` into .venv: benchmark-only dependency);
 without it that row is skipped. Writes JSON to --out and prints a table.
@@ -278,17 +282,71 @@ def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: i
     return {"fps": round(n / elapsed, 1), "frames": n, "window": window, "transport": endpoint.split("://")[0]}
 
 
-def pipeline_throughput(source: SyntheticSource, n: int, mode: str, transport: str, window: int) -> dict[str, Any]:
+def pipeline_throughput(source: SyntheticSource, n: int, mode: str, transport: str, window: int,
+                        shared_memory: bool = False) -> dict[str, Any]:
     from dataclasses import replace
 
     report = run_pipeline(replace(source, count=n), BuiltinProcessor("noop"), n_workers=1, mode=mode,
-                          transport=transport, policy="all", window=window)
+                          transport=transport, policy="all", window=window, shared_memory=shared_memory)
+    if report.results != n or any(report.drops.values()) or report.rejected:
+        raise RuntimeError(f"the pipeline lost frames: {report.results}/{n} results, drops {report.drops}, "
+                           f"rejected {report.rejected}")
     sink = sorted(r["stamps"]["sink_recv"] for r in report.records)
     warm = min(20, len(sink) // 5)
     sink = sink[warm:]
     fps = (len(sink) - 1) / ((sink[-1] - sink[0]) / 1e9) if len(sink) > 1 else 0.0
     return {"fps": round(fps, 1), "frames": report.results, "mode": mode, "transport": transport, "window": window,
-            "e2e_ms": report.stats["e2e_ms"], "drops": report.drops}
+            "shared_memory": shared_memory, "e2e_ms": report.stats["e2e_ms"], "drops": report.drops}
+
+
+WINDOW = 4  # credit window of the throughput rows (policy "all"): enough to keep the pipe full
+
+
+def throughput(source: SyntheticSource, images: list[np.ndarray], n: int, rounds: int,
+               tmp: str) -> dict[str, Any]:
+    """Every row ``rounds`` times, each of ours right after an imagezmq run (same load); ratios per pair."""
+    rows: dict[str, Any] = {
+        "ours_transport_tcp_w2": lambda: credit_throughput(images, f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}", n, 2),
+        "ours_transport_ipc_w2": lambda: credit_throughput(images, f"ipc://{tmp}/credit", n, 2),
+        "ours_process_ipc": lambda: pipeline_throughput(source, n, "process", "ipc", WINDOW),
+        "ours_process_tcp": lambda: pipeline_throughput(source, n, "process", "tcp", WINDOW),
+        "ours_process_ipc_shm": lambda: pipeline_throughput(source, n, "process", "ipc", WINDOW, True),
+        "ours_thread_inproc": lambda: pipeline_throughput(source, n, "thread", "inproc", WINDOW),
+    }
+    try:
+        import imagezmq  # noqa: F401
+        have_imagezmq = True
+    except ImportError:
+        print("  imagezmq not installed: no ratios (pip install imagezmq)")
+        have_imagezmq = False
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ["imagezmq_reqrep_tcp", *rows]}
+    for r in range(rounds):
+        order = list(rows)[r % len(rows):] + list(rows)[:r % len(rows)]  # rotate: no row always goes first
+        for name in order:
+            base = imagezmq_throughput(images, n) if have_imagezmq else None
+            ours = rows[name]()
+            ours["load1"] = round(os.getloadavg()[0], 2)
+            if base is not None:
+                runs["imagezmq_reqrep_tcp"].append(base)
+                ours["imagezmq_fps_paired"] = base["fps"]
+                ours["x_imagezmq"] = round(ours["fps"] / base["fps"], 2)
+            runs[name].append(ours)
+            print(f"  round {r + 1}/{rounds} {name:<22} {ours['fps']:>8.1f} fps"
+                  + (f"  imagezmq {base['fps']:.1f} fps  x{ours['x_imagezmq']:.2f}" if base else ""), flush=True)
+    out: dict[str, Any] = {}
+    for name, series in runs.items():
+        if not series:
+            continue
+        fps = [s["fps"] for s in series]
+        row: dict[str, Any] = {"fps": round(float(np.median(fps)), 1), "fps_min": min(fps), "fps_max": max(fps),
+                               "rounds": series}
+        ratios = [1.0] * len(series) if name == "imagezmq_reqrep_tcp" else [
+            s["x_imagezmq"] for s in series if "x_imagezmq" in s]
+        if ratios:
+            row.update(x_imagezmq=round(float(np.median(ratios)), 2), x_imagezmq_min=min(ratios),
+                       x_imagezmq_max=max(ratios))
+        out[name] = row
+    return out
 
 
 # --------------------------------------------------------------------------- main
@@ -299,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench" / "transport.json")
     parser.add_argument("--frames", type=int, default=1000, help="frames per measurement")
     parser.add_argument("--size", type=int, default=1024, help="frame side (uint16 frames)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each throughput row")
     args = parser.parse_args(argv)
     source, images = frames_for(args.size)
     mb = images[0].nbytes / 2**20
@@ -314,23 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         result["hop_ipc"] = hop_latency(images, f"ipc://{tmp}/hop", args.frames)
         result["hop_tcp"] = hop_latency(images, f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}", args.frames)
     print("3/3 throughput ...", flush=True)
-    thr: dict[str, Any] = {}
-    try:
-        thr["imagezmq_reqrep_tcp"] = imagezmq_throughput(images, args.frames)
-    except ImportError:
-        print("  imagezmq not installed: skipping its row (pip install imagezmq)")
     with __import__("tempfile").TemporaryDirectory(prefix="bench-") as tmp:
-        thr["ours_transport_tcp_w2"] = credit_throughput(images, f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}",
-                                                         args.frames, 2)
-        thr["ours_transport_ipc_w2"] = credit_throughput(images, f"ipc://{tmp}/credit", args.frames, 2)
-    for name, mode, transport, window in (("ours_process_ipc", "process", "ipc", 2),
-                                          ("ours_process_tcp", "process", "tcp", 2),
-                                          ("ours_thread_inproc", "thread", "inproc", 2)):
-        thr[name] = pipeline_throughput(source, args.frames, mode, transport, window)
-    if "imagezmq_reqrep_tcp" in thr:
-        base = thr["imagezmq_reqrep_tcp"]["fps"]
-        for name in list(thr):
-            thr[name]["x_imagezmq"] = round(thr[name]["fps"] / base, 2)
+        thr = throughput(source, images, args.frames, args.rounds, tmp)
     result["throughput"] = thr
     result["machine"]["load1_at_end"] = round(os.getloadavg()[0], 2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -345,9 +389,13 @@ def main(argv: list[str] | None = None) -> int:
         h = result[key]
         print(f"{'one-way ' + h['endpoint']:<22}{h['ours']['one_way']['p50']:>10.0f}{h['ours']['one_way']['p99']:>10.0f}"
               f"{h['bare']['one_way']['p50']:>10.0f}{h['bare']['one_way']['p99']:>10.0f}{h['ratio_p50_one_way']:>8.2f}")
-    print(f"\n{'throughput':<24}{'fps':>10}{'x imagezmq':>12}")
+    print(f"\nthroughput, {args.rounds} rounds (load1 {result['machine']['load1_at_start']} at start, "
+          f"{result['machine']['load1_at_end']} at end)")
+    print(f"{'':<24}{'fps median':>11}{'fps min..max':>18}{'x imagezmq':>12}{'x min..max':>14}")
     for name, row in thr.items():
-        print(f"{name:<24}{row['fps']:>10.1f}{row.get('x_imagezmq', float('nan')):>12.2f}")
+        spread = f"{row['fps_min']:.0f}..{row['fps_max']:.0f}"
+        ratio = f"{row['x_imagezmq_min']:.2f}..{row['x_imagezmq_max']:.2f}" if "x_imagezmq" in row else ""
+        print(f"{name:<24}{row['fps']:>11.1f}{spread:>18}{row.get('x_imagezmq', float('nan')):>12.2f}{ratio:>14}")
     print(f"\nwritten: {args.out}")
     return 0
 

@@ -14,12 +14,15 @@ Processor spec: ``+``-joined steps, applied in order::
     raise:SEQ       raise RuntimeError on that seq (a model that fails on one frame)
     hang:SEQ        sleep 5 s on that seq (a model call that hangs)
     exit:SEQ        os._exit(3) on that seq (a worker process that crashes; process mode only)
+    hold:MS         checksum the pixels, sleep MS ms, checksum again: one detection labelled
+                    ``crc:<crc32 hex>:intact`` or ``...:changed`` (shared-memory slot reuse tests)
 """
 
 from __future__ import annotations
 
 import os
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ from ..errors import ConfigError, expected
 from ..frames import Frame, GroundTruth
 from ..results import Detection, Result
 
-STEPS = ("noop", "identity", "detect", "slow", "jitter", "raise", "hang", "exit")
+STEPS = ("noop", "identity", "detect", "slow", "jitter", "raise", "hang", "exit", "hold")
 
 
 def _parse(spec: str) -> list[tuple[str, int]]:
@@ -38,7 +41,7 @@ def _parse(spec: str) -> list[tuple[str, int]]:
         name, _, arg = part.strip().partition(":")
         if name not in STEPS:
             raise ConfigError(expected(f"processor steps from {STEPS} joined by '+'", spec))
-        needs_arg = name in ("slow", "jitter", "raise", "hang", "exit")
+        needs_arg = name in ("slow", "jitter", "raise", "hang", "exit", "hold")
         if needs_arg != bool(arg) or (arg and not arg.isdigit()):
             raise ConfigError(expected(f"'{name}:N' with an integer N" if needs_arg else f"'{name}' without an argument",
                                        part))
@@ -78,12 +81,23 @@ class BuiltinProcessor:
                     time.sleep(5.0)
                 elif name == "exit" and frame.seq == arg:
                     os._exit(3)
+                elif name == "hold":
+                    before = pixel_crc(frame.pixels)
+                    time.sleep(arg / 1000)
+                    state = "intact" if pixel_crc(frame.pixels) == before else "changed"
+                    result.detections.append(Detection(box=(0.0, 0.0, 1.0, 1.0), score=1.0,
+                                                       label=f"crc:{before:08x}:{state}"))
             result.stamps["infer"] = time.monotonic_ns()
             result.timings_ms["infer"] = (time.perf_counter() - t0) * 1000
             result.stamps["postprocess"] = time.monotonic_ns()
             return result
 
         return process
+
+
+def pixel_crc(pixels: np.ndarray) -> int:
+    """CRC-32 of the pixel bytes (C order), read in place."""
+    return zlib.crc32(np.ascontiguousarray(pixels).data.cast("B"))
 
 
 def _blob(pixels: np.ndarray) -> Detection:

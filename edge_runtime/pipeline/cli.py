@@ -34,7 +34,7 @@ KEYS: dict[str, tuple[Any, Any]] = {
     "device": (str, None), "record": (str, None), "video": (bool, False), "view": ((str, bool), None),
     "realtime": (bool, True), "loop": (bool, False), "bind": (str, None), "keys": (str, None),
     "insecure": (bool, False), "duration": ((int, float), None), "mode": (str, "process"),
-    "transport": (str, "auto"), "report": (str, None), "frame_timeout": ((int, float), None), "source_options": (dict, {}), "settings": (dict, {}),
+    "transport": (str, "auto"), "report": (str, None), "frame_timeout": ((int, float), None), "shared_memory": (bool, False), "source_options": (dict, {}), "settings": (dict, {}),
 }
 SETTINGS_KEYS = {"heartbeat_s", "liveness_s", "drain_s", "stats_interval_s", "send_timeout_s", "max_message_bytes"}
 
@@ -69,6 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", metavar="DIR", help="write latency.json and latency.png here")
     parser.add_argument("--frame-timeout", dest="frame_timeout", type=float, metavar="S",
                         help="restart a worker whose model call takes longer than S seconds (a hang)")
+    parser.add_argument("--shared-memory", dest="shared_memory", action="store_true", default=None,
+                        help="process mode on one host: pixels travel through shared memory, ZeroMQ "
+                             "carries the headers (docs/PROTOCOL.md 3.1)")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         duration=None if o["duration"] is None else float(o["duration"]), transport=o["transport"],
         policy="latest" if o["realtime"] else "all", window=1 if o["realtime"] else 2, video=bool(o["video"]),
         view=bool(view), view_dir=view if isinstance(view, str) else None, public_endpoint=o["bind"],
-        settings=_settings(o), frame_timeout_s=None if o["frame_timeout"] is None else float(o["frame_timeout"]))
+        settings=_settings(o), frame_timeout_s=None if o["frame_timeout"] is None else float(o["frame_timeout"]),
+        shared_memory=bool(o["shared_memory"]))
     print(report.summary())
     report_dir = o["report"] or o["record"]
     if report_dir:

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..errors import ConfigError, InputError, expected
+from ..errors import ConfigError, InputError, ProtocolError, expected
 from ..frames import Frame
 from ..results import Result
 from ..telemetry import Stats
@@ -314,8 +315,9 @@ class _WorkerState:
     window: int
     done: int
     last_seen: float
-    inflight: deque[tuple[str, int]] = field(default_factory=deque)
+    inflight: deque[tuple[str, int, int | None]] = field(default_factory=deque)  # stream, seq, shm slot
     ready_since: float = 0.0
+    shm: bool = False  # it said it maps shared-memory frames (same host, shm enabled)
 
 
 @dataclass
@@ -331,6 +333,9 @@ class SourceNode:
     # file replay does not race ahead of workers that are still loading their model.
     wait_for_workers: int = 1
     start_timeout_s: float = 30.0
+    # Optional same-host payload path (docs/PROTOCOL.md 3.1): frames go through a ring of this many
+    # shared-memory slots to workers that announce ``shm``; 0 = off (every payload inline).
+    shm_slots: int = 0
 
     def _reader(self, slot: FrameSlot, waker: Waker, stop: threading.Event, state: dict[str, Any]) -> None:
         try:
@@ -361,7 +366,8 @@ class SourceNode:
         reader = threading.Thread(target=self._reader, args=(slot, waker, stop, state), daemon=True,
                                   name=f"{self.name}-reader")
         workers: dict[bytes, _WorkerState] = {}
-        sent = 0
+        ring: protocol.ShmRing | None = None
+        sent = shm_sent = 0
         next_stats = time.monotonic() + s.stats_interval_s
         drain_deadline: float | None = None
         next_probe = time.monotonic()
@@ -369,13 +375,38 @@ class SourceNode:
         for sock in (router, waker.r, monitor):
             poller.register(sock, zmq.POLLIN)
 
+        def release(slot: int | None) -> None:
+            if slot is not None and ring is not None:
+                ring.release(slot)
+
+        def shm_ref(frame: Frame, pixels: Any) -> tuple[int | None, dict[str, Any] | None]:
+            """Put the pixels in a free slot; (None, None) sends them inline (no slot free, too big)."""
+            nonlocal ring
+            if ring is None:
+                try:
+                    ring = protocol.ShmRing(pixels.nbytes, self.shm_slots)
+                except (OSError, ValueError, ProtocolError) as exc:  # no /dev/shm, out of space: inline
+                    counters.warn("shm", "%s: shared memory unavailable, sending inline: %s", self.name, exc)
+                    self.shm_slots = 0
+                    return None, None
+            if pixels.nbytes > ring.slot_bytes:
+                counters.transport["shm_inline"] += 1
+                return None, None
+            slot = ring.alloc()
+            if slot is None:
+                counters.transport["shm_inline"] += 1
+                return None, None
+            return slot, ring.write(slot, pixels)
+
         def lose(ident: bytes, why: str) -> None:
             w = workers.pop(ident)
             if w.inflight:
                 counters.drops["worker_lost"] += len(w.inflight)
+            for _, _, slot in w.inflight:
+                release(slot)  # safe even if it still reads: the generation check catches a rewrite
             _send_quiet(push, protocol.encode_control(
                 "event", node=self.name, event="worker_lost", worker=w.name, why=why, t_ns=time.monotonic_ns(),
-                frames_lost=[{"stream": st, "seq": sq} for st, sq in w.inflight]), counters, "event")
+                frames_lost=[{"stream": st, "seq": sq} for st, sq, _ in w.inflight]), counters, "event")
             log.warning("%s: worker %s lost (%s), %d in-flight frame(s) counted", self.name, w.name, why,
                         len(w.inflight))
 
@@ -412,8 +443,9 @@ class SourceNode:
                         w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
                     for _ in range(max(0, done - w.done)):
                         if w.inflight:
-                            w.inflight.popleft()
+                            release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
                     w.done, w.window, w.last_seen = max(done, w.done), window, now
+                    w.shm = m.header.get("shm") is True
                     if m.type == "credit":
                         w.ready_since = now
                 # Liveness: a silent worker's credit is forgotten and its frames are counted.
@@ -439,25 +471,32 @@ class SourceNode:
                     frame = slot.take()
                     if frame is None:
                         break
-                    frame.stamps["source_send"] = time.monotonic_ns()
+                    held: int | None = None
                     try:
-                        protocol.send(router, [ident, *protocol.encode_frame(frame)], zmq.NOBLOCK)
+                        ref = None
+                        if self.shm_slots and workers[ident].shm:
+                            held, ref = shm_ref(frame, protocol.wire_array(frame.pixels)[0])
+                        frame.stamps["source_send"] = time.monotonic_ns()
+                        protocol.send(router, [ident, *protocol.encode_frame(frame, ref)], zmq.NOBLOCK)
                     except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (stuck): not ready
+                        release(held)
                         slot.put_back(frame)
                         lose(ident, f"send failed: {exc.strerror}")
                         continue
                     except protocol.ProtocolError as exc:
+                        release(held)
                         counters.drops["unencodable"] += 1
                         counters.warn("unencodable", "%s: cannot encode frame %s/%d: %s", self.name, frame.stream_id,
                                       frame.seq, exc)
                         continue
-                    workers[ident].inflight.append((frame.stream_id, frame.seq))
+                    workers[ident].inflight.append((frame.stream_id, frame.seq, held))
                     sent += 1
+                    shm_sent += held is not None
                 counters.drops["superseded"] = slot.superseded
                 if now >= next_stats:
                     next_stats = now + s.stats_interval_s
                     _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent,
-                                                             workers=len(workers)), counters, "stats")
+                                                             frames_shm=shm_sent, workers=len(workers)), counters, "stats")
                 if state["exhausted"] and not len(slot):
                     # End of a finite source: give in-flight frames a bounded time to come back.
                     drain_deadline = drain_deadline or now + s.drain_s
@@ -465,8 +504,8 @@ class SourceNode:
                         break
         finally:
             counters.drops["superseded"] = slot.superseded
-            _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent, workers=len(workers)),
-                        counters, "stats")
+            _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent, frames_shm=shm_sent,
+                                                     workers=len(workers)), counters, "stats")
             if state["exhausted"] and not stop.is_set():
                 _send_quiet(push, protocol.encode_control(
                     "event", node=self.name, event="end_of_stream", t_ns=time.monotonic_ns(),
@@ -478,6 +517,8 @@ class SourceNode:
             if reader.is_alive():
                 reader.join(timeout=1.0)
             waker.close(writer_done=not reader.is_alive())
+            if ring is not None:
+                ring.close()  # unlinks the name; workers' mappings stay valid until they drop them
         if state["error"]:
             return EXIT_SOURCE_FAILED
         return EXIT_OK
@@ -530,6 +571,10 @@ class WorkerNode:
     # A model call running longer than this is hung (a wedged GPU driver, a deadlock): the worker
     # exits with EXIT_HUNG and is restarted. None: no limit (heartbeats alone cannot see a hang).
     frame_timeout_s: float | None = None
+    # Accept frames whose pixels are in the source's shared memory (same host; docs/PROTOCOL.md 3.1).
+    # The pixels are then valid during the processor call only: a processor that keeps a frame
+    # beyond it must copy the pixels (results that view them are copied before they are sent).
+    shm: bool = False
 
     def _process_loop(self, process: Callable[[Frame], Result], inbox: queue.SimpleQueue, outbox: queue.SimpleQueue,
                       waker: Waker) -> None:
@@ -559,6 +604,9 @@ class WorkerNode:
         waker = Waker()
         inbox: queue.SimpleQueue = queue.SimpleQueue()  # C queues: cheap hand-offs
         outbox: queue.SimpleQueue = queue.SimpleQueue()
+        shm = protocol.ShmMap() if self.shm else None
+        shm_refs: deque[dict[str, Any] | None] = deque()  # per frame in the inbox, in order
+        announce_shm = shm is not None
         thread = threading.Thread(target=self._process_loop, args=(process, inbox, outbox, waker), daemon=True,
                                   name=f"{identity}-process")
         thread.start()
@@ -574,6 +622,8 @@ class WorkerNode:
         def tell_source(kind: str) -> None:
             nonlocal last_sent
             fields: dict[str, Any] = {"worker": identity, "done": done, "window": self.window}
+            if announce_shm:
+                fields["shm"] = True
             if kind == "heartbeat":
                 fields.update(node=identity, state="busy" if pending else "idle")
             try:
@@ -582,16 +632,36 @@ class WorkerNode:
             except zmq.Again:  # no source connected right now: the next heartbeat says it again
                 pass
 
+        def unshare(frame: Frame, result: Any) -> None:
+            """Results must not point into a shared-memory slot the source will reuse: copy what does."""
+            for name in ("enhanced", "masks"):
+                array = getattr(result, name, None)
+                if isinstance(array, np.ndarray) and np.may_share_memory(array, frame.pixels):
+                    setattr(result, name, array.copy())
+            if self.attach_input:
+                frame.pixels = frame.pixels.copy()
+
         def deliver() -> None:
             nonlocal pending, done, busy_since
+            delivered = False
             while True:
                 try:
                     frame, result = outbox.get_nowait()
                 except queue.Empty:
-                    return
+                    break
+                ref = shm_refs.popleft()
                 pending -= 1
                 done += 1
+                delivered = True
                 busy_since = time.monotonic()
+                if ref is not None and shm is not None:
+                    if not isinstance(result, Exception):
+                        unshare(frame, result)
+                    if not shm.intact(ref):  # only a worker that was declared lost can see this
+                        counters.drops["shm_overwritten"] += 1
+                        counters.warn("shm_overwritten", "%s: the slot of %s/%d was rewritten while in use: "
+                                      "result dropped", identity, frame.stream_id, frame.seq)
+                        continue
                 if isinstance(result, Exception):
                     counters.drops["processor_error"] += 1
                     counters.warn("processor_error", "%s: processor failed on %s/%d (%d so far): %s", identity,
@@ -614,6 +684,7 @@ class WorkerNode:
                     protocol.send(push, parts)
                 except zmq.Again:
                     counters.drops["hub_unavailable"] += 1
+            if delivered:  # one credit for all the frames finished since the last (done is cumulative)
                 tell_source("credit")
 
         tell_source("credit")
@@ -627,13 +698,19 @@ class WorkerNode:
                         except zmq.Again:
                             break
                         try:
-                            m = protocol.decode(msg, s.limits)
+                            m = protocol.decode(msg, s.limits, shm)
                             if m.type == "heartbeat" and m.header["state"] == "serving":
                                 continue  # the source probing us: the reply is our own heartbeat
                             if m.frame is None:
                                 raise BadMessage("unexpected_type", expected("frame", m.type))
                         except BadMessage as exc:
                             counters.reject(exc, "the source")
+                            if exc.reason == "shm_unavailable" and announce_shm:
+                                # Cannot map the source's memory (another host, another user): stop
+                                # announcing shm, so the source sends pixels inline from now on.
+                                log.warning("%s: cannot use shared-memory frames (%s): asking for inline pixels",
+                                            identity, str(exc)[:200])
+                                announce_shm = False
                             done += 1  # the source counted it in flight: hand the credit back
                             tell_source("credit")
                             continue
@@ -641,6 +718,7 @@ class WorkerNode:
                         if not pending:
                             busy_since = time.monotonic()
                         pending += 1
+                        shm_refs.append(m.shm)
                         inbox.put(m.frame)
                 if waker.r in events:
                     waker.drain()
@@ -670,6 +748,8 @@ class WorkerNode:
         finally:
             inbox.put(None)
             thread.join(timeout=0 if hung else s.drain_s)
+            if shm is not None and not thread.is_alive():
+                shm.close()
             counters.close_monitors()
             dealer.close(linger=0)
             waker.close(writer_done=not thread.is_alive())

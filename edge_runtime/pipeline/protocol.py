@@ -9,6 +9,8 @@ A message is a ZeroMQ multipart message ``[header, payload...]``:
   Arrays are sent with ``copy=False`` (pyzmq copies below its 64 KiB ``copy_threshold`` and shares
   the buffer above it) and received as views into the ZeroMQ message, so a frame is never copied by
   Python on either side.
+- optionally (process mode, one host) the pixels of a frame go through a shared-memory slot
+  (``ShmRing`` at the source, ``ShmMap`` at the worker) and the message is the header alone.
 
 Every receive path validates the whole message before building anything from it and raises
 ``BadMessage`` (a ``ProtocolError`` with a short ``reason`` code that nodes count). Nothing is ever
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -80,6 +84,7 @@ class Message:
     frame: Frame | None = None
     result: Result | None = None
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # result parts by name
+    shm: dict[str, Any] | None = None  # a frame whose pixels are in shared memory: its validated reference
 
 
 # --------------------------------------------------------------------------- encoding
@@ -124,8 +129,12 @@ def _truth_dict(truth: GroundTruth | None) -> dict[str, Any] | None:
     return {"boxes": [[round(float(v), 2) for v in b] for b in truth.boxes], "labels": list(truth.labels)}
 
 
-def encode_frame(frame: Frame) -> list[Any]:
-    """``[header, pixels]`` for a Frame (ground-truth boxes travel, masks and clean images do not)."""
+def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any]:
+    """``[header, pixels]`` for a Frame (ground-truth boxes travel, masks and clean images do not).
+
+    ``shm``: the pixels were written to a shared-memory slot (``ShmRing.write``): the header carries
+    that reference instead and the message is ``[header]`` alone (docs/PROTOCOL.md 3.1).
+    """
     pixels, desc = wire_array(frame.pixels)
     h = header(
         "frame", stream=str(frame.stream_id), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
@@ -137,6 +146,9 @@ def encode_frame(frame: Frame) -> list[Any]:
     truth = _truth_dict(frame.truth)
     if truth is not None:
         h["truth"] = truth
+    if shm is not None:
+        h["shm"] = dict(shm)
+        return [_dumps(h)]
     return [_dumps(h), pixels]
 
 
@@ -331,8 +343,10 @@ def _stream_seq(h: Mapping[str, Any]) -> tuple[str, int, int]:
     return stream, _int(h, "seq"), _int(h, "capture_ns")
 
 
-def decode_frame(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Frame:
-    _check_parts(parts, 2, limits)
+def decode_frame(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS,
+                 shm: ShmMap | None = None) -> Frame:
+    ref = h.get("shm")
+    _check_parts(parts, 1 if ref is not None else 2, limits)
     stream, seq, capture_ns = _stream_seq(h)
     dtype, shape = _array_desc(h, limits)
     photometric = _text(h, "photometric")
@@ -343,7 +357,12 @@ def decode_frame(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAU
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in spacing)):
         raise BadMessage("bad_header", expected("spacing [row_mm, col_mm] of positive numbers", spacing))
     bits = _int(h, "bits_stored", 0, 32)
-    pixels = _array(parts[1], dtype, shape)
+    if ref is not None:
+        if shm is None:
+            raise BadMessage("shm_unavailable", expected("inline pixels (this receiver maps no shared memory)", "shm"))
+        pixels = _array(shm.view(ref, math.prod(shape) * dtype.itemsize), dtype, shape)
+    else:
+        pixels = _array(parts[1], dtype, shape)
     try:
         return Frame(pixels=pixels, modality=_text(h, "modality", limit=16), bits_stored=bits or None,
                      photometric=photometric, pixel_spacing=None if spacing is None else (float(spacing[0]), float(spacing[1])),
@@ -391,14 +410,17 @@ def decode_result(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFA
     return result, arrays
 
 
-def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Validate and decode any message; raises BadMessage with a reason code."""
+def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS, shm: ShmMap | None = None) -> Message:
+    """Validate and decode any message; raises BadMessage with a reason code.
+
+    ``shm``: where a worker maps shared-memory frames; without it such a frame is rejected (``bad_shm``).
+    """
     if not parts:
         raise BadMessage("bad_parts", expected("at least a header part", 0))
     h = decode_header(parts[0], limits)
     kind = h["type"]
     if kind == "frame":
-        return Message(kind, h, frame=decode_frame(h, parts, limits))
+        return Message(kind, h, frame=decode_frame(h, parts, limits, shm), shm=h.get("shm"))
     if kind == "result":
         result, arrays = decode_result(h, parts, limits)
         return Message(kind, h, result=result, arrays=arrays)
@@ -418,3 +440,165 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS) -> Message:
         if kind == "error":
             _text(h, "reason", limit=64)
     return Message(kind, h)
+
+
+# --------------------------------------------------------------------------- shared-memory payloads (3.1)
+
+SHM_DIR = "/dev/shm"  # where POSIX shm_open() names live on Linux
+SHM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+SHM_ALIGN = 4096  # slots start on page boundaries
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class ShmRing:
+    """The source's side of the optional same-host payload path: ``slots`` fixed-size slots in one
+    POSIX shared-memory segment, plus one little-endian uint64 generation per slot.
+
+    Layout: generations at byte ``8 * i`` (the first page(s)), slot ``i``'s pixels at
+    ``data_offset + i * slot_bytes``. A slot is handed out by ``alloc``, filled by ``write`` and given
+    back by ``release`` only when the worker that received it reported that frame done (its credit),
+    so a slot is never rewritten while a worker may read it. ``write`` zeroes the generation before
+    copying and sets a new, never reused, one after: a reader that sees the generation of its header
+    before and after using the pixels knows they were not overwritten meanwhile (docs/PROTOCOL.md 3.1).
+    """
+
+    def __init__(self, slot_bytes: int, slots: int) -> None:
+        from multiprocessing import shared_memory
+
+        if slots < 1 or slot_bytes < 1:
+            raise ProtocolError(expected("at least one slot of at least one byte", (slots, slot_bytes)))
+        self.slots = slots
+        self.slot_bytes = _round_up(slot_bytes, SHM_ALIGN)
+        self.data_offset = _round_up(8 * slots, SHM_ALIGN)
+        name = f"edge-{os.getpid()}-{os.urandom(6).hex()}"
+        # Mode 0600 (Python's default for shm_open): only processes of the same user map it. The
+        # resource tracker unlinks it if this process dies without close().
+        self.segment = shared_memory.SharedMemory(name=name, create=True,
+                                                  size=self.data_offset + slots * self.slot_bytes)
+        self.name = self.segment.name.lstrip("/")
+        self._gens = np.ndarray((slots,), dtype="<u8", buffer=self.segment.buf)
+        self._gens[:] = 0
+        self._data = np.ndarray((slots * self.slot_bytes,), dtype=np.uint8, buffer=self.segment.buf,
+                                offset=self.data_offset)
+        self._free: list[int] = list(range(slots - 1, -1, -1))
+        self._gen = 0
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int | None:
+        """A free slot, or None when every slot is still held by a worker (send inline then)."""
+        return self._free.pop() if self._free else None
+
+    def release(self, slot: int) -> None:
+        if not 0 <= slot < self.slots or slot in self._free:
+            raise ProtocolError(expected("a held slot to release", slot))
+        self._free.append(slot)
+
+    def write(self, slot: int, array: np.ndarray) -> dict[str, int | str]:
+        """Copy a wire array (C-contiguous, little-endian: ``wire_array``) into ``slot``; its reference."""
+        if array.nbytes > self.slot_bytes:
+            raise ProtocolError(expected(f"a frame of <= {self.slot_bytes} bytes for this ring", array.nbytes))
+        start = slot * self.slot_bytes
+        self._gens[slot] = 0  # "being written": a reader still holding an older generation sees it change
+        np.copyto(self._data[start:start + array.nbytes], array.reshape(-1).view(np.uint8))
+        self._gen += 1
+        self._gens[slot] = self._gen
+        return {"name": self.name, "offset": self.data_offset + start, "gen_offset": 8 * slot, "gen": self._gen}
+
+    def generation(self, slot: int) -> int:
+        return int(self._gens[slot])
+
+    def close(self) -> None:
+        """Unlink the segment. Workers that still map it keep their mapping until they drop it."""
+        del self._gens, self._data
+        self.segment.close()
+        try:
+            self.segment.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ShmMap:
+    """The worker's side: read-only mappings of the segments that frame headers name.
+
+    ``view`` validates a reference (name, bounds, current generation) and returns the pixels in
+    place; ``intact`` tells whether the slot still holds that generation (checked after processing).
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep  # segments kept mapped (a restarted source makes a new one)
+        self._maps: dict[str, mmap.mmap] = {}
+
+    def _open(self, name: str) -> mmap.mmap:
+        m = self._maps.get(name)
+        if m is not None:
+            return m
+        import stat
+
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as exc:
+            raise BadMessage("shm_unavailable", expected("a shared-memory segment this process can open", name)) from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size == 0:
+                raise BadMessage("shm_unavailable", expected("a non-empty segment owned by this user", name))
+            m = mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        except (OSError, ValueError) as exc:
+            raise BadMessage("shm_unavailable", expected("a mappable shared-memory segment", name)) from exc
+        finally:
+            os.close(fd)
+        for old in list(self._maps)[:max(0, len(self._maps) - self.keep + 1)]:
+            try:
+                self._maps[old].close()
+                del self._maps[old]
+            except BufferError:  # a frame of that segment is still in use: close it later
+                pass
+        self._maps[name] = m
+        return m
+
+    @staticmethod
+    def _ref(ref: Any) -> tuple[str, int, int, int]:
+        if not isinstance(ref, dict):
+            raise BadMessage("bad_shm", expected("shm {name, offset, gen_offset, gen}", type(ref).__name__))
+        name = ref.get("name")
+        if not isinstance(name, str) or not SHM_NAME_RE.match(name):
+            raise BadMessage("bad_shm", expected("a segment name of [A-Za-z0-9_.-], 1-64 chars", str(name)[:64]))
+        values: list[int] = []
+        for key in ("offset", "gen_offset", "gen"):
+            v = ref.get(key)
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**63:
+                raise BadMessage("bad_shm", expected(f"an integer {key} in 0..2^63-1", v))
+            values.append(v)
+        offset, gen_offset, gen = values
+        if gen == 0 or gen_offset % 8:
+            raise BadMessage("bad_shm", expected("gen >= 1 and an 8-aligned gen_offset", (gen, gen_offset)))
+        return name, offset, gen_offset, gen
+
+    def view(self, ref: Any, nbytes: int) -> memoryview:
+        name, offset, gen_offset, gen = self._ref(ref)
+        m = self._open(name)
+        if offset + nbytes > len(m) or gen_offset + 8 > len(m):
+            raise BadMessage("bad_shm", expected(f"a slot inside the {len(m)}-byte segment", (offset, nbytes)))
+        if int.from_bytes(m[gen_offset:gen_offset + 8], "little") != gen:
+            raise BadMessage("bad_shm", expected(f"slot generation {gen}", "a rewritten slot"))
+        return memoryview(m)[offset:offset + nbytes]
+
+    def intact(self, ref: Mapping[str, Any]) -> bool:
+        """The slot still holds the generation the header named (nothing overwrote it meanwhile)."""
+        m = self._maps.get(ref["name"])
+        g = int(ref["gen_offset"])
+        return m is not None and not m.closed and int.from_bytes(m[g:g + 8], "little") == ref["gen"]
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:
+                pass
+        self._maps.clear()

@@ -127,6 +127,11 @@ class PipelineConfig:
     public_endpoint: str | None = None  # extra results PUB for integrators (--bind); CURVE off the box
     policy: str = "latest"  # "latest": live, drop superseded frames; "all": replay every frame
     window: int = 1  # frames in flight per worker (1 for latest-frame-wins)
+    # Optional same-host payload path for process mode (docs/PROTOCOL.md 3.1): frames travel through
+    # a ring of POSIX shared-memory slots, ZeroMQ carries the header and the slot reference. Only
+    # with mode "process" over ipc or loopback tcp; shm_slots 0 = n_workers * window + 2.
+    shared_memory: bool = False
+    shm_slots: int = 0
     record_dir: str | None = None
     video: bool = False
     video_fps: float = 30.0
@@ -157,6 +162,19 @@ class PipelineConfig:
         if not 1 <= self.window <= 64 or (self.policy == "latest" and self.window != 1):
             raise ConfigError(expected("window 1 with policy 'latest' (more would queue stale frames), "
                                        "1..64 with 'all'", self.window))
+        if self.shared_memory:
+            if self.mode != "process":
+                raise ConfigError(expected("shared_memory with mode 'process' (threads share memory already)",
+                                           self.mode))
+            frames = self.endpoints.frames if self.endpoints is not None else (
+                "tcp://127.0.0.1" if self.transport == "tcp" else "ipc://")
+            host = frames.split("://", 1)[-1].rsplit(":", 1)[0]
+            if not (frames.startswith("ipc://") or host in ("127.0.0.1", "localhost", "[::1]")):
+                raise ConfigError(expected("shared_memory over ipc or loopback tcp (one host)", frames))
+            if not os.path.isdir("/dev/shm"):
+                raise ConfigError(expected("POSIX shared memory at /dev/shm for shared_memory", "none"))
+        if not 0 <= self.shm_slots <= 1024:
+            raise ConfigError(expected("shm_slots in 0..1024", self.shm_slots))
         if self.frame_timeout_s is not None and self.frame_timeout_s <= 0:
             raise ConfigError(expected("a positive frame timeout in seconds", self.frame_timeout_s))
         if self.duration_s is not None and self.duration_s <= 0:
@@ -396,12 +414,14 @@ class Supervisor:
 
         def worker(name: str) -> Callable[[int], WorkerNode]:
             return lambda inc: WorkerNode(self.make_processor, ep, s, name=name, window=c.window,
-                                          attach_input=attach, incarnation=inc, frame_timeout_s=c.frame_timeout_s)
+                                          attach_input=attach, incarnation=inc, frame_timeout_s=c.frame_timeout_s,
+                                          shm=c.shared_memory)
 
         for i in range(c.n_workers):
             add(f"w{i}", "worker", worker(f"w{i}"))
+        shm_slots = (c.shm_slots or c.n_workers * c.window + 2) if c.shared_memory else 0
         add("source", "source", lambda _: SourceNode(self.source_factory, ep, s, policy=c.policy,
-                                                      wait_for_workers=c.n_workers))
+                                                      wait_for_workers=c.n_workers, shm_slots=shm_slots))
         self.started = time.monotonic()
         try:
             for h in self.handles:

@@ -1,0 +1,228 @@
+"""The optional shared-memory payload path (docs/PROTOCOL.md 3.1): ring, references, slot reuse guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_runtime.errors import ConfigError, ProtocolError
+from edge_runtime.frames import Frame
+from edge_runtime.pipeline import protocol
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource, pixel_crc
+from edge_runtime.pipeline.nodes import Endpoints, NodeSettings, WorkerNode
+from edge_runtime.pipeline.protocol import BadMessage, ShmMap, ShmRing
+from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
+from edge_runtime.pipeline.supervisor import PipelineConfig, run_pipeline
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs POSIX shared memory at /dev/shm")
+
+
+def _pixels(seed: int, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 4096, size=shape, dtype=np.uint16)
+
+
+def test_ring_hands_out_each_slot_once_until_released() -> None:
+    ring = ShmRing(100, 2)
+    try:
+        assert ring.slot_bytes % 4096 == 0 and ring.free == 2
+        a, b = ring.alloc(), ring.alloc()
+        assert {a, b} == {0, 1}
+        assert ring.alloc() is None  # full: the source sends inline rather than overwrite a held slot
+        with pytest.raises(ProtocolError):
+            ring.release(7)
+        ring.release(a)
+        with pytest.raises(ProtocolError):
+            ring.release(a)  # twice
+        assert ring.alloc() == a
+        with pytest.raises(ProtocolError):
+            ring.write(a, np.zeros(8192, np.uint8))  # larger than a slot
+    finally:
+        ring.close()
+    assert not Path("/dev/shm", ring.name).exists()  # unlinked
+
+
+def test_shm_frame_round_trip_is_a_read_only_view_and_a_rewrite_is_detected() -> None:
+    ring, shm = ShmRing(_pixels(0).nbytes, 2), ShmMap()
+    try:
+        pixels = _pixels(1)
+        slot = ring.alloc()
+        assert slot is not None
+        ref = ring.write(slot, pixels)
+        parts = protocol.encode_frame(Frame(pixels=pixels, bits_stored=12, seq=3), ref)
+        assert len(parts) == 1 and json.loads(parts[0])["shm"] == ref  # no pixel part on the wire
+        m = protocol.decode(parts, shm=shm)
+        assert m.frame is not None and m.shm == ref
+        np.testing.assert_array_equal(m.frame.pixels, pixels)
+        assert not m.frame.pixels.flags.writeable
+        assert shm.intact(ref)
+        ring.write(slot, _pixels(2))  # what a source would do had it reused the slot too early
+        assert not shm.intact(ref)
+        with pytest.raises(BadMessage) as err:  # a stale reference is refused on arrival too
+            protocol.decode(parts, shm=shm)
+        assert err.value.reason == "bad_shm"
+        with pytest.raises(BadMessage) as err:  # a receiver without shm support
+            protocol.decode(parts)
+        assert err.value.reason == "shm_unavailable"
+        with pytest.raises(BadMessage) as err:  # a pixel part as well: the header says there is none
+            protocol.decode([parts[0], pixels.tobytes()], shm=shm)
+        assert err.value.reason == "bad_parts"
+        del m
+    finally:
+        shm.close()
+        ring.close()
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"name": "../etc/passwd"}, "bad_shm"),
+    ({"name": ".."}, "bad_shm"),
+    ({"name": 5}, "bad_shm"),
+    ({"offset": -1}, "bad_shm"),
+    ({"offset": True}, "bad_shm"),
+    ({"offset": 1 << 40}, "bad_shm"),
+    ({"gen_offset": 3}, "bad_shm"),
+    ({"gen": 0}, "bad_shm"),
+    ({"name": "edge-no-such-segment"}, "shm_unavailable"),
+])
+def test_bad_shm_references_are_rejected(change: dict, reason: str) -> None:
+    ring, shm = ShmRing(_pixels(0).nbytes, 1), ShmMap()
+    try:
+        pixels = _pixels(0)
+        ref = {**ring.write(0, pixels), **change}
+        header = json.loads(protocol.encode_frame(Frame(pixels=pixels, bits_stored=12))[0])
+        header["shm"] = ref
+        with pytest.raises(BadMessage) as err:
+            protocol.decode([json.dumps(header).encode()], shm=shm)
+        assert err.value.reason == reason
+    finally:
+        shm.close()
+        ring.close()
+
+
+def test_worker_drops_a_result_whose_slot_was_rewritten_while_it_worked(tmp_path: Path) -> None:
+    """The generation check: a slot rewritten during processing (only possible for a worker the
+    source declared lost) costs a counted drop, never a result computed from mixed pixels."""
+    ep = Endpoints.ipc(tmp_path)
+    ctx = zmq.Context()
+    router, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
+    router.bind(ep.frames)
+    pull.bind(ep.collect)
+    stop = threading.Event()
+    worker = WorkerNode(BuiltinProcessor("hold:300"), ep, NodeSettings(heartbeat_s=0.2), name="wx", shm=True)
+    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
+    thread.start()
+    ring = ShmRing(_pixels(0).nbytes, 1)
+
+    def credit(done: int) -> bytes:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if router.poll(200):
+                ident, header = router.recv_multipart()
+                h = protocol.decode([header]).header
+                if h["done"] == done:
+                    assert h.get("shm") is True  # it announces that it maps shared memory
+                    return ident
+        raise AssertionError(f"no credit with done={done}")
+
+    def result() -> protocol.Message:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if pull.poll(200):
+                m = protocol.decode(pull.recv_multipart())
+                if m.type == "result":
+                    return m
+        raise AssertionError("no result")
+
+    try:
+        ident = credit(0)
+        good = _pixels(1)
+        router.send_multipart([ident, *protocol.encode_frame(Frame(pixels=good, bits_stored=12, seq=1),
+                                                             ring.write(0, good))])
+        m = result()
+        assert m.result is not None and m.result.seq == 1
+        assert m.result.detections[0].label == f"crc:{pixel_crc(good):08x}:intact"
+        ident = credit(1)
+        router.send_multipart([ident, *protocol.encode_frame(Frame(pixels=good, bits_stored=12, seq=2),
+                                                             ring.write(0, good))])
+        time.sleep(0.1)  # the worker holds frame 2 for 300 ms: rewrite its slot under it
+        ring.write(0, _pixels(2))
+        credit(2)  # the frame is still handed back (credit), but its result is dropped
+        assert not pull.poll(300) or protocol.decode(pull.recv_multipart()).type != "result"
+        stop.set()
+        thread.join(5)
+        stats = [m.header for m in (protocol.decode(pull.recv_multipart()) for _ in range(20) if pull.poll(300))
+                 if m.type == "stats"]
+        assert stats and stats[-1]["drops"].get("shm_overwritten") == 1
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
+        ring.close()
+
+
+def _hold_labels(record_dir: Path) -> list[tuple[int, str]]:
+    """(seq, label) of every result the recorder wrote (the ``hold`` processor's checksum verdict)."""
+    return [(r["seq"], r["detections"][0]["label"]) for r in read_records(record_dir / RESULTS_FILE)
+            if r.get("type") == "result"]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_process_pipeline_over_shared_memory_delivers_every_frame_intact(transport: str, tmp_path: Path) -> None:
+    source = SyntheticSource(count=60, shape=(96, 128), dtype="uint16")
+    crcs = [pixel_crc(img) for img in source._images()]
+    report = run_pipeline(source, BuiltinProcessor("hold:1"), n_workers=2, mode="process", transport=transport,
+                          policy="all", window=2, shared_memory=True, record_dir=tmp_path)
+    assert report.results == 60 and report.failure is None
+    assert not {k: v for k, v in report.drops.items() if v} and not report.rejected
+    src = next(h for name, h in report.nodes.items() if name.startswith("source"))
+    assert src["frames_shm"] == 60  # every frame went through the ring, none inline
+    labels = _hold_labels(tmp_path)
+    assert sorted(seq for seq, _ in labels) == list(range(60))
+    # Each result's checksum is the one of the image the source sent with that seq: right slot, intact.
+    assert all(lbl == f"crc:{crcs[seq % len(crcs)]:08x}:intact" for seq, lbl in labels)
+
+
+def test_a_slot_is_not_reused_while_a_slow_worker_still_reads_it(tmp_path: Path) -> None:
+    """Latest-frame-wins, two workers, two slots: the source reads far faster than the workers (each
+    holds its frame 40 ms and checksums it before and after), and while one worker reads a slot the
+    other worker's next frame must go to the other slot, never over the one in use."""
+    source = SyntheticSource(count=None, shape=(256, 256), dtype="uint16")
+    crcs = [pixel_crc(img) for img in source._images()]
+    report = run_pipeline(source, BuiltinProcessor("hold:40"), n_workers=2, mode="process", policy="latest",
+                          shared_memory=True, shm_slots=2, duration=2.0, record_dir=tmp_path)
+    assert report.results >= 10 and report.drops.get("superseded", 0) > report.results  # really outpaced
+    assert not report.drops.get("shm_overwritten") and not report.rejected
+    src = next(h for name, h in report.nodes.items() if name.startswith("source"))
+    assert src["frames_shm"] >= report.results
+    labels = _hold_labels(tmp_path)
+    assert len(labels) == report.results
+    assert all(lbl == f"crc:{crcs[seq % len(crcs)]:08x}:intact" for seq, lbl in labels)
+
+
+def test_shared_memory_is_refused_where_it_cannot_work() -> None:
+    with pytest.raises(ConfigError):
+        PipelineConfig(mode="thread", shared_memory=True).validate()
+    with pytest.raises(ConfigError):
+        PipelineConfig(mode="process", shared_memory=True,
+                       endpoints=Endpoints.tcp("10.1.2.3", (5001, 5002, 5003, 5004))).validate()
+    PipelineConfig(mode="process", transport="tcp", shared_memory=True).validate()
+
+
+def test_run_command_turns_shared_memory_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """`edge-runtime run --shared-memory` reaches the pipeline: accepted in process mode, and the
+    same flag with --mode thread is refused by the pipeline's own check."""
+    from edge_runtime.cli import main
+
+    base = ["run", "--source", "synthetic:64x64", "--processor", "identity", "--fast", "--duration", "3"]
+    assert main([*base, "--shared-memory"]) == 0
+    assert "results" in capsys.readouterr().out
+    assert main([*base, "--shared-memory", "--mode", "thread"]) != 0
+    assert "shared_memory" in capsys.readouterr().err
