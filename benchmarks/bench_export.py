@@ -10,9 +10,16 @@ For each reference bundle (edge_runtime/models/*/):
    the accuracy gate's verdict is read from the bundle's validation.json.
 
 INT8 speed on x86 comes from ONNX Runtime's VNNI / AVX-512 / AMX kernels; the CPU flags that
-matter are recorded in the JSON.
+matter are recorded in the JSON, with the load average before and after each model (timings taken
+while other work runs are noisy; the interleaved ratios hold up better than the absolute figures).
+
+``--extra LABEL=PATH`` times further INT8 files of the same model in the same interleaved loop
+(``{model}`` in PATH is replaced by the bundle name), e.g. the INT8 file of an earlier commit or a
+CPU-only variant: ``--extra before=/tmp/old/{model}.int8.onnx``; their speed-up over FP32 is reported
+as ``LABEL_speedup_p50``.
 
     python -m benchmarks.bench_export [out/bench/export.json] [--models a,b] [--runs 200] [--skip-steps]
+        [--extra LABEL=PATH ...]
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def frame_tensor(manifest: dict[str, Any]) -> Any:
     return Preprocessor.from_manifest(manifest)(frame)[0]
 
 
-def latency(bundle_dir: Path, runs: int, threads: int) -> dict[str, Any]:
+def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | None = None) -> dict[str, Any]:
     from edge_runtime.backends.onnxruntime import OrtBackend
     from edge_runtime.bundle import Bundle
 
@@ -73,14 +80,26 @@ def latency(bundle_dir: Path, runs: int, threads: int) -> dict[str, Any]:
             backends[p] = OrtBackend(b.file(b.artifact(p).file), threads=threads, providers=["cpu"], precision=p).load()
         except Exception as exc:  # noqa: BLE001 - a missing artefact is reported, not fatal
             print(f"  {b.name}: no {p} ({exc})", file=sys.stderr)
+    for label, template in (extra or {}).items():
+        path = Path(template.replace("{model}", b.name))
+        if path.is_file():
+            backends[label] = OrtBackend(path, threads=threads, providers=["cpu"], precision="int8").load()
+        else:
+            print(f"  {b.name}: no {label} ({path})", file=sys.stderr)
     from export.validate import interleaved_times
 
+    load_before = os.getloadavg()
     times = interleaved_times(backends, {name: x}, runs=runs, warmup=5)
-    out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads}
+    out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads,
+                           "loadavg_before": [round(v, 2) for v in load_before],
+                           "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     for p, ts in times.items():
         out[p] = {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99), "mean_ms": sum(ts) / len(ts)}
     if "int8" in out and "fp32" in out:
         out["int8_speedup_p50"] = out["fp32"]["p50_ms"] / out["int8"]["p50_ms"]
+    for label in extra or {}:
+        if label in out and "fp32" in out:
+            out[f"{label}_speedup_p50"] = out["fp32"]["p50_ms"] / out[label]["p50_ms"]
     if "fp16" in out and "fp32" in out:
         out["fp16_speedup_p50"] = out["fp32"]["p50_ms"] / out["fp16"]["p50_ms"]
     val = bundle_dir / "validation.json"
@@ -126,14 +145,19 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"{'model':<16}{'fp32 p50/p99':>16}{'fp16 p50/p99':>16}{'int8 p50/p99':>16}{'int8 x':>8}  gate"]
+    extra = list(results.get("extra", {}))
+    lines = [f"{'model':<16}{'fp32 p50/p99':>16}{'fp16 p50/p99':>16}{'int8 p50/p99':>16}{'int8 x':>8}"
+             + "".join(f"{(e + ' x'):>14}" for e in extra) + "  gate  load avg (1 min) before/after"]
     for name, r in results["models"].items():
         lat = r["latency"]
         cells = [f"{lat[p]['p50_ms']:.2f}/{lat[p]['p99_ms']:.2f}" if p in lat else "-" for p in PRECISIONS]
         gate = {True: "pass", False: "FAIL", None: "?"}[lat.get("gate_passed")]
         speedup = lat.get("int8_speedup_p50", float("nan"))
-        lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells) + f"{speedup:>8.2f}  {gate}")
-    lines.append("(ms per frame, ONNX Runtime CPU, interleaved runs)")
+        extras = "".join(f"{lat.get(f'{e}_speedup_p50', float('nan')):>14.2f}" for e in extra)
+        load = f"{lat['loadavg_before'][0]:.2f}/{lat['loadavg_after'][0]:.2f}"
+        lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells) + f"{speedup:>8.2f}" + extras
+                     + f"  {gate}  {load}")
+    lines.append("(ms per frame, ONNX Runtime CPU, interleaved runs; x = FP32 p50 / p50)")
     for name, r in results["models"].items():
         if "steps" in r:
             s = r["steps"]
@@ -150,14 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-steps", action="store_true", help="latency only (no export-step timing)")
     ap.add_argument("--repair", action="store_true", help="export steps with --repair when the gate fails")
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
+                    help="another INT8 file to time in the same loop ({model} = bundle name); repeatable")
     args = ap.parse_args(argv)
+    extra = dict(e.split("=", 1) for e in args.extra)
+    if any(k in PRECISIONS or not k for k in extra):
+        ap.error(f"--extra labels must be non-empty and differ from {PRECISIONS}")
     import onnxruntime
 
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in MODELS.glob("*/manifest.json"))
-    results: dict[str, Any] = {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__, "models": {}}
+    results: dict[str, Any] = {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__, "extra": extra,
+                               "models": {}}
     for name in names:
         print(f"[{name}] latency ...", file=sys.stderr, flush=True)
-        entry: dict[str, Any] = {"latency": latency(MODELS / name, args.runs, args.threads)}
+        entry: dict[str, Any] = {"latency": latency(MODELS / name, args.runs, args.threads, extra)}
         if not args.skip_steps:
             print(f"[{name}] export steps ...", file=sys.stderr, flush=True)
             entry["steps"] = export_steps(MODELS / name, args.threads, args.repair)

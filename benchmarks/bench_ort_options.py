@@ -5,6 +5,12 @@ batch 1 -- the shape of our enhancement / detection backbones) under a few optio
 through ``edge_runtime.backends.onnxruntime.session_options`` (so what is measured is what the
 backend uses), and prints p50 / p99 / mean per set.
 
+``--model PATH`` times that ONNX file instead (e.g. a bundle's int8.onnx, fed a random tensor of
+its input shape with dynamic dims set to ``--size``); ``--config KEY=VALUE`` adds one more set, OrtBackend's
+options plus that session config entry (e.g. ``session.qdqisint8allowed=1``: on x86 this keeps the
+QDQ graph's int8 x int8 convolutions instead of converting activations to uint8; measured 8x slower
+on us-lesion-det, so the backend must not set it).
+
 ``--busy N`` runs N background processes doing frame-sized numpy work (what a source, a
 pre-processor or a sink does on the same cores of a cart) while timing, to show which options
 hold up under contention.
@@ -14,6 +20,7 @@ Each option set runs in its own block (warm-up, then ``--runs`` timed calls), an
 not favour whichever set ran first. Samples of all rounds are pooled per set.
 
     python -m benchmarks.bench_ort_options [--size 512] [--runs 200] [--rounds 2] [--busy 0] [--json out.json]
+        [--model PATH] [--config KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -82,9 +89,13 @@ def _busy_loop(stop: mp.synchronize.Event, size: int) -> None:
 def time_set(model: Path, options: dict[str, object], image: np.ndarray, runs: int, warmup: int) -> list[float]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model), sess_options=session_options(**options),  # type: ignore[arg-type]
-                                   providers=["CPUExecutionProvider"])
-    feeds = {"image": image}
+    options = dict(options)
+    config = options.pop("config", {})
+    so = session_options(**options)  # type: ignore[arg-type]
+    for key, value in config.items():  # type: ignore[attr-defined]
+        so.add_session_config_entry(key, value)
+    session = ort.InferenceSession(str(model), sess_options=so, providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: image}
     for _ in range(warmup):
         session.run(None, feeds)
     times = []
@@ -103,11 +114,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--busy", type=int, default=0, help="background busy processes while timing")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here as JSON")
+    parser.add_argument("--model", type=Path, default=None, help="time this ONNX file instead of the conv model")
+    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time OrtBackend's options plus this session config entry (repeatable)")
     args = parser.parse_args(argv)
 
     import onnxruntime as ort
 
-    image = np.random.default_rng(1).random((1, 1, args.size, args.size), dtype=np.float32)
+    for entry in args.config:
+        key, _, value = entry.partition("=")
+        OPTION_SETS[f"ours + {key}={value}"] = {"config": {key: value}}
+    shape = [1, 1, args.size, args.size]
+    if args.model is not None:
+        dims = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"]).get_inputs()[0].shape
+        shape = [d if isinstance(d, int) else args.size for d in dims]
+    image = np.random.default_rng(1).random(shape, dtype=np.float32)
     samples: dict[str, list[float]] = {name: [] for name in OPTION_SETS}
     stop = mp.Event()
     busy = [mp.Process(target=_busy_loop, args=(stop, args.size), daemon=True) for _ in range(args.busy)]
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                      "p99_ms": percentile(values, 99), "mean_ms": float(np.mean(values))})
     env = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
            "machine": platform.machine(), "python": platform.python_version(), "onnxruntime": ort.__version__,
-           "model": f"6x conv3x3 16ch + ReLU, 1x1x{args.size}x{args.size} float32", "runs_per_set": args.runs * args.rounds,
+           "model": str(args.model) if args.model else f"6x conv3x3 16ch + ReLU, 1x1x{args.size}x{args.size} float32",
+           "runs_per_set": args.runs * args.rounds,
            "busy_processes": args.busy, "loadavg_after": os.getloadavg()}
     print(f"\nONNX Runtime {ort.__version__}, {env['affinity']} usable CPUs, {env['model']}, "
           f"{env['runs_per_set']} runs per set, {args.busy} busy background processes, "
@@ -141,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run_all(args: argparse.Namespace, image: np.ndarray, samples: dict[str, list[float]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        model = conv_model(Path(tmp) / "conv.onnx")
+        model = args.model if args.model is not None else conv_model(Path(tmp) / "conv.onnx")
         names = list(OPTION_SETS)
         for round_index in range(args.rounds):
             for name in names if round_index % 2 == 0 else names[::-1]:

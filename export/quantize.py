@@ -17,19 +17,32 @@ below produces exactly the graph TensorRT 10/11 build as a strongly typed networ
 Calibration ranges are computed once and cached (ORT's calibration_cache_path), so the repair loop
 re-quantises with other nodes kept in float without re-running calibration.
 
-Three graph-level choices make the same file fast on ONNX Runtime's x86 CPU provider (measured on
-the reference networks: INT8 went from 0.8x of FP32's speed to 1.2-1.5x) without changing its
-numbers or what TensorRT sees:
-- Relu is written as LeakyRelu(alpha=0) (identical function): ORT runs "DQ -> LeakyRelu -> Q" as one
+Graph-level choices make the same file fast on ONNX Runtime's x86 CPU provider without changing
+what TensorRT sees (the form above) or, except the merged heads' shared scale, the numbers. ORT runs a
+QDQ graph fast only where it can fuse "DQ -> op -> Q" into an int8 kernel; on x86 it also converts
+every int8 Q/DQ pair to uint8 (QDQS8ToU8Transformer; with "session.qdqisint8allowed" = 1 it keeps
+int8 x int8 convolutions instead, and us-lesion-det ran 8x slower), and it converts a QuantizeLinear only when it feeds exactly one DequantizeLinear.
+Profiled per node on the reference models (2 threads), what kept INT8 at ~1.0x of FP32 was:
+- Relu: written as LeakyRelu(alpha=0) (identical function): ORT runs "DQ -> LeakyRelu -> Q" as one
   int8 QLinearLeakyRelu, while "DQ -> Relu -> Q" with a zero point of 0 runs in float between a
   DequantizeLinear and a QuantizeLinear (ORT folds Relu into Q only when the zero point is the
   type's minimum, i.e. asymmetric uint8, which TensorRT refuses). TensorRT fuses either into the conv.
-- DedicatedQDQPair: a tensor read by several nodes gets one Q/DQ pair per reader.
-- Those per-reader QuantizeLinear nodes get distinct values of their ``axis`` attribute, which the
-  ONNX spec says is ignored for per-tensor (scalar) scales. Otherwise ORT's common-subexpression
-  elimination merges them back into one Q with several DequantizeLinear readers, and its x86 S8->U8
-  conversion (QDQS8ToU8Transformer) only converts a Q with exactly one reader: the convolutions
-  after such a tensor would fall back to float with dequantised weights.
+  It still costs one pass over the activation per Relu (the asymmetric form folds it away).
+- Tensors read by several nodes: DedicatedQDQPair gives each reader its own Q/DQ pair, and those
+  per-reader QuantizeLinear nodes get distinct values of their ``axis`` attribute (ignored for
+  per-tensor scales by the ONNX spec) so that ORT's common-subexpression elimination does not merge
+  them back into one Q with several DQ readers, which ORT would then leave in int8 and run every conv
+  after it in float. :func:`dedicate_readers` extends this to readers kept in float (``--repair``),
+  which ORT's quantiser leaves sharing a DequantizeLinear: us-despeckle's e2.0 conv ran as a plain
+  float Conv (1.9 ms, slower than in the FP32 model) because the skip-connection Add was kept in float.
+  The producer of such a tensor still runs in float with one quantise pass per reader (ORT's int8 ops
+  need exactly one Q after them), so fewer readers is faster:
+- :func:`merge_sibling_convs` (in :func:`preprocess`): convolutions with the same input and attributes
+  (CenterNet's heatmap / size / offset heads) become one Conv + Split, which ORT runs as one QLinearConv
+  and a uint8 Split. Their outputs then share one activation scale.
+- :func:`single_channel_convs`: a 3x3 conv over one input channel (the grey-image stem) runs 5x slower
+  as ORT's int8 conv than as its FP32 NCHWc conv, so it stays in float (``nodes_in_float_for_speed``)
+  and quantisation starts at its output (TensorRT builds it in float: no Q/DQ around it).
 """
 
 from __future__ import annotations
@@ -75,8 +88,9 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keep_io
     return out
 
 
-def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
-    """ORT's recommended quantisation pre-processing: shape inference + graph optimisation (BN folded)."""
+def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merge_siblings: bool = True) -> Path:
+    """ORT's recommended quantisation pre-processing: shape inference + graph optimisation (BN folded),
+    then sibling convolutions merged (:func:`merge_sibling_convs`, same function)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
@@ -85,7 +99,71 @@ def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path
         # Symbolic shape inference cannot follow reshapes over dynamic H/W (pixel (un)shuffle);
         # ONNX's own shape inference plus ORT's graph optimisation is all quantisation needs.
         quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    if merge_siblings:
+        merge_sibling_convs(dst, dst)
     return Path(dst)
+
+
+def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+    """Merge convolutions that read the same tensor with the same attributes (e.g. CenterNet's heatmap /
+    size / offset 1x1 heads) into one Conv (weights and biases concatenated over output channels)
+    followed by a Split back into the original output tensors: the same function, one conv instead of
+    several. Returns the number of convolutions merged away. See the module doc: a tensor read by several
+    quantised nodes costs extra float passes on ONNX Runtime's CPU provider; after the merge it has one."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    groups: dict[tuple[Any, ...], list[Any]] = {}
+    for n in g.node:
+        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits:
+            continue
+        if len(n.input) > 2 and n.input[2] and n.input[2] not in inits:
+            continue
+        if inits[n.input[1]].data_type != onnx.TensorProto.FLOAT:
+            continue
+        attrs = tuple(sorted((a.name, str(helper.get_attribute_value(a))) for a in n.attribute))
+        if dict(attrs).get("group", "1") != "1":
+            continue
+        w = inits[n.input[1]]
+        groups.setdefault((n.input[0], attrs, tuple(w.dims[1:])), []).append(n)
+    merged = 0
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    for (x, _, _), convs in groups.items():
+        if len(convs) < 2:
+            continue
+        ws = [numpy_helper.to_array(inits[c.input[1]]) for c in convs]
+        bs = [numpy_helper.to_array(inits[c.input[2]]) if len(c.input) > 2 and c.input[2]
+              else np.zeros(w.shape[0], w.dtype) for c, w in zip(convs, ws)]
+        base = convs[0].name or convs[0].output[0]
+        wname, bname, yname = f"{base}_merged.weight", f"{base}_merged.bias", f"{base}_merged_output"
+        g.initializer.extend([numpy_helper.from_array(np.concatenate(ws, 0), wname),
+                              numpy_helper.from_array(np.concatenate(bs, 0), bname)])
+        conv = helper.make_node("Conv", [x, wname, bname], [yname], name=f"{base}_merged")
+        conv.attribute.extend(convs[0].attribute)
+        sizes = [int(w.shape[0]) for w in ws]
+        if opset >= 13:
+            sname = f"{base}_merged.split"
+            g.initializer.append(numpy_helper.from_array(np.array(sizes, np.int64), sname))
+            split = helper.make_node("Split", [yname, sname], [c.output[0] for c in convs], name=f"{base}_split",
+                                     axis=1)
+        else:
+            split = helper.make_node("Split", [yname], [c.output[0] for c in convs], name=f"{base}_split",
+                                     axis=1, split=sizes)
+        at = list(g.node).index(convs[0])
+        for c in convs:
+            g.node.remove(c)
+        g.node.insert(at, split)
+        g.node.insert(at, conv)
+        merged += len(convs) - 1
+    if merged:
+        used = {i for n in g.node for i in n.input}
+        for init in [i for i in g.initializer if i.name not in used]:
+            g.initializer.remove(init)
+    onnx.save(model, str(dst))
+    return merged
 
 
 @dataclass
@@ -95,13 +173,15 @@ class Int8Result:
     nodes_excluded: list[str] = field(default_factory=list)
     op_types_to_quantize: list[str] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
+    float_for_speed: list[str] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:
         """What the bundle records about how this INT8 artefact was made."""
         return {"format": "QDQ", "activations": "int8 symmetric (zero point 0)",
                 "weights": "int8 symmetric, per-channel", "bias": "float32", "calibration_method": self.method,
                 "relu_as": "LeakyRelu(alpha=0)", "dedicated_qdq_pairs": True,
-                "nodes_in_float": self.nodes_excluded, "op_types_to_quantize": self.op_types_to_quantize,
+                "sibling_convs_merged": True, "nodes_in_float": self.nodes_excluded,
+                "nodes_in_float_for_speed": self.float_for_speed, "op_types_to_quantize": self.op_types_to_quantize,
                 "qdq": self.summary}
 
 
@@ -132,6 +212,87 @@ def relu_as_leaky_relu(src: str | os.PathLike[str], dst: str | os.PathLike[str])
             n.attribute.append(helper.make_attribute("alpha", 0.0))
     onnx.save(model, str(dst))
     return Path(dst)
+
+
+def dedicate_readers(path: str | os.PathLike[str]) -> int:
+    """Give every reader of a quantised activation its own QuantizeLinear -> DequantizeLinear pair, also
+    readers kept in float (``nodes_to_exclude``), which ORT's DedicatedQDQPair leaves sharing one DQ.
+
+    ONNX Runtime (level 1) duplicates a DequantizeLinear read by several nodes, and then its x86 S8->U8
+    conversion skips the QuantizeLinear that now feeds several DequantizeLinear: every int8 conv reading
+    that tensor falls back to float (dequantised weights, a plain Conv without the NCHWc layout: slower
+    than the FP32 model's). Returns the number of nodes added."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    readers: dict[str, list[Any]] = {}
+    for n in g.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    added = 0
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]:
+        dqs = readers.get(q.output[0], [])
+        if not dqs or any(r.op_type != "DequantizeLinear" for r in dqs) or q.output[0] in outputs:
+            continue  # read by something other than DequantizeLinear: leave it alone
+        # one (DQ, reader) per reader of each DQ's output; None stands for "the DQ is a graph output"
+        pairs = [(dq, r) for dq in dqs for r in {id(r): r for r in readers.get(dq.output[0], [])}.values()]
+        pairs += [(dq, None) for dq in dqs if dq.output[0] in outputs and not readers.get(dq.output[0])]
+        for k, (dq, reader) in enumerate(pairs[1:], 1):
+            q2 = helper.make_node("QuantizeLinear", list(q.input), [f"{q.output[0]}_r{k}"], name=f"{q.name}_r{k}")
+            q2.attribute.extend([a for a in q.attribute if a.name != "axis"])
+            at = list(g.node).index(dq)
+            if reader is None:  # the graph output keeps its DQ (and name), fed by its own Q
+                dq.input[0] = q2.output[0]
+                g.node.insert(at, q2)
+                added += 1
+                continue
+            dq2 = helper.make_node("DequantizeLinear", [q2.output[0], *dq.input[1:]], [f"{dq.output[0]}_r{k}"],
+                                   name=f"{dq.name}_r{k}")
+            dq2.attribute.extend(dq.attribute)
+            for i, x in enumerate(reader.input):
+                if x == dq.output[0]:
+                    reader.input[i] = dq2.output[0]
+            g.node.insert(at + 1, dq2)
+            g.node.insert(at + 1, q2)
+            added += 2
+    if added:  # DequantizeLinear nodes whose readers all moved to copies go
+        live = {x for n in g.node for x in n.input} | outputs
+        for n in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] not in live]:
+            g.node.remove(n)
+        onnx.save(model, str(path))
+    return added
+
+
+def single_channel_convs(path: str | os.PathLike[str], max_depth: int = 9) -> list[str]:
+    """Convolutions over a single input channel with a reduction depth (kernel height x width) of at most
+    ``max_depth`` (the 3x3 stem conv on a grey image), with their activation when it is their only reader:
+    ONNX Runtime's x86 int8 convolution is much slower there than the FP32 NCHWc kernel (measured 0.46 ms
+    int8 vs 0.09 ms float for us-lesion-det's stem), so they stay in float and quantisation starts at their
+    output."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    names: list[str] = []
+    for n in model.graph.node:
+        w = inits.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if w is None or len(w.dims) < 3 or w.dims[1] != 1 or group != 1 or not n.name \
+                or int(np.prod(w.dims[2:])) > max_depth:
+            continue
+        names.append(n.name)
+        rs = readers.get(n.output[0], [])
+        if len(rs) == 1 and rs[0].op_type in ("Relu", "LeakyRelu", "Clip") and rs[0].name:
+            names.append(rs[0].name)
+    return names
 
 
 def distinct_q_axes(path: str | os.PathLike[str]) -> int:
@@ -167,12 +328,13 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
                   method: str = "minmax", nodes_to_exclude: Sequence[str] = (),
                   op_types_to_quantize: Sequence[str] | None = None, per_channel: bool = True,
                   percentile: float = 99.999, cache: str | os.PathLike[str] | None = None,
-                  preprocessed: bool = False) -> Int8Result:
+                  preprocessed: bool = False, float_single_channel_convs: bool = True) -> Int8Result:
     """Quantise ``src`` to INT8 QDQ at ``dst``.
 
     ``reader`` is an ORT CalibrationDataReader with ``__len__`` and ``set_range`` (see
     export.calibration.FrameReader); it may be None when ``cache`` holds ranges from an earlier
     run with the same method. ``preprocessed``: ``src`` already went through :func:`preprocess`.
+    ``float_single_channel_convs``: keep :func:`single_channel_convs` in float (for speed, not accuracy).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -191,21 +353,24 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
         model_in = Path(src) if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
         model_in = relu_as_leaky_relu(model_in, Path(tmp) / "leaky.onnx")
+        for_speed = [n for n in single_channel_convs(model_in) if n not in nodes_to_exclude] \
+            if float_single_channel_convs else []
         try:
             quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            calibrate_method=cal, nodes_to_exclude=list(nodes_to_exclude),
+                            calibrate_method=cal, nodes_to_exclude=[*nodes_to_exclude, *for_speed],
                             op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
                             extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None)
         except (ValueError, RuntimeError) as exc:
             raise ExportError(f"INT8 quantisation of {src} failed: {exc}") from None
+    dedicate_readers(dst)
     distinct_q_axes(dst)
     check_loads(dst)
     summary = qdq_summary(dst)
     if summary["nonzero_zero_points"]:
         raise ExportError(expected("every Q/DQ zero point 0", f"{summary['nonzero_zero_points']} non-zero"))
     return Int8Result(Path(dst), method, sorted(nodes_to_exclude),
-                      list(op_types_to_quantize) if op_types_to_quantize else None, summary)
+                      list(op_types_to_quantize) if op_types_to_quantize else None, summary, for_speed)
 
 
 # Ops whose quantisation can cost accuracy (ORT's QDQ registry minus pure data movement, which

@@ -46,7 +46,7 @@ def test_fp16_keeps_float32_io_and_matches(tmp_path: Path) -> None:
 def test_int8_graph_is_symmetric_per_channel_with_float_bias(tmp_path: Path) -> None:
     src = blur_model(tmp_path / "fp32.onnx")
     cal = _calset()
-    res = quantize_int8(src, tmp_path / "int8.onnx", cal.reader(), method="minmax")
+    res = quantize_int8(src, tmp_path / "int8.onnx", cal.reader(), method="minmax", float_single_channel_convs=False)
     m = onnx.load(str(res.path))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     q = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -79,7 +79,8 @@ def test_nodes_to_exclude_and_cached_ranges(tmp_path: Path) -> None:
     cache = tmp_path / "ranges.json"
     quantize_int8(src, tmp_path / "a.onnx", _calset().reader(), cache=cache)
     assert cache.is_file()
-    res = quantize_int8(src, tmp_path / "b.onnx", None, nodes_to_exclude=["conv2"], cache=cache)
+    res = quantize_int8(src, tmp_path / "b.onnx", None, nodes_to_exclude=["conv2"], cache=cache,
+                        float_single_channel_convs=False)
     assert res.summary["float_compute_nodes"] == ["conv2"]
     assert res.info()["nodes_in_float"] == ["conv2"]
     with pytest.raises(ExportError, match="calibration frames or a calibration cache"):
@@ -153,37 +154,95 @@ def test_calibration_from_image_folder(tmp_path: Path) -> None:
     assert len(cal) == 6 and cal.details["modality"] == ["US"]
 
 
-def test_int8_shared_tensor_runs_as_qlinearconv_on_ort_cpu(tmp_path: Path) -> None:
-    """A Relu read by two convs: per-reader Q nodes stay distinct (axis), so ORT fuses both convs."""
+def _optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.intra_op_num_threads = 1
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def _fanout_model(tmp_path: Path, *, same_kernel: bool) -> Path:
+    """c0 -> Relu r0 read by two convs ca (3x3) and cb (3x3, or 1x1 when not same_kernel), added."""
     from onnx import TensorProto, helper
     from test_export_models import save
 
     rng = np.random.default_rng(0)
+    kb = 3 if same_kernel else 1
     inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "w0"),
              numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "wa"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "wb")]
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, kb, kb)).astype(np.float32), "wb"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8,)).astype(np.float32), "bb")]
     nodes = [helper.make_node("Conv", ["image", "w0"], ["c"], name="c0", pads=[1] * 4),
              helper.make_node("Relu", ["c"], ["r"], name="r0"),
              helper.make_node("Conv", ["r", "wa"], ["a"], name="ca", pads=[1] * 4),
-             helper.make_node("Conv", ["r", "wb"], ["b"], name="cb", pads=[1] * 4),
+             helper.make_node("Conv", ["r", "wb", "bb"], ["b"], name="cb", pads=[kb // 2] * 4),
              helper.make_node("Add", ["a", "b"], ["enhanced"], name="add")]
-    src = save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 64, 64])],
-               [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 8, 64, 64])], inits,
-               tmp_path / "fp32.onnx")
-    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader())
+    return save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 64, 64])],
+                [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 8, 64, 64])], inits,
+                tmp_path / "fp32.onnx")
+
+
+def test_int8_shared_tensor_runs_as_qlinearconv_on_ort_cpu(tmp_path: Path) -> None:
+    """A Relu read by two convs: per-reader Q nodes stay distinct (axis), so ORT fuses both convs."""
+    src = _fanout_model(tmp_path, same_kernel=False)
+    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader(), float_single_channel_convs=False)
     m = onnx.load(str(res.path))
     assert [n.op_type for n in m.graph.node if n.name == "r0"] == ["LeakyRelu"]
     readers = [n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "r"]
     axes = [next((a.i for a in n.attribute if a.name == "axis"), 1) for n in readers]
     assert len(readers) == 2 and len(set(axes)) == 2
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(res.path), so, providers=["CPUExecutionProvider"])
     x = _calset(8).tensors[0]
-    np.testing.assert_allclose(sess.run(None, {"image": x})[0], _run(src, x), atol=0.1)
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    np.testing.assert_allclose(_run(res.path, x), _run(src, x), atol=0.1)
+    ops = _optimized_ops(res.path, tmp_path)
     assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+
+
+def test_sibling_convs_merge_into_one_conv_and_split(tmp_path: Path) -> None:
+    """Convs with the same input and attributes become one Conv + Split: same function, one int8 conv."""
+    from export.quantize import merge_sibling_convs, preprocess
+
+    src = _fanout_model(tmp_path, same_kernel=True)
+    pre = preprocess(src, tmp_path / "pre.onnx", merge_siblings=False)
+    assert merge_sibling_convs(pre, tmp_path / "merged.onnx") == 1
+    m = onnx.load(str(tmp_path / "merged.onnx"))
+    assert [n.op_type for n in m.graph.node].count("Conv") == 2 and "Split" in [n.op_type for n in m.graph.node]
+    x = _calset(8).tensors[0]
+    np.testing.assert_allclose(_run(tmp_path / "merged.onnx", x), _run(src, x), rtol=1e-5, atol=1e-5)
+    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader(), float_single_channel_convs=False)
+    ops = _optimized_ops(res.path, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops and "LeakyRelu" not in ops
+    np.testing.assert_allclose(_run(res.path, x), _run(src, x), atol=0.1)
+
+
+def test_tensor_read_by_float_and_int8_nodes_keeps_the_int8_conv(tmp_path: Path) -> None:
+    """A reader kept in float must not make the int8 reader of the same tensor fall back to float."""
+    src = _fanout_model(tmp_path, same_kernel=False)
+    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader(), nodes_to_exclude=["cb"],
+                        float_single_channel_convs=False)
+    m = onnx.load(str(res.path))
+    for q in [n for n in m.graph.node if n.op_type == "QuantizeLinear"]:
+        readers = [n for n in m.graph.node if q.output[0] in n.input]
+        assert len(readers) == 1 and readers[0].op_type == "DequantizeLinear", q.name
+    ops = _optimized_ops(res.path, tmp_path)
+    # c0 and ca run as int8; so does cb here: its input is dequantised and its output quantised, and
+    # ORT quantises a float weight between those itself
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops
+    assert res.summary["float_compute_nodes"] == ["cb"]
+
+
+def test_single_channel_stem_conv_stays_float_for_speed(tmp_path: Path) -> None:
+    """A 3x3 conv over one channel (and its Relu) stays float; a 5x5 one (blur_model's conv1) does not."""
+    src = _fanout_model(tmp_path, same_kernel=False)
+    res = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader())
+    assert res.info()["nodes_in_float_for_speed"] == ["c0", "r0"] and res.info()["nodes_in_float"] == []
+    assert res.summary["float_compute_nodes"] == ["c0"] and res.summary["nonzero_zero_points"] == 0
+    x = _calset(8).tensors[0]
+    np.testing.assert_allclose(_run(res.path, x), _run(src, x), atol=0.1)
+    ops = _optimized_ops(res.path, tmp_path)
+    assert ops.count("QLinearConv") == 2
+    blur = quantize_int8(blur_model(tmp_path / "blur.onnx"), tmp_path / "blur8.onnx", _calset().reader())
+    assert blur.info()["nodes_in_float_for_speed"] == []
 
 
 def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
