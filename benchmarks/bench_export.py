@@ -1,13 +1,16 @@
-"""Export toolchain benchmark: time per export step, and FP32 vs FP16 vs INT8 latency on ONNX Runtime CPU.
+"""Export toolchain benchmark: time per export step, and FP32 vs FP16 vs both INT8 forms on ONNX Runtime CPU.
 
 For each reference bundle (edge_runtime/models/*/):
 1. export steps: the full `edge-runtime export reference` flow (check, fp16, calibration frames,
    calibrate + quantise, validation) on a temporary copy of the bundle, timed per step;
-2. latency: the bundle's fp32/fp16/int8 ONNX files through the runtime's OrtBackend (CPU provider,
-   ``--threads`` intra-op threads), one pre-processed phantom frame of the model's modality,
-   interleaved (fp32, fp16, int8, fp32, ...) so machine drift hits all precisions alike, ``--runs``
-   timed calls each after a warm-up; p50 / p99 / mean in ms and the INT8 / FP32 speed-up;
-   the accuracy gate's verdict is read from the bundle's validation.json.
+2. latency: the bundle's fp32 / fp16 / int8 (int8.onnx, the TensorRT form that runs everywhere) /
+   int8_cpu (int8_cpu.onnx, the artefact targeted at onnxruntime-cpu, which the runtime runs on CPU
+   devices) ONNX files through the runtime's OrtBackend (CPU provider, ``--threads`` intra-op threads),
+   one pre-processed phantom frame of the model's modality, interleaved (fp32, fp16, int8, int8_cpu,
+   fp32, ...) in the same run on the same frame so machine drift hits all alike, ``--runs`` timed calls
+   each after a warm-up; p50 / p99 / mean in ms and both INT8 / FP32 speed-ups (``int8_speedup_p50``,
+   ``int8_cpu_speedup_p50``); the accuracy gate's verdict per file is read from the bundle's
+   validation.json.
 
 INT8 speed on x86 comes from ONNX Runtime's VNNI / AVX-512 / AMX kernels; the CPU flags that
 matter are recorded in the JSON, with the load average before and after each model (timings taken
@@ -43,6 +46,9 @@ from edge_runtime.backends.base import percentile
 
 MODELS = ROOT / "edge_runtime" / "models"
 PRECISIONS = ("fp32", "fp16", "int8")
+COLUMNS = (*PRECISIONS, "int8_cpu")  # int8_cpu: the bundle's onnxruntime-cpu INT8 artefact (int8_cpu.onnx)
+CPU_TARGET = "onnxruntime-cpu"
+METRICS = ("ap50", "sensitivity", "psnr_db", "ssim", "dice")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "avx512_fp16")
 
 
@@ -75,9 +81,14 @@ def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | N
     x = frame_tensor(b.manifest)
     name = b.manifest["inputs"][0]["name"]
     backends = {}
-    for p in PRECISIONS:
+    files: dict[str, str] = {}
+    for p in COLUMNS:
         try:
-            backends[p] = OrtBackend(b.file(b.artifact(p).file), threads=threads, providers=["cpu"], precision=p).load()
+            a = b.artifact("int8", target=CPU_TARGET) if p == "int8_cpu" else b.artifact(p)
+            if p == "int8_cpu" and a.file == files.get("int8"):
+                raise LookupError("no artefact targeted at onnxruntime-cpu")
+            backends[p] = OrtBackend(b.file(a.file), threads=threads, providers=["cpu"], precision=p[:4]).load()
+            files[p] = a.file
         except Exception as exc:  # noqa: BLE001 - a missing artefact is reported, not fatal
             print(f"  {b.name}: no {p} ({exc})", file=sys.stderr)
     for label, template in (extra or {}).items():
@@ -91,13 +102,11 @@ def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | N
     load_before = os.getloadavg()
     times = interleaved_times(backends, {name: x}, runs=runs, warmup=5)
     out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads,
-                           "loadavg_before": [round(v, 2) for v in load_before],
+                           "files": files, "loadavg_before": [round(v, 2) for v in load_before],
                            "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     for p, ts in times.items():
         out[p] = {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99), "mean_ms": sum(ts) / len(ts)}
-    if "int8" in out and "fp32" in out:
-        out["int8_speedup_p50"] = out["fp32"]["p50_ms"] / out["int8"]["p50_ms"]
-    for label in extra or {}:
+    for label in ("int8", "int8_cpu", *(extra or {})):
         if label in out and "fp32" in out:
             out[f"{label}_speedup_p50"] = out["fp32"]["p50_ms"] / out[label]["p50_ms"]
     if "fp16" in out and "fp32" in out:
@@ -106,13 +115,14 @@ def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | N
     if val.is_file():
         v = json.loads(val.read_text())
         out["gate_passed"] = v.get("passed")
-        out["int8_nodes_in_float"] = (v.get("repair") or {}).get("nodes_in_float", [])
+        out["gate"] = {c["precision"]: c["passed"] for c in v.get("candidates", [])}
+        repairs = v.get("repairs") or ({"int8": v["repair"]} if v.get("repair") else {})
+        out["nodes_in_float"] = {label: r.get("nodes_in_float", []) for label, r in repairs.items()}
+        out["int8_nodes_in_float"] = out["nodes_in_float"].get("int8", [])
         for c in v.get("candidates", []):
-            out.setdefault("metrics", {})[c["precision"]] = {k: c["metrics"].get(k) for k in
-                                                             ("ap50", "sensitivity", "psnr_db", "ssim", "dice")
+            out.setdefault("metrics", {})[c["precision"]] = {k: c["metrics"].get(k) for k in METRICS
                                                              if k in c["metrics"]}
-        out.setdefault("metrics", {})["fp32"] = {k: v["fp32"]["metrics"].get(k) for k in
-                                                 ("ap50", "sensitivity", "psnr_db", "ssim", "dice")
+        out.setdefault("metrics", {})["fp32"] = {k: v["fp32"]["metrics"].get(k) for k in METRICS
                                                  if k in v["fp32"]["metrics"]}
     return out
 
@@ -146,18 +156,21 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
 
 def table(results: dict[str, Any]) -> str:
     extra = list(results.get("extra", {}))
-    lines = [f"{'model':<16}{'fp32 p50/p99':>16}{'fp16 p50/p99':>16}{'int8 p50/p99':>16}{'int8 x':>8}"
-             + "".join(f"{(e + ' x'):>14}" for e in extra) + "  gate  load avg (1 min) before/after"]
+    lines = [f"{'model':<16}" + "".join(f"{(c + ' p50/p99'):>18}" for c in COLUMNS) + f"{'int8 x':>8}"
+             + f"{'int8_cpu x':>11}" + "".join(f"{(e + ' x'):>14}" for e in extra)
+             + "  gate  load avg (1 min) before/after"]
     for name, r in results["models"].items():
         lat = r["latency"]
-        cells = [f"{lat[p]['p50_ms']:.2f}/{lat[p]['p99_ms']:.2f}" if p in lat else "-" for p in PRECISIONS]
+        cells = [f"{lat[p]['p50_ms']:.2f}/{lat[p]['p99_ms']:.2f}" if p in lat else "-" for p in COLUMNS]
         gate = {True: "pass", False: "FAIL", None: "?"}[lat.get("gate_passed")]
-        speedup = lat.get("int8_speedup_p50", float("nan"))
-        extras = "".join(f"{lat.get(f'{e}_speedup_p50', float('nan')):>14.2f}" for e in extra)
+        if lat.get("gate_passed") is False:
+            gate += "(" + ",".join(k for k, ok in lat.get("gate", {}).items() if not ok) + ")"
+        speedups = "".join(f"{lat.get(f'{k}_speedup_p50', float('nan')):>{w}.2f}"
+                           for k, w in (("int8", 8), ("int8_cpu", 11), *((e, 14) for e in extra)))
         load = f"{lat['loadavg_before'][0]:.2f}/{lat['loadavg_after'][0]:.2f}"
-        lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells) + f"{speedup:>8.2f}" + extras
-                     + f"  {gate}  {load}")
-    lines.append("(ms per frame, ONNX Runtime CPU, interleaved runs; x = FP32 p50 / p50)")
+        lines.append(f"{name:<16}" + "".join(f"{c:>18}" for c in cells) + speedups + f"  {gate}  {load}")
+    lines.append("(ms per frame, ONNX Runtime CPU, interleaved runs; x = FP32 p50 / p50; int8 = int8.onnx, the "
+                 "TensorRT form; int8_cpu = int8_cpu.onnx, the onnxruntime-cpu form)")
     for name, r in results["models"].items():
         if "steps" in r:
             s = r["steps"]
@@ -178,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="another INT8 file to time in the same loop ({model} = bundle name); repeatable")
     args = ap.parse_args(argv)
     extra = dict(e.split("=", 1) for e in args.extra)
-    if any(k in PRECISIONS or not k for k in extra):
-        ap.error(f"--extra labels must be non-empty and differ from {PRECISIONS}")
+    if any(k in COLUMNS or not k for k in extra):
+        ap.error(f"--extra labels must be non-empty and differ from {COLUMNS}")
     import onnxruntime
 
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in MODELS.glob("*/manifest.json"))

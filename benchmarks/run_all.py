@@ -102,17 +102,30 @@ def render_runtime(d: dict[str, Any]) -> list[str]:
 
 def render_export(d: dict[str, Any]) -> list[str]:
     lines = [f"ONNX Runtime {d['onnxruntime']} CPU; CPU: {json.dumps(d['cpu'])[:300]}.", "",
-             "| model | FP32 p50 / p99 (ms) | FP16 | INT8 | INT8 speed-up (p50) | accuracy gate | export flow (s) |",
-             "|---|---|---|---|---|---|---|"]
+             ("INT8 (TensorRT form) = int8.onnx (symmetric Q/DQ, runs everywhere); INT8 CPU = int8_cpu.onnx (uint8 "
+             "asymmetric activations, ONNX Runtime CPU only: what the runtime runs on CPU devices). Same run, same "
+             "frame, interleaved."), "",
+             ("| model | FP32 p50 / p99 (ms) | FP16 | INT8 (TensorRT form) | INT8 CPU | speed-up INT8 / INT8 CPU (p50) "
+             "| accuracy gate | load avg | export flow (s) |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in d["models"].items():
         lat = r["latency"]
         cells = [f"{_f(lat[p]['p50_ms'])} / {_f(lat[p]['p99_ms'])}" if p in lat else "n/a"
-                 for p in ("fp32", "fp16", "int8")]
+                 for p in ("fp32", "fp16", "int8", "int8_cpu")]
         gate = {True: "passed", False: "FAILED", None: "?"}[lat.get("gate_passed")]
+        failed = [k for k, ok in (lat.get("gate") or {}).items() if not ok]
+        if failed:
+            gate += f" ({', '.join(failed)})"
         steps = r.get("steps", {})
-        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} | {gate} | "
-                     f"{_f(steps.get('total_s'), 1)} |")
+        load = f"{_f(lat['loadavg_before'][0])} -> {_f(lat['loadavg_after'][0])}" if "loadavg_before" in lat else "?"
+        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
+                     f"{_f(lat.get('int8_cpu_speedup_p50'))} | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
     lines.append("")
+    for name, r in d["models"].items():
+        floats = {k: v for k, v in (r["latency"].get("nodes_in_float") or {}).items() if v}
+        if floats:
+            lines.append(f"- {name} nodes kept in float by --repair: "
+                         + "; ".join(f"{k}: {', '.join(v)}" for k, v in floats.items()))
     for name, r in d["models"].items():
         if r.get("steps", {}).get("times_s"):
             lines.append(f"- {name} export steps (s): "

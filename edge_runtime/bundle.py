@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 TASKS = ("detection", "enhancement", "segmentation")
 PRECISIONS = ("fp32", "fp16", "int8")
 ARTIFACT_KINDS = ("onnx", "engine")
+# Where an artefact may run (its optional "targets"; none listed = every backend). A general target serves
+# its specialisations: "onnxruntime" serves "onnxruntime-cpu".
+TARGETS = ("tensorrt", "onnxruntime", "onnxruntime-cpu")
+DEFAULT_TARGETS = ("tensorrt", "onnxruntime")  # what artifact(target=None) must serve: every backend
 REQUIRED = ("format", "format_version", "name", "task", "modality", "inputs", "outputs",
             "preprocess", "postprocess", "artifacts", "files")
 
@@ -45,6 +49,11 @@ class Artifact:
     sha256: str
     metrics: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # e.g. quantisation options, engine key
+    targets: tuple[str, ...] = ()  # empty: every backend (docs/BUNDLE.md, "targets")
+
+    def serves(self, target: str) -> bool:
+        """True when this artefact may run on ``target`` ("tensorrt", "onnxruntime", "onnxruntime-cpu")."""
+        return not self.targets or any(target == t or target.startswith(t + "-") for t in self.targets)
 
 
 @dataclass
@@ -92,15 +101,23 @@ class Bundle:
     @property
     def artifacts(self) -> list[Artifact]:
         return [Artifact(a["file"], a["kind"], a["precision"], self.manifest["files"][a["file"]],
-                         dict(a.get("metrics", {})), dict(a.get("info", {})))
+                         dict(a.get("metrics", {})), dict(a.get("info", {})), tuple(a.get("targets") or ()))
                 for a in self.manifest["artifacts"]]
 
-    def artifact(self, precision: str = "fp32", kind: str = "onnx") -> Artifact:
-        for a in self.artifacts:
-            if a.precision == precision and a.kind == kind:
-                return a
-        have = [f"{a.kind}/{a.precision}" for a in self.artifacts]
-        raise BundleError(f"bundle {self.name!r}: " + expected(f"a {kind} artifact in {precision}", have))
+    def artifact(self, precision: str = "fp32", kind: str = "onnx", target: str | None = None) -> Artifact:
+        """The artefact to run in ``precision``: for ``target`` (e.g. "onnxruntime-cpu") one that names it
+        in its ``targets``, else one that serves it (no targets, or a general target such as
+        "onnxruntime"); without a target, one that serves every backend (TensorRT and ONNX Runtime)."""
+        match = [a for a in self.artifacts if a.precision == precision and a.kind == kind]
+        if target is not None:
+            ranked = [a for a in match if target in a.targets] + [a for a in match if a.serves(target)]
+        else:
+            ranked = [a for a in match if all(a.serves(t) for t in DEFAULT_TARGETS)]
+        if ranked:
+            return ranked[0]
+        have = [f"{a.kind}/{a.precision}" + (f" {list(a.targets)}" if a.targets else "") for a in self.artifacts]
+        want = f"a {kind} artifact in {precision}" + (f" for {target}" if target else " for every backend")
+        raise BundleError(f"bundle {self.name!r}: " + expected(want, have))
 
     def file(self, rel: str) -> Path:
         return self.path / rel
@@ -127,6 +144,11 @@ class Bundle:
             if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
                 raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
                     f"kind in {ARTIFACT_KINDS} and precision in {PRECISIONS}", (a.get("kind"), a.get("precision"))))
+            targets = a.get("targets")
+            if targets is not None and (not isinstance(targets, list) or not targets
+                                        or any(t not in TARGETS for t in targets)):
+                raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
+                    f"targets as a non-empty list of {TARGETS} (or no targets: every backend)", targets))
             if a.get("file") not in files:
                 raise BundleError(f"{where}: " + expected(f"artifact {a.get('file')!r} listed in files", "not listed"))
         for rel in files:

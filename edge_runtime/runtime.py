@@ -65,6 +65,17 @@ def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "aut
         f"an artefact in one of {list(device.precisions)}", usable))
 
 
+CPU_TARGET = "onnxruntime-cpu"  # artefacts made for ONNX Runtime's CPU provider (int8_cpu.onnx)
+
+
+def onnx_target(device: DeviceConfig, backend: str | None = None) -> str | None:
+    """The artefact target for ONNX Runtime on ``device``: ``"onnxruntime-cpu"`` on a CPU device (kind
+    "cpu") running ONNX Runtime, so that a bundle's CPU-only INT8 form runs there; None elsewhere (GPU
+    devices: TensorRT engines and ONNX Runtime's GPU providers take the artefact that runs everywhere)."""
+    want = backend or device.backend
+    return CPU_TARGET if device.kind == "cpu" and want in ("onnxruntime", "auto") else None
+
+
 class Runtime:
     """One model on one device. Construction is cheap; ``load()`` verifies and loads."""
 
@@ -84,6 +95,7 @@ class Runtime:
         self.device: DeviceConfig | None = None
         self.precision = ""
         self.backend: Backend | None = None
+        self.artifact = ""  # the file that runs: an ONNX artefact of the bundle, or an engine built from one
         self._pending_engine: Path | None = None
         self._builder: Any = None
         self._lock = threading.Lock()
@@ -114,10 +126,12 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _onnx_path(self) -> Path:
+    def _onnx_path(self, target: str | None = None) -> Path:
+        """The bundle's ONNX artefact in this precision for ``target`` (None: the one that runs everywhere,
+        which TensorRT builds from; "onnxruntime-cpu": the CPU form when the bundle has one)."""
         if self.bundle is None:
             raise BackendError("runtime: expected load() before use, found an unloaded runtime")
-        return self.bundle.file(self.bundle.artifact(self.precision, "onnx").file)
+        return self.bundle.file(self.bundle.artifact(self.precision, "onnx", target).file)
 
     def _open_backend(self) -> Backend:
         """The device's (or the caller's) backend choice, through ``backends.select_backend``.
@@ -134,10 +148,13 @@ class Runtime:
             engine = self._cached_engine()
             if engine is None:
                 want = "auto"
-        return select_backend(
-            want, onnx_path=self._onnx_path(), engine_path=engine, precision=self.precision,
+        onnx_path = self._onnx_path(onnx_target(dev, self.requested_backend))
+        backend = select_backend(
+            want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
             allow_spinning=self.spinning if self.spinning is not None else dev.cpu_spinning)
+        self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
+        return backend
 
     def _cached_engine(self) -> Path | None:
         """The cached engine for this bundle, precision and device, or None after starting its build."""
@@ -184,6 +201,7 @@ class Runtime:
             return
         new = TrtBackend(path, precision=self.precision).load()
         old, self.backend = self.backend, new
+        self.artifact = path.name
         if old is not None:
             old.close()
         msg = f"swapped to TensorRT engine {path.name}"
@@ -196,7 +214,7 @@ class Runtime:
         if self.bundle is None or self.backend is None:
             return {}
         return {"model": self.bundle.name, "bundle_sha256": self.bundle.sha256,
-                "backend": self.backend.name, "precision": self.precision}
+                "backend": self.backend.name, "precision": self.precision, "artifact": self.artifact}
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.provenance)
@@ -278,7 +296,7 @@ class RuntimeSet:
                 merged.timings_ms[stage] = merged.timings_ms.get(stage, 0.0) + ms
             models.append(res.provenance)
         merged.provenance = {k: "+".join(p.get(k, "") for p in models)
-                             for k in ("model", "bundle_sha256", "backend", "precision")}
+                             for k in ("model", "bundle_sha256", "backend", "precision", "artifact")}
         return merged
 
 

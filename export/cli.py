@@ -5,9 +5,12 @@ steps together and turns failures into exit codes: 0 ok, 1 a refused input or a 
 message names what was expected and found), 2 bad usage (argparse).
 
 ``reference NAME|all`` runs the whole flow on a shipped reference bundle (edge_runtime/models/NAME):
-check -> FP16 -> INT8 calibrated on phantom frames of the model's modality -> accuracy gate on
-held-out phantoms (seed ranges disjoint from training and from each other) -> bundle rewritten in
-place with fp16.onnx, int8.onnx, calibration.json, validation.json and per-precision metrics.
+check -> FP16 -> INT8 in two forms calibrated on the same phantom frames of the model's modality
+(int8.onnx: symmetric Q/DQ that TensorRT and every ONNX Runtime provider run; int8_cpu.onnx: uint8
+asymmetric activations for ONNX Runtime's CPU provider only, see export/quantize.py) -> accuracy gate on
+held-out phantoms (seed ranges disjoint from training and from each other; every candidate gated, each
+INT8 file repaired on its own with --repair) -> bundle rewritten in place with fp16.onnx, int8.onnx,
+int8_cpu.onnx, calibration.json, validation.json and per-artefact metrics and targets.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from edge_runtime.errors import AccuracyGateError, ConfigError, EdgeRuntimeError
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "edge_runtime" / "models"
 METRIC_KEYS = ("ap50", "sensitivity", "fppi", "psnr_db", "ssim", "dice", "frames")
+# Candidate label of each INT8 form in the gate (validation.json) -> form (export.quantize.FORMS).
+INT8_LABELS = {"int8": "tensorrt", "int8_cpu": "cpu"}
 
 
 def _say(*parts: Any) -> None:
@@ -127,7 +132,7 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import quantize_int8, to_fp16
+    from .quantize import FORM_TARGETS, quantize_int8, to_fp16
 
     if args.precision == "fp16":
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
@@ -140,12 +145,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            not args.no_progress, _source_opts(args))
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
                         method=args.method, nodes_to_exclude=_csv(args.exclude_nodes),
-                        op_types_to_quantize=_csv(args.op_types) or None)
+                        op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
     record = cal.record(method=args.method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
     Path(args.record or Path(args.out).with_name("calibration.json")).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {res.path}: {res.summary['quantize_linear']} Q / {res.summary['dequantize_linear']} DQ, "
-          f"{res.summary['per_channel_weights']} per-channel weights, zero points all 0; calibration "
-          f"{len(cal)} frames sha256 {cal.sha256[:16]}...")
+    zp = "zero points all 0" if args.form == "tensorrt" else \
+        f"activation zero points {res.summary['activation_zero_point_types']} (uint8 asymmetric)"
+    print(f"wrote {res.path} ({args.form} form, for {FORM_TARGETS[args.form]}): {res.summary['quantize_linear']} "
+          f"Q / {res.summary['dequantize_linear']} DQ, {res.summary['per_channel_weights']} per-channel weights, "
+          f"{zp}; calibration {len(cal)} frames sha256 {cal.sha256[:16]}...")
     return 0
 
 
@@ -185,24 +192,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for c in args.candidate:
         precision, _, path = c.partition("=")
         if not path:
-            raise ConfigError(expected("--candidate PRECISION=PATH, e.g. int8=int8.onnx", c))
+            raise ConfigError(expected("--candidate LABEL=PATH, e.g. int8=int8.onnx or int8_cpu=int8_cpu.onnx", c))
         cands[precision] = path
+    if not cands and args.bundle:
+        cands = _bundle_candidates(args.bundle)
     show = not args.no_progress
     evalset = _validation_set(manifest, args.frames, args.source)
     ref = V.reference(fp32, evalset, threads=args.threads, progress=show)
     report = V.validate(manifest, fp32, cands, evalset, threads=args.threads, progress=show, ref=ref)
-    if args.repair and "int8" in cands and not report.candidate("int8").passed:
+    failing = [label for label in INT8_LABELS if label in cands and not report.candidate(label).passed]
+    if args.repair and failing:
         if not args.calib:
             raise ConfigError(expected("--calib SOURCE for --repair (it re-quantises)", "none"))
+        if args.repaired_out and len(failing) > 1:
+            raise ConfigError(expected("one failing INT8 candidate for --repaired-out", failing))
         cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
                                _source_opts(args))
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
-            q, nodes = _int8_factory(fp32, cal, args.method, Path(tmp), show)
-            rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=args.max_float,
-                               threads=args.threads, progress=show)
-            shutil.copyfile(rr.path, args.repaired_out or cands["int8"])
-        report.candidates = [c for c in report.candidates if c.precision != "int8"] + [rr.report]
-        report.repair = rr.to_dict()
+            for label in failing:
+                q, nodes = _int8_factory(fp32, cal, args.method, Path(tmp), show, INT8_LABELS[label])
+                rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=args.max_float,
+                                   threads=args.threads, progress=show, label=label)
+                out = Path(args.repaired_out or cands[label])
+                shutil.copyfile(rr.path, out)
+                rr.report.file = out.name
+                report.replace(label, rr.report, rr.to_dict())
     if args.report:
         report.write(args.report)
     print(report.text())
@@ -210,18 +224,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_factory(fp32: str | Path, cal: Any, method: str, work: Path, progress: bool
+def _bundle_candidates(bundle_dir: str | Path) -> dict[str, str]:
+    """The gate's candidates in a bundle: fp16, int8 (int8.onnx) and int8_cpu (the onnxruntime-cpu form)."""
+    from edge_runtime.bundle import Bundle
+
+    b = Bundle.load(bundle_dir)
+    out = {}
+    for a in b.artifacts:
+        if a.kind == "onnx" and a.precision != "fp32":
+            label = "int8_cpu" if a.precision == "int8" and a.targets == ("onnxruntime-cpu",) else a.precision
+            out[label] = str(b.file(a.file))
+    return out
+
+
+def _int8_factory(fp32: str | Path, cal: Any, method: str, work: Path, progress: bool, form: str = "tensorrt"
                   ) -> tuple[Callable[[Sequence[str], Path], Any], list[str]]:
-    """quantize(nodes_to_exclude, out) over one pre-processed graph and one cached calibration."""
+    """quantize(nodes_to_exclude, out) in ``form`` over one pre-processed graph (shared by the forms in
+    ``work``) and one cached calibration per form (same frames; the forms' ranges differ)."""
     from .quantize import preprocess, quantizable_nodes, quantize_int8
 
-    pre = preprocess(fp32, work / "pre.onnx")
-    cache = work / "ranges.json"
+    pre = work / "pre.onnx"
+    if not pre.is_file():
+        preprocess(fp32, pre)
+    cache = work / f"ranges-{form}.json"
 
     def q(exclude: Sequence[str], out: Path) -> Any:
-        reader = None if cache.is_file() else cal.reader(_bar(len(cal), f"calibrate ({method})", progress))
+        reader = None if cache.is_file() else cal.reader(_bar(len(cal), f"calibrate ({method}, {form})", progress))
         return quantize_int8(pre, out, reader, method=method, nodes_to_exclude=exclude, cache=cache,
-                             preprocessed=True)
+                             preprocessed=True, form=form)
 
     return q, quantizable_nodes(pre)
 
@@ -253,7 +283,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     files = {"fp32.onnx": args.fp32, "fp16.onnx": args.fp16, "int8.onnx": args.int8,
-             "calibration.json": args.calibration, "validation.json": args.validation}
+             "int8_cpu.onnx": args.int8_cpu, "calibration.json": args.calibration, "validation.json": args.validation}
     artifacts = {a["file"]: a for a in manifest.get("artifacts", [])}
     for name, src in files.items():
         if not src:
@@ -261,7 +291,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         if Path(src).resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
         if name.endswith(".onnx"):
-            artifacts.setdefault(name, {"file": name, "kind": "onnx", "precision": name.split(".")[0]})
+            artifacts.setdefault(name, {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]}
+                                 | _targets(name))
     for extra in args.add:
         shutil.copyfile(extra, out / Path(extra).name)
     manifest["artifacts"] = list(artifacts.values())
@@ -299,6 +330,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _targets(file: str) -> dict[str, Any]:
+    """The manifest ``targets`` of an INT8 file (docs/BUNDLE.md); other artefacts serve every backend."""
+    from .quantize import FORM_FILES, FORM_TARGETS
+
+    return {"targets": FORM_TARGETS[f]} if (f := next((k for k, v in FORM_FILES.items() if v == file), None)) \
+        else {}
+
+
 # -- reference: the whole flow on a shipped bundle --------------------------------------------
 def _metric_summary(m: dict[str, Any], ms: float) -> dict[str, Any]:
     out = {k: (round(float(m[k]), 5) if isinstance(m[k], float) else m[k]) for k in METRIC_KEYS if k in m}
@@ -319,7 +358,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
     from . import validate as V
     from .bundle_write import toolchain_versions, write_bundle
     from .lint import check_model
-    from .quantize import Int8Result, to_fp16
+    from .quantize import FORM_FILES, Int8Result, to_fp16
 
     root = Path(bundle_dir)
     bundle = Bundle.load(root)
@@ -337,42 +376,52 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
         return out
 
     evalset = step("validation frames", lambda: _validation_set(manifest, val_frames))
+    # Only the FP32 graph is linted for TensorRT: int8_cpu.onnx is ONNX Runtime CPU only (its uint8
+    # asymmetric Q/DQ is a TensorRT error by design) and int8.onnx is built by quantize_int8's checks.
     lint = step("check", lambda: check_model(fp32, profile=evalset.profile()))
     if not lint.ok:
         raise ExportError(f"{fp32} fails the TensorRT lint:\n{lint.table()}")
+    files = {label: FORM_FILES[form] for label, form in INT8_LABELS.items()}  # label -> file name
     with tempfile.TemporaryDirectory(prefix=f"edge-ref-{bundle.name}-") as tmp_s:
         tmp = Path(tmp_s)
         step("fp16", lambda: to_fp16(fp32, tmp / "fp16.onnx"))
         cal = step("calibration frames", lambda: _calibration_set(manifest, "phantom", calib_frames, 200,
                                                                   evalset.frame_hashes, progress))
-        q, nodes = _int8_factory(fp32, cal, method, tmp, progress)
-        res: Int8Result = step("int8 (calibrate + quantize)", lambda: q([], tmp / "int8.onnx"))
+        factories = {label: _int8_factory(fp32, cal, method, tmp, progress, form) for label, form in INT8_LABELS.items()}
+        res: dict[str, Int8Result] = {}
+        for label, (q, _) in factories.items():
+            out = tmp / files[label]
+            res[label] = step(f"{label} (calibrate + quantize)", lambda q=q, out=out: q([], out))  # type: ignore[misc]
         ref = step("validate fp32", lambda: V.reference(fp32, evalset, threads=threads, progress=progress))
         report = step("validate candidates", lambda: V.validate(
-            manifest, fp32, {"fp16": tmp / "fp16.onnx", "int8": tmp / "int8.onnx"}, evalset, threads=threads,
-            progress=progress, ref=ref))
-        if repair and not report.candidate("int8").passed:
-            rr = step("repair", lambda: V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp,
-                                                      max_float=max_float, threads=threads, progress=progress))
-            res = q(rr.nodes_in_float, tmp / "int8.onnx")  # deterministic: the same graph rr evaluated
-            report.candidates = [c for c in report.candidates if c.precision != "int8"] + [rr.report]
-            report.repair = rr.to_dict()
+            manifest, fp32, {"fp16": tmp / "fp16.onnx", **{k: tmp / f for k, f in files.items()}}, evalset,
+            threads=threads, progress=progress, ref=ref))
+        for label, (q, nodes) in factories.items():
+            if not repair or report.candidate(label).passed:
+                continue
+            rr = step(f"repair {label}", lambda q=q, nodes=nodes, label=label: V.repair_int8(  # type: ignore[misc]
+                q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=max_float, threads=threads,
+                progress=progress, label=label))
+            res[label] = q(rr.nodes_in_float, tmp / files[label])  # deterministic: the graph rr evaluated
+            rr.report.file = files[label]
+            report.replace(label, rr.report, rr.to_dict())
         if progress:
             _say(report.text())
         if not report.passed:
             failed = Path("out") / "export" / f"{bundle.name}.validation.failed.json"
             failed.parent.mkdir(parents=True, exist_ok=True)
             report.write(failed)
-            raise AccuracyGateError(f"accuracy gate failed for {bundle.name}; bundle left unchanged:\n"
-                                    + report.text())
+            raise AccuracyGateError(f"accuracy gate failed for {bundle.name} "
+                                    f"({', '.join(c.file for c in report.candidates if not c.passed)}); "
+                                    "bundle left unchanged:\n" + report.text())
         if sha256_file(fp32) != fp32_sha:
             raise ExportError(f"{fp32} changed while exporting (re-trained?); run `export reference` again")
         report.write(tmp / "validation.json")
         record = cal.record(method=method, validation_sha256=report.validation_set_sha256)
         (tmp / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-        for name in ("fp16.onnx", "int8.onnx", "calibration.json", "validation.json"):
+        for name in ("fp16.onnx", *files.values(), "calibration.json", "validation.json"):
             shutil.copyfile(tmp / name, root / name)
-    fp16_rep, int8_rep = report.candidate("fp16"), report.candidate("int8")
+    fp16_rep = report.candidate("fp16")
     src = {"source_fp32_sha256": fp32_sha}
     old = {a["precision"]: a for a in manifest["artifacts"] if a.get("kind") == "onnx"}
     manifest["artifacts"] = [
@@ -381,9 +430,10 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
         {"file": "fp16.onnx", "kind": "onnx", "precision": "fp16",
          "metrics": _metric_summary(fp16_rep.metrics, fp16_rep.ms_per_frame),
          "info": {"converter": "onnxruntime.transformers.float16", "io_types": "float32", **src}},
-        {"file": "int8.onnx", "kind": "onnx", "precision": "int8",
-         "metrics": _metric_summary(int8_rep.metrics, int8_rep.ms_per_frame), "info": {**res.info(), **src}},
-    ] + [a for a in manifest["artifacts"] if a.get("kind") != "onnx"]
+    ] + [{"file": files[label], "kind": "onnx", "precision": "int8", **_targets(files[label]),
+          "metrics": _metric_summary(report.candidate(label).metrics, report.candidate(label).ms_per_frame),
+          "info": {**res[label].info(), **src}} for label in INT8_LABELS
+         ] + [a for a in manifest["artifacts"] if a.get("kind") != "onnx"]
     manifest["calibration"] = {"file": "calibration.json", "frames": len(cal), "source": cal.source,
                                "sha256": cal.sha256, "method": method, "min_frames": 200}
     manifest["validation"] = {"file": "validation.json", "frames": report.frames, "source": report.source,
@@ -392,9 +442,10 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
     manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     new = write_bundle(root, manifest)
     return {"model": bundle.name, "bundle_sha256": new.sha256, "times_s": times, "passed": report.passed,
-            "report": report.text(),
-            "fp32": report.fp32, "fp16": fp16_rep.metrics, "int8": int8_rep.metrics,
-            "nodes_in_float": res.nodes_excluded, "repair": report.repair}
+            "report": report.text(), "fp32": report.fp32, "fp16": fp16_rep.metrics,
+            **{label: report.candidate(label).metrics for label in INT8_LABELS},
+            "nodes_in_float": {files[label]: r.nodes_excluded for label, r in res.items()},
+            "repair": report.repair, "repairs": report.repairs}
 
 
 def reference_bundles(names: Sequence[str], models_dir: Path = MODELS_DIR) -> list[Path]:
@@ -460,6 +511,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("quantize", help="FP16 or INT8 (symmetric Q/DQ, calibrated) variant of an FP32 ONNX")
     p.add_argument("model")
     p.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    p.add_argument("--form", choices=("tensorrt", "cpu"), default="tensorrt",
+                   help="int8: tensorrt = symmetric Q/DQ that runs everywhere (int8.onnx, default); cpu = uint8 "
+                   "asymmetric activations for ONNX Runtime's CPU provider only (int8_cpu.onnx, not for TensorRT)")
     p.add_argument("--out", required=True)
     p.add_argument("--bundle", help="bundle whose manifest describes the model (int8)")
     p.add_argument("--manifest", help="manifest.json describing the model (int8)")
@@ -477,11 +531,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle")
     p.add_argument("--manifest")
     p.add_argument("--fp32")
-    p.add_argument("--candidate", action="append", default=[], help="PRECISION=PATH (.onnx or engine)")
+    p.add_argument("--candidate", action="append", default=[],
+                   help="LABEL=PATH (.onnx or engine): fp16, int8 (int8.onnx), int8_cpu (int8_cpu.onnx); "
+                   "default with --bundle: the bundle's fp16 and INT8 files")
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--source", default="phantom", help="held-out frames with ground truth (default phantoms)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repair", action="store_true", help="keep sensitive nodes in float until the gate passes")
+    p.add_argument("--repair", action="store_true",
+                   help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate)")
     p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default half)")
     p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate)")
     _calib_opts(p)
@@ -505,6 +562,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     for name in ("fp32", "fp16", "int8", "calibration", "validation"):
         p.add_argument(f"--{name}")
+    p.add_argument("--int8-cpu", help="int8_cpu.onnx (ONNX Runtime CPU form; manifest targets onnxruntime-cpu)")
     p.add_argument("--add", action="append", default=[], help="any other file to include")
     p.add_argument("--archive", help="also write one uncompressed .tar of the bundle")
     p.set_defaults(fn=cmd_bundle)

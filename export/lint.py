@@ -5,6 +5,10 @@ operators outside the ONNX parser's support matrix, opset range, Q/DQ nodes Tens
 build (non-zero zero point, non-int8 types), dynamic input dims without an optimisation profile
 and, when the device has DLA cores, nodes that would fall back to the GPU.
 
+A bundle's ``int8_cpu.onnx`` (uint8 asymmetric activations for ONNX Runtime's CPU provider, manifest
+target ``onnxruntime-cpu``) fails this lint by design: `export check` on it reports its zero points as
+TensorRT errors, and `export reference` lints only the FP32 graph (TensorRT builds from int8.onnx).
+
 Sources (read through the project's search tool, not copied):
 - onnx/onnx-tensorrt docs/operators.md for TensorRT 10.15: "supports operators in the inclusive
   range of opset 9 to opset 24"; the same file for TensorRT 10.0 says opset 9 to 20 (JetPack 6 ships
@@ -264,8 +268,10 @@ def _check_qdq(model: Any, g: _Graph, findings: list[Finding]) -> None:
                                     who, n.op_type))
             continue
         if zp.dtype != np.int8:
+            hint = (" (uint8 activations: an ONNX Runtime CPU form such as a bundle's int8_cpu.onnx, targeted at "
+                    "onnxruntime-cpu; build TensorRT engines from int8.onnx)") if zp.dtype == np.uint8 else ""
             findings.append(Finding("error", "qdq-type", expected("int8 zero point (symmetric int8 Q/DQ)",
-                                                                  str(zp.dtype)), who, n.op_type))
+                                                                  str(zp.dtype)) + hint, who, n.op_type))
         if np.any(zp != 0):
             nz = np.unique(zp[zp != 0])[:4].tolist()
             findings.append(Finding("error", "qdq-zero-point", expected(

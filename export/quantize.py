@@ -43,6 +43,17 @@ Profiled per node on the reference models (2 threads), what kept INT8 at ~1.0x o
 - :func:`single_channel_convs`: a 3x3 conv over one input channel (the grey-image stem) runs 5x slower
   as ORT's int8 conv than as its FP32 NCHWc conv, so it stays in float (``nodes_in_float_for_speed``)
   and quantisation starts at its output (TensorRT builds it in float: no Q/DQ around it).
+
+INT8 for ONNX Runtime on the CPU (``form="cpu"``, :func:`quantize_int8_cpu`, the bundle's ``int8_cpu.onnx``):
+even with the graph forms above, the symmetric file reaches only 1.2-1.45x of FP32 on x86, because ORT's
+x86 int8 kernels want uint8 activations (ReLU folds into an asymmetric uint8 Q whose zero point is the
+type's minimum; a tensor read by several nodes stays uint8 instead of falling back to float). The CPU form
+is QDQ with asymmetric uint8 activations (calibrated zero points) and the same symmetric per-channel int8
+weights: same calibration frames and method (its own range cache: ranges are not symmetrised), same
+pre-processing (sibling convs merged), ``nodes_to_exclude`` honoured, Relu left for ORT's quantiser to fold
+(no LeakyRelu rewrite, no kept activations, no dedicated pairs: none of that is needed in uint8). Measured
+1.56-1.90x of FP32 on the reference models. TensorRT refuses it (non-zero zero points, uint8), so bundles
+carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).
 """
 
 from __future__ import annotations
@@ -60,6 +71,15 @@ import numpy as np
 from edge_runtime.errors import ExportError, expected
 
 METHODS = ("minmax", "entropy", "percentile")
+FORMS = ("tensorrt", "cpu")  # int8.onnx (runs everywhere, TensorRT's form) / int8_cpu.onnx (ORT CPU only)
+FORM_FILES = {"tensorrt": "int8.onnx", "cpu": "int8_cpu.onnx"}
+FORM_TARGETS = {"tensorrt": ["tensorrt", "onnxruntime"], "cpu": ["onnxruntime-cpu"]}
+# Bias of the CPU form: ORT's QDQ quantiser stores it as int32 (scale = input x weight scale) when True.
+# Measured on the reference models (ORT 1.31, 2 threads, interleaved, stem conv in float): int32 vs float bias
+# 1.66x vs 1.71x (us-lesion-det), 1.96x vs 1.90x (us-despeckle), 1.67x vs 1.66x (xr-nodule-det): within the
+# noise, so the bias stays float32 (no extra rounding, as in the TensorRT form). The single-channel stem conv
+# stays in float in this form too (1.52x -> 1.71x on us-lesion-det, 1.56x -> 1.66x on xr-nodule-det).
+CPU_QUANTIZE_BIAS = False
 
 
 def check_loads(path: str | os.PathLike[str]) -> None:
@@ -174,15 +194,21 @@ class Int8Result:
     op_types_to_quantize: list[str] | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     float_for_speed: list[str] = field(default_factory=list)
+    form: str = "tensorrt"
 
     def info(self) -> dict[str, Any]:
         """What the bundle records about how this INT8 artefact was made."""
-        return {"format": "QDQ", "activations": "int8 symmetric (zero point 0)",
-                "weights": "int8 symmetric, per-channel", "bias": "float32", "calibration_method": self.method,
-                "relu_as": "LeakyRelu(alpha=0)", "dedicated_qdq_pairs": True,
-                "sibling_convs_merged": True, "nodes_in_float": self.nodes_excluded,
-                "nodes_in_float_for_speed": self.float_for_speed, "op_types_to_quantize": self.op_types_to_quantize,
-                "qdq": self.summary}
+        common = {"format": "QDQ", "weights": "int8 symmetric, per-channel", "calibration_method": self.method,
+                  "sibling_convs_merged": True, "nodes_in_float": self.nodes_excluded,
+                  "nodes_in_float_for_speed": self.float_for_speed,
+                  "op_types_to_quantize": self.op_types_to_quantize, "qdq": self.summary}
+        if self.form == "cpu":
+            return {"form": "onnxruntime-cpu", "activations": "uint8 asymmetric (calibrated zero points)",
+                    "bias": "int32" if CPU_QUANTIZE_BIAS else "float32",
+                    "relu_as": "folded into QuantizeLinear by ONNX Runtime", **common,
+                    "note": "ONNX Runtime CPU provider only; not for TensorRT: TensorRT accepts only symmetric Q/DQ"}
+        return {"form": "tensorrt", "activations": "int8 symmetric (zero point 0)", "bias": "float32",
+                "relu_as": "LeakyRelu(alpha=0)", "dedicated_qdq_pairs": True, **common}
 
 
 def _calibration_method(method: str) -> Any:
@@ -328,23 +354,33 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
                   method: str = "minmax", nodes_to_exclude: Sequence[str] = (),
                   op_types_to_quantize: Sequence[str] | None = None, per_channel: bool = True,
                   percentile: float = 99.999, cache: str | os.PathLike[str] | None = None,
-                  preprocessed: bool = False, float_single_channel_convs: bool = True) -> Int8Result:
+                  preprocessed: bool = False, float_single_channel_convs: bool = True,
+                  form: str = "tensorrt") -> Int8Result:
     """Quantise ``src`` to INT8 QDQ at ``dst``.
 
     ``reader`` is an ORT CalibrationDataReader with ``__len__`` and ``set_range`` (see
     export.calibration.FrameReader); it may be None when ``cache`` holds ranges from an earlier
-    run with the same method. ``preprocessed``: ``src`` already went through :func:`preprocess`.
+    run with the same method and form. ``preprocessed``: ``src`` already went through :func:`preprocess`.
     ``float_single_channel_convs``: keep :func:`single_channel_convs` in float (for speed, not accuracy).
+    ``form``: ``"tensorrt"`` (symmetric int8 everywhere, int8.onnx) or ``"cpu"`` (uint8 asymmetric
+    activations for ONNX Runtime's CPU provider, int8_cpu.onnx; see the module doc). The two forms'
+    calibration ranges differ (symmetrised or not): give each its own ``cache``.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    if form not in FORMS:
+        raise ExportError(expected(f"INT8 form in {FORMS}", form))
     cal = _calibration_method(method)
     cache_path = Path(cache) if cache is not None else None
     if reader is None and (cache_path is None or not cache_path.is_file()):
         raise ExportError(expected("calibration frames or a calibration cache", "neither"))
-    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
-                             "QDQKeepRemovableActivations": True, "CalibTensorRangeSymmetric": True,
-                             "DedicatedQDQPair": True}
+    cpu = form == "cpu"
+    if cpu:
+        extra: dict[str, Any] = {"ActivationSymmetric": False, "WeightSymmetric": True,
+                                 "QuantizeBias": CPU_QUANTIZE_BIAS}
+    else:
+        extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                 "QDQKeepRemovableActivations": True, "CalibTensorRangeSymmetric": True, "DedicatedQDQPair": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
     if reader is not None:
@@ -352,25 +388,37 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
         extra["CalibStridedMinMax"] = _chunk(len(reader))
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
         model_in = Path(src) if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
-        model_in = relu_as_leaky_relu(model_in, Path(tmp) / "leaky.onnx")
+        if not cpu:
+            model_in = relu_as_leaky_relu(model_in, Path(tmp) / "leaky.onnx")
         for_speed = [n for n in single_channel_convs(model_in) if n not in nodes_to_exclude] \
             if float_single_channel_convs else []
         try:
             quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, per_channel=per_channel,
                             calibrate_method=cal, nodes_to_exclude=[*nodes_to_exclude, *for_speed],
                             op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
                             extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None)
         except (ValueError, RuntimeError) as exc:
             raise ExportError(f"INT8 quantisation of {src} failed: {exc}") from None
-    dedicate_readers(dst)
-    distinct_q_axes(dst)
+    if not cpu:
+        dedicate_readers(dst)
+        distinct_q_axes(dst)
     check_loads(dst)
     summary = qdq_summary(dst)
-    if summary["nonzero_zero_points"]:
+    if cpu and summary["int8_activation_zero_points"]:
+        raise ExportError(expected("uint8 activation zero points (CPU form)",
+                                   f"{summary['int8_activation_zero_points']} int8"))
+    if not cpu and summary["nonzero_zero_points"]:
         raise ExportError(expected("every Q/DQ zero point 0", f"{summary['nonzero_zero_points']} non-zero"))
     return Int8Result(Path(dst), method, sorted(nodes_to_exclude),
-                      list(op_types_to_quantize) if op_types_to_quantize else None, summary, for_speed)
+                      list(op_types_to_quantize) if op_types_to_quantize else None, summary, for_speed, form)
+
+
+def quantize_int8_cpu(src: str | os.PathLike[str], dst: str | os.PathLike[str], reader: Any | None,
+                      **options: Any) -> Int8Result:
+    """The ONNX Runtime CPU form (``int8_cpu.onnx``): :func:`quantize_int8` with ``form="cpu"``."""
+    return quantize_int8(src, dst, reader, form="cpu", **options)
 
 
 # Ops whose quantisation can cost accuracy (ORT's QDQ registry minus pure data movement, which
@@ -398,9 +446,13 @@ def qdq_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     nonzero, per_channel, per_tensor = 0, 0, 0
+    act_types: dict[str, int] = {}  # zero point dtype of activation (non-initializer) Q/DQ
     for n in q + dq:
         if len(n.input) > 2 and n.input[2] in inits:
-            nonzero += int(np.count_nonzero(numpy_helper.to_array(inits[n.input[2]])))
+            zp = numpy_helper.to_array(inits[n.input[2]])
+            nonzero += int(np.count_nonzero(zp))
+            if n.input[0] not in inits:
+                act_types[str(zp.dtype)] = act_types.get(str(zp.dtype), 0) + 1
     for n in dq:
         if n.input[0] in inits:  # a weight
             scale = numpy_helper.to_array(inits[n.input[1]])
@@ -414,7 +466,8 @@ def qdq_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
                      and len(n.input) > 1 and n.input[1] not in dq_out]
     return {"quantize_linear": len(q), "dequantize_linear": len(dq), "nonzero_zero_points": nonzero,
             "per_channel_weights": per_channel, "per_tensor_weights": per_tensor,
-            "float_compute_nodes": float_compute}
+            "activation_zero_point_types": dict(sorted(act_types.items())),
+            "int8_activation_zero_points": act_types.get("int8", 0), "float_compute_nodes": float_compute}
 
 
 def dump_info(info: dict[str, Any]) -> str:

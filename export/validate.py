@@ -11,6 +11,10 @@ For detection AP the decoder's score threshold is lowered to ``AP_SCORE_THRESHOL
 Postprocessor class, same NMS), so the precision-recall curve is not cut off at the operating
 threshold; sensitivity is read at ``fppi`` false positives per image on that curve.
 
+Candidates are keyed by a label: a precision (``fp16``, ``int8``) or a precision and a form
+(``int8_cpu``: the bundle's ONNX Runtime CPU INT8 file); every candidate is gated alike and the report
+passes only when each one does, naming the file of each failure.
+
 Repair (``repair_int8``): rank compute nodes by how much keeping each one alone in float reduces
 the INT8 output error (all quantised but one), then keep the worst in float, one more at a time,
 re-quantising from cached calibration ranges, until the gate passes or ``max_float`` is reached.
@@ -38,6 +42,11 @@ DEFAULT_TOLERANCES = {"ap50": 0.01, "sensitivity": 0.02, "psnr_db": 0.3, "ssim":
 AP_SCORE_THRESHOLD = 0.01  # as export/training/evaluate.py: the whole PR curve
 DEFAULT_FPPI = 0.5
 REPORT_FORMAT = "edge-runtime-validation"
+
+
+def precision_of(label: str) -> str:
+    """The precision of a candidate label: ``int8_cpu`` -> ``int8``, ``int8:before`` -> ``int8``."""
+    return label.split(":")[0].split("_")[0]
 
 
 # -- held-out frames, pre-processed once ----------------------------------------------------
@@ -245,13 +254,25 @@ class ValidationReport:
     fp32: dict[str, Any]
     fp32_ms_per_frame: float
     candidates: list[CandidateReport] = field(default_factory=list)
-    repair: dict[str, Any] | None = None
+    repairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # candidate label -> what --repair did
     validation_set_sha256: str = ""
     tolerance_source: dict[str, str] = field(default_factory=dict)  # metric -> "manifest" / "default"
 
     @property
     def passed(self) -> bool:
         return all(c.passed for c in self.candidates)
+
+    @property
+    def repair(self) -> dict[str, Any] | None:
+        """The repair of the ``int8`` candidate (int8.onnx), as in reports before the CPU form existed."""
+        return self.repairs.get("int8")
+
+    def replace(self, label: str, report: CandidateReport, repair: dict[str, Any] | None = None) -> None:
+        """Put ``report`` in place of the candidate ``label`` (after a repair), keeping the order."""
+        report.precision = label
+        self.candidates = [report if c.precision == label else c for c in self.candidates]
+        if repair is not None:
+            self.repairs[label] = repair
 
     def candidate(self, precision: str) -> CandidateReport:
         for c in self.candidates:
@@ -267,7 +288,8 @@ class ValidationReport:
                 "fp32": {"metrics": self.fp32, "ms_per_frame": self.fp32_ms_per_frame},
                 "candidates": [{**asdict(c), "passed": c.passed, "failures": [asdict(f) for f in c.failures]}
                                for c in self.candidates],
-                "repair": self.repair,
+                "repair": self.repair, "repairs": self.repairs,
+                "failed_files": [c.file for c in self.candidates if not c.passed],
                 "conditions": {"backend": "onnxruntime CPUExecutionProvider via edge_runtime.backends",
                                "ap_score_threshold": AP_SCORE_THRESHOLD,
                                "ms_per_frame": "median backend.infer wall time during validation, 2 threads"}}
@@ -295,17 +317,17 @@ class ValidationReport:
                             for k, v in c.output_error.items())
             lines.append(f"  {c.precision} output error vs fp32: {err}")
             for f in c.failures:
-                lines.append(f"  {c.precision} FAILED {f.text()}")
-        if self.repair:
-            r = self.repair
-            lines.append(f"  repair: {len(r['nodes_in_float'])} node(s) kept in float "
-                         f"{r['nodes_in_float']}; int8 ms/frame {r['ms_before']:.2f} -> {r['ms_after']:.2f} "
+                lines.append(f"  {c.precision} ({c.file}) FAILED {f.text()}")
+        for label, r in self.repairs.items():
+            lines.append(f"  repair {label}: {len(r['nodes_in_float'])} node(s) kept in float "
+                         f"{r['nodes_in_float']}; {label} ms/frame {r['ms_before']:.2f} -> {r['ms_after']:.2f} "
                          f"(fp32 {r['ms_fp32']:.2f}); {'passed' if r['passed'] else 'did not pass'}")
         return "\n".join(lines)
 
     def raise_if_failed(self) -> None:
         if not self.passed:
-            raise AccuracyGateError("accuracy gate failed:\n" + self.text())
+            failed = ", ".join(f"{c.precision} ({c.file})" for c in self.candidates if not c.passed)
+            raise AccuracyGateError(f"accuracy gate failed for {failed}:\n" + self.text())
 
 
 def _json_default(o: Any) -> Any:
@@ -339,7 +361,7 @@ def reference(fp32: str | os.PathLike[str], evalset: EvalSet, *, threads: int = 
 def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: EvalSet, ref: Reference,
                        tol: Mapping[str, float], *, threads: int = 2, progress: bool = False,
                        fppi: float = DEFAULT_FPPI) -> CandidateReport:
-    backend = open_backend(path, precision, threads=threads)
+    backend = open_backend(path, precision_of(precision), threads=threads)
     try:
         outs = run_outputs(backend, evalset, progress=f"validate {precision}" if progress else None)
         ms = backend.timing_summary()["p50_ms"]
@@ -376,7 +398,7 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
 def latency_ms(paths: Mapping[str, str | os.PathLike[str]], x: np.ndarray, input_name: str, *, runs: int = 30,
                threads: int = 2) -> dict[str, float]:
     """Median ms per inference of each model, interleaved so that load drifts hit all alike."""
-    backends = {k: open_backend(p, k.split(":")[0], threads=threads) for k, p in paths.items()}
+    backends = {k: open_backend(p, precision_of(k), threads=threads) for k, p in paths.items()}
     times = interleaved_times(backends, {input_name: x}, runs=runs, warmup=1)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -434,12 +456,12 @@ def _schedule(limit: int) -> list[int]:
 
 def _try_float(quantize: Callable[[Sequence[str], Path], Any], sens: Sequence[tuple[str, float]], k: int,
                work: Path, evalset: EvalSet, ref: Reference, tol: Mapping[str, float], threads: int, fppi: float,
-               steps: list[dict[str, Any]]) -> tuple[list[str], Path, CandidateReport]:
+               steps: list[dict[str, Any]], label: str = "int8") -> tuple[list[str], Path, CandidateReport]:
     """INT8 with the ``k`` most sensitive nodes in float, through the full gate; logged in ``steps``."""
     kept = [n for n, _ in sens[:k]]
-    path = work / f"int8-float{k}.onnx"
+    path = work / f"{label}-float{k}.onnx"
     quantize(kept, path)
-    report = evaluate_candidate(path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
+    report = evaluate_candidate(path, label, evalset, ref, tol, threads=threads, fppi=fppi)
     steps.append({"nodes_in_float": kept, "passed": report.passed, **{m: report.metrics[m] for m in tol}})
     return kept, path, report
 
@@ -447,14 +469,15 @@ def _try_float(quantize: Callable[[Sequence[str], Path], Any], sens: Sequence[tu
 def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[str], fp32: str | os.PathLike[str],
                 evalset: EvalSet, ref: Reference, tol: Mapping[str, float], workdir: str | os.PathLike[str], *,
                 max_float: int | None = None, sensitivity_frames: int = 24, threads: int = 2,
-                progress: bool = False, fppi: float = DEFAULT_FPPI) -> RepairResult:
+                progress: bool = False, fppi: float = DEFAULT_FPPI, label: str = "int8") -> RepairResult:
     """Keep the most sensitive of ``nodes`` in float until the INT8 gate passes.
 
     ``quantize(nodes_to_exclude, out_path)`` writes an INT8 model (from cached calibration ranges).
     Quantising one node alone shows the damage of its weights and of the activations it reads and
     writes (a tensor stays float only when every node touching it is excluded, so single
     exclusions from the full model would hide an activation outlier). The result's
-    ``report.passed`` says whether the gate passed within ``max_float`` nodes.
+    ``report.passed`` says whether the gate passed within ``max_float`` nodes. ``label`` names the
+    candidate (``int8``, ``int8_cpu``) in the report and its work files.
     """
     work = Path(workdir)
     limit = min(len(nodes), max_float if max_float is not None else max(1, len(nodes) // 2))
@@ -468,7 +491,7 @@ def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[
         finally:
             b.close()
 
-    base_path = work / "int8-all.onnx"
+    base_path = work / f"{label}-all.onnx"
     quantize([], base_path)
     sens = []
     items: Any = nodes
@@ -476,12 +499,12 @@ def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[
         from tqdm import tqdm
 
         items = tqdm(nodes, desc="node sensitivity", unit="node", leave=False)
-    probe = work / "int8-probe.onnx"
+    probe = work / f"{label}-probe.onnx"
     for n in items:
         quantize([m for m in nodes if m != n], probe)
         sens.append((n, score(probe)))
     sens.sort(key=lambda t: -t[1])
-    report = evaluate_candidate(base_path, "int8", evalset, ref, tol, threads=threads, fppi=fppi)
+    report = evaluate_candidate(base_path, label, evalset, ref, tol, threads=threads, fppi=fppi)
     steps: list[dict[str, Any]] = [{"nodes_in_float": [], "passed": report.passed,
                                     **{m: report.metrics[m] for m in tol}}]
     kept: list[str] = []
@@ -491,13 +514,13 @@ def repair_int8(quantize: Callable[[Sequence[str], Path], Any], nodes: Sequence[
         if report.passed:
             break
         failed_k = len(kept)
-        kept, path, report = _try_float(quantize, sens, k, work, evalset, ref, tol, threads, fppi, steps)
+        kept, path, report = _try_float(quantize, sens, k, work, evalset, ref, tol, threads, fppi, steps, label)
     # The schedule may overshoot: bisect between the last failing and the first passing count.
     lo, hi = failed_k, len(kept)
     best = (kept, path, report)
     while report.passed and hi - lo > 1:
         mid = (lo + hi) // 2
-        trial = _try_float(quantize, sens, mid, work, evalset, ref, tol, threads, fppi, steps)
+        trial = _try_float(quantize, sens, mid, work, evalset, ref, tol, threads, fppi, steps, label)
         if trial[2].passed:
             hi, best = mid, trial
         else:

@@ -98,3 +98,60 @@ def test_cli_bundle_assembles_from_artefacts(tmp_path: Path) -> None:
     assert b.manifest["calibration"]["sha256"] == "ab" * 32
     assert set(b.manifest["files"]) == {"fp32.onnx", "fp16.onnx", "calibration.json"}
     assert _cli(["verify", str(tmp_path / "out.tar")]) == 0
+
+
+# -- artefact targets: int8.onnx runs everywhere, int8_cpu.onnx on ONNX Runtime's CPU provider only -------
+def _two_int8(tmp_path: Path) -> Path:
+    """A bundle assembled by `export bundle` with both INT8 files (stand-ins: copies of the FP32 graph)."""
+    blur_model(tmp_path / "model.onnx")
+    m = blur_manifest()
+    m["artifacts"] = []
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    out = tmp_path / "out"
+    assert _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(out), "--fp32",
+                 str(tmp_path / "model.onnx"), "--int8", str(tmp_path / "model.onnx"), "--int8-cpu",
+                 str(tmp_path / "model.onnx")]) == 0
+    return out
+
+
+def test_bundle_records_targets_and_picks_the_artefact_per_target(tmp_path: Path) -> None:
+    b = Bundle.load(_two_int8(tmp_path))
+    by_file = {a.file: a for a in b.artifacts}
+    assert by_file["int8.onnx"].targets == ("tensorrt", "onnxruntime") and by_file["int8.onnx"].precision == "int8"
+    assert by_file["int8_cpu.onnx"].targets == ("onnxruntime-cpu",) and by_file["int8_cpu.onnx"].precision == "int8"
+    assert by_file["fp32.onnx"].targets == () and by_file["fp32.onnx"].serves("tensorrt")
+    assert b.artifact("int8").file == "int8.onnx"  # no target: the one that serves every backend
+    assert b.artifact("int8", target="tensorrt").file == "int8.onnx"
+    assert b.artifact("int8", target="onnxruntime").file == "int8.onnx"
+    assert b.artifact("int8", target="onnxruntime-cpu").file == "int8_cpu.onnx"
+    assert b.artifact("fp32", target="onnxruntime-cpu").file == "fp32.onnx"  # no targets: every backend
+    assert not by_file["int8_cpu.onnx"].serves("tensorrt") and by_file["int8.onnx"].serves("onnxruntime-cpu")
+
+
+def test_cpu_only_artefact_never_serves_tensorrt_and_is_verified(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    root = _two_int8(tmp_path)
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"] = [a for a in m["artifacts"] if a["file"] != "int8.onnx"]
+    (root / "int8.onnx").unlink()
+    b = write_bundle(root, m)
+    with pytest.raises(BundleError, match="for every backend"):
+        b.artifact("int8")
+    with pytest.raises(BundleError, match="for tensorrt"):
+        b.artifact("int8", target="tensorrt")
+    assert b.artifact("int8", target="onnxruntime-cpu").file == "int8_cpu.onnx"
+    data = bytearray((root / "int8_cpu.onnx").read_bytes())
+    data[-1] ^= 1
+    (root / "int8_cpu.onnx").write_bytes(bytes(data))
+    assert _cli(["verify", str(root)]) == 1
+    assert "int8_cpu.onnx: sha256" in capsys.readouterr().out
+
+
+def test_unknown_or_empty_targets_are_refused(tmp_path: Path) -> None:
+    root = _two_int8(tmp_path)
+    m = json.loads((root / "manifest.json").read_text())
+    for bad in (["cuda"], [], "onnxruntime"):
+        m["artifacts"][-1]["targets"] = bad
+        (root / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match="targets"):
+            Bundle.load(root)

@@ -141,3 +141,23 @@ def test_corrupt_file_is_an_export_error(tmp_path: Path) -> None:
     p.write_bytes(b"not a protobuf at all \xff\xfe")
     with pytest.raises(ExportError, match="not a readable ONNX model"):
         check_model(p)
+
+
+def test_cli_check_on_the_cpu_int8_form_reports_tensorrt_errors(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`export check int8_cpu.onnx`: its uint8 asymmetric zero points are TensorRT errors (correctly)."""
+    from test_export_models import blur_manifest
+    from test_export_quantize import _fanout_model
+
+    from export.calibration import CALIBRATION_SEED0, build, phantom_frames
+    from export.quantize import quantize_int8_cpu
+
+    cal = build(phantom_frames("xr", 8, CALIBRATION_SEED0, size=(64, 64)), blur_manifest(), source="t", min_frames=8)
+    quantize_int8_cpu(_fanout_model(tmp_path, same_kernel=False), tmp_path / "int8_cpu.onnx", cal.reader())
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert cli.run(parser.parse_args(["check", str(tmp_path / "int8_cpu.onnx"), "--json"])) == 1
+    data = json.loads(capsys.readouterr().out)
+    errors = {f["rule"] for f in data["findings"] if f["severity"] == "error"}
+    assert errors == {"qdq-zero-point", "qdq-type"}
+    assert any("int8_cpu.onnx" in f["message"] for f in data["findings"])

@@ -287,3 +287,64 @@ def test_recipe_frames_follow_the_training_record() -> None:
     assert float(np.mean([n.std() for n in val])) > 0  # fixed low evaluation dose: noisy frames
     assert C.recipe_frames({"modality": ["US"]}, 2, 0) is None
     assert "drawn like the training data" in C.describe("phantom", us, 2, 10)
+
+
+# -- the ONNX Runtime CPU form (int8_cpu.onnx) ----------------------------------------------------
+def test_cpu_form_has_uint8_asymmetric_activations_and_symmetric_per_channel_weights(tmp_path: Path) -> None:
+    from export.quantize import quantize_int8_cpu
+
+    src = _fanout_model(tmp_path, same_kernel=False)
+    res = quantize_int8_cpu(src, tmp_path / "int8_cpu.onnx", _calset(8).reader(), float_single_channel_convs=False)
+    m = onnx.load(str(res.path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    acts = [n for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.input[0] not in inits]
+    assert acts and all(inits[n.input[2]].dtype == np.uint8 for n in acts)
+    assert any(inits[n.input[2]].any() for n in acts)  # calibrated, asymmetric zero points
+    weights = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(weights) == 3 and all(inits[n.input[0]].dtype == np.int8 for n in weights)
+    assert all(not inits[n.input[2]].any() and inits[n.input[1]].ndim == 1 for n in weights)  # symmetric, per channel
+    assert not [n for n in m.graph.node if n.op_type in ("Relu", "LeakyRelu")]  # folded into the uint8 Q
+    assert all(inits[c.input[2]].dtype == np.float32 for c in m.graph.node if c.op_type == "Conv" and len(c.input) > 2)
+    assert res.form == "cpu" and res.summary["activation_zero_point_types"].keys() == {"uint8"}
+    info = res.info()
+    assert info["form"] == "onnxruntime-cpu" and "not for TensorRT" in info["note"]
+    assert info["activations"].startswith("uint8 asymmetric") and info["weights"] == "int8 symmetric, per-channel"
+    x = _calset(8).tensors[0]
+    np.testing.assert_allclose(_run(res.path, x), _run(src, x), atol=0.1)
+    ops = _optimized_ops(res.path, tmp_path)
+    assert ops.count("QLinearConv") == 3 and "Conv" not in ops and "Relu" not in ops
+    # The TensorRT lint still refuses it (correctly): asymmetric uint8 Q/DQ.
+    assert {"qdq-zero-point", "qdq-type"} <= check_model(res.path).rules("error")
+
+
+def test_cpu_form_honours_exclusions_and_the_stem_rule(tmp_path: Path) -> None:
+    from export.quantize import quantize_int8_cpu
+
+    src = _fanout_model(tmp_path, same_kernel=False)
+    cache = tmp_path / "ranges-cpu.json"
+    quantize_int8_cpu(src, tmp_path / "a.onnx", _calset(8).reader(), cache=cache)
+    res = quantize_int8_cpu(src, tmp_path / "b.onnx", None, cache=cache, nodes_to_exclude=["cb"])
+    assert res.summary["float_compute_nodes"] == ["c0", "cb"]
+    assert res.info()["nodes_in_float"] == ["cb"] and res.info()["nodes_in_float_for_speed"] == ["c0", "r0"]
+    with pytest.raises(ExportError, match="INT8 form"):
+        quantize_int8(src, tmp_path / "c.onnx", None, cache=cache, form="trt")
+
+
+def test_cli_quantize_cpu_form(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import json
+
+    from export import cli
+
+    src = blur_model(tmp_path / "fp32.onnx")
+    (tmp_path / "manifest.json").write_text(json.dumps(blur_manifest()))
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["quantize", str(src), "--precision", "int8", "--form", "cpu", "--out",
+                              str(tmp_path / "int8_cpu.onnx"), "--manifest", str(tmp_path / "manifest.json"),
+                              "--calib-frames", "16", "--min-frames", "16", "--val-frames", "8", "--no-progress"])
+    assert cli.run(args) == 0
+    assert "cpu form" in capsys.readouterr().out
+    m = onnx.load(str(tmp_path / "int8_cpu.onnx"))
+    zps = {numpy_helper.to_array(i).dtype for i in m.graph.initializer if i.name.endswith("zero_point")}
+    assert np.dtype(np.uint8) in zps

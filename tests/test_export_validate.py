@@ -143,16 +143,27 @@ def test_reference_flow_rewrites_a_bundle(tmp_path: Path) -> None:
     out = cli.export_reference(root, val_frames=16, progress=False)
     b = Bundle.load(root)
     assert out["passed"] and {a.precision for a in b.artifacts} == {"fp32", "fp16", "int8"}
-    assert set(b.manifest["files"]) == {"fp32.onnx", "fp16.onnx", "int8.onnx", "calibration.json",
+    assert set(b.manifest["files"]) == {"fp32.onnx", "fp16.onnx", "int8.onnx", "int8_cpu.onnx", "calibration.json",
                                         "validation.json"}
     int8 = b.artifact("int8")
+    assert int8.file == "int8.onnx" and int8.targets == ("tensorrt", "onnxruntime")
     assert int8.metrics["psnr_db"] > b.artifact("fp32").metrics["psnr_db"] - 0.3
     assert int8.info["qdq"]["nonzero_zero_points"] == 0 and int8.info["bias"] == "float32"
+    cpu = b.artifact("int8", target="onnxruntime-cpu")
+    assert cpu.file == "int8_cpu.onnx" and cpu.targets == ("onnxruntime-cpu",)
+    assert "not for TensorRT" in cpu.info["note"] and cpu.info["activations"].startswith("uint8 asymmetric")
+    assert cpu.info["qdq"]["activation_zero_point_types"].keys() == {"uint8"}
+    assert cpu.metrics["psnr_db"] > b.artifact("fp32").metrics["psnr_db"] - 0.3
+    assert b.artifact("int8", target="tensorrt").file == "int8.onnx"
+    assert set(out["nodes_in_float"]) == {"int8.onnx", "int8_cpu.onnx"}
     cal = json.loads((root / "calibration.json").read_text())
     assert cal["frames"] == 200 and b.manifest["calibration"]["sha256"] == cal["sha256"]
     val = json.loads((root / "validation.json").read_text())
     assert val["passed"] and cal["validation_set_sha256"] == val["validation_set_sha256"]
-    assert set(out["times_s"]) >= {"check", "fp16", "int8 (calibrate + quantize)", "validate candidates"}
+    assert [(c["precision"], c["file"]) for c in val["candidates"]] == [
+        ("fp16", "fp16.onnx"), ("int8", "int8.onnx"), ("int8_cpu", "int8_cpu.onnx")]
+    assert set(out["times_s"]) >= {"check", "fp16", "int8 (calibrate + quantize)", "int8_cpu (calibrate + quantize)",
+                                   "validate candidates"}
 
 
 def test_reference_flow_refuses_a_failing_int8_and_leaves_the_bundle(tmp_path: Path,
@@ -170,3 +181,63 @@ def test_reference_flow_refuses_a_failing_int8_and_leaves_the_bundle(tmp_path: P
     assert sorted(p.name for p in root.iterdir()) == ["fp32.onnx", "manifest.json"]
     failed = json.loads((tmp_path / "out" / "export" / "xr-blur.validation.failed.json").read_text())
     assert failed["passed"] is False and failed["candidates"][-1]["failures"]
+
+
+# -- both INT8 files are candidates: int8.onnx (TensorRT form) and int8_cpu.onnx (ONNX Runtime CPU form) --
+def test_a_failing_cpu_candidate_fails_the_gate_and_is_named(tmp_path: Path, evalset: V.EvalSet,
+                                                             calset: C.CalibrationSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    quantize_int8(fp32, tmp_path / "int8.onnx", calset.reader())
+    damaged = blur_model(tmp_path / "int8_cpu.onnx", damage=0.02)
+    report = V.validate(blur_manifest(), fp32, {"int8": tmp_path / "int8.onnx", "int8_cpu": damaged}, evalset)
+    assert report.candidate("int8").passed and not report.candidate("int8_cpu").passed
+    assert not report.passed
+    assert "int8_cpu (int8_cpu.onnx) FAILED psnr_db" in report.text()
+    data = json.loads(report.write(tmp_path / "v.json").read_text())
+    assert data["passed"] is False and data["failed_files"] == ["int8_cpu.onnx"]
+    with pytest.raises(AccuracyGateError, match=r"int8_cpu \(int8_cpu.onnx\)"):
+        report.raise_if_failed()
+
+
+def test_repair_works_for_the_cpu_form(tmp_path: Path, evalset: V.EvalSet, calset: C.CalibrationSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx", outlier=True)
+    q, nodes = cli._int8_factory(fp32, calset, "minmax", tmp_path, False, "cpu")
+    res = q([], tmp_path / "int8_cpu.onnx")
+    assert res.form == "cpu" and (tmp_path / "ranges-cpu.json").is_file()
+    ref = V.reference(fp32, evalset)
+    report = V.validate(blur_manifest(), fp32, {"int8_cpu": tmp_path / "int8_cpu.onnx"}, evalset, ref=ref)
+    assert not report.passed  # the +500 channel leaves no uint8 resolution for the image either
+    rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp_path, max_float=3, sensitivity_frames=6,
+                       label="int8_cpu")
+    assert rr.report.passed and rr.report.precision == "int8_cpu" and rr.path.name.startswith("int8_cpu-")
+    report.replace("int8_cpu", rr.report, rr.to_dict())
+    assert report.passed and set(report.repairs) == {"int8_cpu"} and report.repair is None
+    assert "repair int8_cpu:" in report.text()
+
+
+def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export validate --bundle B --repair`: candidates default to the bundle's files; a failing CPU form
+    is repaired in place of int8_cpu.onnx while int8.onnx, which passes, is left alone."""
+    root = tmp_path / "xr-blur"
+    root.mkdir()
+    blur_model(root / "fp32.onnx")
+    write_bundle(root, blur_manifest())
+    cli.export_reference(root, val_frames=8, progress=False)
+    assert cli._bundle_candidates(root) == {k: str(root / f) for k, f in
+                                            (("fp16", "fp16.onnx"), ("int8", "int8.onnx"), ("int8_cpu", "int8_cpu.onnx"))}
+    blur_model(root / "int8_cpu.onnx", damage=0.02)  # stands for a CPU form that fails the gate
+    int8_before = (root / "int8.onnx").read_bytes()
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    base = ["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(root / "fp32.onnx"), "--frames", "8",
+            "--no-progress", "--report", str(tmp_path / "v.json")]
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    cands = [f"--candidate=int8={root / 'int8.onnx'}", f"--candidate=int8_cpu={root / 'int8_cpu.onnx'}"]
+    with pytest.raises(AccuracyGateError, match="int8_cpu"):
+        cli.run(parser.parse_args(base + cands))
+    assert cli.run(parser.parse_args(base + cands + ["--repair", "--calib-frames", "16", "--min-frames", "16"])) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["passed"] and list(v["repairs"]) == ["int8_cpu"] and v["repair"] is None
+    assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.onnx"]
+    assert (root / "int8.onnx").read_bytes() == int8_before

@@ -18,12 +18,12 @@ from edge_runtime.runtime import Runtime, RuntimeSet, choose_precision
 from export.bundle_write import write_bundle
 
 
-def _invert_model(path: Path) -> None:
-    """y = 1 - x on [1, 1, H, W]: an 'enhancer' whose output we can compute by hand."""
+def _invert_model(path: Path, op: str = "Sub", value: float = 1.0) -> None:
+    """y = 1 - x on [1, 1, H, W]: an 'enhancer' whose output we can compute by hand (``op``(value, x))."""
     x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "H", "W"])
     y = helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 1, "H", "W"])
-    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
-    graph = helper.make_graph([helper.make_node("Sub", ["one", "image"], ["enhanced"])], "invert", [x], [y], [one])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [value])
+    graph = helper.make_graph([helper.make_node(op, ["one", "image"], ["enhanced"])], "invert", [x], [y], [one])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
@@ -207,3 +207,58 @@ def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_pa
             assert rt.backend is not None and rt.backend.name == "onnxruntime"
             assert rt.backend.allow_spinning is expect
             np.testing.assert_array_equal(rt.process(_xr()).enhanced, 4095 - _xr().pixels)
+
+
+# -- which INT8 file runs: int8_cpu.onnx (target onnxruntime-cpu) on CPU devices, int8.onnx elsewhere ---------
+def _int8_bundle(root: Path, *, cpu_form: bool = True) -> Path:
+    """int8.onnx computes 1 - x (as fp32.onnx), int8_cpu.onnx 0.5 x: the output says which file ran."""
+    _enhance_bundle(root)
+    (root / "int8.onnx").write_bytes((root / "fp32.onnx").read_bytes())
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"].append({"file": "int8.onnx", "kind": "onnx", "precision": "int8",
+                           "targets": ["tensorrt", "onnxruntime"]})
+    if cpu_form:
+        _invert_model(root / "int8_cpu.onnx", "Mul", 0.5)  # y = 0.5 x
+        m["artifacts"].append({"file": "int8_cpu.onnx", "kind": "onnx", "precision": "int8",
+                               "targets": ["onnxruntime-cpu"]})
+    m["validation"] = {"passed": True}
+    write_bundle(root, m)
+    return root
+
+
+def test_cpu_device_runs_the_cpu_int8_artifact_and_says_so(tmp_path: Path) -> None:
+    frame = _xr()
+    with Runtime(_int8_bundle(tmp_path / "b"), "cpu-x86") as rt:
+        assert rt.precision == "int8" and rt.artifact == "int8_cpu.onnx"
+        assert rt.backend is not None and Path(rt.backend.model_path).name == "int8_cpu.onnx"
+        res = rt.process(frame)
+        assert res.provenance["artifact"] == "int8_cpu.onnx" and res.provenance["precision"] == "int8"
+        assert rt.status()["artifact"] == "int8_cpu.onnx"
+    np.testing.assert_allclose(res.enhanced.astype(np.float64), frame.pixels * 0.5, atol=1)  # 0.5 x: int8_cpu ran
+
+
+def test_gpu_device_uses_the_int8_file_that_runs_everywhere(tmp_path: Path) -> None:
+    """On a GPU config (ONNX Runtime here: no TensorRT in the test environment) int8.onnx runs, never the
+    CPU-only form; the target is None for every non-CPU device, so TensorRT builds from int8.onnx too."""
+    from edge_runtime.runtime import onnx_target
+
+    frame = _xr()
+    with Runtime(_int8_bundle(tmp_path / "b"), "x86-dgpu", precision="int8") as rt:
+        assert rt.artifact == "int8.onnx" and rt._onnx_path().name == "int8.onnx"
+        res = rt.process(frame)
+    assert res.provenance["artifact"] == "int8.onnx"
+    np.testing.assert_array_equal(res.enhanced, 4095 - frame.pixels)
+    assert onnx_target(load_config("cpu-x86")) == "onnxruntime-cpu"
+    for name in ("x86-dgpu", "jetson-orin-nx-16gb", "jetson-nano"):
+        assert onnx_target(load_config(name)) is None
+        assert onnx_target(load_config(name), "onnxruntime") is None
+
+
+def test_cpu_device_falls_back_to_int8_onnx_without_a_cpu_form(tmp_path: Path) -> None:
+    with Runtime(_int8_bundle(tmp_path / "b", cpu_form=False), "cpu-x86") as rt:
+        assert rt.precision == "int8" and rt.artifact == "int8.onnx"
+        res = rt.process(_xr())
+    assert res.provenance["artifact"] == "int8.onnx"
+    np.testing.assert_array_equal(res.enhanced, 4095 - _xr().pixels)
+    with Runtime(_int8_bundle(tmp_path / "c"), "cpu-x86", precision="fp32") as rt:
+        assert rt.artifact == "fp32.onnx" and rt.process(_xr()).provenance["artifact"] == "fp32.onnx"
