@@ -45,10 +45,11 @@ def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path) -> None:
         assert "ap50" in m["metrics"] and "params" in m["baselines"]
 
 
-def test_training_is_deterministic_for_a_seed(tmp_path) -> None:
+@pytest.mark.parametrize("name", ["us-despeckle", "xr-denoise"])
+def test_training_is_deterministic_for_a_seed(name: str, tmp_path) -> None:
     weights = []
     for run in ("a", "b"):
-        train("us-despeckle", tmp_path / run, **SMOKE)
+        train(name, tmp_path / run, **SMOKE)
         proto = onnx.load(str(tmp_path / run / "fp32.onnx"))
         weights.append({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer})
     assert weights[0].keys() == weights[1].keys()
@@ -91,3 +92,29 @@ def test_detection_batch_flip_keeps_boxes_on_their_objects() -> None:
         x, heat, *_ = data.sample_detection_batch(ds, rng, 1, None, 1, 4)
         iy, ix = np.unravel_index(heat[0, 0].argmax(), heat[0, 0].shape)
         assert x[0, 0, iy * 4 + 2, ix * 4 + 2] == 1.0
+
+
+def test_xr_vst_matches_the_phantom_detector_and_starts_as_identity() -> None:
+    import torch
+
+    from edge_runtime import phantoms
+    from export.training.models import build
+    from export.training.train import XR_VST
+
+    # exp(offset - scale * x) is sqrt(counts / counts in air) for the phantom's stored values.
+    mu = np.array([0.0, 1.0, 3.0, 5.0])
+    x = (phantoms.XR_OFFSET + phantoms.XR_GAIN * mu) / (2 ** phantoms.XR_BITS - 1)
+    np.testing.assert_allclose(np.exp(XR_VST["offset"] - XR_VST["scale"] * x), np.exp(-mu / 2), rtol=1e-5)
+    net = build("denoise_unet", RECIPES["xr-denoise"].arch).eval()
+    img = torch.rand(1, 1, 32, 48)
+    with torch.no_grad():  # zero-initialised last conv: Exp then Log gives the input back
+        np.testing.assert_allclose(net(img).numpy(), img.numpy(), atol=1e-6)
+    # The transform is opt-in: the other recipes' architectures have none.
+    assert all("vst" not in r.arch for n, r in RECIPES.items() if n != "xr-denoise")
+
+
+def test_xr_training_doses_bracket_the_evaluation_dose() -> None:
+    from export.training.train import XR_EVAL_DOSE, XR_TRAIN_DOSE
+
+    doses = [data.xr_dose(s, *XR_TRAIN_DOSE) for s in data.train_seeds(0, 500)]
+    assert XR_TRAIN_DOSE[0] <= min(doses) < XR_EVAL_DOSE < max(doses) <= XR_TRAIN_DOSE[1]

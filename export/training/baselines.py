@@ -54,14 +54,20 @@ FILTERS: dict[str, Callable[..., np.ndarray]] = {"nlm": nlm, "bilateral": bilate
 def filter_grid(bits: int) -> dict[str, list[dict[str, Any]]]:
     """Parameter grids, in the frame's stored units (bits_stored)."""
     s = (2 ** bits - 1) / 255.0  # grids written for 8-bit, scaled to the bit depth
+    nlm_h = [5, 10, 15, 20, 30, 40, 55, 70, 90, 120]
+    bil = list(itertools.product((5, 9, 15, 21), (10, 25, 50, 100, 200), (3, 6, 10)))
     if bits <= 8:
         med = [3, 5, 7, 9, 11, 13, 15, 19, 25]
     else:
         med = [3, 5]
+        # 12-bit X-ray: the 8-bit grids put the best NLM h and the best bilateral (smallest d and
+        # sigma_space) on the grid's edge, so finer / smaller values are added (a superset: the
+        # tuned filters can only get better on the tuning frames).
+        nlm_h = sorted({*nlm_h, 2, 3, 4, 6, 7, 8, 12})
+        bil += [v for v in itertools.product((3, 5, 7, 9), (25, 35, 50, 70), (1, 1.5, 2, 2.5)) if v not in bil]
     return {
-        "nlm": [{"h": h * s} for h in (5, 10, 15, 20, 30, 40, 55, 70, 90, 120)],
-        "bilateral": [{"d": d, "sigma_color": c * s, "sigma_space": sp}
-                      for d, c, sp in itertools.product((5, 9, 15, 21), (10, 25, 50, 100, 200), (3, 6, 10))],
+        "nlm": [{"h": h * s} for h in nlm_h],
+        "bilateral": [{"d": d, "sigma_color": c * s, "sigma_space": sp} for d, c, sp in bil],
         "median": [{"k": k} for k in med],
     }
 

@@ -8,7 +8,9 @@
   first (the network then works on a quarter-resolution grid with 16 channels, which is what
   makes 512x512 real time on two CPU cores), three U-Net levels, pixel-shuffle back, and the
   output is the input minus the predicted noise. Fully convolutional; H and W must be
-  multiples of 16 (the pre-processor pads).
+  multiples of 16 (the pre-processor pads). Optionally (config ``vst``, used by xr-denoise) the
+  U-Net works behind a variance-stabilising transform for log-domain X-ray values: Exp before,
+  Log after, both inside the exported graph.
 
 Both use Conv-BN-ReLU blocks; ``fuse()`` folds every BatchNorm into its conv before export, so
 the ONNX initializers carry the same names as the fused module's state_dict (which is how the
@@ -114,11 +116,16 @@ class ExportDetector(nn.Module):
 
 
 class DenoiseUNet(nn.Module):
-    def __init__(self, widths: tuple[int, int, int] = (32, 48, 64), factor: int = 4, in_ch: int = 1) -> None:
+    def __init__(self, widths: tuple[int, int, int] = (32, 48, 64), factor: int = 4, in_ch: int = 1,
+                 vst: dict[str, float] | None = None) -> None:
         super().__init__()
         c1, c2, c3 = widths
         f2 = factor * factor * in_ch
         self.config: dict[str, Any] = {"widths": list(widths), "factor": factor, "in_ch": in_ch}
+        # Optional variance-stabilising transform for log-domain X-ray images (see ``forward``).
+        self.vst = None if vst is None else (float(vst["scale"]), float(vst["offset"]), float(vst["floor"]))
+        if vst is not None:
+            self.config["vst"] = dict(vst)
         self.multiple = factor * 4
         self.down = nn.PixelUnshuffle(factor)
         self.up = nn.PixelShuffle(factor)
@@ -135,6 +142,18 @@ class DenoiseUNet(nn.Module):
             nn.init.zeros_(last.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.vst is None:
+            return self._residual(image)
+        # X-ray stored values are a log of the detected quanta: x = (offset + mu) / scale with
+        # counts ~ exp(-mu). exp(offset - scale * x) is then sqrt(counts / counts_air), whose
+        # Poisson noise has (nearly) the same std everywhere: the Anscombe idea. The network
+        # denoises there and the result goes back to the stored (log) domain; ``floor`` keeps
+        # the log finite. Both are plain Exp / Log nodes in the ONNX graph.
+        scale, offset, floor = self.vst
+        t = self._residual(torch.exp(offset - scale * image))
+        return (offset - torch.log(torch.clamp(t, min=floor))) / scale
+
+    def _residual(self, image: torch.Tensor) -> torch.Tensor:
         z = self.down(image)
         a = self.e1(z)
         b = self.e2(a)
@@ -150,7 +169,8 @@ def build(family: str, config: dict[str, Any]) -> nn.Module:
         return CenterNetLite(config["num_classes"], tuple(config["widths"]), config["stride"],
                              config["head"], config.get("in_ch", 1))
     if family == "denoise_unet":
-        return DenoiseUNet(tuple(config["widths"]), config["factor"], config.get("in_ch", 1))  # type: ignore[arg-type]
+        return DenoiseUNet(tuple(config["widths"]), config["factor"], config.get("in_ch", 1),  # type: ignore[arg-type]
+                           config.get("vst"))
     raise ValueError(f"unknown family {family!r}")
 
 
