@@ -10,8 +10,8 @@ For each shipped reference model (FP32 artefact, so all three run the same graph
   plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
           (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);
   cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX) with the same hand-written pre/post.
-The three run interleaved frame by frame so they see the same machine load. Also reported: our
-runtime overhead = (preprocess + postprocess + bookkeeping) / backend.infer, target <= 15%, and
+They run interleaved in blocks of frames, in random order, so they see the same machine load. Also
+reported: our runtime overhead = (preprocess + postprocess + bookkeeping) / backend.infer, target <= 15%, and
 the INT8 artefact through our Runtime. Latency in ms, p50/p99 over --frames frames after warm-up.
 """
 
@@ -42,7 +42,8 @@ from edge_runtime.runtime import Runtime, reference_bundles
 from edge_runtime.telemetry import summarize
 
 THREADS = 2
-BLOCK = 10  # frames per peer before the next peer runs
+BLOCK = 12  # frames per peer before the next peer runs
+SETTLE = 2  # of which the first are not recorded (see bench_model)
 
 
 def frames_for(bundle: Bundle, n: int) -> list[Frame]:
@@ -143,17 +144,22 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
     for fn in peers.values():
         for i in range(warmup):
             fn(frames[i % len(frames)])
-    # Blocks of BLOCK frames per peer, the peer order rotating every block: load drifts hit all
-    # peers alike, and a session whose threads spin after a run (ONNX Runtime's default) slows
-    # only the first frame of the next peer's block, not every frame of it.
-    for b in range(-(-n // BLOCK)):
-        for key in keys[b % len(keys):] + keys[:b % len(keys)]:
+    # Blocks of BLOCK frames per peer, in a fresh random order every block: load drifts hit all
+    # peers alike and no peer always follows the same one. The first SETTLE frames of a block are
+    # not recorded: threads of the peer before (ONNX Runtime spins after a run by default, and so
+    # does OpenCV's pool) keep a core busy for a while, and that cost belongs to neither peer's
+    # steady state.
+    order = np.random.default_rng(0)
+    for b in range(-(-n // (BLOCK - SETTLE))):
+        for key in order.permutation(keys):
             fn = peers[key]
             for j in range(BLOCK):
                 frame = frames[(b * BLOCK + j) % len(frames)]
                 t0 = time.perf_counter()
                 res = fn(frame)
                 dt = (time.perf_counter() - t0) * 1e3
+                if j < SETTLE:
+                    continue
                 wall[key].append(dt)
                 if key == "ours_fp32":
                     t = res.timings_ms
