@@ -140,6 +140,7 @@ class Bundle:
         files = m["files"]
         if not isinstance(files, dict):
             raise BundleError(f"{where}: " + expected("files as an object {path: sha256}", type(files).__name__))
+        seen: dict[tuple[Any, Any], list[set[str]]] = {}  # (kind, precision) -> targets of each artefact
         for a in m["artifacts"]:
             if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
                 raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
@@ -151,6 +152,12 @@ class Bundle:
                     f"targets as a non-empty list of {TARGETS} (or no targets: every backend)", targets))
             if a.get("file") not in files:
                 raise BundleError(f"{where}: " + expected(f"artifact {a.get('file')!r} listed in files", "not listed"))
+            # Two artefacts of one kind and precision must not both serve a target: which would run?
+            mine = set(targets or TARGETS)
+            if any(mine & other for other in seen.get((a["kind"], a["precision"]), [])):
+                raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
+                    f"targets disjoint from the other {a['kind']} {a['precision']} artefact's", sorted(mine)))
+            seen.setdefault((a["kind"], a["precision"]), []).append(mine)
         for rel in files:
             p = Path(rel)
             if p.is_absolute() or ".." in p.parts:

@@ -45,14 +45,15 @@ Profiled per node on the reference models (2 threads), what kept INT8 at ~1.0x o
   and quantisation starts at its output (TensorRT builds it in float: no Q/DQ around it).
 
 INT8 for ONNX Runtime on the CPU (``form="cpu"``, :func:`quantize_int8_cpu`, the bundle's ``int8_cpu.onnx``):
-even with the graph forms above, the symmetric file reaches only 1.2-1.45x of FP32 on x86, because ORT's
+even with the graph forms above, the symmetric file reaches only 1.03-1.10x of FP32 on x86 (quiet machine;
+1.2-1.45x with the cores loaded), because ORT's
 x86 int8 kernels want uint8 activations (ReLU folds into an asymmetric uint8 Q whose zero point is the
 type's minimum; a tensor read by several nodes stays uint8 instead of falling back to float). The CPU form
 is QDQ with asymmetric uint8 activations (calibrated zero points) and the same symmetric per-channel int8
 weights: same calibration frames and method (its own range cache: ranges are not symmetrised), same
 pre-processing (sibling convs merged), ``nodes_to_exclude`` honoured, Relu left for ORT's quantiser to fold
 (no LeakyRelu rewrite, no kept activations, no dedicated pairs: none of that is needed in uint8). Measured
-1.56-1.90x of FP32 on the reference models. TensorRT refuses it (non-zero zero points, uint8), so bundles
+1.07-1.57x of FP32 on the reference models on a quiet 2-core machine (1.56-1.90x under load). TensorRT refuses it (non-zero zero points, uint8), so bundles
 carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).
 """
 

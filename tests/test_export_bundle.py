@@ -155,3 +155,18 @@ def test_unknown_or_empty_targets_are_refused(tmp_path: Path) -> None:
         (root / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match="targets"):
             Bundle.load(root)
+
+
+def test_two_artefacts_that_serve_the_same_target_are_refused(tmp_path: Path) -> None:
+    """int8.onnx and int8_cpu.onnx may share a precision only because their targets differ."""
+    root = _two_int8(tmp_path)
+    m = json.loads((root / "manifest.json").read_text())
+    cpu = next(a for a in m["artifacts"] if a["file"] == "int8_cpu.onnx")
+    for overlapping in (["onnxruntime"], None):  # names a target of int8.onnx / no targets = every backend
+        if overlapping is None:
+            cpu.pop("targets", None)
+        else:
+            cpu["targets"] = overlapping
+        (root / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(BundleError, match="disjoint"):
+            Bundle.load(root)

@@ -83,12 +83,13 @@ def test_shm_frame_round_trip_is_a_read_only_view_and_a_rewrite_is_detected() ->
     ({"name": "../etc/passwd"}, "bad_shm"),
     ({"name": ".."}, "bad_shm"),
     ({"name": 5}, "bad_shm"),
+    ({"name": "PostgreSQL.1234"}, "bad_shm"),  # another program's segment: not ours by name
     ({"offset": -1}, "bad_shm"),
     ({"offset": True}, "bad_shm"),
     ({"offset": 1 << 40}, "bad_shm"),
     ({"gen_offset": 3}, "bad_shm"),
     ({"gen": 0}, "bad_shm"),
-    ({"name": "edge-no-such-segment"}, "shm_unavailable"),
+    ({"name": "edge-1-000000000000"}, "shm_unavailable"),
 ])
 def test_bad_shm_references_are_rejected(change: dict, reason: str) -> None:
     ring, shm = ShmRing(_pixels(0).nbytes, 1), ShmMap()
@@ -226,3 +227,76 @@ def test_run_command_turns_shared_memory_on(capsys: pytest.CaptureFixture[str]) 
     assert "results" in capsys.readouterr().out
     assert main([*base, "--shared-memory", "--mode", "thread"]) != 0
     assert "shared_memory" in capsys.readouterr().err
+
+
+def test_a_rejected_frame_does_not_credit_an_earlier_frame_still_in_the_model(tmp_path: Path) -> None:
+    """Credits are cumulative and the source frees slots oldest first, so a frame rejected while an
+    earlier one is still being processed must be credited only after that one: otherwise its slot
+    would be released (and could be rewritten) under the model."""
+    ep = Endpoints.ipc(tmp_path)
+    ctx = zmq.Context()
+    router, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
+    router.bind(ep.frames)
+    pull.bind(ep.collect)
+    stop = threading.Event()
+    worker = WorkerNode(BuiltinProcessor("hold:400"), ep, NodeSettings(heartbeat_s=0.1), name="w", window=2, shm=True)
+    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
+    thread.start()
+    px = _pixels(1)
+    ring = ShmRing(px.nbytes, 2)
+    try:
+        assert router.poll(5000)
+        ident, _ = router.recv_multipart()
+        t0 = time.monotonic()
+        router.send_multipart([ident, *protocol.encode_frame(Frame(pixels=px, bits_stored=12, seq=1),
+                                                             ring.write(0, px))])
+        time.sleep(0.05)
+        bad = json.loads(protocol.encode_frame(Frame(pixels=px, bits_stored=12, seq=2), ring.write(1, px))[0])
+        bad["shape"] = [9000, 2]  # dims the worker rejects
+        router.send_multipart([ident, json.dumps(bad).encode()])
+        credits = []  # (seconds since frame 1, done)
+        while time.monotonic() - t0 < 1.5:
+            if router.poll(20):
+                h = json.loads(router.recv_multipart()[1])
+                if "done" in h:
+                    credits.append((time.monotonic() - t0, h["done"]))
+        # Frame 1 is held 400 ms: no credit may cover anything before that, then both at once.
+        assert all(done == 0 for t, done in credits if t < 0.35), credits
+        assert credits and credits[-1][1] == 2, credits
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close(0)
+        pull.close(0)
+        ctx.term()
+        ring.close()
+
+
+def test_supervisor_unlinks_the_ring_of_a_killed_source(tmp_path: Path) -> None:
+    """A source killed with SIGKILL cannot unlink its segment; the supervisor does, by its pid."""
+    import signal
+
+    from edge_runtime.pipeline.supervisor import Supervisor
+
+    before = set(os.listdir("/dev/shm"))
+    config = PipelineConfig(mode="process", policy="latest", shared_memory=True, shm_slots=2, duration_s=5.0)
+    sup = Supervisor(SyntheticSource(count=None, shape=(64, 64), dtype="uint16"), BuiltinProcessor("hold:5"), config)
+    sup.start()
+    killed: list[str] = []
+    try:
+        deadline = time.monotonic() + 4
+        while not killed and time.monotonic() < deadline:
+            pid = sup.handle("source").pid
+            ours = [n for n in os.listdir("/dev/shm") if pid is not None and n.startswith(f"edge-{pid}-")]
+            if ours:
+                killed.extend(ours)
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        while not sup.wait(0.2):
+            pass
+    finally:
+        report = sup.report() if sup.wait(0) else sup.stop()
+    assert killed, "the source never created its ring"
+    assert report.restarts >= 1
+    leftover = set(os.listdir("/dev/shm")) - before
+    assert not any(n in leftover for n in killed), leftover

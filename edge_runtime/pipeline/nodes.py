@@ -611,6 +611,11 @@ class WorkerNode:
                                   name=f"{identity}-process")
         thread.start()
         pending = done = 0
+        # ``done`` tells the source how many frames, in arrival order, it may forget (and whose
+        # shared-memory slots it may reuse). A frame rejected while earlier ones are still being
+        # processed is counted only after them: entries are the number of accepted frames ahead.
+        accepted = finished = 0
+        rejected_behind: deque[int] = deque()
         hung = False
         busy_since = 0.0  # when the oldest frame still in this worker arrived
         last_sent = 0.0
@@ -642,7 +647,7 @@ class WorkerNode:
                 frame.pixels = frame.pixels.copy()
 
         def deliver() -> None:
-            nonlocal pending, done, busy_since
+            nonlocal pending, done, busy_since, finished
             delivered = False
             while True:
                 try:
@@ -652,6 +657,10 @@ class WorkerNode:
                 ref = shm_refs.popleft()
                 pending -= 1
                 done += 1
+                finished += 1
+                while rejected_behind and rejected_behind[0] <= finished:
+                    rejected_behind.popleft()
+                    done += 1
                 delivered = True
                 busy_since = time.monotonic()
                 if ref is not None and shm is not None:
@@ -711,13 +720,17 @@ class WorkerNode:
                                 log.warning("%s: cannot use shared-memory frames (%s): asking for inline pixels",
                                             identity, str(exc)[:200])
                                 announce_shm = False
-                            done += 1  # the source counted it in flight: hand the credit back
-                            tell_source("credit")
+                            if accepted == finished:  # the source counted it in flight: credit it back now
+                                done += 1
+                                tell_source("credit")
+                            else:  # behind frames still in the model: credited when they are done
+                                rejected_behind.append(accepted)
                             continue
                         m.frame.stamps["worker_recv"] = time.monotonic_ns()
                         if not pending:
                             busy_since = time.monotonic()
                         pending += 1
+                        accepted += 1
                         shm_refs.append(m.shm)
                         inbox.put(m.frame)
                 if waker.r in events:

@@ -413,7 +413,7 @@ def decode_result(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFA
 def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS, shm: ShmMap | None = None) -> Message:
     """Validate and decode any message; raises BadMessage with a reason code.
 
-    ``shm``: where a worker maps shared-memory frames; without it such a frame is rejected (``bad_shm``).
+    ``shm``: where a worker maps shared-memory frames; without it such a frame is rejected (``shm_unavailable``).
     """
     if not parts:
         raise BadMessage("bad_parts", expected("at least a header part", 0))
@@ -445,7 +445,10 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS, shm: ShmMap | 
 # --------------------------------------------------------------------------- shared-memory payloads (3.1)
 
 SHM_DIR = "/dev/shm"  # where POSIX shm_open() names live on Linux
-SHM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+SHM_PREFIX = "edge-"
+# Only segments a ShmRing made ("edge-<source pid>-<12 hex>"): a header cannot make a worker map
+# another program's (or another pipeline's differently named) shared memory.
+SHM_NAME_RE = re.compile(r"^edge-\d{1,10}-[0-9a-f]{12}$")
 SHM_ALIGN = 4096  # slots start on page boundaries
 
 
@@ -473,12 +476,25 @@ class ShmRing:
         self.slots = slots
         self.slot_bytes = _round_up(slot_bytes, SHM_ALIGN)
         self.data_offset = _round_up(8 * slots, SHM_ALIGN)
-        name = f"edge-{os.getpid()}-{os.urandom(6).hex()}"
-        # Mode 0600 (Python's default for shm_open): only processes of the same user map it. The
-        # resource tracker unlinks it if this process dies without close().
-        self.segment = shared_memory.SharedMemory(name=name, create=True,
-                                                  size=self.data_offset + slots * self.slot_bytes)
+        name = f"{SHM_PREFIX}{os.getpid()}-{os.urandom(6).hex()}"
+        # Mode 0600 (Python's default for shm_open): only processes of the same user map it. If this
+        # process dies without close(), the supervisor unlinks it (unlink_orphans), since the
+        # resource tracker of a spawned node is the supervisor's and lives on.
+        size = self.data_offset + slots * self.slot_bytes
+        self.segment = shared_memory.SharedMemory(name=name, create=True, size=size)
         self.name = self.segment.name.lstrip("/")
+        try:
+            # tmpfs allocates pages lazily: without this, a full /dev/shm would surface as SIGBUS on
+            # the first write instead of an error the source can answer by sending inline.
+            fd = os.open(os.path.join(SHM_DIR, self.name), os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError:
+            self.segment.close()
+            self.segment.unlink()
+            raise
         self._gens = np.ndarray((slots,), dtype="<u8", buffer=self.segment.buf)
         self._gens[:] = 0
         self._data = np.ndarray((slots * self.slot_bytes,), dtype=np.uint8, buffer=self.segment.buf,
@@ -521,6 +537,24 @@ class ShmRing:
             self.segment.unlink()
         except FileNotFoundError:
             pass
+
+
+def unlink_orphans(pid: int) -> list[str]:
+    """Unlink the segments a source process ``pid`` left behind (it was killed or crashed); returns
+    their names. Workers that still map one keep their mapping; the memory goes with the last one."""
+    gone: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return gone
+    for name in names:
+        if name.startswith(f"{SHM_PREFIX}{pid}-") and SHM_NAME_RE.match(name):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                gone.append(name)
+            except OSError:
+                pass
+    return gone
 
 
 class ShmMap:
@@ -568,7 +602,7 @@ class ShmMap:
             raise BadMessage("bad_shm", expected("shm {name, offset, gen_offset, gen}", type(ref).__name__))
         name = ref.get("name")
         if not isinstance(name, str) or not SHM_NAME_RE.match(name):
-            raise BadMessage("bad_shm", expected("a segment name of [A-Za-z0-9_.-], 1-64 chars", str(name)[:64]))
+            raise BadMessage("bad_shm", expected("a segment name edge-<pid>-<12 hex digits>", str(name)[:64]))
         values: list[int] = []
         for key in ("offset", "gen_offset", "gen"):
             v = ref.get(key)

@@ -442,9 +442,17 @@ class Supervisor:
         except zmq.Again:
             log.warning("supervisor event %s not delivered (hub busy)", event)
 
+    def _unlink_source_memory(self, h: NodeHandle) -> None:
+        """A source process that died without closing its shared-memory ring (SIGKILL, crash) would
+        leave it in /dev/shm for as long as the supervisor runs: unlink it by the source's pid."""
+        if h.kind == "source" and self.config.shared_memory and h.pid is not None and not h.alive():
+            for name in protocol.unlink_orphans(h.pid):
+                log.warning("%s: unlinked its orphaned shared-memory segment %s", h.name, name)
+
     def _on_exit(self, h: NodeHandle, now: float) -> None:
         code = h.exitcode()
         h.exited_at, h.last_exit = now, code
+        self._unlink_source_memory(h)
         if h.kind == "source" and code in (EXIT_OK, EXIT_SOURCE_FAILED):
             h.finished = True
             self.source_ended = code
@@ -508,6 +516,7 @@ class Supervisor:
                 h.request_stop()
             for h in by_kind[kind]:
                 h.join(timeout)
+                self._unlink_source_memory(h)
         self._hub_stop.set()
         self._hub_thread.join(s.drain_s + 5.0)
         for h in by_kind["recorder"]:  # it exits by itself on the hub's "end"; SIGTERM if it does not
