@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate benchmarks/RESULTS.md from their JSON.
 
-    edge-runtime bench [--only transport,runtime,export,stream] [--stream-seconds 600] [--render-only]
+    edge-runtime bench [--only transport,runtime,export,export_1t,stream] [--stream-seconds 600] [--render-only]
 
 Each benchmark runs as its own process (a quiet interpreter, no state shared with the others) and
 writes JSON under out/bench/; RESULTS.md is rendered from those files only, so every figure in it
@@ -27,6 +27,7 @@ BENCHES = {  # name -> (module, extra args)
     "transport": ("benchmarks.bench_transport", ["--frames", "1000"]),
     "runtime": ("benchmarks.bench_runtime", ["--frames", "300"]),
     "export": ("benchmarks.bench_export", ["--repair"]),
+    "export_1t": ("benchmarks.bench_export", ["--threads", "1", "--skip-steps"]),
     "stream": ("benchmarks.bench_stream", []),
 }
 
@@ -133,6 +134,21 @@ def render_export(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_export_1t(d: dict[str, Any]) -> list[str]:
+    """The same INT8-vs-FP32 timing with one intra-op thread: a model that has a core to itself, as
+    when a 2-core device runs two models or the source and sinks take the other core."""
+    lines = ["Same files, same interleaved timing, `--threads 1`.", "",
+             "| model | FP32 p50 (ms) | INT8 (TensorRT form) | INT8 CPU | speed-up INT8 / INT8 CPU (p50) | load avg |",
+             "|---|---|---|---|---|---|"]
+    for name, r in d["models"].items():
+        lat = r["latency"]
+        cells = [_f(lat[p]["p50_ms"]) if p in lat else "n/a" for p in ("fp32", "int8", "int8_cpu")]
+        load = f"{_f(lat['loadavg_before'][0])} -> {_f(lat['loadavg_after'][0])}" if "loadavg_before" in lat else "?"
+        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
+                     f"{_f(lat.get('int8_cpu_speedup_p50'))} | {load} |")
+    return lines
+
+
 def render_stream(d: dict[str, Any]) -> list[str]:
     png = OUT / "stream_latency.png"
     picture = []
@@ -154,6 +170,7 @@ def render_stream(d: dict[str, Any]) -> list[str]:
 RENDER = {"transport": ("Transport: our protocol vs bare pyzmq vs imagezmq", render_transport),
           "runtime": ("Runtime: ours vs plain ONNX Runtime vs OpenCV DNN", render_runtime),
           "export": ("Export: time per step, INT8 vs FP32 on the CPU", render_export),
+          "export_1t": ("INT8 vs FP32 with one intra-op thread", render_export_1t),
           "stream": ("Streaming: 30 fps 512x512 ultrasound, detection + enhancement", render_stream)}
 
 
@@ -185,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             if name == "stream":
                 extra = ["--seconds", str(args.stream_seconds)]
             out = str(OUT / f"{name}.json")
-            cmd = [sys.executable, "-m", module, *([out] if name == "export" else ["--out", out]), *extra]
+            cmd = [sys.executable, "-m", module, *([out] if name.startswith("export") else ["--out", out]), *extra]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
     RESULTS.write_text(render())
