@@ -613,8 +613,8 @@ class WorkerNode:
         pending = done = 0
         # ``done`` tells the source how many frames, in arrival order, it may forget (and whose
         # shared-memory slots it may reuse). A frame rejected while earlier ones are still being
-        # processed is counted only after them: entries are the number of accepted frames ahead.
-        accepted = finished = 0
+        # processed is counted only after them: entries are how many frames must have finished first.
+        finished = 0
         rejected_behind: deque[int] = deque()
         hung = False
         busy_since = 0.0  # when the oldest frame still in this worker arrived
@@ -720,17 +720,16 @@ class WorkerNode:
                                 log.warning("%s: cannot use shared-memory frames (%s): asking for inline pixels",
                                             identity, str(exc)[:200])
                                 announce_shm = False
-                            if accepted == finished:  # the source counted it in flight: credit it back now
+                            if not pending:  # the source counted it in flight: credit it back now
                                 done += 1
                                 tell_source("credit")
                             else:  # behind frames still in the model: credited when they are done
-                                rejected_behind.append(accepted)
+                                rejected_behind.append(finished + pending)
                             continue
                         m.frame.stamps["worker_recv"] = time.monotonic_ns()
                         if not pending:
                             busy_since = time.monotonic()
                         pending += 1
-                        accepted += 1
                         shm_refs.append(m.shm)
                         inbox.put(m.frame)
                 if waker.r in events:
