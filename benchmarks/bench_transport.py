@@ -58,6 +58,13 @@ def frames_for(size: int) -> tuple[SyntheticSource, list[np.ndarray]]:
     return source, source._images()
 
 
+def _reap(proc: Any) -> None:
+    """Wait for a benchmark peer process to finish; kill it if it hangs."""
+    proc.join(5)
+    if proc.is_alive():
+        proc.kill()
+
+
 # --------------------------------------------------------------------------- 1. header cost
 
 
@@ -166,9 +173,7 @@ def hop_latency(images: list[np.ndarray], endpoint: str, n: int, block: int = 50
     finally:
         sock.close(linger=0)
         ctx.term()
-        server.join(5)
-        if server.is_alive():
-            server.kill()
+        _reap(server)
     res: dict[str, Any] = {"unit": "us", "endpoint": endpoint.split("://")[0]}
     for kind, series in out.items():
         res[kind] = {m: summarize(v) for m, v in series.items()}
@@ -217,9 +222,7 @@ def imagezmq_throughput(images: list[np.ndarray], n: int) -> dict[str, Any]:
         elapsed = time.perf_counter() - t0
     finally:
         sender.zmq_socket.close(linger=0)
-        hub.join(5)
-        if hub.is_alive():
-            hub.kill()
+        _reap(hub)
     return {"fps": round(n / elapsed, 1), "frames": n, "per_frame_us": summarize(per),
             "imagezmq_version": getattr(imagezmq, "__version__", "?")}
 
@@ -276,9 +279,7 @@ def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: i
     finally:
         router.close(linger=0)
         ctx.term()
-        worker.join(5)
-        if worker.is_alive():
-            worker.kill()
+        _reap(worker)
     return {"fps": round(n / elapsed, 1), "frames": n, "window": window, "transport": endpoint.split("://")[0]}
 
 

@@ -51,6 +51,11 @@ def _f(v: Any, nd: int = 2) -> str:
     return f"{v:.{nd}f}" if isinstance(v, (int, float)) else str(v)
 
 
+def _load_span(lat: dict[str, Any]) -> str:
+    """1-minute load average before -> after a model's export timing."""
+    return f"{_f(lat['loadavg_before'][0])} -> {_f(lat['loadavg_after'][0])}" if "loadavg_before" in lat else "?"
+
+
 def render_transport(d: dict[str, Any]) -> list[str]:
     lines = [(f"Frames: {d['frame']['shape'][0]}x{d['frame']['shape'][1]} {d['frame']['dtype']} "
              f"({d['frame']['mib']} MiB). Load average {d['machine']['load1_at_start']} -> "
@@ -118,7 +123,7 @@ def render_export(d: dict[str, Any]) -> list[str]:
         if failed:
             gate += f" ({', '.join(failed)})"
         steps = r.get("steps", {})
-        load = f"{_f(lat['loadavg_before'][0])} -> {_f(lat['loadavg_after'][0])}" if "loadavg_before" in lat else "?"
+        load = _load_span(lat)
         lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
                      f"{_f(lat.get('int8_cpu_speedup_p50'))} | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
     lines.append("")
@@ -143,7 +148,7 @@ def render_export_1t(d: dict[str, Any]) -> list[str]:
     for name, r in d["models"].items():
         lat = r["latency"]
         cells = [_f(lat[p]["p50_ms"]) if p in lat else "n/a" for p in ("fp32", "int8", "int8_cpu")]
-        load = f"{_f(lat['loadavg_before'][0])} -> {_f(lat['loadavg_after'][0])}" if "loadavg_before" in lat else "?"
+        load = _load_span(lat)
         lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
                      f"{_f(lat.get('int8_cpu_speedup_p50'))} | {load} |")
     return lines
