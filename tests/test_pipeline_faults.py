@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from edge_runtime.errors import BundleError
 from edge_runtime.frames import Frame
 from edge_runtime.pipeline import protocol
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
-from edge_runtime.pipeline.nodes import Endpoints, NodeSettings, WorkerNode
+from edge_runtime.pipeline.nodes import NodeSettings
 from edge_runtime.pipeline.protocol import Limits
 from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
 from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pipeline
@@ -92,18 +91,10 @@ def test_malformed_and_oversized_messages_are_counted_and_the_stream_goes_on(tmp
     assert report.restarts == 0
 
 
-def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(tmp_path: Path) -> None:
+def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(lone_worker) -> None:
     """Drive one WorkerNode from a hand-made source: the credit protocol as a client in another language sees it."""
-    ep = Endpoints.ipc(tmp_path)
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    pull = ctx.socket(zmq.PULL)
-    router.bind(ep.frames)
-    pull.bind(ep.collect)
-    stop = threading.Event()
-    worker = WorkerNode(BuiltinProcessor("detect"), ep, NodeSettings(heartbeat_s=0.2), name="wx")
-    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
-    thread.start()
+    w = lone_worker(BuiltinProcessor("detect"), name="wx")
+    router, pull, stop, thread = w.router, w.pull, w.stop, w.thread
 
     def ready(done: int) -> tuple[bytes, dict]:
         """The worker's next credit (or idle heartbeat, which repeats it) reporting ``done`` frames."""
@@ -146,9 +137,6 @@ def test_worker_rejects_a_bad_frame_hands_back_the_credit_and_serves_the_next(tm
     finally:
         stop.set()
         thread.join(5)
-        router.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
 
 
 def test_a_model_failing_on_one_frame_is_an_error_event_not_a_crash() -> None:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from edge_runtime.errors import ConfigError, ProtocolError
 from edge_runtime.frames import Frame
 from edge_runtime.pipeline import protocol
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource, pixel_crc
-from edge_runtime.pipeline.nodes import Endpoints, NodeSettings, WorkerNode
+from edge_runtime.pipeline.nodes import Endpoints
 from edge_runtime.pipeline.protocol import BadMessage, ShmMap, ShmRing
 from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
 from edge_runtime.pipeline.supervisor import PipelineConfig, run_pipeline
@@ -106,18 +104,11 @@ def test_bad_shm_references_are_rejected(change: dict, reason: str) -> None:
         ring.close()
 
 
-def test_worker_drops_a_result_whose_slot_was_rewritten_while_it_worked(tmp_path: Path) -> None:
+def test_worker_drops_a_result_whose_slot_was_rewritten_while_it_worked(lone_worker) -> None:
     """The generation check: a slot rewritten during processing (only possible for a worker the
     source declared lost) costs a counted drop, never a result computed from mixed pixels."""
-    ep = Endpoints.ipc(tmp_path)
-    ctx = zmq.Context()
-    router, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
-    router.bind(ep.frames)
-    pull.bind(ep.collect)
-    stop = threading.Event()
-    worker = WorkerNode(BuiltinProcessor("hold:300"), ep, NodeSettings(heartbeat_s=0.2), name="wx", shm=True)
-    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
-    thread.start()
+    w = lone_worker(BuiltinProcessor("hold:300"), name="wx", shm=True)
+    router, pull, stop, thread = w.router, w.pull, w.stop, w.thread
     ring = ShmRing(_pixels(0).nbytes, 1)
 
     def credit(done: int) -> bytes:
@@ -163,9 +154,6 @@ def test_worker_drops_a_result_whose_slot_was_rewritten_while_it_worked(tmp_path
     finally:
         stop.set()
         thread.join(5)
-        router.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
         ring.close()
 
 
@@ -229,19 +217,12 @@ def test_run_command_turns_shared_memory_on(capsys: pytest.CaptureFixture[str]) 
     assert "shared_memory" in capsys.readouterr().err
 
 
-def test_a_rejected_frame_does_not_credit_an_earlier_frame_still_in_the_model(tmp_path: Path) -> None:
+def test_a_rejected_frame_does_not_credit_an_earlier_frame_still_in_the_model(lone_worker) -> None:
     """Credits are cumulative and the source frees slots oldest first, so a frame rejected while an
     earlier one is still being processed must be credited only after that one: otherwise its slot
     would be released (and could be rewritten) under the model."""
-    ep = Endpoints.ipc(tmp_path)
-    ctx = zmq.Context()
-    router, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PULL)
-    router.bind(ep.frames)
-    pull.bind(ep.collect)
-    stop = threading.Event()
-    worker = WorkerNode(BuiltinProcessor("hold:400"), ep, NodeSettings(heartbeat_s=0.1), name="w", window=2, shm=True)
-    thread = threading.Thread(target=worker.run, args=(ctx, stop), daemon=True)
-    thread.start()
+    w = lone_worker(BuiltinProcessor("hold:400"), heartbeat_s=0.1, name="w", window=2, shm=True)
+    router, stop, thread = w.router, w.stop, w.thread
     px = _pixels(1)
     ring = ShmRing(px.nbytes, 2)
     try:
@@ -266,9 +247,6 @@ def test_a_rejected_frame_does_not_credit_an_earlier_frame_still_in_the_model(tm
     finally:
         stop.set()
         thread.join(5)
-        router.close(0)
-        pull.close(0)
-        ctx.term()
         ring.close()
 
 
