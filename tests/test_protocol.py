@@ -205,6 +205,28 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
 
 
+@settings(max_examples=200, deadline=None)
+@given(value=_json)
+def test_header_encoding_is_standard_json(value: object) -> None:
+    """The fast encoder (orjson, with the standard library behind it) writes what json.loads reads back
+    to the same value: nulls, big integers and non-ASCII text included; infinities are refused."""
+    h = protocol.header("event", node="n", event="e", value=value)
+    try:
+        reference = json.dumps(h, allow_nan=False)
+    except ValueError:
+        with pytest.raises(ProtocolError):
+            protocol._dumps(h)
+        return
+    assert json.loads(protocol._dumps(h)) == json.loads(reference)
+
+
+def test_a_frame_without_spacing_leaves_the_field_out() -> None:
+    frame = Frame(pixels=np.zeros((2, 3), np.uint8), stream_id="s", seq=1)
+    h = json.loads(protocol.encode_frame(frame)[0])
+    assert "spacing" not in h
+    assert protocol.decode(protocol.encode_frame(frame)).frame.pixel_spacing is None  # type: ignore[union-attr]
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(key=st.sampled_from(["v", "type", "stream", "seq", "capture_ns", "modality", "dtype", "bits_stored",
                             "shape", "photometric", "spacing", "stamps", "truth", "extra"]), value=_json,

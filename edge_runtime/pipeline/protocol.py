@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import zmq
 
 from ..errors import InputError, ProtocolError, expected
@@ -90,10 +91,22 @@ class Message:
 # --------------------------------------------------------------------------- encoding
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # built once: ~1 us per message saved
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # the reference encoder, built once
 
 
 def _dumps(header: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON. orjson does it 5-10x faster than the standard library (a quarter of the
+    per-frame interpreter time of a thread-mode pipeline was JSON), but writes NaN and infinities as
+    ``null`` instead of refusing them and rejects numpy scalars and integers beyond 64 bits. So any
+    header that came out with a ``null`` in it, or that orjson refused, is encoded again by the
+    standard library with allow_nan=False: the wire bytes and the refusals stay those of RFC 8259.
+    """
+    try:
+        out = orjson.dumps(header)
+        if b"null" not in out:
+            return out
+    except (orjson.JSONEncodeError, TypeError):
+        pass
     try:
         return _ENCODER.encode(header).encode("utf-8")
     except ValueError as exc:  # NaN/inf in a score or a timing: a bug upstream, refuse to send it
@@ -139,10 +152,10 @@ def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any
     h = header(
         "frame", stream=str(frame.stream_id), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
         modality=frame.modality, dtype=desc["dtype"], bits_stored=int(frame.bits_stored or 0),
-        shape=desc["shape"], photometric=frame.photometric,
-        spacing=None if frame.pixel_spacing is None else [float(v) for v in frame.pixel_spacing],
-        stamps={k: int(v) for k, v in frame.stamps.items()},
+        shape=desc["shape"], photometric=frame.photometric, stamps={k: int(v) for k, v in frame.stamps.items()},
     )
+    if frame.pixel_spacing is not None:  # unknown: absent (no null, which would cost _dumps its slow path)
+        h["spacing"] = [float(v) for v in frame.pixel_spacing]
     truth = _truth_dict(frame.truth)
     if truth is not None:
         h["truth"] = truth
@@ -315,8 +328,8 @@ def decode_header(part: Any, limits: Limits = DEFAULT_LIMITS) -> dict[str, Any]:
     if buf.nbytes > limits.max_header_bytes:
         raise BadMessage("header_too_large", expected(f"a header of <= {limits.max_header_bytes} bytes", buf.nbytes))
     try:
-        h = json.loads((part.bytes if isinstance(part, zmq.Frame) else bytes(buf)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+        h = orjson.loads(buf)  # strict RFC 8259: no NaN/Infinity literals, invalid UTF-8 refused
+    except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
         raise BadMessage("bad_header", expected("a UTF-8 JSON object", type(exc).__name__)) from exc
     if not isinstance(h, dict):
         raise BadMessage("bad_header", expected("a JSON object", type(h).__name__))
