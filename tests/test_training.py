@@ -118,3 +118,21 @@ def test_xr_training_doses_bracket_the_evaluation_dose() -> None:
 
     doses = [data.xr_dose(s, *XR_TRAIN_DOSE) for s in data.train_seeds(0, 500)]
     assert XR_TRAIN_DOSE[0] <= min(doses) < XR_EVAL_DOSE < max(doses) <= XR_TRAIN_DOSE[1]
+
+
+def test_pixel_unshuffle_exports_as_space_to_depth(tmp_path) -> None:
+    """One SpaceToDepth node instead of Reshape-Transpose-Reshape, and ORT still equals PyTorch."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from export.training.models import DenoiseUNet, fuse_model
+
+    torch.manual_seed(0)
+    net = fuse_model(DenoiseUNet((8, 8, 8)))
+    for p in net.parameters():  # the last conv starts at zero (identity): give it something to do
+        p.data.normal_(0, 0.1)
+    x = np.random.default_rng(0).random((1, 1, 32, 48), dtype=np.float32)
+    path = export_onnx(net, x, tmp_path / "d.onnx", input_names=["image"], output_names=["enhanced"],
+                       dynamic_axes={"image": {2: "h", 3: "w"}}, extra_inputs=[x[:, :, :16, :32]])
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "SpaceToDepth" in ops and "Transpose" not in ops

@@ -115,6 +115,23 @@ class ExportDetector(nn.Module):
         return torch.sigmoid(logits), size, offset
 
 
+class _SpaceToDepth(torch.autograd.Function):
+    """Pixel-unshuffle that exports as one ONNX SpaceToDepth node (used only while exporting).
+
+    For one input channel SpaceToDepth's channel order equals PixelUnshuffle's; the TorchScript
+    exporter otherwise writes Reshape-Transpose-Reshape with a 6-D Transpose that cost ONNX
+    Runtime 0.8 ms of xr-denoise's 9 ms at 512x512 (SpaceToDepth: 0.1 ms).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, factor: int) -> torch.Tensor:  # type: ignore[override]
+        return F.pixel_unshuffle(x, factor)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, factor: int) -> Any:
+        return g.op("SpaceToDepth", x, blocksize_i=factor)
+
+
 class DenoiseUNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (32, 48, 64), factor: int = 4, in_ch: int = 1,
                  vst: dict[str, float] | None = None) -> None:
@@ -122,6 +139,8 @@ class DenoiseUNet(nn.Module):
         c1, c2, c3 = widths
         f2 = factor * factor * in_ch
         self.config: dict[str, Any] = {"widths": list(widths), "factor": factor, "in_ch": in_ch}
+        self.factor = factor
+        self.in_ch = in_ch
         # Optional variance-stabilising transform for log-domain X-ray images (see ``forward``).
         self.vst = None if vst is None else (float(vst["scale"]), float(vst["offset"]), float(vst["floor"]))
         if vst is not None:
@@ -154,7 +173,10 @@ class DenoiseUNet(nn.Module):
         return (offset - torch.log(torch.clamp(t, min=floor))) / scale
 
     def _residual(self, image: torch.Tensor) -> torch.Tensor:
-        z = self.down(image)
+        if self.in_ch == 1 and torch.onnx.is_in_onnx_export():
+            z = _SpaceToDepth.apply(image, self.factor)
+        else:
+            z = self.down(image)
         a = self.e1(z)
         b = self.e2(a)
         c = self.e3(b)

@@ -389,6 +389,37 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
     return bundle
 
 
+def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, atol: float = 1e-5) -> Bundle:
+    """Write a bundle's FP32 graph again from its own weights with the current exporter (no training).
+
+    For exporter improvements that leave the arithmetic alone (e.g. SpaceToDepth for the
+    pixel-unshuffle): refuses to replace the file unless old and new graphs agree within ``atol`` on
+    a held-out phantom frame. Only fp32.onnx and its artefact record change; the other artefacts are
+    then stale, so run ``edge-runtime export reference NAME --repair`` next (it rebuilds them).
+    """
+    recipe = get_recipe(name)
+    root = Path(bundle_dir) if bundle_dir is not None else MODELS_DIR / name
+    bundle = Bundle.load(root)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    old_path = bundle.file(bundle.artifact("fp32").file)
+    model = torch_from_onnx(manifest, old_path)
+    pre = Preprocessor.from_manifest(manifest)
+    example = pre(recipe.make_eval(data.HELDOUT_BASE))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        new_path = Path(tmp) / "fp32.onnx"
+        info = export_onnx(recipe, model, new_path, example)
+        old_out = evaluate.session(old_path).run(None, {"image": example})
+        new_out = evaluate.session(new_path).run(None, {"image": example})
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(old_out, new_out))
+        if worst > atol:
+            raise ExportError(expected(f"the re-exported graph within {atol:g} of the shipped one", worst))
+        shutil.copyfile(new_path, old_path)
+    for a in manifest["artifacts"]:
+        if a.get("precision") == "fp32" and a.get("kind") == "onnx":
+            a["info"] = {**a.get("info", {}), **info, "reexported_max_abs_diff": worst}
+    return write_bundle(root, manifest)
+
+
 def _sized(make: Callable[..., Frame], size: tuple[int, int]) -> Callable[[int], Frame]:
     return lambda s: make(s, size=size)
 
