@@ -99,7 +99,7 @@ def _dumps(header: Mapping[str, Any]) -> bytes:
     per-frame interpreter time of a thread-mode pipeline was JSON), but writes NaN and infinities as
     ``null`` instead of refusing them and rejects numpy scalars and integers beyond 64 bits. So any
     header that came out with a ``null`` in it, or that orjson refused, is encoded again by the
-    standard library with allow_nan=False: the wire bytes and the refusals stay those of RFC 8259.
+    standard library with allow_nan=False: the wire stays RFC 8259 JSON and NaN is still refused.
     """
     try:
         out = orjson.dumps(header)
