@@ -205,11 +205,16 @@ _json = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st
                      | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
 
 
+_in_range = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False)
+                         | st.text(max_size=8), lambda inner: st.lists(inner, max_size=4)
+                         | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
 @settings(max_examples=200, deadline=None)
-@given(value=_json)
-def test_header_encoding_is_standard_json(value: object) -> None:
-    """The fast encoder (orjson, with the standard library behind it) writes what json.loads reads back
-    to the same value: nulls, big integers and non-ASCII text included; infinities are refused."""
+@given(value=_in_range)
+def test_what_senders_write_receivers_read_back(value: object) -> None:
+    """The fast encoder (orjson, with the standard library behind it) writes what the receivers' parser
+    reads back to the value json.loads gives: nulls and non-ASCII text included; infinities refused."""
     h = protocol.header("event", node="n", event="e", value=value)
     try:
         reference = json.dumps(h, allow_nan=False)
@@ -217,14 +222,27 @@ def test_header_encoding_is_standard_json(value: object) -> None:
         with pytest.raises(ProtocolError):
             protocol._dumps(h)
         return
-    assert json.loads(protocol._dumps(h)) == json.loads(reference)
+    assert protocol.decode_header(protocol._dumps(h)) == json.loads(reference)
 
 
-def test_a_frame_without_spacing_leaves_the_field_out() -> None:
+def test_big_integers_and_undecodable_text_still_encode() -> None:
+    """orjson refuses both; the fallback writes them (lone surrogates, e.g. from a file name that is
+    not UTF-8, as '?', since receivers refuse unpaired surrogates)."""
+    h = protocol.header("event", node="n", event="e", big=2**70, error="caf\udce9.png")
+    out = protocol._dumps(h)
+    assert json.loads(out)["big"] == 2**70
+    assert protocol.decode_header(out)["error"] == "caf?.png"
+    with pytest.raises(protocol.BadMessage):
+        protocol.decode_header(b'{"v":1,"type":"event","error":"\\ud800"}')
+
+
+def test_frames_without_spacing_send_null_and_nan_boxes_are_refused() -> None:
     frame = Frame(pixels=np.zeros((2, 3), np.uint8), stream_id="s", seq=1)
-    h = json.loads(protocol.encode_frame(frame)[0])
-    assert "spacing" not in h
+    assert json.loads(protocol.encode_frame(frame)[0])["spacing"] is None
     assert protocol.decode(protocol.encode_frame(frame)).frame.pixel_spacing is None  # type: ignore[union-attr]
+    frame.truth = GroundTruth(boxes=np.array([[0, 0, np.nan, 1]]), labels=["x"])
+    with pytest.raises(ProtocolError):
+        protocol.encode_frame(frame)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -136,3 +136,26 @@ def test_pixel_unshuffle_exports_as_space_to_depth(tmp_path) -> None:
                        dynamic_axes={"image": {2: "h", 3: "w"}}, extra_inputs=[x[:, :, :16, :32]])
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "SpaceToDepth" in ops and "Transpose" not in ops
+
+
+def test_reexport_leaves_a_consistent_fp32_bundle_or_the_old_one(tmp_path) -> None:
+    """On a copy of a shipped detector bundle: same outputs, derived artefacts dropped, hashes verify;
+    a refused re-export (here: an impossible tolerance) leaves the old bundle as it was."""
+    import shutil
+
+    from export.training.cli import MODELS_DIR
+    from export.training.train import reexport
+
+    src = tmp_path / "us-lesion-det"
+    shutil.copytree(MODELS_DIR / "us-lesion-det", src)
+    before = Bundle.load(src).sha256
+    with pytest.raises(Exception, match="within"):
+        reexport("us-lesion-det", src, atol=-1.0)
+    assert Bundle.load(src).sha256 == before and sorted(p.name for p in tmp_path.iterdir()) == ["us-lesion-det"]
+
+    bundle = reexport("us-lesion-det", src)
+    assert [a.precision for a in bundle.artifacts] == ["fp32"]
+    assert set(bundle.manifest["files"]) == {"fp32.onnx", "train_log.jsonl"}
+    assert "calibration" not in bundle.manifest and "validation" not in bundle.manifest
+    assert bundle.artifact("fp32").info["reexported_max_abs_diff"] <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["us-lesion-det"]

@@ -3,8 +3,8 @@
 A message is a ZeroMQ multipart message ``[header, payload...]``:
 
 - ``header``: one UTF-8 JSON object. JSON, not a binary struct, because any language reads it and it
-  costs ~8 us to encode and ~13 us to decode and fully validate, against ~450 us for one 2 MiB
-  frame hop between processes (benchmarks/bench_transport.py; PROTOCOL.md section 9).
+  costs ~8 us to encode and ~14 us to decode and fully validate, against ~760 us for one 2 MiB
+  frame hop between processes over ipc (benchmarks/bench_transport.py; PROTOCOL.md section 9).
 - ``payload``: raw C-contiguous little-endian pixels, one part per array, described by the header.
   Arrays are sent with ``copy=False`` (pyzmq copies below its 64 KiB ``copy_threshold`` and shares
   the buffer above it) and received as views into the ZeroMQ message, so a frame is never copied by
@@ -91,24 +91,27 @@ class Message:
 # --------------------------------------------------------------------------- encoding
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # the reference encoder, built once
+# The reference encoder, built once. ensure_ascii=False: text goes out as UTF-8, as orjson writes it.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
 
 
-def _dumps(header: Mapping[str, Any]) -> bytes:
+def _dumps(header: Mapping[str, Any], *, finite: bool = False) -> bytes:
     """Compact UTF-8 JSON. orjson encodes a result header ~10x faster than the standard library (JSON
     was a quarter of the per-frame interpreter time of a thread-mode pipeline), but writes NaN and
-    infinities as ``null`` instead of refusing them and rejects numpy scalars and integers beyond 64
-    bits. So any header that came out with a ``null`` in it, or that orjson refused, is encoded again
-    by the standard library with allow_nan=False: the wire stays RFC 8259 JSON and NaN is still refused.
+    infinities as ``null`` instead of refusing them, and refuses numpy scalars, integers beyond 64
+    bits and text that is not valid Unicode. So a header that came out with a ``null`` in it (unless
+    the caller says every float in it was checked: ``finite``), or that orjson refused, is encoded
+    again by the standard library with allow_nan=False: NaN is still refused at the sender. Lone
+    surrogates (undecodable file names in an error text) are sent as "?": receivers refuse them.
     """
     try:
         out = orjson.dumps(header)
-        if b"null" not in out:
+        if finite or b"null" not in out:
             return out
     except (orjson.JSONEncodeError, TypeError):
         pass
     try:
-        return _ENCODER.encode(header).encode("utf-8")
+        return _ENCODER.encode(header).encode("utf-8", "replace")
     except ValueError as exc:  # NaN/inf in a score or a timing: a bug upstream, refuse to send it
         raise ProtocolError(expected("finite numbers in the header", str(exc))) from exc
 
@@ -149,20 +152,25 @@ def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any
     that reference instead and the message is ``[header]`` alone (docs/PROTOCOL.md 3.1).
     """
     pixels, desc = wire_array(frame.pixels)
+    spacing = None if frame.pixel_spacing is None else [float(v) for v in frame.pixel_spacing]
+    truth = _truth_dict(frame.truth)
+    # The only floats of a frame header: checked here, so _dumps may keep orjson's bytes although
+    # "spacing" is null whenever the spacing is unknown (the common case).
+    floats = (spacing or []) + [v for b in (truth or {}).get("boxes", []) for v in b]
+    if not all(math.isfinite(v) for v in floats):
+        raise ProtocolError(expected("finite spacing and ground-truth boxes", floats[:8]))
     h = header(
         "frame", stream=str(frame.stream_id), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
         modality=frame.modality, dtype=desc["dtype"], bits_stored=int(frame.bits_stored or 0),
-        shape=desc["shape"], photometric=frame.photometric, stamps={k: int(v) for k, v in frame.stamps.items()},
+        shape=desc["shape"], photometric=frame.photometric, spacing=spacing,
+        stamps={k: int(v) for k, v in frame.stamps.items()},
     )
-    if frame.pixel_spacing is not None:  # unknown: absent (no null, which would cost _dumps its slow path)
-        h["spacing"] = [float(v) for v in frame.pixel_spacing]
-    truth = _truth_dict(frame.truth)
     if truth is not None:
         h["truth"] = truth
     if shm is not None:
         h["shm"] = dict(shm)
-        return [_dumps(h)]
-    return [_dumps(h), pixels]
+        return [_dumps(h, finite=True)]
+    return [_dumps(h, finite=True), pixels]
 
 
 def encode_result(result: Result, *, worker: str = "", frame: Frame | None = None,

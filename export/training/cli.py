@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     tr.add_argument("--no-card", action="store_true", help="skip regenerating docs/models/NAME.md")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     rx = sub.add_parser("reexport", help="write a bundle's fp32.onnx again from its weights with the current "
-                        "exporter (no training; then run `export reference NAME --repair`)")
+                        "exporter (no training); leaves an FP32-only bundle: then `export reference NAME --repair`")
     rx.add_argument("name", choices=NAMES)
     rx.add_argument("--bundle", help="bundle directory (default: edge_runtime/models/NAME)")
     cd = sub.add_parser("card", help="regenerate docs/models/NAME.md and its PNGs from the bundle")
@@ -84,8 +84,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "reexport":
         bundle = train.reexport(args.name, args.bundle)
-        print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.sha256,
-                          "next": f"edge-runtime export reference {args.name} --repair"}, indent=2))
+        where = f" --models-dir {Path(args.bundle).resolve().parent}" if args.bundle else ""
+        print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.sha256, "artifacts": ["fp32"],
+                          "next": [f"edge-runtime export reference {args.name}{where} --repair",
+                                   f"edge-runtime models card {args.name}" + (f" --bundle {args.bundle}" if args.bundle else "")]},
+                         indent=2))
         return 0
     path = cards.write_card(args.name, bundle_dir=args.bundle, docs_dir=args.out, progress=not args.quiet)
     print(path)

@@ -39,7 +39,7 @@ from edge_runtime.preprocess import Preprocessor
 from export.bundle_write import write_bundle
 
 from . import baselines, data, evaluate
-from .models import build, fuse_model, make_fused, wrap_for_export
+from .models import ExportDetector, build, fuse_model, make_fused, wrap_for_export
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "edge_runtime" / "models"
 OPSET = 17
@@ -397,31 +397,50 @@ def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, ato
     """Write a bundle's FP32 graph again from its own weights with the current exporter (no training).
 
     For exporter improvements that leave the arithmetic alone (e.g. SpaceToDepth for the
-    pixel-unshuffle): refuses to replace the file unless old and new graphs agree within ``atol`` on
-    a held-out phantom frame. Only fp32.onnx and its artefact record change; the other artefacts are
-    then stale, so run ``edge-runtime export reference NAME --repair`` next (it rebuilds them).
+    pixel-unshuffle): refused unless old and new graphs give the same outputs within ``atol`` on a
+    held-out phantom frame. The result is an FP32-only bundle, consistent on its own: the FP16 / INT8
+    files, engines, calibration and validation records were derived from the old graph and are
+    dropped, so run ``edge-runtime export reference NAME --repair`` next to rebuild them. The bundle
+    is assembled in a sibling directory and swapped in at the end: a failure leaves the old one.
     """
     recipe = get_recipe(name)
     root = Path(bundle_dir) if bundle_dir is not None else MODELS_DIR / name
     bundle = Bundle.load(root)
     manifest = json.loads(json.dumps(bundle.manifest))
-    old_path = bundle.file(bundle.artifact("fp32").file)
+    fp32 = bundle.artifact("fp32")
+    old_path = bundle.file(fp32.file)
     model = torch_from_onnx(manifest, old_path)
-    pre = Preprocessor.from_manifest(manifest)
-    example = pre(recipe.make_eval(data.HELDOUT_BASE))[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        new_path = Path(tmp) / "fp32.onnx"
-        info = export_onnx(recipe, model, new_path, example)
+    net = model.net if isinstance(model, ExportDetector) else model  # export_onnx wraps it again
+    example = Preprocessor.from_manifest(manifest)(recipe.make_eval(data.HELDOUT_BASE))[0]
+    stage = root.parent / f".{root.name}.reexport-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(root, stage)
+    try:
+        info = export_onnx(recipe, net, stage / fp32.file, example)
         old_out = evaluate.session(old_path).run(None, {"image": example})
-        new_out = evaluate.session(new_path).run(None, {"image": example})
+        new_out = evaluate.session(stage / fp32.file).run(None, {"image": example})
+        if len(old_out) != len(new_out):
+            raise ExportError(expected(f"{len(old_out)} outputs from the re-exported graph", len(new_out)))
         worst = max(float(np.abs(a - b).max()) for a, b in zip(old_out, new_out))
-        if worst > atol:
+        if not worst <= atol:  # also refuses NaN
             raise ExportError(expected(f"the re-exported graph within {atol:g} of the shipped one", worst))
-        shutil.copyfile(new_path, old_path)
-    for a in manifest["artifacts"]:
-        if a.get("precision") == "fp32" and a.get("kind") == "onnx":
-            a["info"] = {**a.get("info", {}), **info, "reexported_max_abs_diff": worst}
-    return write_bundle(root, manifest)
+        keep = {**manifest["artifacts"][[a["file"] for a in manifest["artifacts"]].index(fp32.file)]}
+        keep.update(metrics={}, info={**keep.get("info", {}), **info, "reexported_max_abs_diff": worst})
+        derived = [a["file"] for a in manifest["artifacts"] if a["file"] != fp32.file]
+        derived += [manifest[k]["file"] for k in ("calibration", "validation") if isinstance(manifest.get(k), dict)]
+        for f in derived:
+            (stage / f).unlink(missing_ok=True)
+        manifest = {k: v for k, v in manifest.items() if k not in ("calibration", "validation", "created", "toolchain")}
+        manifest["artifacts"] = [keep]
+        write_bundle(stage, manifest)
+        Bundle.load(stage)  # verifies every hash
+        backup = root.parent / f".{root.name}.old-{os.getpid()}"
+        os.rename(root, backup)
+        os.rename(stage, root)
+        shutil.rmtree(backup)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return Bundle.load(root)
 
 
 def _sized(make: Callable[..., Frame], size: tuple[int, int]) -> Callable[[int], Frame]:
