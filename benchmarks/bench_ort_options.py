@@ -52,7 +52,8 @@ OPTION_SETS: dict[str, dict[str, object]] = {
     "parallel executor (inter_op=2)": {"execution_mode": "parallel", "inter_op_threads": 2},
     "graph opt basic": {"graph_optimization": "basic"},
     "graph opt disabled": {"graph_optimization": "disable"},
-    "spinning on (ONNX Runtime's default)": {"allow_spinning": True},
+    "spinning on (ONNX Runtime's default)": {"spinning": "always"},
+    "spinning during a run only (force_spinning_stop)": {"spinning": "run"},
 }
 
 

@@ -5,8 +5,9 @@
 For each shipped reference model (FP32 artefact, so all three run the same graph):
   ours    edge_runtime.runtime.Runtime.process(frame) -> Result (manifest-driven pre/post,
           input checks, provenance, per-stage timings), with the cpu-x86 device config's
-          ONNX Runtime settings; also with intra-op spinning forced on and off (ours_spin /
-          ours_nospin) to show what the config's ``cpu_spinning`` choice costs or buys;
+          ONNX Runtime settings; also with intra-op spinning always on, off, and on during a run
+          only (ours_spin / ours_nospin / ours_run) to show what the config's ``cpu_spinning``
+          choice costs or buys;
   plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
           (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);
   cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX) with the same hand-written pre/post.
@@ -128,10 +129,12 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
     ours = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS).load()
     spin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=True).load()
     nospin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=False).load()
+    run = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning="run").load()
     ours_int8 = (Runtime(bundle, "cpu-x86", precision="int8", threads=THREADS).load()
                  if any(a.precision == "int8" for a in bundle.artifacts) else None)
     peers: dict[str, Callable[[Frame], Any]] = {"ours_fp32": ours.process, "plain_ort_fp32": make_plain(bundle),
-                                                "ours_fp32_spin": spin.process, "ours_fp32_nospin": nospin.process}
+                                                "ours_fp32_spin": spin.process, "ours_fp32_nospin": nospin.process,
+                                                "ours_fp32_run": run.process}
     try:
         peers["opencv_dnn_fp32"] = make_cv2dnn(bundle)
     except cv2.error as exc:
@@ -166,7 +169,7 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
                     for s in ("preprocess", "infer", "postprocess"):
                         stages[s].append(t[s])
                     stages["bookkeeping"].append(dt - sum(t[s] for s in ("preprocess", "infer", "postprocess")))
-    for r in (ours, spin, nospin):
+    for r in (ours, spin, nospin, run):
         r.close()
     if ours_int8 is not None:
         ours_int8.close()
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__,
                                            "opencv": cv2.__version__},
                                "frames": args.frames, "models": {},
-                               "config_spinning": "on" if load_config("cpu-x86").cpu_spinning else "off"}
+                               "config_spinning": load_config("cpu-x86").cpu_spinning}
     for name, path in reference_bundles().items():
         if args.models and name not in args.models:
             continue

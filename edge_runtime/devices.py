@@ -18,9 +18,10 @@ Fields
   memory_budget_mb    int    memory the runtime may use for models, engines and frame buffers, in MiB
                              (on a Jetson this is shared with the OS and the CPU side)
   cpu_threads         int    threads for ONNX Runtime's CPU provider and pre/post-processing; 0 = all cores
-  cpu_spinning        bool   let ONNX Runtime's idle intra-op threads spin instead of sleeping: lower
-                             latency when inference owns the cores, stolen time when the source, sinks
-                             and other models share them (benchmarks/bench_ort_options.py measures both)
+  cpu_spinning        str    ONNX Runtime's intra-op threads: "off" (false) sleep whenever they wait;
+                             "run" spin during a run and sleep after it; "always" (true) keep spinning
+                             (ONNX Runtime's default). Lower latency vs time stolen from the source,
+                             sinks and other models (edge_runtime/backends/onnxruntime.py has figures)
   target_fps          float  frame rate the device class is expected to sustain for a 512x512 stream
   tensorrt_version    str    TensorRT the device ships with ("10.3" on JetPack 6), quoted; null = none or
                              whatever is installed (a TensorRT engine is tied to this version)
@@ -77,7 +78,7 @@ class DeviceConfig:
     trt_workspace_mb: int | None
     memory_budget_mb: int
     cpu_threads: int
-    cpu_spinning: bool
+    cpu_spinning: str  # off | run | always
     target_fps: float
     tensorrt_version: str | None
     compute_capability: str | None
@@ -137,11 +138,13 @@ class _Checker:
             raise self.fail(key, f"an integer >= {minimum}" + (" or null" if nullable else ""), value)
         return value
 
-    def boolean(self, key: str) -> bool:
-        value = self.raw[key]
-        if not isinstance(value, bool):
-            raise self.fail(key, "true or false", value)
-        return value
+    def spinning(self, key: str) -> str:
+        from .backends.onnxruntime import spinning_mode  # imports no onnxruntime
+
+        try:
+            return spinning_mode(self.raw[key])
+        except ConfigError:
+            raise self.fail(key, 'true, false, "off", "run" or "always"', self.raw[key]) from None
 
     def number(self, key: str, *, above: float) -> float:
         value = self.raw[key]
@@ -187,7 +190,7 @@ def validate(raw: object, origin: str, *, stem: str | None = None) -> DeviceConf
         trt_workspace_mb=c.integer("trt_workspace_mb", minimum=1, nullable=True),
         memory_budget_mb=int(c.integer("memory_budget_mb", minimum=1) or 0),
         cpu_threads=int(c.integer("cpu_threads", minimum=0) or 0),
-        cpu_spinning=c.boolean("cpu_spinning"),
+        cpu_spinning=c.spinning("cpu_spinning"),
         target_fps=c.number("target_fps", above=0.0),
         tensorrt_version=c.string("tensorrt_version", pattern=_VERSION, nullable=True, hint=quote),
         compute_capability=c.string("compute_capability", pattern=_VERSION, nullable=True, hint=quote),

@@ -81,7 +81,7 @@ class Runtime:
 
     def __init__(self, bundle: str | Path | Bundle, device: str | Path | DeviceConfig | None = None, *,
                  precision: str = "auto", backend: str | None = None, threads: int | None = None,
-                 spinning: bool | None = None, engine_cache_dir: str | Path | None = None,
+                 spinning: bool | str | None = None, engine_cache_dir: str | Path | None = None,
                  build_engines: bool = True) -> None:
         self._bundle_arg = bundle
         self._device_arg = device
@@ -152,7 +152,7 @@ class Runtime:
         backend = select_backend(
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
-            allow_spinning=self.spinning if self.spinning is not None else dev.cpu_spinning)
+            spinning=self.spinning if self.spinning is not None else dev.cpu_spinning)
         self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
         return backend
 

@@ -213,13 +213,22 @@ def test_concurrent_infer_from_threads(conv_path: Path) -> None:
 def test_session_options_follow_arguments() -> None:
     import onnxruntime as ort
 
-    opts = session_options(threads=2, graph_optimization="basic", allow_spinning=False)
+    opts = session_options(threads=2, graph_optimization="basic", spinning=False)
     assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
     assert opts.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.enable_cpu_mem_arena and opts.enable_mem_pattern
     assert session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"  # default off
+    run = session_options(spinning="run")  # spin during a run, stop when it returns
+    assert run.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert run.get_session_config_entry("session.force_spinning_stop") == "1"
+    always = session_options(spinning=True)
+    assert always.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    with pytest.raises(RuntimeError, match="force_spinning_stop"):  # not set: ORT keeps spinning after a run
+        always.get_session_config_entry("session.force_spinning_stop")
+    with pytest.raises(ConfigError, match="spinning"):
+        session_options(spinning="sometimes")
     with pytest.raises(ConfigError, match="graph_optimization"):
         session_options(graph_optimization="max")
     with pytest.raises(ConfigError, match="threads"):

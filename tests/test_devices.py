@@ -71,7 +71,7 @@ def write_config(folder: Path, name: str = "edge-box", **changes: object) -> Pat
         ({"compute_capability": "5.3"}, "precisions", "int8"),  # no INT8 below 6.1
         ({"match": "Orin"}, "match", "Orin"),
         ({"cpu_threads": ...}, "cpu_threads", "missing"),
-        ({"cpu_spinning": "yes"}, "cpu_spinning", "yes"),  # a bool, not a truthy string
+        ({"cpu_spinning": "yes"}, "cpu_spinning", "yes"),  # a bool or off/run/always, not a truthy string
     ],
 )
 def test_bad_config_names_the_file_and_field(tmp_path: Path, changes: dict, field: str, found: str) -> None:

@@ -200,12 +200,12 @@ def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_pa
 
     bundle = _enhance_bundle(tmp_path / "b")
     cfg = load_config("cpu-x86")
-    for config_value, override, expect in ((True, None, True), (False, None, False), (True, False, False),
-                                           (False, True, True)):
+    for config_value, override, expect in (("always", None, "always"), ("off", None, "off"), ("run", None, "run"),
+                                           ("always", False, "off"), ("off", True, "always"), ("off", "run", "run")):
         device = dataclasses.replace(cfg, cpu_spinning=config_value)
         with Runtime(bundle, device, precision="fp32", spinning=override) as rt:
             assert rt.backend is not None and rt.backend.name == "onnxruntime"
-            assert rt.backend.allow_spinning is expect
+            assert rt.backend.spinning == expect  # type: ignore[attr-defined]
             np.testing.assert_array_equal(rt.process(_xr()).enhanced, 4095 - _xr().pixels)
 
 

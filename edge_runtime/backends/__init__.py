@@ -31,7 +31,7 @@ def select_backend(
     threads: int = 0,
     providers: str | Sequence[str] = "auto",
     device_index: int = 0,
-    allow_spinning: bool = False,
+    spinning: bool | str = "off",
 ) -> Backend:
     """Pick a backend (not loaded yet) and log why.
 
@@ -54,4 +54,4 @@ def select_backend(
     if onnx_path is None:
         raise BackendError("backend onnxruntime: expected an ONNX model path, found none")
     return OrtBackend(onnx_path, threads=threads, providers=providers, precision=precision, device_id=device_index,
-                      allow_spinning=allow_spinning)
+                      spinning=spinning)

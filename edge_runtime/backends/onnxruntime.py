@@ -7,11 +7,18 @@ Session options are chosen for the latency of one frame at a time on a small CPU
   chains of convolutions, so running branches in parallel buys nothing and costs a second pool;
 - ``ORT_ENABLE_ALL`` graph optimisation (fusions + NCHWc layouts on x86);
 - memory arena and memory pattern on: same shapes every frame, so buffers are planned once;
-- spinning of idle intra-op threads OFF (ONNX Runtime spins by default): on a cart the same few
-  cores also run the source, pre/post-processing and the sinks, and threads that spin between
-  frames steal their time. Measured on the 2-core development box with other work running,
-  spinning off cut the conv benchmark's p50 and p99 (figures in the benchmark's output and the
-  export/runtime notes); ``allow_spinning=True`` is there for a machine dedicated to inference.
+- spinning of intra-op threads (``spinning``, device config ``cpu_spinning``), one of
+  ``off``: threads sleep whenever they wait (ONNX Runtime's allow_spinning 0);
+  ``run``: they spin while a run is in progress and stop when it returns (allow_spinning 1 +
+  session.force_spinning_stop 1): the single-frame latency of spinning without burning a core
+  between frames;
+  ``always``: ONNX Runtime's default, threads keep spinning after a run too.
+  On the 2-core development box (benchmarks/RESULTS.md, bench_ort_options.py): one bare session alone,
+  us-lesion-det 2.57 / 2.14 / 2.08 ms p50 (off / run / always), CPU used in the 20 ms after a run
+  0.1 / 0.1 / 20 ms; the 30 fps detection + despeckle stream, 60 s each, p50 15.3 and 14.7 / 13.5 and
+  13.6 / 15.6 ms, p99 21.0 and 18.9 / 27.9 and 28.5 / 23.0 ms. ``off`` has the best tails when the
+  source, sinks and other models share the cores, which is why the shipped configs use it; ``run``
+  suits one model called in-process; ``always`` a machine dedicated to inference.
 """
 
 from __future__ import annotations
@@ -86,13 +93,25 @@ def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) 
     return chosen
 
 
+SPINNING = ("off", "run", "always")
+
+
+def spinning_mode(value: bool | str) -> str:
+    """``off`` / ``run`` / ``always`` (see the module docstring); False and True mean off and always."""
+    if isinstance(value, bool):
+        return "always" if value else "off"
+    if value not in SPINNING:
+        raise ConfigError(f"spinning: {expected(f'true, false or one of {SPINNING}', value)}")
+    return value
+
+
 def session_options(
     *,
     threads: int = 0,
     inter_op_threads: int = 1,
     execution_mode: Literal["sequential", "parallel"] = "sequential",
     graph_optimization: str = "all",
-    allow_spinning: bool = False,
+    spinning: bool | str = "off",
     optimized_model_path: Path | None = None,
 ) -> Any:
     """Build ``onnxruntime.SessionOptions`` for low per-frame latency (see the module docstring)."""
@@ -118,7 +137,10 @@ def session_options(
     }[graph_optimization]
     opts.enable_cpu_mem_arena = True
     opts.enable_mem_pattern = True
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    mode = spinning_mode(spinning)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if mode == "off" else "1")
+    if mode == "run":
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
     opts.log_severity_level = 3  # errors only: ORT's warnings about unused initialisers are noise here
@@ -146,7 +168,7 @@ class OrtBackend(Backend):
             ``cpu``/``cuda``/``tensorrt`` (or full provider names) in preference order.
         precision: what the model is (``fp32``/``fp16``/``int8``), recorded for provenance.
         graph_optimization: ``disable``/``basic``/``extended``/``all``.
-        inter_op_threads, execution_mode, allow_spinning: see the module docstring.
+        inter_op_threads, execution_mode, spinning: see the module docstring.
         optimized_cache_dir: when set, the optimised graph is saved there on first load, keyed by
             the model's sha256, the optimisation level, the providers and the onnxruntime version,
             and later loads read it with optimisation off (faster start on slow devices).
@@ -165,7 +187,7 @@ class OrtBackend(Backend):
         graph_optimization: str = "all",
         inter_op_threads: int = 1,
         execution_mode: Literal["sequential", "parallel"] = "sequential",
-        allow_spinning: bool = False,
+        spinning: bool | str = "off",
         optimized_cache_dir: str | Path | None = None,
         device_id: int = 0,
     ) -> None:
@@ -176,7 +198,7 @@ class OrtBackend(Backend):
         self.graph_optimization = graph_optimization
         self.inter_op_threads = inter_op_threads
         self.execution_mode = execution_mode
-        self.allow_spinning = allow_spinning
+        self.spinning = spinning_mode(spinning)
         self.optimized_cache_dir = Path(optimized_cache_dir) if optimized_cache_dir is not None else None
         self.device_id = device_id
         self._session: Any = None
@@ -230,7 +252,7 @@ class OrtBackend(Backend):
                 log.warning("onnxruntime: cannot write optimised graph cache %s (%s)", cached.parent, exc)
         opts = session_options(
             threads=self.threads, inter_op_threads=self.inter_op_threads, execution_mode=self.execution_mode,
-            graph_optimization=level, allow_spinning=self.allow_spinning, optimized_model_path=save_to,
+            graph_optimization=level, spinning=self.spinning, optimized_model_path=save_to,
         )
         try:
             session = ort.InferenceSession(str(model), sess_options=opts, providers=self._provider_list(chosen))
