@@ -13,7 +13,7 @@ Session options are chosen for the latency of one frame at a time on a small CPU
   session.force_spinning_stop 1): the single-frame latency of spinning without burning a core
   between frames;
   ``always``: ONNX Runtime's default, threads keep spinning after a run too.
-  On the 2-core development box (benchmarks/RESULTS.md, bench_ort_options.py): one bare session alone,
+  On the 2-core development box (a bare session timed in a loop, as bench_ort_options.py does):
   us-lesion-det 2.57 / 2.14 / 2.08 ms p50 (off / run / always), CPU used in the 20 ms after a run
   0.1 / 0.1 / 20 ms; the 30 fps detection + despeckle stream, 60 s each, p50 15.3 and 14.7 / 13.5 and
   13.6 / 15.6 ms, p99 21.0 and 18.9 / 27.9 and 28.5 / 23.0 ms. ``off`` has the best tails when the
