@@ -73,7 +73,8 @@ def frame_tensor(manifest: dict[str, Any]) -> Any:
     return Preprocessor.from_manifest(manifest)(frame)[0]
 
 
-def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | None = None) -> dict[str, Any]:
+def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | None = None,
+            spinning: str = "off") -> dict[str, Any]:
     from edge_runtime.backends.onnxruntime import OrtBackend
     from edge_runtime.bundle import Bundle
 
@@ -87,21 +88,23 @@ def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | N
             a = b.artifact("int8", target=CPU_TARGET) if p == "int8_cpu" else b.artifact(p)
             if p == "int8_cpu" and a.file == files.get("int8"):
                 raise LookupError("no artefact targeted at onnxruntime-cpu")
-            backends[p] = OrtBackend(b.file(a.file), threads=threads, providers=["cpu"], precision=p[:4]).load()
+            backends[p] = OrtBackend(b.file(a.file), threads=threads, providers=["cpu"], precision=p[:4],
+                                     spinning=spinning).load()
             files[p] = a.file
         except Exception as exc:  # noqa: BLE001 - a missing artefact is reported, not fatal
             print(f"  {b.name}: no {p} ({exc})", file=sys.stderr)
     for label, template in (extra or {}).items():
         path = Path(template.replace("{model}", b.name))
         if path.is_file():
-            backends[label] = OrtBackend(path, threads=threads, providers=["cpu"], precision="int8").load()
+            backends[label] = OrtBackend(path, threads=threads, providers=["cpu"], precision="int8",
+                                         spinning=spinning).load()
         else:
             print(f"  {b.name}: no {label} ({path})", file=sys.stderr)
     from export.validate import interleaved_times
 
     load_before = os.getloadavg()
     times = interleaved_times(backends, {name: x}, runs=runs, warmup=5)
-    out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads,
+    out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads, "spinning": spinning,
                            "files": files, "loadavg_before": [round(v, 2) for v in load_before],
                            "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     for p, ts in times.items():
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated bundle names (default: all under edge_runtime/models)")
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spinning", choices=("off", "run", "always"), default="off",
+                    help="ONNX Runtime intra-op spinning (default: the runtime's default, off)")
     ap.add_argument("--skip-steps", action="store_true", help="latency only (no export-step timing)")
     ap.add_argument("--repair", action="store_true", help="export steps with --repair when the gate fails")
     ap.add_argument("--extra", action="append", default=[], metavar="LABEL=PATH",
@@ -200,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                                "models": {}}
     for name in names:
         print(f"[{name}] latency ...", file=sys.stderr, flush=True)
-        entry: dict[str, Any] = {"latency": latency(MODELS / name, args.runs, args.threads, extra)}
+        entry: dict[str, Any] = {"latency": latency(MODELS / name, args.runs, args.threads, extra, args.spinning)}
         if not args.skip_steps:
             print(f"[{name}] export steps ...", file=sys.stderr, flush=True)
             entry["steps"] = export_steps(MODELS / name, args.threads, args.repair)

@@ -1,6 +1,6 @@
 """Run every benchmark and regenerate benchmarks/RESULTS.md from their JSON.
 
-    edge-runtime bench [--only transport,runtime,export,export_1t,stream] [--stream-seconds 600] [--render-only]
+    edge-runtime bench [--only transport,runtime,export,export_1t,export_spin,stream] [--stream-seconds 600] [--render-only]
 
 Each benchmark runs as its own process (a quiet interpreter, no state shared with the others) and
 writes JSON under out/bench/; RESULTS.md is rendered from those files only, so every figure in it
@@ -28,6 +28,7 @@ BENCHES = {  # name -> (module, extra args)
     "runtime": ("benchmarks.bench_runtime", ["--frames", "300"]),
     "export": ("benchmarks.bench_export", ["--repair"]),
     "export_1t": ("benchmarks.bench_export", ["--threads", "1", "--skip-steps"]),
+    "export_spin": ("benchmarks.bench_export", ["--spinning", "run", "--skip-steps"]),
     "stream": ("benchmarks.bench_stream", []),
 }
 
@@ -141,10 +142,10 @@ def render_export(d: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_export_1t(d: dict[str, Any]) -> list[str]:
+def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleaved timing, `--threads 1`.") -> list[str]:
     """The same INT8-vs-FP32 timing with one intra-op thread: a model that has a core to itself, as
     when a 2-core device runs two models or the source and sinks take the other core."""
-    lines = ["Same files, same interleaved timing, `--threads 1`.", "",
+    lines = [note, "",
              "| model | FP32 p50 (ms) | INT8 (TensorRT form) | INT8 CPU | speed-up INT8 / INT8 CPU (p50) | load avg |",
              "|---|---|---|---|---|---|"]
     for name, r in d["models"].items():
@@ -178,6 +179,10 @@ RENDER = {"transport": ("Transport: our protocol vs bare pyzmq vs imagezmq", ren
           "runtime": ("Runtime: ours vs plain ONNX Runtime vs OpenCV DNN", render_runtime),
           "export": ("Export: time per step, INT8 vs FP32 on the CPU", render_export),
           "export_1t": ("INT8 vs FP32 with one intra-op thread", render_export_1t),
+          "export_spin": ("INT8 vs FP32 with intra-op spinning during a run", lambda d: render_export_1t(d, (
+              "Same files, same interleaved timing, 2 threads, `--spinning run` (threads spin while a run is in "
+              "progress and sleep after it; the shipped configs keep spinning off, see Runtime above). Not "
+              "`always`: the idle sessions' threads would keep spinning while the next file runs."))),
           "stream": ("Streaming: 30 fps 512x512 ultrasound, detection + enhancement", render_stream)}
 
 
