@@ -6,7 +6,7 @@ For each shipped reference model (FP32 artefact, so all three run the same graph
   ours    edge_runtime.runtime.Runtime.process(frame) -> Result (manifest-driven pre/post,
           input checks, provenance, per-stage timings), with the cpu-x86 device config's
           ONNX Runtime settings; also with intra-op spinning always on, off, and on during a run
-          only (ours_spin / ours_nospin / ours_run) to show what the config's ``cpu_spinning``
+          only (ours_fp32_spin / ours_fp32_nospin / ours_fp32_run) to show what the config's ``cpu_spinning``
           choice costs or buys;
   plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
           (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);

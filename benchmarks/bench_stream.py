@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edge_runtime import phantoms
+from edge_runtime.devices import load_config
 from edge_runtime.pipeline.supervisor import RuntimeProcessor, SourceSpec, run_pipeline
 from edge_runtime.runtime import reference_bundles
 from edge_runtime.telemetry import end_to_end_ms, summarize
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=600.0)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--spinning", choices=("off", "run", "always"),
+                    help="ONNX Runtime intra-op spinning (default: the cpu-x86 config's cpu_spinning)")
     ap.add_argument("--out", type=Path, default=Path("out/bench/stream.json"))
     args = ap.parse_args(argv)
     shipped = reference_bundles()
@@ -55,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         folder = render_cine(Path(tmp))
         source = SourceSpec(str(folder), realtime=True, loop=True,
                             options=(("modality", "US"), ("fps", 30.0), ("stream_id", "us")))
-        report = run_pipeline(source, RuntimeProcessor(bundles, "cpu-x86"), n_workers=args.workers,
+        report = run_pipeline(source, RuntimeProcessor(bundles, "cpu-x86", args.spinning), n_workers=args.workers,
                               mode="process", duration=args.seconds, keep_results=int(args.seconds * 40))
     e2e = [v for v in (end_to_end_ms(r["stamps"]) for r in report.records) if v is not None]
     tenth = max(1, len(e2e) // 10)
     first, last = float(np.median(e2e[:tenth])), float(np.median(e2e[-tenth:]))
     out: dict[str, Any] = {
         "seconds": args.seconds, "workers": args.workers, "fps": round(report.fps, 2), "results": report.results,
+        "spinning": args.spinning or load_config("cpu-x86").cpu_spinning,
         "e2e_ms": summarize(e2e), "worst": report.stats.get("worst"), "drops": report.drops,
         "rejected": report.rejected, "restarts": report.restarts,
         "growth_ms": {"first_tenth_p50": round(first, 3), "last_tenth_p50": round(last, 3),
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))
-    report.write_latency_report(args.out.parent, name="stream_latency",
+    report.write_latency_report(args.out.parent, name=f"{args.out.stem}_latency",  # stream.json: stream_latency
                                 title=f"30 fps 512x512 US, det + despeckle, {args.seconds:.0f} s")
     s = out["e2e_ms"]
     print(f"{report.results} results, {report.fps:.1f} fps; capture->sink p50 {s['p50']:.1f} p99 {s['p99']:.1f} "

@@ -65,6 +65,19 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 _VERSION = re.compile(r"^\d+(\.\d+)*$")
 
 
+SPINNING = ("off", "run", "always")  # ONNX Runtime intra-op spinning: see backends/onnxruntime.py
+SPINNING_VALUES = 'true, false, "off", "run" or "always"'
+
+
+def spinning_mode(value: object) -> str:
+    """``off`` / ``run`` / ``always``; YAML's false and true (also unquoted off / on) mean off and always."""
+    if isinstance(value, bool):
+        return "always" if value else "off"
+    if not isinstance(value, str) or value not in SPINNING:
+        raise ConfigError(f"spinning: {expected(SPINNING_VALUES, value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class DeviceConfig:
     """One device class; see the module docstring for what each field means."""
@@ -139,12 +152,10 @@ class _Checker:
         return value
 
     def spinning(self, key: str) -> str:
-        from .backends.onnxruntime import spinning_mode  # imports no onnxruntime
-
         try:
             return spinning_mode(self.raw[key])
         except ConfigError:
-            raise self.fail(key, 'true, false, "off", "run" or "always"', self.raw[key]) from None
+            raise self.fail(key, SPINNING_VALUES, self.raw[key]) from None
 
     def number(self, key: str, *, above: float) -> float:
         value = self.raw[key]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, TrtBackend, select_backend, tensorrt_available
 from .bundle import Bundle
-from .devices import DeviceConfig, detect, load_config
+from .devices import DeviceConfig, detect, load_config, spinning_mode
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
 from .frames import Frame
 from .postprocess import Postprocessor, enhance_tiled
@@ -88,7 +88,7 @@ class Runtime:
         self.requested_precision = precision
         self.requested_backend = backend
         self.threads = threads
-        self.spinning = spinning  # None: the device config's cpu_spinning
+        self.spinning = None if spinning is None else spinning_mode(spinning)  # None: the config's cpu_spinning
         self.engine_cache_dir = engine_cache_dir
         self.build_engines = build_engines
         self.bundle: Bundle | None = None

@@ -176,3 +176,15 @@ def test_cli_lists_configs_and_detection(capsys: pytest.CaptureFixture[str]) -> 
     assert "jetson-orin-nano-8gb" in out and "detected:" in out and "precisions" in out
     assert cli.main(["devices", "--config", "no-such-device"]) == 1
     assert "ConfigError" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "mode"), [("false", "off"), ("off", "off"), ("true", "always"), ("on", "always"),
+                                            ("run", "run"), ('"always"', "always"), ('"off"', "off")])
+def test_cpu_spinning_as_written_in_yaml(tmp_path: Path, text: str, mode: str) -> None:
+    """Unquoted off / on are YAML booleans; run needs no quotes; the value reaches the config as a mode."""
+    path = write_config(tmp_path)
+    raw = path.read_text()
+    assert "cpu_spinning: " in raw
+    path.write_text("\n".join(f"cpu_spinning: {text}" if line.startswith("cpu_spinning:") else line
+                              for line in raw.splitlines()) + "\n")
+    assert load_config(path).cpu_spinning == mode

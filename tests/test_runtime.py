@@ -206,7 +206,13 @@ def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_pa
         with Runtime(bundle, device, precision="fp32", spinning=override) as rt:
             assert rt.backend is not None and rt.backend.name == "onnxruntime"
             assert rt.backend.spinning == expect  # type: ignore[attr-defined]
+            live = rt.backend._session.get_session_options()  # type: ignore[attr-defined]  # what ORT got
+            assert live.get_session_config_entry("session.intra_op.allow_spinning") == ("0" if expect == "off" else "1")
+            if expect == "run":
+                assert live.get_session_config_entry("session.force_spinning_stop") == "1"
             np.testing.assert_array_equal(rt.process(_xr()).enhanced, 4095 - _xr().pixels)
+    with pytest.raises(ConfigError, match="spinning"):
+        Runtime(bundle, cfg, spinning="sometimes")  # refused at construction, whatever the backend
 
 
 # -- which INT8 file runs: int8_cpu.onnx (target onnxruntime-cpu) on CPU devices, int8.onnx elsewhere ---------

@@ -15,8 +15,9 @@ Session options are chosen for the latency of one frame at a time on a small CPU
   ``always``: ONNX Runtime's default, threads keep spinning after a run too.
   On the 2-core development box (a bare session timed in a loop, as bench_ort_options.py does):
   us-lesion-det 2.57 / 2.14 / 2.08 ms p50 (off / run / always), CPU used in the 20 ms after a run
-  0.1 / 0.1 / 20 ms; the 30 fps detection + despeckle stream, 60 s each, p50 15.3 and 14.7 / 13.5 and
-  13.6 / 15.6 ms, p99 21.0 and 18.9 / 27.9 and 28.5 / 23.0 ms. ``off`` has the best tails when the
+  0.1 / 0.1 / 20 ms; the 30 fps detection + despeckle stream (``python -m benchmarks.bench_stream
+  --seconds 60 --spinning MODE``, in the order off, run, always, run, off) p50 15.0 and 14.9 / 13.5
+  and 13.6 / 16.3 ms, p99 20.8 and 20.1 / 29.1 and 27.9 / 23.4 ms. ``off`` has the best tails when the
   source, sinks and other models share the cores, which is why the shipped configs use it; ``run``
   suits one model called in-process; ``always`` a machine dedicated to inference.
 """
@@ -31,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..devices import spinning_mode
 from ..errors import BackendError, ConfigError, expected
 from .base import Backend, TensorSpec
 
@@ -91,18 +93,6 @@ def resolve_providers(requested: str | Sequence[str], available: Sequence[str]) 
     if not chosen:
         raise BackendError(f"onnxruntime providers: expected one of {full} available, found only {list(available)}")
     return chosen
-
-
-SPINNING = ("off", "run", "always")
-
-
-def spinning_mode(value: bool | str) -> str:
-    """``off`` / ``run`` / ``always`` (see the module docstring); False and True mean off and always."""
-    if isinstance(value, bool):
-        return "always" if value else "off"
-    if value not in SPINNING:
-        raise ConfigError(f"spinning: {expected(f'true, false or one of {SPINNING}', value)}")
-    return value
 
 
 def session_options(
