@@ -11,7 +11,9 @@
    CLOCK_MONOTONIC); blocks of the two kinds alternate so both see the same machine load.
 3. Throughput on 1024x1024 uint16 frames: imagezmq's default REQ/REP (ImageSender/ImageHub over
    tcp, as its users run it, a reply per frame) vs (a) our transport alone between two processes
-   (ROUTER -> DEALER, credit window 2, every frame validated and decoded) over tcp and ipc, and (b)
+   (ROUTER -> DEALER, credit window 2, every frame validated and decoded) over tcp and ipc, and with
+   the shared-memory payload path (window 4: each frame copied into a ring slot released by the
+   receiver's credit, the header on the socket, every reference and generation checked), and (b)
    our pipeline as shipped (source -> worker -> hub, a no-op model, policy "all": every frame
    delivered and validated) as processes over ipc and tcp, as processes with the optional
    shared-memory payload path, and as threads over inproc. Frames per second after a warm-up.
@@ -227,8 +229,10 @@ def imagezmq_throughput(images: list[np.ndarray], n: int) -> dict[str, Any]:
             "imagezmq_version": getattr(imagezmq, "__version__", "?")}
 
 
-def _credit_worker(endpoint: str, window: int) -> None:
-    """The worker side of the credit protocol, bare: decode + validate each frame, hand back credit."""
+def _credit_worker(endpoint: str, window: int, shm: bool = False) -> None:
+    """The worker side of the credit protocol, bare: decode + validate each frame, hand back credit.
+    With ``shm`` the pixels are read from the source's shared-memory slots (docs/PROTOCOL.md 3.1)."""
+    shm_map = protocol.ShmMap() if shm else None
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
@@ -237,20 +241,29 @@ def _credit_worker(endpoint: str, window: int) -> None:
     try:
         protocol.send(sock, protocol.encode_control("credit", worker="bench", done=0, window=window))
         while sock.poll(TIMEOUT_MS):
-            m = protocol.decode(sock.recv_multipart(copy=False))
+            m = protocol.decode(sock.recv_multipart(copy=False), shm=shm_map)
             if m.type != "frame":
                 return
+            if m.shm is not None and shm_map is not None and not shm_map.intact(m.shm):
+                raise RuntimeError("a shared-memory slot was rewritten while in use")
             done += 1
             protocol.send(sock, protocol.encode_control("credit", worker="bench", done=done, window=window))
     finally:
         sock.close(linger=0)
         ctx.term()
+        if shm_map is not None:
+            shm_map.close()
 
 
-def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: int) -> dict[str, Any]:
-    """Our transport alone between two processes: ROUTER source, DEALER worker, credit window."""
+def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: int,
+                      shm: bool = False) -> dict[str, Any]:
+    """Our transport alone between two processes: ROUTER source, DEALER worker, credit window; with
+    ``shm`` each frame is copied into a free slot of a shared-memory ring (ShmRing, released when
+    the worker's credit covers it) and only the header travels, as the pipeline's --shared-memory."""
     spawn = mp.get_context("spawn")
-    worker = spawn.Process(target=_credit_worker, args=(endpoint, window), daemon=True)
+    worker = spawn.Process(target=_credit_worker, args=(endpoint, window, shm), daemon=True)
+    ring = protocol.ShmRing(images[0].nbytes, window) if shm else None
+    held: list[int] = []  # ring slots in flight, oldest first
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0
@@ -268,11 +281,20 @@ def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: i
             done = protocol.decode([header]).header["done"]
             if done == warm:
                 t0 = time.perf_counter()
+            while ring is not None and len(held) > sent - done:  # the worker is done with these
+                ring.release(held.pop(0))
             while sent - done < window and sent < n + warm:
                 f = frames[sent % len(frames)]
                 f.seq = sent
+                ref = None
+                if ring is not None:
+                    slot = ring.alloc()
+                    if slot is None:
+                        raise RuntimeError("no free shared-memory slot within the credit window")
+                    held.append(slot)
+                    ref = ring.write(slot, f.pixels)
                 f.stamps["source_send"] = time.monotonic_ns()
-                protocol.send(router, [ident, *protocol.encode_frame(f)])
+                protocol.send(router, [ident, *protocol.encode_frame(f, ref)])
                 sent += 1
         elapsed = time.perf_counter() - t0
         protocol.send(router, [ident, *protocol.encode_control("event", node="bench", event="end")])
@@ -280,7 +302,10 @@ def credit_throughput(images: list[np.ndarray], endpoint: str, n: int, window: i
         router.close(linger=0)
         ctx.term()
         _reap(worker)
-    return {"fps": round(n / elapsed, 1), "frames": n, "window": window, "transport": endpoint.split("://")[0]}
+        if ring is not None:
+            ring.close()
+    return {"fps": round(n / elapsed, 1), "frames": n, "window": window, "transport": endpoint.split("://")[0],
+            "shared_memory": shm}
 
 
 def pipeline_throughput(source: SyntheticSource, n: int, mode: str, transport: str, window: int,
@@ -309,6 +334,7 @@ def throughput(source: SyntheticSource, images: list[np.ndarray], n: int, rounds
     rows: dict[str, Any] = {
         "ours_transport_tcp_w2": lambda: credit_throughput(images, f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}", n, 2),
         "ours_transport_ipc_w2": lambda: credit_throughput(images, f"ipc://{tmp}/credit", n, 2),
+        "ours_transport_ipc_shm_w4": lambda: credit_throughput(images, f"ipc://{tmp}/credit", n, WINDOW, True),
         "ours_process_ipc": lambda: pipeline_throughput(source, n, "process", "ipc", WINDOW),
         "ours_process_tcp": lambda: pipeline_throughput(source, n, "process", "tcp", WINDOW),
         "ours_process_ipc_shm": lambda: pipeline_throughput(source, n, "process", "ipc", WINDOW, True),

@@ -70,7 +70,10 @@ def render_transport(d: dict[str, Any]) -> list[str]:
         lines.append(f"| {h['endpoint']} | {_f(o['p50'], 0)} / {_f(o['p99'], 0)} | {_f(b['p50'], 0)} / "
                      f"{_f(b['p99'], 0)} | {h['ratio_p50_one_way']} | <= 1.2: {ok} |")
     lines += ["", ("Throughput: each of our runs is paired with an imagezmq run just before it (rounds rotate); "
-                   "median over the rounds, min-max in brackets. Every frame of ours is validated and delivered."),
+                   "median over the rounds, min-max in brackets. Every frame of ours is validated and delivered. "
+                   "`ours_transport_*`: our protocol alone, one sender to one receiver process, as imagezmq's "
+                   "sender to its hub (`_shm`: pixels through the shared-memory ring, `--shared-memory`); "
+                   "`ours_process_*` / `ours_thread_*`: the whole pipeline, source -> worker (model thread) -> hub."),
               "", "| throughput | fps | x imagezmq REQ/REP (same round) |", "|---|---|---|"]
     for key, t in d["throughput"].items():
         fps = f"{_f(t['fps'], 0)} ({_f(t.get('fps_min', t['fps']), 0)}-{_f(t.get('fps_max', t['fps']), 0)})"

@@ -278,3 +278,14 @@ def test_supervisor_unlinks_the_ring_of_a_killed_source(tmp_path: Path) -> None:
     assert report.restarts >= 1
     leftover = set(os.listdir("/dev/shm")) - before
     assert not any(n in leftover for n in killed), leftover
+
+
+def test_transport_benchmark_shared_memory_row_delivers_every_frame(tmp_path: Path) -> None:
+    """The benchmark's bare transport over shared memory (a real receiver process) delivers all frames,
+    reusing its window's slots only after the receiver's credit (it raises when no slot is free)."""
+    from benchmarks.bench_transport import credit_throughput
+
+    images = [np.full((64, 64), i, np.uint16) for i in range(5)]
+    out = credit_throughput(images, f"ipc://{tmp_path}/credit", 60, 3, shm=True)
+    assert out["frames"] == 60 and out["shared_memory"] and out["fps"] > 0
+    assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"edge-{os.getpid()}-")]  # ring unlinked
