@@ -116,16 +116,20 @@ def _dumps(header: Mapping[str, Any], *, finite: bool = False) -> bytes:
         raise ProtocolError(expected("finite numbers in the header", str(exc))) from exc
 
 
-def wire_array(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """A C-contiguous little-endian view (copied only when needed) and its part descriptor."""
+def wire_desc(array: np.ndarray) -> dict[str, Any]:
+    """The part descriptor of ``array`` on the wire (its dtype checked against the whitelist)."""
     name = array.dtype.name
     if name not in WIRE_DTYPES:
         raise ProtocolError(expected(f"dtype in {sorted(WIRE_DTYPES)}", name))
+    return {"dtype": name, "shape": list(array.shape)}
+
+
+def wire_array(array: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A C-contiguous little-endian view (copied only when needed) and its part descriptor."""
+    desc = wire_desc(array)
     if array.flags.c_contiguous and (array.dtype.byteorder in "<|" or (array.dtype.isnative and LITTLE_ENDIAN_HOST)):
-        wire = array  # the common case: already what the wire wants, send it as it is
-    else:
-        wire = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
-    return wire, {"dtype": name, "shape": list(wire.shape)}
+        return array, desc  # the common case: already what the wire wants, send it as it is
+    return np.ascontiguousarray(array, dtype=WIRE_DTYPES[desc["dtype"]]), desc
 
 
 def header(msg_type: str, **fields: Any) -> dict[str, Any]:
@@ -149,9 +153,10 @@ def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any
     """``[header, pixels]`` for a Frame (ground-truth boxes travel, masks and clean images do not).
 
     ``shm``: the pixels were written to a shared-memory slot (``ShmRing.write``): the header carries
-    that reference instead and the message is ``[header]`` alone (docs/PROTOCOL.md 3.1).
+    that reference instead and the message is ``[header]`` alone (docs/PROTOCOL.md 3.1), and the
+    pixels are not converted again (the caller gave the slot their wire form).
     """
-    pixels, desc = wire_array(frame.pixels)
+    pixels, desc = (None, wire_desc(frame.pixels)) if shm is not None else wire_array(frame.pixels)
     spacing = None if frame.pixel_spacing is None else [float(v) for v in frame.pixel_spacing]
     truth = _truth_dict(frame.truth)
     # The only floats of a frame header: checked here, so _dumps may keep orjson's bytes although
