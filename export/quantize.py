@@ -241,6 +241,15 @@ def relu_as_leaky_relu(src: str | os.PathLike[str], dst: str | os.PathLike[str])
     return Path(dst)
 
 
+def _readers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    return readers
+
+
 def dedicate_readers(path: str | os.PathLike[str]) -> int:
     """Give every reader of a quantised activation its own QuantizeLinear -> DequantizeLinear pair, also
     readers kept in float (``nodes_to_exclude``), which ORT's DedicatedQDQPair leaves sharing one DQ.
@@ -256,10 +265,7 @@ def dedicate_readers(path: str | os.PathLike[str]) -> int:
     g = model.graph
     inits = {i.name for i in g.initializer}
     outputs = {o.name for o in g.output}
-    readers: dict[str, list[Any]] = {}
-    for n in g.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    readers = _readers(g)
     added = 0
     for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]:
         dqs = readers.get(q.output[0], [])
@@ -304,10 +310,7 @@ def single_channel_convs(path: str | os.PathLike[str], max_depth: int = 9) -> li
 
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
-    readers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    readers = _readers(model.graph)
     names: list[str] = []
     for n in model.graph.node:
         w = inits.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
