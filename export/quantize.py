@@ -59,10 +59,11 @@ carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,17 +110,32 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keep_io
     return out
 
 
+@contextlib.contextmanager
+def _working_dir(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Run a block in ``path`` (contextlib.chdir needs Python 3.11)."""
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
 def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merge_siblings: bool = True) -> Path:
     """ORT's recommended quantisation pre-processing: shape inference + graph optimisation (BN folded),
     then sibling convolutions merged (:func:`merge_sibling_convs`, same function)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    try:
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
-    except Exception:  # noqa: BLE001 - ORT's symbolic inference raises a bare Exception on symbolic dims
-        # Symbolic shape inference cannot follow reshapes over dynamic H/W (pixel (un)shuffle);
-        # ONNX's own shape inference plus ORT's graph optimisation is all quantisation needs.
-        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    # When symbolic inference gives up, ORT saves its partial model as sym_shape_infer_temp.onnx plus
+    # an external-data file into the current directory: run it in a scratch directory instead.
+    with tempfile.TemporaryDirectory(prefix="edge-preprocess-") as scratch, _working_dir(scratch):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - ORT's symbolic inference raises a bare Exception on symbolic dims
+            # Symbolic shape inference does not complete on the enhancers' dynamic H/W graphs;
+            # ONNX's own shape inference plus ORT's graph optimisation is all quantisation needs.
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     if merge_siblings:
         merge_sibling_convs(dst, dst)
     return Path(dst)

@@ -348,3 +348,19 @@ def test_cli_quantize_cpu_form(tmp_path: Path, capsys: pytest.CaptureFixture[str
     m = onnx.load(str(tmp_path / "int8_cpu.onnx"))
     zps = {numpy_helper.to_array(i).dtype for i in m.graph.initializer if i.name.endswith("zero_point")}
     assert np.dtype(np.uint8) in zps
+
+
+def test_preprocess_leaves_nothing_in_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's symbolic shape inference gives up on the shipped enhancer's dynamic H/W and then saves
+    sym_shape_infer_temp.onnx + an external-data file into the cwd: preprocess must keep it elsewhere."""
+    from edge_runtime.runtime import reference_bundles
+    from export.quantize import preprocess
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    src = reference_bundles()["us-despeckle"] / "fp32.onnx"
+    out = preprocess(src, "pre.onnx")  # a relative destination still means the caller's directory
+    assert out.resolve() == (cwd / "pre.onnx").resolve() and Path.cwd() == cwd
+    assert sorted(p.name for p in cwd.iterdir()) == ["pre.onnx"]
+    onnx.checker.check_model(str(out))
