@@ -12,6 +12,7 @@ the worst frame's seq, drops by cause, and the backend/precision in use.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -65,8 +66,87 @@ def summarize(values: Any) -> dict[str, float]:
             "p90": round(float(p90), 3), "p99": round(float(p99), 3), "max": round(float(a.max()), 3)}
 
 
-def device_health() -> dict[str, float]:
-    """Cheap health readings: 1-min load and the hottest thermal zone (Jetson and most Linux boxes)."""
+JTOP_SOCKET = Path("/run/jtop.sock")  # where the jetson-stats service listens on a Jetson
+
+
+def jtop_health(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric readings we keep from jetson-stats' ``jtop.stats`` (keys as jetson-stats 4.x-7.x
+    writes them): GPU load %, EMC (memory bandwidth) %, RAM used %, board power in W, hottest sensor.
+    Entries a board lacks or reports as "OFF" are left out."""
+
+    def num(value: Any) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    out: dict[str, float] = {}
+    for key, name, scale in (("GPU", "gpu_load_pct", 1.0), ("EMC", "emc_pct", 1.0), ("RAM", "ram_used_pct", 100.0),
+                             ("Power TOT", "power_w", 1e-3)):  # RAM is a fraction, power in mW
+        v = num(stats.get(key))
+        if v is not None:
+            out[name] = round(v * scale, 2)
+    # jtop reports an offline sensor as -256 C
+    temps = [t for k, v in stats.items() if k.startswith("Temp ") and (t := num(v)) is not None and t > -100]
+    if temps:
+        out["temp_c_max"] = round(max(temps), 1)
+    return out
+
+
+class JetsonStats:
+    """Health readings from jetson-stats (``pip install jetson-stats``, its jtop service running).
+
+    jtop's client connects to the service's socket and keeps a thread of its own, so one client is
+    opened on first use and kept until ``close`` (or exit). Package missing, service down or a
+    client error: the reader logs once and switches itself off; health then falls back to the load
+    average and the thermal zones.
+    """
+
+    def __init__(self, factory: Any = None, socket: Path = JTOP_SOCKET) -> None:
+        self._factory = factory
+        self._socket = socket
+        self._client: Any = None
+        self.off = False
+
+    def available(self) -> bool:
+        return not self.off and (self._client is not None or self._socket.exists())
+
+    def read(self) -> dict[str, float]:
+        if not self.available():
+            return {}
+        try:
+            if self._client is None:
+                self._client = self._connect()
+            return jtop_health(self._client.stats)
+        except Exception as exc:  # noqa: BLE001 - a health reading must never stop the pipeline
+            log.warning("jetson-stats readings switched off (%s: %s)", type(exc).__name__, exc)
+            self.close()
+            self.off = True
+            return {}
+
+    def _connect(self) -> Any:
+        factory = self._factory
+        if factory is None:
+            import jtop  # optional: the `jetson` extra
+
+            factory = jtop.jtop
+        client = factory(interval=1.0)
+        client.start()  # raises when the service does not answer
+        atexit.register(self.close)
+        return client
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception as exc:  # noqa: BLE001 - closing a dead client
+                log.debug("closing the jtop client: %s", exc)
+
+
+_JETSON = JetsonStats()
+
+
+def device_health(jetson: JetsonStats | None = None) -> dict[str, float]:
+    """Cheap health readings: 1-min load and the hottest thermal zone (Jetson and most Linux boxes),
+    plus GPU load, EMC, RAM, board power and jtop's temperatures where jetson-stats runs."""
     health: dict[str, float] = {}
     try:
         health["load1"] = round(os.getloadavg()[0], 2)
@@ -80,6 +160,7 @@ def device_health() -> dict[str, float]:
             continue
     if temps:
         health["temp_c_max"] = round(max(temps), 1)
+    health.update((jetson or _JETSON).read())
     return health
 
 
