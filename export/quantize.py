@@ -42,7 +42,8 @@ Profiled per node on the reference models (2 threads), what kept INT8 at ~1.0x o
   and a uint8 Split. Their outputs then share one activation scale.
 - :func:`single_channel_convs`: a 3x3 conv over one input channel (the grey-image stem) runs 5x slower
   as ORT's int8 conv than as its FP32 NCHWc conv, so it stays in float (``nodes_in_float_for_speed``)
-  and quantisation starts at its output (TensorRT builds it in float: no Q/DQ around it).
+  and quantisation starts at its output (TensorRT builds it in float: no Q/DQ around it). In the CPU form
+  a strided stem is rewritten first (below) and is then no longer single-channel.
 
 INT8 for ONNX Runtime on the CPU (``form="cpu"``, :func:`quantize_int8_cpu`, the bundle's ``int8_cpu.onnx``):
 even with the graph forms above, the symmetric file reaches only 1.03-1.10x of FP32 on x86 (quiet machine;
@@ -52,8 +53,10 @@ type's minimum; a tensor read by several nodes stays uint8 instead of falling ba
 is QDQ with asymmetric uint8 activations (calibrated zero points) and the same symmetric per-channel int8
 weights: same calibration frames and method (its own range cache: ranges are not symmetrised), same
 pre-processing (sibling convs merged), ``nodes_to_exclude`` honoured, Relu left for ORT's quantiser to fold
-(no LeakyRelu rewrite, no kept activations, no dedicated pairs: none of that is needed in uint8). Measured
-1.07-1.57x of FP32 on the reference models on a quiet 2-core machine (1.56-1.90x under load). TensorRT refuses it (non-zero zero points, uint8), so bundles
+(no LeakyRelu rewrite, no kept activations, no dedicated pairs: none of that is needed in uint8), and a
+strided single-channel stem written as SpaceToDepth + conv (:func:`stem_as_space_to_depth`, same function)
+so that it runs as an int8 conv too. Measured 1.08-1.60x of FP32 on the reference models on a quiet
+2-core machine (benchmarks/RESULTS.md). TensorRT refuses it (non-zero zero points, uint8), so bundles
 carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).
 """
 
@@ -212,6 +215,7 @@ class Int8Result:
     summary: dict[str, Any] = field(default_factory=dict)
     float_for_speed: list[str] = field(default_factory=list)
     form: str = "tensorrt"
+    stems_as_space_to_depth: list[str] = field(default_factory=list)
 
     def info(self) -> dict[str, Any]:
         """What the bundle records about how this INT8 artefact was made."""
@@ -223,6 +227,7 @@ class Int8Result:
             return {"form": "onnxruntime-cpu", "activations": "uint8 asymmetric (calibrated zero points)",
                     "bias": "int32" if CPU_QUANTIZE_BIAS else "float32",
                     "relu_as": "folded into QuantizeLinear by ONNX Runtime", **common,
+                    "stems_as_space_to_depth": self.stems_as_space_to_depth,
                     "note": "ONNX Runtime CPU provider only; not for TensorRT: TensorRT accepts only symmetric Q/DQ"}
         return {"form": "tensorrt", "activations": "int8 symmetric (zero point 0)", "bias": "float32",
                 "relu_as": "LeakyRelu(alpha=0)", "dedicated_qdq_pairs": True, **common}
@@ -341,6 +346,73 @@ def single_channel_convs(path: str | os.PathLike[str], max_depth: int = 9) -> li
     return names
 
 
+def _static_hw(graph: Any, name: str) -> tuple[int, int] | None:
+    """(H, W) of a 4-D tensor when the graph states both as numbers."""
+    for vi in [*graph.input, *graph.value_info]:
+        if vi.name == name:
+            dims = vi.type.tensor_type.shape.dim
+            if len(dims) == 4 and dims[2].HasField("dim_value") and dims[3].HasField("dim_value"):
+                return dims[2].dim_value, dims[3].dim_value
+    return None
+
+
+def stem_as_space_to_depth(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+    """Write ``src`` to ``dst`` with every strided convolution over a single input channel (the grey-image
+    stem, 3x3 stride 2) as SpaceToDepth(stride) followed by a stride-1 convolution over stride**2 channels:
+    the same function (weights rearranged, outputs equal to float rounding), applied only where the input's
+    H and W are static multiples of the stride. ONNX Runtime then runs the stem as an int8 conv, which the
+    single-channel form is not worth (:func:`single_channel_convs`), and the float stem's NCHWc output no
+    longer has to be reordered and quantised at full width (measured int8_cpu / FP32 with 2 threads:
+    us-lesion-det 1.34-1.36x -> 1.48-1.49x, xr-nodule-det 1.40-1.42x -> 1.51x). The CPU form only: TensorRT
+    builds the stem well as it is. Returns the names of the rewritten convolutions."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    done: list[str] = []
+    for n in list(g.node):
+        w_init = inits.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        strides = list(attrs.get("strides", [1, 1]))
+        if w_init is None or len(w_init.dims) != 4 or w_init.dims[1] != 1 or attrs.get("group", 1) != 1 \
+                or any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
+                or len(set(strides)) != 1 or strides[0] < 2 or not n.name:
+            continue
+        s = int(strides[0])
+        hw = _static_hw(g, n.input[0])
+        if hw is None or hw[0] % s or hw[1] % s:
+            continue
+        w = numpy_helper.to_array(w_init)
+        k = w.shape[2:]
+        pads = list(attrs.get("pads", [0, 0, 0, 0]))
+        # Along one axis: tap u reads x[s*i + u - pb] = block (i + m) at offset a, with u - pb = s*m + a.
+        lo = [-pads[d] // s for d in (0, 1)]  # most negative block offset m (floor division)
+        size = [(k[d] - 1 - pads[d]) // s - lo[d] + 1 for d in (0, 1)]
+        out = [(hw[d] + pads[d] + pads[d + 2] - k[d]) // s + 1 for d in (0, 1)]
+        end = [out[d] - hw[d] // s + lo[d] + size[d] - 1 for d in (0, 1)]  # trailing pad that keeps the size
+        if min(end) < 0:
+            continue
+        w2 = np.zeros((w.shape[0], s * s, size[0], size[1]), w.dtype)
+        for uy in range(k[0]):
+            my, ay = divmod(uy - pads[0], s)
+            for ux in range(k[1]):
+                mx, ax = divmod(ux - pads[1], s)
+                w2[:, ay * s + ax, my - lo[0], mx - lo[1]] += w[:, 0, uy, ux]  # SpaceToDepth order: (ay, ax, c)
+        w_init.CopyFrom(numpy_helper.from_array(w2, w_init.name))
+        blocks = f"{n.name}_space_to_depth"
+        g.node.insert(list(g.node).index(n), helper.make_node("SpaceToDepth", [n.input[0]], [blocks],
+                                                              name=blocks, blocksize=s))
+        n.input[0] = blocks
+        del n.attribute[:]
+        n.attribute.extend([helper.make_attribute("kernel_shape", size), helper.make_attribute("strides", [1, 1]),
+                            helper.make_attribute("pads", [-lo[0], -lo[1], end[0], end[1]])])
+        done.append(n.name)
+    onnx.save(model, str(dst))
+    return done
+
+
 def distinct_q_axes(path: str | os.PathLike[str]) -> int:
     """Give per-tensor QuantizeLinear nodes that read the same tensor distinct (ignored) ``axis``
     values, so that ONNX Runtime does not merge them (see module doc). Returns nodes changed."""
@@ -410,6 +482,9 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
         model_in = Path(src) if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
         if not cpu:
             model_in = relu_as_leaky_relu(model_in, Path(tmp) / "leaky.onnx")
+        stems = stem_as_space_to_depth(model_in, Path(tmp) / "stem.onnx") if cpu else []
+        if stems:
+            model_in = Path(tmp) / "stem.onnx"
         for_speed = [n for n in single_channel_convs(model_in) if n not in nodes_to_exclude] \
             if float_single_channel_convs else []
         try:
@@ -432,7 +507,8 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
     if not cpu and summary["nonzero_zero_points"]:
         raise ExportError(expected("every Q/DQ zero point 0", f"{summary['nonzero_zero_points']} non-zero"))
     return Int8Result(Path(dst), method, sorted(nodes_to_exclude),
-                      list(op_types_to_quantize) if op_types_to_quantize else None, summary, for_speed, form)
+                      list(op_types_to_quantize) if op_types_to_quantize else None, summary, for_speed, form,
+                      stems)
 
 
 def quantize_int8_cpu(src: str | os.PathLike[str], dst: str | os.PathLike[str], reader: Any | None,

@@ -364,3 +364,60 @@ def test_preprocess_leaves_nothing_in_the_working_directory(tmp_path: Path, monk
     assert out.resolve() == (cwd / "pre.onnx").resolve() and Path.cwd() == cwd
     assert sorted(p.name for p in cwd.iterdir()) == ["pre.onnx"]
     onnx.checker.check_model(str(out))
+
+
+def _stem_model(tmp_path: Path, k: int, stride: int, pads: list[int], hw: tuple[object, object]) -> Path:
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, k, k)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "b0"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32), "w1")]
+    nodes = [helper.make_node("Conv", ["image", "w0", "b0"], ["c"], name="c0", kernel_shape=[k, k],
+                              strides=[stride, stride], pads=pads, auto_pad="NOTSET"),  # as ORT's optimiser writes it
+             helper.make_node("Relu", ["c"], ["r"], name="r0"),
+             helper.make_node("Conv", ["r", "w1"], ["enhanced"], name="c1", pads=[1] * 4)]
+    return save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, *hw])],
+                [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, None)], inits, tmp_path / "stem.onnx")
+
+
+@pytest.mark.parametrize(("k", "stride", "pads"), [(3, 2, [1, 1, 1, 1]), (5, 2, [2, 2, 2, 2]), (4, 2, [1, 1, 1, 1]),
+                                                   (3, 2, [0, 0, 0, 0]), (7, 4, [3, 3, 3, 3]), (3, 2, [1, 0, 0, 1])])
+def test_strided_stem_as_space_to_depth_is_the_same_function(tmp_path: Path, k: int, stride: int,
+                                                             pads: list[int]) -> None:
+    from export.quantize import stem_as_space_to_depth
+
+    src = _stem_model(tmp_path, k, stride, pads, (64, 48))
+    assert stem_as_space_to_depth(src, tmp_path / "s2d.onnx") == ["c0"]
+    m = onnx.load(str(tmp_path / "s2d.onnx"))
+    assert [n.op_type for n in m.graph.node][:2] == ["SpaceToDepth", "Conv"]
+    x = np.random.default_rng(2).normal(size=(1, 1, 64, 48)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "s2d.onnx", x), _run(src, x), atol=2e-5)
+
+
+@pytest.mark.parametrize("hw", [("h", "w"), (63, 48)])
+def test_stem_is_left_alone_without_static_multiples_of_the_stride(tmp_path: Path, hw: tuple[object, object]) -> None:
+    from export.quantize import stem_as_space_to_depth
+
+    src = _stem_model(tmp_path, 3, 2, [1, 1, 1, 1], hw)
+    assert stem_as_space_to_depth(src, tmp_path / "s2d.onnx") == []
+    assert "SpaceToDepth" not in [n.op_type for n in onnx.load(str(tmp_path / "s2d.onnx")).graph.node]
+
+
+def test_cpu_form_runs_a_strided_stem_as_an_int8_conv(tmp_path: Path) -> None:
+    """CPU form: the stride-2 stem becomes SpaceToDepth + an int8 conv (no float conv left); the
+    TensorRT form keeps the stem as it is, in float."""
+    from export.quantize import quantize_int8_cpu
+
+    src = _stem_model(tmp_path, 3, 2, [1, 1, 1, 1], (64, 64))
+    cpu = quantize_int8_cpu(src, tmp_path / "cpu.onnx", _calset(8).reader())
+    assert cpu.info()["stems_as_space_to_depth"] == ["c0"] and cpu.info()["nodes_in_float_for_speed"] == []
+    assert cpu.summary["float_compute_nodes"] == []
+    ops = _optimized_ops(cpu.path, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "Conv" not in ops
+    x = _calset(8).tensors[0]
+    ref = _run(src, x)
+    assert np.abs(_run(cpu.path, x) - ref).max() < 0.05 * np.abs(ref).max()
+    trt = quantize_int8(src, tmp_path / "trt.onnx", _calset(8).reader())
+    assert trt.info()["nodes_in_float_for_speed"] == ["c0", "r0"] and "stems_as_space_to_depth" not in trt.info()
