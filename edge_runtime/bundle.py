@@ -138,10 +138,21 @@ class Bundle:
         if m["task"] not in TASKS:
             raise BundleError(f"{where}: " + expected(f"task in {TASKS}", m["task"]))
         files = m["files"]
-        if not isinstance(files, dict):
-            raise BundleError(f"{where}: " + expected("files as an object {path: sha256}", type(files).__name__))
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise BundleError(f"{where}: " + expected("files as an object {path: sha256 hex string}",
+                                                      type(files).__name__ if not isinstance(files, dict) else
+                                                      sorted({type(v).__name__ for v in files.values()})))
+        arts = m["artifacts"]
+        if not isinstance(arts, list) or not all(isinstance(a, dict) and isinstance(a.get("info", {}), dict)
+                                                 for a in arts):
+            raise BundleError(f"{where}: " + expected("artifacts as a list of objects (with an optional info "
+                                                      "object)", arts if not isinstance(arts, list) else
+                                                      [type(a).__name__ for a in arts]))
+        for key in ("preprocess", "postprocess"):
+            if not isinstance(m[key], dict):
+                raise BundleError(f"{where}: " + expected(f"{key} as an object", type(m[key]).__name__))
         seen: dict[tuple[Any, Any], list[set[str]]] = {}  # (kind, precision) -> targets of each artefact
-        for a in m["artifacts"]:
+        for a in arts:
             if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
                 raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
                     f"kind in {ARTIFACT_KINDS} and precision in {PRECISIONS}", (a.get("kind"), a.get("precision"))))
@@ -162,6 +173,15 @@ class Bundle:
             p = Path(rel)
             if p.is_absolute() or ".." in p.parts:
                 raise BundleError(f"{where}: " + expected("file paths inside the bundle", rel))
+        # An FP16/INT8 file made from another FP32 model (the fp32 re-trained or swapped, the rest left
+        # behind) is stale: it would run a different model under this bundle's name.
+        fp32 = [files.get(a.get("file")) for a in arts if a.get("kind") == "onnx" and a.get("precision") == "fp32"]
+        for a in arts:
+            source = a.get("info", {}).get("source_fp32_sha256")
+            if source and fp32 and source not in fp32:
+                raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
+                    f"made from this bundle's fp32 model (sha256 {str(fp32[0])[:12]}...)",
+                    f"made from fp32 sha256 {str(source)[:12]}... (stale: export it again from this fp32)"))
 
     def verify(self) -> None:
         """Raise BundleError naming every file whose hash differs, is missing, or is unlisted."""

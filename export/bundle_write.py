@@ -6,9 +6,12 @@ writes atomically, then re-reads the bundle through the same verifier the runtim
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,13 +41,38 @@ def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) ->
            "toolchain": body.get("toolchain") or toolchain_versions(),
            "created": body.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "files": files}
+    Bundle(root, out, "")._check_schema()  # refuse before the old manifest is replaced
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".json")
-    os.fchmod(fd, 0o644)  # mkstemp makes 0600: a bundle is read by other users (the runtime's service)
-    with os.fdopen(fd, "w") as f:
-        json.dump(out, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, root / MANIFEST)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600: a bundle is read by other users (the runtime's service)
+        with os.fdopen(fd, "w") as f:
+            json.dump(out, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, root / MANIFEST)
+    finally:  # a value json cannot write must not leave a stray file that the next write would hash
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return Bundle.load(root, verify=True)
+
+
+@contextlib.contextmanager
+def staged(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """A copy of bundle ``directory`` to rewrite, swapped in whole (after verification) when the block
+    ends without an error; on an error the old bundle is left as it was. A runtime loading the bundle
+    meanwhile sees the old one, or briefly none, never a mix of old and new files."""
+    root = Path(directory)
+    stage = root.parent / f".{root.name}.stage-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(root, stage)
+    try:
+        yield stage
+        Bundle.load(stage, verify=True)
+        backup = root.parent / f".{root.name}.old-{os.getpid()}"
+        os.rename(root, backup)
+        os.rename(stage, root)
+        shutil.rmtree(backup)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def write_archive(directory: str | os.PathLike[str], archive: str | os.PathLike[str]) -> Path:

@@ -142,7 +142,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     manifest = _manifest(args)
     val = _validation_set(manifest, args.val_frames, args.val_source)
     cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
-                           not args.no_progress, _source_opts(args))
+                           not args.no_progress, _source_opts(args, manifest))
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
                         method=args.method, nodes_to_exclude=_csv(args.exclude_nodes),
                         op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
@@ -156,14 +156,38 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_opts(args: argparse.Namespace) -> dict[str, Any]:
-    """What a folder or video cannot say about itself (DICOM carries both in its header)."""
-    opts: dict[str, Any] = {}
-    if args.calib_modality:
-        opts["modality"] = args.calib_modality
-    if args.calib_bits:
-        opts["bits_stored"] = args.calib_bits
-    return opts
+def _source_kind(spec: str) -> str:
+    """phantom, camera, dicom, video or images: which calibration options a source takes."""
+    from edge_runtime.sources import VIDEO_EXTENSIONS, is_dicom_file
+
+    if spec.startswith(("phantom", "camera:")):
+        return spec.split(":", 1)[0]
+    path = Path(spec)
+    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
+    if any(p.is_file() and is_dicom_file(p) for p in files):
+        return "dicom"
+    return "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "images"
+
+
+def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a folder or video cannot say about itself. DICOM and phantom frames carry their own modality
+    and bit depth, and the governance check must see those, so overriding them is refused; for folders
+    and videos the modality must be stated (a default would make the modality check pass anything)."""
+    kind = _source_kind(str(args.calib))
+    given = {k: v for k, v in (("modality", args.calib_modality), ("bits_stored", args.calib_bits)) if v}
+    if kind in ("phantom", "dicom"):
+        if given:
+            raise ConfigError(expected(f"no --calib-modality / --calib-bits with {kind} calibration frames "
+                                       "(they state their own)", sorted(given)))
+        return {}
+    if "modality" not in given:
+        raise ConfigError(expected(f"--calib-modality for {kind} calibration frames (the files do not say what "
+                                   f"they show; the model takes {manifest.get('modality')})", "none"))
+    if kind in ("video", "camera") and "bits_stored" in given:
+        raise ConfigError(expected(f"no --calib-bits with {kind} frames (8-bit)", args.calib_bits))
+    if (manifest.get("preprocess") or {}).get("color", "gray") == "gray":
+        given["gray"] = True  # what the runtime's pre-processing makes of colour frames for a grey model
+    return given
 
 
 def _set_sha(evalset: Any) -> str:
@@ -196,6 +220,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         cands[precision] = path
     if not cands and args.bundle:
         cands = _bundle_candidates(args.bundle)
+    if not cands:
+        raise ConfigError(expected("a candidate to validate (--candidate LABEL=PATH, or --bundle DIR with FP16/INT8 "
+                                   "artefacts)", "none"))
+    if args.repair and args.bundle:  # a file rewritten inside a bundle no longer matches its manifest
+        inside = [str(p) for label in INT8_LABELS if label in cands
+                  for p in [Path(args.repaired_out or cands[label])] if Path(args.bundle).resolve() in
+                  p.resolve().parents]
+        if inside:
+            raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
+                                       "`export bundle`, or use `export reference --repair`)", inside))
     show = not args.no_progress
     evalset = _validation_set(manifest, args.frames, args.source)
     ref = V.reference(fp32, evalset, threads=args.threads, progress=show)
@@ -206,16 +240,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError(expected("--calib SOURCE for --repair (it re-quantises)", "none"))
         if args.repaired_out and len(failing) > 1:
             raise ConfigError(expected("one failing INT8 candidate for --repaired-out", failing))
+        targets = {label: Path(args.repaired_out or cands[label]) for label in failing}
         cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
-                               _source_opts(args))
+                               _source_opts(args, manifest))
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
             for label in failing:
                 q, nodes = _int8_factory(fp32, cal, args.method, Path(tmp), show, INT8_LABELS[label])
                 rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=args.max_float,
                                    threads=args.threads, progress=show, label=label)
-                out = Path(args.repaired_out or cands[label])
-                shutil.copyfile(rr.path, out)
-                rr.report.file = out.name
+                out = targets[label]
+                if rr.report.passed:
+                    shutil.copyfile(rr.path, out)
+                    rr.report.file = out.name
+                else:
+                    _say(f"repair of {label} did not pass the gate: {out} left as it was")
                 report.replace(label, rr.report, rr.to_dict())
     if args.report:
         report.write(args.report)
@@ -276,28 +314,77 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 # -- step: bundle / verify -------------------------------------------------------------------
+def _read_json(path: str, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
+
+
+def _gate_record(report: dict[str, Any], derived: dict[str, Path]) -> dict[str, Any]:
+    """manifest["validation"] from a validation.json, checked against the FP16/INT8 files being bundled:
+    each must have a passing result in the report (matched by sha256 where the report records it, else
+    by file name). The runtime serves FP16/INT8 only when this record says passed."""
+    from edge_runtime.bundle import sha256_file
+
+    from .validate import REPORT_FORMAT
+
+    if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
+        raise ConfigError("--validation: " + expected(f"a {REPORT_FORMAT} report", type(report).__name__ if
+                                                      not isinstance(report, dict) else report.get("format")))
+    cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
+    for name, path in derived.items():
+        digest = sha256_file(path)
+        match = [c for c in cands if c.get("sha256") == digest] or \
+                [c for c in cands if not c.get("sha256") and c.get("file") == name]
+        if not match:
+            raise ConfigError("--validation: " + expected(f"a result for {name} (sha256 {digest[:12]}...)",
+                                                           [c.get("file") for c in cands]))
+        if not all(c.get("passed") for c in match):
+            raise AccuracyGateError(f"{name} failed the accuracy gate in the --validation report; bundle only "
+                                    "candidates that passed (or re-export with --repair)")
+    return {"file": "validation.json", "frames": report.get("frames"), "source": report.get("source"),
+            "passed": bool(derived), "tolerances": report.get("tolerances")}
+
+
 def cmd_bundle(args: argparse.Namespace) -> int:
     from .bundle_write import write_archive, write_bundle
 
-    manifest = json.loads(Path(args.manifest).read_text())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    manifest = _read_json(args.manifest, "--manifest")
+    if not isinstance(manifest, dict):
+        raise ConfigError("--manifest: " + expected("a JSON object", type(manifest).__name__))
     files = {"fp32.onnx": args.fp32, "fp16.onnx": args.fp16, "int8.onnx": args.int8,
              "int8_cpu.onnx": args.int8_cpu, "calibration.json": args.calibration, "validation.json": args.validation}
-    artifacts = {a["file"]: a for a in manifest.get("artifacts", [])}
+    missing = [f"{name}: {src}" for name, src in files.items() if src and not Path(src).is_file()]
+    missing += [extra for extra in args.add if not Path(extra).is_file()]
+    if missing:
+        raise ConfigError(expected("existing files to bundle", missing))
+    out = Path(args.out)
+    report = _read_json(args.validation, "--validation") if args.validation else None
+    derived = {name: Path(src) for name, src in files.items() if src and name in ("fp16.onnx", "int8.onnx",
+                                                                                  "int8_cpu.onnx")}
+    # Only this call's report speaks for these files (a template's record may describe other ones).
+    manifest.pop("validation", None)
+    if report is not None:
+        manifest["validation"] = _gate_record(report, derived)
+    elif derived:
+        _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
+             "stay unused until a passing report is bundled)")
+    out.mkdir(parents=True, exist_ok=True)
+    artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
     for name, src in files.items():
         if not src:
             continue
         if Path(src).resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
-        if name.endswith(".onnx"):
-            artifacts.setdefault(name, {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]}
-                                 | _targets(name))
+        if name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
+            artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
+                | _targets(name)
     for extra in args.add:
         shutil.copyfile(extra, out / Path(extra).name)
     manifest["artifacts"] = list(artifacts.values())
     if args.calibration:
-        rec = json.loads(Path(args.calibration).read_text())
+        rec = _read_json(args.calibration, "--calibration")
         manifest["calibration"] = {k: rec.get(k) for k in ("frames", "source", "sha256", "method", "min_frames")} \
             | {"file": "calibration.json"}
     bundle = write_bundle(out, manifest)
@@ -356,7 +443,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
     from edge_runtime.bundle import Bundle, sha256_file
 
     from . import validate as V
-    from .bundle_write import toolchain_versions, write_bundle
+    from .bundle_write import staged, toolchain_versions, write_bundle
     from .lint import check_model
     from .quantize import FORM_FILES, Int8Result, to_fp16
 
@@ -419,8 +506,8 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
         report.write(tmp / "validation.json")
         record = cal.record(method=method, validation_sha256=report.validation_set_sha256)
         (tmp / "calibration.json").write_text(json.dumps(record, indent=2) + "\n")
-        for name in ("fp16.onnx", *files.values(), "calibration.json", "validation.json"):
-            shutil.copyfile(tmp / name, root / name)
+        new_files = {name: (tmp / name).read_bytes()
+                     for name in ("fp16.onnx", *files.values(), "calibration.json", "validation.json")}
     fp16_rep = report.candidate("fp16")
     src = {"source_fp32_sha256": fp32_sha}
     old = {a["precision"]: a for a in manifest["artifacts"] if a.get("kind") == "onnx"}
@@ -440,7 +527,11 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
                               "passed": report.passed, "tolerances": report.tolerances}
     manifest["toolchain"] = {**(manifest.get("toolchain") or {}), **toolchain_versions()}
     manifest["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    new = write_bundle(root, manifest)
+    with staged(root) as stage:  # swapped in whole: a crash or a reader meanwhile never sees a mix
+        for name, data in new_files.items():
+            (stage / name).write_bytes(data)
+        write_bundle(stage, manifest)
+    new = Bundle.load(root)
     return {"model": bundle.name, "bundle_sha256": new.sha256, "times_s": times, "passed": report.passed,
             "report": report.text(), "fp32": report.fp32, "fp16": fp16_rep.metrics,
             **{label: report.candidate(label).metrics for label in INT8_LABELS},

@@ -170,3 +170,112 @@ def test_two_artefacts_that_serve_the_same_target_are_refused(tmp_path: Path) ->
         (root / "manifest.json").write_text(json.dumps(m))
         with pytest.raises(BundleError, match="disjoint"):
             Bundle.load(root)
+
+
+# -- what `export bundle` trusts: the gate report it is given, files made from this fp32 -------------------
+def _report(files: dict[str, bool]) -> dict[str, object]:
+    from export.validate import REPORT_FORMAT
+
+    return {"format": REPORT_FORMAT, "version": 1, "frames": 200, "source": "phantom:xr", "tolerances": {},
+            "passed": all(files.values()), "candidates": [{"file": f, "passed": ok} for f, ok in files.items()]}
+
+
+def _bundle_with_report(tmp_path: Path, report: dict[str, object] | None, template_passed: bool = True) -> int:
+    blur_model(tmp_path / "model.onnx")
+    to_fp16(tmp_path / "model.onnx", tmp_path / "fp16.onnx")
+    m = blur_manifest()
+    m["artifacts"] = []
+    m["validation"] = {"file": "validation.json", "passed": template_passed}  # a template's, for other files
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    argv = ["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"), "--fp32",
+            str(tmp_path / "model.onnx"), "--fp16", str(tmp_path / "fp16.onnx")]
+    if report is not None:
+        (tmp_path / "validation.json").write_text(json.dumps(report))
+        argv += ["--validation", str(tmp_path / "validation.json")]
+    return _cli(argv)
+
+
+def test_bundle_gate_record_comes_from_the_report_not_the_template(tmp_path: Path) -> None:
+    from edge_runtime.devices import load_config
+    from edge_runtime.runtime import choose_precision
+
+    assert _bundle_with_report(tmp_path, None) == 0  # no report: the template's "passed" is dropped
+    b = Bundle.load(tmp_path / "out")
+    assert "validation" not in b.manifest and choose_precision(b, load_config("cpu-x86")) == "fp32"
+    assert _bundle_with_report(tmp_path, _report({"fp16.onnx": True}), template_passed=False) == 0
+    b = Bundle.load(tmp_path / "out")
+    assert b.manifest["validation"]["passed"] is True and b.manifest["validation"]["frames"] == 200
+
+
+def test_bundle_refuses_a_failed_or_missing_gate_result(tmp_path: Path) -> None:
+    from edge_runtime.errors import AccuracyGateError, ConfigError
+
+    with pytest.raises(AccuracyGateError, match="fp16.onnx failed the accuracy gate"):
+        _bundle_with_report(tmp_path, _report({"fp16.onnx": False}))
+    with pytest.raises(ConfigError, match="a result for fp16.onnx"):
+        _bundle_with_report(tmp_path, _report({"int8.onnx": True}))
+    with pytest.raises(ConfigError, match="edge-runtime-validation report"):
+        _bundle_with_report(tmp_path, {"passed": True})
+
+
+def test_bundle_refuses_missing_input_files_before_writing(tmp_path: Path) -> None:
+    from edge_runtime.errors import ConfigError
+
+    blur_model(tmp_path / "model.onnx")
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    with pytest.raises(ConfigError, match="existing files to bundle"):
+        _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"), "--fp32",
+              str(tmp_path / "model.onnx"), "--int8", str(tmp_path / "absent.onnx")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--manifest"):
+        _cli(["bundle", "--manifest", str(tmp_path / "absent.json"), "--out", str(tmp_path / "out"), "--fp32",
+              str(tmp_path / "model.onnx")])
+
+
+def test_derived_artefact_of_another_fp32_is_refused_as_stale(bundle: Path) -> None:
+    """fp16.onnx records the fp32 it was made from; after the fp32 is swapped it no longer matches."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    fp32_sha = m["files"]["fp32.onnx"]
+    for a in m["artifacts"]:
+        if a["file"] == "fp16.onnx":
+            a["info"] = {"source_fp32_sha256": fp32_sha}
+    write_bundle(bundle, m)  # consistent: loads
+    blur_model(bundle / "fp32.onnx", damage=0.5)  # a different fp32, fp16.onnx left behind
+    with pytest.raises(BundleError, match="stale"):
+        write_bundle(bundle, m)
+    assert Bundle.load(bundle, verify=False).manifest["files"]["fp32.onnx"] == fp32_sha  # the old manifest stays
+
+
+@pytest.mark.parametrize(("field", "value"), [("artifacts", ["fp32.onnx"]), ("files", {"fp32.onnx": None}),
+                                              ("preprocess", "window"), ("artifacts", {"file": "fp32.onnx"})])
+def test_malformed_manifest_is_a_bundle_error(bundle: Path, field: str, value: object) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    m[field] = value
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=field):
+        Bundle.load(bundle)
+
+
+def test_write_bundle_leaves_no_temporary_manifest_on_failure(bundle: Path) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["note"] = object()  # json cannot write it
+    with pytest.raises(TypeError):
+        write_bundle(bundle, m)
+    assert sorted(p.name for p in bundle.iterdir()) == ["fp16.onnx", "fp32.onnx", "manifest.json"]
+    Bundle.load(bundle)
+
+
+def test_staged_rewrite_swaps_in_whole_or_not_at_all(bundle: Path) -> None:
+    from export.bundle_write import staged
+
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(RuntimeError), staged(bundle) as stage:
+        (stage / "fp16.onnx").write_bytes(b"half written")
+        raise RuntimeError("crash mid-export")
+    assert (bundle / "manifest.json").read_bytes() == before and Bundle.load(bundle)
+    with staged(bundle) as stage:
+        m = json.loads((stage / "manifest.json").read_text())
+        m["note"] = "rewritten"
+        write_bundle(stage, m)
+    assert Bundle.load(bundle).manifest["note"] == "rewritten"
+    assert sorted(p.name for p in bundle.parent.iterdir()) == ["xr-blur"]  # no stage or backup left

@@ -36,7 +36,7 @@ from edge_runtime.bundle import Bundle
 from edge_runtime.errors import ConfigError, ExportError, expected
 from edge_runtime.frames import Frame
 from edge_runtime.preprocess import Preprocessor
-from export.bundle_write import write_bundle
+from export.bundle_write import staged, write_bundle
 
 from . import baselines, data, evaluate
 from .models import ExportDetector, build, fuse_model, make_fused, wrap_for_export
@@ -412,10 +412,7 @@ def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, ato
     model = torch_from_onnx(manifest, old_path)
     net = model.net if isinstance(model, ExportDetector) else model  # export_onnx wraps it again
     example = Preprocessor.from_manifest(manifest)(recipe.make_eval(data.HELDOUT_BASE))[0]
-    stage = root.parent / f".{root.name}.reexport-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    shutil.copytree(root, stage)
-    try:
+    with staged(root) as stage:
         info = export_onnx(recipe, net, stage / fp32.file, example)
         old_out = evaluate.session(old_path).run(None, {"image": example})
         new_out = evaluate.session(stage / fp32.file).run(None, {"image": example})
@@ -433,13 +430,6 @@ def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, ato
         manifest = {k: v for k, v in manifest.items() if k not in ("calibration", "validation", "created", "toolchain")}
         manifest["artifacts"] = [keep]
         write_bundle(stage, manifest)
-        Bundle.load(stage)  # verifies every hash
-        backup = root.parent / f".{root.name}.old-{os.getpid()}"
-        os.rename(root, backup)
-        os.rename(stage, root)
-        shutil.rmtree(backup)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return Bundle.load(root)
 
 

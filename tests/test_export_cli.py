@@ -1,0 +1,75 @@
+"""export CLI guards: what `export validate` refuses, which calibration options each source takes."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from test_export_models import blur_manifest, blur_model
+
+from edge_runtime.errors import ConfigError
+from export import cli
+from export.bundle_write import write_bundle
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return cli.run(parser.parse_args(argv))
+
+
+def test_validate_without_candidates_is_refused(tmp_path: Path) -> None:
+    """A report with no candidates would say "passed" about nothing."""
+    import json
+
+    blur_model(tmp_path / "fp32.onnx")
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    with pytest.raises(ConfigError, match="a candidate to validate"):
+        _cli(["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(tmp_path / "fp32.onnx")])
+
+
+def test_validate_repair_never_writes_inside_a_bundle(tmp_path: Path) -> None:
+    root = tmp_path / "b"
+    root.mkdir()
+    blur_model(root / "fp32.onnx")
+    blur_model(root / "int8.onnx", damage=0.02)
+    m = blur_manifest()
+    m["artifacts"].append({"file": "int8.onnx", "kind": "onnx", "precision": "int8"})
+    write_bundle(root, m)
+    before = (root / "int8.onnx").read_bytes()
+    for extra in ([], ["--repaired-out", str(root / "int8_repaired.onnx")]):
+        with pytest.raises(ConfigError, match="outside the bundle"):
+            _cli(["validate", "--bundle", str(root), "--repair", "--frames", "4", "--no-progress", *extra])
+    assert (root / "int8.onnx").read_bytes() == before
+
+
+def _opts(calib: str, modality: str | None = None, bits: int | None = None, color: str = "gray") -> dict[str, object]:
+    args = argparse.Namespace(calib=calib, calib_modality=modality, calib_bits=bits)
+    return cli._source_opts(args, {**blur_manifest(), "modality": ["US"], "preprocess": {"color": color}})
+
+
+def test_dicom_and_phantom_frames_keep_their_own_modality_and_bits() -> None:
+    from pydicom.data import get_testdata_file
+
+    us = get_testdata_file("examples_ybr_color.dcm")  # in the pydicom wheel: no download
+    assert _opts(us) == {} and _opts("phantom") == {} and _opts("phantom:us") == {}
+    for calib in (us, "phantom"):
+        with pytest.raises(ConfigError, match="state their own"):
+            _opts(calib, modality="US")
+        with pytest.raises(ConfigError, match="state their own"):
+            _opts(calib, bits=12)
+
+
+def test_video_and_folder_frames_need_a_stated_modality(tmp_path: Path) -> None:
+    video = tmp_path / "clip.avi"
+    video.write_bytes(b"not dicom")
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "f0.png").write_bytes(b"png")
+    with pytest.raises(ConfigError, match="--calib-modality for video"):
+        _opts(str(video))
+    with pytest.raises(ConfigError, match="no --calib-bits with video"):
+        _opts(str(video), modality="US", bits=12)
+    assert _opts(str(video), modality="US") == {"modality": "US", "gray": True}
+    assert _opts(str(folder), modality="US", bits=12, color="rgb") == {"modality": "US", "bits_stored": 12}
