@@ -65,10 +65,13 @@ def _manifest(args: argparse.Namespace) -> dict[str, Any]:
 
         return dict(Bundle.load(args.bundle).manifest)
     if getattr(args, "manifest", None):
-        try:
-            return dict(json.loads(Path(args.manifest).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"--manifest {args.manifest}: {exc}") from None
+        m = _read_json(args.manifest, "--manifest")
+        need = ("task", "modality", "inputs", "outputs", "preprocess", "postprocess")
+        if not isinstance(m, dict) or any(k not in m for k in need):
+            raise ConfigError(f"--manifest {args.manifest}: " + expected(
+                f"a JSON object with {list(need)} (docs/BUNDLE.md)",
+                sorted(m) if isinstance(m, dict) else type(m).__name__))
+        return dict(m)
     raise ConfigError(expected("--bundle DIR or --manifest FILE (the model's modality, pre/post-processing)",
                                "neither"))
 
@@ -134,6 +137,8 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import FORM_TARGETS, quantize_int8, to_fp16
 
+    if not Path(args.model).is_file():
+        raise ConfigError(expected("an existing ONNX model to quantise", args.model))
     if args.precision == "fp16":
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
                       node_block_list=_csv(args.exclude_nodes))

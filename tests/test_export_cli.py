@@ -73,3 +73,17 @@ def test_video_and_folder_frames_need_a_stated_modality(tmp_path: Path) -> None:
         _opts(str(video), modality="US", bits=12)
     assert _opts(str(video), modality="US") == {"modality": "US", "gray": True}
     assert _opts(str(folder), modality="US", bits=12, color="rgb") == {"modality": "US", "bits_stored": 12}
+
+
+def test_missing_model_or_incomplete_manifest_is_a_config_error(tmp_path: Path) -> None:
+    import json
+
+    with pytest.raises(ConfigError, match="an existing ONNX model"):
+        _cli(["quantize", str(tmp_path / "absent.onnx"), "--precision", "fp16", "--out", str(tmp_path / "h.onnx")])
+    m = blur_manifest()
+    del m["task"]
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    blur_model(tmp_path / "fp32.onnx")
+    with pytest.raises(ConfigError, match="task"):
+        _cli(["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(tmp_path / "fp32.onnx"),
+              "--candidate", f"fp16={tmp_path / 'fp32.onnx'}"])
