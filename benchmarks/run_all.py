@@ -113,6 +113,8 @@ def render_runtime(d: dict[str, Any]) -> list[str]:
 
 
 def render_export(d: dict[str, Any]) -> list[str]:
+    from benchmarks.bench_export import BUNDLE_SOURCE, RUN_SOURCE, gate_view
+
     lines = [f"ONNX Runtime {d['onnxruntime']} CPU; CPU: {json.dumps(d['cpu'])[:300]}.", "",
              ("INT8 (TensorRT form) = int8.onnx (symmetric Q/DQ, runs everywhere); INT8 CPU = int8_cpu.onnx (uint8 "
              "asymmetric activations, ONNX Runtime CPU only: what the runtime runs on CPU devices). Same run, same "
@@ -124,19 +126,26 @@ def render_export(d: dict[str, Any]) -> list[str]:
         lat = r["latency"]
         cells = [f"{_f(lat[p]['p50_ms'])} / {_f(lat[p]['p99_ms'])}" if p in lat else "n/a"
                  for p in ("fp32", "fp16", "int8", "int8_cpu")]
-        gate = {True: "passed", False: "FAILED", None: "?"}[lat.get("gate_passed")]
-        failed = [k for k, ok in (lat.get("gate") or {}).items() if not ok]
+        verdict, source = gate_view(r)  # this run's export when its steps ran, else the shipped bundle's
+        gate = {True: "passed", False: "FAILED", None: "?"}[verdict.get("gate_passed")]
+        failed = [k for k, ok in (verdict.get("gate") or {}).items() if not ok]
         if failed:
             gate += f" ({', '.join(failed)})"
+        gate += " (this run)" if source == RUN_SOURCE else " (bundle)"
         steps = r.get("steps", {})
         load = _load_span(lat)
         lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
                      f"{_f(lat.get('int8_cpu_speedup_p50'))} | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
-    lines.append("")
+    sources = {name: gate_view(r)[1] for name, r in d["models"].items()}
+    lines += ["", "Accuracy gate: " + "; ".join(
+        f"{src} for {', '.join(n for n, s in sources.items() if s == src)}"
+        + (" (export steps ran)" if src == RUN_SOURCE else " (export steps skipped)")
+        for src in (RUN_SOURCE, BUNDLE_SOURCE) if src in sources.values()) + ".", ""]
     for name, r in d["models"].items():
-        floats = {k: v for k, v in (r["latency"].get("nodes_in_float") or {}).items() if v}
+        verdict, source = gate_view(r)
+        floats = {k: v for k, v in (verdict.get("nodes_in_float") or {}).items() if v}
         if floats:
-            lines.append(f"- {name} nodes kept in float by --repair: "
+            lines.append(f"- {name} nodes kept in float by --repair ({source}): "
                          + "; ".join(f"{k}: {', '.join(v)}" for k, v in floats.items()))
     for name, r in d["models"].items():
         if r.get("steps", {}).get("times_s"):

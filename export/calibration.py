@@ -3,7 +3,8 @@
 Frames come from any source the runtime reads (folder, video, DICOM series: edge_runtime.sources)
 or from the phantom generators, and go through the runtime's own Preprocessor, so calibration sees
 exactly the tensors inference will see. Governance, all errors (ExportError), never warnings:
-- at least ``min_frames`` frames (default 200);
+- at least ``min_frames`` distinct frames (default 200; by per-frame hash, so copies of a frame
+  count once);
 - every frame's modality, bits_stored and photometric interpretation match the model's manifest
   (MONOCHROME1 is accepted for a MONOCHROME2 model when the pre-processing inverts it);
 - no frame may also be in the validation set (per-frame hashes compared).
@@ -268,7 +269,12 @@ def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, 
         raise ExportError(f"calibration frames from {source} do not match model {manifest.get('name')!r}: "
                           + "; ".join(problems))
     hashes = [frame_sha256(f) for f in items]
-    dupes = len(hashes) - len(set(hashes))
+    distinct = len(set(hashes))
+    dupes = len(hashes) - distinct
+    if distinct < min_frames:  # copies add no information about the activation ranges
+        raise ExportError(f"calibration source {source}: " + expected(
+            f"at least {min_frames} distinct calibration frames",
+            f"{distinct} distinct of {len(items)} ({dupes} duplicates)"))
     overlap = set(hashes) & set(exclude)
     if overlap:
         raise ExportError(f"calibration source {source}: " + expected(

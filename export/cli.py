@@ -494,7 +494,8 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
             rr = step(f"repair {label}", lambda q=q, nodes=nodes, label=label: V.repair_int8(  # type: ignore[misc]
                 q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=max_float, threads=threads,
                 progress=progress, label=label))
-            res[label] = q(rr.nodes_in_float, tmp / files[label])  # deterministic: the graph rr evaluated
+            res[label] = q(rr.nodes_in_float, tmp / files[label])  # its Int8Result (same options as rr's)
+            shutil.copyfile(rr.path, tmp / files[label])  # and the very file the gate judged
             rr.report.file = files[label]
             report.replace(label, rr.report, rr.to_dict())
         if progress:

@@ -160,6 +160,25 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
     return default
 
 
+def _walk(graph: Any, where: str = "") -> Any:
+    """(node, name) for every node of ``graph`` and, recursively, of its subgraphs (If branches,
+    Loop / Scan bodies: graph attributes), which TensorRT must parse as well. A nested node's name is
+    prefixed with where it sits: ``if_node/else_branch/node``."""
+    for n in graph.node:
+        name = n.name or (n.output[0] if n.output else "")
+        yield n, f"{where}{name}"
+        for a in n.attribute:
+            for sub in _attr_graphs(a):
+                yield from _walk(sub, f"{where}{name}/{a.name}/")
+
+
+def _attr_graphs(a: Any) -> list[Any]:
+    import onnx
+
+    return [a.g] if a.type == onnx.AttributeProto.GRAPH else \
+        list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []
+
+
 def _dims(value_info: Any) -> list[int | str]:
     out: list[int | str] = []
     for d in value_info.type.tensor_type.shape.dim:
@@ -174,17 +193,23 @@ class _Graph:
         from onnx import numpy_helper
 
         self.model = model
-        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-        for n in model.graph.node:
+        # Subgraphs included: value names are unique across nested scopes (ONNX SSA), and a branch's
+        # Q/DQ may read its own initializers or the outer graph's.
+        graphs = [model.graph] + [sub for n, _ in _walk(model.graph) for a in n.attribute for sub in _attr_graphs(a)]
+        self.consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for gr in graphs
+                                              for i in gr.initializer}
+        nodes = [n for n, _ in _walk(model.graph)]
+        for n in nodes:
             if n.op_type == "Constant" and n.output:
                 v = _attr(n, "value")
                 if v is not None:
                     self.consts[n.output[0]] = numpy_helper.to_array(v)
-        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.producer = {o: n for n in nodes for o in n.output}
         self.shapes: dict[str, list[int | str]] = {}
-        for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-                self.shapes[vi.name] = _dims(vi)
+        for gr in graphs:
+            for vi in list(gr.value_info) + list(gr.input) + list(gr.output):
+                if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                    self.shapes[vi.name] = _dims(vi)
 
     def weight(self, name: str) -> np.ndarray | None:
         """A constant, or the constant behind a DequantizeLinear (a Q/DQ graph's weights)."""
@@ -216,8 +241,7 @@ def _check_structure(model: Any, path: str, findings: list[Finding]) -> Any:
 
 
 def _check_ops(model: Any, g: _Graph, findings: list[Finding]) -> None:
-    for n in model.graph.node:
-        who = n.name or (n.output[0] if n.output else "")
+    for n, who in _walk(model.graph):
         if n.domain not in ("", "ai.onnx"):
             findings.append(Finding("error", "unsupported-op", f"custom domain {n.domain!r}: TensorRT needs a "
                                     "plugin for it", who, n.op_type))
@@ -246,10 +270,11 @@ def _check_opset(opset: int, findings: list[Finding]) -> None:
 
 
 def _check_qdq(model: Any, g: _Graph, findings: list[Finding]) -> None:
-    for n in model.graph.node:
+    from onnx import TensorProto
+
+    for n, who in _walk(model.graph):
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        who = n.name or n.output[0]
         zp_name = n.input[2] if len(n.input) > 2 else ""
         if n.op_type == "DequantizeLinear" and n.input[0] in g.consts:
             qtype = g.consts[n.input[0]].dtype
@@ -258,9 +283,14 @@ def _check_qdq(model: Any, g: _Graph, findings: list[Finding]) -> None:
                     "int8 quantised constants (TensorRT quantised types: INT8/FP8/INT4; a bias stays float)",
                     str(qtype)), who, n.op_type))
         if not zp_name:
-            if n.op_type == "QuantizeLinear":
-                findings.append(Finding("warn", "qdq-zero-point", "no y_zero_point: ONNX then quantises to "
-                                        "uint8, TensorRT expects an explicit int8 zero point of 0", who, n.op_type))
+            # Without y_zero_point ONNX quantises to uint8, or (opset 21+) to the output_dtype attribute's
+            # type; only INT8 builds in TensorRT (its zero point then defaults to 0).
+            out_type = int(_attr(n, "output_dtype", 0) or TensorProto.UINT8)
+            if n.op_type == "QuantizeLinear" and out_type != TensorProto.INT8:
+                findings.append(Finding("error", "qdq-zero-point", expected(
+                    "an int8 y_zero_point of 0 (or output_dtype INT8, opset 21+): TensorRT quantises to INT8 only",
+                    f"no y_zero_point, so ONNX quantises to {TensorProto.DataType.Name(out_type).lower()}"),
+                    who, n.op_type))
             continue
         zp = g.consts.get(zp_name)
         if zp is None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.bundle import sha256_file
 from edge_runtime.errors import AccuracyGateError, ExportError, expected
 from edge_runtime.frames import Frame
 
@@ -167,15 +168,39 @@ def task_metrics(evalset: EvalSet, outputs: Sequence[Mapping[str, np.ndarray]], 
         return {"psnr_db": float(np.mean(p)), "ssim": float(np.mean(s)), "frames": len(p)}
     dices = []
     classes = [str(c) for c in post_spec.get("classes", [])]
+    scored: list[int] | None = None
     for d, f in zip(decoded, evalset.frames):
         truth = f.truth
         if d.masks is None or truth is None or truth.masks is None:
             raise ExportError(expected("predicted and ground-truth masks per frame", "none"))
-        for c in range(d.masks.shape[0]):
+        if scored is None:
+            scored = scored_channels(d.masks.shape[0], classes, post_spec.get("activation"), evalset.frames)
+        for c in scored:
             want = [i for i, lab in enumerate(truth.labels) if not classes or lab == classes[c]]
             gt = np.asarray(truth.masks[want].any(axis=0)) if want else np.zeros(d.masks.shape[1:], bool)
             dices.append(M.dice(d.masks[c], gt))
-    return {"dice": float(np.mean(dices)), "frames": len(evalset.frames)}
+    # No scored channel gives NaN: validate() then refuses the reference (no evidence) instead of passing.
+    return {"dice": float(np.mean(dices)) if dices else float("nan"), "frames": len(evalset.frames),
+            "dice_classes": [classes[c] if classes else f"channel {c}" for c in scored or []]}
+
+
+def scored_channels(channels: int, classes: Sequence[str], activation: Any, frames: Sequence[Frame]) -> list[int]:
+    """The segmentation output channels Dice is computed on: foreground classes with ground truth.
+
+    Skipped: a class named ``background`` (any case), and a class no validation frame labels (its
+    ground truth is empty everywhere, so Dice would only count its pixels as false positives: the
+    background channel of a softmax output scored ~0 and halved the mean). Without a classes list,
+    channel 0 of a multi-channel softmax output is the background (arg-max must put every pixel
+    somewhere), and every other channel is compared with the union of the ground-truth masks.
+    """
+    if not classes:
+        softmax = activation == "softmax" or (activation is None and channels > 1)
+        return list(range(1 if softmax and channels > 1 else 0, channels))
+    if len(classes) != channels:
+        raise ExportError(expected(f"one postprocess class name per segmentation output channel ({channels})",
+                                   list(classes)))
+    labelled = {str(lab) for f in frames if f.truth is not None for lab in f.truth.labels}
+    return [c for c, name in enumerate(classes) if name.lower() != "background" and name in labelled]
 
 
 def output_errors(ref: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
@@ -221,11 +246,32 @@ def tolerances_for(manifest: Mapping[str, Any]) -> dict[str, float]:
     return {m: given.get(m, DEFAULT_TOLERANCES[m]) for m in GATED[manifest["task"]]}
 
 
+# What a gated metric needs from the validation frames to be a number (shown when the FP32 value is not).
+_EVIDENCE = {"detection": "frames with ground-truth objects", "enhancement": "frames with a clean reference image",
+             "segmentation": "frames with ground-truth masks of a scored (non-background) class"}
+
+
+def require_finite_reference(task: str, fp32: Mapping[str, Any]) -> None:
+    """Refuse a FP32 reference whose gated metric is NaN or infinite.
+
+    ``candidate < fp32 - tolerance`` is False for every candidate when ``fp32`` is NaN, so such a
+    reference (e.g. AP50 over frames with no ground-truth object) would pass anything: no evidence.
+    """
+    for m in GATED[task]:
+        a = float(fp32[m])
+        if not math.isfinite(a):
+            over = f" over {fp32['frames']} frames" if "frames" in fp32 else ""
+            objects = f" ({fp32['objects']} objects)" if "objects" in fp32 else ""
+            raise ExportError(expected(f"a finite FP32 {m} on the validation set ({_EVIDENCE[task]})",
+                                       f"{a}{over}{objects}"))
+
+
 def gate(task: str, fp32: Mapping[str, Any], cand: Mapping[str, Any], tol: Mapping[str, float]) -> list[GateFailure]:
+    require_finite_reference(task, fp32)
     out = []
     for m in GATED[task]:
         a, b = float(fp32[m]), float(cand[m])
-        if (math.isnan(b) and not math.isnan(a)) or b < a - tol[m] - 1e-12:
+        if math.isnan(b) or b < a - tol[m] - 1e-12:  # ``a`` is finite (checked above)
             out.append(GateFailure(m, a, b, tol[m]))
     return out
 
@@ -238,6 +284,7 @@ class CandidateReport:
     output_error: dict[str, Any]
     failures: list[GateFailure]
     ms_per_frame: float
+    sha256: str = ""  # of the file judged: `export bundle` matches bundled files to their verdicts by it
 
     @property
     def passed(self) -> bool:
@@ -257,10 +304,13 @@ class ValidationReport:
     repairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # candidate label -> what --repair did
     validation_set_sha256: str = ""
     tolerance_source: dict[str, str] = field(default_factory=dict)  # metric -> "manifest" / "default"
+    threads: int = 2  # intra-op threads the candidates ran with
+    fp32_threads: int = 2  # ... and the FP32 reference (computed separately when validate() is given ``ref``)
+    backends: list[str] = field(default_factory=list)  # what ran the models (backend_name of each file)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in self.candidates)
+        return bool(self.candidates) and all(c.passed for c in self.candidates)  # nothing judged: not passed
 
     @property
     def repair(self) -> dict[str, Any] | None:
@@ -290,9 +340,12 @@ class ValidationReport:
                                for c in self.candidates],
                 "repair": self.repair, "repairs": self.repairs,
                 "failed_files": [c.file for c in self.candidates if not c.passed],
-                "conditions": {"backend": "onnxruntime CPUExecutionProvider via edge_runtime.backends",
-                               "ap_score_threshold": AP_SCORE_THRESHOLD,
-                               "ms_per_frame": "median backend.infer wall time during validation, 2 threads"}}
+                "conditions": {"backend": ", ".join(self.backends or [backend_name("x.onnx")])
+                               + " via edge_runtime.backends",
+                               "ap_score_threshold": AP_SCORE_THRESHOLD, "threads": self.threads,
+                               "fp32_threads": self.fp32_threads,
+                               "ms_per_frame": "median backend.infer wall time during validation, "
+                               + _threads_text(self.threads, self.fp32_threads)}}
 
     def write(self, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -326,8 +379,19 @@ class ValidationReport:
 
     def raise_if_failed(self) -> None:
         if not self.passed:
-            failed = ", ".join(f"{c.precision} ({c.file})" for c in self.candidates if not c.passed)
+            failed = ", ".join(f"{c.precision} ({c.file})" for c in self.candidates if not c.passed) or "no candidates"
             raise AccuracyGateError(f"accuracy gate failed for {failed}:\n" + self.text())
+
+
+def backend_name(path: str | os.PathLike[str]) -> str:
+    """What open_backend runs ``path`` with, for the report's conditions."""
+    return "onnxruntime CPUExecutionProvider" if Path(path).suffix == ".onnx" else "TensorRT"
+
+
+def _threads_text(threads: int, fp32_threads: int) -> str:
+    if threads == fp32_threads:
+        return f"{threads} thread(s)"
+    return f"{threads} thread(s) for the candidates, {fp32_threads} for the FP32 reference"
 
 
 def _json_default(o: Any) -> Any:
@@ -345,6 +409,7 @@ class Reference:
     outputs: list[dict[str, np.ndarray]]
     metrics: dict[str, Any]
     ms_per_frame: float
+    threads: int = 2  # what ms_per_frame was measured with
 
 
 def reference(fp32: str | os.PathLike[str], evalset: EvalSet, *, threads: int = 2, progress: bool = False,
@@ -355,7 +420,7 @@ def reference(fp32: str | os.PathLike[str], evalset: EvalSet, *, threads: int = 
         ms = backend.timing_summary()["p50_ms"]
     finally:
         backend.close()
-    return Reference(outs, task_metrics(evalset, outs, fppi=fppi), ms)
+    return Reference(outs, task_metrics(evalset, outs, fppi=fppi), ms, threads)
 
 
 def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: EvalSet, ref: Reference,
@@ -370,24 +435,33 @@ def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: Ev
     m = task_metrics(evalset, outs, fppi=fppi)
     task = evalset.manifest["task"]
     return CandidateReport(precision, Path(path).name, m, output_errors(ref.outputs, outs),
-                           gate(task, ref.metrics, m, tol), ms)
+                           gate(task, ref.metrics, m, tol), ms, sha256_file(path))
 
 
 def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
              candidates: Mapping[str, str | os.PathLike[str]], evalset: EvalSet, *,
              tolerances: Mapping[str, float] | None = None, threads: int = 2, progress: bool = False,
              fppi: float = DEFAULT_FPPI, ref: Reference | None = None) -> ValidationReport:
-    """Compare each candidate ({precision: path}) with FP32 on ``evalset``; never raises on a failed gate."""
+    """Compare each candidate ({precision: path}) with FP32 on ``evalset``; never raises on a failed gate.
+
+    Raises ExportError when there is nothing to judge (no candidates) or nothing to judge against
+    (a gated FP32 metric that is NaN or infinite): either would otherwise make a report that passes.
+    """
     from .calibration import set_sha256
 
+    if not candidates:
+        raise ExportError(expected("at least one candidate (label: model file) to compare with FP32", "none"))
     tol = dict(tolerances) if tolerances is not None else tolerances_for(manifest)
     ref = ref or reference(fp32, evalset, threads=threads, progress=progress, fppi=fppi)
+    require_finite_reference(manifest["task"], ref.metrics)
     given = manifest.get("tolerances") or {}
     report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
                               tol, ref.metrics, ref.ms_per_frame,
                               validation_set_sha256=set_sha256(evalset.frame_hashes),
                               tolerance_source={m: "manifest" if m in given and tolerances is None else
-                                                "caller" if tolerances is not None else "default" for m in tol})
+                                                "caller" if tolerances is not None else "default" for m in tol},
+                              threads=threads, fp32_threads=ref.threads,
+                              backends=sorted({backend_name(p) for p in [fp32, *candidates.values()]}))
     for precision, path in candidates.items():
         report.candidates.append(evaluate_candidate(path, precision, evalset, ref, tol, threads=threads,
                                                     progress=progress, fppi=fppi))

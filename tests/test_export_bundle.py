@@ -279,3 +279,18 @@ def test_staged_rewrite_swaps_in_whole_or_not_at_all(bundle: Path) -> None:
         write_bundle(stage, m)
     assert Bundle.load(bundle).manifest["note"] == "rewritten"
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["xr-blur"]  # no stage or backup left
+
+
+def test_bundle_matches_verdicts_to_files_by_sha256(tmp_path: Path) -> None:
+    """A passing verdict for another file of the same name does not vouch for the file being bundled."""
+    from edge_runtime.bundle import sha256_file
+    from edge_runtime.errors import ConfigError
+
+    blur_model(tmp_path / "other.onnx", damage=0.5)
+    report = _report({"fp16.onnx": True})
+    report["candidates"][0]["sha256"] = sha256_file(tmp_path / "other.onnx")  # type: ignore[index]
+    with pytest.raises(ConfigError, match="a result for fp16.onnx"):
+        _bundle_with_report(tmp_path, report)
+    to_fp16(tmp_path / "model.onnx", tmp_path / "fp16.onnx")
+    report["candidates"][0]["sha256"] = sha256_file(tmp_path / "fp16.onnx")  # type: ignore[index]
+    assert _bundle_with_report(tmp_path, report) == 0

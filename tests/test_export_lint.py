@@ -161,3 +161,48 @@ def test_cli_check_on_the_cpu_int8_form_reports_tensorrt_errors(tmp_path: Path,
     errors = {f["rule"] for f in data["findings"] if f["severity"] == "error"}
     assert errors == {"qdq-zero-point", "qdq-type"}
     assert any("int8_cpu.onnx" in f["message"] for f in data["findings"])
+
+
+def _if_model(path: Path, then_nodes: list, else_nodes: list, inits: list) -> Path:
+    """y = If(c) with the given branch bodies (outputs 't' / 'e'); ``inits`` in the outer graph."""
+    out = helper.make_tensor_value_info
+    then_g = helper.make_graph(then_nodes, "then", [], [out("t", TensorProto.FLOAT, [2, 2])])
+    else_g = helper.make_graph(else_nodes, "else", [], [out("e", TensorProto.FLOAT, [])])
+    node = helper.make_node("If", ["c"], ["y"], name="if", then_branch=then_g, else_branch=else_g)
+    return save([node], [out("m", TensorProto.FLOAT, [2, 2]), out("c", TensorProto.BOOL, [])],
+                [out("y", TensorProto.FLOAT, None)], inits, path)
+
+
+def test_subgraphs_are_linted_for_ops_and_qdq(tmp_path: Path) -> None:
+    """If branches (and Loop / Scan bodies) are parsed by TensorRT too: their nodes get the same rules."""
+    then_nodes = [helper.make_node("QuantizeLinear", ["m", "s", "zp"], ["q"], name="q_in_branch"),
+                  helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["t"], name="dq_in_branch")]
+    else_nodes = [helper.make_node("Det", ["m"], ["e"], name="det_in_branch")]
+    inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+             numpy_helper.from_array(np.array(5, np.int8), "zp")]  # outer-scope constants, read in the branch
+    report = check_model(_if_model(tmp_path / "if.onnx", then_nodes, else_nodes, inits))
+    bad = {(f.rule, f.node, f.op_type) for f in report.errors if f.rule in ("unsupported-op", "qdq-zero-point")}
+    assert bad == {("unsupported-op", "if/else_branch/det_in_branch", "Det"),
+                   ("qdq-zero-point", "if/then_branch/q_in_branch", "QuantizeLinear"),
+                   ("qdq-zero-point", "if/then_branch/dq_in_branch", "DequantizeLinear")}, report.table()
+    assert not report.ok
+
+
+def test_quantize_without_zero_point_is_a_uint8_error(tmp_path: Path) -> None:
+    """No y_zero_point: ONNX quantises to uint8, which TensorRT cannot build (unless opset 21's
+    output_dtype says INT8, whose default zero point is 0)."""
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    scale = [numpy_helper.from_array(np.array(0.1, np.float32), "s")]
+
+    def model(name: str, opset: int, **q_attrs: int) -> Path:
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q", **q_attrs),
+                 helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq")]
+        return save(nodes, *io, scale, tmp_path / name, opset=opset)
+
+    report = check_model(model("u8.onnx", 17))
+    f = [f for f in report.findings if f.rule == "qdq-zero-point"]
+    assert [(x.severity, x.node) for x in f] == [("error", "q")] and not report.ok
+    assert "found 'no y_zero_point, so ONNX quantises to uint8'" in f[0].message
+    int8 = check_model(model("s8.onnx", 21, output_dtype=TensorProto.INT8))
+    assert "qdq-zero-point" not in int8.rules(), int8.table()

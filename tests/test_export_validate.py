@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_export_models import blur_manifest, blur_model
 
-from edge_runtime.errors import AccuracyGateError
+from edge_runtime.errors import AccuracyGateError, ExportError
 from edge_runtime.frames import Frame, GroundTruth
 from edge_runtime.preprocess import PixelMapping
 from export import calibration as C
@@ -241,3 +241,133 @@ def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Pa
     assert v["passed"] and list(v["repairs"]) == ["int8_cpu"] and v["repair"] is None
     assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.onnx"]
     assert (root / "int8.onnx").read_bytes() == int8_before
+
+
+# -- no evidence is not a pass ---------------------------------------------------------------
+def _det_manifest() -> dict:
+    return {"name": "det", "task": "detection", "modality": ["US"], "bits_stored": 8, "photometric": "MONOCHROME2",
+            "inputs": [{"name": "image", "shape": [1, 1, 64, 64]}],
+            "outputs": [{"name": "heatmap"}, {"name": "size"}, {"name": "offset"}], "preprocess": {},
+            "postprocess": {"type": "centernet", "stride": 4, "classes": ["lesion"], "score_threshold": 0.3,
+                            "nms_iou": 0.5, "max_detections": 10}}
+
+
+def test_a_nan_fp32_reference_is_refused_not_passed(tmp_path: Path) -> None:
+    """Validation frames without a ground-truth object give FP32 AP50 NaN; every candidate would pass."""
+    frames = [Frame(np.zeros((64, 64), np.uint8), modality="US", truth=GroundTruth())]
+    ev = V.EvalSet(_det_manifest(), frames, [np.zeros((1, 1, 64, 64), np.float32)],
+                   [PixelMapping((64, 64), (64, 64), content_size=(64, 64))], "test", ["a"])
+    empty = {"heatmap": np.zeros((1, 1, 16, 16), np.float32), "size": np.zeros((1, 2, 16, 16), np.float32),
+             "offset": np.zeros((1, 2, 16, 16), np.float32)}
+    fp32 = V.task_metrics(ev, [empty])
+    assert np.isnan(fp32["ap50"])
+    msg = (r"expected a finite FP32 ap50 on the validation set \(frames with ground-truth objects\), "
+           r"found 'nan over 1 frames \(0 objects\)'")
+    with pytest.raises(ExportError, match=msg):
+        V.gate("detection", fp32, {"ap50": 0.0, "sensitivity": 0.0}, V.tolerances_for(_det_manifest()))
+    ref = V.Reference([empty], fp32, 1.0)
+    with pytest.raises(ExportError, match=msg):  # before any candidate runs (the file does not exist)
+        V.validate(_det_manifest(), tmp_path / "fp32.onnx", {"int8": tmp_path / "int8.onnx"}, ev, ref=ref)
+    with pytest.raises(ExportError, match="finite FP32 psnr_db"):
+        V.gate("enhancement", {"psnr_db": float("inf"), "ssim": 1.0, "frames": 3}, {"psnr_db": 0.0, "ssim": 0.0},
+               {"psnr_db": 0.3, "ssim": 0.01})
+
+
+def test_validate_with_no_candidates_is_refused(tmp_path: Path, evalset: V.EvalSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    with pytest.raises(ExportError, match="expected at least one candidate .* found 'none'"):
+        V.validate(blur_manifest(), fp32, {}, evalset.subset(2))
+    empty = V.ValidationReport("m", "enhancement", "s", 2, {}, {"psnr_db": 30.0, "ssim": 0.9}, 1.0)
+    assert not empty.passed and empty.to_dict()["passed"] is False
+    with pytest.raises(AccuracyGateError, match="no candidates"):
+        empty.raise_if_failed()
+
+
+def test_report_conditions_record_the_threads_used(tmp_path: Path, evalset: V.EvalSet) -> None:
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    sub = evalset.subset(2)
+    cond = V.validate(blur_manifest(), fp32, {"fp32copy": fp32}, sub, threads=1).to_dict()["conditions"]
+    assert cond["threads"] == 1 and cond["fp32_threads"] == 1 and cond["ms_per_frame"].endswith(", 1 thread(s)")
+    assert cond["backend"] == "onnxruntime CPUExecutionProvider via edge_runtime.backends"
+    ref = V.reference(fp32, sub, threads=3)  # the reference measured apart, as `export reference` does
+    cond = V.validate(blur_manifest(), fp32, {"fp32copy": fp32}, sub, threads=1, ref=ref).to_dict()["conditions"]
+    assert cond["threads"] == 1 and cond["fp32_threads"] == 3
+    assert "1 thread(s) for the candidates, 3 for the FP32 reference" in cond["ms_per_frame"]
+
+
+# -- segmentation Dice: the background is not a class to score ---------------------------------
+def _seg_evalset(classes: list[str] | None) -> tuple[V.EvalSet, list[dict[str, np.ndarray]]]:
+    """Two frames with one lesion each, and the logits of a perfect 2-channel softmax segmenter
+    (channel 0 background, channel 1 lesion)."""
+    post: dict = {"type": "segmentation", "output": "logits", "activation": "softmax"}
+    if classes is not None:
+        post["classes"] = classes
+    manifest = {"name": "seg", "task": "segmentation", "modality": ["US"], "bits_stored": 8,
+                "photometric": "MONOCHROME2", "inputs": [{"name": "image", "shape": [1, 1, 64, 64]}],
+                "outputs": [{"name": "logits"}], "preprocess": {}, "postprocess": post}
+    frames, outs = [], []
+    for x0, y0 in ((8, 8), (30, 20)):
+        mask = np.zeros((1, 64, 64), bool)
+        mask[0, y0:y0 + 16, x0:x0 + 20] = True
+        box = np.array([[x0, y0, x0 + 20, y0 + 16]], np.float32)
+        frames.append(Frame(np.zeros((64, 64), np.uint8), modality="US",
+                            truth=GroundTruth(box, ["lesion"], masks=mask)))
+        fg = mask[0].astype(np.float32)
+        outs.append({"logits": (np.stack([1 - fg, fg])[None] * 10).astype(np.float32)})
+    ev = V.EvalSet(manifest, frames, [np.zeros((1, 1, 64, 64), np.float32)] * 2,
+                   [PixelMapping((64, 64), (64, 64), content_size=(64, 64))] * 2, "test", ["a", "b"])
+    return ev, outs
+
+
+def test_dice_skips_the_background_channel() -> None:
+    ev, outs = _seg_evalset(["background", "lesion"])
+    m = V.task_metrics(ev, outs)  # scored the background channel against empty truth: 0.5
+    assert m["dice"] == pytest.approx(1.0) and m["dice_classes"] == ["lesion"]
+    ev, outs = _seg_evalset(None)  # no class names: a softmax output's channel 0 is the background
+    m = V.task_metrics(ev, outs)
+    assert m["dice"] == pytest.approx(1.0) and m["dice_classes"] == ["channel 1"]
+    ev, outs = _seg_evalset(["lesion", "cyst"])  # a class no frame labels (cyst) has no evidence
+    shifted = [{"logits": o["logits"][:, ::-1].copy()} for o in outs]  # channel 0 = lesion in this manifest
+    m = V.task_metrics(ev, shifted)
+    assert m["dice"] == pytest.approx(1.0) and m["dice_classes"] == ["lesion"]
+    ev, outs = _seg_evalset(["background"] * 2)  # nothing left to score: NaN, refused by validate()
+    assert np.isnan(V.task_metrics(ev, outs)["dice"])
+
+
+# -- calibration: the minimum counts distinct frames ----------------------------------------
+def test_calibration_minimum_counts_distinct_frames() -> None:
+    frames = list(C.phantom_frames("xr", 12, C.CALIBRATION_SEED0, size=SIZE))
+    padded = frames + frames[:4]  # 16 frames, 12 distinct
+    with pytest.raises(ExportError, match=r"expected at least 16 distinct calibration frames, "
+                                          r"found '12 distinct of 16 \(4 duplicates\)'"):
+        C.build(padded, blur_manifest(), source="copies", min_frames=16)
+    cal = C.build(padded, blur_manifest(), source="copies", min_frames=12)
+    rec = cal.record(method="minmax", min_frames=12)
+    assert rec["frames"] == 16 and rec["duplicate_frames"] == 4
+
+
+# -- benchmarks/RESULTS.md: the gate verdict of the run that was measured -----------------------
+def test_results_render_the_gate_of_the_benchmarks_own_export_run() -> None:
+    from benchmarks.bench_export import table
+    from benchmarks.run_all import render_export
+
+    def lat(nodes: dict) -> dict:
+        return {"fp32": {"p50_ms": 2.0, "p99_ms": 3.0}, "int8": {"p50_ms": 1.0, "p99_ms": 2.0},
+                "loadavg_before": [1.0], "loadavg_after": [1.0], "gate_passed": True,
+                "gate": {"fp16": True, "int8": True, "int8_cpu": True}, "nodes_in_float": nodes}
+
+    ran = {"latency": lat({"int8": ["bundle_node"]}),  # the shipped bundle's validation.json says passed
+           "steps": {"times_s": {"check": 0.1}, "total_s": 5.0, "passed": False,
+                     "validation": {"gate_passed": False, "gate": {"fp16": True, "int8": True, "int8_cpu": False},
+                                    "nodes_in_float": {"int8": ["run_node"]}}}}
+    skipped = {"latency": lat({"int8": ["shipped_node"]})}
+    d = {"onnxruntime": "1.x", "cpu": {}, "extra": {}, "models": {"a": ran, "b": skipped}}
+    text = "\n".join(render_export(d))
+    assert "| a |" in text and "FAILED (int8_cpu) (this run)" in text and "passed (bundle)" in text
+    assert "nodes kept in float by --repair (this run's export): int8: run_node" in text
+    assert "bundle_node" not in text
+    assert "nodes kept in float by --repair (shipped bundle's validation.json): int8: shipped_node" in text
+    assert "this run's export for a (export steps ran)" in text
+    assert "shipped bundle's validation.json for b (export steps skipped)" in text
+    rows = table(d).splitlines()
+    assert "FAIL(int8_cpu)" in rows[1] and "pass*" in rows[2]
