@@ -170,7 +170,8 @@ def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleave
 
 
 def _spin_note(d: dict[str, Any]) -> str:
-    lat = next(iter(d["models"].values()), {}).get("latency", {})
+    first: dict[str, Any] = next(iter(d["models"].values()), {})
+    lat = first.get("latency", {})
     return (f"Same files, same interleaved timing, {lat.get('threads', '?')} threads, `--spinning "
             f"{lat.get('spinning', '?')}` (run: threads spin while a run is in progress and sleep after it; the "
             "shipped configs keep spinning off, see Runtime above). Not `always`: the idle sessions' threads "

@@ -231,11 +231,12 @@ def _check_structure(model: Any, path: str, findings: list[Finding]) -> Any:
 
     try:
         onnx.checker.check_model(path, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         findings.append(Finding("error", "onnx-checker", str(exc).strip().splitlines()[0][:300]))
     try:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError) as exc:
+        # ValueError: what ONNX raises on some malformed graphs (e.g. a branch reading another's value)
         findings.append(Finding("error", "shape-inference", str(exc).strip().splitlines()[0][:300]))
         return model
 

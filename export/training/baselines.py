@@ -55,7 +55,7 @@ def filter_grid(bits: int) -> dict[str, list[dict[str, Any]]]:
     """Parameter grids, in the frame's stored units (bits_stored)."""
     s = (2 ** bits - 1) / 255.0  # grids written for 8-bit, scaled to the bit depth
     nlm_h = [5, 10, 15, 20, 30, 40, 55, 70, 90, 120]
-    bil = list(itertools.product((5, 9, 15, 21), (10, 25, 50, 100, 200), (3, 6, 10)))
+    bil: list[tuple[int, int, float]] = list(itertools.product((5, 9, 15, 21), (10, 25, 50, 100, 200), (3, 6, 10)))
     if bits <= 8:
         med = [3, 5, 7, 9, 11, 13, 15, 19, 25]
     else:
