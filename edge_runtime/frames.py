@@ -62,6 +62,8 @@ class Frame:
             raise InputError(expected("pixel dtype uint8, uint16 or float32", str(px.dtype)))
         if not (px.ndim == 2 or (px.ndim == 3 and px.shape[2] == 3)):
             raise InputError(expected("pixels of shape HxW or HxWx3", px.shape))
+        if px.shape[0] == 0 or px.shape[1] == 0:
+            raise InputError(expected("at least one pixel (H >= 1 and W >= 1)", px.shape))
         if self.photometric not in PHOTOMETRICS:
             raise InputError(expected(f"photometric in {PHOTOMETRICS}", self.photometric))
         if (px.ndim == 3) != (self.photometric == "RGB"):

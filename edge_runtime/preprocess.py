@@ -13,6 +13,7 @@ normalisation are folded into one affine map plus one clip, written straight int
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,9 +115,15 @@ class Preprocessor:
         self.channels = 1 if self.color == "gray" else 3
         self.invert_monochrome1 = bool(spec.get("invert_monochrome1", True))
         window = _check_keys(spec.get("window"), {"center", "width"}, "preprocess.window")
-        if window and (set(window) != {"center", "width"} or float(window["width"]) < 1):
-            raise BundleError("preprocess.window: " + expected("center and width >= 1", window))
-        self.window = (float(window["center"]), float(window["width"])) if window else None
+        self.window: tuple[float, float] | None = None
+        if window:
+            try:
+                center, width = float(window["center"]), float(window["width"])
+            except (KeyError, TypeError, ValueError):
+                raise BundleError("preprocess.window: " + expected("numbers center and width", window)) from None
+            if not (math.isfinite(center) and math.isfinite(width) and width >= 1):
+                raise BundleError("preprocess.window: " + expected("a finite center and a width >= 1", window))
+            self.window = (center, width)
 
         resize = _check_keys(spec.get("resize", {"mode": "none"}), RESIZE_KEYS, "preprocess.resize")
         self.mode = resize.get("mode", "none")
@@ -187,6 +194,15 @@ class Preprocessor:
         if self.bits_stored and frame.bits_stored != self.bits_stored:
             raise InputError(expected(f"a {self.bits_stored}-bit frame (the model's training data)",
                                       f"{frame.bits_stored}-bit"))
+        if self.window is None and frame.pixels.dtype == np.float32:
+            # Without a window, values are read as 0 .. 2**bits_stored - 1: anything else would reach
+            # the model in a wrong range (e.g. signed or rescaled values).
+            top = 2 ** int(frame.bits_stored or 32) - 1
+            low, high = float(frame.pixels.min()), float(frame.pixels.max())
+            if not (low >= 0 and high <= top):
+                raise InputError(expected(
+                    f"float32 pixel values in 0..{top} (bits_stored {frame.bits_stored}), or a window in the "
+                    "bundle's preprocess", f"values in {low:g}..{high:g}"))
 
     def geometry(self, h: int, w: int) -> PixelMapping:
         """Where an h x w frame lands in the tensor."""
@@ -206,7 +222,9 @@ class Preprocessor:
 
     def _affine(self, frame: Frame) -> tuple[float, float, bool]:
         """Stored value v -> scaled y = a*v + b (before normalisation); clip needed?"""
-        if self.window is not None:
+        if self.window is not None and self.window[1] == 1:
+            a, b, clip = 1.0, 0.0, False  # pixels already thresholded to 0 / 1 in __call__
+        elif self.window is not None:
             c, w = self.window  # DICOM PS3.3 C.11.2.1.2.1 LINEAR, as pydicom's apply_voi_lut
             a, b, clip = 1.0 / (w - 1), 0.5 - (c - 0.5) / (w - 1), True
         else:
@@ -221,12 +239,17 @@ class Preprocessor:
         if px.ndim == 3 and self.color == "gray":
             px = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
         if self.sector_threshold is not None:
-            px = px * sector_mask(px, self.sector_threshold).astype(px.dtype)
+            grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
+            mask = sector_mask(grey, self.sector_threshold).astype(px.dtype)
+            px = px * (mask if px.ndim == 2 else mask[:, :, None])
         m = self.geometry(px.shape[0], px.shape[1])
         ch, cw = m.content_size
         if (ch, cw) != px.shape[:2]:
             interp = self.interpolation or ("area" if ch * cw < px.shape[0] * px.shape[1] else "linear")
             px = cv2.resize(px, (cw, ch), interpolation=INTERPOLATIONS[interp])
+        if self.window is not None and self.window[1] == 1:
+            # PS3.3 C.11.2.1.2.1: a width of 1 is a threshold at center - 0.5 (y = 0 at or below, 1 above)
+            px = (px > self.window[0] - 0.5).astype(np.uint8)
 
         a, b, clip = self._affine(frame)
         # Fold normalisation into the affine map: x = (a*v + b - mean) / std, per channel.

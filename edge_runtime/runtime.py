@@ -137,17 +137,23 @@ class Runtime:
         """The device's (or the caller's) backend choice, through ``backends.select_backend``.
 
         With TensorRT usable, the engine comes from the cache; a missing one is built in the
-        background while ONNX Runtime serves, even when TensorRT was asked for explicitly.
+        background while ONNX Runtime serves, even when TensorRT was asked for explicitly. Where
+        TensorRT is not usable (absent, or older than the backend supports: TensorRT 8.2 on a
+        Jetson Nano), a device config's ``backend: tensorrt`` means ONNX Runtime and no engine is
+        built; only a caller's explicit ``backend="tensorrt"`` then fails.
         """
         dev = self.device
         if dev is None:
             raise BackendError("runtime: expected a device config, found none")
         want = self.requested_backend or dev.backend
         engine: Path | None = None
-        if want in ("auto", "tensorrt") and tensorrt_available()[0]:
-            engine = self._cached_engine()
-            if engine is None:
-                want = "auto"
+        if want in ("auto", "tensorrt"):
+            if tensorrt_available()[0]:
+                engine = self._cached_engine()
+                if engine is None:
+                    want = "auto"
+            elif self.requested_backend is None:
+                want = "auto"  # select_backend logs why TensorRT is not used
         onnx_path = self._onnx_path(onnx_target(dev, self.requested_backend))
         backend = select_backend(
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,

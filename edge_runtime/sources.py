@@ -22,9 +22,13 @@ Output dtype without VOI is decided once per file from the header, so every fram
 has the same dtype: the possible value range after the modality LUT is computed from BitsStored,
 PixelRepresentation and slope/intercept (or the modality LUT's depth); integral and within
 0..255 for 8-bit input -> uint8, integral and within 0..65535 -> uint16 (bits_stored = what that
-range needs, never less than BitsStored), anything else (negative values, fractional slope) ->
-float32 with bits_stored = BitsStored (the source precision). Patient identifiers are never
-copied into frames, logs or messages: only the file name, shape and coding attributes are.
+range needs, never less than BitsStored), anything else (signed storage, negative intercept,
+fractional slope) -> that possible range mapped linearly onto 0 .. 2**BitsStored - 1 (uint8 or
+uint16, bits_stored = BitsStored), so that the model sees the same 0..1 range whether one image
+is stored unsigned, signed or rescaled (a window, when applied, defines the mapping instead).
+Float pixel data is refused unless a window is applied. Patient identifiers are never copied
+into frames, logs or messages: only the file name, shape and coding attributes are; a stream id
+derived from a file name keeps only the characters the protocol allows (see ``safe_stream_id``).
 Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
 rescales); the first (shared) values are used.
 """
@@ -32,6 +36,7 @@ rescales); the first (shared) values are used.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
 import re
@@ -68,6 +73,45 @@ def is_dicom_file(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+# What docs/PROTOCOL.md accepts as a stream id (edge_runtime.pipeline.protocol.STREAM_RE).
+_STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_STREAM_ID_BAD = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def safe_stream_id(name: str) -> str:
+    """A stream id the protocol accepts, derived from a source name (often a file name).
+
+    A name made only of letters, digits, '_', '.', ':' and '-' and at most 64 long is kept. Otherwise
+    every other character becomes '_' and the result is cut to 55 characters plus '-' and 8 hex
+    digits of the name's SHA-256, so two names that read alike after the replacement stay apart.
+    """
+    if _STREAM_ID_RE.match(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{_STREAM_ID_BAD.sub('_', name)[:55]}-{digest}"
+
+
+def _stream_id(given: str | None, name: str) -> str:
+    """The caller's stream id (checked), else one derived from the source name."""
+    if given is None or given == "":
+        return safe_stream_id(name)
+    if not isinstance(given, str) or not _STREAM_ID_RE.match(given):
+        raise ConfigError(expected("a stream_id of 1-64 letters, digits, '_', '.', ':' or '-'", given))
+    return given
+
+
+def _check_fps(fps: float | None) -> float | None:
+    if fps is None:
+        return None
+    try:
+        rate = float(fps)
+    except (TypeError, ValueError):
+        raise ConfigError(expected("fps as a number > 0", fps)) from None
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ConfigError(expected("fps > 0", fps))
+    return rate
 
 
 def _check_spacing(spacing: tuple[float, float] | None) -> tuple[float, float] | None:
@@ -147,21 +191,22 @@ class _CaptureSource(Source):
 
 
 class VideoSource(_CaptureSource):
-    """A video file read with OpenCV; fps from CAP_PROP_FPS; frames RGB (or gray)."""
+    """A video file read with OpenCV; fps from CAP_PROP_FPS (``fps`` overrides it); frames RGB (or gray)."""
 
-    def __init__(self, path: str | Path, *, gray: bool = False, modality: str = "US",
+    def __init__(self, path: str | Path, *, gray: bool = False, modality: str = "US", fps: float | None = None,
                  stream_id: str | None = None, pixel_spacing: tuple[float, float] | None = None) -> None:
         super().__init__(gray=gray, modality=modality, pixel_spacing=pixel_spacing)
+        given_fps = _check_fps(fps)
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(expected("an existing video file", str(self.path)))
         self.name = self.path.name
-        self.stream_id = stream_id or self.name
+        self.stream_id = _stream_id(stream_id, self.name)
         cap = self._open()
-        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        native = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         cap.release()
-        self.fps = fps if fps > 0 and math.isfinite(fps) else None
+        self.fps = given_fps or (native if native > 0 and math.isfinite(native) else None)
         self.n_frames = count if count > 0 else None
 
     def _open(self) -> cv2.VideoCapture:
@@ -185,7 +230,7 @@ class CameraSource(_CaptureSource):
             raise ConfigError(expected("a camera index >= 0", index))
         self.index = index
         self.name = f"camera:{index}"
-        self.stream_id = stream_id or self.name
+        self.stream_id = _stream_id(stream_id, self.name)
         cap = self._open()
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         cap.release()
@@ -228,15 +273,13 @@ class ImageFolderSource(Source):
             raise InputError(expected("an existing image folder or file", str(self.path)))
         if bits_stored is not None and not (isinstance(bits_stored, int) and 1 <= bits_stored <= 16):
             raise ConfigError(expected("bits_stored in 1..16", bits_stored))
-        if fps is not None and not (fps > 0 and math.isfinite(fps)):
-            raise ConfigError(expected("fps > 0", fps))
         self.bits_stored = bits_stored
         self.gray = bool(gray)
         self.modality = modality
-        self.fps = fps
+        self.fps = _check_fps(fps)
         self.pixel_spacing = _check_spacing(pixel_spacing)
         self.name = self.path.name
-        self.stream_id = stream_id or self.name
+        self.stream_id = _stream_id(stream_id, self.name)
         self.n_frames = len(self.files)
 
     def _frames(self) -> Iterator[Frame]:
@@ -357,6 +400,7 @@ class _Plan:
     bits_out: int
     value_range: tuple[float, float]  # possible range after the modality LUT
     integral: bool  # values after the modality LUT are whole numbers
+    stretch: bool  # no VOI: map value_range linearly onto 0 .. 2**bits_out - 1 (negative / fractional values)
     voi: Any | None  # dataset to take the VOI from, None = no VOI
     voi_range: tuple[float, float] = (0.0, 0.0)  # what pydicom's VOI outputs span
     display_bits: int = 8
@@ -425,18 +469,22 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
             ends = (lo * slope + intercept, hi * slope + intercept)
             lo, hi = min(ends), max(ends)
             integral = slope.is_integer() and intercept.is_integer()
+            if slope == 0:
+                raise InputError(expected("a non-zero RescaleSlope", f"0 in {path.name}"))
     if ds.get("FloatPixelData") is not None or ds.get("DoubleFloatPixelData") is not None:
         integral = False
     dtype: np.dtype[Any]
+    stretch = False
     if integral and lo >= 0 and hi <= 255 and bits_allocated <= 8:
         dtype, bits_out = np.dtype(np.uint8), max(1, min(8, max(bits_stored, int(hi).bit_length())))
     elif integral and lo >= 0 and hi <= 65535:
         dtype, bits_out = np.dtype(np.uint16), max(1, min(16, max(bits_stored, int(hi).bit_length())))
-    else:
-        dtype, bits_out = np.dtype(np.float32), max(1, min(32, bits_stored))
+    else:  # negative or fractional values: stretched onto the stored depth when no VOI is applied
+        bits_out = max(1, min(16, bits_stored))
+        dtype, stretch = np.dtype(np.uint8 if bits_out <= 8 else np.uint16), True
 
     plan = _Plan(path, ds, n_frames, color, photometric == "MONOCHROME1", modality_lut, dtype, bits_out, (lo, hi),
-                 integral, None)
+                 integral, stretch, None)
     if (apply_voi or window is not None) and color == "gray":
         voi = ds
         if window is not None:
@@ -474,6 +522,10 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
             raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", f"{arr.dtype} in {plan.path.name}"))
         return np.ascontiguousarray(arr), min(int(ds.get("BitsStored") or 8), arr.dtype.itemsize * 8), "RGB"
 
+    if plan.voi is None and arr.dtype.kind == "f":  # its range is not known from the header
+        raise UnsupportedFormatError(expected(
+            "integer pixel data, or a window for float pixel data (apply_voi=True or window=)",
+            f"float pixel data and no window applied in {plan.path.name}"))
     values = apply_modality_lut(arr, ds) if plan.modality_lut else arr
     if plan.voi is not None:
         if plan.integral:  # give a VOI LUT integer indices, as pydicom expects
@@ -490,11 +542,12 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
         return out.astype(dtype), plan.display_bits, "MONOCHROME2"
 
     lo, hi = plan.value_range
-    if plan.dtype == np.float32:
-        out = np.asarray(values, dtype=np.float32)
+    if plan.stretch:  # the whole possible range lo .. hi -> 0 .. top, as a display does without a VOI
+        top = float(2**plan.bits_out - 1)
+        out = np.rint(np.clip((np.asarray(values, dtype=np.float64) - lo) * (top / (hi - lo)), 0.0, top))
         if plan.monochrome1:
-            out = np.float32(lo + hi) - out
-        return out, plan.bits_out, "MONOCHROME2"
+            out = top - out
+        return out.astype(plan.dtype), plan.bits_out, "MONOCHROME2"
     if plan.monochrome1:
         values = (lo + hi) - np.asarray(values, dtype=np.float64)
     if values.dtype.kind == "f":
@@ -510,12 +563,14 @@ class DicomSource(Source):
     name; files of different series are kept apart, each series in the order its first file
     appears. Frames are decoded one at a time with pydicom's ``iter_pixels``, so a long cine is
     never decoded up front. ``apply_voi`` applies the file's VOI LUT (preferred) or first
-    window; ``window=(centre, width)`` overrides the file's and implies ``apply_voi``. See the
-    module docstring for dtypes and value ranges.
+    window; ``window=(centre, width)`` overrides the file's and implies ``apply_voi``. ``fps``
+    overrides the frame rate of the first file's header (FrameTime, CineRate, ...); a single image
+    usually has none. See the module docstring for dtypes and value ranges.
     """
 
     def __init__(self, path: str | Path, *, apply_voi: bool = False, window: tuple[float, float] | None = None,
-                 modality: str | None = None, stream_id: str | None = None) -> None:
+                 modality: str | None = None, fps: float | None = None, stream_id: str | None = None) -> None:
+        given_fps = _check_fps(fps)
         self.path = Path(path)
         if window is not None:
             try:
@@ -538,11 +593,11 @@ class DicomSource(Source):
         ds = self._first.header
         self.modality = modality or str(ds.get("Modality") or "OT")
         self._modality_override = modality
-        self.fps = _fps(ds)
+        self.fps = given_fps or _fps(ds)
         self.transfer_syntax = str(getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID))
         self.n_frames = self._first.n_frames if len(self.files) == 1 else None
         self.name = self.path.name
-        self.stream_id = stream_id or self.name
+        self.stream_id = _stream_id(stream_id, self.name)
         log.info("DICOM %s: %d file(s), %s, %s frame(s) in the first, %s", self.name, len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
 
@@ -631,7 +686,7 @@ class PhantomSource(Source):
         self.fps = self.rate
         self.kwargs = kwargs
         self.name = f"phantom:{kind}"
-        self.stream_id = stream_id or self.name
+        self.stream_id = _stream_id(stream_id, self.name)
 
     def _frames(self) -> Iterator[Frame]:
         from . import phantoms  # imported lazily: sources must not depend on phantoms at import
@@ -652,16 +707,20 @@ def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | No
     realtime: frame k is emitted at start + k / fps on the monotonic clock (deadline-based, so
     sleep jitter never accumulates into drift; a consumer that falls behind gets the late
     frames back to back until it has caught up; dropping is the transport's job). ``fps``
-    overrides the source's native rate. Live sources (cameras) are never slept on. capture_ns
+    overrides the source's native rate. Live sources (cameras) are never slept on, nor are sources
+    with no frame rate and no ``fps`` (a single X-ray, an image folder): their frames go out as
+    fast as the consumer takes them, which is logged once (INFO). capture_ns
     is stamped at emission except for live sources, whose grab time is kept. loop: restart the
     source when it ends (seq keeps increasing).
     """
-    rate = fps if fps is not None else source.fps
-    if fps is not None and not (fps > 0 and math.isfinite(fps)):
-        raise ConfigError(expected("fps > 0", fps))
+    given = _check_fps(fps)
+    rate = given if given is not None else source.fps
     sleeping = realtime and not source.live
     if sleeping and not rate:
-        raise ConfigError(expected(f"a frame rate for real-time pacing of {source.name}", "none (pass fps=)"))
+        # not named: a file name can be a patient identifier
+        log.info("%s has no frame rate and no fps was given: frames are sent as fast as the pipeline takes them",
+                 type(source).__name__)
+        sleeping = False
     period_ns = round(1e9 / rate) if sleeping and rate else 0
     seq = 0
     start_ns: int | None = None

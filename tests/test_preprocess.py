@@ -138,3 +138,60 @@ def test_sector_mask_removes_annotations_outside_the_fan() -> None:
     assert mask[150, 100] == 1 and mask[188, 10] == 0
     x, _ = Preprocessor({"sector_mask": {"threshold": 1}})(_frame(img))
     assert x[0, 0, 180:195, 0:60].max() == 0 and x[0, 0, 150, 100] > 0
+
+
+def test_window_width_1_is_a_threshold_as_pydicom_applies_it() -> None:
+    """Width 1 used to pass validation and then divide by zero (w - 1) in the affine map. DICOM PS3.3
+    C.11.2.1.2.1 makes it a step at center - 0.5, which pydicom's apply_voi_lut implements."""
+    arr = np.array([[0, 99, 100, 101, 4095]], np.uint16)
+    ds = Dataset()
+    ds.BitsStored, ds.BitsAllocated, ds.PixelRepresentation = 12, 16, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.WindowCenter, ds.WindowWidth = 100, 1
+    want = apply_voi_lut(arr, ds) / 4095.0
+    x, _ = Preprocessor({"window": {"center": 100, "width": 1}})(_frame(arr, bits_stored=12))
+    np.testing.assert_array_equal(x[0, 0], want)
+    np.testing.assert_array_equal(x[0, 0], [[0, 0, 1, 1, 1]])
+    inverted, _ = Preprocessor({"window": {"center": 100, "width": 1}, "normalize": {"mean": 0.5, "std": 0.5}})(
+        _frame(arr, bits_stored=12, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(inverted[0, 0], [[1, 1, -1, -1, -1]])
+    for bad in ({"center": 100, "width": 0.5}, {"center": 100, "width": float("nan")},
+                {"center": float("inf"), "width": 10}, {"center": "a", "width": 10}, {"center": 100}):
+        with pytest.raises(BundleError, match="preprocess.window"):
+            Preprocessor({"window": bad})
+
+
+def test_float_frames_out_of_range_are_refused_without_a_window() -> None:
+    """Signed or rescaled values reached the model in a wrong range (e.g. -0.5..0.5 for a 12-bit
+    model): a float32 frame is read as 0..2**bits-1 only when its values are in that range."""
+    ok = np.array([[0.0, 2047.5, 4095.0]], np.float32)
+    x, _ = Preprocessor({}, bits_stored=12)(_frame(ok, bits_stored=12))
+    np.testing.assert_allclose(x[0, 0], ok / 4095.0, atol=1e-6)
+    for values in ([[-2048.0, 0.0, 2047.0]], [[0.0, 5000.0, 1.0]], [[0.0, float("nan"), 1.0]]):
+        with pytest.raises(InputError, match=r"expected float32 pixel values in 0\.\.4095.*found"):
+            Preprocessor({}, bits_stored=12)(_frame(np.array(values, np.float32), bits_stored=12))
+    # a window defines the mapping of any values (e.g. Hounsfield units)
+    hu = np.array([[-1000.0, 40.0, 1000.0]], np.float32)
+    x, _ = Preprocessor({"window": {"center": 40, "width": 401}})(_frame(hu, bits_stored=12))
+    np.testing.assert_allclose(x[0, 0], [[0.0, 0.5 + 0.5 / 400, 1.0]], atol=1e-6)
+
+
+def test_zero_size_frames_are_input_errors() -> None:
+    for shape in ((0, 5), (5, 0), (0, 0, 3)):
+        with pytest.raises(InputError, match=r"at least one pixel.*found \("):
+            _frame(np.zeros(shape, np.uint8), photometric="RGB" if len(shape) == 3 else "MONOCHROME2")
+
+
+def test_sector_mask_on_an_rgb_bundle_masks_every_channel() -> None:
+    """color: rgb with sector_mask used to run findContours on a 3-channel image (cv2.error)."""
+    grey = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(grey, (100, 10), (170, 170), 0, 50, 130, 120, -1)  # a sector
+    cv2.putText(grey, "MI 0.9", (5, 190), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1)
+    rgb = np.stack([grey, grey // 2, grey // 3], axis=-1)
+    rgb[100:110, 95:105] = (200, 30, 10)  # a colour Doppler patch inside the fan
+    x, _ = Preprocessor({"color": "rgb", "sector_mask": {"threshold": 1}})(_frame(rgb, photometric="RGB", modality="US"))
+    mask = sector_mask(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
+    for c in range(3):
+        np.testing.assert_allclose(x[0, c], rgb[..., c] * mask / 255.0, atol=1e-6)
+        assert x[0, c, 180:195, 0:60].max() == 0  # the text outside the fan, in every channel
+    np.testing.assert_allclose(x[0, :, 105, 100], np.array([200, 30, 10]) / 255.0, atol=1e-6)

@@ -268,3 +268,46 @@ def test_cpu_device_falls_back_to_int8_onnx_without_a_cpu_form(tmp_path: Path) -
     np.testing.assert_array_equal(res.enhanced, 4095 - _xr().pixels)
     with Runtime(_int8_bundle(tmp_path / "c"), "cpu-x86", precision="fp32") as rt:
         assert rt.artifact == "fp32.onnx" and rt.process(_xr()).provenance["artifact"] == "fp32.onnx"
+
+
+def test_legacy_nano_tensorrt_stays_on_onnxruntime_and_builds_nothing(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """JetPack 4.6 (TensorRT 8.2) on a Jetson Nano, whose device config says backend: tensorrt: the
+    runtime used to build an engine in the background and then fail to load it (TrtBackend needs
+    >= 8.5). It must serve with ONNX Runtime and never look for, or build, an engine."""
+    import sys
+    import types
+
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import tensorrt as trt_backend
+    from edge_runtime.errors import BackendError
+
+    fake = types.ModuleType("tensorrt")  # what `import tensorrt` gives there, as far as the check reads it
+    fake.__version__ = "8.2.1.8"  # type: ignore[attr-defined]
+    fake.Builder = object  # type: ignore[attr-defined]
+    driver = types.ModuleType("pycuda.driver")  # and a CUDA device that answers
+    driver.init = lambda: None  # type: ignore[attr-defined]
+    driver.Device = types.SimpleNamespace(count=lambda: 1)  # type: ignore[attr-defined]
+    pycuda = types.ModuleType("pycuda")
+    pycuda.driver = driver  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setitem(sys.modules, "pycuda", pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    monkeypatch.setattr(trt_backend, "_logged_too_old", set(), raising=False)
+
+    def no_engine(self: object) -> None:
+        raise AssertionError("an engine was looked up or built with TensorRT 8.2")
+
+    monkeypatch.setattr(rt_mod.Runtime, "_cached_engine", no_engine)
+    assert load_config("jetson-nano").backend == "tensorrt"
+    frame = _xr()
+    with Runtime(_enhance_bundle(tmp_path / "b"), "jetson-nano", precision="fp32",
+                 engine_cache_dir=tmp_path / "cache") as rt:
+        res = rt.process(frame)
+        assert rt._builder is None
+    assert res.provenance["backend"] == "onnxruntime"
+    np.testing.assert_array_equal(res.enhanced, 4095 - frame.pixels)
+    assert not (tmp_path / "cache").exists()
+    # asked for explicitly by the caller, TensorRT still fails clearly
+    with pytest.raises(BackendError, match=r"backend tensorrt: expected TensorRT.*>= 8\.5\.0.*found 8\.2\.1\.8"):
+        Runtime(_enhance_bundle(tmp_path / "c"), "jetson-nano", precision="fp32", backend="tensorrt").load()

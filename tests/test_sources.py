@@ -153,14 +153,71 @@ def test_rescale_slope_intercept(tmp_path: Path) -> None:
     ds = pydicom.dcmread(integral)
     assert whole.pixels.dtype == np.uint16 and whole.bits_stored == 14  # 4095 * 2 + 100 needs 14 bits
     np.testing.assert_array_equal(whole.pixels, apply_modality_lut(ds.pixel_array, ds))
+    # fractional: the possible range (-10 .. 2037.5) is stretched back onto 0..4095 (12 bits)
     (real,) = list(DicomSource(fractional))
-    ds = pydicom.dcmread(fractional)
-    assert real.pixels.dtype == np.float32
-    np.testing.assert_array_equal(real.pixels, apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
-    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")  # signed, intercept -1024: Hounsfield units
+    assert (real.pixels.dtype, real.bits_stored) == (np.uint16, 12)
+    np.testing.assert_array_equal(real.pixels, raw)
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")  # signed 16-bit, intercept -1024: Hounsfield units
     (hu,) = list(DicomSource(TEST_FILES / "CT_small.dcm"))
-    assert hu.pixels.dtype == np.float32 and hu.pixels.min() < 0
-    np.testing.assert_array_equal(hu.pixels, apply_modality_lut(ct.pixel_array, ct).astype(np.float32))
+    assert (hu.pixels.dtype, hu.bits_stored) == (np.uint16, 16)  # -32768-1024 .. 32767-1024 -> 0..65535
+    np.testing.assert_array_equal(hu.pixels, ct.pixel_array.astype(np.int32) + 32768)
+    # with a window the window defines the mapping, on Hounsfield units as pydicom applies it
+    (shown,) = list(DicomSource(TEST_FILES / "CT_small.dcm", window=(40, 400)))
+    ct.WindowCenter, ct.WindowWidth = 40, 400
+    expected_hu = apply_voi_lut(apply_modality_lut(ct.pixel_array, ct), ct)  # spans the post-rescale range
+    top, lo, hi = 65535.0, -32768.0 - 1024, 32767.0 - 1024
+    np.testing.assert_array_equal(shown.pixels, np.rint((expected_hu - lo) * (top / (hi - lo))).astype(np.uint16))
+
+
+def one_image_stored_five_ways(tmp_path: Path) -> dict[str, Path]:
+    """The same 12-bit image: unsigned, signed, signed + intercept, fractional slope, signed MONOCHROME1."""
+    raw = np.random.default_rng(7).integers(0, 4096, (24, 32), dtype=np.uint16)
+    raw[0, :2] = 0, 4095  # both ends of the range
+    signed = (raw.astype(np.int32) - 2048).astype(np.int16)
+    return {
+        "unsigned": write_dicom(tmp_path / "u.dcm", raw, "MONOCHROME2", 12),
+        "signed": write_dicom(tmp_path / "s.dcm", signed, "MONOCHROME2", 12),
+        "signed+intercept": write_dicom(tmp_path / "si.dcm", signed, "MONOCHROME2", 12,
+                                        RescaleSlope=1, RescaleIntercept=2048),
+        # stored raw, shown as raw / 4: a fractional slope (0 .. 1023.75)
+        "slope 0.25": write_dicom(tmp_path / "q.dcm", raw, "MONOCHROME2", 12, RescaleSlope=0.25, RescaleIntercept=0),
+        "signed MONOCHROME1": write_dicom(tmp_path / "m1.dcm", (2047 - raw.astype(np.int32)).astype(np.int16),
+                                          "MONOCHROME1", 12),
+    }
+
+
+def test_signed_and_rescaled_storage_give_the_model_the_same_input(tmp_path: Path) -> None:
+    """Signed or rescaled values used to reach the model as float32 read as 0..4095 (a wrong range,
+    e.g. -0.5..0.5 for signed storage): every storage of one image must give one tensor in 0..1."""
+    from edge_runtime.preprocess import Preprocessor
+
+    files = one_image_stored_five_ways(tmp_path)
+    pre = Preprocessor({"color": "gray"}, modality=["DX"], bits_stored=12)
+    frames = {name: next(iter(DicomSource(path))) for name, path in files.items()}
+    reference = frames["unsigned"].pixels
+    tensors = {}
+    for name, frame in frames.items():
+        assert (frame.pixels.dtype, frame.bits_stored, frame.photometric) == (np.uint16, 12, "MONOCHROME2"), name
+        np.testing.assert_array_equal(frame.pixels, reference, err_msg=name)
+        tensors[name] = pre(frame)[0]
+    for name, tensor in tensors.items():
+        np.testing.assert_array_equal(tensor, tensors["unsigned"], err_msg=name)
+        assert (tensor.min(), tensor.max()) == (0.0, 1.0), name
+
+
+def test_float_pixel_data_needs_a_window(tmp_path: Path) -> None:
+    path = write_dicom(tmp_path / "f.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", 12)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 32, 32, 31
+    del ds.PixelRepresentation
+    ds.FloatPixelData = np.linspace(-1, 1, 16, dtype=np.float32).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(UnsupportedFormatError, match=r"expected integer pixel data, or a window.*f\.dcm"):
+        list(DicomSource(path))
+    with pytest.raises(InputError, match="RescaleSlope"):
+        DicomSource(write_dicom(tmp_path / "z.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", 12,
+                                RescaleSlope=0, RescaleIntercept=-5))
 
 
 def test_rgb_and_multiframe_written_here(tmp_path: Path) -> None:
@@ -193,6 +250,44 @@ def test_series_folder_ordered_by_instance_number(tmp_path: Path, caplog: pytest
     assert [int(f.pixels[0, 0]) for f in frames] == [1, 2, 3, 4]
     assert frames[0].pixel_spacing == pytest.approx((0.2, 0.3))
     assert_no_identifiers(frames, caplog.text)
+
+
+def test_stream_ids_from_file_names_match_the_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """File and folder names with spaces, '^', non-ASCII or 68-character UIDs used to become stream ids
+    that every worker rejects (protocol STREAM_RE); now they are made safe, and stay distinct."""
+    from edge_runtime.pipeline.protocol import STREAM_RE
+    from edge_runtime.sources import safe_stream_id
+
+    caplog.set_level(logging.DEBUG)
+    image = np.full((8, 8), 100, np.uint8)
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"  # 64 characters, the most
+    assert len(uid + ".dcm") == 68
+    folder = tmp_path / "scan 1"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "a.png"), image)
+    video = tmp_path / "échographie.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (8, 8))
+    writer.write(np.zeros((8, 8, 3), np.uint8))
+    writer.release()
+    sources = [DicomSource(write_dicom(tmp_path / name, image)) for name in ("IM 0001", "Doe^John.dcm", uid + ".dcm")]
+    sources += [open_source(folder), open_source(video)]
+    ids = [s.stream_id for s in sources]
+    for source, frame in zip(sources, (next(iter(s)) for s in sources)):
+        assert STREAM_RE.match(source.stream_id) and frame.stream_id == source.stream_id, source.stream_id
+        assert len(source.stream_id) <= 64
+    assert ids[0].startswith("IM_0001-") and ids[1].startswith("Doe_John.dcm-") and ids[3].startswith("scan_1-")
+    assert ids[2].startswith(uid[:40]) and ids[4].startswith("_chographie.avi-")
+    assert caplog.text.count("Doe^John") <= 1  # the DICOM source's one line at construction, no more
+    # names that read alike after replacement stay apart; safe short names are kept as they are
+    assert len({safe_stream_id(n) for n in ("Doe^John", "Doe_John", "Doe John", "Doe~John")}) == 4
+    assert safe_stream_id("Doe_John") == "Doe_John" and safe_stream_id("chest.dcm") == "chest.dcm"
+    assert safe_stream_id(uid + ".dcm") != safe_stream_id(uid + ".DCM")
+    for name in ("", "x" * 65, "ü" * 200, "a/b\\c", "\udcff"):
+        assert STREAM_RE.match(safe_stream_id(name)), name
+    # an id the caller chose is checked, not rewritten
+    assert ImageFolderSource(folder, stream_id="cart-1.probe:2").stream_id == "cart-1.probe:2"
+    with pytest.raises(ConfigError, match="stream_id"):
+        ImageFolderSource(folder, stream_id="probe 1")
 
 
 # --- DICOM errors --------------------------------------------------------------------------
@@ -342,8 +437,46 @@ def test_realtime_pacing_follows_the_frame_rate(ten_images: Path) -> None:
     assert len(frames) == 10 and elapsed >= 0.08  # 9 periods of 10 ms after the first frame
     stamps = [f.capture_ns for f in frames]
     assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 85_000_000
-    with pytest.raises(ConfigError, match="frame rate"):
-        next(paced(ImageFolderSource(ten_images), realtime=True))
+
+
+def test_realtime_without_a_frame_rate_streams_unpaced(ten_images: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`edge-runtime run` (real time by default) must stream a single X-ray or an image folder:
+    no frame rate and no fps -> frames as fast as the consumer takes them, said once in the log."""
+    caplog.set_level(logging.INFO, logger="edge_runtime.sources")
+    xray = write_dicom(tmp_path / "Doe^Jane chest.dcm", np.full((16, 16), 1000, np.uint16), "MONOCHROME2", 12)
+    for source in (ImageFolderSource(ten_images), DicomSource(xray)):
+        assert source.fps is None
+        caplog.clear()
+        start = time.monotonic()
+        frames = list(paced(source, realtime=True))
+        assert len(frames) == source.n_frames and time.monotonic() - start < 2.0
+        notes = [r for r in caplog.records if "as fast as the pipeline takes them" in r.getMessage()]
+        assert len(notes) == 1 and notes[0].levelno == logging.INFO
+        assert "Doe" not in caplog.text and "chest" not in caplog.text  # the file name is not logged again
+    looped = paced(ImageFolderSource(ten_images), realtime=True, loop=True)
+    assert [next(looped).seq for _ in range(15)] == list(range(15))
+
+
+def test_every_file_source_takes_fps(ten_images: Path, tmp_path: Path) -> None:
+    xray = write_dicom(tmp_path / "x.dcm", np.full((16, 16), 1000, np.uint16), "MONOCHROME2", 12)
+    assert DicomSource(xray, fps=2.5).fps == 2.5 and open_source(xray, fps=4).fps == 4.0
+    cine = write_dicom(tmp_path / "c.dcm", np.zeros((2, 8, 8), np.uint8), FrameTime=50)
+    assert DicomSource(cine).fps == pytest.approx(20.0) and DicomSource(cine, fps=10).fps == 10.0
+    assert open_source(ten_images, fps=50).fps == 50.0
+    video = tmp_path / "v.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (16, 16))
+    writer.write(np.zeros((16, 16, 3), np.uint8))
+    writer.release()
+    assert VideoSource(video).fps == pytest.approx(25.0) and open_source(video, fps=5).fps == 5.0
+    start = time.monotonic()
+    frames = list(paced(DicomSource(cine, fps=20), realtime=True))
+    assert len(frames) == 2 and time.monotonic() - start >= 0.045  # one 50 ms period
+    for bad in (0, -1, float("nan"), "fast"):
+        with pytest.raises(ConfigError, match="fps"):
+            DicomSource(xray, fps=bad)
+        with pytest.raises(ConfigError, match="fps"):
+            VideoSource(video, fps=bad)
 
 
 def test_loop_keeps_seq_increasing(ten_images: Path) -> None:

@@ -8,6 +8,7 @@ really builds and runs an engine is marked gpu + tensorrt and skips without them
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import threading
@@ -605,6 +606,21 @@ def test_probe_device_gives_cache_key_fields(fake_trt: Any) -> None:
     assert (ident.trt_version, ident.gpu_name, ident.compute_capability, ident.sm_count) == (
         "10.3.0.30", "Orin (nvgpu)", "8.7", 16)
     assert trt_backend.tensorrt_available() == (True, "10.3.0.30")
+
+
+def test_tensorrt_older_than_the_backend_reads_as_unavailable(fake_trt: Any, monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """JetPack 4.6's TensorRT 8.2 (Jetson Nano) imports, but TrtBackend refuses < 8.5: tensorrt_available()
+    must say no, with the reason (logged once), so that the runtime neither builds nor loads an engine."""
+    monkeypatch.setattr(trt_backend, "_logged_too_old", set(), raising=False)
+    use_trt_version(monkeypatch, "8.2.1.8")
+    caplog.set_level(logging.WARNING, logger=trt_backend.__name__)
+    for _ in range(3):
+        ok, why = trt_backend.tensorrt_available()
+        assert not ok and why == "TensorRT: expected >= 8.5.0 (name-based I/O), found 8.2.1.8"
+    assert [r.getMessage() for r in caplog.records] == [f"{why}: using ONNX Runtime, no TensorRT engine is built"]
+    use_trt_version(monkeypatch, "8.5.0")
+    assert trt_backend.tensorrt_available() == (True, "8.5.0")
 
 
 # =================================================================================================

@@ -200,10 +200,21 @@ def require_pycuda() -> Any:
     return cuda
 
 
+_logged_too_old: set[str] = set()  # TensorRT versions already reported as too old (log once)
+
+
 def tensorrt_available() -> tuple[bool, str]:
-    """(True, version) when TensorRT and pycuda import and a CUDA device answers; else (False, why)."""
+    """(True, version) when TensorRT >= MIN_RUNTIME_VERSION and pycuda import and a CUDA device
+    answers; else (False, why). An older TensorRT (8.2 on a JetPack 4 Jetson Nano) reads as absent, so
+    the runtime stays on ONNX Runtime and builds no engine it could not load; that is logged once."""
     try:
         version = require_tensorrt()
+        if parse_version(version) < MIN_RUNTIME_VERSION:
+            why = f"TensorRT: expected >= {'.'.join(map(str, MIN_RUNTIME_VERSION))} (name-based I/O), found {version}"
+            if version not in _logged_too_old:
+                _logged_too_old.add(version)
+                log.warning("%s: using ONNX Runtime, no TensorRT engine is built", why)
+            return False, why
         cuda = require_pycuda()
         cuda.init()
         if cuda.Device.count() < 1:
