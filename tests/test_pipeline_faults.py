@@ -191,7 +191,11 @@ def test_recorder_sigterm_and_sigkill_keep_every_written_line(tmp_path: Path) ->
         stopped = [r for r in lines if r.get("event") == "recorder_stopped"]
         assert stopped and stopped[0]["clean_end"] is False  # it flushed on SIGTERM and said so
         assert before <= {r["seq"] for r in lines if r["type"] == "result"}
-        wait_for(lambda: path.read_text().count('"type":"result"') >= len(before) + 30, 20, "recording to go on")
+        # (after SIGTERM a recorder records on until the hub's end or drain_s + 2 s: count only what
+        # its restarted incarnation wrote)
+        wait_for(lambda: path.read_text().count('"recorder_started"') == 2
+                 and path.read_text().rsplit('"recorder_started"', 1)[1].count('"type":"result"') >= 30, 20,
+                 "the restarted recorder to record")
         os.kill(sup.handle("recorder").pid, signal.SIGKILL)  # no chance to flush: lines already written survive
         wait_for(lambda: sup.handle("recorder").restarts == 2, 10, "the second restart")
         _strict_lines(path)

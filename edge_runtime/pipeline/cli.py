@@ -50,7 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", metavar="DIR", help="write DIR/results.jsonl (and videos with --video)")
     parser.add_argument("--video", action="store_true", default=None, help="annotated video per stream in --record")
     parser.add_argument("--view", nargs="?", const=True, metavar="DIR",
-                        help="show results: a window if a display exists, else PNG snapshots in DIR")
+                        help="show results: a window if a display exists, else PNG snapshots in DIR "
+                             "(default: RECORD_DIR/view with --record, else out/view)")
     pace = parser.add_mutually_exclusive_group()
     pace.add_argument("--realtime", dest="realtime", action="store_true", default=None,
                       help="pace the source at its frame rate; latest frame wins (default)")
@@ -161,4 +162,6 @@ def run(args: argparse.Namespace) -> int:
     if report_dir:
         json_path, png_path = report.write_latency_report(report_dir)
         print(f"latency report: {json_path} {png_path}")
-    return 1 if report.source_error or report.failure else 0
+    # A run that read frames but got no result back (e.g. every frame rejected) failed, whatever
+    # the nodes' exit codes: summary() printed why.
+    return 1 if report.source_error or report.failure or report.no_results() else 0

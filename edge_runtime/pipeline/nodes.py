@@ -109,6 +109,10 @@ class NodeSettings:
 # --------------------------------------------------------------------------- shared plumbing
 
 MAX_NODES = 512  # distinct node ids whose counters the hub keeps (restarts make new ids)
+# error/event messages the hub keeps for the report (the newest); older ones are only counted, so a
+# model failing on every frame of a long run cannot grow the hub's memory (30 fps = 108000 an hour)
+MAX_EVENTS = 1000
+MAX_EVENT_KINDS = 256  # distinct event names / error reasons counted one by one
 POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop request
 RESTART_GAP = 64  # a seq this far below the last one means the stream restarted, not a late result
 
@@ -342,6 +346,9 @@ class SourceNode:
             for frame in self.source_factory():
                 if stop.is_set():
                     break
+                # Every worker would reject a frame whose stream id breaks the protocol: fail the
+                # source with a clear error instead of sending frames that can only be refused.
+                protocol.check_stream_id(str(frame.stream_id))
                 frame.stamps.setdefault("capture", frame.capture_ns)
                 slot.put(frame, stop)
                 waker.wake()
@@ -441,9 +448,14 @@ class SourceNode:
                     w = workers.get(ident)
                     if w is None:  # a new worker, or one that outlived a source restart: adopt its count
                         w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
-                    for _ in range(max(0, done - w.done)):
-                        if w.inflight:
-                            release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
+                    if done > w.done + len(w.inflight):
+                        # More frames done than were sent to it (done may be up to 2^63-1): count it,
+                        # then adopt its count as for a new worker (a worker that was declared lost
+                        # with frames in hand and came back legitimately reports those too).
+                        counters.reject(BadMessage("bad_credit", expected(
+                            f"done <= {w.done + len(w.inflight)} (frames sent to {w.name[:64]})", done)), "a worker")
+                    for _ in range(min(max(0, done - w.done), len(w.inflight))):  # bounded by frames in flight
+                        release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
                     w.done, w.window, w.last_seen = max(done, w.done), window, now
                     w.shm = m.header.get("shm") is True
                     if m.type == "credit":
@@ -795,7 +807,13 @@ class HubNode:
 
     def __post_init__(self) -> None:
         self.stats = Stats()
-        self.events: list[dict[str, Any]] = []
+        self.events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)  # the newest error/event messages
+        # every error/event ever received, by "error/<reason>" or "event/<event>" (bounded: at most
+        # MAX_EVENT_KINDS keys, the rest under "other")
+        self.event_counts: Counter[str] = Counter()
+        # end_of_stream events (they carry the source's error), kept apart so that no flood of other
+        # events can push them out of ``events``
+        self.stream_ends: deque[dict[str, Any]] = deque(maxlen=64)
         self.summaries: deque[dict[str, Any]] = deque(maxlen=self.keep_results)
         self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
         self.counters = Counters(self.name)
@@ -894,8 +912,15 @@ class HubNode:
                             except (TypeError, ValueError):
                                 self.counters.rejected["bad_counters"] += 1
             elif m.type in ("event", "error"):
+                kind = f"{m.type}/{h['event'] if m.type == 'event' else h['reason']}"
                 with self.lock:
                     self.events.append(h)
+                    if kind in self.event_counts or len(self.event_counts) < MAX_EVENT_KINDS:
+                        self.event_counts[kind] += 1
+                    else:
+                        self.event_counts[f"{m.type}/other"] += 1
+                    if kind == "event/end_of_stream":
+                        self.stream_ends.append(h)
                 publish(m.type, list(msg))
             else:
                 with self.lock:

@@ -48,6 +48,7 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 RESULT_PARTS = ("enhanced", "masks", "input")
 STREAM_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+STREAM_RULE = "a stream id of 1-64 characters from [A-Za-z0-9_.:-]"
 SHORT_TEXT = 256  # longest label / reason / id accepted
 MAP_TEXT = 1024  # longest string value in a map (provenance of several models joined by '+')
 
@@ -149,6 +150,16 @@ def _truth_dict(truth: GroundTruth | None) -> dict[str, Any] | None:
     return {"boxes": [[round(float(v), 2) for v in b] for b in truth.boxes], "labels": list(truth.labels)}
 
 
+def check_stream_id(stream: str) -> str:
+    """``stream`` if receivers accept it as a stream id, else ProtocolError: a frame with any other id
+    would be rejected by every worker (``bad_header``), so it is refused before it is sent. The
+    message shows at most 64 characters of the value (ids often come from file names)."""
+    if STREAM_RE.match(stream):
+        return stream
+    shown = stream[:64] + ("..." if len(stream) > 64 else "")
+    raise ProtocolError(f"{expected(STREAM_RULE, shown)} ({len(stream)} characters)")
+
+
 def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any]:
     """``[header, pixels]`` for a Frame (ground-truth boxes travel, masks and clean images do not).
 
@@ -165,7 +176,7 @@ def encode_frame(frame: Frame, shm: Mapping[str, Any] | None = None) -> list[Any
     if not all(math.isfinite(v) for v in floats):
         raise ProtocolError(expected("finite spacing and ground-truth boxes", floats[:8]))
     h = header(
-        "frame", stream=str(frame.stream_id), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
+        "frame", stream=check_stream_id(str(frame.stream_id)), seq=int(frame.seq), capture_ns=int(frame.capture_ns),
         modality=frame.modality, dtype=desc["dtype"], bits_stored=int(frame.bits_stored or 0),
         shape=desc["shape"], photometric=frame.photometric, spacing=spacing,
         stamps={k: int(v) for k, v in frame.stamps.items()},
@@ -365,7 +376,7 @@ def _check_parts(parts: Sequence[Any], n: int, limits: Limits) -> None:
 def _stream_seq(h: Mapping[str, Any]) -> tuple[str, int, int]:
     stream = _text(h, "stream", limit=64)
     if not STREAM_RE.match(stream):
-        raise BadMessage("bad_header", expected("stream id of 1-64 characters [A-Za-z0-9_.:-]", stream[:64]))
+        raise BadMessage("bad_header", expected(STREAM_RULE, stream[:64]))
     return stream, _int(h, "seq"), _int(h, "capture_ns")
 
 

@@ -3,8 +3,14 @@
 Durability: each record is written with one ``os.write`` of a whole line (no user-space buffer), so
 a crash or SIGKILL leaves only complete lines already handed to the kernel; ``os.fsync`` runs every
 ``fsync_every`` records, every ``fsync_interval_s`` and at stop, so a power cut loses at most that
-window. On SIGTERM the recorder drains what is already queued on its socket, writes it, fsyncs and
-exits. Lines are in arrival order; each carries stream and seq (``read_records(sort=True)`` orders).
+window. On SIGTERM the recorder goes on recording until the hub's ``end`` event arrives (the
+pipeline's final stats come just before it) or ``end_timeout_s`` passes, then fsyncs and exits.
+Lines are in arrival order; each carries stream and seq (``read_records(sort=True)`` orders).
+
+Runs: re-using a record directory appends to the same ``results.jsonl``. Every line carries the
+``run_id`` of the supervisor run that wrote it (one id per run, the same across recorder restarts
+within that run, so a restarted recorder appends to its run), and ``read_records`` returns the
+latest run by default (``run="all"`` for every line, ``run=<id>`` for one; ``runs`` lists them).
 
 The video (``<stream>.mp4``, MJPG ``.avi`` if mp4v is unavailable) shows the input with detections
 and masks next to the enhanced output; late results (older seq than the last frame written) are
@@ -19,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,17 +81,42 @@ class JsonlWriter:
             self.fd = -1
 
 
-def read_records(path: str | os.PathLike, sort: bool = False) -> list[dict[str, Any]]:
-    """Read a recorder JSONL; a torn last line (no newline: a power cut mid-write) is skipped."""
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _read_all(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise InputError(expected("a recorder JSONL file", str(p)))
     text = p.read_text(encoding="utf-8")
     lines = text.split("\n")
     complete = lines[:-1]  # whatever follows the last newline is incomplete (or empty)
-    records = [json.loads(line) for line in complete if line]
+    return [json.loads(line) for line in complete if line]
+
+
+def runs(path: str | os.PathLike) -> list[str]:
+    """The run ids in a recorder JSONL, in the order their first line was written ("" for lines
+    written before run ids existed)."""
+    return list(dict.fromkeys(r.get("run_id", "") for r in _read_all(path)))
+
+
+def read_records(path: str | os.PathLike, sort: bool = False, run: str = "latest") -> list[dict[str, Any]]:
+    """Read a recorder JSONL; a torn last line (no newline: a power cut mid-write) is skipped.
+
+    ``run``: ``"latest"`` (default) the lines of the run that wrote the last line, ``"all"`` every
+    line, or one run id. ``sort``: results by (stream, seq) within each run, runs in the order they
+    started, then the other records in file order.
+    """
+    records = _read_all(path)
+    if run == "latest":
+        run = records[-1].get("run_id", "") if records else ""
+    if run != "all":
+        records = [r for r in records if r.get("run_id", "") == run]
     if sort:
-        results = sorted((r for r in records if r.get("type") == "result"), key=lambda r: (r["stream"], r["seq"]))
+        order = {rid: i for i, rid in enumerate(dict.fromkeys(r.get("run_id", "") for r in records))}
+        results = sorted((r for r in records if r.get("type") == "result"),
+                         key=lambda r: (order[r.get("run_id", "")], r["stream"], r["seq"]))
         return results + [r for r in records if r.get("type") != "result"]
     return records
 
@@ -148,11 +180,17 @@ class RecorderNode:
     fsync_every: int = 50
     fsync_interval_s: float = 1.0
     name: str = "recorder"
+    # After SIGTERM, how long to go on recording while waiting for the hub's ``end`` (None: the
+    # settings' drain_s + 2 s, within the time the supervisor gives a stopping recorder)
+    end_timeout_s: float | None = None
+    # Written into every line; the supervisor gives all incarnations of its recorder the same one.
+    run_id: str = field(default_factory=new_run_id)
 
     def _record(self, m: Message, writer: JsonlWriter, videos: VideoSink | None, counters: Counters) -> bool:
         """Write one message; returns True on the hub's final ``end`` event."""
         record = dict(m.header)
         record.pop("v", None)
+        record["run_id"] = self.run_id
         if m.type == "result":
             record.setdefault("stamps", {})["record"] = time.monotonic_ns()
             record["parts"] = [p["name"] for p in record.get("parts", [])]
@@ -176,7 +214,7 @@ class RecorderNode:
         pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record)
         pull.rcvhwm = 1000
         writer.write({"type": "event", "event": "recorder_started", "node": self.name, "pid": os.getpid(),
-                      "t_ns": time.monotonic_ns()})
+                      "t_ns": time.monotonic_ns(), "run_id": self.run_id})
         ended = False
 
         def drain(deadline: float) -> bool:
@@ -199,12 +237,19 @@ class RecorderNode:
                 if pull.poll(200):
                     ended = drain(time.monotonic() + 1.0)
                 writer.maybe_sync()
-            if not ended:  # SIGTERM: what already reached this socket is written before exit
-                drain(time.monotonic() + s.drain_s)
+            if not ended:
+                # SIGTERM. Sent to the whole process group it reaches this recorder while the
+                # supervisor is still stopping the source and workers, before the hub's final stats
+                # and ``end``: keep recording until ``end`` arrives or end_timeout_s passes.
+                deadline = time.monotonic() + (s.drain_s + 2.0 if self.end_timeout_s is None else self.end_timeout_s)
+                while not ended and time.monotonic() < deadline:
+                    if pull.poll(100):
+                        ended = drain(deadline)
+                    writer.maybe_sync()
         finally:
             writer.write({"type": "event", "event": "recorder_stopped", "node": self.name, "t_ns": time.monotonic_ns(),
                           "records": writer.written, "rejected": dict(counters.rejected), "drops": dict(counters.drops),
-                          "clean_end": ended})
+                          "clean_end": ended, "run_id": self.run_id})
             writer.close()
             if videos is not None:
                 videos.close()

@@ -52,7 +52,7 @@ from .nodes import (
     WorkerNode,
     open_socket,
 )
-from .recorder import RESULTS_FILE, RecorderNode
+from .recorder import RESULTS_FILE, RecorderNode, new_run_id
 from .viewer import ViewerNode
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ class PipelineConfig:
     video: bool = False
     video_fps: float = 30.0
     view: bool = False  # a viewer node: a window if a display exists, else snapshots to view_dir
+    # None: with no display, snapshots go to <record_dir>/view, or ./out/view without a record_dir
     view_dir: str | None = None
     duration_s: float | None = None
     settings: NodeSettings = field(default_factory=NodeSettings)
@@ -193,7 +194,8 @@ class PipelineReport:
     drops: dict[str, int]
     rejected: dict[str, int]
     transport: dict[str, int]
-    events: list[dict[str, Any]]
+    events: list[dict[str, Any]]  # the newest error/event messages (at most nodes.MAX_EVENTS)
+    event_counts: dict[str, int]  # all of them, by "error/<reason>" and "event/<event>"
     restarts: int
     records: list[dict[str, Any]]  # one summary per result (stream, seq, worker, stamps), newest kept
     record_path: Path | None
@@ -202,11 +204,28 @@ class PipelineReport:
     failure: str | None  # why the supervisor gave up (a node crash-looping), else None
     nodes: dict[str, dict[str, Any]]
     stats_obj: Stats = field(repr=False)
+    run_id: str = ""  # the recorder's run_id of this run (read_records(path, run=run_id))
 
     def write_latency_report(self, out_dir: str | os.PathLike, name: str = "latency",
                              title: str = "edge-runtime latency") -> tuple[Path, Path]:
         return write_latency_report(self.stats_obj, out_dir, name=name, title=title,
-                                    extra={"restarts": self.restarts, "events": self.events[-100:]})
+                                    extra={"restarts": self.restarts, "events": self.events[-100:],
+                                           "event_counts": self.event_counts})
+
+    @property
+    def frames_read(self) -> int:
+        """Frames the source read (its latest cumulative stats), 0 if it reported none."""
+        counts = [n.get("frames_read") for n in self.nodes.values()]
+        return sum(c for c in counts if isinstance(c, int) and not isinstance(c, bool))
+
+    def no_results(self) -> str | None:
+        """Why a run that read frames produced no result at all (every frame refused by the workers,
+        failed in the model or could not be sent), or None. Counts only: never a file name."""
+        if self.results or not self.frames_read:
+            return None
+        drops = {k: v for k, v in self.drops.items() if v and k != "superseded"}
+        return (f"{self.frames_read} frame(s) read but no result came back "
+                f"(rejected: {self.rejected or 'none'}, drops: {drops or 'none'})")
 
     def summary(self) -> str:
         e2e = self.stats.get("e2e_ms", {})
@@ -224,6 +243,8 @@ class PipelineReport:
             lines.append(f"source error: {self.source_error}")
         if self.failure:
             lines.append(f"FAILED: {self.failure}")
+        elif self.no_results():
+            lines.append(f"FAILED: {self.no_results()}")
         return "\n".join(lines)
 
 
@@ -355,6 +376,8 @@ class Supervisor:
         self.handles: list[NodeHandle] = []
         self.source_ended: int | None = None
         self.failure: str | None = None
+        # One id per run, in every line the recorder writes (a re-used record directory holds several)
+        self.run_id = new_run_id()
         self.started = 0.0
         self.stopped = 0.0
 
@@ -409,9 +432,10 @@ class Supervisor:
 
         if c.record_dir is not None:
             add("recorder", "recorder", lambda _: RecorderNode(ep, str(c.record_dir), s, video=c.video,
-                                                               video_fps=c.video_fps))
+                                                               video_fps=c.video_fps, run_id=self.run_id))
         if c.view:
-            add("viewer", "viewer", lambda _: ViewerNode(ep.results, s, snapshot_dir=c.view_dir))
+            headless = str(Path(c.record_dir) / "view") if c.record_dir is not None else str(Path("out") / "view")
+            add("viewer", "viewer", lambda _: ViewerNode(ep.results, s, snapshot_dir=c.view_dir, headless_dir=headless))
 
         def worker(name: str) -> Callable[[int], WorkerNode]:
             return lambda inc: WorkerNode(self.make_processor, ep, s, name=name, window=c.window,
@@ -565,15 +589,17 @@ class Supervisor:
         snap = hub.snapshot()
         end = self.stopped or time.monotonic()
         duration = max(end - self.started, 1e-9)
-        source_error = next((e.get("error") for e in hub.events if e.get("event") == "end_of_stream" and e.get("error")),
-                            None)
+        with hub.lock:
+            events, event_counts, stream_ends = list(hub.events), dict(hub.event_counts), list(hub.stream_ends)
+        source_error = next((e.get("error") for e in stream_ends if e.get("error")), None)
         record_path = Path(self.config.record_dir) / RESULTS_FILE if self.config.record_dir else None
         return PipelineReport(
             results=snap["results"], duration_s=duration, fps=snap["results"] / duration, stats=snap,
-            drops=snap["drops"], rejected=snap["rejected"], transport=snap["transport"], events=list(hub.events),
+            drops=snap["drops"], rejected=snap["rejected"], transport=snap["transport"], events=events,
+            event_counts=event_counts,
             restarts=sum(h.restarts for h in self.handles), records=list(hub.summaries), record_path=record_path,
             exit_codes={h.name: h.exitcode() for h in self.handles}, source_error=source_error, failure=self.failure,
-            nodes=dict(hub.nodes), stats_obj=hub.stats)
+            nodes=dict(hub.nodes), stats_obj=hub.stats, run_id=self.run_id)
 
 
 def run_pipeline(source_factory: SourceFactory, make_processor: ProcessorFactory, n_workers: int = 1,

@@ -127,6 +127,9 @@ class ViewerNode:
     keep_snapshots: int = 200
     window: bool | None = None  # None: a window if a display exists, else snapshots
     name: str = "viewer"
+    # Where snapshots go when there is no window and no snapshot_dir (plain ``--view`` on a headless
+    # machine); None: nothing is shown then.
+    headless_dir: str | None = None
 
     def _write_png(self, out: Path, message: Message, written: list[Path]) -> None:
         import cv2
@@ -145,7 +148,11 @@ class ViewerNode:
         use_window = has_display() if self.window is None else self.window
         out = Path(self.snapshot_dir) if self.snapshot_dir else None
         if not use_window and out is None:
-            log.warning("%s: no display and no snapshot folder: nothing to show", self.name)
+            if self.headless_dir:
+                out = Path(self.headless_dir)
+                log.info("%s: no display: writing PNG snapshots to %s", self.name, out.absolute())
+            else:
+                log.warning("%s: no display and no snapshot folder: nothing to show", self.name)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         sub = open_socket(ctx, zmq.SUB, s, connect=self.endpoint)

@@ -1,0 +1,252 @@
+"""Fixes from the pipeline audit, each over real sockets: stream ids receivers refuse, a run that gets no
+result back, a credit with a huge ``done``, the hub's bounded event list, several runs in one record
+directory, the headless viewer's default folder, the recorder under a process-group SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from edge_runtime.errors import InputError, ProtocolError
+from edge_runtime.frames import Frame
+from edge_runtime.pipeline import cli, protocol
+from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.nodes import MAX_EVENTS, Endpoints, NodeSettings, SourceNode
+from edge_runtime.pipeline.protocol import Limits
+from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records, runs
+from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DICOM_UID = "1.2.826.0.1.3680043.8.498.10227395345216453462712835438290457262.dcm"  # 68 characters
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- 1: stream ids
+
+
+@pytest.mark.parametrize("stream", ["IM 0001", "Doe^John", DICOM_UID, "", "caf\u00e9", "a/b"])
+def test_encode_frame_refuses_a_stream_id_every_receiver_would_reject(stream: str) -> None:
+    frame = Frame(pixels=np.zeros((2, 2), np.uint8), stream_id=stream, seq=1)
+    with pytest.raises(ProtocolError) as info:
+        protocol.encode_frame(frame)
+    text = str(info.value)
+    assert "1-64 characters from [A-Za-z0-9_.:-]" in text  # the rule
+    assert repr(stream[:64] + ("..." if len(stream) > 64 else "")) in text  # the value, repr'd and cut
+    assert DICOM_UID not in text  # never more than 64 characters of it
+
+
+def test_encode_frame_accepts_every_id_receivers_accept() -> None:
+    for stream in ("0", "probe0", "a:b-c.d_e", "x" * 64):
+        h, _ = protocol.encode_frame(Frame(pixels=np.zeros((2, 2), np.uint8), stream_id=stream, seq=1))
+        assert protocol.decode([h, np.zeros((2, 2), np.uint8)]).frame.stream_id == stream  # type: ignore[union-attr]
+
+
+def test_a_source_with_an_unsendable_stream_id_fails_with_a_clear_error() -> None:
+    report = run_pipeline(SyntheticSource(count=20, streams=("IM 0001",)), BuiltinProcessor("detect"), mode="thread",
+                          policy="all")
+    assert report.results == 0
+    assert report.source_error is not None and "stream id of 1-64 characters" in report.source_error
+    assert report.exit_codes["source"] == 3
+    assert not report.rejected  # nothing rejectable was sent: the workers refused nothing
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_fails_when_frames_were_read_but_every_one_was_rejected(monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # Receivers that accept no frame of this size: every frame is rejected by the worker (dims_too_large).
+    monkeypatch.setattr(cli, "_settings", lambda options: NodeSettings(limits=Limits(max_dim=16)))
+    code = cli.run(_cli(["--source", "synthetic:32x32", "--processor", "identity", "--mode", "thread", "--fast",
+                         "--duration", "20"]))
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "0 results" in out and "no result came back" in out and "dims_too_large" in out
+
+
+# --------------------------------------------------------------------------- 2: a credit with a huge done
+
+
+def test_a_credit_with_a_huge_done_is_counted_and_the_source_serves_on(tmp_path: Path) -> None:
+    ep = Endpoints.ipc(tmp_path)
+    ctx = zmq.Context()
+    hub = ctx.socket(zmq.PULL)
+    hub.bind(ep.collect)
+
+    def frames() -> Iterator[Frame]:
+        for seq in itertools.count():
+            yield Frame(pixels=np.zeros((8, 8), np.uint8), seq=seq, stream_id="s")
+            time.sleep(0.01)
+
+    stop = threading.Event()
+    source = threading.Thread(target=SourceNode(frames, ep, NodeSettings(stats_interval_s=0.2)).run, args=(ctx, stop),
+                              daemon=True)
+    source.start()
+    evil, good = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for sock, name in ((evil, b"evil"), (good, b"good")):
+            sock.setsockopt(zmq.ROUTING_ID, name)
+            sock.connect(ep.frames)
+        evil.send_multipart(protocol.encode_control("credit", worker="evil", done=0, window=1))
+        assert evil.poll(5000), "the source sent the first worker nothing"
+        evil.recv_multipart()
+        evil.send_multipart(protocol.encode_control("credit", worker="evil", done=2**62, window=1))
+        # A well-behaved worker: one credit per frame received, for 1.5 s.
+        done = got = 0
+        good.send_multipart(protocol.encode_control("credit", worker="good", done=0, window=1))
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            if good.poll(100) and protocol.decode(good.recv_multipart()).type == "frame":
+                got += 1
+                done += 1
+                good.send_multipart(protocol.encode_control("credit", worker="good", done=done, window=1))
+        assert got >= 10, f"the good worker got {got} frames in 1.5 s"
+        stop.set()
+        source.join(3)
+        assert not source.is_alive(), "the source did not stop"
+        rejected: dict = {}
+        while hub.poll(500):
+            m = protocol.decode(hub.recv_multipart())
+            if m.type == "stats":
+                rejected = m.header["rejected"]
+        assert rejected.get("bad_credit") == 1
+    finally:
+        stop.set()
+        source.join(3)
+        for sock in (evil, good, hub):
+            sock.close(linger=0)
+        if not source.is_alive():  # a frozen source still holds its sockets: term() would block
+            ctx.term()
+
+
+# --------------------------------------------------------------------------- 3: the hub's events are bounded
+
+
+def _always_fails():
+    def process(frame: Frame):
+        raise InputError("expected a frame of modality ['US'], found XR")
+    return process
+
+
+def test_a_model_failing_on_every_frame_leaves_a_bounded_event_list_and_exact_counts() -> None:
+    n = 2 * MAX_EVENTS
+    report = run_pipeline(SyntheticSource(count=n, shape=(16, 16)), _always_fails, mode="thread", policy="all",
+                          window=2)
+    assert report.results == 0 and report.drops["processor_error"] == n
+    assert len(report.events) == MAX_EVENTS  # the newest ones
+    assert report.event_counts["error/processor_error"] == n
+    assert report.event_counts["event/end_of_stream"] == 1
+    assert report.source_error is None
+    assert report.no_results() is not None and f"{n} frame(s) read" in report.no_results()  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- 4: runs in one record directory
+
+
+def test_a_reused_record_directory_keeps_runs_apart(tmp_path: Path) -> None:
+    reports = [run_pipeline(SyntheticSource(count=12), BuiltinProcessor("detect"), mode="thread", policy="all",
+                            record_dir=tmp_path) for _ in range(2)]
+    path = tmp_path / RESULTS_FILE
+    assert runs(path) == [r.run_id for r in reports] and reports[0].run_id != reports[1].run_id
+    latest = [r for r in read_records(path, sort=True) if r["type"] == "result"]
+    assert [r["seq"] for r in latest] == list(range(12))  # one run, not two interleaved
+    assert {r["run_id"] for r in read_records(path)} == {reports[1].run_id}
+    first = [r["seq"] for r in read_records(path, sort=True, run=reports[0].run_id) if r["type"] == "result"]
+    assert first == list(range(12))
+    both = [(r["run_id"], r["seq"]) for r in read_records(path, sort=True, run="all") if r["type"] == "result"]
+    assert both == [(rid, seq) for rid in runs(path) for seq in range(12)]
+
+
+def test_a_restarted_recorder_appends_to_its_run(tmp_path: Path) -> None:
+    config = PipelineConfig(record_dir=str(tmp_path), restart_backoff_s=(0.05, 0.1),
+                            settings=NodeSettings(drain_s=0.5))
+    sup = Supervisor(SyntheticSource(count=None, fps=50, shape=(16, 16)), BuiltinProcessor("detect"), config)
+    path = tmp_path / RESULTS_FILE
+    sup.start()
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 5, 10, "results")
+        sup.handle("recorder").request_stop()
+        wait_for(lambda: sup.handle("recorder").restarts == 1, 10, "the recorder to be restarted")
+        wait_for(lambda: path.read_text().count('"recorder_started"') == 2 and
+                 path.read_text().rsplit('"recorder_started"', 1)[1].count('"type":"result"') >= 5, 10,
+                 "results from the restarted recorder")
+    finally:
+        report = sup.stop()
+    records = read_records(path)
+    assert len(records) == len(path.read_text().splitlines())  # the latest run is the whole file
+    assert {r["run_id"] for r in records} == {report.run_id}
+    assert sum(1 for r in records if r.get("event") == "recorder_started") == 2
+
+
+# --------------------------------------------------------------------------- 5: headless --view
+
+
+def test_plain_view_without_a_display_writes_snapshots_under_the_record_dir(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    report = run_pipeline(SyntheticSource(count=20, shape=(64, 80)), BuiltinProcessor("identity+detect"),
+                          mode="thread", record_dir=tmp_path / "rec", view=True, policy="all")
+    assert report.results == 20
+    assert list((tmp_path / "rec" / "view").glob("*.png")), "plain --view on a headless machine showed nothing"
+
+
+# --------------------------------------------------------------------------- 6: PROTOCOL.md matches the code
+
+
+def test_protocol_doc_states_the_shared_memory_names_and_backends_the_code_uses() -> None:
+    doc = (ROOT / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    assert "`edge-[0-9]{1,10}-[0-9a-f]{12}`" in doc and "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}" not in doc
+    assert protocol.SHM_NAME_RE.match("edge-4711-0123456789ab") and not protocol.SHM_NAME_RE.match("my-segment")
+    backends = (ROOT / "edge_runtime" / "backends" / "onnxruntime.py").read_text(encoding="utf-8")
+    assert 'name = "onnxruntime"' in backends
+    assert '"backend":"onnxruntime-cpu"' not in doc and "`backend` (`onnxruntime`, `tensorrt`" in doc
+
+
+# --------------------------------------------------------------------------- 7: SIGTERM to the process group
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_still_records_the_end(tmp_path: Path) -> None:
+    code = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
+            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--source", "synthetic:64x64", "--loop", "--processor",
+                             "detect+slow:100", "--record", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    path = tmp_path / RESULTS_FILE
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 5, 30, "results")
+        os.killpg(proc.pid, signal.SIGTERM)  # what a service manager or `kill -- -PGID` does
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
+    assert lines[-2]["event"] == "end"  # the hub's last message, after its final stats
+    assert not lines[-1]["drops"] and "recorder_backlog" not in out
