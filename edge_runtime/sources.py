@@ -23,10 +23,11 @@ has the same dtype: the possible value range after the modality LUT is computed 
 PixelRepresentation and slope/intercept (or the modality LUT's depth); integral and within
 0..255 for 8-bit input -> uint8, integral and within 0..65535 -> uint16 (bits_stored = what that
 range needs, never less than BitsStored), anything else (signed storage, negative intercept,
-fractional slope) -> that possible range mapped linearly onto 0 .. 2**BitsStored - 1 (uint8 or
-uint16, bits_stored = BitsStored), so that the model sees the same 0..1 range whether one image
-is stored unsigned, signed or rescaled (a window, when applied, defines the mapping instead).
-Float pixel data is refused unless a window is applied. Patient identifiers are never copied
+fractional slope) -> the real values as float32 with bits_stored = BitsStored: a stored value means
+the same number whether the file is signed or not, so an image stored signed with non-negative
+values reaches the model exactly as its unsigned storage does, and values outside 0 .. 2**BitsStored
+- 1 (e.g. negative ones) are refused by the pre-processor unless a window maps them (a window, when
+applied, defines the mapping). Float pixel data is refused unless a window is applied. Patient identifiers are never copied
 into frames, logs or messages: only the file name, shape and coding attributes are; a stream id
 derived from a file name keeps only the characters the protocol allows (see ``safe_stream_id``).
 Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
@@ -400,7 +401,6 @@ class _Plan:
     bits_out: int
     value_range: tuple[float, float]  # possible range after the modality LUT
     integral: bool  # values after the modality LUT are whole numbers
-    stretch: bool  # no VOI: map value_range linearly onto 0 .. 2**bits_out - 1 (negative / fractional values)
     voi: Any | None  # dataset to take the VOI from, None = no VOI
     voi_range: tuple[float, float] = (0.0, 0.0)  # what pydicom's VOI outputs span
     display_bits: int = 8
@@ -474,17 +474,15 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     if ds.get("FloatPixelData") is not None or ds.get("DoubleFloatPixelData") is not None:
         integral = False
     dtype: np.dtype[Any]
-    stretch = False
     if integral and lo >= 0 and hi <= 255 and bits_allocated <= 8:
         dtype, bits_out = np.dtype(np.uint8), max(1, min(8, max(bits_stored, int(hi).bit_length())))
     elif integral and lo >= 0 and hi <= 65535:
         dtype, bits_out = np.dtype(np.uint16), max(1, min(16, max(bits_stored, int(hi).bit_length())))
-    else:  # negative or fractional values: stretched onto the stored depth when no VOI is applied
-        bits_out = max(1, min(16, bits_stored))
-        dtype, stretch = np.dtype(np.uint8 if bits_out <= 8 else np.uint16), True
+    else:  # possibly negative or fractional: the real values, as float32 (the pre-processor checks their range)
+        dtype, bits_out = np.dtype(np.float32), max(1, min(32, bits_stored))
 
     plan = _Plan(path, ds, n_frames, color, photometric == "MONOCHROME1", modality_lut, dtype, bits_out, (lo, hi),
-                 integral, stretch, None)
+                 integral, None)
     if (apply_voi or window is not None) and color == "gray":
         voi = ds
         if window is not None:
@@ -542,12 +540,11 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
         return out.astype(dtype), plan.display_bits, "MONOCHROME2"
 
     lo, hi = plan.value_range
-    if plan.stretch:  # the whole possible range lo .. hi -> 0 .. top, as a display does without a VOI
-        top = float(2**plan.bits_out - 1)
-        out = np.rint(np.clip((np.asarray(values, dtype=np.float64) - lo) * (top / (hi - lo)), 0.0, top))
+    if plan.dtype == np.float32:  # a stored value means the same number signed or not: never shifted
+        out = np.asarray(values, dtype=np.float32)
         if plan.monochrome1:
-            out = top - out
-        return out.astype(plan.dtype), plan.bits_out, "MONOCHROME2"
+            out = np.float32(2**plan.bits_out - 1) - out
+        return out, plan.bits_out, "MONOCHROME2"
     if plan.monochrome1:
         values = (lo + hi) - np.asarray(values, dtype=np.float64)
     if values.dtype.kind == "f":

@@ -153,14 +153,14 @@ def test_rescale_slope_intercept(tmp_path: Path) -> None:
     ds = pydicom.dcmread(integral)
     assert whole.pixels.dtype == np.uint16 and whole.bits_stored == 14  # 4095 * 2 + 100 needs 14 bits
     np.testing.assert_array_equal(whole.pixels, apply_modality_lut(ds.pixel_array, ds))
-    # fractional: the possible range (-10 .. 2037.5) is stretched back onto 0..4095 (12 bits)
+    # fractional (-10 .. 2037.5): the real values, float32, never shifted or stretched
     (real,) = list(DicomSource(fractional))
-    assert (real.pixels.dtype, real.bits_stored) == (np.uint16, 12)
-    np.testing.assert_array_equal(real.pixels, raw)
+    assert (real.pixels.dtype, real.bits_stored) == (np.float32, 12)
+    np.testing.assert_allclose(real.pixels, raw * 0.5 - 10)
     ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")  # signed 16-bit, intercept -1024: Hounsfield units
     (hu,) = list(DicomSource(TEST_FILES / "CT_small.dcm"))
-    assert (hu.pixels.dtype, hu.bits_stored) == (np.uint16, 16)  # -32768-1024 .. 32767-1024 -> 0..65535
-    np.testing.assert_array_equal(hu.pixels, ct.pixel_array.astype(np.int32) + 32768)
+    assert (hu.pixels.dtype, hu.bits_stored) == (np.float32, 16)
+    np.testing.assert_array_equal(hu.pixels, apply_modality_lut(ct.pixel_array, ct))
     # with a window the window defines the mapping, on Hounsfield units as pydicom applies it
     (shown,) = list(DicomSource(TEST_FILES / "CT_small.dcm", window=(40, 400)))
     ct.WindowCenter, ct.WindowWidth = 40, 400
@@ -170,39 +170,40 @@ def test_rescale_slope_intercept(tmp_path: Path) -> None:
 
 
 def one_image_stored_five_ways(tmp_path: Path) -> dict[str, Path]:
-    """The same 12-bit image: unsigned, signed, signed + intercept, fractional slope, signed MONOCHROME1."""
-    raw = np.random.default_rng(7).integers(0, 4096, (24, 32), dtype=np.uint16)
-    raw[0, :2] = 0, 4095  # both ends of the range
-    signed = (raw.astype(np.int32) - 2048).astype(np.int16)
+    """The same 12-bit values: unsigned, signed (PixelRepresentation 1), signed with an offset undone by
+    the intercept, signed MONOCHROME1; and stored raw but shown as raw / 4 (a fractional slope)."""
+    raw = np.random.default_rng(7).integers(0, 2048, (24, 32), dtype=np.uint16)  # what 12 bits signed can hold
+    raw[0, :2] = 0, 2047
     return {
         "unsigned": write_dicom(tmp_path / "u.dcm", raw, "MONOCHROME2", 12),
-        "signed": write_dicom(tmp_path / "s.dcm", signed, "MONOCHROME2", 12),
-        "signed+intercept": write_dicom(tmp_path / "si.dcm", signed, "MONOCHROME2", 12,
-                                        RescaleSlope=1, RescaleIntercept=2048),
-        # stored raw, shown as raw / 4: a fractional slope (0 .. 1023.75)
+        "signed": write_dicom(tmp_path / "s.dcm", raw.astype(np.int16), "MONOCHROME2", 12),
+        "signed+intercept": write_dicom(tmp_path / "si.dcm", (raw.astype(np.int32) - 2048).astype(np.int16),
+                                        "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=2048),
+        "signed MONOCHROME1": write_dicom(tmp_path / "m1.dcm", (4095 - raw.astype(np.int32) - 2048).astype(np.int16),
+                                          "MONOCHROME1", 12, RescaleSlope=1, RescaleIntercept=2048),
         "slope 0.25": write_dicom(tmp_path / "q.dcm", raw, "MONOCHROME2", 12, RescaleSlope=0.25, RescaleIntercept=0),
-        "signed MONOCHROME1": write_dicom(tmp_path / "m1.dcm", (2047 - raw.astype(np.int32)).astype(np.int16),
-                                          "MONOCHROME1", 12),
     }
 
 
-def test_signed_and_rescaled_storage_give_the_model_the_same_input(tmp_path: Path) -> None:
-    """Signed or rescaled values used to reach the model as float32 read as 0..4095 (a wrong range,
-    e.g. -0.5..0.5 for signed storage): every storage of one image must give one tensor in 0..1."""
+def test_signed_and_rescaled_storage_give_the_model_the_real_values(tmp_path: Path) -> None:
+    """A stored value means the same number signed or unsigned (an earlier fix shifted signed storage
+    by 2048): every storage of the same values gives one tensor; a rescale gives its real values; values
+    outside 0..4095 (negative) are refused without a window instead of reaching the model shifted."""
     from edge_runtime.preprocess import Preprocessor
 
     files = one_image_stored_five_ways(tmp_path)
     pre = Preprocessor({"color": "gray"}, modality=["DX"], bits_stored=12)
     frames = {name: next(iter(DicomSource(path))) for name, path in files.items()}
-    reference = frames["unsigned"].pixels
-    tensors = {}
+    reference = frames["unsigned"].pixels.astype(np.float32)
+    want = {"slope 0.25": reference / 4}
     for name, frame in frames.items():
-        assert (frame.pixels.dtype, frame.bits_stored, frame.photometric) == (np.uint16, 12, "MONOCHROME2"), name
-        np.testing.assert_array_equal(frame.pixels, reference, err_msg=name)
-        tensors[name] = pre(frame)[0]
-    for name, tensor in tensors.items():
-        np.testing.assert_array_equal(tensor, tensors["unsigned"], err_msg=name)
-        assert (tensor.min(), tensor.max()) == (0.0, 1.0), name
+        assert frame.bits_stored == 12 and frame.photometric == "MONOCHROME2", name
+        np.testing.assert_allclose(frame.pixels, want.get(name, reference), err_msg=name)
+        np.testing.assert_allclose(pre(frame)[0], want.get(name, reference)[None, None] / 4095, atol=1e-6,
+                                   err_msg=name)
+    negative = write_dicom(tmp_path / "n.dcm", (reference - 2048).astype(np.int16), "MONOCHROME2", 12)
+    with pytest.raises(InputError, match=r"0\.\.4095"):
+        pre(next(iter(DicomSource(negative))))
 
 
 def test_float_pixel_data_needs_a_window(tmp_path: Path) -> None:
