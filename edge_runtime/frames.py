@@ -7,10 +7,15 @@ interpretation, spacing). Phantom frames also carry their ground truth.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# The stream ids the wire protocol carries (docs/PROTOCOL.md); use with fullmatch (``$`` would also
+# accept a trailing newline). Sources derive theirs from file names through this rule.
+STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
 
 from .errors import InputError, expected
 

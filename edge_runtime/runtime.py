@@ -309,7 +309,8 @@ class RuntimeSet:
 def reference_bundles() -> dict[str, Path]:
     """The reference bundles shipped inside the package (demonstration models, synthetic data)."""
     root = Path(__file__).resolve().parent / "models"
-    return {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.json"))}
+    # dot-directories are an export's staging copies (export.bundle_write.staged), never shipped models
+    return {p.parent.name: p.parent for p in sorted(root.glob("*/manifest.json")) if not p.parent.name.startswith(".")}
 
 
 def resolve_bundle(spec: str | Path) -> Path:

@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, EdgeRuntimeError, InputError, UnsupportedFormatError, expected
-from .frames import Frame
+from .frames import STREAM_ID_RE, Frame
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,6 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-# What docs/PROTOCOL.md accepts as a stream id (edge_runtime.pipeline.protocol.STREAM_RE).
-_STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 _STREAM_ID_BAD = re.compile(r"[^A-Za-z0-9_.:\-]")
 
 
@@ -88,7 +86,7 @@ def safe_stream_id(name: str) -> str:
     every other character becomes '_' and the result is cut to 55 characters plus '-' and 8 hex
     digits of the name's SHA-256, so two names that read alike after the replacement stay apart.
     """
-    if _STREAM_ID_RE.match(name):
+    if STREAM_ID_RE.fullmatch(name):
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{_STREAM_ID_BAD.sub('_', name)[:55]}-{digest}"
@@ -98,7 +96,7 @@ def _stream_id(given: str | None, name: str) -> str:
     """The caller's stream id (checked), else one derived from the source name."""
     if given is None or given == "":
         return safe_stream_id(name)
-    if not isinstance(given, str) or not _STREAM_ID_RE.match(given):
+    if not isinstance(given, str) or not STREAM_ID_RE.fullmatch(given):
         raise ConfigError(expected("a stream_id of 1-64 letters, digits, '_', '.', ':' or '-'", given))
     return given
 

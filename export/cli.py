@@ -211,6 +211,8 @@ def _bar(total: int, desc: str, show: bool) -> Any:
 
 # -- step: validate --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import MANIFEST
+
     from . import validate as V
 
     manifest = _manifest(args)
@@ -228,10 +230,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not cands:
         raise ConfigError(expected("a candidate to validate (--candidate LABEL=PATH, or --bundle DIR with FP16/INT8 "
                                    "artefacts)", "none"))
-    if args.repair and args.bundle:  # a file rewritten inside a bundle no longer matches its manifest
+    if args.repair:  # a file rewritten inside a bundle (any directory with a manifest) no longer matches it
         inside = [str(p) for label in INT8_LABELS if label in cands
-                  for p in [Path(args.repaired_out or cands[label])] if Path(args.bundle).resolve() in
-                  p.resolve().parents]
+                  for p in [Path(args.repaired_out or cands[label])]
+                  if any((d / MANIFEST).is_file() for d in p.resolve().parents)]
         if inside:
             raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
                                        "`export bundle`, or use `export reference --repair`)", inside))
@@ -339,6 +341,8 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path]) -> dict[str, 
                                                       not isinstance(report, dict) else report.get("format")))
     cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
     for name, path in derived.items():
+        if not path.is_file():
+            raise ConfigError(expected(f"{name}, listed in the manifest, in {path.parent} or given", "no such file"))
         digest = sha256_file(path)
         match = [c for c in cands if c.get("sha256") == digest] or \
                 [c for c in cands if not c.get("sha256") and c.get("file") == name]
@@ -365,26 +369,25 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if missing:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
-    report = _read_json(args.validation, "--validation") if args.validation else None
-    derived = {name: Path(src) for name, src in files.items() if src and name in ("fp16.onnx", "int8.onnx",
-                                                                                  "int8_cpu.onnx")}
+    artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
+    for name, src in files.items():
+        if src and name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
+            artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
+                | _targets(name)
+    # Every FP16/INT8 file the bundle will list, given now or already in --out from the template.
+    derived = {a["file"]: Path(files.get(a["file"]) or out / a["file"]) for a in artifacts.values()
+               if a.get("kind") == "onnx" and a.get("precision") != "fp32"}
     # Only this call's report speaks for these files (a template's record may describe other ones).
     manifest.pop("validation", None)
-    if report is not None:
-        manifest["validation"] = _gate_record(report, derived)
+    if args.validation:
+        manifest["validation"] = _gate_record(_read_json(args.validation, "--validation"), derived)
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
     out.mkdir(parents=True, exist_ok=True)
-    artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
     for name, src in files.items():
-        if not src:
-            continue
-        if Path(src).resolve() != (out / name).resolve():
+        if src and Path(src).resolve() != (out / name).resolve():
             shutil.copyfile(src, out / name)
-        if name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
-            artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
-                | _targets(name)
     for extra in args.add:
         shutil.copyfile(extra, out / Path(extra).name)
     manifest["artifacts"] = list(artifacts.values())

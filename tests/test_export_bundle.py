@@ -294,3 +294,32 @@ def test_bundle_matches_verdicts_to_files_by_sha256(tmp_path: Path) -> None:
     to_fp16(tmp_path / "model.onnx", tmp_path / "fp16.onnx")
     report["candidates"][0]["sha256"] = sha256_file(tmp_path / "fp16.onnx")  # type: ignore[index]
     assert _bundle_with_report(tmp_path, report) == 0
+
+
+def test_bundle_in_place_needs_a_verdict_for_every_listed_artefact(bundle: Path, tmp_path: Path) -> None:
+    """Re-bundling in place with a report on int8 only must not vouch for the fp16.onnx already there."""
+    from edge_runtime.errors import ConfigError
+
+    blur_model(tmp_path / "int8.onnx")
+    (tmp_path / "v.json").write_text(json.dumps(_report({"int8.onnx": True})))
+    argv = ["bundle", "--manifest", str(bundle / "manifest.json"), "--out", str(bundle), "--int8",
+            str(tmp_path / "int8.onnx"), "--validation", str(tmp_path / "v.json")]
+    with pytest.raises(ConfigError, match="a result for fp16.onnx"):
+        _cli(argv)
+    Bundle.load(bundle)  # untouched and still valid
+    (tmp_path / "v.json").write_text(json.dumps(_report({"int8.onnx": True, "fp16.onnx": True})))
+    assert _cli(argv) == 0 and Bundle.load(bundle).manifest["validation"]["passed"] is True
+
+
+def test_staging_copies_are_not_reference_models(monkeypatch: pytest.MonkeyPatch, bundle: Path) -> None:
+    """A crash mid-swap can leave .NAME.stage-PID behind: it must not be listed as a shipped model."""
+    import shutil
+
+    from edge_runtime import runtime
+
+    models = bundle.parent / "edge_runtime" / "models"
+    models.mkdir(parents=True)
+    shutil.copytree(bundle, models / "xr-blur")
+    shutil.copytree(bundle, models / ".xr-blur.stage-123")
+    monkeypatch.setattr(runtime, "__file__", str(bundle.parent / "edge_runtime" / "runtime.py"))
+    assert list(runtime.reference_bundles()) == ["xr-blur"]

@@ -41,6 +41,9 @@ def test_validate_repair_never_writes_inside_a_bundle(tmp_path: Path) -> None:
     for extra in ([], ["--repaired-out", str(root / "int8_repaired.onnx")]):
         with pytest.raises(ConfigError, match="outside the bundle"):
             _cli(["validate", "--bundle", str(root), "--repair", "--frames", "4", "--no-progress", *extra])
+    with pytest.raises(ConfigError, match="outside the bundle"):  # named as a candidate, no --bundle
+        _cli(["validate", "--manifest", str(root / "manifest.json"), "--fp32", str(root / "fp32.onnx"),
+              "--candidate", f"int8={root / 'int8.onnx'}", "--repair", "--frames", "4", "--no-progress"])
     assert (root / "int8.onnx").read_bytes() == before
 
 

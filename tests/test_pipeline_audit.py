@@ -250,3 +250,21 @@ def test_sigterm_to_the_process_group_still_records_the_end(tmp_path: Path) -> N
     assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
     assert lines[-2]["event"] == "end"  # the hub's last message, after its final stats
     assert not lines[-1]["drops"] and "recorder_backlog" not in out
+
+
+def test_realtime_over_a_source_without_a_frame_rate_replays_every_frame(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """An image folder has no frame rate: "latest frame wins" would re-read it as fast as it decodes
+    and drop most frames as superseded; the run replays every frame at the pipeline's pace instead."""
+    import cv2
+    import numpy as np
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(folder / f"f{i:02d}.png"), np.full((32, 32), i * 10, np.uint8))
+    code = cli.run(_cli(["--source", str(folder), "--processor", "identity", "--mode", "thread",
+                         "--duration", "20"]))
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "no frame rate" in out and "12 results" in out and "drops: none" in out

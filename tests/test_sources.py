@@ -274,7 +274,7 @@ def test_stream_ids_from_file_names_match_the_protocol(tmp_path: Path, caplog: p
     sources += [open_source(folder), open_source(video)]
     ids = [s.stream_id for s in sources]
     for source, frame in zip(sources, (next(iter(s)) for s in sources)):
-        assert STREAM_RE.match(source.stream_id) and frame.stream_id == source.stream_id, source.stream_id
+        assert STREAM_RE.fullmatch(source.stream_id) and frame.stream_id == source.stream_id, source.stream_id
         assert len(source.stream_id) <= 64
     assert ids[0].startswith("IM_0001-") and ids[1].startswith("Doe_John.dcm-") and ids[3].startswith("scan_1-")
     assert ids[2].startswith(uid[:40]) and ids[4].startswith("_chographie.avi-")
@@ -284,7 +284,7 @@ def test_stream_ids_from_file_names_match_the_protocol(tmp_path: Path, caplog: p
     assert safe_stream_id("Doe_John") == "Doe_John" and safe_stream_id("chest.dcm") == "chest.dcm"
     assert safe_stream_id(uid + ".dcm") != safe_stream_id(uid + ".DCM")
     for name in ("", "x" * 65, "ü" * 200, "a/b\\c", "\udcff"):
-        assert STREAM_RE.match(safe_stream_id(name)), name
+        assert STREAM_RE.fullmatch(safe_stream_id(name)), name
     # an id the caller chose is checked, not rewritten
     assert ImageFolderSource(folder, stream_id="cart-1.probe:2").stream_id == "cart-1.probe:2"
     with pytest.raises(ConfigError, match="stream_id"):
@@ -506,3 +506,14 @@ def test_phantom_sources() -> None:
     assert [next(endless).seq for _ in range(4)] == [0, 1, 2, 3]
     with pytest.raises(ConfigError, match="kind"):
         PhantomSource("mri")
+
+
+def test_a_stream_id_with_a_trailing_newline_is_not_accepted() -> None:
+    """``$`` in a pattern also matches before a final newline: ids are checked with fullmatch."""
+    from edge_runtime.errors import ProtocolError
+    from edge_runtime.pipeline.protocol import check_stream_id
+    from edge_runtime.sources import safe_stream_id
+
+    assert "\n" not in safe_stream_id("scan.dcm\n")
+    with pytest.raises(ProtocolError):
+        check_stream_id("a\n")

@@ -147,13 +147,20 @@ def run(args: argparse.Namespace) -> int:
     o = resolve(args)
     processor = (BuiltinProcessor(o["processor"]) if o["processor"]
                  else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"]))
-    source = SourceSpec(o["source"], realtime=bool(o["realtime"]), loop=bool(o["loop"]),
-                        options=tuple(sorted(o["source_options"].items())))
+    realtime = bool(o["realtime"])
+    options = tuple(sorted(o["source_options"].items()))
+    if realtime and not SourceSpec(o["source"], options=options).has_rate():
+        # "Latest frame wins" would re-read such a source as fast as it decodes and drop most of it:
+        # replay every frame at the pipeline's pace instead, as --fast does.
+        print("the source has no frame rate (source_options: {fps: N} in a --config gives it one): "
+              "every frame is replayed at the pipeline's pace")
+        realtime = False
+    source = SourceSpec(o["source"], realtime=realtime, loop=bool(o["loop"]), options=options)
     view = o["view"]
     report = run_pipeline(
         source, processor, n_workers=int(o["workers"]), mode=o["mode"], record_dir=o["record"],
         duration=None if o["duration"] is None else float(o["duration"]), transport=o["transport"],
-        policy="latest" if o["realtime"] else "all", window=1 if o["realtime"] else 2, video=bool(o["video"]),
+        policy="latest" if realtime else "all", window=1 if realtime else 2, video=bool(o["video"]),
         view=bool(view), view_dir=view if isinstance(view, str) else None, public_endpoint=o["bind"],
         settings=_settings(o), frame_timeout_s=None if o["frame_timeout"] is None else float(o["frame_timeout"]),
         shared_memory=bool(o["shared_memory"]))

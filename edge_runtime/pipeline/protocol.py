@@ -34,7 +34,7 @@ import orjson
 import zmq
 
 from ..errors import InputError, ProtocolError, expected
-from ..frames import PHOTOMETRICS, Frame, GroundTruth
+from ..frames import PHOTOMETRICS, STREAM_ID_RE, Frame, GroundTruth
 from ..results import Detection, Result
 
 PROTOCOL_VERSION = 1
@@ -47,7 +47,7 @@ WIRE_DTYPES: dict[str, np.dtype] = {
 }
 LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 RESULT_PARTS = ("enhanced", "masks", "input")
-STREAM_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+STREAM_RE = STREAM_ID_RE  # fullmatch: see edge_runtime.frames
 STREAM_RULE = "a stream id of 1-64 characters from [A-Za-z0-9_.:-]"
 SHORT_TEXT = 256  # longest label / reason / id accepted
 MAP_TEXT = 1024  # longest string value in a map (provenance of several models joined by '+')
@@ -154,7 +154,7 @@ def check_stream_id(stream: str) -> str:
     """``stream`` if receivers accept it as a stream id, else ProtocolError: a frame with any other id
     would be rejected by every worker (``bad_header``), so it is refused before it is sent. The
     message shows at most 64 characters of the value (ids often come from file names)."""
-    if STREAM_RE.match(stream):
+    if STREAM_RE.fullmatch(stream):
         return stream
     shown = stream[:64] + ("..." if len(stream) > 64 else "")
     raise ProtocolError(f"{expected(STREAM_RULE, shown)} ({len(stream)} characters)")
@@ -375,7 +375,7 @@ def _check_parts(parts: Sequence[Any], n: int, limits: Limits) -> None:
 
 def _stream_seq(h: Mapping[str, Any]) -> tuple[str, int, int]:
     stream = _text(h, "stream", limit=64)
-    if not STREAM_RE.match(stream):
+    if not STREAM_RE.fullmatch(stream):
         raise BadMessage("bad_header", expected(STREAM_RULE, stream[:64]))
     return stream, _int(h, "seq"), _int(h, "capture_ns")
 

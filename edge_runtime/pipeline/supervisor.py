@@ -89,6 +89,16 @@ class SourceSpec:
 
         return paced(open_source(self.spec, **dict(self.options)), realtime=self.realtime, loop=self.loop)
 
+    def has_rate(self) -> bool:
+        """Whether real time means anything for this source: a camera, a synthetic stream, or a file
+        with a frame rate (its own or ``fps=``). A single radiograph or an image folder has none."""
+        if self.spec.split(":")[0] in ("synthetic", "camera") or dict(self.options).get("fps"):
+            return True
+        from ..sources import open_source
+
+        src = open_source(self.spec, **dict(self.options))
+        return bool(src.live or src.fps)
+
 
 @dataclass(frozen=True)
 class RuntimeProcessor:
