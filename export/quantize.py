@@ -363,7 +363,7 @@ def stem_as_space_to_depth(src: str | os.PathLike[str], dst: str | os.PathLike[s
     H and W are static multiples of the stride. ONNX Runtime then runs the stem as an int8 conv, which the
     single-channel form is not worth (:func:`single_channel_convs`), and the float stem's NCHWc output no
     longer has to be reordered and quantised at full width (measured int8_cpu / FP32 with 2 threads:
-    us-lesion-det 1.34-1.36x -> 1.48-1.49x, xr-nodule-det 1.40-1.42x -> 1.51x). The CPU form only: TensorRT
+    us-lesion-det 1.34-1.42x -> 1.48-1.49x, xr-nodule-det 1.38-1.42x -> 1.49-1.51x). The CPU form only: TensorRT
     builds the stem well as it is. Returns the names of the rewritten convolutions."""
     import onnx
     from onnx import helper, numpy_helper
