@@ -640,7 +640,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--repair", action="store_true",
                    help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate)")
     p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default half)")
-    p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate)")
+    p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate; refused inside a bundle)")
     _calib_opts(p)
     p.add_argument("--report", help="write validation.json here")
     p.add_argument("--no-progress", action="store_true")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_export_models import blur_manifest, blur_model
 
-from edge_runtime.errors import AccuracyGateError, ExportError
+from edge_runtime.errors import AccuracyGateError, ConfigError, ExportError
 from edge_runtime.frames import Frame, GroundTruth
 from edge_runtime.preprocess import PixelMapping
 from export import calibration as C
@@ -217,8 +217,8 @@ def test_repair_works_for_the_cpu_form(tmp_path: Path, evalset: V.EvalSet, calse
 
 def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """`export validate --bundle B --repair`: candidates default to the bundle's files; a failing CPU form
-    is repaired in place of int8_cpu.onnx while int8.onnx, which passes, is left alone."""
+    """`export validate --repair`: a failing CPU form is repaired to --repaired-out, never in place inside
+    the bundle (its manifest would no longer match); int8.onnx, which passes, is left alone."""
     root = tmp_path / "xr-blur"
     root.mkdir()
     blur_model(root / "fp32.onnx")
@@ -236,11 +236,16 @@ def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Pa
     cands = [f"--candidate=int8={root / 'int8.onnx'}", f"--candidate=int8_cpu={root / 'int8_cpu.onnx'}"]
     with pytest.raises(AccuracyGateError, match="int8_cpu"):
         cli.run(parser.parse_args(base + cands))
-    assert cli.run(parser.parse_args(base + cands + ["--repair", "--calib-frames", "16", "--min-frames", "16"])) == 0
+    repair = ["--repair", "--calib-frames", "16", "--min-frames", "16"]
+    with pytest.raises(ConfigError, match="outside the bundle"):
+        cli.run(parser.parse_args(base + cands + repair))
+    damaged = (root / "int8_cpu.onnx").read_bytes()
+    out = tmp_path / "int8_cpu.repaired.onnx"
+    assert cli.run(parser.parse_args(base + cands + repair + ["--repaired-out", str(out)])) == 0
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and list(v["repairs"]) == ["int8_cpu"] and v["repair"] is None
-    assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.onnx"]
-    assert (root / "int8.onnx").read_bytes() == int8_before
+    assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.repaired.onnx"] and out.is_file()
+    assert (root / "int8.onnx").read_bytes() == int8_before and (root / "int8_cpu.onnx").read_bytes() == damaged
 
 
 # -- no evidence is not a pass ---------------------------------------------------------------
