@@ -509,7 +509,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
             report.write(failed)
             raise AccuracyGateError(f"accuracy gate failed for {bundle.name} "
                                     f"({', '.join(c.file for c in report.candidates if not c.passed)}); "
-                                    "bundle left unchanged:\n" + report.text())
+                                    f"bundle left unchanged; the report is in {failed.resolve()}:\n" + report.text())
         if sha256_file(fp32) != fp32_sha:
             raise ExportError(f"{fp32} changed while exporting (re-trained?); run `export reference` again")
         report.write(tmp / "validation.json")
