@@ -16,6 +16,7 @@ import atexit
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -94,15 +95,17 @@ class JetsonStats:
     """Health readings from jetson-stats (``pip install jetson-stats``, its jtop service running).
 
     jtop's client connects to the service's socket and keeps a thread of its own, so one client is
-    opened on first use and kept until ``close`` (or exit). Package missing, service down or a
-    client error: the reader logs once and switches itself off; health then falls back to the load
-    average and the thermal zones.
+    opened on first use and kept until ``close`` (or exit). Connecting can take seconds, and the hub
+    reads health while it holds its lock, so the connection is made on a thread of its own: readings
+    appear from the first read after it. Package missing, service down or a client error: the reader
+    logs once and switches itself off; health then falls back to the load average and thermal zones.
     """
 
     def __init__(self, factory: Any = None, socket: Path = JTOP_SOCKET) -> None:
         self._factory = factory
         self._socket = socket
         self._client: Any = None
+        self._connecting: threading.Thread | None = None
         self.off = False
 
     def available(self) -> bool:
@@ -111,26 +114,43 @@ class JetsonStats:
     def read(self) -> dict[str, float]:
         if not self.available():
             return {}
+        client = self._client
+        if client is None:
+            if self._connecting is None:
+                self._connecting = threading.Thread(target=self._connect, daemon=True, name="jtop-connect")
+                self._connecting.start()
+            return {}
         try:
-            if self._client is None:
-                self._client = self._connect()
-            return jtop_health(self._client.stats)
+            return jtop_health(client.stats)
         except Exception as exc:  # noqa: BLE001 - a health reading must never stop the pipeline
-            log.warning("jetson-stats readings switched off (%s: %s)", type(exc).__name__, exc)
-            self.close()
-            self.off = True
+            self._switch_off(exc)
             return {}
 
-    def _connect(self) -> Any:
-        factory = self._factory
-        if factory is None:
-            import jtop  # optional: the `jetson` extra
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until the connection attempt ended (tests, tools); True when readings flow."""
+        if self._connecting is not None:
+            self._connecting.join(timeout)
+        return self._client is not None
 
-            factory = jtop.jtop
-        client = factory(interval=1.0)
-        client.start()  # raises when the service does not answer
+    def _connect(self) -> None:
+        try:
+            factory = self._factory
+            if factory is None:
+                import jtop  # optional: the `jetson` extra
+
+                factory = jtop.jtop
+            client = factory(interval=1.0)
+            client.start()  # raises when the service does not answer
+        except Exception as exc:  # noqa: BLE001 - package, service or client: readings off, pipeline on
+            self._switch_off(exc)
+            return
+        self._client = client
         atexit.register(self.close)
-        return client
+
+    def _switch_off(self, exc: Exception) -> None:
+        log.warning("jetson-stats readings switched off (%s: %s)", type(exc).__name__, exc)
+        self.close()
+        self.off = True
 
     def close(self) -> None:
         client, self._client = self._client, None

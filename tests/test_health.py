@@ -63,8 +63,11 @@ def test_jtop_stats_map_to_numeric_health() -> None:
     assert jtop_health({"CPU1": 3, "GPU": "OFF", "Temp cv0": -256}) == {}
 
 
-def test_one_client_is_opened_and_kept(socket: Path) -> None:
+def test_one_client_is_opened_off_the_caller_thread_and_kept(socket: Path) -> None:
+    """The first read starts the connection and returns at once (the hub reads under its lock)."""
     reader = JetsonStats(factory=lambda interval: FakeJtop(interval), socket=socket)
+    assert reader.read() == {}  # connecting
+    assert reader.wait_connected(5.0)
     first, second = reader.read(), reader.read()
     assert first == second and first["gpu_load_pct"] == 63.2
     assert len(FakeJtop.instances) == 1 and FakeJtop.instances[0].started and FakeJtop.instances[0].interval == 1.0
@@ -74,6 +77,8 @@ def test_one_client_is_opened_and_kept(socket: Path) -> None:
 
 def test_health_merges_jtop_over_thermal_zones(socket: Path) -> None:
     reader = JetsonStats(factory=lambda interval: FakeJtop(interval), socket=socket)
+    device_health(reader)
+    assert reader.wait_connected(5.0)
     health = device_health(reader)
     assert health["power_w"] == 7.01 and health["temp_c_max"] == 51.1 and "load1" in health
     reader.close()
@@ -90,6 +95,8 @@ def test_a_failing_client_switches_the_reader_off_once(socket: Path, failure: st
                                                        caplog: pytest.LogCaptureFixture) -> None:
     reader = JetsonStats(factory=lambda interval: FakeJtop(interval, **{failure: True}), socket=socket)
     with caplog.at_level(logging.WARNING, logger="edge_runtime.telemetry"):
+        assert reader.read() == {}
+        reader.wait_connected(5.0)
         assert reader.read() == {} and reader.read() == {}
     assert reader.off and len(FakeJtop.instances) == 1 and not reader.available()
     assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
@@ -101,7 +108,7 @@ def test_a_failing_client_switches_the_reader_off_once(socket: Path, failure: st
 def test_missing_package_switches_off(socket: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "jtop", None)  # import jtop -> ImportError
     reader = JetsonStats(socket=socket)
-    assert reader.read() == {} and reader.off
+    assert reader.read() == {} and not reader.wait_connected(5.0) and reader.off
 
 
 def test_stats_snapshot_carries_health() -> None:
