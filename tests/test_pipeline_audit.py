@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
+from test_pipeline_faults import start_cli, wait_for
 
 from edge_runtime.errors import InputError, ProtocolError
 from edge_runtime.frames import Frame
@@ -31,14 +31,6 @@ from edge_runtime.pipeline.supervisor import PipelineConfig, Supervisor, run_pip
 
 ROOT = Path(__file__).resolve().parents[1]
 DICOM_UID = "1.2.826.0.1.3680043.8.498.10227395345216453462712835438290457262.dcm"  # 68 characters
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------- 1: stream ids
@@ -231,11 +223,8 @@ def test_protocol_doc_states_the_shared_memory_names_and_backends_the_code_uses(
 
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_still_records_the_end(tmp_path: Path) -> None:
-    code = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
-            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--source", "synthetic:64x64", "--loop", "--processor",
-                             "detect+slow:100", "--record", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_cli(["--source", "synthetic:64x64", "--loop", "--processor", "detect+slow:100", "--record",
+                      str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     path = tmp_path / RESULTS_FILE
     try:
         wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 5, 30, "results")
@@ -257,7 +246,6 @@ def test_realtime_over_a_source_without_a_frame_rate_replays_every_frame(tmp_pat
     """An image folder has no frame rate: "latest frame wins" would re-read it as fast as it decodes
     and drop most frames as superseded; the run replays every frame at the pipeline's pace instead."""
     import cv2
-    import numpy as np
 
     folder = tmp_path / "frames"
     folder.mkdir()

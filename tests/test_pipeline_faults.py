@@ -37,6 +37,15 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+_RUN_CLI = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
+            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
+
+
+def start_cli(args: list[str], **popen: object) -> subprocess.Popen:
+    """`edge-runtime run ARGS` as a process of its own (the supervisor), from the repo root."""
+    return subprocess.Popen([sys.executable, "-c", _RUN_CLI, *args], cwd=ROOT, **popen)  # type: ignore[call-overload]
+
+
 def _strict_lines(path: Path) -> list[dict]:
     """Every line of the file must be complete JSON (no torn or partial line anywhere)."""
     text = path.read_text()
@@ -279,11 +288,8 @@ def _running(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_nodes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
-    code = ("import argparse, sys; from edge_runtime.pipeline import cli; p = argparse.ArgumentParser(); "
-            "cli.configure(p); sys.exit(cli.run(p.parse_args(sys.argv[1:])))")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--source", "synthetic:32x32", "--loop", "--processor",
-                             "identity", "--record", str(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_cli(["--source", "synthetic:32x32", "--loop", "--processor", "identity", "--record", str(tmp_path)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     path = tmp_path / RESULTS_FILE
     children: list[int] = []
     try:
