@@ -44,7 +44,7 @@ import re
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -740,38 +740,49 @@ def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | No
             return
 
 
-def open_source(spec: str | Path, **opts: Any) -> Source:
-    """Build a source from "phantom:us", "phantom:xr", "camera:N" or a path.
+def source_kind(spec: str | Path) -> str:
+    """What ``open_source`` makes of ``spec``: "phantom", "camera", "dicom", "video" or "images".
 
     A file is DICOM when it has the DICM preamble (whatever its extension), else a video or an
     image by extension; a folder is a DICOM series when it holds any DICOM file, else an image
-    folder. ``opts`` go to the source's constructor.
+    folder.
     """
     text = str(spec)
-    if text.startswith("phantom:"):
-        return PhantomSource(text.split(":", 1)[1], **opts)
-    if text.startswith("camera:"):
-        index = text.split(":", 1)[1]
-        if not index.isdigit():
-            raise ConfigError(expected("camera:<index> with an integer index", text))
-        return CameraSource(int(index), **opts)
+    if text.startswith(("phantom:", "camera:")):
+        return text.split(":", 1)[0]
     path = Path(text)
     if not path.exists():
         raise InputError(expected("an existing file or folder (or phantom:us|xr, camera:N)", text))
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file()]
         if any(is_dicom_file(p) for p in files):
-            return DicomSource(path, **opts)
+            return "dicom"
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
-            return ImageFolderSource(path, **opts)
+            return "images"
         raise InputError(expected(f"DICOM files or images ({', '.join(IMAGE_EXTENSIONS)}) in {path}", "none"))
     if is_dicom_file(path):
-        return DicomSource(path, **opts)
+        return "dicom"
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
-        return VideoSource(path, **opts)
+        return "video"
     if suffix in IMAGE_EXTENSIONS:
-        return ImageFolderSource(path, **opts)
+        return "images"
     raise UnsupportedFormatError(expected(
         f"a DICOM file (DICM preamble), a video ({', '.join(VIDEO_EXTENSIONS)}) or an image "
         f"({', '.join(IMAGE_EXTENSIONS)})", path.name))
+
+
+def open_source(spec: str | Path, **opts: Any) -> Source:
+    """Build a source from "phantom:us", "phantom:xr", "camera:N" or a path (kinds: ``source_kind``).
+    ``opts`` go to the source's constructor."""
+    text = str(spec)
+    kind = source_kind(text)
+    if kind == "phantom":
+        return PhantomSource(text.split(":", 1)[1], **opts)
+    if kind == "camera":
+        index = text.split(":", 1)[1]
+        if not index.isdigit():
+            raise ConfigError(expected("camera:<index> with an integer index", text))
+        return CameraSource(int(index), **opts)
+    kinds: dict[str, Callable[..., Source]] = {"dicom": DicomSource, "video": VideoSource, "images": ImageFolderSource}
+    return kinds[kind](Path(text), **opts)

@@ -161,24 +161,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _source_kind(spec: str) -> str:
-    """phantom, camera, dicom, video or images: which calibration options a source takes."""
-    from edge_runtime.sources import VIDEO_EXTENSIONS, is_dicom_file
-
-    if spec.startswith(("phantom", "camera:")):
-        return spec.split(":", 1)[0]
-    path = Path(spec)
-    files = [p for p in path.iterdir() if p.is_file()] if path.is_dir() else [path]
-    if any(p.is_file() and is_dicom_file(p) for p in files):
-        return "dicom"
-    return "video" if path.suffix.lower() in VIDEO_EXTENSIONS else "images"
-
-
 def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
     """What a folder or video cannot say about itself. DICOM and phantom frames carry their own modality
     and bit depth, and the governance check must see those, so overriding them is refused; for folders
     and videos the modality must be stated (a default would make the modality check pass anything)."""
-    kind = _source_kind(str(args.calib))
+    from edge_runtime.sources import source_kind
+
+    kind = "phantom" if args.calib == "phantom" else source_kind(str(args.calib))
     given = {k: v for k, v in (("modality", args.calib_modality), ("bits_stored", args.calib_bits)) if v}
     if kind in ("phantom", "dicom"):
         if given:
