@@ -15,7 +15,8 @@ import numpy as np
 
 # The stream ids the wire protocol carries (docs/PROTOCOL.md); use with fullmatch (``$`` would also
 # accept a trailing newline). Sources derive theirs from file names through this rule.
-STREAM_ID_RE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+STREAM_ID_CHARS = r"A-Za-z0-9_.:\-"  # a regex character-class body
+STREAM_ID_RE = re.compile(rf"[{STREAM_ID_CHARS}]{{1,64}}")
 
 from .errors import InputError, expected
 

@@ -53,7 +53,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, EdgeRuntimeError, InputError, UnsupportedFormatError, expected
-from .frames import STREAM_ID_RE, Frame
+from .frames import STREAM_ID_CHARS, STREAM_ID_RE, Frame
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-_STREAM_ID_BAD = re.compile(r"[^A-Za-z0-9_.:\-]")
+_STREAM_ID_BAD = re.compile(rf"[^{STREAM_ID_CHARS}]")
 
 
 def safe_stream_id(name: str) -> str:

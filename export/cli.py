@@ -219,10 +219,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not cands:
         raise ConfigError(expected("a candidate to validate (--candidate LABEL=PATH, or --bundle DIR with FP16/INT8 "
                                    "artefacts)", "none"))
-    if args.repair:  # a file rewritten inside a bundle (any directory with a manifest) no longer matches it
-        inside = [str(p) for label in INT8_LABELS if label in cands
-                  for p in [Path(args.repaired_out or cands[label])]
-                  if any((d / MANIFEST).is_file() for d in p.resolve().parents)]
+    # where --repair writes each INT8 candidate; never inside a bundle (any directory with a manifest):
+    # the rewritten file would no longer match it
+    targets = {label: Path(args.repaired_out or cands[label]) for label in INT8_LABELS if label in cands}
+    if args.repair:
+        inside = [str(t) for t in targets.values() if any((d / MANIFEST).is_file() for d in t.resolve().parents)]
         if inside:
             raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
                                        "`export bundle`, or use `export reference --repair`)", inside))
@@ -236,7 +237,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError(expected("--calib SOURCE for --repair (it re-quantises)", "none"))
         if args.repaired_out and len(failing) > 1:
             raise ConfigError(expected("one failing INT8 candidate for --repaired-out", failing))
-        targets = {label: Path(args.repaired_out or cands[label]) for label in failing}
         cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
                                _source_opts(args, manifest))
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:

@@ -340,7 +340,7 @@ class ValidationReport:
                                for c in self.candidates],
                 "repair": self.repair, "repairs": self.repairs,
                 "failed_files": [c.file for c in self.candidates if not c.passed],
-                "conditions": {"backend": ", ".join(self.backends or [backend_name("x.onnx")])
+                "conditions": {"backend": ", ".join(self.backends or [ORT_CPU])
                                + " via edge_runtime.backends",
                                "ap_score_threshold": AP_SCORE_THRESHOLD, "threads": self.threads,
                                "fp32_threads": self.fp32_threads,
@@ -383,9 +383,12 @@ class ValidationReport:
             raise AccuracyGateError(f"accuracy gate failed for {failed}:\n" + self.text())
 
 
+ORT_CPU = "onnxruntime CPUExecutionProvider"
+
+
 def backend_name(path: str | os.PathLike[str]) -> str:
     """What open_backend runs ``path`` with, for the report's conditions."""
-    return "onnxruntime CPUExecutionProvider" if Path(path).suffix == ".onnx" else "TensorRT"
+    return ORT_CPU if Path(path).suffix == ".onnx" else "TensorRT"
 
 
 def _threads_text(threads: int, fp32_threads: int) -> str:

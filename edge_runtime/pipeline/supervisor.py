@@ -253,8 +253,8 @@ class PipelineReport:
             lines.append(f"source error: {self.source_error}")
         if self.failure:
             lines.append(f"FAILED: {self.failure}")
-        elif self.no_results():
-            lines.append(f"FAILED: {self.no_results()}")
+        elif why := self.no_results():
+            lines.append(f"FAILED: {why}")
         return "\n".join(lines)
 
 
