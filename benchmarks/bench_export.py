@@ -158,7 +158,7 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
     from edge_runtime.bundle import Bundle
     from edge_runtime.errors import AccuracyGateError
     from export.bundle_write import write_bundle
-    from export.cli import export_reference
+    from export.cli import export_reference, failed_report_path
 
     b = Bundle.load(bundle_dir)
     started = time.time()
@@ -176,8 +176,8 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
         except AccuracyGateError as exc:
             out = {"passed": False, "error": str(exc).splitlines()[0], "total_s": round(time.perf_counter() - t, 2),
                    "times_s": {}}
-            # export_reference leaves the failed report in ./out/export/; only this run's counts.
-            failed = Path("out") / "export" / f"{b.name}.validation.failed.json"
+            # export_reference leaves the failed report there; only this run's counts.
+            failed = failed_report_path(b.name)
             if failed.is_file() and failed.stat().st_mtime >= started:
                 out["validation"] = gate_summary(json.loads(failed.read_text()))
             return out

@@ -429,6 +429,11 @@ def _metric_summary(m: dict[str, Any], ms: float) -> dict[str, Any]:
     return out
 
 
+def failed_report_path(name: str) -> Path:
+    """Where export_reference leaves the report of a failed gate (relative to the working directory)."""
+    return Path("out") / "export" / f"{name}.validation.failed.json"
+
+
 def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_frames: int = 200,
                      val_frames: int = 200, repair: bool = False, max_float: int | None = None, threads: int = 2,
                      progress: bool = True) -> dict[str, Any]:
@@ -493,7 +498,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
         if progress:
             _say(report.text())
         if not report.passed:
-            failed = Path("out") / "export" / f"{bundle.name}.validation.failed.json"
+            failed = failed_report_path(bundle.name)
             failed.parent.mkdir(parents=True, exist_ok=True)
             report.write(failed)
             raise AccuracyGateError(f"accuracy gate failed for {bundle.name} "
