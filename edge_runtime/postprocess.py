@@ -241,27 +241,33 @@ class Postprocessor:
         x0, y0, x1, y1 = mapping.content
         img = y[0, :, y0:y1, x0:x1]
         img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-        img = np.array(img, dtype=np.float32)  # one copy: the crop becomes contiguous and ours
         bits = int(frame.bits_stored or 8)
         maxval = float(2 ** bits - 1)
+        # Back to stored values in one affine map v = alpha * y + beta (undoing inversion and the window).
+        alpha, beta = maxval, 0.0
         pre = self.pre
-        if pre is not None and pre.invert_monochrome1 and frame.photometric == "MONOCHROME1":
-            np.subtract(1.0, img, out=img)
         if pre is not None and pre.window is not None:
             c, w = pre.window  # inverse of the DICOM linear window (clipped values stay clipped)
-            img -= 0.5
-            img *= w - 1
-            img += c - 0.5
-        else:
-            img *= maxval
+            alpha, beta = w - 1, c - 0.5 - 0.5 * (w - 1)
+        if pre is not None and pre.invert_monochrome1 and frame.photometric == "MONOCHROME1":
+            alpha, beta = -alpha, alpha + beta  # the model saw 1 - y
         h, w = mapping.orig_size
-        if img.shape[:2] != (h, w):
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-        if frame.pixels.dtype == np.float32:  # e.g. signed CT-like values: no integer range to clip to
-            return img
-        np.clip(img, 0.0, maxval, out=img)
-        img += 0.5  # round half up on the cast
-        return img.astype(frame.pixels.dtype)
+        integer = frame.pixels.dtype != np.float32  # float32 (e.g. signed CT-like values): no range to clip to
+        resize = img.shape[:2] != (h, w)
+        if integer and not resize:
+            beta += 0.5  # round half up on the cast below
+        out = np.empty(img.shape, np.float32)  # C order, whatever the strides of the crop
+        np.multiply(img, np.float32(alpha), out=out)
+        if beta != 0:
+            out += np.float32(beta)
+        if resize:
+            out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+            if integer:
+                np.add(out, np.float32(0.5), out=out)
+        if not integer:
+            return out
+        np.clip(out, 0.5, maxval + 0.5, out=out)
+        return out.astype(frame.pixels.dtype)
 
     # -- segmentation ---------------------------------------------------------------------
     def segment(self, logits: np.ndarray, mapping: PixelMapping) -> tuple[np.ndarray, list[list[np.ndarray]]]:

@@ -107,7 +107,7 @@ class Runtime:
         self.bundle = b if isinstance(b, Bundle) else Bundle.load(resolve_bundle(b), verify=True)
         self.device = resolve_device(self._device_arg)
         self.precision = choose_precision(self.bundle, self.device, self.requested_precision)
-        self.pre = Preprocessor.from_manifest(self.bundle.manifest)
+        self.pre = Preprocessor.from_manifest(self.bundle.manifest, reuse_tensor=True)
         self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
         self.input_name = self.pre.input_name
         self.backend = self._open_backend().load()

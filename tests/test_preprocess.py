@@ -195,3 +195,22 @@ def test_sector_mask_on_an_rgb_bundle_masks_every_channel() -> None:
         np.testing.assert_allclose(x[0, c], rgb[..., c] * mask / 255.0, atol=1e-6)
         assert x[0, c, 180:195, 0:60].max() == 0  # the text outside the fan, in every channel
     np.testing.assert_allclose(x[0, :, 105, 100], np.array([200, 30, 10]) / 255.0, atol=1e-6)
+
+
+def test_reused_tensor_is_rewritten_whole_and_one_per_thread() -> None:
+    import threading
+
+    spec = {"resize": {"mode": "letterbox", "size": [64, 64], "pad_value": 0.25}}
+    fresh, reuse = Preprocessor(spec), Preprocessor(spec, reuse_tensor=True)
+    wide, tall = np.full((32, 64), 200, np.uint8), np.full((64, 32), 100, np.uint8)
+    a, _ = reuse(_frame(wide, modality="US"))
+    b, _ = reuse(_frame(tall, modality="US"))
+    assert b is a  # the same buffer, overwritten ...
+    np.testing.assert_array_equal(b, fresh(_frame(tall, modality="US"))[0])  # ... content and padding alike
+    assert fresh(_frame(wide, modality="US"))[0] is not fresh(_frame(wide, modality="US"))[0]
+    other: list[np.ndarray] = []
+    t = threading.Thread(target=lambda: other.append(reuse(_frame(wide, modality="US"))[0]))
+    t.start()
+    t.join()
+    assert other[0] is not a
+    np.testing.assert_array_equal(a, fresh(_frame(tall, modality="US"))[0])  # the other thread left ours alone

@@ -113,6 +113,30 @@ def test_xr_vst_matches_the_phantom_detector_and_starts_as_identity() -> None:
     assert all("vst" not in r.arch for n, r in RECIPES.items() if n != "xr-denoise")
 
 
+def test_denoise_unet_depths_are_recorded_only_when_not_the_default() -> None:
+    from export.training.models import DenoiseUNet, build
+
+    small = build("denoise_unet", {"widths": [32, 32, 64], "factor": 4, "depths": [1, 2, 3, 2, 1]})
+    assert small.config["depths"] == [1, 2, 3, 2, 1] and len(small.e1) == 1 and len(small.d1) == 1
+    # The default layout writes no "depths": us-despeckle's manifest and graph stay as they were.
+    assert "depths" not in DenoiseUNet().config and len(DenoiseUNet().e1) == 2
+    assert build("denoise_unet", DenoiseUNet().config).config == DenoiseUNet().config
+    with pytest.raises(ValueError, match="depths"):
+        DenoiseUNet(depths=(1, 2, 0, 2, 1))
+
+
+def test_timing_passes_alternate_the_order_and_drop_the_warm_up() -> None:
+    from export.training.evaluate import time_interleaved
+
+    calls: list[tuple[str, int]] = []
+    frames = [object(), object(), object()]
+    fns = {k: (lambda f, k=k: calls.append((k, frames.index(f)))) for k in ("a", "b")}
+    ms = time_interleaved(fns, frames, passes=2)  # type: ignore[arg-type]
+    assert {k: len(v) for k, v in ms.items()} == {"a": 6, "b": 6} and min(ms["a"] + ms["b"]) >= 0
+    order = [k for k, i in calls if i == 0]  # who starts each pass: warm-up a b, then b a, then a b
+    assert order == ["a", "b", "b", "a", "a", "b"] and len(calls) == 18
+
+
 def test_xr_training_doses_bracket_the_evaluation_dose() -> None:
     from export.training.train import XR_EVAL_DOSE, XR_TRAIN_DOSE
 

@@ -132,13 +132,23 @@ class _SpaceToDepth(torch.autograd.Function):
         return g.op("SpaceToDepth", x, blocksize_i=factor)
 
 
+# 3x3 convs per stage of DenoiseUNet: encoder levels 1, 2, 3, decoder levels 2, 1 (the last
+# conv of decoder level 1 is the plain output conv).
+DEPTHS = (2, 2, 3, 2, 2)
+
+
 class DenoiseUNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (32, 48, 64), factor: int = 4, in_ch: int = 1,
-                 vst: dict[str, float] | None = None) -> None:
+                 vst: dict[str, float] | None = None, depths: tuple[int, ...] = DEPTHS) -> None:
         super().__init__()
         c1, c2, c3 = widths
+        if len(depths) != 5 or min(depths) < 1:
+            raise ValueError(f"depths: five counts of at least 1 expected, got {list(depths)}")
+        n1, n2, n3, m2, m1 = depths
         f2 = factor * factor * in_ch
         self.config: dict[str, Any] = {"widths": list(widths), "factor": factor, "in_ch": in_ch}
+        if tuple(depths) != DEPTHS:
+            self.config["depths"] = list(depths)
         self.factor = factor
         self.in_ch = in_ch
         # Optional variance-stabilising transform for log-domain X-ray images (see ``forward``).
@@ -148,14 +158,14 @@ class DenoiseUNet(nn.Module):
         self.multiple = factor * 4
         self.down = nn.PixelUnshuffle(factor)
         self.up = nn.PixelShuffle(factor)
-        self.e1 = nn.Sequential(ConvBNAct(f2, c1), ConvBNAct(c1, c1))
-        self.e2 = nn.Sequential(ConvBNAct(c1, c2, 2), ConvBNAct(c2, c2))
-        self.e3 = nn.Sequential(ConvBNAct(c2, c3, 2), ConvBNAct(c3, c3), ConvBNAct(c3, c3))
+        self.e1 = nn.Sequential(ConvBNAct(f2, c1), *(ConvBNAct(c1, c1) for _ in range(n1 - 1)))
+        self.e2 = nn.Sequential(ConvBNAct(c1, c2, 2), *(ConvBNAct(c2, c2) for _ in range(n2 - 1)))
+        self.e3 = nn.Sequential(ConvBNAct(c2, c3, 2), *(ConvBNAct(c3, c3) for _ in range(n3 - 1)))
         self.u3 = nn.ConvTranspose2d(c3, c2, 2, 2)
-        self.d2 = nn.Sequential(ConvBNAct(c2, c2), ConvBNAct(c2, c2))
+        self.d2 = nn.Sequential(*(ConvBNAct(c2, c2) for _ in range(m2)))
         self.u2 = nn.ConvTranspose2d(c2, c1, 2, 2)
-        self.d1 = nn.Sequential(ConvBNAct(c1, c1), nn.Conv2d(c1, f2, 3, 1, 1))
-        last = self.d1[1]
+        self.d1 = nn.Sequential(*(ConvBNAct(c1, c1) for _ in range(m1 - 1)), nn.Conv2d(c1, f2, 3, 1, 1))
+        last = self.d1[-1]
         if isinstance(last, nn.Conv2d) and last.bias is not None:  # start as the identity: output = input
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
@@ -192,7 +202,7 @@ def build(family: str, config: dict[str, Any]) -> nn.Module:
                              config["head"], config.get("in_ch", 1))
     if family == "denoise_unet":
         return DenoiseUNet(tuple(config["widths"]), config["factor"], config.get("in_ch", 1),  # type: ignore[arg-type]
-                           config.get("vst"))
+                           config.get("vst"), tuple(config.get("depths", DEPTHS)))
     raise ValueError(f"unknown family {family!r}")
 
 
