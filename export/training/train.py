@@ -181,7 +181,10 @@ RECIPES: dict[str, Recipe] = {
         # What ships: one conv per side at the full level (2 of its 4 convs cost 0.3 GFLOPs) and level 2 at
         # 32 channels (NCHWc blocks of 16: 24 is no cheaper than 32), 0.84 GFLOPs; spin on, next to the old
         # widths: 4.70 vs 7.91 ms; 1500 steps: 48.13 vs 48.47 dB. The smaller step cost pays for 24000 steps
-        # (old: 12000) in 13 minutes, which closes the gap: 50.72 dB held out (old 50.73).
+        # (old: 12000) in 13 minutes, which closes the gap at the evaluation dose 0.1: 50.72 dB held out (old
+        # 50.73); not at higher doses (dose 1.0: 55.35 vs 56.12). Card timing: 5.90 ms vs the bilateral's 5.98.
+        # Tried and dropped: nearest-neighbour upsampling instead of ConvTranspose (0.5 ms faster, 46.59 vs
+        # 48.13 dB at 1500 steps), a 1x1 conv + DepthToSpace (slower).
         loss="l1"),
 }
 
