@@ -31,6 +31,9 @@ REAL_US = "examples_ybr_color.dcm"  # pydicom test file: 30-frame cardiac cine, 
 REAL_US_ROI = (135, 50, 160, 75)  # x0, y0, x1, y1: homogeneous myocardium-like tissue in every frame
 TARGETS = {"us-lesion-det": 0.90, "xr-nodule-det": 0.80}
 PSNR_MARGIN_DB = 1.5
+# Within this fraction of the filter's time the model is at parity, not faster: the filters' own
+# times move by about this much between runs (bilateral on xr-denoise frames: 5.8-6.7 ms).
+SPEED_PARITY = 0.05
 OTHER_DOSES = (0.05, 0.2, 0.5, 1.0)  # X-ray enhancers: also measured at these relative doses (not the target)
 
 
@@ -179,7 +182,7 @@ def _other_doses(m: dict[str, Any], onnx_path: Path, seeds: Any, filters: dict[s
         if dose == eval_dose:
             continue
         frames = [data.xr_pair_frame(s, dose=dose) for s in evaluate_bar(seeds, f"dose {dose}", progress)]
-        r = evaluate.eval_enhancer(m, onnx_path, frames, filters)
+        r = evaluate.eval_enhancer(m, onnx_path, frames, filters, timing=False)
         best = _best_filter(r, filters)
         rows.append({"dose": dose, "model": r["model"]["psnr_db"], "input": r["input"]["psnr_db"], "best": best,
                      "best_psnr_db": r[best]["psnr_db"], **{k: r[k]["psnr_db"] for k in filters}})
@@ -350,7 +353,9 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
     best = _best_filter(res, {k: None for k in filters})
     mod = res["model"]
     gain = mod["psnr_db"] - res[best]["psnr_db"]
-    faster = mod["ms_per_frame"] < res[best]["ms_per_frame"]
+    faster = mod["ms_per_frame"] < res[best]["ms_per_frame"] * (1 - SPEED_PARITY)
+    parity = not faster and mod["ms_per_frame"] < res[best]["ms_per_frame"] * (1 + SPEED_PARITY)
+    verdict = "met" if faster else (f"not met: at parity, within {SPEED_PARITY:.0%}" if parity else "missed")
     lines = _common_head(ctx)
     dose = f" at relative dose {m['training']['phantom'].get('eval_dose')}" if "eval_dose" in m["training"]["phantom"] else ""
     lines += [
@@ -376,7 +381,7 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
         "",
         (f"- Best classical filter by PSNR: {best}. Model minus best: **{gain:+.2f} dB** (target >= +{PSNR_MARGIN_DB} dB:"
         f" **{'met' if gain >= PSNR_MARGIN_DB else 'missed'}**); model {mod['ms_per_frame']:.2f} ms vs"
-        f" {res[best]['ms_per_frame']:.2f} ms (target: faster than it: **{'met' if faster else 'missed'}**);"
+        f" {res[best]['ms_per_frame']:.2f} ms (target: faster than it: **{verdict}**);"
         f" with spinning off the model takes {mod['ms_per_frame_spinning_off']:.2f} ms"
         f" ({'also' if mod['ms_per_frame_spinning_off'] < res[best]['ms_per_frame'] else 'not'} faster)."),
     ]
@@ -384,14 +389,14 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
         lines.append(f"- Filter parameters tuned by grid search on {m['baselines']['tuned_on']}.")
     if not faster:
         gflops = next((v for k, v in ctx["info"].items() if k.startswith("gflops_per_frame")), None)
-        beaten = [k for k in filters if res[k]["ms_per_frame"] > mod["ms_per_frame"]]
+        beaten = [k for k in filters if res[k]["ms_per_frame"] * (1 - SPEED_PARITY) > mod["ms_per_frame"]]
         fastest = min(filters, key=lambda k: res[k]["ms_per_frame"])
-        lines.append(f"- Why the speed target is missed: the {best} filter runs in {res[best]['ms_per_frame']:.1f} ms,"
-                     f" the network's inference alone in {mod['ms_infer']:.1f} ms here"
+        lines.append(f"- Why the speed target is not met: the {best} filter runs in {res[best]['ms_per_frame']:.2f} ms,"
+                     f" the model in {mod['ms_per_frame']:.2f} ms, its inference alone {mod['ms_infer']:.2f} ms"
                      + (f" ({gflops:.1f} GFLOPs per frame)" if gflops else "")
                      + f"; the fastest filter ({fastest}, {res[fastest]['ms_per_frame']:.1f} ms) is faster than any"
                      " convolutional network at this size on this CPU"
-                     + (f". The model is faster than {', '.join(beaten)}." if beaten else "."))
+                     + (f". The model is clearly faster than {', '.join(beaten)}." if beaten else "."))
     cfg = m["training"]["architecture"]["config"]
     phantom = m["training"]["phantom"]
     if gain >= PSNR_MARGIN_DB and m["bits_stored"] > 8:

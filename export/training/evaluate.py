@@ -141,8 +141,8 @@ def _filter_frame(fn: Callable[..., np.ndarray], params: Mapping[str, Any], fram
 
 
 def eval_enhancer(manifest: Mapping[str, Any], onnx_path: Path, frames: Sequence[Frame],
-                  filters: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-    """PSNR / SSIM against the clean reference and median ms per frame, model and filters."""
+                  filters: Mapping[str, Mapping[str, Any]] | None = None, *, timing: bool = True) -> dict[str, Any]:
+    """PSNR / SSIM against the clean reference and (``timing``) median ms per frame, model and filters."""
     bits = int(manifest["bits_stored"])
     rng = float(2 ** bits - 1)
     runner = ModelRunner(manifest, onnx_path)
@@ -167,25 +167,27 @@ def eval_enhancer(manifest: Mapping[str, Any], onnx_path: Path, frames: Sequence
             outputs[name].append(z)
             rows[name]["psnr"].append(psnr(clean, z, rng))
             rows[name]["ssim"].append(ssim(clean, z, rng))
-    # Timing pass: the model as timed for the card (spinning during a run) and with the shipped cpu
-    # configs' spinning off, next to the filters, on the same frames.
-    off = ModelRunner(manifest, onnx_path, spinning="off")
-    runner.timings = {k: [] for k in runner.timings}
-    fns: dict[str, Callable[[Frame], Any]] = {"model": runner.run, "model_spinning_off": off.run}
-    for name, spec in (filters or {}).items():
-        fns[name] = partial(_filter_frame, baselines.FILTERS[name], spec["params"])
-    timed = time_interleaved(fns, frames, passes=2)
     out: dict[str, Any] = {}
     for name, r in rows.items():
         out[name] = {"psnr_db": round(float(np.mean(r["psnr"])), 3), "ssim": round(float(np.mean(r["ssim"])), 4)}
         if name in (filters or {}):
-            out[name]["ms_per_frame"] = round(float(np.median(timed[name])), 2)
             out[name]["params"] = dict(filters[name]["params"])  # type: ignore[index]
-    # Whole calls, the same statistic as the filters'; the stage split without the warm-up pass
-    # (the model's first len(frames) calls: it runs first in that pass).
-    out["model"]["ms_per_frame"] = round(float(np.median(timed["model"])), 2)
-    out["model"]["ms_infer"] = round(float(np.median(runner.timings["infer"][len(frames):])), 2)
-    out["model"]["ms_per_frame_spinning_off"] = round(float(np.median(timed["model_spinning_off"])), 2)
+    if timing:
+        # Timing pass: the model as timed for the card (spinning during a run) and with the shipped cpu
+        # configs' spinning off, next to the filters, on the same frames.
+        off = ModelRunner(manifest, onnx_path, spinning="off")
+        runner.timings = {k: [] for k in runner.timings}
+        fns: dict[str, Callable[[Frame], Any]] = {"model": runner.run, "model_spinning_off": off.run}
+        for name, spec in (filters or {}).items():
+            fns[name] = partial(_filter_frame, baselines.FILTERS[name], spec["params"])
+        timed = time_interleaved(fns, frames, passes=2)
+        for name in filters or {}:
+            out[name]["ms_per_frame"] = round(float(np.median(timed[name])), 2)
+        # Whole calls, the same statistic as the filters'; the stage split without the warm-up pass
+        # (the model's first len(frames) calls: "model" runs first in that pass).
+        out["model"]["ms_per_frame"] = round(float(np.median(timed["model"])), 2)
+        out["model"]["ms_infer"] = round(float(np.median(runner.timings["infer"][len(frames):])), 2)
+        out["model"]["ms_per_frame_spinning_off"] = round(float(np.median(timed["model_spinning_off"])), 2)
     out["frames"] = len(frames)
     out["size"] = list(frames[0].pixels.shape[:2]) if frames else []
     out["outputs"] = outputs
