@@ -339,6 +339,50 @@ def _cpuinfo(root: Path) -> tuple[str | None, int | None]:
     return model, cores or None
 
 
+# x86 instructions that add u8 x s8 products straight into 32-bit sums (VNNI). Without them ONNX
+# Runtime's x86 int8 kernels (AVX2, AVX-512 without VNNI) first add pairs of products in saturating
+# 16-bit lanes (vpmaddubsw): with 8-bit weights 2 x 255 x 127 overflows and the convolution is wrong
+# (measured on an AMD EPYC without VNNI: us-despeckle's symmetric INT8 lost 8 dB, its CPU form 0.9 dB);
+# weights within +-64 (7 bits) cannot overflow (2 x 255 x 64 = 32640). Arm's int8 kernels widen first.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni")
+X86 = ("x86_64", "amd64", "i386", "i686")
+
+
+@dataclass(frozen=True)
+class CpuInt8:
+    """What this CPU's int8 kernels can be trusted with (see INT8_DOT_FLAGS)."""
+
+    model: str | None
+    machine: str
+    dot_flags: tuple[str, ...]  # the INT8_DOT_FLAGS present
+    exact: bool  # False: 8-bit weights can saturate ONNX Runtime's int8 sums here
+
+    def describe(self) -> str:
+        if self.machine.lower() not in X86:
+            return f"{self.machine}: int8 sums widen before adding (exact)"
+        if self.exact:
+            return f"x86 with {'/'.join(self.dot_flags)}: int8 sums in 32 bits (exact)"
+        return "x86 without VNNI: u8 x s8 pairs summed in saturating 16 bits (exact only for weights within +-64)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "machine": self.machine, "int8_dot_flags": list(self.dot_flags),
+                "int8_exact_with_8bit_weights": self.exact, "int8_kernels": self.describe()}
+
+
+def cpu_int8(root: Path = Path("/"), *, machine: str | None = None) -> CpuInt8:
+    """This CPU's int8 arithmetic class, from /proc/cpuinfo's flags (``root`` faked in tests)."""
+    machine = machine or platform.machine()
+    model, _ = _cpuinfo(root)
+    flags: set[str] = set()
+    for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "flags":
+            flags = set(value.split())
+            break
+    dots = tuple(f for f in INT8_DOT_FLAGS if f in flags)
+    return CpuInt8(model, machine, dots, machine.lower() not in X86 or bool(dots))
+
+
 def detect(root: Path = Path("/"), *, machine: str | None = None,
            gpu_probe: Callable[[Path], str | None] = probe_gpu,
            configs: list[DeviceConfig] | None = None) -> Detected:

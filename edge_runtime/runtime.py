@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, TrtBackend, select_backend, tensorrt_available
 from .bundle import Bundle
-from .devices import DeviceConfig, detect, load_config, spinning_mode
+from .devices import DeviceConfig, cpu_int8, detect, load_config, spinning_mode
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
 from .frames import Frame
 from .postprocess import Postprocessor, enhance_tiled
@@ -111,6 +111,16 @@ class Runtime:
         self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
         self.input_name = self.pre.input_name
         self.backend = self._open_backend().load()
+        if getattr(self.backend, "int8_emulated", False) and self.requested_precision == "auto":
+            # This CPU's int8 kernels would saturate the artefact's 8-bit weights (backends/onnxruntime.py):
+            # emulated it is exact but slower than FP32, so FP32 serves.
+            self.backend.close()
+            note = (f"{self.artifact}: int8 weights beyond this CPU's exact range ({cpu_int8().describe()}); "
+                    "serving fp32 (re-export the bundle for a CPU INT8 form with 7-bit weights)")
+            log.warning("runtime: %s", note)
+            self.events.append(note)
+            self.precision = "fp32"
+            self.backend = self._open_backend().load()
         log.info("runtime: %s %s on %s via %s", self.bundle.name, self.precision, self.device.name,
                  self.backend.provider)
         return self

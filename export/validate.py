@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from edge_runtime.bundle import sha256_file
+from edge_runtime.devices import cpu_int8
 from edge_runtime.errors import AccuracyGateError, ExportError, expected
 from edge_runtime.frames import Frame
 
@@ -285,6 +286,7 @@ class CandidateReport:
     failures: list[GateFailure]
     ms_per_frame: float
     sha256: str = ""  # of the file judged: `export bundle` matches bundled files to their verdicts by it
+    emulated: bool = False  # int8 Q/DQ run emulated in float: this CPU's int8 kernels would saturate its weights
 
     @property
     def passed(self) -> bool:
@@ -342,6 +344,7 @@ class ValidationReport:
                 "failed_files": [c.file for c in self.candidates if not c.passed],
                 "conditions": {"backend": ", ".join(self.backends or [ORT_CPU])
                                + " via edge_runtime.backends",
+                               "cpu": cpu_int8().to_dict(),
                                "ap_score_threshold": AP_SCORE_THRESHOLD, "threads": self.threads,
                                "fp32_threads": self.fp32_threads,
                                "ms_per_frame": "median backend.infer wall time during validation, "
@@ -369,6 +372,9 @@ class ValidationReport:
             err = ", ".join(f"{k} max|d| {v['max_abs']:.3g} mean|d| {v['mean_abs']:.3g}"
                             for k, v in c.output_error.items())
             lines.append(f"  {c.precision} output error vs fp32: {err}")
+            if c.emulated:
+                lines.append(f"  {c.precision}: int8 weights beyond +-64 on this CPU ({cpu_int8().describe()}): "
+                             "Q/DQ emulated in float (exact; its ms/frame is not its speed)")
             for f in c.failures:
                 lines.append(f"  {c.precision} ({c.file}) FAILED {f.text()}")
         for label, r in self.repairs.items():
@@ -433,12 +439,13 @@ def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: Ev
     try:
         outs = run_outputs(backend, evalset, progress=f"validate {precision}" if progress else None)
         ms = backend.timing_summary()["p50_ms"]
+        emulated = bool(getattr(backend, "int8_emulated", False))
     finally:
         backend.close()
     m = task_metrics(evalset, outs, fppi=fppi)
     task = evalset.manifest["task"]
     return CandidateReport(precision, Path(path).name, m, output_errors(ref.outputs, outs),
-                           gate(task, ref.metrics, m, tol), ms, sha256_file(path))
+                           gate(task, ref.metrics, m, tol), ms, sha256_file(path), emulated)
 
 
 def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],

@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from edge_runtime import cli
-from edge_runtime.devices import YAML_FIELDS, DeviceConfig, config_dir, detect, list_configs, load_config
+from edge_runtime.devices import (
+    YAML_FIELDS,
+    CpuInt8,
+    DeviceConfig,
+    config_dir,
+    cpu_int8,
+    detect,
+    list_configs,
+    load_config,
+)
 from edge_runtime.errors import ConfigError
 
 SHIPPED = {
@@ -188,3 +197,19 @@ def test_cpu_spinning_as_written_in_yaml(tmp_path: Path, text: str, mode: str) -
     path.write_text("\n".join(f"cpu_spinning: {text}" if line.startswith("cpu_spinning:") else line
                               for line in raw.splitlines()) + "\n")
     assert load_config(path).cpu_spinning == mode
+
+
+def test_cpu_int8_class_follows_the_vnni_flags(tmp_path: Path) -> None:
+    """x86 without VNNI (an i5-8250U, AMD Zen 3): 8-bit int8 weights are not exact; with avx512_vnni or
+    avx_vnni they are; Arm widens before adding."""
+    def cpu(flags: str, machine: str = "x86_64", info: str = X86_CPUINFO) -> CpuInt8:
+        root = fake_root(tmp_path / f"{machine}-{flags or 'none'}", cpuinfo=info.replace("\n\n", f"\nflags\t\t: {flags}\n\n"))
+        return cpu_int8(root, machine=machine)
+
+    plain = cpu("fpu sse2 avx2 fma")
+    assert plain.exact is False and plain.dot_flags == () and plain.model == "Intel(R) Core(TM) i5-8250U"
+    assert "saturating" in plain.describe()
+    assert cpu("avx2 avx512f avx512_vnni").exact is True
+    assert cpu("avx2 avx_vnni").dot_flags == ("avx_vnni",)
+    assert cpu("fp asimd", machine="aarch64", info=ARM_CPUINFO).exact is True
+    assert cpu_int8().to_dict()["int8_exact_with_8bit_weights"] in (True, False)  # this machine reads

@@ -11,6 +11,7 @@ import pytest
 from onnx import numpy_helper
 from test_export_models import blur_manifest, blur_model
 
+from edge_runtime.backends.onnxruntime import OrtBackend
 from edge_runtime.errors import ExportError
 from edge_runtime.frames import Frame, GroundTruth
 from export import calibration as C
@@ -29,7 +30,10 @@ def _calset(n: int = 16, **kw: object) -> C.CalibrationSet:
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    """Through the runtime's ONNX Runtime backend: an INT8 file whose weights this CPU's int8 kernels would
+    saturate (x86 without VNNI) runs its Q/DQ emulated, as the gate and the runtime run it."""
+    with OrtBackend(path, providers=["cpu"], threads=2) as b:
+        return b.infer({"image": x})[b.outputs[0].name]
 
 
 def test_fp16_keeps_float32_io_and_matches(tmp_path: Path) -> None:
@@ -308,7 +312,8 @@ def test_cpu_form_has_uint8_asymmetric_activations_and_symmetric_per_channel_wei
     assert res.form == "cpu" and res.summary["activation_zero_point_types"].keys() == {"uint8"}
     info = res.info()
     assert info["form"] == "onnxruntime-cpu" and "not for TensorRT" in info["note"]
-    assert info["activations"].startswith("uint8 asymmetric") and info["weights"] == "int8 symmetric, per-channel"
+    assert info["activations"].startswith("uint8 asymmetric") and info["weights"] == "int8 symmetric, per-channel, 7-bit (+-64)"
+    assert max(int(np.abs(inits[n.input[0]].astype(np.int16)).max()) for n in weights) == 64 == res.summary["weight_peak"]
     x = _calset(8).tensors[0]
     np.testing.assert_allclose(_run(res.path, x), _run(src, x), atol=0.1)
     ops = _optimized_ops(res.path, tmp_path)
@@ -421,3 +426,69 @@ def test_cpu_form_runs_a_strided_stem_as_an_int8_conv(tmp_path: Path) -> None:
     assert np.abs(_run(cpu.path, x) - ref).max() < 0.05 * np.abs(ref).max()
     trt = quantize_int8(src, tmp_path / "trt.onnx", _calset(8).reader())
     assert trt.info()["nodes_in_float_for_speed"] == ["c0", "r0"] and "stems_as_space_to_depth" not in trt.info()
+
+
+def _saturating_model(tmp_path: Path) -> Path:
+    """image -> conv 1->8 (positive) -> Relu -> conv 8->4 (positive 3x3): every product pair of the second
+    conv is large and of one sign, the case that overflows 16-bit u8 x s8 pair sums (x86 without VNNI)."""
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.0, (8, 1, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.uniform(0.5, 1.0, (4, 8, 3, 3)).astype(np.float32), "w1")]
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["c"], name="c0", pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="r0"),
+             helper.make_node("Conv", ["r", "w1"], ["enhanced"], name="c1", pads=[1] * 4)]
+    return save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 64, 64])],
+                [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 4, 64, 64])], inits,
+                tmp_path / "fp32.onnx")
+
+
+def _session_out(path: Path, x: np.ndarray, level: str) -> np.ndarray:
+    from edge_runtime.backends.onnxruntime import session_options
+
+    sess = ort.InferenceSession(str(path), session_options(threads=1, graph_optimization=level),
+                                providers=["CPUExecutionProvider"])
+    return sess.run(None, {"image": x})[0]
+
+
+def test_cpu_form_computes_the_same_on_every_x86_int8_kernel(tmp_path: Path) -> None:
+    """The CPU form's fused int8 kernels (graph optimisation "all") give what its Q/DQ arithmetic says
+    ("basic": emulated in float) also where ORT sums u8 x s8 pairs in saturating 16 bits (x86 without
+    VNNI, e.g. AMD Zen 3): its weights are 7-bit. With 8-bit weights such a CPU is off by far more."""
+    from export.quantize import quantize_int8_cpu
+
+    src = _saturating_model(tmp_path)
+    cal = _calset(8)
+    res = quantize_int8_cpu(src, tmp_path / "int8_cpu.onnx", cal.reader(), float_single_channel_convs=False)
+    assert res.summary["weight_peak"] <= 64
+    x = cal.tensors[0] * (1.0 / max(float(cal.tensors[0].max()), 1e-6))  # the brightest frame the ranges allow
+    fused, emulated = _session_out(res.path, x, "all"), _session_out(res.path, x, "basic")
+    step = float(np.abs(emulated).max()) / 255  # one output quantisation step
+    assert np.abs(fused - emulated).max() <= 2 * step + 1e-6
+
+
+def test_backend_emulates_wide_int8_weights_on_a_saturating_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose int8 kernels would saturate (faked: x86 without VNNI), an INT8 file with 8-bit weights
+    (the TensorRT form) runs emulated (exact), a 7-bit one (the CPU form) and FP32 run as usual."""
+    from edge_runtime.backends import onnxruntime as B
+    from edge_runtime.devices import CpuInt8
+    from export.quantize import quantize_int8_cpu
+
+    src = _saturating_model(tmp_path)
+    cal = _calset(8)
+    trt = quantize_int8(src, tmp_path / "int8.onnx", cal.reader(), float_single_channel_convs=False)
+    cpu = quantize_int8_cpu(src, tmp_path / "int8_cpu.onnx", cal.reader(), float_single_channel_convs=False)
+    assert trt.summary["weight_peak"] == 127 and B.int8_weight_peak(src) == 0
+    x = cal.tensors[0]
+    for exact, expect in ((True, False), (False, True)):
+        monkeypatch.setattr(B, "cpu_int8", lambda exact=exact: CpuInt8("test", "x86_64", ("avx512_vnni",) if exact else (), exact))
+        with B.OrtBackend(trt.path, providers=["cpu"], threads=1, precision="int8") as b:
+            assert b.int8_emulated is expect
+            if expect:
+                np.testing.assert_allclose(b.infer({"image": x})["enhanced"], _session_out(trt.path, x, "disable"),
+                                           rtol=1e-5, atol=1e-5)
+        for path in (cpu.path, src):
+            with B.OrtBackend(path, providers=["cpu"], threads=1) as b:
+                assert b.int8_emulated is False

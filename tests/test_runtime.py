@@ -311,3 +311,35 @@ def test_legacy_nano_tensorrt_stays_on_onnxruntime_and_builds_nothing(tmp_path: 
     # asked for explicitly by the caller, TensorRT still fails clearly
     with pytest.raises(BackendError, match=r"backend tensorrt: expected TensorRT.*>= 8\.5\.0.*found 8\.2\.1\.8"):
         Runtime(_enhance_bundle(tmp_path / "c"), "jetson-nano", precision="fp32", backend="tensorrt").load()
+
+
+def test_auto_precision_serves_fp32_where_int8_weights_would_saturate(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle whose only INT8 file has 8-bit weights (the TensorRT form), on a CPU whose int8 kernels would
+    saturate them (faked: x86 without VNNI): "auto" serves FP32 and says why; an explicit int8 runs emulated
+    (exact). With VNNI (faked) the same bundle runs INT8 fused."""
+    from test_export_models import blur_manifest, blur_model
+    from test_export_quantize import _calset
+
+    from edge_runtime.backends import onnxruntime as B
+    from edge_runtime.devices import CpuInt8
+    from export.quantize import quantize_int8
+
+    root = tmp_path / "b"
+    root.mkdir()
+    blur_model(root / "fp32.onnx")
+    quantize_int8(root / "fp32.onnx", root / "int8.onnx", _calset(8).reader())
+    m = blur_manifest() | {"artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32"},
+                                         {"file": "int8.onnx", "kind": "onnx", "precision": "int8",
+                                          "targets": ["tensorrt", "onnxruntime"]}],
+                           "validation": {"passed": True}}
+    write_bundle(root, m)
+    frame = _xr(64, 64)
+    for exact in (True, False):
+        monkeypatch.setattr(B, "cpu_int8", lambda exact=exact: CpuInt8("test", "x86_64", ("avx512_vnni",) if exact else (), exact))
+        with Runtime(root, "cpu-x86") as rt:
+            assert rt.precision == ("int8" if exact else "fp32") and rt.process(frame).enhanced is not None
+            assert any("serving fp32" in e for e in rt.events) is (not exact)
+        with Runtime(root, "cpu-x86", precision="int8") as rt:
+            assert rt.precision == "int8" and rt.backend is not None
+            assert rt.backend.int8_emulated is (not exact)  # type: ignore[attr-defined]

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..devices import spinning_mode
+from ..devices import cpu_int8, spinning_mode
 from ..errors import BackendError, ConfigError, expected
 from .base import Backend, TensorSpec
 
@@ -50,6 +51,13 @@ PROVIDER_NAMES = {
 AUTO_PROVIDERS = ("cuda", "cpu")
 
 GRAPH_OPTIMIZATION = ("disable", "basic", "extended", "all")
+# ONNX Runtime fuses "DequantizeLinear -> op -> QuantizeLinear" into its int8 kernels from the
+# "extended" level on; at "basic" and below a QDQ graph runs as written: DequantizeLinear, the op in
+# float, QuantizeLinear, i.e. the quantised arithmetic emulated exactly on any CPU (slower than FP32).
+INT8_FUSING_LEVELS = ("extended", "all")
+# The largest |int8 weight| whose u8 x s8 pair sums fit the 16-bit lanes of x86 int8 kernels without
+# VNNI (edge_runtime.devices.INT8_DOT_FLAGS): 2 x 255 x 64 = 32640 <= 32767.
+INT8_EXACT_PEAK = 64
 
 # ONNX Runtime's type strings for the tensor element types our models use.
 _ORT_DTYPES = {
@@ -137,6 +145,35 @@ def session_options(
     return opts
 
 
+def int8_weight_peak(path: str | os.PathLike[str]) -> int:
+    """Largest |q| over the int8 weights (initialisers read by a DequantizeLinear) of an ONNX file; 0 if none."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    peak = 0
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            q = numpy_helper.to_array(inits[node.input[0]])
+            if q.size:
+                peak = max(peak, int(np.abs(q.astype(np.int16)).max()))
+    return peak
+
+
+def int8_needs_emulation(path: str | os.PathLike[str], providers: Sequence[str], graph_optimization: str) -> bool:
+    """True when ONNX Runtime would run ``path``'s int8 weights through kernels that can saturate here:
+    CPU provider first, a fusing optimisation level, an x86 CPU without VNNI, weights beyond +-64."""
+    if not providers or providers[0] != PROVIDER_NAMES["cpu"] or graph_optimization not in INT8_FUSING_LEVELS:
+        return False
+    if cpu_int8().exact:
+        return False
+    try:
+        return int8_weight_peak(path) > INT8_EXACT_PEAK
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: ONNX Runtime's load says what is wrong
+        return False
+
+
 def _spec(node: Any) -> TensorSpec:
     dtype = _ORT_DTYPES.get(node.type)
     if dtype is None:
@@ -163,6 +200,10 @@ class OrtBackend(Backend):
             the model's sha256, the optimisation level, the providers and the onnxruntime version,
             and later loads read it with optimisation off (faster start on slow devices).
         device_id: GPU index for the CUDA / TensorRT providers.
+
+    An int8 model whose weights would saturate this CPU's int8 kernels (``int8_needs_emulation``)
+    is run at graph optimisation "basic" instead: the Q/DQ arithmetic emulated exactly, slower than
+    FP32, with a warning; ``int8_emulated`` says so (the runtime then prefers FP32).
     """
 
     name = "onnxruntime"
@@ -193,6 +234,7 @@ class OrtBackend(Backend):
         self.device_id = device_id
         self._session: Any = None
         self._output_names: list[str] = []
+        self.int8_emulated = False
 
     def describe_model(self) -> str:
         return self.model_path.name
@@ -212,13 +254,13 @@ class OrtBackend(Backend):
                 out.append(name)
         return out
 
-    def _optimized_path(self, chosen: list[str]) -> Path | None:
-        if self.optimized_cache_dir is None or self.graph_optimization == "disable":
+    def _optimized_path(self, chosen: list[str], level: str) -> Path | None:
+        if self.optimized_cache_dir is None or level == "disable":
             return None
         import onnxruntime as ort
 
         digest = hashlib.sha256(self.model_path.read_bytes())
-        digest.update(f"|{self.graph_optimization}|{','.join(chosen)}|{ort.__version__}".encode())
+        digest.update(f"|{level}|{','.join(chosen)}|{ort.__version__}".encode())
         return self.optimized_cache_dir / f"{self.model_path.stem}.{digest.hexdigest()[:16]}.ort.onnx"
 
     def _load(self) -> None:
@@ -229,8 +271,14 @@ class OrtBackend(Backend):
         chosen = resolve_providers(self.providers, ort.get_available_providers())
         model = self.model_path
         level = self.graph_optimization
+        self.int8_emulated = int8_needs_emulation(model, chosen, level)
+        if self.int8_emulated:
+            level = "basic"
+            log.warning("onnxruntime: %s has int8 weights beyond +-%d, which this CPU's int8 kernels (%s) would "
+                        "sum wrongly; running its Q/DQ arithmetic emulated in float (exact, slower than FP32)",
+                        model.name, INT8_EXACT_PEAK, cpu_int8().describe())
         save_to: Path | None = None
-        cached = self._optimized_path(chosen)
+        cached = self._optimized_path(chosen, level)
         if cached is not None and cached.is_file():
             model, level = cached, "disable"  # already optimised for these providers
             log.info("onnxruntime: using optimised graph cache %s", cached)
