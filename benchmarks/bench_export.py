@@ -65,7 +65,10 @@ def cpu_info() -> dict[str, Any]:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"model": model, "cores": os.cpu_count(), "int8_flags": {f: f in flags for f in CPU_FLAGS}}
+    from edge_runtime.devices import cpu_int8
+
+    return {"model": model, "cores": os.cpu_count(), "int8_flags": {f: f in flags for f in CPU_FLAGS},
+            "int8_kernels": cpu_int8().describe()}
 
 
 def frame_tensor(manifest: dict[str, Any]) -> Any:
@@ -108,7 +111,8 @@ def latency(bundle_dir: Path, runs: int, threads: int, extra: dict[str, str] | N
     load_before = os.getloadavg()
     times = interleaved_times(backends, {name: x}, runs=runs, warmup=5)
     out: dict[str, Any] = {"input_shape": list(x.shape), "runs": runs, "threads": threads, "spinning": spinning,
-                           "files": files, "loadavg_before": [round(v, 2) for v in load_before],
+                           "files": files, "emulated": [k for k, v in backends.items() if v.int8_emulated],
+                           "loadavg_before": [round(v, 2) for v in load_before],
                            "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
     for p, ts in times.items():
         out[p] = {"p50_ms": percentile(ts, 50), "p99_ms": percentile(ts, 99), "mean_ms": sum(ts) / len(ts)}

@@ -1,10 +1,15 @@
-"""Run every benchmark and regenerate benchmarks/RESULTS.md from their JSON.
+"""Run every benchmark and regenerate this machine's results page from their JSON.
 
     edge-runtime bench [--only transport,runtime,export,export_1t,export_spin,stream] [--stream-seconds 600] [--render-only]
 
 Each benchmark runs as its own process (a quiet interpreter, no state shared with the others) and
-writes JSON under out/bench/; RESULTS.md is rendered from those files only, so every figure in it
+writes JSON under out/bench/; the page is rendered from those files only, so every figure in it
 comes from a measurement on this machine, with the machine's load recorded beside it.
+
+One page per machine: benchmarks/results/<machine>.md, named after the CPU model and its int8 class
+(VNNI or not: INT8 speed and even INT8 results differ between the two, see edge_runtime.devices),
+so that a run on another machine adds a page instead of overwriting the figures of the last one.
+benchmarks/RESULTS.md is the index of those pages.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +28,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out" / "bench"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+INDEX = ROOT / "benchmarks" / "RESULTS.md"
+PAGES = ROOT / "benchmarks" / "results"
 BENCHES = {  # name -> (module, extra args)
     "transport": ("benchmarks.bench_transport", ["--frames", "1000"]),
     "runtime": ("benchmarks.bench_runtime", ["--frames", "300"]),
@@ -41,6 +48,20 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_slug() -> str:
+    """The page name for this machine, e.g. ``amd-epyc-no-vnni`` or ``intel-xeon-processor-vnni``."""
+    from edge_runtime.devices import cpu_int8
+
+    words = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", " ", _cpu_model().lower())
+    base = "-".join(re.findall(r"[a-z0-9]+", words)) or platform.machine()
+    cpu = cpu_int8()
+    return f"{base}-{'vnni' if cpu.dot_flags else 'no-vnni'}" if cpu.machine.lower() in ("x86_64", "amd64") else base
+
+
+def results_page() -> Path:
+    return PAGES / f"{machine_slug()}.md"
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -112,6 +133,25 @@ def render_runtime(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+EMULATED_NOTE = ("emulated: the file's 8-bit int8 weights would saturate this CPU's int8 kernels (x86 without VNNI), "
+                 "so ONNX Runtime runs its Q/DQ emulated in float (exact, not a speed figure)")
+
+
+def _cells(lat: dict[str, Any], columns: tuple[str, ...], p99: bool) -> list[str]:
+    out = []
+    for p in columns:
+        if p not in lat:
+            out.append("n/a")
+            continue
+        cell = f"{_f(lat[p]['p50_ms'])} / {_f(lat[p]['p99_ms'])}" if p99 else _f(lat[p]["p50_ms"])
+        out.append(cell + (" (emulated)" if p in lat.get("emulated", ()) else ""))
+    return out
+
+
+def _emulated_note(d: dict[str, Any]) -> list[str]:
+    return ["", f"- {EMULATED_NOTE}."] if any(r["latency"].get("emulated") for r in d["models"].values()) else []
+
+
 def render_export(d: dict[str, Any]) -> list[str]:
     from benchmarks.bench_export import BUNDLE_SOURCE, RUN_SOURCE, gate_view
 
@@ -124,8 +164,7 @@ def render_export(d: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in d["models"].items():
         lat = r["latency"]
-        cells = [f"{_f(lat[p]['p50_ms'])} / {_f(lat[p]['p99_ms'])}" if p in lat else "n/a"
-                 for p in ("fp32", "fp16", "int8", "int8_cpu")]
+        cells = _cells(lat, ("fp32", "fp16", "int8", "int8_cpu"), p99=True)
         verdict, source = gate_view(r)  # this run's export when its steps ran, else the shipped bundle's
         gate = {True: "passed", False: "FAILED", None: "?"}[verdict.get("gate_passed")]
         failed = [k for k, ok in (verdict.get("gate") or {}).items() if not ok]
@@ -151,7 +190,7 @@ def render_export(d: dict[str, Any]) -> list[str]:
         if r.get("steps", {}).get("times_s"):
             lines.append(f"- {name} export steps (s): "
                          + ", ".join(f"{k} {_f(v)}" for k, v in r["steps"]["times_s"].items()))
-    return lines
+    return lines + _emulated_note(d)[1:]
 
 
 def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleaved timing, `--threads 1`.") -> list[str]:
@@ -162,11 +201,11 @@ def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleave
              "|---|---|---|---|---|---|"]
     for name, r in d["models"].items():
         lat = r["latency"]
-        cells = [_f(lat[p]["p50_ms"]) if p in lat else "n/a" for p in ("fp32", "int8", "int8_cpu")]
+        cells = _cells(lat, ("fp32", "int8", "int8_cpu"), p99=False)
         load = _load_span(lat)
         lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
                      f"{_f(lat.get('int8_cpu_speedup_p50'))} | {load} |")
-    return lines
+    return lines + _emulated_note(d)
 
 
 def _spin_note(d: dict[str, Any]) -> str:
@@ -181,10 +220,11 @@ def _spin_note(d: dict[str, Any]) -> str:
 def render_stream(d: dict[str, Any]) -> list[str]:
     png = OUT / "stream_latency.png"
     picture = []
-    if png.is_file():  # the latency distribution, kept beside RESULTS.md
-        (RESULTS.parent / "img").mkdir(exist_ok=True)
-        shutil.copyfile(png, RESULTS.parent / "img" / png.name)
-        picture = ["", f"![latency distribution](img/{png.name})"]
+    if png.is_file():  # the latency distribution, kept beside the page
+        kept = PAGES / "img" / f"{machine_slug()}-{png.name}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, kept)
+        picture = ["", f"![latency distribution](img/{kept.name})"]
     s, g = d["e2e_ms"], d["growth_ms"]
     ok = "met" if s["p99"] < 50 else "MISSED"
     return [(f"{d['seconds']:.0f} s at 30 fps, {d['workers']} worker(s), {d['results']} results "
@@ -205,10 +245,11 @@ RENDER = {"transport": ("Transport: our protocol vs bare pyzmq vs imagezmq", ren
 
 
 def render() -> str:
-    lines = ["# Benchmark results", "",
-             "Regenerated by `edge-runtime bench` (benchmarks/run_all.py) from out/bench/*.json.",
-             (f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-             f"Rendered {datetime.now(timezone.utc).isoformat(timespec='minutes')}."),
+    lines = [f"# Benchmark results: {_cpu_model()}", "",
+             ("Regenerated by `edge-runtime bench` (benchmarks/run_all.py) from out/bench/*.json; other machines: "
+              "[RESULTS.md](../RESULTS.md)."),
+             (f"Machine: {_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}; int8 kernels: "
+             f"{_int8_class()}. Rendered {datetime.now(timezone.utc).isoformat(timespec='minutes')}."),
              "No GPU figures: nothing here ran on a GPU or under TensorRT.", ""]
     for name, (title, fn) in RENDER.items():
         d = _load(name)
@@ -216,6 +257,27 @@ def render() -> str:
         lines += fn(d) if d is not None else ["Not run yet."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _int8_class() -> str:
+    from edge_runtime.devices import cpu_int8
+
+    return cpu_int8().describe()
+
+
+def render_index() -> str:
+    """benchmarks/RESULTS.md: one line per machine page (its heading and the line that says when and where)."""
+    lines = ["# Benchmark results", "",
+             ("One page per machine the benchmarks ran on (`edge-runtime bench` writes the page of the machine it "
+              "runs on). Figures from different machines are not comparable with each other; ratios within a "
+              "page are measured side by side in one run. No page has GPU figures: nothing here ran on a GPU or "
+              "under TensorRT."), ""]
+    for page in sorted(PAGES.glob("*.md")):
+        text = page.read_text().splitlines()
+        title = text[0].lstrip("# ").removeprefix("Benchmark results: ") if text else page.stem
+        when = next((t for t in text if t.startswith("Machine:")), "")
+        lines.append(f"- [{title}](results/{page.name}): {when}")
+    return "\n".join(lines) + "\n"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -235,8 +297,11 @@ def run(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", module, *([out] if name.startswith("export") else ["--out", out]), *extra]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
-    RESULTS.write_text(render())
-    print(f"wrote {RESULTS}")
+    page = results_page()
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(render())
+    INDEX.write_text(render_index())
+    print(f"wrote {page} and {INDEX}")
     return 0
 
 

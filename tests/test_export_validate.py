@@ -376,3 +376,29 @@ def test_results_render_the_gate_of_the_benchmarks_own_export_run() -> None:
     assert "shipped bundle's validation.json for b (export steps skipped)" in text
     rows = table(d).splitlines()
     assert "FAIL(int8_cpu)" in rows[1] and "pass*" in rows[2]
+
+
+def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bench run writes the page of the machine it ran on (named after its CPU and int8 class) and an
+    index of every page; an INT8 file that ran emulated is marked, not shown as a plain speed."""
+    from benchmarks import run_all
+    from edge_runtime.devices import CpuInt8
+
+    monkeypatch.setattr(run_all, "_cpu_model", lambda: "AMD EPYC 7B13 64-Core Processor")
+    monkeypatch.setattr("edge_runtime.devices.cpu_int8", lambda *a, **k: CpuInt8("x", "x86_64", (), False))
+    assert run_all.machine_slug() == "amd-epyc-7b13-64-core-processor-no-vnni"
+    monkeypatch.setattr("edge_runtime.devices.cpu_int8", lambda *a, **k: CpuInt8("x", "x86_64", ("avx512_vnni",), True))
+    assert run_all.machine_slug().endswith("-vnni") and not run_all.machine_slug().endswith("no-vnni")
+    monkeypatch.setattr(run_all, "PAGES", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "b-vnni.md").write_text("# Benchmark results: B\n\nMachine: B, 2 cores.\n")
+    (tmp_path / "results" / "a-no-vnni.md").write_text("# Benchmark results: A\n\nMachine: A, 2 cores.\n")
+    index = run_all.render_index()
+    assert index.index("[A](results/a-no-vnni.md): Machine: A") < index.index("[B](results/b-vnni.md): Machine: B")
+    lat = {"fp32": {"p50_ms": 2.0, "p99_ms": 3.0}, "int8": {"p50_ms": 9.0, "p99_ms": 9.5},
+           "int8_cpu": {"p50_ms": 1.0, "p99_ms": 1.5}, "emulated": ["int8"], "loadavg_before": [1.0],
+           "loadavg_after": [1.0]}
+    d = {"onnxruntime": "1.x", "cpu": {}, "models": {"m": {"latency": lat}}}
+    text = "\n".join(run_all.render_export(d))
+    assert "9.00 / 9.50 (emulated)" in text and "1.00 / 1.50 |" in text and run_all.EMULATED_NOTE in text
+    assert run_all.EMULATED_NOTE in "\n".join(run_all.render_export_1t(d))
