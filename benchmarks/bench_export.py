@@ -162,7 +162,7 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
     from edge_runtime.bundle import Bundle
     from edge_runtime.errors import AccuracyGateError
     from export.bundle_write import write_bundle
-    from export.cli import export_reference, failed_report_path
+    from export.cli import calibration_method, export_reference, failed_report_path
 
     b = Bundle.load(bundle_dir)
     started = time.time()
@@ -176,7 +176,8 @@ def export_steps(bundle_dir: Path, threads: int, repair: bool) -> dict[str, Any]
         write_bundle(copy, manifest)
         t = time.perf_counter()
         try:
-            res = export_reference(copy, threads=threads, repair=repair, progress=False)
+            res = export_reference(copy, method=calibration_method(b.manifest), threads=threads, repair=repair,
+                                   progress=False)
         except AccuracyGateError as exc:
             out = {"passed": False, "error": str(exc).splitlines()[0], "total_s": round(time.perf_counter() - t, 2),
                    "times_s": {}}

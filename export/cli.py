@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -434,7 +434,14 @@ def failed_report_path(name: str) -> Path:
     return Path("out") / "export" / f"{name}.validation.failed.json"
 
 
-def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_frames: int = 200,
+def calibration_method(manifest: Mapping[str, Any]) -> str:
+    """The calibration method a bundle was (or its recipe wants to be) quantised with: the manifest's
+    ``calibration.method``, else ``training.calibration_method`` (reference recipes), else minmax."""
+    return str((manifest.get("calibration") or {}).get("method")
+               or (manifest.get("training") or {}).get("calibration_method") or "minmax")
+
+
+def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib_frames: int = 200,
                      val_frames: int = 200, repair: bool = False, max_float: int | None = None, threads: int = 2,
                      progress: bool = True) -> dict[str, Any]:
     """check -> fp16 -> int8 -> gate -> rewrite the bundle in place; returns step times and results.
@@ -452,6 +459,7 @@ def export_reference(bundle_dir: str | Path, *, method: str = "minmax", calib_fr
     root = Path(bundle_dir)
     bundle = Bundle.load(root)
     manifest = dict(bundle.manifest)
+    method = method or calibration_method(manifest)
     fp32 = bundle.file(bundle.artifact("fp32").file)
     fp32_sha = sha256_file(fp32)
     times: dict[str, float] = {}
@@ -668,7 +676,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("reference", help="full flow on shipped reference bundles, rewriting them in place")
     p.add_argument("names", nargs="+", help="model names under edge_runtime/models, or 'all'")
     p.add_argument("--models-dir", default=str(MODELS_DIR))
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"),
+                   help="calibration method (default: the bundle's own, from its manifest, else minmax)")
     p.add_argument("--calib-frames", type=int, default=200)
     p.add_argument("--val-frames", type=int, default=200)
     p.add_argument("--repair", action="store_true")

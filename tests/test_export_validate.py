@@ -402,3 +402,40 @@ def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, mo
     text = "\n".join(run_all.render_export(d))
     assert "9.00 / 9.50 (emulated)" in text and "1.00 / 1.50 |" in text and run_all.EMULATED_NOTE in text
     assert run_all.EMULATED_NOTE in "\n".join(run_all.render_export_1t(d))
+
+
+def test_gate_judges_wide_int8_weights_emulated_where_they_would_saturate(
+        tmp_path: Path, evalset: V.EvalSet, calset: C.CalibrationSet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU whose int8 kernels would saturate 8-bit weights (faked: x86 without VNNI), the TensorRT form is
+    judged on its exact Q/DQ arithmetic (emulated), and the report says so and names the CPU; the CPU form
+    (7-bit weights) runs fused; both pass, as they do in exact arithmetic."""
+    from edge_runtime.backends import onnxruntime as B
+    from edge_runtime.devices import CpuInt8
+    from export.quantize import quantize_int8_cpu
+
+    fp32 = blur_model(tmp_path / "fp32.onnx")
+    quantize_int8(fp32, tmp_path / "int8.onnx", calset.reader())
+    quantize_int8_cpu(fp32, tmp_path / "int8_cpu.onnx", calset.reader())
+    reports = {}
+    for exact in (True, False):
+        monkeypatch.setattr(B, "cpu_int8", lambda exact=exact: CpuInt8("t", "x86_64", ("avx512_vnni",) if exact else (), exact))
+        monkeypatch.setattr(V, "cpu_int8", lambda exact=exact: CpuInt8("t", "x86_64", ("avx512_vnni",) if exact else (), exact))
+        reports[exact] = V.validate(blur_manifest(), fp32, {"int8": tmp_path / "int8.onnx",
+                                                            "int8_cpu": tmp_path / "int8_cpu.onnx"}, evalset)
+    slow, fast = reports[False], reports[True]
+    assert slow.candidate("int8").emulated and not slow.candidate("int8_cpu").emulated
+    assert not fast.candidate("int8").emulated
+    assert "Q/DQ emulated in float" in slow.text() and "emulated" not in fast.text()
+    assert slow.to_dict()["conditions"]["cpu"]["int8_exact_with_8bit_weights"] is False
+    assert slow.passed, slow.text()
+
+
+def test_export_reference_keeps_the_bundles_own_calibration_method() -> None:
+    """A re-export calibrates as the bundle was calibrated (manifest), else as its recipe asks, else minmax."""
+    assert cli.calibration_method({"calibration": {"method": "percentile"}, "training": {"calibration_method": "x"}}) \
+        == "percentile"
+    assert cli.calibration_method({"training": {"calibration_method": "entropy"}}) == "entropy"
+    assert cli.calibration_method({}) == "minmax"
+    from export.training.train import RECIPES
+
+    assert RECIPES["us-despeckle"].calib_method == "percentile" and RECIPES["us-lesion-det"].calib_method == "minmax"

@@ -73,6 +73,7 @@ class Recipe:
     tolerances: dict[str, float] = field(default_factory=dict)
     loss: str = "mse"  # enhancers: "mse" or "l1"
     tune_at_eval: bool = False  # tune the baselines on training seeds made with make_eval (e.g. its dose)
+    calib_method: str = "minmax"  # INT8 calibration method `export reference` uses for this model
 
     @property
     def input_shape(self) -> list[Any]:
@@ -152,7 +153,10 @@ RECIPES: dict[str, Recipe] = {
                  "geometry": "sector (even seeds) / linear (odd seeds)", "n_lesions": [1, 3],
                  "pairs": "(frame.pixels, frame.truth.clean)"},
         n_train=600, n_eval=24, steps=6000, batch=16, crop=128, lr=1e-3, n_tune=4,
-        tolerances={"psnr_db": 0.3}),
+        tolerances={"psnr_db": 0.3},
+        # Percentile: with the CPU form's 7-bit weights, all-int8 held-out PSNR (200 frames, FP32 36.71 dB)
+        # minmax 36.37 (fails the 0.3 dB gate: --repair keeps 2 convs in float), percentile 36.45, entropy 36.44.
+        calib_method="percentile"),
     "xr-denoise": Recipe(
         name="xr-denoise", task="enhancement", family="denoise_unet",
         arch={"widths": [32, 32, 64], "factor": 4, "in_ch": 1, "vst": XR_VST, "depths": [1, 2, 3, 2, 1]},
@@ -469,7 +473,7 @@ def _manifest(recipe: Recipe, seed: int, counts: dict[str, Any], fit: dict[str, 
             "architecture": {"family": recipe.family, "config": recipe.arch},
             "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3),
             "torch_threads": THREADS, "train_s": fit["train_s"], "final_loss": fit["final"],
-            "loss_log": "train_log.jsonl",
+            "loss_log": "train_log.jsonl", "calibration_method": recipe.calib_method,
         },
     }
 
