@@ -27,6 +27,7 @@ lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check edge_runtime export benchmarks tests
 
 bench: $(VENV)/.dev
+	$(PIP) -e '.[bench]'
 	$(PY) -m benchmarks.run_all
 
 clean:

@@ -23,7 +23,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "infer": ("edge_runtime.infer", "run bundles over a folder, video or DICOM file into an output folder"),
     "run": ("edge_runtime.pipeline.cli", "start the ZeroMQ pipeline: source -> workers -> sinks"),
     "keys": ("edge_runtime.pipeline.security", "make CURVE key pairs for network endpoints"),
-    "bench": ("benchmarks.run_all", "run the benchmarks and regenerate benchmarks/RESULTS.md"),
+    "bench": ("benchmarks.run_all", "run the benchmarks and regenerate this machine's page under benchmarks/results/"),
 }
 
 

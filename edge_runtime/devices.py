@@ -453,11 +453,13 @@ def run(args: argparse.Namespace) -> int:
     configs = list_configs()
     found = detect(configs=configs)
     if args.json:
-        print(json.dumps({"configs": [c.to_dict() for c in configs], "detected": found.to_dict()}, indent=2))
+        print(json.dumps({"configs": [c.to_dict() for c in configs], "detected": found.to_dict(),
+                          "cpu_int8": cpu_int8().to_dict()}, indent=2))
         return 0
     print(_table(configs))
     print()
     print(f"detected: {found.config}  ({found.reason})")
     cpu = f"{found.cpu_model or 'unknown CPU'}, {found.cpu_cores or '?'} cores, {found.machine}"
     print(f"  cpu: {cpu}; gpu: {found.gpu or 'none'}")
+    print(f"  int8 kernels: {cpu_int8().describe()}")
     return 0

@@ -59,8 +59,8 @@ pre-processing (sibling convs merged), ``nodes_to_exclude`` honoured, Relu left 
 (no LeakyRelu rewrite, no kept activations, no dedicated pairs: none of that is needed in uint8), and a
 strided single-channel stem written as SpaceToDepth + conv (:func:`stem_as_space_to_depth`, same function)
 so that it runs as an int8 conv too. Measured 1.08-1.60x of FP32 on the reference models on a quiet
-2-core machine (benchmarks/RESULTS.md). TensorRT refuses it (non-zero zero points, uint8), so bundles
-carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).
+2-core Intel Xeon with VNNI, with 8-bit weights; the 7-bit form and CPUs without VNNI: each machine's page
+under benchmarks/results/. TensorRT refuses it (non-zero zero points, uint8), so bundles carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).
 """
 
 from __future__ import annotations

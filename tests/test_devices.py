@@ -180,9 +180,11 @@ def test_cli_lists_configs_and_detection(capsys: pytest.CaptureFixture[str]) -> 
     assert {c["name"] for c in data["configs"]} == SHIPPED
     assert data["detected"]["config"] in SHIPPED and data["detected"]["reason"]
     assert set(data["configs"][0]) >= set(YAML_FIELDS)
+    assert data["cpu_int8"]["int8_kernels"] == cpu_int8().describe()
     assert cli.main(["devices"]) == 0
     out = capsys.readouterr().out
     assert "jetson-orin-nano-8gb" in out and "detected:" in out and "precisions" in out
+    assert f"int8 kernels: {cpu_int8().describe()}" in out
     assert cli.main(["devices", "--config", "no-such-device"]) == 1
     assert "ConfigError" in capsys.readouterr().err
 
