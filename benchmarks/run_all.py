@@ -52,12 +52,12 @@ def _cpu_model() -> str:
 
 def machine_slug() -> str:
     """The page name for this machine, e.g. ``amd-epyc-no-vnni`` or ``intel-xeon-processor-vnni``."""
-    from edge_runtime.devices import cpu_int8
+    from edge_runtime.devices import X86, cpu_int8
 
     words = re.sub(r"\((r|tm)\)|\bcpu\b|@.*$", " ", _cpu_model().lower())
     base = "-".join(re.findall(r"[a-z0-9]+", words)) or platform.machine()
     cpu = cpu_int8()
-    return f"{base}-{'vnni' if cpu.dot_flags else 'no-vnni'}" if cpu.machine.lower() in ("x86_64", "amd64") else base
+    return f"{base}-{'vnni' if cpu.dot_flags else 'no-vnni'}" if cpu.machine.lower() in X86 else base
 
 
 def results_page() -> Path:
@@ -148,6 +148,12 @@ def _cells(lat: dict[str, Any], columns: tuple[str, ...], p99: bool) -> list[str
     return out
 
 
+def _speedups(lat: dict[str, Any]) -> str:
+    """INT8 / INT8 CPU speed-ups over FP32; "emulated" where the file ran emulated (no speed figure)."""
+    return " / ".join("emulated" if k in lat.get("emulated", ()) else _f(lat.get(f"{k}_speedup_p50"))
+                      for k in ("int8", "int8_cpu"))
+
+
 def _emulated_note(d: dict[str, Any]) -> list[str]:
     return ["", f"- {EMULATED_NOTE}."] if any(r["latency"].get("emulated") for r in d["models"].values()) else []
 
@@ -155,7 +161,7 @@ def _emulated_note(d: dict[str, Any]) -> list[str]:
 def render_export(d: dict[str, Any]) -> list[str]:
     from benchmarks.bench_export import BUNDLE_SOURCE, RUN_SOURCE, gate_view
 
-    lines = [f"ONNX Runtime {d['onnxruntime']} CPU; CPU: {json.dumps(d['cpu'])[:300]}.", "",
+    lines = [f"ONNX Runtime {d['onnxruntime']} CPU; CPU: {json.dumps(d['cpu'])}.", "",
              ("INT8 (TensorRT form) = int8.onnx (symmetric Q/DQ, runs everywhere); INT8 CPU = int8_cpu.onnx (uint8 "
              "asymmetric activations, ONNX Runtime CPU only: what the runtime runs on CPU devices). Same run, same "
              "frame, interleaved."), "",
@@ -173,8 +179,8 @@ def render_export(d: dict[str, Any]) -> list[str]:
         gate += " (this run)" if source == RUN_SOURCE else " (bundle)"
         steps = r.get("steps", {})
         load = _load_span(lat)
-        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
-                     f"{_f(lat.get('int8_cpu_speedup_p50'))} | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
+        lines.append(f"| {name} | {' | '.join(cells)} | {_speedups(lat)}"
+                     f" | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
     sources = {name: gate_view(r)[1] for name, r in d["models"].items()}
     lines += ["", "Accuracy gate: " + "; ".join(
         f"{src} for {', '.join(n for n, s in sources.items() if s == src)}"
@@ -203,8 +209,8 @@ def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleave
         lat = r["latency"]
         cells = _cells(lat, ("fp32", "int8", "int8_cpu"), p99=False)
         load = _load_span(lat)
-        lines.append(f"| {name} | {' | '.join(cells)} | {_f(lat.get('int8_speedup_p50'))} / "
-                     f"{_f(lat.get('int8_cpu_speedup_p50'))} | {load} |")
+        lines.append(f"| {name} | {' | '.join(cells)} | {_speedups(lat)}"
+                     f" | {load} |")
     return lines + _emulated_note(d)
 
 

@@ -356,12 +356,15 @@ class CpuInt8:
     machine: str
     dot_flags: tuple[str, ...]  # the INT8_DOT_FLAGS present
     exact: bool  # False: 8-bit weights can saturate ONNX Runtime's int8 sums here
+    flags_read: bool = True  # False: no CPU flags to read (x86 is then treated as without VNNI)
 
     def describe(self) -> str:
         if self.machine.lower() not in X86:
             return f"{self.machine}: int8 sums widen before adding (exact)"
         if self.exact:
             return f"x86 with {'/'.join(self.dot_flags)}: int8 sums in 32 bits (exact)"
+        if not self.flags_read:
+            return "x86, CPU flags unreadable: treated as without VNNI (exact only for int8 weights within +-64)"
         return "x86 without VNNI: u8 x s8 pairs summed in saturating 16 bits (exact only for weights within +-64)"
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,14 +376,14 @@ def cpu_int8(root: Path = Path("/"), *, machine: str | None = None) -> CpuInt8:
     """This CPU's int8 arithmetic class, from /proc/cpuinfo's flags (``root`` faked in tests)."""
     machine = machine or platform.machine()
     model, _ = _cpuinfo(root)
-    flags: set[str] = set()
+    flags: set[str] | None = None
     for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")
         if key.strip().lower() == "flags":
             flags = set(value.split())
             break
-    dots = tuple(f for f in INT8_DOT_FLAGS if f in flags)
-    return CpuInt8(model, machine, dots, machine.lower() not in X86 or bool(dots))
+    dots = tuple(f for f in INT8_DOT_FLAGS if f in (flags or ()))
+    return CpuInt8(model, machine, dots, machine.lower() not in X86 or bool(dots), flags is not None)
 
 
 def detect(root: Path = Path("/"), *, machine: str | None = None,

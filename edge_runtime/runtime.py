@@ -111,9 +111,11 @@ class Runtime:
         self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
         self.input_name = self.pre.input_name
         self.backend = self._open_backend().load()
-        if getattr(self.backend, "int8_emulated", False) and self.requested_precision == "auto":
+        if getattr(self.backend, "int8_emulated", False) and self.requested_precision == "auto" \
+                and self._builder is None:
             # This CPU's int8 kernels would saturate the artefact's 8-bit weights (backends/onnxruntime.py):
-            # emulated it is exact but slower than FP32, so FP32 serves.
+            # emulated it is exact but slower than FP32, so FP32 serves. Not while an INT8 engine builds:
+            # the emulated stopgap serves until TensorRT takes over.
             self.backend.close()
             note = (f"{self.artifact}: int8 weights beyond this CPU's exact range ({cpu_int8().describe()}); "
                     "serving fp32 (re-export the bundle for a CPU INT8 form with 7-bit weights)")

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_runtime.backends.onnxruntime import INT8_EXACT_PEAK
 from edge_runtime.bundle import sha256_file
 from edge_runtime.devices import cpu_int8
 from edge_runtime.errors import AccuracyGateError, ExportError, expected
@@ -373,7 +374,7 @@ class ValidationReport:
                             for k, v in c.output_error.items())
             lines.append(f"  {c.precision} output error vs fp32: {err}")
             if c.emulated:
-                lines.append(f"  {c.precision}: int8 weights beyond +-64 on this CPU ({cpu_int8().describe()}): "
+                lines.append(f"  {c.precision}: int8 weights beyond +-{INT8_EXACT_PEAK} on this CPU ({cpu_int8().describe()}): "
                              "Q/DQ emulated in float (exact; its ms/frame is not its speed)")
             for f in c.failures:
                 lines.append(f"  {c.precision} ({c.file}) FAILED {f.text()}")

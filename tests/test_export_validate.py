@@ -396,11 +396,13 @@ def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, mo
     index = run_all.render_index()
     assert index.index("[A](results/a-no-vnni.md): Machine: A") < index.index("[B](results/b-vnni.md): Machine: B")
     lat = {"fp32": {"p50_ms": 2.0, "p99_ms": 3.0}, "int8": {"p50_ms": 9.0, "p99_ms": 9.5},
-           "int8_cpu": {"p50_ms": 1.0, "p99_ms": 1.5}, "emulated": ["int8"], "loadavg_before": [1.0],
+           "int8_cpu": {"p50_ms": 1.0, "p99_ms": 1.5}, "emulated": ["int8"], "int8_speedup_p50": 0.22,
+           "int8_cpu_speedup_p50": 2.0, "loadavg_before": [1.0],
            "loadavg_after": [1.0]}
     d = {"onnxruntime": "1.x", "cpu": {}, "models": {"m": {"latency": lat}}}
     text = "\n".join(run_all.render_export(d))
     assert "9.00 / 9.50 (emulated)" in text and "1.00 / 1.50 |" in text and run_all.EMULATED_NOTE in text
+    assert "| emulated / 2.00 |" in text  # no speed-up shown for the emulated file
     assert run_all.EMULATED_NOTE in "\n".join(run_all.render_export_1t(d))
 
 

@@ -150,7 +150,7 @@ def int8_weight_peak(path: str | os.PathLike[str]) -> int:
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # int8 weights of our files are inline
     inits = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8}
     peak = 0
     for node in model.graph.node:
@@ -296,6 +296,18 @@ class OrtBackend(Backend):
             session = ort.InferenceSession(str(model), sess_options=opts, providers=self._provider_list(chosen))
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BackendError(f"onnxruntime could not load {model}: {exc}") from exc
+        if not self.int8_emulated and int8_needs_emulation(self.model_path, session.get_providers(),
+                                                           self.graph_optimization):
+            # ONNX Runtime fell back to its CPU provider (e.g. CUDA listed but unusable): emulate after all.
+            self.int8_emulated = True
+            log.warning("onnxruntime: %s fell back to the CPU provider, whose int8 kernels (%s) would saturate "
+                        "its int8 weights; running its Q/DQ arithmetic emulated in float", self.model_path.name,
+                        cpu_int8().describe())
+            opts = session_options(threads=self.threads, inter_op_threads=self.inter_op_threads,
+                                   execution_mode=self.execution_mode, graph_optimization="basic",
+                                   spinning=self.spinning)
+            session = ort.InferenceSession(str(self.model_path), sess_options=opts,
+                                           providers=self._provider_list(chosen))
         self._session = session
         self._inputs = [_spec(n) for n in session.get_inputs()]
         self._outputs = [_spec(n) for n in session.get_outputs()]
