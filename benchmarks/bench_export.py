@@ -56,19 +56,12 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_b
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    from edge_runtime.devices import cpu_int8
+    from edge_runtime.devices import cpu_flags, cpu_int8
 
-    return {"model": model, "cores": os.cpu_count(), "int8_flags": {f: f in flags for f in CPU_FLAGS},
-            "int8_kernels": cpu_int8().describe()}
+    cpu = cpu_int8()
+    flags = cpu_flags() or set()
+    return {"model": cpu.model or platform.processor(), "cores": os.cpu_count(),
+            "int8_flags": {f: f in flags for f in CPU_FLAGS}, "int8_kernels": cpu.describe()}
 
 
 def frame_tensor(manifest: dict[str, Any]) -> Any:

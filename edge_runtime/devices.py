@@ -372,16 +372,20 @@ class CpuInt8:
                 "int8_exact_with_8bit_weights": self.exact, "int8_kernels": self.describe()}
 
 
+def cpu_flags(root: Path = Path("/")) -> set[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo (x86 "flags"), or None where there are none to read."""
+    for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() == "flags":
+            return set(value.split())
+    return None
+
+
 def cpu_int8(root: Path = Path("/"), *, machine: str | None = None) -> CpuInt8:
     """This CPU's int8 arithmetic class, from /proc/cpuinfo's flags (``root`` faked in tests)."""
     machine = machine or platform.machine()
     model, _ = _cpuinfo(root)
-    flags: set[str] | None = None
-    for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() == "flags":
-            flags = set(value.split())
-            break
+    flags = cpu_flags(root)
     dots = tuple(f for f in INT8_DOT_FLAGS if f in (flags or ()))
     return CpuInt8(model, machine, dots, machine.lower() not in X86 or bool(dots), flags is not None)
 
