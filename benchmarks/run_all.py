@@ -41,13 +41,9 @@ BENCHES = {  # name -> (module, extra args)
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from edge_runtime.devices import cpu_int8
+
+    return cpu_int8().model or platform.processor() or platform.machine()
 
 
 def machine_slug() -> str:
@@ -155,7 +151,7 @@ def _speedups(lat: dict[str, Any]) -> str:
 
 
 def _emulated_note(d: dict[str, Any]) -> list[str]:
-    return ["", f"- {EMULATED_NOTE}."] if any(r["latency"].get("emulated") for r in d["models"].values()) else []
+    return [f"- {EMULATED_NOTE}."] if any(r["latency"].get("emulated") for r in d["models"].values()) else []
 
 
 def render_export(d: dict[str, Any]) -> list[str]:
@@ -196,7 +192,7 @@ def render_export(d: dict[str, Any]) -> list[str]:
         if r.get("steps", {}).get("times_s"):
             lines.append(f"- {name} export steps (s): "
                          + ", ".join(f"{k} {_f(v)}" for k, v in r["steps"]["times_s"].items()))
-    return lines + _emulated_note(d)[1:]
+    return lines + _emulated_note(d)
 
 
 def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleaved timing, `--threads 1`.") -> list[str]:
@@ -211,7 +207,8 @@ def render_export_1t(d: dict[str, Any], note: str = "Same files, same interleave
         load = _load_span(lat)
         lines.append(f"| {name} | {' | '.join(cells)} | {_speedups(lat)}"
                      f" | {load} |")
-    return lines + _emulated_note(d)
+    emulated = _emulated_note(d)
+    return lines + ([""] + emulated if emulated else [])
 
 
 def _spin_note(d: dict[str, Any]) -> str:

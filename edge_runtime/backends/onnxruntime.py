@@ -274,9 +274,7 @@ class OrtBackend(Backend):
         self.int8_emulated = int8_needs_emulation(model, chosen, level)
         if self.int8_emulated:
             level = "basic"
-            log.warning("onnxruntime: %s has int8 weights beyond +-%d, which this CPU's int8 kernels (%s) would "
-                        "sum wrongly; running its Q/DQ arithmetic emulated in float (exact, slower than FP32)",
-                        model.name, INT8_EXACT_PEAK, cpu_int8().describe())
+            self._warn_emulated()
         save_to: Path | None = None
         cached = self._optimized_path(chosen, level)
         if cached is not None and cached.is_file():
@@ -288,31 +286,33 @@ class OrtBackend(Backend):
                 save_to = cached
             except OSError as exc:  # read-only cache location: run without the cache
                 log.warning("onnxruntime: cannot write optimised graph cache %s (%s)", cached.parent, exc)
-        opts = session_options(
-            threads=self.threads, inter_op_threads=self.inter_op_threads, execution_mode=self.execution_mode,
-            graph_optimization=level, spinning=self.spinning, optimized_model_path=save_to,
-        )
-        try:
-            session = ort.InferenceSession(str(model), sess_options=opts, providers=self._provider_list(chosen))
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BackendError(f"onnxruntime could not load {model}: {exc}") from exc
-        if not self.int8_emulated and int8_needs_emulation(self.model_path, session.get_providers(),
-                                                           self.graph_optimization):
+        session = self._session_for(ort, model, chosen, level, save_to)
+        got = session.get_providers()
+        if got[:1] != chosen[:1] and int8_needs_emulation(self.model_path, got, self.graph_optimization):
             # ONNX Runtime fell back to its CPU provider (e.g. CUDA listed but unusable): emulate after all.
             self.int8_emulated = True
-            log.warning("onnxruntime: %s fell back to the CPU provider, whose int8 kernels (%s) would saturate "
-                        "its int8 weights; running its Q/DQ arithmetic emulated in float", self.model_path.name,
-                        cpu_int8().describe())
-            opts = session_options(threads=self.threads, inter_op_threads=self.inter_op_threads,
-                                   execution_mode=self.execution_mode, graph_optimization="basic",
-                                   spinning=self.spinning)
-            session = ort.InferenceSession(str(self.model_path), sess_options=opts,
-                                           providers=self._provider_list(chosen))
+            self._warn_emulated()
+            session = self._session_for(ort, self.model_path, chosen, "basic", None)
         self._session = session
         self._inputs = [_spec(n) for n in session.get_inputs()]
         self._outputs = [_spec(n) for n in session.get_outputs()]
         self._output_names = [s.name for s in self._outputs]
         self.provider = session.get_providers()[0]
+
+    def _session_for(self, ort: Any, model: Path, chosen: list[str], level: str, save_to: Path | None) -> Any:
+        opts = session_options(
+            threads=self.threads, inter_op_threads=self.inter_op_threads, execution_mode=self.execution_mode,
+            graph_optimization=level, spinning=self.spinning, optimized_model_path=save_to,
+        )
+        try:
+            return ort.InferenceSession(str(model), sess_options=opts, providers=self._provider_list(chosen))
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BackendError(f"onnxruntime could not load {model}: {exc}") from exc
+
+    def _warn_emulated(self) -> None:
+        log.warning("onnxruntime: %s has int8 weights beyond +-%d, which this CPU's int8 kernels (%s) would sum "
+                    "wrongly; running its Q/DQ arithmetic emulated in float (exact, slower than FP32)",
+                    self.model_path.name, INT8_EXACT_PEAK, cpu_int8().describe())
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
