@@ -381,6 +381,20 @@ def cpu_flags(root: Path = Path("/")) -> set[str] | None:
     return None
 
 
+def cpu_identity(root: Path = Path("/"), *, machine: str | None = None) -> str:
+    """What a CPU-tuned artefact depends on: architecture, CPU model and its feature flags (x86 "flags",
+    Arm "Features"). ONNX Runtime's fully optimised graphs are laid out for the vector width they were
+    made on (NCHWc blocks of 8 floats with AVX2, 16 with AVX-512), so a cache of them keys on this."""
+    model, _ = _cpuinfo(root)
+    features = ""
+    for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            features = " ".join(sorted(value.split()))
+            break
+    return f"{machine or platform.machine()}|{model}|{features}"
+
+
 def cpu_int8(root: Path = Path("/"), *, machine: str | None = None) -> CpuInt8:
     """This CPU's int8 arithmetic class, from /proc/cpuinfo's flags (``root`` faked in tests)."""
     machine = machine or platform.machine()

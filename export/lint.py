@@ -406,6 +406,25 @@ def _check_dla(model: Any, g: _Graph, cores: int, findings: list[Finding]) -> No
                                     n.name or n.output[0], n.op_type))
 
 
+def _check_cpu_int8(model: Any, g: _Graph, findings: list[Finding]) -> None:
+    """Int8 weights beyond +-64 on ONNX Runtime's CPU provider: exact only where the CPU has VNNI."""
+    from edge_runtime.backends.onnxruntime import INT8_EXACT_PEAK
+
+    peak, cpu_form = 0, False
+    for n, _ in _walk(model.graph):
+        if n.op_type == "DequantizeLinear" and n.input[0] in g.consts and g.consts[n.input[0]].dtype == np.int8:
+            peak = max(peak, int(np.abs(g.consts[n.input[0]].astype(np.int16)).max(initial=0)))
+        zp = g.consts.get(n.input[2]) if n.op_type == "QuantizeLinear" and len(n.input) > 2 else None
+        cpu_form |= zp is not None and zp.dtype == np.uint8
+    if peak <= INT8_EXACT_PEAK:
+        return
+    text = (f"int8 weights up to +-{peak}: ONNX Runtime's CPU int8 kernels on x86 without VNNI (e.g. AMD Zen 3) "
+            f"sum them in saturating 16 bits, so the runtime runs this file there emulated in float (exact, "
+            f"slower than FP32); weights within +-{INT8_EXACT_PEAK} (export quantize --form cpu) run fused everywhere")
+    # The CPU form exists only for ONNX Runtime's CPU provider: 8-bit weights there defeat its purpose.
+    findings.append(Finding("warn" if cpu_form else "info", "cpu-int8-range", text))
+
+
 def check_model(path: str | os.PathLike[str], *, profile: Profile | None = None,
                 device: Mapping[str, Any] | Any | None = None, dla: int | None = None) -> LintReport:
     """Check ``path`` and lint it for TensorRT. ``dla`` overrides the device config's DLA core count."""
@@ -425,6 +444,7 @@ def check_model(path: str | os.PathLike[str], *, profile: Profile | None = None,
     _check_opset(opset, findings)
     _check_ops(inferred, g, findings)
     _check_qdq(inferred, g, findings)
+    _check_cpu_int8(inferred, g, findings)
     cores = dla_cores(device) if dla is None else dla
     _check_dynamic(inferred, profile, cores, findings)
     if cores > 0:

@@ -265,6 +265,27 @@ def test_optimized_graph_cache_is_written_then_used(conv_path: Path, tmp_path: P
     np.testing.assert_allclose(out1, out2, rtol=1e-6)
 
 
+def test_optimized_graph_cache_is_not_shared_across_cpus(conv_path: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph optimised on an AVX-512 CPU (NCHWc blocks of 16) is not read on an AVX2 one (blocks of 8):
+    the cache key holds the CPU's identity (faked here), so a cache dir carried to another CPU is rebuilt."""
+    from edge_runtime.backends import onnxruntime as B
+    from edge_runtime.devices import cpu_identity
+
+    cache = tmp_path / "ort-cache"
+    for cpu in ("x86_64|CPU A|avx2 avx512f", "x86_64|CPU B|avx2"):
+        monkeypatch.setattr(B, "cpu_identity", lambda cpu=cpu: cpu)
+        with OrtBackend(conv_path, optimized_cache_dir=cache) as b:
+            b.infer({"image": RNG.standard_normal((1, 1, 9, 9)).astype(np.float32)})
+    assert len(list(cache.glob("conv.*.ort.onnx"))) == 2
+    ident = cpu_identity(tmp_path, machine="x86_64")  # no /proc/cpuinfo under tmp_path
+    assert ident == "x86_64|None|"
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cpuinfo").write_text("processor\t: 0\nmodel name\t: CPU A\nflags\t\t: sse2 avx2 avx512f\n")
+    assert cpu_identity(tmp_path, machine="x86_64") == "x86_64|CPU A|avx2 avx512f sse2"
+
+
 # -- selection -------------------------------------------------------------------------------------
 def test_select_backend_auto_falls_back_to_onnxruntime_and_logs(conv_path: Path, tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:

@@ -22,9 +22,10 @@ def _run_cli(argv: list[str]) -> int:
     return cli.run(parser.parse_args(argv))
 
 
-def _qdq_conv(path: Path, zero_point: int, zp_type: int = TensorProto.INT8) -> Path:
-    """x -> Q -> DQ -> Conv (int8 weights behind a DQ), with the given activation zero point."""
-    w = numpy_helper.from_array(np.ones((2, 1, 3, 3), np.int8), "w_q")
+def _qdq_conv(path: Path, zero_point: int, zp_type: int = TensorProto.INT8, peak: int = 1) -> Path:
+    """x -> Q -> DQ -> Conv (int8 weights of +-peak behind a DQ), with the given activation zero point."""
+    w = numpy_helper.from_array(np.full((2, 1, 3, 3), peak, np.int8) * np.array([1, -1], np.int8)[:, None, None, None],
+                                "w_q")
     inits = [w, numpy_helper.from_array(np.full(2, 0.1, np.float32), "w_s"),
              numpy_helper.from_array(np.zeros(2, np.int8), "w_zp"),
              numpy_helper.from_array(np.array(0.02, np.float32), "x_s"),
@@ -43,6 +44,17 @@ def test_symmetric_qdq_static_model_is_clean(tmp_path: Path) -> None:
     assert report.op_counts["QuantizeLinear"] == 1
     dla = check_model(tmp_path / "sym.onnx", dla=1)  # int8 weights behind a DQ count as constant weights
     assert "dla-fallback" not in dla.rules() and "dla" in dla.rules("info")
+
+
+def test_int8_weights_beyond_7_bits_are_flagged_for_cpus_without_vnni(tmp_path: Path) -> None:
+    """8-bit weights run emulated (slow) on x86 CPUs without VNNI: a note for the TensorRT form, a warning for a
+    uint8-activation (ONNX Runtime CPU) form, nothing for weights within +-64."""
+    assert "cpu-int8-range" not in check_model(_qdq_conv(tmp_path / "w64.onnx", 0, peak=64)).rules()
+    trt = check_model(_qdq_conv(tmp_path / "w127.onnx", 0, peak=127))
+    assert "cpu-int8-range" in trt.rules("info") and trt.ok
+    assert "+-127" in next(f.message for f in trt.findings if f.rule == "cpu-int8-range")
+    cpu = check_model(_qdq_conv(tmp_path / "u8.onnx", 128, TensorProto.UINT8, peak=-128))
+    assert "cpu-int8-range" in cpu.rules("warn")
 
 
 def test_asymmetric_qdq_is_an_error(tmp_path: Path) -> None:

@@ -498,3 +498,21 @@ def test_backend_emulates_wide_int8_weights_on_a_saturating_cpu(tmp_path: Path, 
         for path in (cpu.path, src):
             with B.OrtBackend(path, providers=["cpu"], threads=1) as b:
                 assert b.int8_emulated is False
+
+
+def test_backend_emulates_after_onnxruntime_falls_back_from_cuda_to_cpu(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA asked for but unusable: ONNX Runtime (this CPU-only build, for real) serves on its CPU provider
+    instead, so an INT8 file with 8-bit weights on a saturating CPU (faked) must still end up emulated."""
+    from edge_runtime.backends import onnxruntime as B
+    from edge_runtime.devices import CpuInt8
+
+    src = _saturating_model(tmp_path)
+    trt = quantize_int8(src, tmp_path / "int8.onnx", _calset(8).reader(), float_single_channel_convs=False)
+    monkeypatch.setattr(B, "cpu_int8", lambda: CpuInt8("test", "x86_64", (), False))
+    monkeypatch.setattr(B, "resolve_providers", lambda *a: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    x = _calset(8).tensors[0]
+    with B.OrtBackend(trt.path, threads=1, precision="int8") as b:
+        assert b.provider == "CPUExecutionProvider" and b.int8_emulated is True
+        np.testing.assert_allclose(b.infer({"image": x})["enhanced"], _session_out(trt.path, x, "disable"),
+                                   rtol=1e-5, atol=1e-5)

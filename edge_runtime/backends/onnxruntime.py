@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..devices import cpu_int8, spinning_mode
+from ..devices import cpu_identity, cpu_int8, spinning_mode
 from ..errors import BackendError, ConfigError, expected
 from .base import Backend, TensorSpec
 
@@ -197,8 +197,9 @@ class OrtBackend(Backend):
         graph_optimization: ``disable``/``basic``/``extended``/``all``.
         inter_op_threads, execution_mode, spinning: see the module docstring.
         optimized_cache_dir: when set, the optimised graph is saved there on first load, keyed by
-            the model's sha256, the optimisation level, the providers and the onnxruntime version,
-            and later loads read it with optimisation off (faster start on slow devices).
+            the model's sha256, the optimisation level, the providers, the onnxruntime version and
+            the CPU (``devices.cpu_identity``: the graph is laid out for this CPU's vector width), and
+            later loads read it with optimisation off (faster start on slow devices).
         device_id: GPU index for the CUDA / TensorRT providers.
 
     An int8 model whose weights would saturate this CPU's int8 kernels (``int8_needs_emulation``)
@@ -260,7 +261,7 @@ class OrtBackend(Backend):
         import onnxruntime as ort
 
         digest = hashlib.sha256(self.model_path.read_bytes())
-        digest.update(f"|{level}|{','.join(chosen)}|{ort.__version__}".encode())
+        digest.update(f"|{level}|{','.join(chosen)}|{ort.__version__}|{cpu_identity()}".encode())
         return self.optimized_cache_dir / f"{self.model_path.stem}.{digest.hexdigest()[:16]}.ort.onnx"
 
     def _load(self) -> None:

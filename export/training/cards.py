@@ -10,6 +10,8 @@ ms per frame from the same process; for the enhancers also the real pydicom ultr
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -149,7 +151,7 @@ def write_card(name: str, bundle_dir: str | Path | None = None, docs_dir: str | 
     if recipe.task == "detection":
         base = m["baselines"]
         res = evaluate.eval_detector(m, onnx_path, heldout, base)
-        ctx["res"] = res
+        ctx["res"] = res | {"timed_on": _timed_on()}
         _detections_png(img_dir / f"{name}.png", heldout[:6], res["detections"], res["baseline_detections"],
                         float(m["postprocess"]["score_threshold"]), recipe.bits_stored)
         text = _detector_card(ctx)
@@ -159,7 +161,7 @@ def write_card(name: str, bundle_dir: str | Path | None = None, docs_dir: str | 
         phantom = m["training"]["phantom"]
         if phantom.get("generator") == "edge_runtime.phantoms.xr_frame" and "eval_dose" in phantom:
             res["other_doses"] = _other_doses(m, onnx_path, seeds, filters, float(phantom["eval_dose"]), progress)
-        ctx["res"] = res
+        ctx["res"] = res | {"timed_on": _timed_on()}
         real = None
         if recipe.modality == ["US"]:
             frames = _real_us_frames()
@@ -172,6 +174,14 @@ def write_card(name: str, bundle_dir: str | Path | None = None, docs_dir: str | 
     path.write_text(text)
     (docs / f"{name}.json").write_text(json.dumps(_jsonable(ctx["res"]), indent=1, default=str) + "\n")
     return path
+
+
+def _timed_on() -> str:
+    """The CPU the card's ms figures come from: they differ by machine (benchmarks/results/ has each)."""
+    from edge_runtime.devices import cpu_int8
+
+    cpu = cpu_int8()
+    return f"{cpu.model or platform.machine()}, {os.cpu_count()} cores ({cpu.describe()})"
 
 
 def _other_doses(m: dict[str, Any], onnx_path: Path, seeds: Any, filters: dict[str, Any], eval_dose: float,
@@ -321,7 +331,7 @@ def _detector_card(ctx: dict[str, Any]) -> str:
         " at IoU 0.5, per class then mean; sensitivity at 0.5 false positives per image over all classes"
         f" (export/metrics.py). The model's detections are decoded with score threshold {evaluate.AP_SCORE_THRESHOLD}"
         " for the curves; the shipped default threshold is"
-        f" {m['postprocess']['score_threshold']}."),
+        f" {m['postprocess']['score_threshold']}. Timed on {res['timed_on']}."),
         "",
         "| | AP50 | per class | sensitivity @ 0.5 FP/image | ms per frame |",
         "|---|---|---|---|---|",
@@ -365,7 +375,7 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
         " per frame in the same process, timed apart from the metrics: model and filters take turns over all"
         " the frames, two passes in alternating order after a warm-up pass (model: ONNX Runtime CPU, 2 threads,"
         " spinning during a run only as the runtime's cpu_spinning \"run\", including pre- and post-processing;"
-        " filters: OpenCV with 2 threads)."),
+        f" filters: OpenCV with 2 threads), on {res['timed_on']}."),
         "",
         "| | PSNR dB | SSIM | ms per frame | parameters (tuned on training seeds) |",
         "|---|---|---|---|---|",
