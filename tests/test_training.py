@@ -137,6 +137,16 @@ def test_timing_passes_alternate_the_order_and_drop_the_warm_up() -> None:
     assert order == ["a", "b", "b", "a", "a", "b"] and len(calls) == 18
 
 
+def test_card_speed_verdict_holds_only_if_it_holds_in_every_round() -> None:
+    """A model faster than the filter in the median but slower in one round is not called faster."""
+    from export.training.cards import speed_verdict
+
+    assert speed_verdict([3.0, 3.1, 2.9], [4.0, 4.2, 3.9], "bilateral")[:2] == (True, "met")
+    faster, verdict, spread = speed_verdict([3.0, 3.1, 4.3], [4.0, 4.2, 4.0], "bilateral")
+    assert not faster and verdict.startswith("not met: at parity") and "1.07" in spread and "over 3 rounds" in spread
+    assert speed_verdict([4.5, 4.6], [4.0, 4.1], "bilateral")[1] == "missed"
+
+
 def test_xr_training_doses_bracket_the_evaluation_dose() -> None:
     from export.training.train import XR_EVAL_DOSE, XR_TRAIN_DOSE
 
