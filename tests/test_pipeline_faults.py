@@ -233,7 +233,7 @@ def test_sigterm_stops_the_whole_pipeline_cleanly(tmp_path: Path) -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err[-2000:]
-    assert "results in" in out
+    assert "frames read in" in out
     lines = _strict_lines(path)
     assert lines[-1]["event"] == "recorder_stopped" and lines[-1]["clean_end"] is True
     assert (tmp_path / "latency.json").is_file()

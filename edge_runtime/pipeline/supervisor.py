@@ -239,7 +239,9 @@ class PipelineReport:
 
     def summary(self) -> str:
         e2e = self.stats.get("e2e_ms", {})
-        lines = [f"{self.results} results in {self.duration_s:.1f} s ({self.fps:.1f} fps)"]
+        # fps counts from the supervisor's start, so start-up (spawning, model loads) is inside it.
+        read = f" of {self.frames_read} frames read" if self.frames_read else ""
+        lines = [f"{self.results} results{read} in {self.duration_s:.1f} s ({self.fps:.1f} fps incl. start-up)"]
         if e2e.get("n"):
             worst = self.stats.get("worst") or {}
             lines.append(f"capture->sink ms: p50 {e2e['p50']:.1f}  p99 {e2e['p99']:.1f}  max {e2e['max']:.1f} "
