@@ -30,7 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from edge_runtime.backends.tensorrt import logged_errors, make_trt_logger, parse_version, require_tensorrt
+from edge_runtime.backends.tensorrt import (
+    error_mark,
+    logged_errors,
+    make_trt_logger,
+    parse_version,
+    require_tensorrt,
+)
 from edge_runtime.engine_cache import EngineCache, EngineKey, Profile, atomic_write_bytes, normalize_profile
 from edge_runtime.errors import BackendError, ExportError, expected
 
@@ -346,6 +352,19 @@ def _set_flag(config: trt.IBuilderConfig, name: str) -> None:
     config.set_flag(flag)
 
 
+def _save_timing_cache(config: trt.IBuilderConfig, path: Path) -> None:
+    """Write the build's timing cache; a failure costs only the next build's time, never the engine."""
+    try:
+        # None when no cache is set, although the stubs do not say so
+        cache: trt.ITimingCache | None = config.get_timing_cache()
+        if cache is None:
+            raise RuntimeError("TensorRT returned no timing cache")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, bytes(cache.serialize()))
+    except (OSError, RuntimeError) as exc:
+        log.warning("build: timing cache not saved to %s (%s); the engine is unaffected", path, exc)
+
+
 def build_engine(
     onnx_path: str | Path,
     engine_path: str | Path,
@@ -397,6 +416,7 @@ def build_engine(
     profile = plan_profile(traits.inputs, profiles, target_hw)
 
     logger = make_trt_logger()
+    mark = error_mark(logger)
     builder = trt.Builder(logger)
     network_flags = 0
     if plan.explicit_batch_flag:
@@ -410,7 +430,7 @@ def build_engine(
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(
             f"build: TensorRT {version_text} ONNX parser rejected {onnx_path.name} ({len(errors)} errors): "
-            + " | ".join(errors or logged_errors(logger) or ["no detail"])
+            + " | ".join(errors or logged_errors(logger, mark) or ["no detail"])
         )
 
     config = builder.create_builder_config()
@@ -429,6 +449,11 @@ def build_engine(
     if "FP16" in plan.builder_flags and not builder.platform_has_fast_fp16:
         log.warning("build: this GPU has no fast FP16; the fp16 engine may be no faster than fp32")
     if dla_core is not None:
+        if builder.num_DLA_cores == 0:
+            raise ExportError(
+                f"build dla_core: expected a TensorRT with DLA, found TensorRT {version_text} reporting no DLA "
+                "core (this GPU has none, or TensorRT 11.0-11.4.0, which dropped DLA until 11.4.1 on JetPack "
+                "7.2.2+); build for the GPU (no dla_core)")
         if dla_core >= builder.num_DLA_cores:
             raise ExportError(f"build dla_core: expected < {builder.num_DLA_cores} (DLA cores here), found {dla_core}")
         config.default_device_type = trt.DeviceType.DLA
@@ -449,11 +474,14 @@ def build_engine(
         data = cache_path.read_bytes() if cache_path.is_file() else b""
         try:
             cache = config.create_timing_cache(data)
-            cache_loaded = bool(data)
-        except (RuntimeError, TypeError, ValueError) as exc:  # a corrupt or foreign cache: start afresh
-            log.warning("build: timing cache %s unusable (%s); starting an empty one", cache_path, exc)
-            cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+            # False: recorded on a GPU with other properties (ignore_mismatch=False keeps timings honest)
+            cache_loaded = config.set_timing_cache(cache, ignore_mismatch=False) and bool(data)
+            problem = None if cache_loaded or not data else "recorded on another device"
+        except (RuntimeError, TypeError, ValueError) as exc:  # a corrupt cache file
+            problem = str(exc)
+        if problem is not None:
+            log.warning("build: timing cache %s unusable (%s); starting an empty one", cache_path, problem)
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     sink: ProgressSink | None = None
     if progress and plan.progress_monitor:
@@ -478,14 +506,13 @@ def build_engine(
         cancelled = cancel is not None and cancel.is_set()
         raise ExportError(
             f"build: TensorRT {version_text} {'build cancelled' if cancelled else 'failed'} for {onnx_path.name}: "
-            + ("; ".join(logged_errors(logger)) or "see the TensorRT log above")
+            + ("; ".join(logged_errors(logger, mark)) or "see the TensorRT log above")
         )
     engine_bytes = bytes(serialized)  # exactly TensorRT's bytes: never prepend anything
     engine_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(engine_path, engine_bytes)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        _save_timing_cache(config, cache_path)
     log.info("build: wrote %s (%d bytes) in %.1f s", engine_path, len(engine_bytes), seconds)
     return BuildReport(
         onnx_path=str(onnx_path), engine_path=str(engine_path), trt_version=version_text, precision=precision,

@@ -108,9 +108,13 @@ def _fake_trt(version: str) -> types.ModuleType:
     class Runtime:
         def __init__(self, logger: Any) -> None:
             self.logger = logger
+            self.engine_host_code_allowed = False  # TensorRT's default
 
         def deserialize_cuda_engine(self, data: bytes) -> Any:
             desc = trt.engines.get(bytes(data))
+            if desc is not None and desc.get("host_code") and not self.engine_host_code_allowed:
+                self.logger.log(1, "engine has host code: set engine_host_code_allowed")  # ERROR
+                return None
             return None if desc is None else FakeEngine(desc)
 
     trt.Runtime = Runtime
@@ -167,6 +171,8 @@ def _fake_trt(version: str) -> types.ModuleType:
             return TimingCache(data)
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            if cache.data.startswith(b"foreign") and not ignore_mismatch:
+                return False  # recorded on a device with other properties
             self.timing = cache
             return True
 
@@ -534,6 +540,32 @@ def test_trt_backend_static_engine_runs_and_releases(fake_trt: Any, tmp_path: Pa
     assert FAKE_CUDA.current() is None
 
 
+def test_version_compatible_engine_loads_only_with_host_code_allowed(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
+    against tensorrt-stubs, not run. A version-compatible engine embeds its lean runtime: TensorRT
+    refuses it unless the runtime's engine_host_code_allowed is set, which TrtBackend does only when asked."""
+    path = engine_file(fake_trt, tmp_path / "vc.engine", dynamic=False)
+    fake_trt.engines[path.read_bytes()]["host_code"] = True
+    with pytest.raises(BackendError, match="could not deserialise vc.engine .*host code.*allow_host_code=True"):
+        TrtBackend(path).load()
+    with TrtBackend(path, allow_host_code=True) as b:
+        assert b.infer({"x": np.ones((1, 1, 8, 8), np.float32)})["y"].shape == (1, 1, 8, 8)
+
+
+def test_trt_logger_is_one_per_process_and_quotes_only_new_errors(fake_trt: Any) -> None:
+    """TensorRT keeps one logger pointer per process: every builder and runtime gets the same logger,
+    and a failed call quotes only the errors logged after its mark."""
+    from edge_runtime.backends.tensorrt import error_mark, logged_errors, make_trt_logger
+
+    logger = make_trt_logger()
+    assert make_trt_logger() is logger
+    logger.log(1, "old failure")  # ERROR
+    mark = error_mark(logger)
+    logger.log(2, "a warning")
+    logger.log(0, "new failure")  # INTERNAL_ERROR
+    assert logged_errors(logger, mark) == ["new failure"] and "old failure" in logged_errors(logger)
+
+
 def test_trt_backend_dynamic_shapes_grow_buffers_only_when_needed(fake_trt: Any, tmp_path: Path) -> None:
     """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
     against tensorrt-stubs, not run."""
@@ -775,6 +807,32 @@ def test_build_engine_writes_exact_bytes_and_timing_cache(fake_trt: Any, tmp_pat
     assert not list(tmp_path.rglob("*.partial"))
 
 
+def test_build_engine_survives_a_foreign_or_unsaveable_timing_cache(fake_trt: Any, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
+    against tensorrt-stubs, not run. A cache TensorRT refuses (set_timing_cache -> False: another GPU)
+    is replaced by an empty one, and a cache that cannot be read back or saved costs a warning, not
+    the engine."""
+    onnx_path = fp32_onnx(tmp_path / "m.onnx")
+    timing = tmp_path / "t.timing-cache"
+    timing.write_bytes(b"foreign-device-tactics")
+    report = build_engine(onnx_path, tmp_path / "a.engine", precision="fp32", workspace_mb=64, target_hw=(8, 8),
+                          timing_cache=timing, progress=False)
+    assert not report.timing_cache_loaded and "recorded on another device" in caplog.text
+    assert fake_trt.created["config"].cache_inputs == [b"foreign-device-tactics", b""]
+    assert timing.read_bytes() == b"|timed"  # the fresh cache replaced the foreign one
+    config_cls = type(fake_trt.created["config"])
+    original = config_cls.get_timing_cache
+    config_cls.get_timing_cache = lambda self: None  # what TensorRT returns when no cache is set
+    try:
+        build_engine(onnx_path, tmp_path / "b.engine", precision="fp32", workspace_mb=64, target_hw=(8, 8),
+                     timing_cache=timing, progress=False)
+    finally:
+        config_cls.get_timing_cache = original
+    assert (tmp_path / "b.engine").read_bytes() == fake_trt.build_result
+    assert "timing cache not saved" in caplog.text and timing.read_bytes() == b"|timed"
+
+
 def test_build_engine_strongly_typed_on_10_and_11(fake_trt: Any, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
@@ -828,6 +886,10 @@ def test_build_engine_dla_mapping(fake_trt: Any, tmp_path: Path) -> None:
     assert fake_trt.created["config"].flags == []
     with pytest.raises(ExportError, match=r"expected < 2 \(DLA cores here\), found 2"):
         build_engine(onnx16, tmp_path / "f.engine", precision="fp16", workspace_mb=64, dla_core=2, progress=False)
+    fake_trt.dla_cores = 0  # e.g. TensorRT 11.0-11.4.0 on an Orin: DLA gone from that TensorRT
+    with pytest.raises(ExportError, match="reporting no DLA core .*build for the GPU"):
+        build_engine(onnx16, tmp_path / "f.engine", precision="fp16", workspace_mb=64, dla_core=0, progress=False)
+    fake_trt.dla_cores = 2
     build_engine(onnx16, tmp_path / "g.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
                  version_compatible=True, progress=False)
     config = fake_trt.created["config"]

@@ -247,33 +247,55 @@ def probe_device(device_index: int = 0) -> DeviceIdentity:
     return DeviceIdentity(version, str(device.name()), f"{major}.{minor}", sm_count)
 
 
-def make_trt_logger() -> trt.ILogger:
-    """A TensorRT logger that forwards to Python logging (TensorRT INFO -> DEBUG, VERBOSE dropped).
+_trt_logger: tuple[Any, Any] | None = None  # (the tensorrt module, its one logger)
+_trt_logger_lock = threading.Lock()
 
-    It also keeps the last error messages so a failed build or deserialisation can quote them.
+
+def make_trt_logger() -> trt.ILogger:
+    """The process's TensorRT logger, forwarding to Python logging (TensorRT INFO -> DEBUG, VERBOSE dropped).
+
+    One per process, kept for good: TensorRT holds a single logger pointer and ignores any other
+    logger passed while a builder or runtime is alive, so a logger per build or backend would collect
+    another call's messages (and could be freed while TensorRT still points at it). It numbers the
+    errors it sees, so a failed call quotes only its own: ``logged_errors(logger, since=error_mark(logger))``.
     """
+    global _trt_logger
     import tensorrt as trt
 
-    class _ForwardingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self._lock = threading.Lock()
+    with _trt_logger_lock:
+        if _trt_logger is not None and _trt_logger[0] is trt:
+            return _trt_logger[1]  # type: ignore[no-any-return]
 
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            level = python_log_level(int(severity))
-            if level is None:
-                return
-            if level >= logging.ERROR:
-                with self._lock:
-                    self.errors = (self.errors + [msg])[-20:]
-            logging.getLogger("tensorrt").log(level, "%s", msg)
+        class _ForwardingLogger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.errors: list[tuple[int, str]] = []  # (number, message), the last 50
+                self.count = 0
+                self._lock = threading.Lock()
 
-    return _ForwardingLogger()
+            def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+                level = python_log_level(int(severity))
+                if level is None:
+                    return
+                if level >= logging.ERROR:
+                    with self._lock:
+                        self.count += 1
+                        self.errors = (self.errors + [(self.count, msg)])[-50:]
+                logging.getLogger("tensorrt").log(level, "%s", msg)
+
+        logger = _ForwardingLogger()
+        _trt_logger = (trt, logger)
+        return logger
 
 
-def logged_errors(logger: trt.ILogger) -> list[str]:
-    return list(getattr(logger, "errors", []))
+def error_mark(logger: trt.ILogger) -> int:
+    """How many errors ``logger`` has seen so far (pass it to ``logged_errors`` after a call)."""
+    return int(getattr(logger, "count", 0))
+
+
+def logged_errors(logger: trt.ILogger, since: int = 0) -> list[str]:
+    """The errors ``logger`` saw after ``since`` (an ``error_mark``); other threads' errors may be among them."""
+    return [msg for n, msg in getattr(logger, "errors", []) if n > since]
 
 
 def _dims(dims: trt.Dims) -> tuple[int, ...]:
@@ -328,6 +350,7 @@ class TrtBackend(Backend):
         device_index: int = 0,
         use_cuda_graph: bool = False,
         precision: str = "fp32",
+        allow_host_code: bool = False,
     ) -> None:
         super().__init__(precision=precision)
         if use_cuda_graph:
@@ -339,6 +362,9 @@ class TrtBackend(Backend):
             raise ConfigError(f"device_index: {expected('>= 0', device_index)}")
         self.engine_path = Path(engine_path)
         self.device_index = device_index
+        # A version-compatible engine carries its own lean runtime (host code) and loads only with this
+        # set; TensorRT's default is False, and so is ours: allow it only for engines you built yourself.
+        self.allow_host_code = allow_host_code
         self.trt_version = ""
         self._lock = threading.Lock()
         self._cuda: Any = None
@@ -378,14 +404,20 @@ class TrtBackend(Backend):
         ok = False
         try:
             self._logger = make_trt_logger()
+            mark = error_mark(self._logger)
             self._runtime = trt.Runtime(self._logger)
+            if self.allow_host_code:
+                self._runtime.engine_host_code_allowed = True
             # None on failure (wrong TensorRT version / GPU), although the stubs do not say so
             engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if engine is None:
+                vc = "" if self.allow_host_code else (
+                    "; a version-compatible engine (export build --version-compatible) also needs "
+                    "allow_host_code=True: it carries its own lean runtime")
                 raise BackendError(
                     f"TensorRT {version_text} could not deserialise {self.engine_path.name} "
-                    f"({'; '.join(logged_errors(self._logger)) or 'see the TensorRT log'}): engines are tied to "
-                    "the TensorRT version and GPU they were built with; rebuild it on this device"
+                    f"({'; '.join(logged_errors(self._logger, mark)) or 'see the TensorRT log'}): engines are tied "
+                    f"to the TensorRT version and GPU they were built with; rebuild it on this device{vc}"
                 )
             self._engine = engine
             context: trt.IExecutionContext | None = engine.create_execution_context()
