@@ -15,6 +15,9 @@ Fields
   dla_cores           int    NVIDIA Deep Learning Accelerator cores usable by TensorRT (0 = none)
   trt_workspace_mb    int    cap on TensorRT's builder workspace in MiB; null = TensorRT's default
                              (null required when the backend can never be TensorRT)
+  trt_cuda_graphs     bool   replay TensorRT runs as CUDA graphs (backends/tensorrt.py; each capture is
+                             checked against a normal run, failures fall back); false for kind cpu.
+                             Never run on a GPU here, so every shipped config has it off
   memory_budget_mb    int    memory the runtime may use for models, engines and frame buffers, in MiB
                              (on a Jetson this is shared with the OS and the CPU side)
   cpu_threads         int    threads for ONNX Runtime's CPU provider and pre/post-processing; 0 = all cores
@@ -89,6 +92,7 @@ class DeviceConfig:
     precisions: tuple[str, ...]
     dla_cores: int
     trt_workspace_mb: int | None
+    trt_cuda_graphs: bool
     memory_budget_mb: int
     cpu_threads: int
     cpu_spinning: str  # off | run | always
@@ -141,6 +145,12 @@ class _Checker:
             raise self.fail(key, what, value)
         if pattern is not None and not pattern.match(value):
             raise self.fail(key, f"a string matching {pattern.pattern}{hint}", value)
+        return value
+
+    def boolean(self, key: str) -> bool:
+        value = self.raw[key]
+        if not isinstance(value, bool):
+            raise self.fail(key, "true or false", value)
         return value
 
     def integer(self, key: str, *, minimum: int, nullable: bool = False) -> int | None:
@@ -199,6 +209,7 @@ def validate(raw: object, origin: str, *, stem: str | None = None) -> DeviceConf
         precisions=c.strings("precisions", choices=PRECISIONS, non_empty=True),
         dla_cores=int(c.integer("dla_cores", minimum=0) or 0),
         trt_workspace_mb=c.integer("trt_workspace_mb", minimum=1, nullable=True),
+        trt_cuda_graphs=c.boolean("trt_cuda_graphs"),
         memory_budget_mb=int(c.integer("memory_budget_mb", minimum=1) or 0),
         cpu_threads=int(c.integer("cpu_threads", minimum=0) or 0),
         cpu_spinning=c.spinning("cpu_spinning"),
@@ -217,6 +228,8 @@ def validate(raw: object, origin: str, *, stem: str | None = None) -> DeviceConf
         if cfg.tensorrt_version is not None or cfg.trt_workspace_mb is not None:
             raise c.fail("tensorrt_version" if cfg.tensorrt_version else "trt_workspace_mb",
                          "null for kind cpu", cfg.tensorrt_version or cfg.trt_workspace_mb)
+        if cfg.trt_cuda_graphs:
+            raise c.fail("trt_cuda_graphs", "false for kind cpu", cfg.trt_cuda_graphs)
     if cfg.dla_cores and cfg.kind != "jetson":
         raise c.fail("dla_cores", "0 unless kind is jetson (DLA exists only on Jetson SoCs)", cfg.dla_cores)
     if cfg.dla_cores and cfg.backend == "onnxruntime":

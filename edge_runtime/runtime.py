@@ -170,7 +170,7 @@ class Runtime:
         backend = select_backend(
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
-            spinning=self.spinning if self.spinning is not None else dev.cpu_spinning)
+            spinning=self.spinning if self.spinning is not None else dev.cpu_spinning, cuda_graphs=dev.trt_cuda_graphs)
         self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
         return backend
 
@@ -217,7 +217,8 @@ class Runtime:
             path, self._pending_engine = self._pending_engine, None
         if path is None:
             return
-        new = TrtBackend(path, precision=self.precision).load()
+        new = TrtBackend(path, precision=self.precision,
+                         use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
         old, self.backend = self.backend, new
         self.artifact = path.name
         if old is not None:

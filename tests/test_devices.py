@@ -77,6 +77,9 @@ def write_config(folder: Path, name: str = "edge-box", **changes: object) -> Pat
         ({"target_fps": -1}, "target_fps", "-1"),
         ({"tensorrt_version": 10.3}, "tensorrt_version", "quote it"),  # YAML's float trap
         ({"kind": "cpu", "backend": "tensorrt"}, "backend", "tensorrt"),
+        ({"trt_cuda_graphs": "yes"}, "trt_cuda_graphs", "yes"),
+        ({"kind": "cpu", "backend": "onnxruntime", "dla_cores": 0, "tensorrt_version": None, "trt_workspace_mb": None,
+          "compute_capability": None, "trt_cuda_graphs": True}, "trt_cuda_graphs", "false for kind cpu"),
         ({"compute_capability": "5.3"}, "precisions", "int8"),  # no INT8 below 6.1
         ({"match": "Orin"}, "match", "Orin"),
         ({"cpu_threads": ...}, "cpu_threads", "missing"),

@@ -301,13 +301,18 @@ class FakeContext:
         cuda = FAKE_CUDA
         assert cuda.current() is not None, "no CUDA context current on this thread"
         assert stream_handle == cuda.last_stream.handle
-        shape = tuple(self.shapes.get("x", self.engine._t("x")["shape"]))
-        n = int(np.prod(shape))
-        x = np.frombuffer(bytes(cuda.memory[self.addresses["x"]][: n * 4]), np.float32)
-        y = (2 * x + 1).astype(np.float32)
-        cuda.memory[self.addresses["y"]][: n * 4] = y.tobytes()
-        cuda.memory[self.addresses["total"]][:4] = np.float32(x.sum()).tobytes()
-        self.executions += 1
+        shape = tuple(self.shapes.get("x", self.engine._t("x")["shape"]))  # fixed at capture, as on a GPU
+        addresses = dict(self.addresses)
+
+        def run() -> None:
+            n = int(np.prod(shape))
+            x = np.frombuffer(bytes(cuda.memory[addresses["x"]][: n * 4]), np.float32)
+            y = (2 * x + 1 + cuda.replay_error * cuda.replaying).astype(np.float32)
+            cuda.memory[addresses["y"]][: n * 4] = y.tobytes()
+            cuda.memory[addresses["total"]][:4] = np.float32(x.sum()).tobytes()
+            self.executions += 1
+
+        cuda.last_stream.submit(run)
         return True
 
 
@@ -324,6 +329,11 @@ class FakeCuda(types.ModuleType):
         self.pushes = 0
         self.pops = 0
         self.last_stream: Any = None
+        self.captures = 0  # graphs instantiated
+        self.launches = 0  # graph replays
+        self.replaying = False
+        self.replay_error = 0.0  # added to y during replays: a graph that computes something else
+        self.launch_takes_stream = True
         self._local = threading.local()
         self.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="SM")
         cuda = self
@@ -376,13 +386,54 @@ class FakeCuda(types.ModuleType):
             def get_attribute(self, attr: str) -> int:
                 return 16
 
+        class GraphExec:
+            def __init__(self, ops: list[Any]) -> None:
+                self.ops = ops
+
+            def launch(self, *stream: Any) -> None:  # pycuda 2021.1+: GraphExec.launch(stream)
+                if not cuda.launch_takes_stream and stream:
+                    raise TypeError("launch() takes no arguments")
+                cuda.launches += 1
+                cuda.replaying = True
+                try:
+                    for op in self.ops:
+                        op()
+                finally:
+                    cuda.replaying = False
+
+        class Graph:
+            def __init__(self, ops: list[Any]) -> None:
+                self.ops = ops
+
+            def instantiate(self) -> GraphExec:
+                cuda.captures += 1
+                return GraphExec(self.ops)
+
         class Stream:
+            """Runs submitted work at once, or records it between begin_capture and end_capture."""
+
             def __init__(self) -> None:
                 self.handle = 0xBEEF
                 self.syncs = 0
+                self.recording: list[Any] | None = None
                 cuda.last_stream = self
 
+            def submit(self, op: Any) -> None:
+                if self.recording is not None:
+                    self.recording.append(op)
+                else:
+                    op()
+
+            def begin_capture(self) -> None:
+                assert self.recording is None, "already capturing"
+                self.recording = []
+
+            def end_capture(self) -> Graph:
+                ops, self.recording = self.recording, None
+                return Graph(ops or [])
+
             def synchronize(self) -> None:
+                assert self.recording is None, "synchronize during capture is illegal"
                 self.syncs += 1
 
         self.Allocation, self.Context, self.Device, self.Stream = Allocation, Context, Device, Stream
@@ -409,11 +460,15 @@ class FakeCuda(types.ModuleType):
         assert self.current() is not None and host.flags["C_CONTIGUOUS"]
         buf = self.memory[int(dev)]
         assert host.nbytes <= len(buf), "copy larger than the device allocation"
-        buf[: host.nbytes] = host.tobytes()
+        stream.submit(lambda: buf.__setitem__(slice(0, host.nbytes), host.tobytes()))  # reads host at run time
 
     def memcpy_dtoh_async(self, host: np.ndarray, dev: Any, stream: Any) -> None:
         buf = self.memory[int(dev)]
-        host[...] = np.frombuffer(bytes(buf[: host.nbytes]), host.dtype).reshape(host.shape)
+
+        def copy() -> None:
+            host[...] = np.frombuffer(bytes(buf[: host.nbytes]), host.dtype).reshape(host.shape)
+
+        stream.submit(copy)
 
 
 FAKE_CUDA: FakeCuda = FakeCuda()
@@ -588,6 +643,60 @@ def test_trt_backend_dynamic_shapes_grow_buffers_only_when_needed(fake_trt: Any,
     assert FAKE_CUDA.memory == {} and FAKE_CUDA.frees == FAKE_CUDA.allocations
 
 
+def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fake_trt: Any, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Exercises the logic around the TensorRT/pycuda API with fake modules (CUDA graphs have never run
+    on a GPU here). The first call runs normally (TensorRT's warm-up before capture), then the copies and
+    execute_async_v3 are captured and replayed once against that call; later calls with the same shapes
+    launch the graph, reading their inputs from the page-locked buffers; a new shape or a re-allocated
+    buffer captures again."""
+    caplog.set_level("INFO")
+    path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
+    rng = np.random.default_rng(1)
+    with TrtBackend(path, use_cuda_graph=True) as b:
+        context = b._context
+        for i, shape in enumerate([(1, 1, 8, 8)] * 3 + [(1, 1, 6, 6)] * 2 + [(1, 1, 32, 32)] + [(1, 1, 8, 8)]):
+            x = rng.random(shape, dtype=np.float32)
+            out = b.infer({"x": x})
+            np.testing.assert_allclose(out["y"], 2 * x + 1, rtol=1e-6)
+            np.testing.assert_allclose(out["total"], [x.sum()], rtol=1e-5)
+        # captures: 8x8, 6x6, 32x32 (re-allocates x and y), 8x8 again (new addresses): 4; replays: the check of
+        # each capture (4) + the repeated shapes (2 + 1)
+        assert FAKE_CUDA.captures == 4 and b.graph_captures == 4 and FAKE_CUDA.launches == 7
+        # engine runs: a normal one per capture (4), the check replays (4), the replayed calls (3)
+        assert context.executions == 4 + 4 + 3  # type: ignore[union-attr]
+        assert b.graph_disabled is None and "captured a CUDA graph for g.engine (x [1, 1, 8, 8]" in caplog.text
+    assert b._graph is None and FAKE_CUDA.memory == {}
+
+
+def test_cuda_graph_failures_fall_back_to_normal_runs(fake_trt: Any, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda whose GraphExec.launch
+    takes no stream, or a replay that computes something else, turns graphs off with a warning; every
+    result still comes from a normal run. Shapes that keep changing stop capturing after MAX_GRAPH_CAPTURES."""
+    from edge_runtime.backends.tensorrt import MAX_GRAPH_CAPTURES
+
+    path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
+    x = np.ones((1, 1, 8, 8), np.float32)
+    for setup, why in ((lambda: setattr(FAKE_CUDA, "launch_takes_stream", False), "TypeError"),
+                       (lambda: setattr(FAKE_CUDA, "replay_error", 0.5), "other values for ['y']")):
+        setup()
+        with TrtBackend(path, use_cuda_graph=True) as b:
+            for _ in range(3):
+                np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
+            assert b.graph_disabled is not None and why in b.graph_disabled and b._graph is None
+        assert f"CUDA graphs off for g.engine ({b.graph_disabled}" in caplog.text
+        FAKE_CUDA.launch_takes_stream, FAKE_CUDA.replay_error = True, 0.0
+    with TrtBackend(path, use_cuda_graph=True) as b:
+        for i in range(MAX_GRAPH_CAPTURES + 2):
+            b.infer({"x": np.ones((1, 1, 4 + i, 8), np.float32)})
+        assert b.graph_captures == MAX_GRAPH_CAPTURES and "changed more than" in (b.graph_disabled or "")
+    with TrtBackend(path) as b:  # off by default: no capture at all
+        b.infer({"x": x})
+        b.infer({"x": x})
+    assert FAKE_CUDA.captures == 1 + 1 + MAX_GRAPH_CAPTURES  # the two failed checks and the limited run
+
+
 def test_trt_backend_runs_from_a_worker_thread(fake_trt: Any, tmp_path: Path) -> None:
     """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
     against tensorrt-stubs, not run. The fake execute asserts a CUDA context is current on the
@@ -612,8 +721,8 @@ def test_trt_backend_runs_from_a_worker_thread(fake_trt: Any, tmp_path: Path) ->
 def test_trt_backend_refusals(fake_trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
     against tensorrt-stubs, not run."""
-    with pytest.raises(ConfigError, match="CUDA graph capture is not implemented"):
-        TrtBackend(tmp_path / "x.engine", use_cuda_graph=True)
+    with pytest.raises(ConfigError, match="device_index"):
+        TrtBackend(tmp_path / "x.engine", device_index=-1)
     with pytest.raises(BackendError, match="expected a file"):
         TrtBackend(tmp_path / "absent.engine").load()
     foreign = tmp_path / "foreign.engine"

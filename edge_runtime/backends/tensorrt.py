@@ -16,12 +16,16 @@ only the thread that loaded it). ``pycuda.autoinit`` is deliberately not used: i
 current on the importing thread only, and other threads then fail with "invalid device context".
 The primary context is the one TensorRT and the CUDA runtime API use, so nothing is duplicated.
 
-CUDA graphs are NOT implemented (``use_cuda_graph=True`` is refused): capturing
-``execute_async_v3`` needs stream capture (cudaStreamBeginCapture/EndCapture and graph launch),
-which pycuda does not expose in a form we could verify here, and a captured graph is only valid
-while every tensor address and input shape stays the same (re-capture after any re-allocation or
-shape change, one warm-up ``execute_async_v3`` before capture, no host synchronisation inside).
-Without a GPU to check it on, shipping it would be guessing.
+CUDA graphs (``use_cuda_graph=True``, off by default; never run on a GPU here): after a normal call,
+which is also the warm-up TensorRT needs before capture (it flushes deferred updates), the same
+copies + ``execute_async_v3`` are captured on the backend's stream with pycuda's
+``Stream.begin_capture`` / ``end_capture`` / ``Graph.instantiate`` (pycuda 2021.1+), replayed once and
+compared with that call's outputs; only an identical replay is kept. Later calls copy their inputs
+into the same page-locked buffers and launch the graph. A graph holds tensor addresses and shapes,
+so a new input shape or a re-allocated buffer means a fresh capture (at most MAX_GRAPH_CAPTURES per
+backend; beyond that shapes vary too much for graphs to pay). Any failure (an engine that cannot be
+captured, a pycuda without graphs, a replay that differs) logs a warning once and the backend runs
+without graphs from then on: a graph can cost speed, never a result.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # Name-based I/O (set_tensor_address / execute_async_v3) exists from TensorRT 8.5.
 MIN_RUNTIME_VERSION = (8, 5, 0)
+MAX_GRAPH_CAPTURES = 8  # per backend: beyond this the input shapes vary too much for CUDA graphs
 
 # TensorRT DataType names -> numpy. Mirrors tensorrt.nptype for the types numpy has; BF16, FP8,
 # INT4, FP4 and E8M0 have no numpy dtype, so an engine with such I/O is refused with a message
@@ -353,11 +358,6 @@ class TrtBackend(Backend):
         allow_host_code: bool = False,
     ) -> None:
         super().__init__(precision=precision)
-        if use_cuda_graph:
-            raise ConfigError(
-                "use_cuda_graph: expected False, found True: CUDA graph capture is not implemented "
-                "(see the edge_runtime.backends.tensorrt module docstring for why and its constraints)"
-            )
         if device_index < 0:
             raise ConfigError(f"device_index: {expected('>= 0', device_index)}")
         self.engine_path = Path(engine_path)
@@ -365,6 +365,11 @@ class TrtBackend(Backend):
         # A version-compatible engine carries its own lean runtime (host code) and loads only with this
         # set; TensorRT's default is False, and so is ours: allow it only for engines you built yourself.
         self.allow_host_code = allow_host_code
+        self.use_cuda_graph = use_cuda_graph
+        self.graph_captures = 0  # CUDA graphs captured and kept (see the module docstring)
+        self.graph_disabled: str | None = None  # why graphs are off for this backend, once they failed
+        self._graph: Any = None  # pycuda GraphExec for the shapes and addresses in _graph_key
+        self._graph_key: tuple[Any, ...] | None = None
         self.trt_version = ""
         self._lock = threading.Lock()
         self._cuda: Any = None
@@ -446,7 +451,8 @@ class TrtBackend(Backend):
             self._free(buf)
         self._buffers = {}
         self._bound_shapes = {}
-        # Order matters: context before engine before runtime.
+        # Order matters: graph before buffers' users, context before engine before runtime.
+        self._graph, self._graph_key = None, None
         self._context = None
         self._engine = None
         self._runtime = None
@@ -522,9 +528,6 @@ class TrtBackend(Backend):
                 self._cuda.Context.pop()
 
     def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cuda, stream, context = self._cuda, self._stream, self._context
-        if context is None:
-            raise BackendError("TensorRT backend: no execution context (not loaded)")
         shapes = self._prepare({name: tuple(array.shape) for name, array in feeds.items()})
         views: dict[str, np.ndarray] = {}
         for tensor in self._tensors:
@@ -534,12 +537,63 @@ class TrtBackend(Backend):
         for tensor in self._tensors:
             if tensor.is_input:
                 np.copyto(views[tensor.name], feeds[tensor.name])
+        # A graph replays fixed addresses and shapes: key it on both.
+        key = tuple((t.name, shapes[t.name], int(self._buffers[t.name].device)) for t in self._tensors)
+        graphs = self.use_cuda_graph and self.graph_disabled is None
+        if graphs and self._graph is not None and key == self._graph_key:
+            self._graph.launch(self._stream)
+        else:
+            self._enqueue(views)
+        self._stream.synchronize()
+        # Copies: the page-locked buffers are reused by the next call.
+        out = {t.name: views[t.name].copy() for t in self._tensors if not t.is_input}
+        if graphs and key != self._graph_key:
+            self._capture(views, key, out)
+        return out
+
+    def _enqueue(self, views: Mapping[str, np.ndarray]) -> None:
+        """Copies in, execute_async_v3, copies out, on the stream; no host synchronisation (capturable)."""
+        cuda, stream, context = self._cuda, self._stream, self._context
+        if context is None:
+            raise BackendError("TensorRT backend: no execution context (not loaded)")
+        for tensor in self._tensors:
+            if tensor.is_input:
                 cuda.memcpy_htod_async(self._buffers[tensor.name].device, views[tensor.name], stream)
         if not context.execute_async_v3(stream.handle):
             raise BackendError(f"TensorRT execute_async_v3 failed for {self.engine_path.name}")
         for tensor in self._tensors:
             if not tensor.is_input:
                 cuda.memcpy_dtoh_async(views[tensor.name], self._buffers[tensor.name].device, stream)
-        stream.synchronize()
-        # Copies: the page-locked buffers are reused by the next call.
-        return {t.name: views[t.name].copy() for t in self._tensors if not t.is_input}
+
+    def _capture(self, views: Mapping[str, np.ndarray], key: tuple[Any, ...], expected: Mapping[str, np.ndarray]) -> None:
+        """Capture _enqueue as a CUDA graph after the normal call that produced ``expected`` (TensorRT's
+        warm-up before capture); keep it only if one replay reproduces ``expected`` exactly."""
+        self._graph, self._graph_key = None, None
+        if self.graph_captures >= MAX_GRAPH_CAPTURES:
+            self._disable_graphs(f"input shapes changed more than {MAX_GRAPH_CAPTURES} times")
+            return
+        stream = self._stream
+        try:
+            stream.begin_capture()
+            try:
+                self._enqueue(views)
+            finally:
+                graph = stream.end_capture()  # also ends a capture that the enqueue invalidated
+            instance = graph.instantiate()
+            instance.launch(stream)
+            stream.synchronize()
+            differs = [t.name for t in self._tensors if not t.is_input
+                       and not np.array_equal(views[t.name], expected[t.name], equal_nan=True)]
+            if differs:
+                raise BackendError(f"a replay of the captured graph gave other values for {differs}")
+        except Exception as exc:  # noqa: BLE001 - pycuda/CUDA raise their own types; any failure means no graph
+            self._disable_graphs(f"{type(exc).__name__}: {exc}")
+            return
+        self._graph, self._graph_key = instance, key
+        self.graph_captures += 1
+        log.info("tensorrt: captured a CUDA graph for %s (%s)", self.engine_path.name,
+                 ", ".join(f"{n} {list(shape)}" for n, shape, _ in key))
+
+    def _disable_graphs(self, why: str) -> None:
+        self.graph_disabled = why
+        log.warning("tensorrt: CUDA graphs off for %s (%s); running without them", self.engine_path.name, why)
