@@ -336,6 +336,7 @@ class FakeCuda(types.ModuleType):
         self.launch_takes_stream = True
         self._local = threading.local()
         self.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="SM")
+        self.capture_mode = types.SimpleNamespace(GLOBAL=0, THREAD_LOCAL=1, RELAXED=2)
         cuda = self
 
         class Allocation:
@@ -424,8 +425,9 @@ class FakeCuda(types.ModuleType):
                 else:
                     op()
 
-            def begin_capture(self) -> None:
+            def begin_capture(self, *mode: Any) -> None:
                 assert self.recording is None, "already capturing"
+                assert mode == (cuda.capture_mode.THREAD_LOCAL,), mode
                 self.recording = []
 
             def end_capture(self) -> Graph:

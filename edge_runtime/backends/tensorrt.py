@@ -19,7 +19,8 @@ The primary context is the one TensorRT and the CUDA runtime API use, so nothing
 CUDA graphs (``use_cuda_graph=True``, off by default; never run on a GPU here): after a normal call,
 which is also the warm-up TensorRT needs before capture (it flushes deferred updates), the same
 copies + ``execute_async_v3`` are captured on the backend's stream with pycuda's
-``Stream.begin_capture`` / ``end_capture`` / ``Graph.instantiate`` (pycuda 2021.1+), replayed once and
+``Stream.begin_capture`` (thread-local mode where pycuda names it) / ``end_capture`` /
+``Graph.instantiate`` (pycuda 2021.1+), replayed once and
 compared with that call's outputs; only an identical replay is kept. Later calls copy their inputs
 into the same page-locked buffers and launch the graph. A graph holds tensor addresses and shapes,
 so a new input shape or a re-allocated buffer means a fresh capture (at most MAX_GRAPH_CAPTURES per
@@ -573,8 +574,11 @@ class TrtBackend(Backend):
             self._disable_graphs(f"input shapes changed more than {MAX_GRAPH_CAPTURES} times")
             return
         stream = self._stream
+        # Thread-local capture: a background engine build on another thread may allocate meanwhile
+        # (global mode, the default, would fail its CUDA calls).
+        mode = getattr(getattr(self._cuda, "capture_mode", None), "THREAD_LOCAL", None)
         try:
-            stream.begin_capture()
+            stream.begin_capture(*(() if mode is None else (mode,)))
             try:
                 self._enqueue(views)
             finally:
@@ -588,6 +592,7 @@ class TrtBackend(Backend):
                 raise BackendError(f"a replay of the captured graph gave other values for {differs}")
         except Exception as exc:  # noqa: BLE001 - pycuda/CUDA raise their own types; any failure means no graph
             self._disable_graphs(f"{type(exc).__name__}: {exc}")
+            self._stream = self._cuda.Stream()  # a fresh stream: never one left in capture mode
             return
         self._graph, self._graph_key = instance, key
         self.graph_captures += 1
