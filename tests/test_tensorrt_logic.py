@@ -1282,3 +1282,10 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
     with TrtBackend(engine) as backend:
         out = backend.infer({"image": x})["out"]
     np.testing.assert_allclose(out, reference, rtol=1e-3, atol=1e-3)
+    # CUDA graphs for real: the capture must be kept (not fall back) and replay new inputs correctly.
+    with TrtBackend(engine, use_cuda_graph=True) as backend:
+        for seed in range(3):
+            x = np.random.default_rng(seed).random((1, 1, 32, 48), dtype=np.float32)
+            want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+            np.testing.assert_allclose(backend.infer({"image": x})["out"], want, rtol=1e-3, atol=1e-3)
+        assert backend.graph_disabled is None and backend.graph_captures == 1, backend.graph_disabled
