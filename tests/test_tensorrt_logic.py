@@ -334,6 +334,7 @@ class FakeCuda(types.ModuleType):
         self.replaying = False
         self.replay_error = 0.0  # added to y during replays: a graph that computes something else
         self.launch_takes_stream = True
+        self.capture_values = False  # True: captured copies keep the bytes of capture time (stale inputs)
         self._local = threading.local()
         self.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="SM")
         self.capture_mode = types.SimpleNamespace(GLOBAL=0, THREAD_LOCAL=1, RELAXED=2)
@@ -462,7 +463,11 @@ class FakeCuda(types.ModuleType):
         assert self.current() is not None and host.flags["C_CONTIGUOUS"]
         buf = self.memory[int(dev)]
         assert host.nbytes <= len(buf), "copy larger than the device allocation"
-        stream.submit(lambda: buf.__setitem__(slice(0, host.nbytes), host.tobytes()))  # reads host at run time
+        if self.capture_values and stream.recording is not None:  # a graph that froze this call's inputs
+            data = host.tobytes()
+            stream.submit(lambda: buf.__setitem__(slice(0, len(data)), data))
+        else:
+            stream.submit(lambda: buf.__setitem__(slice(0, host.nbytes), host.tobytes()))  # reads host at run time
 
     def memcpy_dtoh_async(self, host: np.ndarray, dev: Any, stream: Any) -> None:
         buf = self.memory[int(dev)]
@@ -648,10 +653,10 @@ def test_trt_backend_dynamic_shapes_grow_buffers_only_when_needed(fake_trt: Any,
 def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fake_trt: Any, tmp_path: Path,
                                                                              caplog: pytest.LogCaptureFixture) -> None:
     """Exercises the logic around the TensorRT/pycuda API with fake modules (CUDA graphs have never run
-    on a GPU here). The first call runs normally (TensorRT's warm-up before capture), then the copies and
-    execute_async_v3 are captured and replayed once against that call; later calls with the same shapes
-    launch the graph, reading their inputs from the page-locked buffers; a new shape or a re-allocated
-    buffer captures again."""
+    on a GPU here). The first call per shape runs normally (TensorRT's warm-up before capture), then the
+    copies and execute_async_v3 are captured; the next call replays the graph on its new inputs and also
+    runs normally to check it; later calls launch the graph alone, reading their inputs from the
+    page-locked buffers; a new shape or a re-allocated buffer captures again."""
     caplog.set_level("INFO")
     path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
     rng = np.random.default_rng(1)
@@ -662,11 +667,10 @@ def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fa
             out = b.infer({"x": x})
             np.testing.assert_allclose(out["y"], 2 * x + 1, rtol=1e-6)
             np.testing.assert_allclose(out["total"], [x.sum()], rtol=1e-5)
-        # captures: 8x8, 6x6, 32x32 (re-allocates x and y), 8x8 again (new addresses): 4; replays: the check of
-        # each capture (4) + the repeated shapes (2 + 1)
-        assert FAKE_CUDA.captures == 4 and b.graph_captures == 4 and FAKE_CUDA.launches == 7
-        # engine runs: a normal one per capture (4), the check replays (4), the replayed calls (3)
-        assert context.executions == 4 + 4 + 3  # type: ignore[union-attr]
+        # captures: 8x8, 6x6, 32x32 (re-allocates x and y), 8x8 again (new addresses): 4. Replays: calls 2
+        # and 5 (checked against a normal run), call 3 (trusted, alone). Normal runs: 1, 2, 4, 5, 6, 7.
+        assert FAKE_CUDA.captures == 4 and b.graph_captures == 4 and FAKE_CUDA.launches == 3
+        assert context.executions == 6 + 3  # type: ignore[union-attr]
         assert b.graph_disabled is None and "captured a CUDA graph for g.engine (x [1, 1, 8, 8]" in caplog.text
     assert b._graph is None and FAKE_CUDA.memory == {}
 
@@ -674,29 +678,30 @@ def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fa
 def test_cuda_graph_failures_fall_back_to_normal_runs(fake_trt: Any, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda whose GraphExec.launch
-    takes no stream, or a replay that computes something else, turns graphs off with a warning; every
-    result still comes from a normal run. Shapes that keep changing stop capturing after MAX_GRAPH_CAPTURES."""
+    takes no stream, a replay that computes something else, or a graph that froze the inputs it was
+    captured with turns graphs off with a warning; every result still comes from a normal run. Shapes that keep changing stop capturing after MAX_GRAPH_CAPTURES."""
     from edge_runtime.backends.tensorrt import MAX_GRAPH_CAPTURES
 
     path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
-    x = np.ones((1, 1, 8, 8), np.float32)
     for setup, why in ((lambda: setattr(FAKE_CUDA, "launch_takes_stream", False), "TypeError"),
-                       (lambda: setattr(FAKE_CUDA, "replay_error", 0.5), "other values for ['y']")):
+                       (lambda: setattr(FAKE_CUDA, "replay_error", 0.5), "other values than a normal run for ['y']"),
+                       (lambda: setattr(FAKE_CUDA, "capture_values", True), "for ['y', 'total']")):
         setup()
         with TrtBackend(path, use_cuda_graph=True) as b:
-            for _ in range(3):
+            for i in range(3):
+                x = np.full((1, 1, 8, 8), float(i), np.float32)  # new inputs each call
                 np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
             assert b.graph_disabled is not None and why in b.graph_disabled and b._graph is None
         assert f"CUDA graphs off for g.engine ({b.graph_disabled}" in caplog.text
-        FAKE_CUDA.launch_takes_stream, FAKE_CUDA.replay_error = True, 0.0
+        FAKE_CUDA.launch_takes_stream, FAKE_CUDA.replay_error, FAKE_CUDA.capture_values = True, 0.0, False
     with TrtBackend(path, use_cuda_graph=True) as b:
         for i in range(MAX_GRAPH_CAPTURES + 2):
             b.infer({"x": np.ones((1, 1, 4 + i, 8), np.float32)})
         assert b.graph_captures == MAX_GRAPH_CAPTURES and "changed more than" in (b.graph_disabled or "")
     with TrtBackend(path) as b:  # off by default: no capture at all
-        b.infer({"x": x})
-        b.infer({"x": x})
-    assert FAKE_CUDA.captures == 1 + 1 + MAX_GRAPH_CAPTURES  # the two failed checks and the limited run
+        b.infer({"x": np.ones((1, 1, 8, 8), np.float32)})
+        b.infer({"x": np.ones((1, 1, 8, 8), np.float32)})
+    assert FAKE_CUDA.captures == 3 + MAX_GRAPH_CAPTURES  # the three failed checks and the limited run
 
 
 def test_trt_backend_runs_from_a_worker_thread(fake_trt: Any, tmp_path: Path) -> None:
