@@ -385,13 +385,19 @@ class CpuInt8:
                 "int8_exact_with_8bit_weights": self.exact, "int8_kernels": self.describe()}
 
 
-def cpu_flags(root: Path = Path("/")) -> set[str] | None:
-    """The first CPU's feature flags from /proc/cpuinfo (x86 "flags"), or None where there are none to read."""
+def _cpuinfo_words(root: Path, keys: tuple[str, ...]) -> list[str] | None:
+    """The words of the first /proc/cpuinfo line whose key is one of ``keys``, or None if there is none."""
     for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")
-        if key.strip().lower() == "flags":
-            return set(value.split())
+        if key.strip().lower() in keys:
+            return value.split()
     return None
+
+
+def cpu_flags(root: Path = Path("/")) -> set[str] | None:
+    """The first CPU's feature flags from /proc/cpuinfo (x86 "flags"), or None where there are none to read."""
+    words = _cpuinfo_words(root, ("flags",))
+    return None if words is None else set(words)
 
 
 def cpu_identity(root: Path = Path("/"), *, machine: str | None = None) -> str:
@@ -399,12 +405,7 @@ def cpu_identity(root: Path = Path("/"), *, machine: str | None = None) -> str:
     Arm "Features"). ONNX Runtime's fully optimised graphs are laid out for the vector width they were
     made on (NCHWc blocks of 8 floats with AVX2, 16 with AVX-512), so a cache of them keys on this."""
     model, _ = _cpuinfo(root)
-    features = ""
-    for line in (_read_text(root / "proc" / "cpuinfo") or "").splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            features = " ".join(sorted(value.split()))
-            break
+    features = " ".join(sorted(_cpuinfo_words(root, ("flags", "features")) or []))
     return f"{machine or platform.machine()}|{model}|{features}"
 
 
