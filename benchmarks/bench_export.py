@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edge_runtime.backends.base import percentile
+from edge_runtime.heap import pin_malloc_thresholds
 
 MODELS = ROOT / "edge_runtime" / "models"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -231,8 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--extra labels must be non-empty and differ from {COLUMNS}")
     import onnxruntime
 
+    pinned = pin_malloc_thresholds()  # every contender in this process sees the same allocator
     names = args.models.split(",") if args.models else sorted(p.parent.name for p in MODELS.glob("*/manifest.json"))
     results: dict[str, Any] = {"cpu": cpu_info(), "onnxruntime": onnxruntime.__version__, "extra": extra,
+                               "malloc_thresholds_pinned": pinned,
                                "models": {}}
     for name in names:
         print(f"[{name}] latency ...", file=sys.stderr, flush=True)

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 
 from edge_runtime.backends.base import percentile
 from edge_runtime.backends.onnxruntime import session_options
+from edge_runtime.heap import pin_malloc_thresholds
 
 # name -> session_options(...) arguments. "ours" is OrtBackend's default.
 OPTION_SETS: dict[str, dict[str, object]] = {
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="also time OrtBackend's options plus this session config entry (repeatable)")
     args = parser.parse_args(argv)
+    pin_malloc_thresholds()  # the same allocator for every option set (edge_runtime.heap)
 
     import onnxruntime as ort
 

@@ -39,6 +39,7 @@ from edge_runtime import phantoms
 from edge_runtime.bundle import Bundle
 from edge_runtime.devices import load_config
 from edge_runtime.frames import Frame
+from edge_runtime.heap import pin_malloc_thresholds
 from edge_runtime.runtime import Runtime, reference_bundles
 from edge_runtime.telemetry import summarize
 
@@ -189,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--models", nargs="+", metavar="NAME", help="reference bundles to run (default: all)")
     args = ap.parse_args(argv)
+    pinned = pin_malloc_thresholds()  # the hand-written peers allocate per frame (edge_runtime.heap)
     results: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                            "cores": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
+                                           "malloc_thresholds_pinned": pinned,
                                            "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__,
                                            "opencv": cv2.__version__},
                                "frames": args.frames, "models": {},

@@ -112,7 +112,10 @@ def render_runtime(d: dict[str, Any]) -> list[str]:
              f"{d.get('config_spinning', '?')}); `ours, spinning on` uses the session settings of the plain "
              "InferenceSession (ONNX Runtime's defaults), so that column isolates our pre/post-processing; "
              "`spinning during run` spins while a run is in progress and stops when it returns "
-             "(session.force_spinning_stop)."), "",
+             "(session.force_spinning_stop)."
+             + (" glibc malloc thresholds pinned for the whole run (edge_runtime.heap), so the hand-written "
+                "peers' per-frame arrays do not pay page faults on every call." if m.get("malloc_thresholds_pinned")
+                else "")), "",
              ("| model | ours | ours, spinning on | ours, spinning off | ours, spinning during run | plain ORT + numpy "
              "| OpenCV DNN | ours INT8 | overhead / infer (target <= 15%) |"),
              "|---|---|---|---|---|---|---|---|---|"]

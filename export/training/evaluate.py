@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from edge_runtime.backends.onnxruntime import session_options
 from edge_runtime.frames import Frame
+from edge_runtime.heap import pin_malloc_thresholds
 from edge_runtime.postprocess import Postprocessor, enhance_tiled
 from edge_runtime.preprocess import Preprocessor
 from edge_runtime.results import Detection
@@ -105,6 +106,7 @@ def _truth_boxes(t: Any) -> np.ndarray:
 def eval_detector(manifest: Mapping[str, Any], onnx_path: Path, frames: Sequence[Frame],
                   baseline: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """AP50 / sensitivity of the model (and of the tuned baseline) on the same frames."""
+    pin_malloc_thresholds()  # as in time_interleaved: the baseline allocates per frame
     classes = list(manifest["postprocess"]["classes"])
     runner = ModelRunner(manifest, onnx_path, {"score_threshold": AP_SCORE_THRESHOLD})
     model_dets = [runner.run(f).detections for f in frames]
@@ -128,7 +130,10 @@ def eval_detector(manifest: Mapping[str, Any], onnx_path: Path, frames: Sequence
 def time_interleaved(fns: Mapping[str, Callable[[Frame], Any]], frames: Sequence[Frame],
                      passes: int = 4) -> dict[str, list[float]]:
     """ms per call of each function on each frame, in passes over the frames that alternate the order
-    of the functions (so each sees the same machine state); the first pass is a warm-up, not kept."""
+    of the functions (so each sees the same machine state); the first pass is a warm-up, not kept.
+    glibc's malloc thresholds are pinned first: the filters allocate per call, and without it they paid
+    page faults on every call in this process (edge_runtime.heap)."""
+    pin_malloc_thresholds()
     out: dict[str, list[float]] = {k: [] for k in fns}
     items = list(fns.items())
     for p in range(passes + 1):
