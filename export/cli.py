@@ -304,7 +304,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     dla = args.dla_core if args.dla_core is not None else None
     report = trt_build.build_engine(args.model, args.out, precision=args.precision,
                                     workspace_mb=args.workspace_mb or (getattr(dev, "trt_workspace_mb", None) or 1024),
-                                    dla_core=dla, profiles=profiles, timing_cache=args.timing_cache)
+                                    dla_core=dla, gpu_fallback=not args.no_gpu_fallback, profiles=profiles,
+                                    timing_cache=args.timing_cache, version_compatible=args.version_compatible,
+                                    hardware_compatible=args.hardware_compatible,
+                                    device_kind=getattr(dev, "kind", None),
+                                    compute_capability=getattr(dev, "compute_capability", None))
     print(f"wrote {args.out}: {report}")
     return 0
 
@@ -657,9 +661,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True)
     p.add_argument("--device")
     p.add_argument("--dla-core", type=int)
+    p.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail where DLA cannot run a layer")
     p.add_argument("--workspace-mb", type=int)
     p.add_argument("--profile")
     p.add_argument("--timing-cache")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="an engine later TensorRT releases of the same major version can run (lean runtime)")
+    p.add_argument("--hardware-compatible", action="store_true",
+                   help="an engine for any Ampere or later discrete GPU (not on Jetson)")
     p.set_defaults(fn=cmd_build)
 
     p = sub.add_parser("bundle", help="assemble a bundle directory (and optionally a .tar) from artefacts")

@@ -97,6 +97,16 @@ class BuildPlan:
     progress_monitor: bool  # IProgressMonitor exists from TensorRT 10
 
 
+def parse_compute_capability(text: str | None) -> tuple[int, int] | None:
+    """"8.7" -> (8, 7), "9" -> (9, 0); None stays None."""
+    if text is None:
+        return None
+    parts = (str(text).split(".") + ["0"])[:2] if "." in str(text) or str(text).isdigit() else []
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ExportError(f"build compute_capability: {expected('MAJOR.MINOR, e.g. 8.7', text)}")
+    return int(parts[0]), int(parts[1])
+
+
 def plan_build(
     version: Version,
     precision: str,
@@ -107,8 +117,13 @@ def plan_build(
     gpu_fallback: bool = True,
     version_compatible: bool = False,
     hardware_compatible: bool = False,
+    jetson: bool = False,
+    compute_capability: tuple[int, int] | None = None,
 ) -> BuildPlan:
-    """Decide how to build for this TensorRT version. Raises ExportError for impossible requests."""
+    """Decide how to build for this TensorRT version. Raises ExportError for impossible requests.
+
+    ``jetson`` / ``compute_capability`` describe the build machine where known (device config, probe).
+    """
     major = version[0]
     if precision not in PRECISIONS:
         raise ExportError(f"build precision: {expected(f'one of {PRECISIONS}', precision)}")
@@ -164,6 +179,15 @@ def plan_build(
             raise ExportError("build: hardware-compatible engines run on the GPU only; found a DLA core requested")
         if gpu_fallback:
             flags.append("GPU_FALLBACK")
+    if hardware_compatible:
+        # TensorRT developer guide, "Hardware Compatibility": Ampere and later only, and not supported
+        # on JetPack or DRIVE OS; a Jetson builds its own engine anyway (nothing to carry it to).
+        if jetson:
+            raise ExportError("build: hardware-compatible engines are not supported on JetPack (TensorRT: "
+                              "discrete Ampere+ GPUs only); found a Jetson: build a plain engine on it")
+        if compute_capability is not None and compute_capability < (8, 0):
+            raise ExportError("build: hardware-compatible engines need an Ampere or later GPU (compute "
+                              f"capability >= 8.0), found {compute_capability[0]}.{compute_capability[1]}")
     if version_compatible or hardware_compatible:
         if version < (8, 6, 0):
             raise ExportError(
@@ -381,6 +405,8 @@ def build_engine(
     strongly_typed: bool | None = None,
     progress: bool | Literal["bar", "log"] = True,
     cancel: threading.Event | None = None,
+    device_kind: str | None = None,
+    compute_capability: str | None = None,
 ) -> BuildReport:
     """Build a TensorRT engine from ``onnx_path`` and write exactly its serialised bytes to ``engine_path``.
 
@@ -393,6 +419,8 @@ def build_engine(
         timing_cache: file loaded before and saved after the build (created when missing).
         version_compatible / hardware_compatible: lean-runtime / Ampere+ portable engines.
         strongly_typed: None = auto (TensorRT >= 10 when the ONNX carries its precision; always on 11).
+        device_kind / compute_capability: the device config's ``kind`` and ``compute_capability``
+            ("8.7"), to refuse what the target cannot do; a Jetson is also seen by /etc/nv_tegra_release.
         progress: True/"bar" tqdm bars, "log" log lines, False nothing.
         cancel: set it to ask TensorRT to abandon the build (checked at every progress step).
     """
@@ -412,6 +440,8 @@ def build_engine(
     plan = plan_build(
         version, precision, traits, strongly_typed=strongly_typed, dla_core=dla_core, gpu_fallback=gpu_fallback,
         version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+        jetson=device_kind == "jetson" or (device_kind is None and Path("/etc/nv_tegra_release").exists()),
+        compute_capability=parse_compute_capability(compute_capability),
     )
     profile = plan_profile(traits.inputs, profiles, target_hw)
 

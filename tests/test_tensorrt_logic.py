@@ -50,6 +50,7 @@ from export.trt_build import (
     ProgressSink,
     build_engine,
     build_into_cache,
+    parse_compute_capability,
     plan_build,
     plan_profile,
 )
@@ -870,6 +871,9 @@ def test_plan_build_version_branches(version: tuple[int, int, int], precision: s
         ((10, 3, 0), "fp32", FP32, {"dla_core": 0}, "DLA runs FP16 and INT8 only"),
         ((10, 3, 0), "fp16", FP16, {"dla_core": 0, "hardware_compatible": True}, "GPU only"),
         ((8, 5, 2), "fp16", FP32, {"version_compatible": True}, "need TensorRT >= 8.6"),
+        ((10, 3, 0), "fp16", FP16, {"hardware_compatible": True, "jetson": True}, "not supported on JetPack"),
+        ((10, 8, 0), "fp16", FP16, {"hardware_compatible": True, "compute_capability": (7, 5)},
+         r"Ampere or later GPU \(compute capability >= 8.0\), found 7.5"),
     ],
 )
 def test_plan_build_refusals(version: tuple[int, int, int], precision: str, traits: OnnxTraits,
@@ -1010,6 +1014,23 @@ def test_build_engine_dla_mapping(fake_trt: Any, tmp_path: Path) -> None:
                  version_compatible=True, progress=False)
     config = fake_trt.created["config"]
     assert config.hardware_compatibility_level == "AMPERE_PLUS" and config.flags == ["VERSION_COMPATIBLE"]
+    # What the device config says of the target: a Jetson (JetPack) or a pre-Ampere GPU is refused.
+    with pytest.raises(ExportError, match="not supported on JetPack"):
+        build_engine(onnx16, tmp_path / "h.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
+                     device_kind="jetson", compute_capability="8.7", progress=False)
+    with pytest.raises(ExportError, match="found 7.5"):
+        build_engine(onnx16, tmp_path / "h.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
+                     device_kind="dgpu", compute_capability="7.5", progress=False)
+    build_engine(onnx16, tmp_path / "h.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
+                 device_kind="dgpu", compute_capability="8.9", progress=False)
+    assert fake_trt.created["config"].hardware_compatibility_level == "AMPERE_PLUS"
+
+
+def test_parse_compute_capability() -> None:
+    assert parse_compute_capability("8.7") == (8, 7) and parse_compute_capability("9") == (9, 0)
+    assert parse_compute_capability(None) is None
+    with pytest.raises(ExportError, match="MAJOR.MINOR"):
+        parse_compute_capability("ampere")
 
 
 def test_build_engine_failures_leave_no_engine(fake_trt: Any, tmp_path: Path) -> None:
