@@ -60,8 +60,14 @@ def results_page() -> Path:
     return PAGES / f"{machine_slug()}.md"
 
 
+def data_dir() -> Path:
+    """This machine's benchmark JSON, committed next to its page: a run of some benchmarks (--only)
+    re-renders the others' sections from their last measurement on this machine instead of losing them."""
+    return PAGES / machine_slug()
+
+
 def _load(name: str) -> dict[str, Any] | None:
-    p = OUT / f"{name}.json"
+    p = data_dir() / f"{name}.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -225,12 +231,11 @@ def _spin_note(d: dict[str, Any]) -> str:
 
 def render_stream(d: dict[str, Any]) -> list[str]:
     png = OUT / "stream_latency.png"
-    picture = []
-    if png.is_file():  # the latency distribution, kept beside the page
-        kept = PAGES / "img" / f"{machine_slug()}-{png.name}"
+    kept = PAGES / "img" / f"{machine_slug()}-{png.name}"
+    if png.is_file():  # the latency distribution of this run, kept beside the page
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, kept)
-        picture = ["", f"![latency distribution](img/{kept.name})"]
+    picture = ["", f"![latency distribution](img/{kept.name})"] if kept.is_file() else []
     s, g = d["e2e_ms"], d["growth_ms"]
     ok = "met" if s["p99"] < 50 else "MISSED"
     return [(f"{d['seconds']:.0f} s at 30 fps, {d['workers']} worker(s), {d['results']} results "
@@ -303,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
             cmd = [sys.executable, "-m", module, *([out] if name.startswith("export") else ["--out", out]), *extra]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
+            data_dir().mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out, data_dir() / f"{name}.json")
     page = results_page()
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(render())

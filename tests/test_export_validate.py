@@ -441,3 +441,25 @@ def test_export_reference_keeps_the_bundles_own_calibration_method() -> None:
     from export.training.train import RECIPES
 
     assert RECIPES["us-despeckle"].calib_method == "percentile" and RECIPES["us-lesion-det"].calib_method == "minmax"
+
+
+def test_results_page_renders_from_the_machines_committed_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page is rendered from the JSON kept next to it (benchmarks/results/<machine>/), so a run of
+    some benchmarks (--only) keeps the other sections' last figures instead of "Not run yet."."""
+    from benchmarks import run_all
+
+    monkeypatch.setattr(run_all, "PAGES", tmp_path / "results")
+    monkeypatch.setattr(run_all, "machine_slug", lambda: "cpu-x-vnni")
+    monkeypatch.setattr(run_all, "_cpu_model", lambda: "CPU X")
+    monkeypatch.setattr(run_all, "_int8_class", lambda: "exact")
+    wall = {k: {"p50": 2.0, "p99": 3.0} for k in ("ours_fp32", "plain_ort_fp32")}
+    runtime = {"frames": 10, "config_spinning": "off", "models": {"m": {"wall_ms": wall, "overhead_fraction_of_infer": 0.05}},
+               "machine": {"threads": 2, "onnxruntime": "1.0", "opencv": "4", "load_avg_start": 0.1,
+                           "load_avg_end": 0.2, "malloc_thresholds_pinned": True}}
+    assert run_all.data_dir() == tmp_path / "results" / "cpu-x-vnni"
+    run_all.data_dir().mkdir(parents=True)
+    (run_all.data_dir() / "runtime.json").write_text(json.dumps(runtime))
+    page = run_all.render()
+    runtime_section = page.split("## Runtime")[1].split("## ")[0]
+    assert "| m | 2.00 / 3.00 |" in runtime_section and "malloc thresholds pinned" in runtime_section
+    assert page.split("## Transport")[1].split("## ")[0].strip().endswith("\n\nNot run yet.")
