@@ -466,6 +466,8 @@ def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib
     bundle = Bundle.load(root)
     manifest = dict(bundle.manifest)
     method = method or calibration_method(manifest)
+    if max_float is None:  # the recipe's repair limit, where it sets one (xr-denoise)
+        max_float = (manifest.get("training") or {}).get("repair_max_float")
     fp32 = bundle.file(bundle.artifact("fp32").file)
     fp32_sha = sha256_file(fp32)
     times: dict[str, float] = {}

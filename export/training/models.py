@@ -139,7 +139,8 @@ DEPTHS = (2, 2, 3, 2, 2)
 
 class DenoiseUNet(nn.Module):
     def __init__(self, widths: tuple[int, int, int] = (32, 48, 64), factor: int = 4, in_ch: int = 1,
-                 vst: dict[str, float] | None = None, depths: tuple[int, ...] = DEPTHS) -> None:
+                 vst: dict[str, float] | None = None, depths: tuple[int, ...] = DEPTHS,
+                 out_kernel: int = 3) -> None:
         super().__init__()
         c1, c2, c3 = widths
         if len(depths) != 5 or min(depths) < 1:
@@ -149,6 +150,10 @@ class DenoiseUNet(nn.Module):
         self.config: dict[str, Any] = {"widths": list(widths), "factor": factor, "in_ch": in_ch}
         if tuple(depths) != DEPTHS:
             self.config["depths"] = list(depths)
+        if out_kernel not in (1, 3):
+            raise ValueError(f"out_kernel: 1 or 3 expected, got {out_kernel}")
+        if out_kernel != 3:
+            self.config["out_kernel"] = out_kernel
         self.factor = factor
         self.in_ch = in_ch
         # Optional variance-stabilising transform for log-domain X-ray images (see ``forward``).
@@ -164,7 +169,8 @@ class DenoiseUNet(nn.Module):
         self.u3 = nn.ConvTranspose2d(c3, c2, 2, 2)
         self.d2 = nn.Sequential(*(ConvBNAct(c2, c2) for _ in range(m2)))
         self.u2 = nn.ConvTranspose2d(c2, c1, 2, 2)
-        self.d1 = nn.Sequential(*(ConvBNAct(c1, c1) for _ in range(m1 - 1)), nn.Conv2d(c1, f2, 3, 1, 1))
+        self.d1 = nn.Sequential(*(ConvBNAct(c1, c1) for _ in range(m1 - 1)),
+                                nn.Conv2d(c1, f2, out_kernel, 1, out_kernel // 2))
         last = self.d1[-1]
         if isinstance(last, nn.Conv2d) and last.bias is not None:  # start as the identity: output = input
             nn.init.zeros_(last.weight)
@@ -202,7 +208,7 @@ def build(family: str, config: dict[str, Any]) -> nn.Module:
                              config["head"], config.get("in_ch", 1))
     if family == "denoise_unet":
         return DenoiseUNet(tuple(config["widths"]), config["factor"], config.get("in_ch", 1),  # type: ignore[arg-type]
-                           config.get("vst"), tuple(config.get("depths", DEPTHS)))
+                           config.get("vst"), tuple(config.get("depths", DEPTHS)), config.get("out_kernel", 3))
     raise ValueError(f"unknown family {family!r}")
 
 
