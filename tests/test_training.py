@@ -123,6 +123,11 @@ def test_denoise_unet_depths_are_recorded_only_when_not_the_default() -> None:
     assert build("denoise_unet", DenoiseUNet().config).config == DenoiseUNet().config
     with pytest.raises(ValueError, match="depths"):
         DenoiseUNet(depths=(1, 2, 0, 2, 1))
+    # A 1x1 output conv (tried for speed) is recorded and rebuilt the same way; 3x3 writes nothing.
+    k1 = build("denoise_unet", {"widths": [32, 32, 64], "factor": 4, "out_kernel": 1})
+    assert k1.config["out_kernel"] == 1 and k1.d1[-1].kernel_size == (1, 1) and "out_kernel" not in small.config
+    with pytest.raises(ValueError, match="out_kernel"):
+        DenoiseUNet(out_kernel=5)
 
 
 def test_timing_passes_alternate_the_order_and_drop_the_warm_up() -> None:
