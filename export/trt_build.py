@@ -98,13 +98,13 @@ class BuildPlan:
 
 
 def parse_compute_capability(text: str | None) -> tuple[int, int] | None:
-    """"8.7" -> (8, 7), "9" -> (9, 0); None stays None."""
+    """A device config's compute capability as numbers: "8.7" -> (8, 7), "9" -> (9, 0), None -> None."""
     if text is None:
         return None
-    parts = (str(text).split(".") + ["0"])[:2] if "." in str(text) or str(text).isdigit() else []
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+    major, _, minor = str(text).partition(".")
+    if not (major.isdigit() and (minor or "0").isdigit()):
         raise ExportError(f"build compute_capability: {expected('MAJOR.MINOR, e.g. 8.7', text)}")
-    return int(parts[0]), int(parts[1])
+    return int(major), int(minor or "0")
 
 
 def plan_build(

@@ -195,7 +195,7 @@ RECIPES: dict[str, Recipe] = {
         # Tried and dropped: nearest-neighbour upsampling instead of ConvTranspose (0.5 ms faster, 46.59 vs
         # 48.13 dB at 1500 steps), a 1x1 conv + DepthToSpace (slower).
         # 2026-12-02: one conv per side at level 2 too (depths [1, 1, 3, 1, 1], 0.69 GFLOPs): 1500 steps
-        # lose 0.85 dB against [1, 2, 3, 2, 1], but 30000 steps (650 s on an AMD EPYC Zen 5) reach 51.30 dB
+        # lose 0.85 dB against [1, 2, 3, 2, 1], but 30000 steps (650-725 s on an AMD EPYC Zen 5) reach 51.30 dB
         # held out (previous model 50.72 after 24000 steps), and inference is 12% faster (2.93 vs 3.32 ms,
         # one interleaved run, spinning off). Other cuts, 1500 steps, time vs [1, 2, 3, 2, 1]: 1x1 output
         # conv -12% time / -0.9 dB; widths 16-32-64 -18% / -3.8 dB; a Log-free (first-order) VST inverse
