@@ -447,6 +447,15 @@ def calibration_method(manifest: Mapping[str, Any]) -> str:
                or (manifest.get("training") or {}).get("calibration_method") or "minmax")
 
 
+def repair_limit(manifest: Mapping[str, Any], requested: int | None = None) -> int | None:
+    """Most nodes a repair may keep in float: as asked, else the recipe's ``training.repair_max_float``,
+    else None (repair_int8's default, half of the quantisable nodes)."""
+    if requested is not None:
+        return requested
+    value = (manifest.get("training") or {}).get("repair_max_float")
+    return None if value is None else int(value)
+
+
 def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib_frames: int = 200,
                      val_frames: int = 200, repair: bool = False, max_float: int | None = None, threads: int = 2,
                      progress: bool = True) -> dict[str, Any]:
@@ -466,8 +475,7 @@ def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib
     bundle = Bundle.load(root)
     manifest = dict(bundle.manifest)
     method = method or calibration_method(manifest)
-    if max_float is None:  # the recipe's repair limit, where it sets one (xr-denoise)
-        max_float = (manifest.get("training") or {}).get("repair_max_float")
+    max_float = repair_limit(manifest, max_float)
     fp32 = bundle.file(bundle.artifact("fp32").file)
     fp32_sha = sha256_file(fp32)
     times: dict[str, float] = {}
