@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from .errors import ConfigError, expected
 from .frames import Frame
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
@@ -52,19 +53,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
     parser.add_argument("--limit", type=int, default=None, help="stop after N frames")
     parser.add_argument("--every", type=int, default=1, help="write an annotated PNG every K frames (0: none)")
+    parser.add_argument("--modality", help="what a folder of images (required there) or a video shows, e.g. DX, US; "
+                        "DICOM and phantoms state their own")
+    parser.add_argument("--bits-stored", type=int, help="bits used in 16-bit images, e.g. 12 for detector data")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .sources import open_source
+    from .heap import pin_for_runtime
+    from .sources import open_source, source_kind, stated_options
 
+    pin_for_runtime()
+    kind = source_kind(args.source)
+    opts = stated_options(kind, args.modality, args.bits_stored)
     args.out.mkdir(parents=True, exist_ok=True)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
-    source = open_source(args.source)
-    writer = JsonlWriter(args.out / "results.jsonl")
     timings: dict[str, list[float]] = {}
     n = 0
     started = time.perf_counter()
     with runtimes:
+        if kind == "images" and "modality" not in opts:  # the files do not say: "OT" is refused frame by frame
+            wanted = sorted({m for r in runtimes.runtimes if r.bundle for m in r.bundle.manifest.get("modality", [])})
+            raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
+                                       f"the bundles take {wanted})", "none"))
+        source = open_source(args.source, **opts)
+        writer = JsonlWriter(args.out / "results.jsonl")
         for frame in source:
             if args.limit is not None and n >= args.limit:
                 break

@@ -772,6 +772,23 @@ def source_kind(spec: str | Path) -> str:
         f"({', '.join(IMAGE_EXTENSIONS)})", path.name))
 
 
+def stated_options(kind: str, modality: str | None, bits_stored: int | None,
+                   flags: tuple[str, str] = ("--modality", "--bits-stored")) -> dict[str, Any]:
+    """Source options for what a folder, video or camera cannot say about itself (``flags``: the CLI
+    names, for the messages). DICOM and phantom frames carry their own modality and bit depth, and
+    the runtime's checks must see those, so overriding them is refused; video and camera frames are
+    8-bit, so a bit depth is refused there."""
+    given: dict[str, Any] = {k: v for k, v in (("modality", modality), ("bits_stored", bits_stored)) if v}
+    if kind in ("phantom", "dicom"):
+        if given:
+            raise ConfigError(expected(f"no {flags[0]} / {flags[1]} with {kind} frames (they state their own)",
+                                       sorted(given)))
+        return {}
+    if kind in ("video", "camera") and "bits_stored" in given:
+        raise ConfigError(expected(f"no {flags[1]} with {kind} frames (8-bit)", bits_stored))
+    return given
+
+
 def open_source(spec: str | Path, **opts: Any) -> Source:
     """Build a source from "phantom:us", "phantom:xr", "camera:N" or a path (kinds: ``source_kind``).
     ``opts`` go to the source's constructor."""

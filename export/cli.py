@@ -162,23 +162,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a folder or video cannot say about itself. DICOM and phantom frames carry their own modality
-    and bit depth, and the governance check must see those, so overriding them is refused; for folders
-    and videos the modality must be stated (a default would make the modality check pass anything)."""
-    from edge_runtime.sources import source_kind
+    """What a folder or video cannot say about itself (edge_runtime.sources.stated_options); for them
+    the modality must be stated here (a default would make the governance check pass anything)."""
+    from edge_runtime.sources import source_kind, stated_options
 
     kind = "phantom" if args.calib == "phantom" else source_kind(str(args.calib))
-    given = {k: v for k, v in (("modality", args.calib_modality), ("bits_stored", args.calib_bits)) if v}
+    given = stated_options(kind, args.calib_modality, args.calib_bits, ("--calib-modality", "--calib-bits"))
     if kind in ("phantom", "dicom"):
-        if given:
-            raise ConfigError(expected(f"no --calib-modality / --calib-bits with {kind} calibration frames "
-                                       "(they state their own)", sorted(given)))
-        return {}
+        return given
     if "modality" not in given:
         raise ConfigError(expected(f"--calib-modality for {kind} calibration frames (the files do not say what "
                                    f"they show; the model takes {manifest.get('modality')})", "none"))
-    if kind in ("video", "camera") and "bits_stored" in given:
-        raise ConfigError(expected(f"no --calib-bits with {kind} frames (8-bit)", args.calib_bits))
     if (manifest.get("preprocess") or {}).get("color", "gray") == "gray":
         given["gray"] = True  # what the runtime's pre-processing makes of colour frames for a grey model
     return given

@@ -40,3 +40,17 @@ def test_pinned_thresholds_reuse_memory() -> None:
     assert res["pinned"] is True and res["again"] is True
     # A 512x512 float32 temporary is 256 pages: unpinned, such loops faulted ~600 pages per call here.
     assert res["faults"] < 20, res
+
+
+def test_runtime_processes_pin_unless_told_not_to() -> None:
+    """`edge-runtime infer`, `run` and the node processes call pin_for_runtime; EDGE_RUNTIME_PIN_MALLOC=0
+    leaves glibc's adaptive thresholds alone."""
+    import os
+
+    code = "from edge_runtime import heap; print(heap.pin_for_runtime(), heap._pinned)"
+    env = {**os.environ, "EDGE_RUNTIME_PIN_MALLOC": "0"}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env)
+    assert off.stdout.split() == ["False", "None"]
+    env["EDGE_RUNTIME_PIN_MALLOC"] = "1"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True, env=env)
+    assert on.stdout.split() == (["True", "True"] if sys.platform.startswith("linux") else ["False", "False"])

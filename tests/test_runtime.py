@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,30 @@ def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
     assert [r["seq"] for r in records] == [0, 1, 2]
     assert all(r["enhanced"] and r["provenance"]["model"] == "tiny-invert" for r in records)
     assert len(list(out.glob("*.png"))) == 2
+
+
+def test_infer_over_a_folder_of_16_bit_images_takes_a_stated_modality(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder of radiograph PNGs says neither what it shows nor its bit depth: --modality (required)
+    and --bits-stored say it; DICOM and phantom sources refuse both (they state their own)."""
+    import cv2
+
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline.recorder import read_records
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"f{i}.png"), _xr().pixels)
+    common = ["infer", "--bundle", str(bundle), "--source", str(folder), "--device", "cpu-x86", "--every", "0"]
+    assert main([*common, "--out", str(tmp_path / "o1")]) == 1
+    assert re.search(r"ConfigError: expected --modality for a folder of images .*\['DX'\]", capsys.readouterr().err)
+    assert main([*common, "--out", str(tmp_path / "o2"), "--modality", "DX", "--bits-stored", "12"]) == 0
+    assert [r["seq"] for r in read_records(tmp_path / "o2" / "results.jsonl")] == [0, 1]
+    assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--modality", "DX",
+                 "--out", str(tmp_path / "o3"), "--limit", "1"]) == 1
+    assert "state their own" in capsys.readouterr().err
 
 
 def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:
