@@ -12,13 +12,13 @@ brought the filter back to 0.74-0.78 ms. Our Runtime reuses its buffers (0-1 fau
 either way), so this matters for what it is compared with.
 
 ``pin_malloc_thresholds`` is called by the measurement entry points (benchmarks, model cards),
-so every contender in a run sees the same allocator, and by the runtime's own processes
-(``edge-runtime infer``, ``edge-runtime run`` and its node processes: ``pin_for_runtime``), where
-it measured faster too (same machine, alternating runs): `infer` over 200 16-bit PNGs with
-xr-nodule-det + xr-denoise 2.7-2.9 s vs 3.0-3.2 s (backend infer p50 7.9-8.7 vs 9.8-9.9 ms), the
-30 fps detection + despeckle stream (60 s) p50 10.4 / 9.8 vs 11.2 / 10.7 ms, p99 14.5 / 13.8 vs
-15.4 / 14.1 ms. Set EDGE_RUNTIME_PIN_MALLOC=0 to leave glibc's adaptive thresholds alone (freed
-memory then goes back to the kernel sooner; pinned, up to 128 MiB of it stays in the process).
+so every contender in a run sees the same allocator, and by ``edge-runtime infer``
+(``pin_for_runtime``; EDGE_RUNTIME_PIN_MALLOC=0 turns it off), where it measured a little faster
+in alternating runs over 200 16-bit PNGs with xr-nodule-det + xr-denoise: 2.5-2.7 s vs 2.5-3.1 s
+(GLIBC_TUNABLES with the same values from process start: 2.7-2.9 s vs 3.0-3.2 s). The streaming
+pipeline does not pin: its 30 fps detection + despeckle stream measured the same either way
+(120 s runs in ABBA order: p50 9.8 / 9.7 vs 10.1 / 9.5 ms, p99 13.8 / 14.2 vs 15.4 / 14.2 ms), and
+its long-running processes should give freed memory back (pinned, up to 128 MiB of it stays).
 Not called on import: a library that embeds ``Runtime`` keeps its process's allocator as it is.
 """
 
@@ -53,7 +53,7 @@ def pin_malloc_thresholds() -> bool:
 
 
 def pin_for_runtime() -> bool:
-    """``pin_malloc_thresholds`` for the runtime's own processes, unless EDGE_RUNTIME_PIN_MALLOC=0."""
+    """``pin_malloc_thresholds`` for ``edge-runtime infer``, unless EDGE_RUNTIME_PIN_MALLOC=0."""
     if os.environ.get("EDGE_RUNTIME_PIN_MALLOC", "1").strip() == "0":
         return False
     return pin_malloc_thresholds()

@@ -43,8 +43,8 @@ def test_pinned_thresholds_reuse_memory() -> None:
 
 
 def test_runtime_processes_pin_unless_told_not_to() -> None:
-    """`edge-runtime infer`, `run` and the node processes call pin_for_runtime; EDGE_RUNTIME_PIN_MALLOC=0
-    leaves glibc's adaptive thresholds alone."""
+    """`edge-runtime infer` calls pin_for_runtime; EDGE_RUNTIME_PIN_MALLOC=0 leaves glibc's adaptive
+    thresholds alone."""
     import os
 
     code = "from edge_runtime import heap; print(heap.pin_for_runtime(), heap._pinned)"

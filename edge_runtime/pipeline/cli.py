@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, expected
-from ..heap import pin_for_runtime
 from .builtins import BuiltinProcessor
 from .nodes import NodeSettings
 from .protocol import Limits
@@ -145,7 +144,6 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    pin_for_runtime()  # the supervisor, and every node when they run as threads (edge_runtime.heap)
     o = resolve(args)
     processor = (BuiltinProcessor(o["processor"]) if o["processor"]
                  else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"]))

@@ -38,7 +38,6 @@ from typing import Any
 import zmq
 
 from ..errors import ConfigError, expected
-from ..heap import pin_for_runtime
 from ..telemetry import Stats, write_latency_report
 from . import protocol, security
 from .nodes import (
@@ -266,7 +265,6 @@ class PipelineReport:
 
 def run_node_process(node: Any, log_level: int = logging.INFO) -> None:
     """Spawn target: a fresh context, SIGTERM -> stop, SIGINT left to the supervisor."""
-    pin_for_runtime()  # per-frame arrays reuse the heap (edge_runtime.heap)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
