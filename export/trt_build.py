@@ -4,8 +4,8 @@ Version branches (by the parsed ``tensorrt.__version__``, never by try/except):
 - TensorRT 11: strongly typed networks only; no FP16/INT8 builder flags and no calibrators.
   Precision comes from the ONNX itself: an FP16 ONNX for fp16, a Q/DQ ONNX for int8.
 - TensorRT 10 (JetPack 6 / Orin ships 10.3): strongly typed when the ONNX carries its precision
-  (Q/DQ nodes or FP16 tensors; ``strongly_typed=None`` decides that), else the classic FP16 flag on
-  an FP32 ONNX. INT8 only from explicit Q/DQ (implicit calibration is deprecated in 10, gone in 11).
+  (Q/DQ nodes or FP16 tensors; ``strongly_typed=None`` decides that) and no DLA core is asked for,
+  else weakly typed with the FP16 (+ INT8) builder flags (an FP32 ONNX; any ONNX on a DLA core). INT8 only from explicit Q/DQ (implicit calibration is deprecated in 10, gone in 11).
 - TensorRT 8.x (legacy Jetson Nano, 8.2, compute 5.3): explicit-batch network, precision through
   builder flags, ``max_workspace_size`` before 8.4; no INT8 on GPUs without fast INT8 (the Nano).
 
@@ -153,7 +153,16 @@ def plan_build(
             )
         typed = True
     elif major == 10:
-        typed = (traits.has_qdq or traits.has_fp16) if strongly_typed is None else strongly_typed
+        if strongly_typed is None:
+            # DLA computes in FP16 and INT8 only. Strongly typed, every FP32 tensor of the ONNX (the
+            # layers a Q/DQ graph keeps in float, the FP32 I/O of an FP16 export) is an FP32 layer the
+            # DLA cannot run: GPU fallback, or a failed build without it. Weakly typed with the FP16
+            # (+ INT8) flags, TensorRT may run them in FP16 on the DLA: the route of TensorRT 10's DLA
+            # docs (trtexec --useDLACore=0 --int8 --fp16 --allowGPUFallback), which say nothing of
+            # strongly typed networks on DLA before 11.x.
+            typed = (traits.has_qdq or traits.has_fp16) and dla_core is None
+        else:
+            typed = strongly_typed
         if not typed:
             if precision == "fp16":
                 flags.append("FP16")
@@ -482,8 +491,8 @@ def build_engine(
         if builder.num_DLA_cores == 0:
             raise ExportError(
                 f"build dla_core: expected a TensorRT with DLA, found TensorRT {version_text} reporting no DLA "
-                "core (this GPU has none, or TensorRT 11.0-11.4.0, which dropped DLA until 11.4.1 on JetPack "
-                "7.2.2+); build for the GPU (no dla_core)")
+                "core (this GPU has none, or a TensorRT without DLA: 10.7 was the last 10.x with it, and 11.x has "
+                "it again from 11.4.1 on JetPack 7.2.2+); build for the GPU (no dla_core)")
         if dla_core >= builder.num_DLA_cores:
             raise ExportError(f"build dla_core: expected < {builder.num_DLA_cores} (DLA cores here), found {dla_core}")
         config.default_device_type = trt.DeviceType.DLA

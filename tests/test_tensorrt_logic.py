@@ -883,8 +883,16 @@ def test_plan_build_refusals(version: tuple[int, int, int], precision: str, trai
 
 
 def test_plan_build_dla_flags() -> None:
-    assert plan_build((10, 3, 0), "fp16", FP16, dla_core=1).builder_flags == ("GPU_FALLBACK",)
-    assert plan_build((10, 3, 0), "fp16", FP16, dla_core=1, gpu_fallback=False).builder_flags == ()
+    # TensorRT 10 on a DLA core: weakly typed with precision flags, so float layers can run FP16 on the DLA
+    dla16 = plan_build((10, 3, 0), "fp16", FP16, dla_core=1)
+    assert not dla16.strongly_typed and dla16.builder_flags == ("FP16", "GPU_FALLBACK")
+    assert plan_build((10, 3, 0), "fp16", FP16, dla_core=1, gpu_fallback=False).builder_flags == ("FP16",)
+    dla8 = plan_build((10, 3, 0), "int8", QDQ, dla_core=0)
+    assert not dla8.strongly_typed and dla8.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
+    assert plan_build((10, 3, 0), "int8", QDQ, dla_core=0, strongly_typed=True).strongly_typed  # on request
+    # TensorRT 11 has no precision flags: strongly typed on the DLA too
+    dla11 = plan_build((11, 4, 1), "int8", QDQ, dla_core=0)
+    assert dla11.strongly_typed and dla11.builder_flags == ("GPU_FALLBACK",)
     assert plan_build((10, 3, 0), "fp16", FP16, version_compatible=True).builder_flags == ("VERSION_COMPATIBLE",)
 
 
@@ -1000,14 +1008,15 @@ def test_build_engine_dla_mapping(fake_trt: Any, tmp_path: Path) -> None:
                           progress=False)
     config = fake_trt.created["config"]
     assert config.default_device_type == "DLA" and config.DLA_core == 1
-    assert config.flags == ["GPU_FALLBACK"] and report.dla_core == 1 and report.gpu_fallback
+    assert config.flags == ["FP16", "GPU_FALLBACK"] and report.dla_core == 1 and report.gpu_fallback
+    assert not report.strongly_typed
     build_engine(onnx16, tmp_path / "e.engine", precision="fp16", workspace_mb=64, dla_core=0,
                  gpu_fallback=False, progress=False)
-    assert fake_trt.created["config"].flags == []
+    assert fake_trt.created["config"].flags == ["FP16"]
     with pytest.raises(ExportError, match=r"expected < 2 \(DLA cores here\), found 2"):
         build_engine(onnx16, tmp_path / "f.engine", precision="fp16", workspace_mb=64, dla_core=2, progress=False)
     fake_trt.dla_cores = 0  # e.g. TensorRT 11.0-11.4.0 on an Orin: DLA gone from that TensorRT
-    with pytest.raises(ExportError, match="reporting no DLA core .*build for the GPU"):
+    with pytest.raises(ExportError, match="reporting no DLA core .*10.7 was the last 10.x .*build for the GPU"):
         build_engine(onnx16, tmp_path / "f.engine", precision="fp16", workspace_mb=64, dla_core=0, progress=False)
     fake_trt.dla_cores = 2
     build_engine(onnx16, tmp_path / "g.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
