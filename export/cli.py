@@ -148,10 +148,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     val = _validation_set(manifest, args.val_frames, args.val_source)
     cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
                            not args.no_progress, _source_opts(args, manifest))
+    method = args.method or calibration_method(manifest)
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
-                        method=args.method, nodes_to_exclude=_csv(args.exclude_nodes),
+                        method=method, nodes_to_exclude=_csv(args.exclude_nodes),
                         op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
-    record = cal.record(method=args.method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
+    record = cal.record(method=method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
     Path(args.record or Path(args.out).with_name("calibration.json")).write_text(json.dumps(record, indent=2) + "\n")
     zp = "zero points all 0" if args.form == "tensorrt" else \
         f"activation zero points {res.summary['activation_zero_point_types']} (uint8 asymmetric)"
@@ -235,8 +236,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
                                _source_opts(args, manifest))
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
             for label in failing:
-                q, nodes = _int8_factory(fp32, cal, args.method, Path(tmp), show, INT8_LABELS[label])
-                rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=args.max_float,
+                q, nodes = _int8_factory(fp32, cal, args.method or calibration_method(manifest), Path(tmp), show,
+                                         INT8_LABELS[label])
+                rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp,
+                                   max_float=repair_limit(manifest, args.max_float),
                                    threads=args.threads, progress=show, label=label)
                 out = targets[label]
                 if rr.report.passed:
@@ -593,7 +596,9 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-frames", type=int, default=200, help="refuse fewer calibration frames (default 200)")
     p.add_argument("--calib-modality", help="modality of folder / video frames (e.g. US); DICOM says its own")
     p.add_argument("--calib-bits", type=int, help="bits stored of folder frames (e.g. 12 in 16-bit PNGs)")
-    p.add_argument("--method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    p.add_argument("--method", choices=("minmax", "entropy", "percentile"),
+                   help="calibration method (default: the manifest's own, from its calibration record or recipe, "
+                   "else minmax)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -652,7 +657,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repair", action="store_true",
                    help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate)")
-    p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default half)")
+    p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default: the manifest's "
+                   "training.repair_max_float, else half)")
     p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate; refused inside a bundle)")
     _calib_opts(p)
     p.add_argument("--report", help="write validation.json here")

@@ -90,3 +90,40 @@ def test_missing_model_or_incomplete_manifest_is_a_config_error(tmp_path: Path) 
     with pytest.raises(ConfigError, match="task"):
         _cli(["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(tmp_path / "fp32.onnx"),
               "--candidate", f"fp16={tmp_path / 'fp32.onnx'}"])
+
+
+def test_validate_repair_takes_the_manifests_method_and_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --method / --max-float, a repair re-quantises as the bundle was (calibration method) and keeps
+    at most the recipe's training.repair_max_float nodes in float, as `export reference --repair` does."""
+    import json
+
+    from export import validate as V
+
+    blur_model(tmp_path / "fp32.onnx")
+    blur_model(tmp_path / "int8.onnx", damage=0.02)  # fails the gate, so the repair starts
+    m = {**blur_manifest(), "calibration": {"method": "percentile"}, "training": {"repair_max_float": 1}}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def factory(fp32: object, cal: object, method: str, *rest: object) -> tuple[object, list[str]]:
+        seen["method"] = method
+        return (lambda exclude: None), ["n"]
+
+    def repair(*args: object, max_float: int | None = None, **kw: object) -> object:
+        seen["max_float"] = max_float
+        raise Stop
+
+    monkeypatch.setattr(cli, "_int8_factory", factory)
+    monkeypatch.setattr(V, "repair_int8", repair)
+    base = ["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(tmp_path / "fp32.onnx"),
+            "--candidate", f"int8={tmp_path / 'int8.onnx'}", "--repair", "--frames", "4", "--calib-frames", "4",
+            "--min-frames", "4", "--repaired-out", str(tmp_path / "r.onnx"), "--no-progress"]
+    with pytest.raises(Stop):
+        _cli(base)
+    assert seen == {"method": "percentile", "max_float": 1}
+    with pytest.raises(Stop):
+        _cli([*base, "--method", "entropy", "--max-float", "3"])
+    assert seen == {"method": "entropy", "max_float": 3}
