@@ -130,6 +130,32 @@ def test_denoise_unet_depths_are_recorded_only_when_not_the_default() -> None:
         DenoiseUNet(out_kernel=5)
 
 
+def test_denoise_unet_highpass_feeds_only_local_detail_to_the_convolutions() -> None:
+    """With ``highpass`` the first convolution sees the unshuffled image minus its local block mean:
+    adding a constant to the image changes nothing there (borders included), while the output still
+    carries the image (the residual is subtracted from the image itself)."""
+    import torch
+
+    from export.training.models import DenoiseUNet, build
+
+    net = build("denoise_unet", {"widths": [16, 32, 64], "factor": 4, "depths": [1, 1, 3, 1, 1], "highpass": 3}).eval()
+    assert net.config["highpass"] == 3 and "highpass" not in DenoiseUNet().config
+    assert build("denoise_unet", net.config).config == net.config
+    seen: list[torch.Tensor] = []
+    net.e1.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].clone()))
+    img = torch.rand(1, 1, 48, 64)
+    with torch.no_grad():
+        out_a, out_b = net(img), net(img + 0.3)
+    torch.testing.assert_close(seen[0], seen[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out_b - out_a, torch.full_like(out_a, 0.3), atol=1e-5, rtol=0)
+    flat = torch.full((1, 1, 48, 64), 0.7)
+    with torch.no_grad():
+        net(flat)
+    assert float(seen[-1].abs().max()) < 1e-6  # a flat image leaves nothing for the convolutions
+    with pytest.raises(ValueError, match="highpass"):
+        DenoiseUNet(highpass=2)
+
+
 def test_timing_passes_alternate_the_order_and_drop_the_warm_up() -> None:
     from export.training.evaluate import time_interleaved
 
