@@ -5,7 +5,8 @@ Version branches (by the parsed ``tensorrt.__version__``, never by try/except):
   Precision comes from the ONNX itself: an FP16 ONNX for fp16, a Q/DQ ONNX for int8.
 - TensorRT 10 (JetPack 6 / Orin ships 10.3): strongly typed when the ONNX carries its precision
   (Q/DQ nodes or FP16 tensors; ``strongly_typed=None`` decides that) and no DLA core is asked for,
-  else weakly typed with the FP16 (+ INT8) builder flags (an FP32 ONNX; any ONNX on a DLA core). INT8 only from explicit Q/DQ (implicit calibration is deprecated in 10, gone in 11).
+  else weakly typed with the FP16 (+ INT8) builder flags (an FP32 ONNX; any ONNX on a DLA core).
+  INT8 only from explicit Q/DQ (implicit calibration is deprecated in 10, gone in 11).
 - TensorRT 8.x (legacy Jetson Nano, 8.2, compute 5.3): explicit-batch network, precision through
   builder flags, ``max_workspace_size`` before 8.4; no INT8 on GPUs without fast INT8 (the Nano).
 
@@ -163,6 +164,14 @@ def plan_build(
             typed = (traits.has_qdq or traits.has_fp16) and dla_core is None
         else:
             typed = strongly_typed
+            if typed and precision == "fp16" and not traits.has_fp16:
+                raise ExportError("build fp16 strongly typed on TensorRT 10: expected an FP16 ONNX (a "
+                                  "strongly typed FP32 graph builds an FP32 engine), found an FP32 graph; "
+                                  "use the fp16 variant from `export quantize`, or leave strongly_typed unset")
+            if typed and dla_core is not None:
+                log.warning("build: strongly typed network on DLA core %d with TensorRT 10 (asked for): "
+                            "its FP32 layers cannot run on the DLA and fall back to the GPU; TensorRT 10's "
+                            "DLA docs describe the weakly typed FP16/INT8-flag route", dla_core)
         if not typed:
             if precision == "fp16":
                 flags.append("FP16")
@@ -427,7 +436,8 @@ def build_engine(
         profiles: ``{input: (min, opt, max)}`` for dynamic inputs; else derived from ``target_hw``.
         timing_cache: file loaded before and saved after the build (created when missing).
         version_compatible / hardware_compatible: lean-runtime / Ampere+ portable engines.
-        strongly_typed: None = auto (TensorRT >= 10 when the ONNX carries its precision; always on 11).
+        strongly_typed: None = auto (TensorRT 10: when the ONNX carries its precision and no DLA core is
+            asked for; always on 11).
         device_kind / compute_capability: the device config's ``kind`` and ``compute_capability``
             ("8.7"), to refuse what the target cannot do; a Jetson is also seen by /etc/nv_tegra_release.
         progress: True/"bar" tqdm bars, "log" log lines, False nothing.

@@ -127,3 +127,32 @@ def test_validate_repair_takes_the_manifests_method_and_limit(tmp_path: Path, mo
     with pytest.raises(Stop):
         _cli([*base, "--method", "entropy", "--max-float", "3"])
     assert seen == {"method": "entropy", "max_float": 3}
+
+
+def test_quantize_takes_the_manifests_calibration_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export quantize --precision int8` without --method calibrates as the manifest says (its calibration
+    record, else the recipe's training.calibration_method); --method overrides."""
+    import json
+
+    from export import quantize as Q
+
+    blur_model(tmp_path / "fp32.onnx")
+    m = {**blur_manifest(), "training": {"calibration_method": "entropy"}}
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    seen: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model: object, out: object, reader: object, *, method: str, **kw: object) -> object:
+        seen.append(method)
+        raise Stop
+
+    monkeypatch.setattr(Q, "quantize_int8", spy)
+    base = ["quantize", str(tmp_path / "fp32.onnx"), "--precision", "int8", "--out", str(tmp_path / "q.onnx"),
+            "--manifest", str(tmp_path / "m.json"), "--calib-frames", "4", "--min-frames", "4", "--val-frames", "4",
+            "--no-progress"]
+    for extra in ([], ["--method", "minmax"]):
+        with pytest.raises(Stop):
+            _cli([*base, *extra])
+    assert seen == ["entropy", "minmax"]

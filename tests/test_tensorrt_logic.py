@@ -865,6 +865,7 @@ def test_plan_build_version_branches(version: tuple[int, int, int], precision: s
         ((11, 0, 0), "fp16", FP32, {}, "expected an FP16 ONNX"),
         ((11, 0, 0), "fp16", FP16, {"strongly_typed": False}, "strongly typed networks only"),
         ((8, 2, 1), "fp16", FP32, {"strongly_typed": True}, "need TensorRT >= 10"),
+        ((10, 3, 0), "fp16", FP32, {"strongly_typed": True}, "builds an FP32 engine"),
         ((10, 3, 0), "fp32", QDQ, {}, "found one with Q/DQ"),
         ((10, 3, 0), "bf16", FP32, {}, "one of"),
         ((7, 1, 0), "fp32", FP32, {}, "TensorRT >= 8"),
@@ -882,14 +883,18 @@ def test_plan_build_refusals(version: tuple[int, int, int], precision: str, trai
         plan_build(version, precision, traits, **kwargs)
 
 
-def test_plan_build_dla_flags() -> None:
+def test_plan_build_dla_flags(caplog: pytest.LogCaptureFixture) -> None:
     # TensorRT 10 on a DLA core: weakly typed with precision flags, so float layers can run FP16 on the DLA
     dla16 = plan_build((10, 3, 0), "fp16", FP16, dla_core=1)
     assert not dla16.strongly_typed and dla16.builder_flags == ("FP16", "GPU_FALLBACK")
     assert plan_build((10, 3, 0), "fp16", FP16, dla_core=1, gpu_fallback=False).builder_flags == ("FP16",)
     dla8 = plan_build((10, 3, 0), "int8", QDQ, dla_core=0)
     assert not dla8.strongly_typed and dla8.builder_flags == ("INT8", "FP16", "GPU_FALLBACK")
-    assert plan_build((10, 3, 0), "int8", QDQ, dla_core=0, strongly_typed=True).strongly_typed  # on request
+    with caplog.at_level(logging.WARNING, logger="export.trt_build"):  # on request, with a warning
+        assert plan_build((10, 3, 0), "int8", QDQ, dla_core=0, strongly_typed=True).strongly_typed
+    assert "fall back to the GPU" in caplog.text
+    # an FP32 ONNX asked for fp16 on a DLA core: the FP16 flag, weakly typed
+    assert plan_build((10, 3, 0), "fp16", FP32, dla_core=0).builder_flags == ("FP16", "GPU_FALLBACK")
     # TensorRT 11 has no precision flags: strongly typed on the DLA too
     dla11 = plan_build((11, 4, 1), "int8", QDQ, dla_core=0)
     assert dla11.strongly_typed and dla11.builder_flags == ("GPU_FALLBACK",)

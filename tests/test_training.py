@@ -132,8 +132,8 @@ def test_denoise_unet_depths_are_recorded_only_when_not_the_default() -> None:
 
 def test_denoise_unet_highpass_feeds_only_local_detail_to_the_convolutions() -> None:
     """With ``highpass`` the first convolution sees the unshuffled image minus its local block mean:
-    adding a constant to the image changes nothing there (borders included), while the output still
-    carries the image (the residual is subtracted from the image itself)."""
+    adding a constant to the image changes nothing there (borders included), so the predicted
+    residual is unchanged too and the output moves by exactly that constant."""
     import torch
 
     from export.training.models import DenoiseUNet, build
@@ -141,6 +141,8 @@ def test_denoise_unet_highpass_feeds_only_local_detail_to_the_convolutions() -> 
     net = build("denoise_unet", {"widths": [16, 32, 64], "factor": 4, "depths": [1, 1, 3, 1, 1], "highpass": 3}).eval()
     assert net.config["highpass"] == 3 and "highpass" not in DenoiseUNet().config
     assert build("denoise_unet", net.config).config == net.config
+    torch.manual_seed(0)
+    torch.nn.init.normal_(net.d1[-1].weight, std=0.1)  # a non-zero residual (it starts at zero)
     seen: list[torch.Tensor] = []
     net.e1.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].clone()))
     img = torch.rand(1, 1, 48, 64)
@@ -152,8 +154,12 @@ def test_denoise_unet_highpass_feeds_only_local_detail_to_the_convolutions() -> 
     with torch.no_grad():
         net(flat)
     assert float(seen[-1].abs().max()) < 1e-6  # a flat image leaves nothing for the convolutions
+    with torch.no_grad():
+        assert float((net(img) - img).abs().max()) > 1e-3  # the residual is really there
     with pytest.raises(ValueError, match="highpass"):
         DenoiseUNet(highpass=2)
+    with pytest.raises(ValueError, match="in_ch 1"):
+        DenoiseUNet(in_ch=3, highpass=3)
 
 
 def test_timing_passes_alternate_the_order_and_drop_the_warm_up() -> None:

@@ -174,7 +174,8 @@ RECIPES: dict[str, Recipe] = {
                  "eval_dose": XR_EVAL_DOSE, "n_nodules": [0, 3], "pairs": "(frame.pixels, frame.truth.clean)"},
         n_train=500, n_eval=24, steps=30000, batch=8, crop=192, lr=1e-3, n_tune=4,
         tolerances={"psnr_db": 0.3}, tune_at_eval=True, calib_method="percentile", repair_max_float=14,
-        # INT8 (2026-12-02, the network before "highpass", 200 validation frames, FP32 51.26 dB, gate 0.3 dB): minmax leaves
+        # INT8 (2026-12-02, the network before "highpass", 200 validation frames, FP32 51.26 dB, gate 0.3 dB):
+        # minmax leaves
         # the TensorRT form int8.onnx at 50.78 dB and still 0.36 dB short with percentile after the default
         # repair limit (9 of 19 nodes in float); percentile with up to 14 passes at 51.10 dB with 10 in float.
         # int8_cpu.onnx: 51.00 dB with 7 in float.
@@ -203,17 +204,19 @@ RECIPES: dict[str, Recipe] = {
         # -4% / -0.5 dB. (Bilateral timings above and in cards before this date were inflated by page
         # faults on every call in processes that import onnxruntime: see edge_runtime.heap.)
         # 2026-12-02, later: "highpass" 3 (the convolutions see the unshuffled image minus its mean over
-        # 3x3 blocks of 4x4 pixels; the residual is still subtracted from the image). 3000 steps, held out:
-        # widths 32-32-64 49.40 dB without, 51.42 with; widths 16-32-64 with 50.50; 16-16-32 and one conv
-        # per level 49.87. Inference (random weights, 512x512, ORT 2 threads spinning during a run, one
-        # interleaved run; bilateral 0.79 ms there): 32-32-64 2.95 ms, +highpass 3.02, 16-32-64 +highpass
-        # 2.36, 16-16-32 1.69 (the Log, DepthToSpace, layout reorders and pooling stay ~0.8 ms at any
-        # width). What ships: 16-32-64 with highpass 3, 0.49 GFLOPs, 30000 steps. INT8: the old network's
-        # input quantised alone to uint8 cost 0.68 dB (int8: 2.4 dB): the 8-bit step over the image's range
-        # is a third of the quantum noise's std (0.0039 vs 0.0105 in the VST domain); with highpass the first conv's uint8 input costs 0.13-0.16 dB
-        # and the last conv's 0.13-0.24 dB (torch fake-quant, 8 frames), so repair keeps those in float.
-        # Shipped (30000 steps, 644 s): 53.69 dB held out; int8_cpu 53.37 / int8 53.33 vs FP32 53.63 dB on
-        # the 200 validation frames, 7 / 10 of 19 nodes in float (percentile, limit 14).
+        # the 3x3 blocks of 4x4 pixels around each block; the residual is still subtracted from the
+        # image). 3000 steps, held out: widths 32-32-64 49.40 dB without, 51.42 with; widths 16-32-64 with
+        # 50.50; 16-16-32 and one conv per level 49.87. Inference (random weights, 512x512, ORT 2 threads
+        # spinning during a run, one interleaved run; bilateral 0.79 ms there): 32-32-64 2.95 ms,
+        # +highpass 3.02, 16-32-64 +highpass 2.36, 16-16-32 1.69 (the Log, DepthToSpace, layout reorders
+        # and pooling stay ~0.8 ms at any width). What ships: 16-32-64 with highpass 3, 0.49 GFLOPs, 30000
+        # steps. INT8: the old network's input quantised alone to uint8 cost 0.68 dB (int8: 2.4 dB): the
+        # 8-bit step over the image's range is a third of the quantum noise's std (0.0039 vs 0.0105 in the
+        # VST domain); with highpass the first conv's uint8 input costs 0.13-0.16 dB and the last conv's
+        # 0.13-0.24 dB (torch fake-quant, 8 frames); repair keeps the first in float in both forms and the
+        # last in int8_cpu. Shipped (30000 steps, 644 s): 53.69 dB held out; int8_cpu 53.37 / int8 53.33
+        # vs FP32 53.63 dB on the 200 validation frames, 7 / 10 of 19 nodes in float (percentile, limit
+        # 14).
         loss="l1"),
 }
 
