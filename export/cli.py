@@ -148,7 +148,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     val = _validation_set(manifest, args.val_frames, args.val_source)
     cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
                            not args.no_progress, _source_opts(args, manifest))
-    method = args.method or calibration_method(manifest)
+    method = calibration_method(manifest, args.method)
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
                         method=method, nodes_to_exclude=_csv(args.exclude_nodes),
                         op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
@@ -234,12 +234,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError(expected("one failing INT8 candidate for --repaired-out", failing))
         cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
                                _source_opts(args, manifest))
+        method, max_float = calibration_method(manifest, args.method), repair_limit(manifest, args.max_float)
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
             for label in failing:
-                q, nodes = _int8_factory(fp32, cal, args.method or calibration_method(manifest), Path(tmp), show,
-                                         INT8_LABELS[label])
-                rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp,
-                                   max_float=repair_limit(manifest, args.max_float),
+                q, nodes = _int8_factory(fp32, cal, method, Path(tmp), show, INT8_LABELS[label])
+                rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=max_float,
                                    threads=args.threads, progress=show, label=label)
                 out = targets[label]
                 if rr.report.passed:
@@ -437,10 +436,11 @@ def failed_report_path(name: str) -> Path:
     return Path("out") / "export" / f"{name}.validation.failed.json"
 
 
-def calibration_method(manifest: Mapping[str, Any]) -> str:
-    """The calibration method a bundle was (or its recipe wants to be) quantised with: the manifest's
-    ``calibration.method``, else ``training.calibration_method`` (reference recipes), else minmax."""
-    return str((manifest.get("calibration") or {}).get("method")
+def calibration_method(manifest: Mapping[str, Any], requested: str | None = None) -> str:
+    """The calibration method to quantise with: as asked, else the one the bundle was (or its recipe wants
+    to be) quantised with: the manifest's ``calibration.method``, else ``training.calibration_method``
+    (reference recipes), else minmax."""
+    return str(requested or (manifest.get("calibration") or {}).get("method")
                or (manifest.get("training") or {}).get("calibration_method") or "minmax")
 
 
@@ -471,7 +471,7 @@ def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib
     root = Path(bundle_dir)
     bundle = Bundle.load(root)
     manifest = dict(bundle.manifest)
-    method = method or calibration_method(manifest)
+    method = calibration_method(manifest, method)
     max_float = repair_limit(manifest, max_float)
     fp32 = bundle.file(bundle.artifact("fp32").file)
     fp32_sha = sha256_file(fp32)

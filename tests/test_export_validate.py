@@ -438,6 +438,7 @@ def test_export_reference_keeps_the_bundles_own_calibration_method() -> None:
         == "percentile"
     assert cli.calibration_method({"training": {"calibration_method": "entropy"}}) == "entropy"
     assert cli.calibration_method({}) == "minmax"
+    assert cli.calibration_method({"calibration": {"method": "percentile"}}, "entropy") == "entropy"  # as asked
     # The repair limit likewise: asked for, else the recipe's (xr-denoise: 14), else repair_int8's default.
     assert cli.repair_limit({"training": {"repair_max_float": 14}}) == 14
     assert cli.repair_limit({"training": {"repair_max_float": 14}}, 3) == 3 and cli.repair_limit({}) is None
