@@ -516,3 +516,113 @@ def test_backend_emulates_after_onnxruntime_falls_back_from_cuda_to_cpu(tmp_path
         assert b.provider == "CPUExecutionProvider" and b.int8_emulated is True
         np.testing.assert_allclose(b.infer({"image": x})["enhanced"], _session_out(trt.path, x, "disable"),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _up_model(tmp_path: Path, k: int = 2, stride: int = 2, pads: list[int] | None = None, bias: bool = True) -> Path:
+    """image [1, 4, 16, 16] -> ConvTranspose(4 -> 3, kernel k, stride) -> enhanced."""
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, k, k)).astype(np.float32), "w")]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.normal(0, 0.5, (3,)).astype(np.float32), "b"))
+    node = helper.make_node("ConvTranspose", ["image", "w", *(["b"] if bias else [])], ["enhanced"], name="up",
+                            kernel_shape=[k, k], strides=[stride, stride], pads=pads or [0, 0, 0, 0])
+    return save([node], [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 4, 16, 16])],
+                [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, None)], inits, tmp_path / "up.onnx")
+
+
+@pytest.mark.parametrize(("stride", "bias"), [(2, True), (2, False), (3, True)])
+def test_conv_transpose_as_conv_is_the_same_function(tmp_path: Path, stride: int, bias: bool) -> None:
+    from export.quantize import conv_transpose_as_conv
+
+    src = _up_model(tmp_path, stride, stride, bias=bias)
+    assert conv_transpose_as_conv(src, tmp_path / "conv.onnx") == ["up"]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "conv.onnx")).graph.node] == ["Conv", "DepthToSpace"]
+    x = np.random.default_rng(4).normal(size=(1, 4, 16, 16)).astype(np.float32)
+    y = _run(tmp_path / "conv.onnx", x)
+    assert y.shape == (1, 3, 16 * stride, 16 * stride)
+    np.testing.assert_allclose(y, _run(src, x), atol=2e-5)
+
+
+@pytest.mark.parametrize(("k", "pads", "skip"), [(3, [0, 0, 0, 0], ()), (2, [1, 1, 0, 0], ()), (2, None, ("up",))])
+def test_conv_transpose_is_left_alone_unless_kernel_is_stride_without_padding(
+        tmp_path: Path, k: int, pads: list[int] | None, skip: tuple[str, ...]) -> None:
+    from export.quantize import conv_transpose_as_conv
+
+    src = _up_model(tmp_path, k, 2, pads)
+    assert conv_transpose_as_conv(src, tmp_path / "conv.onnx", skip) == []
+    assert [n.op_type for n in onnx.load(str(tmp_path / "conv.onnx")).graph.node] == ["ConvTranspose"]
+
+
+def _decoder_model(tmp_path: Path) -> Path:
+    """image [1, 1, 64, 64] -> conv 1->8 stride 2 -> Relu -> ConvTranspose 8->8 (2x2, stride 2) + a 1x1 conv
+    of the image (a U-Net's skip) -> conv 8->8 stride 2 -> Relu -> nearest Resize x2 (as torch exports
+    F.interpolate) -> conv 8->1."""
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 3, 3)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 8, 2, 2)).astype(np.float32), "wu"),
+             numpy_helper.from_array(rng.normal(0, 0.1, (8,)).astype(np.float32), "bu"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (8, 1, 1, 1)).astype(np.float32), "ws"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(rng.normal(0, 0.2, (1, 8, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["image", "w0"], ["c0"], name="c0", pads=[1] * 4, strides=[2, 2]),
+             helper.make_node("Relu", ["c0"], ["r0"], name="r0"),
+             helper.make_node("ConvTranspose", ["r0", "wu", "bu"], ["u"], name="up", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["image", "ws"], ["skip"], name="cs"),
+             helper.make_node("Add", ["u", "skip"], ["ru"], name="add"),
+             helper.make_node("Conv", ["ru", "w1"], ["c1"], name="c1", pads=[1] * 4, strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Resize", ["r1", "", "scales"], ["z"], name="resize", mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Conv", ["z", "w2"], ["enhanced"], name="c2", pads=[1] * 4)]
+    return save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, 64, 64])],
+                [helper.make_tensor_value_info("enhanced", TensorProto.FLOAT, [1, 1, 64, 64])], inits,
+                tmp_path / "dec.onnx")
+
+
+def test_cpu_form_runs_up_convolution_and_upsampling_in_uint8(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU form: the 2x2 stride-2 ConvTranspose becomes an int8 1x1 conv + DepthToSpace, and the
+    DepthToSpace and the nearest Resize move the uint8 tensor channels-last: ONNX Runtime's optimised
+    graph keeps no ConvTranspose, Resize or DepthToSpace, adds no layout Transpose over the file without
+    the channels-last movement, and computes exactly what that file computes. The TensorRT form keeps both."""
+    from export import quantize as Q
+
+    src = _decoder_model(tmp_path)
+    cpu = Q.quantize_int8_cpu(src, tmp_path / "cpu.onnx", _calset(8).reader())
+    assert cpu.info()["conv_transposes_as_conv"] == ["up"]
+    assert sorted(cpu.info()["uint8_movement_in_nhwc"]) == ["resize", "up_depth_to_space"]
+    ops = _optimized_ops(cpu.path, tmp_path)
+    assert not {"ConvTranspose", "Resize", "DepthToSpace", "DequantizeLinear"} & set(ops[:-1]), ops
+    monkeypatch.setattr(Q, "uint8_movement_in_nhwc", lambda path: [])
+    plain = Q.quantize_int8_cpu(src, tmp_path / "plain.onnx", _calset(8).reader())
+    plain_ops = _optimized_ops(plain.path, tmp_path)
+    assert {"Resize", "DepthToSpace"} <= set(plain_ops)
+    # One Transpose more: the DepthToSpace's own interleave; those into and out of NHWC cancel.
+    assert ops.count("Transpose") == plain_ops.count("Transpose") + 1
+    x = _calset(8).tensors[0]
+    np.testing.assert_array_equal(_run(cpu.path, x), _run(plain.path, x))
+    ref = _run(src, x)  # 8-bit activations, 7-bit weights: a few per cent of the peak (a wrong order: ~100%)
+    assert np.abs(_run(cpu.path, x) - ref).max() < 0.1 * np.abs(ref).max()
+    trt = Q.quantize_int8(src, tmp_path / "trt.onnx", _calset(8).reader())
+    assert {"ConvTranspose", "Resize"} <= {n.op_type for n in onnx.load(str(trt.path)).graph.node}
+    assert "conv_transposes_as_conv" not in trt.info()
+
+
+def test_uint8_movement_needs_one_scale_on_both_sides(tmp_path: Path) -> None:
+    """A Resize between a DQ and a Q with different scales re-quantises: it is left as it is."""
+    from export import quantize as Q
+
+    cpu = Q.quantize_int8_cpu(_decoder_model(tmp_path), tmp_path / "cpu.onnx", _calset(8).reader())
+    m = onnx.load(str(cpu.path))
+    for i in m.graph.initializer:  # give the upsampled tensor's Q a scale of its own
+        if i.name.startswith("z") and i.name.endswith("scale"):
+            i.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(i) * 2, i.name))
+    onnx.save(m, str(tmp_path / "edited.onnx"))
+    assert Q.uint8_movement_in_nhwc(tmp_path / "edited.onnx") == []
