@@ -400,6 +400,12 @@ def cpu_flags(root: Path = Path("/")) -> set[str] | None:
     return None if words is None else set(words)
 
 
+def cpu_family(root: Path = Path("/")) -> str | None:
+    """The x86 "cpu family" number of /proc/cpuinfo (AMD Zen 3 and Zen 4: 25, Zen 5: 26), or None."""
+    words = _cpuinfo_words(root, ("cpu family",))
+    return words[0] if words else None
+
+
 def cpu_identity(root: Path = Path("/"), *, machine: str | None = None) -> str:
     """What a CPU-tuned artefact depends on: architecture, CPU model and its feature flags (x86 "flags",
     Arm "Features"). ONNX Runtime's fully optimised graphs are laid out for the vector width they were

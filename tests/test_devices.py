@@ -219,3 +219,12 @@ def test_cpu_int8_class_follows_the_vnni_flags(tmp_path: Path) -> None:
     assert cpu("fp asimd", machine="aarch64", info=ARM_CPUINFO).exact is True
     unread = cpu_int8(fake_root(tmp_path / "noflags", cpuinfo=X86_CPUINFO), machine="x86_64")
     assert unread.exact is False and unread.flags_read is False and "unreadable" in unread.describe()
+
+
+def test_cpu_family_is_read_from_cpuinfo(tmp_path: Path) -> None:
+    """The x86 "cpu family" number (what tells Zen 3/4 (25) from Zen 5 (26) when a VM calls each "AMD EPYC")."""
+    from edge_runtime.devices import cpu_family
+
+    info = X86_CPUINFO.replace("model\t\t: 142", "cpu family\t: 25\nmodel\t\t: 17")
+    assert cpu_family(fake_root(tmp_path / "x86", cpuinfo=info)) == "25"
+    assert cpu_family(fake_root(tmp_path / "arm", cpuinfo=ARM_CPUINFO)) is None

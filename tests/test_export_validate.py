@@ -389,6 +389,10 @@ def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, mo
     assert run_all.machine_slug() == "amd-epyc-7b13-64-core-processor-no-vnni"
     monkeypatch.setattr("edge_runtime.devices.cpu_int8", lambda *a, **k: CpuInt8("x", "x86_64", ("avx512_vnni",), True))
     assert run_all.machine_slug().endswith("-vnni") and not run_all.machine_slug().endswith("no-vnni")
+    # A model name without a number (VMs: "AMD EPYC" on Zen 3, 4 and 5) gets its CPU family.
+    monkeypatch.setattr(run_all, "_cpu_model", lambda: "AMD EPYC")
+    monkeypatch.setattr("edge_runtime.devices.cpu_family", lambda *a, **k: "26")
+    assert run_all.machine_slug() == "amd-epyc-family-26-vnni"
     monkeypatch.setattr(run_all, "PAGES", tmp_path / "results")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "b-vnni.md").write_text("# Benchmark results: B\n\nMachine: B, 2 cores.\n")
