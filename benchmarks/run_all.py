@@ -47,13 +47,10 @@ def _cpu_model() -> str:
 
 
 def _cpu_name() -> str:
-    """The CPU model, with its x86 family when the model names no number: VMs report "AMD EPYC" for
-    Zen 3, Zen 4 and Zen 5 alike, and their figures must not land on one page."""
-    from edge_runtime.devices import cpu_family
+    """The CPU model, with its family where the model names no number (edge_runtime.devices.cpu_name)."""
+    from edge_runtime.devices import cpu_name
 
-    model = _cpu_model()
-    family = None if re.search(r"\d", model) else cpu_family()
-    return f"{model} family {family}" if family else model
+    return cpu_name(model=_cpu_model()) or _cpu_model()
 
 
 def machine_slug() -> str:

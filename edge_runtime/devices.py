@@ -406,6 +406,16 @@ def cpu_family(root: Path = Path("/")) -> str | None:
     return words[0] if words else None
 
 
+def cpu_name(root: Path = Path("/"), model: str | None = None) -> str | None:
+    """The CPU model name (``model``, else /proc/cpuinfo's), with its x86 family when the name has no
+    number: VMs report "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike, and figures from each must stay apart."""
+    model = model or _cpuinfo(root)[0]
+    if model is None or re.search(r"\d", model):
+        return model
+    family = cpu_family(root)
+    return f"{model} family {family}" if family else model
+
+
 def cpu_identity(root: Path = Path("/"), *, machine: str | None = None) -> str:
     """What a CPU-tuned artefact depends on: architecture, CPU model and its feature flags (x86 "flags",
     Arm "Features"). ONNX Runtime's fully optimised graphs are laid out for the vector width they were

@@ -62,7 +62,7 @@ so that it runs as an int8 conv too; likewise a ConvTranspose whose kernel is it
 up-convolutions, which have no int8 CPU kernel) as a 1x1 conv + DepthToSpace (:func:`conv_transpose_as_conv`).
 After quantisation, nearest Resize and DepthToSpace between a DQ and a Q of one scale move the uint8 tensor
 channels-last, where ONNX Runtime runs the int8 convs (:func:`uint8_movement_in_nhwc`; measured on the AMD
-EPYC Zen 3, 2 threads, interleaved: xr-nodule-det int8_cpu / FP32 1.80x -> 2.05x, us-lesion-det 1.65x -> 1.80x,
+EPYC Zen 4 with VNNI, 2 threads, interleaved, random calibration frames: xr-nodule-det int8_cpu / FP32 1.80x -> 2.05x, us-lesion-det 1.65x -> 1.80x,
 us-despeckle 2.14x -> 2.69x). Measured 1.08-1.60x of FP32 on the reference models on a quiet
 2-core Intel Xeon with VNNI, with 8-bit weights; the 7-bit form and CPUs without VNNI: each machine's page
 under benchmarks/results/. TensorRT refuses it (non-zero zero points, uint8), so bundles carry it as a second artefact targeted at ``onnxruntime-cpu`` only (docs/BUNDLE.md).

@@ -178,13 +178,13 @@ def write_card(name: str, bundle_dir: str | Path | None = None, docs_dir: str | 
 
 def _timed_on() -> str:
     """The CPU the card's ms figures come from: they differ by machine (benchmarks/results/ has each)."""
-    from edge_runtime.devices import cpu_int8
+    from edge_runtime.devices import cpu_int8, cpu_name
     from edge_runtime.heap import pin_malloc_thresholds
 
     cpu = cpu_int8()
     heap = ("; glibc malloc thresholds pinned for every contender (edge_runtime.heap: otherwise the filters'"
             " per-call arrays paid page faults on each call)" if pin_malloc_thresholds() else "")
-    return f"{cpu.model or platform.machine()}, {os.cpu_count()} cores; int8 kernels: {cpu.describe()}{heap}"
+    return f"{cpu_name(model=cpu.model) or platform.machine()}, {os.cpu_count()} cores; int8 kernels: {cpu.describe()}{heap}"
 
 
 def _other_doses(m: dict[str, Any], onnx_path: Path, seeds: Any, filters: dict[str, Any], eval_dose: float,
