@@ -407,10 +407,11 @@ def cpu_family(root: Path = Path("/")) -> str | None:
 
 
 def cpu_name(root: Path = Path("/"), model: str | None = None) -> str | None:
-    """The CPU model name (``model``, else /proc/cpuinfo's), with its x86 family when the name has no
-    number: VMs report "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike, and figures from each must stay apart."""
+    """The CPU model name (``model``, else /proc/cpuinfo's), with its x86 family when it is an AMD name
+    without a number: VMs report "AMD EPYC" for Zen 3, Zen 4 and Zen 5 alike (families 25, 25, 26), and
+    figures from each must stay apart. Intel's family (6 for nearly every core) would tell nothing."""
     model = model or _cpuinfo(root)[0]
-    if model is None or re.search(r"\d", model):
+    if model is None or re.search(r"\d", model) or not model.lower().startswith("amd"):
         return model
     family = cpu_family(root)
     return f"{model} family {family}" if family else model

@@ -443,6 +443,7 @@ def conv_transpose_as_conv(src: str | os.PathLike[str], dst: str | os.PathLike[s
     model = onnx.load(str(src))
     g = model.graph
     inits = {i.name: i for i in g.initializer}
+    taken = _names_in_use(g)
     done: list[str] = []
     for n in list(g.node):
         w_init = inits.get(n.input[1]) if n.op_type == "ConvTranspose" and len(n.input) > 1 else None
@@ -456,21 +457,25 @@ def conv_transpose_as_conv(src: str | os.PathLike[str], dst: str | os.PathLike[s
                 or any(d != 1 for d in attrs.get("dilations", [1, 1])) or "output_shape" in attrs \
                 or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID"):
             continue
+        has_bias = len(n.input) > 2 and bool(n.input[2])
+        blocks = f"{n.name}_as_conv"
+        fresh = {blocks, f"{blocks}.weight", f"{blocks}.bias", f"{n.name}_depth_to_space"}
+        if (has_bias and n.input[2] not in inits) or fresh & taken:  # a computed bias; a name in use
+            continue
+        taken |= fresh
         s = k[0]
         w = numpy_helper.to_array(w_init)  # [C_in, C_out, s, s]
         c_out = w.shape[1]
         # DepthToSpace DCR: output (s*i + a, s*j + b, c) is input channel (a*s + b)*C_out + c.
         w2 = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(s * s * c_out, w.shape[0], 1, 1))
-        conv_w = numpy_helper.from_array(w2, f"{n.name}_as_conv.weight")
+        conv_w = numpy_helper.from_array(w2, f"{blocks}.weight")
         inputs = [n.input[0], conv_w.name]
-        if len(n.input) > 2 and n.input[2]:
-            bias = numpy_helper.from_array(np.tile(numpy_helper.to_array(inits[n.input[2]]), s * s),
-                                           f"{n.name}_as_conv.bias")
+        if has_bias:
+            bias = numpy_helper.from_array(np.tile(numpy_helper.to_array(inits[n.input[2]]), s * s), f"{blocks}.bias")
             g.initializer.append(bias)
             inputs.append(bias.name)
         g.initializer.append(conv_w)
         at = list(g.node).index(n)
-        blocks = f"{n.name}_as_conv"
         g.node.insert(at, helper.make_node("Conv", inputs, [blocks], name=blocks, kernel_shape=[1, 1]))
         g.node.insert(at + 1, helper.make_node("DepthToSpace", [blocks], [n.output[0]], name=f"{n.name}_depth_to_space",
                                                blocksize=s, mode="DCR"))
@@ -482,6 +487,13 @@ def conv_transpose_as_conv(src: str | os.PathLike[str], dst: str | os.PathLike[s
             g.initializer.remove(init)
     onnx.save(model, str(dst))
     return done
+
+
+def _names_in_use(graph: Any) -> set[str]:
+    """Every node and tensor name of ``graph``: a rewrite adds only names outside it."""
+    names = {n.name for n in graph.node} | {i.name for i in graph.initializer}
+    names |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+    return names | {t for n in graph.node for t in [*n.input, *n.output]}
 
 
 def _same_qparams(inits: dict[str, Any], dq: Any, q: Any) -> bool:
@@ -499,29 +511,35 @@ def _same_qparams(inits: dict[str, Any], dq: Any, q: Any) -> bool:
     return all(x.size == 1 and x.dtype == y.dtype and np.array_equal(x, y) for x, y in pairs)
 
 
-def uint8_movement_in_nhwc(path: str | os.PathLike[str]) -> list[str]:
+def uint8_movement_in_nhwc(path: str | os.PathLike[str], skip: Sequence[str] = ()) -> list[str]:
     """In a quantised CPU-form graph, rewrite DQ -> op -> Q, where op is a nearest Resize by an integer
     factor (asymmetric coordinates, floor) or a DCR DepthToSpace and the DQ and the Q share one scale and
     zero point, as the same movement of the uint8 tensor written channels-last: Transpose to NHWC,
     Unsqueeze + Expand + Reshape (Resize) or Reshape + Transpose + Reshape (DepthToSpace), Transpose back.
     Exactly the same values. Why: ONNX Runtime runs the int8 convolutions channels-last and moves the
     Resize there too, where its nearest kernel takes 0.6-1.0 ms for xr-nodule-det's two 2x upsamplings
-    (0.03 ms on NCHW); DepthToSpace has no uint8 kernel. Written channels-last, the data moves in
-    C-byte runs, and the two Transposes cancel against the ones ONNX Runtime's layout transformer puts
-    around its NHWC convolutions (measured: 0.17 ms for the two upsamplings, no Transpose added).
-    Returns the names of the rewritten nodes; the file is rewritten in place when there are any."""
+    (0.03 ms on NCHW); a DepthToSpace stays NCHW, with Transposes into and out of it. Written
+    channels-last, the data moves in C-byte runs, and the two Transposes cancel against the ones ONNX
+    Runtime's layout transformer puts around its NHWC convolutions (measured: 0.17 ms for the two
+    upsamplings, no Transpose added). Nodes named in ``skip`` (kept in float) and graphs below opset 13
+    (Unsqueeze with an axes input) are left as they are. Returns the names of the rewritten nodes; the
+    file is rewritten in place when there are any."""
     import onnx
     from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
     g = model.graph
+    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) < 13:
+        return []
     inits = {i.name: i for i in g.initializer}
     producer = {o: n for n in g.node for o in n.output}
     readers = _readers(g)
     outputs = {o.name for o in g.output}
+    taken = _names_in_use(g)
     done: list[str] = []
+    dqs: list[Any] = []
     for n in list(g.node):
-        if n.op_type not in ("Resize", "DepthToSpace") or not n.name:
+        if n.op_type not in ("Resize", "DepthToSpace") or not n.name or n.name in skip:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         dq = producer.get(n.input[0])
@@ -559,19 +577,26 @@ def uint8_movement_in_nhwc(path: str | os.PathLike[str]) -> list[str]:
                     helper.make_node("Mul", [f"{p}_shape", f"{p}_mul"], [f"{p}_shape1"], name=f"{p}_shape1"),
                     helper.make_node("Div", [f"{p}_shape1", f"{p}_div"], [f"{p}_shape2"], name=f"{p}_shape2"),
                     helper.make_node("Reshape", [f"{p}_b", f"{p}_shape2"], [f"{p}_c"], name=f"{p}_reshape2")]
-        g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{p}_{k}") for k, v in consts)
         nodes = [helper.make_node("Transpose", [dq.input[0]], [f"{p}_nhwc"], name=f"{p}_to_nhwc", perm=[0, 2, 3, 1]),
                  *body,
                  helper.make_node("Transpose", [f"{p}_c"], [q.output[0]], name=f"{p}_to_nchw", perm=[0, 3, 1, 2])]
+        fresh = {f"{p}_{k}" for k, _ in consts} | {t for m in nodes for t in [m.name, *m.output]} - {q.output[0]}
+        if fresh & taken:  # a name in use
+            continue
+        taken |= fresh
+        g.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), f"{p}_{k}") for k, v in consts)
         at = list(g.node).index(q)
         for i, node in enumerate(nodes):
             g.node.insert(at + i, node)
         g.node.remove(n)
         g.node.remove(q)
-        if len(readers[dq.output[0]]) == 1 and dq.output[0] not in outputs:
-            g.node.remove(dq)
+        dqs.append(dq)
         done.append(p)
     if done:
+        read = {i for n in g.node for i in n.input} | outputs
+        for dq in {id(d): d for d in dqs}.values():  # a DQ the rewrites left without readers
+            if dq.output[0] not in read:
+                g.node.remove(dq)
         used = {i for n in g.node for i in n.input}
         for init in [i for i in g.initializer if i.name not in used]:
             g.initializer.remove(init)
@@ -665,7 +690,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
                             extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None)
         except (ValueError, RuntimeError) as exc:
             raise ExportError(f"INT8 quantisation of {src} failed: {exc}") from None
-    moved = uint8_movement_in_nhwc(dst) if cpu else []
+    moved = uint8_movement_in_nhwc(dst, nodes_to_exclude) if cpu else []
     if not cpu:
         dedicate_readers(dst)
         distinct_q_axes(dst)

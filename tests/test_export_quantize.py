@@ -600,7 +600,7 @@ def test_cpu_form_runs_up_convolution_and_upsampling_in_uint8(tmp_path: Path,
     assert sorted(cpu.info()["uint8_movement_in_nhwc"]) == ["resize", "up_depth_to_space"]
     ops = _optimized_ops(cpu.path, tmp_path)
     assert not {"ConvTranspose", "Resize", "DepthToSpace", "DequantizeLinear"} & set(ops[:-1]), ops
-    monkeypatch.setattr(Q, "uint8_movement_in_nhwc", lambda path: [])
+    monkeypatch.setattr(Q, "uint8_movement_in_nhwc", lambda path, skip=(): [])
     plain = Q.quantize_int8_cpu(src, tmp_path / "plain.onnx", _calset(8).reader())
     plain_ops = _optimized_ops(plain.path, tmp_path)
     assert {"Resize", "DepthToSpace"} <= set(plain_ops)
@@ -626,3 +626,56 @@ def test_uint8_movement_needs_one_scale_on_both_sides(tmp_path: Path) -> None:
             i.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(i) * 2, i.name))
     onnx.save(m, str(tmp_path / "edited.onnx"))
     assert Q.uint8_movement_in_nhwc(tmp_path / "edited.onnx") == []
+
+
+def test_conv_transpose_with_a_computed_bias_or_a_taken_name_is_left_alone(tmp_path: Path) -> None:
+    from onnx import helper
+
+    from export.quantize import conv_transpose_as_conv
+
+    m = onnx.load(str(_up_model(tmp_path)))
+    b = next(i for i in m.graph.initializer if i.name == "b")
+    m.graph.initializer.remove(b)
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["b"], name="bias", value=b))  # bias from a node
+    onnx.save(m, str(tmp_path / "computed.onnx"))
+    assert conv_transpose_as_conv(tmp_path / "computed.onnx", tmp_path / "out.onnx") == []
+    m = onnx.load(str(_up_model(tmp_path)))
+    m.graph.node[0].output[0] = "up_as_conv"  # the name the rewrite would give its conv
+    m.graph.output[0].name = "up_as_conv"
+    onnx.save(m, str(tmp_path / "taken.onnx"))
+    assert conv_transpose_as_conv(tmp_path / "taken.onnx", tmp_path / "out.onnx") == []
+
+
+def test_cpu_form_keeps_excluded_resize_and_up_convolution_as_they_are(tmp_path: Path) -> None:
+    from export import quantize as Q
+
+    cpu = Q.quantize_int8_cpu(_decoder_model(tmp_path), tmp_path / "cpu.onnx", _calset(8).reader(),
+                              nodes_to_exclude=["resize", "up"])
+    assert cpu.info()["conv_transposes_as_conv"] == [] and cpu.info()["uint8_movement_in_nhwc"] == []
+    assert {"ConvTranspose", "Resize"} <= {n.op_type for n in onnx.load(str(cpu.path)).graph.node}
+
+
+def test_uint8_movement_removes_a_dq_it_leaves_unread(tmp_path: Path) -> None:
+    """One DQ read by two Resizes (each with its own Q): both rewritten, the DQ gone, values equal."""
+    from onnx import TensorProto, helper
+    from test_export_models import save
+
+    from export.quantize import uint8_movement_in_nhwc
+
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s"), numpy_helper.from_array(np.array(3, np.uint8), "z"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")]
+    resize = {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}
+    nodes = [helper.make_node("QuantizeLinear", ["image", "s", "z"], ["q"], name="q0"),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["f"], name="dq"),
+             *(helper.make_node("Resize", ["f", "", "sc"], [f"r{i}"], name=f"resize{i}", **resize) for i in (1, 2)),
+             *(helper.make_node("QuantizeLinear", [f"r{i}", "s", "z"], [f"y{i}"], name=f"q{i}") for i in (1, 2)),
+             helper.make_node("Add", ["y1", "y2"], ["enhanced"], name="add")]  # uint8 + uint8: wraps, equally
+    src = save(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 3, 8, 6])],
+               [helper.make_tensor_value_info("enhanced", TensorProto.UINT8, None)], inits, tmp_path / "dq.onnx")
+    x = np.random.default_rng(6).random((2, 3, 8, 6), dtype=np.float32) * 10
+    before = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert sorted(uint8_movement_in_nhwc(src)) == ["resize1", "resize2"]
+    m = onnx.load(str(src))
+    assert "DequantizeLinear" not in [n.op_type for n in m.graph.node]
+    after = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_array_equal(after, before)

@@ -393,6 +393,8 @@ def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, mo
     monkeypatch.setattr(run_all, "_cpu_model", lambda: "AMD EPYC")
     monkeypatch.setattr("edge_runtime.devices.cpu_family", lambda *a, **k: "26")
     assert run_all.machine_slug() == "amd-epyc-family-26-vnni"
+    monkeypatch.setattr(run_all, "_cpu_model", lambda: "Intel(R) Xeon(R) Processor")  # family 6 says nothing
+    assert run_all.machine_slug() == "intel-xeon-processor-vnni"
     monkeypatch.setattr(run_all, "PAGES", tmp_path / "results")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "b-vnni.md").write_text("# Benchmark results: B\n\nMachine: B, 2 cores.\n")
