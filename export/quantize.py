@@ -153,6 +153,13 @@ def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merg
     return Path(dst)
 
 
+def _drop_unused_initializers(graph: Any) -> None:
+    """Remove the initializers no node reads any more (after a rewrite replaced their readers)."""
+    used = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
 def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
     """Merge convolutions that read the same tensor with the same attributes (e.g. CenterNet's heatmap /
     size / offset 1x1 heads) into one Conv (weights and biases concatenated over output channels)
@@ -208,9 +215,7 @@ def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str]
         g.node.insert(at, conv)
         merged += len(convs) - 1
     if merged:
-        used = {i for n in g.node for i in n.input}
-        for init in [i for i in g.initializer if i.name not in used]:
-            g.initializer.remove(init)
+        _drop_unused_initializers(g)
     onnx.save(model, str(dst))
     return merged
 
@@ -482,9 +487,7 @@ def conv_transpose_as_conv(src: str | os.PathLike[str], dst: str | os.PathLike[s
         g.node.remove(n)
         done.append(n.name)
     if done:
-        used = {i for n in g.node for i in n.input}
-        for init in [i for i in g.initializer if i.name not in used]:
-            g.initializer.remove(init)
+        _drop_unused_initializers(g)
     onnx.save(model, str(dst))
     return done
 
@@ -597,9 +600,7 @@ def uint8_movement_in_nhwc(path: str | os.PathLike[str], skip: Sequence[str] = (
         for dq in {id(d): d for d in dqs}.values():  # a DQ the rewrites left without readers
             if dq.output[0] not in read:
                 g.node.remove(dq)
-        used = {i for n in g.node for i in n.input}
-        for init in [i for i in g.initializer if i.name not in used]:
-            g.initializer.remove(init)
+        _drop_unused_initializers(g)
         onnx.save(model, str(path))
     return done
 
