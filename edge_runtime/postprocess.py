@@ -48,10 +48,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
     """Class-wise NMS (OpenCV's NMSBoxesBatched): indices kept, best score first."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    b = np.asarray(boxes, np.float64)
-    xywh = np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], axis=1)
-    kept = cv2.dnn.NMSBoxesBatched(xywh.tolist(), np.asarray(scores, np.float32).tolist(),
-                                   np.asarray(class_ids, np.int32).tolist(), -np.inf, float(iou))
+    xywh = np.array(boxes, np.float64)  # a copy: x0, y0, x1, y1 -> x, y, w, h in place
+    xywh[:, 2:] -= xywh[:, :2]
+    kept = cv2.dnn.NMSBoxesBatched(xywh, np.asarray(scores, np.float32), np.asarray(class_ids, np.int32),
+                                   -np.inf, float(iou))
     keep = np.asarray(kept, np.int64).reshape(-1)
     keep = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")]
     return keep[:max_detections] if max_detections > 0 else keep
@@ -174,14 +174,14 @@ class Postprocessor:
         if len(boxes) == 0:
             return []
         boxes = mapping.to_original(boxes)
-        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # drop boxes all in padding
-        boxes, scores, cls = boxes[ok], scores[ok], cls[ok]
+        ok = (boxes[:, 2:] > boxes[:, :2]).all(axis=1)  # drop boxes all in padding
+        if not ok.all():
+            boxes, scores, cls = boxes[ok], scores[ok], cls[ok]
         keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
-        out = []
-        for i in keep:
-            x0, y0, x1, y1 = (float(v) for v in boxes[i])
-            out.append(Detection((x0, y0, x1, y1), float(scores[i]), self.classes[int(cls[i])]))
-        return out
+        # One conversion to Python numbers per array: the decode runs right after an inference has
+        # evicted the caches, where every numpy call costs several times what it does warm.
+        return [Detection((x0, y0, x1, y1), score, self.classes[c]) for (x0, y0, x1, y1), score, c
+                in zip(boxes[keep].tolist(), scores[keep].tolist(), cls[keep].tolist())]
 
     def decode_centernet(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
         names = self.spec.get("outputs", {"heatmap": "heatmap", "size": "size", "offset": "offset"})
@@ -206,9 +206,10 @@ class Postprocessor:
         # wrapper costs more than the work on a few candidates).
         ny = np.minimum(np.maximum(ys[:, None, None] + d[None, :, None], 0), h - 1)
         nx = np.minimum(np.maximum(xs[:, None, None] + d[None, None, :], 0), w - 1)
-        peak = heat[cls, ys, xs] >= heat[cls[:, None, None], ny, nx].max(axis=(1, 2))
+        vals = heat[cls, ys, xs]
+        peak = vals >= heat[cls[:, None, None], ny, nx].max(axis=(1, 2))
         cls, ys, xs = cls[peak], ys[peak], xs[peak]
-        scores = heat[cls, ys, xs].astype(np.float64)
+        scores = vals[peak].astype(np.float64)
         top = np.argsort(-scores, kind="stable")[: max(self.max_detections * 4, 1)]  # top-k before NMS
         cls, ys, xs, scores = cls[top], ys[top], xs[top], scores[top]
         cx = (xs + offset[0, ys, xs]) * self.stride

@@ -69,10 +69,9 @@ class PixelMapping:
         s = np.array([self.scale_x, self.scale_y, self.scale_x, self.scale_y])
         o = np.array([self.offset_x, self.offset_y, self.offset_x, self.offset_y], dtype=np.float64)
         out = (b - o) / s
-        if clip:
+        if clip:  # ufuncs in place: np.clip's wrapper costs more than the work on a few boxes
             h, w = self.orig_size
-            np.clip(out[:, 0::2], 0, w, out=out[:, 0::2])
-            np.clip(out[:, 1::2], 0, h, out=out[:, 1::2])
+            np.minimum(np.maximum(out, 0.0, out=out), (w, h, w, h), out=out)
         return out
 
 
