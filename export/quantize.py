@@ -648,7 +648,9 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
     ``float_single_channel_convs``: keep :func:`single_channel_convs` in float (for speed, not accuracy).
     ``form``: ``"tensorrt"`` (symmetric int8 everywhere, int8.onnx) or ``"cpu"`` (uint8 asymmetric
     activations for ONNX Runtime's CPU provider, int8_cpu.onnx; see the module doc). The two forms'
-    calibration ranges differ (symmetrised or not): give each its own ``cache``.
+    calibration ranges differ (symmetrised or not): give each its own ``cache``, and make it with no
+    ``nodes_to_exclude``: the CPU form's rewrites depend on them, so a cache made with nodes kept in float
+    can lack ranges that a later call needs (an ExportError says so).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -690,7 +692,13 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
                             op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
                             extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None)
         except (ValueError, RuntimeError) as exc:
-            raise ExportError(f"INT8 quantisation of {src} failed: {exc}") from None
+            hint = ""
+            if cache_path is not None and reader is None and "not specified for param" in str(exc):
+                # e.g. the cache came from a call that kept a ConvTranspose in float, so it has no range
+                # for the 1x1 conv that replaces it here: the repair loop makes its cache with none kept.
+                hint = (f" (the calibration cache {cache_path} lacks that tensor's range: make the cache with"
+                        " nodes_to_exclude empty, or delete it to calibrate again)")
+            raise ExportError(f"INT8 quantisation of {src} failed: {exc}{hint}") from None
     moved = uint8_movement_in_nhwc(dst, nodes_to_exclude) if cpu else []
     if not cpu:
         dedicate_readers(dst)

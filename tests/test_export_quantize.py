@@ -679,3 +679,14 @@ def test_uint8_movement_removes_a_dq_it_leaves_unread(tmp_path: Path) -> None:
     assert "DequantizeLinear" not in [n.op_type for n in m.graph.node]
     after = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     np.testing.assert_array_equal(after, before)
+
+
+def test_calibration_cache_made_with_an_excluded_up_convolution_is_refused_clearly(tmp_path: Path) -> None:
+    """Kept in float, the ConvTranspose is not rewritten, so a cache made then has no range for the 1x1
+    conv that replaces it in a later call: an ExportError that names the cache, not a bare ORT error."""
+    from export import quantize as Q
+
+    src, cache = _decoder_model(tmp_path), tmp_path / "ranges.json"
+    Q.quantize_int8_cpu(src, tmp_path / "a.onnx", _calset(8).reader(), nodes_to_exclude=["up"], cache=cache)
+    with pytest.raises(ExportError, match="calibration cache .* lacks that tensor's range"):
+        Q.quantize_int8_cpu(src, tmp_path / "b.onnx", None, cache=cache)
