@@ -520,7 +520,7 @@ def uint8_movement_in_nhwc(path: str | os.PathLike[str], skip: Sequence[str] = (
     zero point, as the same movement of the uint8 tensor written channels-last: Transpose to NHWC,
     Unsqueeze + Expand + Reshape (Resize) or Reshape + Transpose + Reshape (DepthToSpace), Transpose back.
     Exactly the same values. Why: ONNX Runtime runs the int8 convolutions channels-last and moves the
-    Resize there too, where its nearest kernel takes 0.6-1.0 ms for xr-nodule-det's two 2x upsamplings
+    Resize there too, where its nearest kernel takes 0.6-1.4 ms for xr-nodule-det's two 2x upsamplings
     (0.03 ms on NCHW); a DepthToSpace stays NCHW, with Transposes into and out of it. Written
     channels-last, the data moves in C-byte runs, and the two Transposes cancel against the ones ONNX
     Runtime's layout transformer puts around its NHWC convolutions (measured: 0.17 ms for the two
