@@ -151,6 +151,12 @@ class Bundle:
         for key in ("preprocess", "postprocess"):
             if not isinstance(m[key], dict):
                 raise BundleError(f"{where}: " + expected(f"{key} as an object", type(m[key]).__name__))
+        validation = m.get("validation")
+        if validation is not None and not (isinstance(validation, dict)
+                                           and isinstance(validation.get("passed", False), bool)):
+            raise BundleError(f"{where}: " + expected("validation as an object with a boolean 'passed'",
+                                                      validation if not isinstance(validation, dict)
+                                                      else validation.get("passed")))
         seen: dict[tuple[Any, Any], list[set[str]]] = {}  # (kind, precision) -> targets of each artefact
         for a in arts:
             if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
@@ -161,7 +167,7 @@ class Bundle:
                                         or any(t not in TARGETS for t in targets)):
                 raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
                     f"targets as a non-empty list of {TARGETS} (or no targets: every backend)", targets))
-            if a.get("file") not in files:
+            if not isinstance(a.get("file"), str) or a["file"] not in files:
                 raise BundleError(f"{where}: " + expected(f"artifact {a.get('file')!r} listed in files", "not listed"))
             # Two artefacts of one kind and precision must not both serve a target: which would run?
             mine = set(targets or TARGETS)

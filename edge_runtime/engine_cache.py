@@ -400,17 +400,20 @@ class BackgroundBuilder(Generic[T]):
                       type(exc).__name__, exc)
             self._done.set()
             return
-        with self._lock:
-            self._result = value
-            self.seconds = time.monotonic() - started
-            self._state = BuildState.READY
-        log.info("background build %s: ready after %.1f s", self.name, self.seconds)
-        self._done.set()
+        seconds = time.monotonic() - started
+        # The swap is requested before anyone is told "ready": a caller woken by wait() must find the
+        # new engine pending, not the old backend still in place.
         if self._on_ready is not None:
             try:
                 self._on_ready(value)
             except Exception as exc:  # noqa: BLE001 - the swap callback failing must not kill the thread silently
                 log.error("background build %s: on_ready callback failed: %s", self.name, exc)
+        with self._lock:
+            self._result = value
+            self.seconds = seconds
+            self._state = BuildState.READY
+        log.info("background build %s: ready after %.1f s", self.name, self.seconds)
+        self._done.set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the build finished (ready or failed); False on timeout."""

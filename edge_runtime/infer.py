@@ -2,12 +2,15 @@
 
 In-process, no ZeroMQ: for batch work and for checking a model on a file before streaming it.
 Writes ``results.jsonl`` (one line per frame: detections, provenance, stage timings, never pixels
-of the input) and annotated PNGs (input with detections next to the enhanced output).
+of the input; replaced by each run) and annotated PNGs (input with detections next to the enhanced
+output). A frame the models refuse (wrong range, modality, ...) is logged and skipped; the exit
+status is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +18,15 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError, expected
+from .errors import BackendError, ConfigError, InputError, expected
 from .frames import Frame
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
 from .results import Result
 from .runtime import Runtime, RuntimeSet
 from .telemetry import summarize
+
+log = logging.getLogger(__name__)
 
 
 def annotate(frame: Frame, result: Result, *, truth: bool = True) -> np.ndarray:
@@ -68,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
     timings: dict[str, list[float]] = {}
-    n = 0
+    n = skipped = 0
     started = time.perf_counter()
     with runtimes:
         if kind == "images" and "modality" not in opts:  # the files do not say: "OT" is refused frame by frame
@@ -76,11 +81,18 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
+        (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
         writer = JsonlWriter(args.out / "results.jsonl")
         for frame in source:
             if args.limit is not None and n >= args.limit:
                 break
-            result = runtimes.process(frame)
+            try:
+                result = runtimes.process(frame)
+            except (InputError, BackendError) as exc:  # one bad frame is counted and skipped, never the run
+                skipped += 1
+                n += 1
+                log.warning("frame %d skipped: %s", frame.seq, exc)  # no stream id: file names can name patients
+                continue
             writer.write(record(result))
             for stage, ms in result.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
@@ -89,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
             n += 1
     writer.close()
     wall = time.perf_counter() - started
-    print(f"{n} frames in {wall:.1f} s -> {args.out}/results.jsonl")
+    print(f"{n} frames in {wall:.1f} s -> {args.out}/results.jsonl"
+          + (f"; {skipped} skipped (see the warnings above)" if skipped else ""))
     for stage in ("preprocess", "infer", "postprocess"):
         if stage in timings:
             s = summarize(timings[stage])
             print(f"  {stage:<12} p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  max {s['max']:.2f} ms")
-    return 0
+    return 1 if skipped else 0

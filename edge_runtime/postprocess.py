@@ -18,12 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import BundleError, InputError, expected
+from .errors import BackendError, BundleError, InputError, expected
 from .frames import Frame
 from .preprocess import PixelMapping, _check_keys
 from .results import Detection
 
 TYPES = ("centernet", "yolov8", "enhance", "segmentation")
+CENTERNET_OUTPUTS = ("heatmap", "size", "offset")  # in the graph's output order
 DETECTION_KEYS = {"type", "classes", "score_threshold", "nms_iou", "max_detections"}
 KEYS = {
     "centernet": DETECTION_KEYS | {"stride", "peak_kernel", "outputs"},
@@ -131,12 +132,25 @@ class Postprocessor:
         self.score_threshold = float(self.spec.get("score_threshold", 0.3))
         self.nms_iou = float(self.spec.get("nms_iou", 0.5))
         self.max_detections = int(self.spec.get("max_detections", 100))
+        if self.max_detections < 1:
+            raise BundleError("postprocess.max_detections: " + expected("an integer >= 1", self.max_detections))
         self.stride = int(self.spec.get("stride", 4))
         self.peak_kernel = int(self.spec.get("peak_kernel", 3))
         if kind in ("centernet", "yolov8") and not self.classes:
             raise BundleError(f"postprocess ({kind}): " + expected("a non-empty classes list", self.classes))
+        # The CenterNet tensors by role; the manifest may rename some of them (docs/BUNDLE.md).
+        renames = _check_keys(self.spec.get("outputs"), set(CENTERNET_OUTPUTS), "postprocess.outputs")
+        self.centernet_outputs = {role: str(renames.get(role, role)) for role in CENTERNET_OUTPUTS}
         tile = _check_keys(self.spec.get("tile"), {"size", "overlap"}, "postprocess.tile")
-        self.tile = (int(tile["size"]), int(tile.get("overlap", 0))) if tile else None
+        self.tile: tuple[int, int] | None = None
+        if tile:
+            if "size" not in tile:
+                raise BundleError("postprocess.tile: " + expected("a 'size' (tile side in pixels)", sorted(tile)))
+            size, overlap = int(tile["size"]), int(tile.get("overlap", 0))
+            if size <= 0 or not 0 <= overlap < size:
+                raise BundleError("postprocess.tile: " + expected("size > 0 and 0 <= overlap < size",
+                                                                  {"size": size, "overlap": overlap}))
+            self.tile = (size, overlap)
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], preprocess: Any = None) -> Postprocessor:
@@ -184,7 +198,7 @@ class Postprocessor:
                 in zip(boxes[keep].tolist(), scores[keep].tolist(), cls[keep].tolist())]
 
     def decode_centernet(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
-        names = self.spec.get("outputs", {"heatmap": "heatmap", "size": "size", "offset": "offset"})
+        names = self.centernet_outputs
         heat = self._output(outputs, names["heatmap"], 0)[0]
         size = self._output(outputs, names["size"], 1)[0]
         offset = self._output(outputs, names["offset"], 2)[0]
@@ -210,7 +224,7 @@ class Postprocessor:
         peak = vals >= heat[cls[:, None, None], ny, nx].max(axis=(1, 2))
         cls, ys, xs = cls[peak], ys[peak], xs[peak]
         scores = vals[peak].astype(np.float64)
-        top = np.argsort(-scores, kind="stable")[: max(self.max_detections * 4, 1)]  # top-k before NMS
+        top = np.argsort(-scores, kind="stable")[: self.max_detections * 4]  # top-k before NMS
         cls, ys, xs, scores = cls[top], ys[top], xs[top], scores[top]
         cx = (xs + offset[0, ys, xs]) * self.stride
         cy = (ys + offset[1, ys, xs]) * self.stride
@@ -265,6 +279,8 @@ class Postprocessor:
             out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
             if integer:
                 np.add(out, np.float32(0.5), out=out)
+        if np.isnan(out.min()):  # one pass; NaN would otherwise be cast to 0, a black pixel passed as real
+            raise BackendError(expected("finite model output", f"{int(np.isnan(out).sum())} NaN values of {out.size}"))
         if not integer:
             return out
         np.clip(out, 0.5, maxval + 0.5, out=out)

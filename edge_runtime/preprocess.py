@@ -209,7 +209,16 @@ class Preprocessor:
         if self.bits_stored and frame.bits_stored != self.bits_stored:
             raise InputError(expected(f"a {self.bits_stored}-bit frame (the model's training data)",
                                       f"{frame.bits_stored}-bit"))
-        if self.window is None and frame.pixels.dtype == np.float32:
+        px = frame.pixels
+        bits = int(frame.bits_stored or px.dtype.itemsize * 8)
+        if px.dtype != np.float32 and bits < px.dtype.itemsize * 8:
+            # e.g. uint16 storage of a 12-bit image: a value above 4095 (16-bit data labelled 12-bit, or
+            # overlay bits left in the high bits) would be read as a brighter pixel than exists.
+            peak = int(px.max())
+            if peak > 2 ** bits - 1:
+                raise InputError(expected(f"{px.dtype} pixel values in 0..{2 ** bits - 1} (bits_stored {bits})",
+                                          f"a maximum of {peak}"))
+        if self.window is None and px.dtype == np.float32:
             # Without a window, values are read as 0 .. 2**bits_stored - 1: anything else would reach
             # the model in a wrong range (e.g. signed or rescaled values).
             top = 2 ** int(frame.bits_stored or 32) - 1

@@ -46,25 +46,6 @@ def resolve_device(device: str | Path | DeviceConfig | None) -> DeviceConfig:
     return load_config(str(device))
 
 
-def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "auto") -> str:
-    """The artefact precision to run: requested, or the fastest one present, allowed and gated."""
-    # A quantised artefact runs only when the bundle's accuracy gate passed (docs/BUNDLE.md).
-    gated = bool(bundle.manifest.get("validation", {}).get("passed", False))
-    usable = [a.precision for a in bundle.artifacts if a.kind == "onnx" and (a.precision == "fp32" or gated)]
-    if requested != "auto":
-        if requested not in device.precisions:
-            raise ConfigError(f"device {device.name}: " + expected(f"a precision in {list(device.precisions)}",
-                                                                    requested))
-        if requested not in usable:
-            raise BundleError(f"bundle {bundle.name}: " + expected(f"an ONNX artefact in {requested}", usable))
-        return requested
-    for p in AUTO_ORDER:
-        if p in usable and p in device.precisions:
-            return p
-    raise BundleError(f"bundle {bundle.name} on {device.name}: " + expected(
-        f"an artefact in one of {list(device.precisions)}", usable))
-
-
 CPU_TARGET = "onnxruntime-cpu"  # artefacts made for ONNX Runtime's CPU provider (int8_cpu.onnx)
 
 
@@ -74,6 +55,41 @@ def onnx_target(device: DeviceConfig, backend: str | None = None) -> str | None:
     devices: TensorRT engines and ONNX Runtime's GPU providers take the artefact that runs everywhere)."""
     want = backend or device.backend
     return CPU_TARGET if device.kind == "cpu" and want in ("onnxruntime", "auto") else None
+
+
+def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "auto",
+                     backend: str | None = None) -> str:
+    """The artefact precision to run: requested, or the fastest one present, allowed, gated and runnable
+    on ``device`` (an ONNX artefact for its target: a CPU-only INT8 form does not count on a GPU
+    device, nor a TensorRT-only one on a CPU device)."""
+    # A quantised artefact runs only when the bundle's accuracy gate passed (docs/BUNDLE.md).
+    validation = bundle.manifest.get("validation")
+    gated = isinstance(validation, dict) and validation.get("passed") is True
+    target = onnx_target(device, backend)
+
+    def runnable(p: str) -> bool:
+        try:
+            bundle.artifact(p, "onnx", target)
+        except BundleError:
+            return False
+        return True
+
+    present = dict.fromkeys(a.precision for a in bundle.artifacts if a.kind == "onnx")
+    usable = [p for p in present if (p == "fp32" or gated) and runnable(p)]
+    if requested != "auto":
+        if requested not in device.precisions:
+            raise ConfigError(f"device {device.name}: " + expected(f"a precision in {list(device.precisions)}",
+                                                                    requested))
+        if requested not in usable:
+            raise BundleError(f"bundle {bundle.name}: " + expected(
+                f"a gated ONNX artefact in {requested}" + (f" for {target}" if target else " for every backend"),
+                usable))
+        return requested
+    for p in AUTO_ORDER:
+        if p in usable and p in device.precisions:
+            return p
+    raise BundleError(f"bundle {bundle.name} on {device.name}: " + expected(
+        f"an artefact in one of {list(device.precisions)}", usable))
 
 
 class Runtime:
@@ -106,7 +122,8 @@ class Runtime:
         b = self._bundle_arg
         self.bundle = b if isinstance(b, Bundle) else Bundle.load(resolve_bundle(b), verify=True)
         self.device = resolve_device(self._device_arg)
-        self.precision = choose_precision(self.bundle, self.device, self.requested_precision)
+        self.precision = choose_precision(self.bundle, self.device, self.requested_precision,
+                                          self.requested_backend)
         self.pre = Preprocessor.from_manifest(self.bundle.manifest, reuse_tensor=True)
         self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
         self.input_name = self.pre.input_name
@@ -217,8 +234,14 @@ class Runtime:
             path, self._pending_engine = self._pending_engine, None
         if path is None:
             return
-        new = TrtBackend(path, precision=self.precision,
-                         use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
+        try:
+            new = TrtBackend(path, precision=self.precision,
+                             use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
+        except Exception as exc:  # noqa: BLE001 - a bad engine must not cost a frame: ONNX Runtime keeps serving
+            msg = f"engine {path.name} failed to load ({exc}); serving with {self.backend.name if self.backend else '?'}"
+            self.events.append(msg)
+            log.error("runtime: %s", msg)
+            return
         old, self.backend = self.backend, new
         self.artifact = path.name
         if old is not None:

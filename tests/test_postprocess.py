@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from edge_runtime.errors import BundleError, InputError
+from edge_runtime.errors import BackendError, BundleError, InputError
 from edge_runtime.frames import Frame
 from edge_runtime.postprocess import Postprocessor, enhance_tiled, nms
 from edge_runtime.preprocess import Preprocessor
@@ -201,3 +201,42 @@ def test_bad_specs_are_bundle_errors() -> None:
         Postprocessor({"type": "centernet", "classes": ["a"], "iou_threshold": 0.5})
     with pytest.raises(BundleError, match="classes"):
         Postprocessor({"type": "yolov8"})
+
+
+def test_manifest_mistakes_are_bundle_errors_at_load_not_key_errors_per_frame() -> None:
+    with pytest.raises(BundleError, match="postprocess.tile: expected a 'size'"):
+        Postprocessor({"type": "enhance", "tile": {"overlap": 8}})
+    for tile in ({"size": 0}, {"size": 64, "overlap": 64}, {"size": 64, "overlap": -1}):
+        with pytest.raises(BundleError, match="size > 0 and 0 <= overlap < size"):
+            Postprocessor({"type": "enhance", "tile": tile})
+    with pytest.raises(BundleError, match="max_detections: expected an integer >= 1"):
+        Postprocessor({"type": "centernet", "classes": ["a"], "max_detections": 0})
+    with pytest.raises(BundleError, match=r"postprocess.outputs: unknown key\(s\) \['boxes'\]"):
+        Postprocessor({"type": "centernet", "classes": ["a"], "outputs": {"boxes": "b"}})
+
+
+def test_centernet_outputs_can_rename_some_tensors() -> None:
+    """docs/BUNDLE.md's own example renames only the heatmap: the other two keep their names."""
+    spec = {"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3,
+            "outputs": {"heatmap": "hm"}}
+    outs = _centernet_outputs()
+    outs["hm"] = outs.pop("heatmap")
+    frame = Frame(np.zeros((32, 32), np.uint8))
+    _, m = Preprocessor({})(frame)
+    dets = Postprocessor(spec)(outs, m, frame).detections
+    assert [d.label for d in dets] == ["cyst", "solid", "solid"]
+
+
+def test_nan_in_an_enhancement_output_is_an_error_not_a_black_pixel() -> None:
+    px = np.full((16, 16), 1000, np.uint16)
+    frame = Frame(px, modality="DX", bits_stored=12)
+    pre = Preprocessor({}, bits_stored=12)
+    x, m = pre(frame)
+    post = Postprocessor({"type": "enhance"}, preprocess=pre)
+    x[0, 0, 3, 4] = np.nan
+    x[0, 0, 5, 5] = np.nan
+    with pytest.raises(BackendError, match="expected finite model output, found '2 NaN values of 256'"):
+        post({"enhanced": x}, m, frame)
+    fx = Frame(px.astype(np.float32), modality="DX", bits_stored=12)  # float frames too
+    with pytest.raises(BackendError, match="NaN"):
+        post({"enhanced": x}, m, fx)

@@ -176,6 +176,21 @@ def test_float_frames_out_of_range_are_refused_without_a_window() -> None:
     np.testing.assert_allclose(x[0, 0], [[0.0, 0.5 + 0.5 / 400, 1.0]], atol=1e-6)
 
 
+def test_integer_frames_above_their_bits_stored_are_refused() -> None:
+    """uint16 storage labelled 12-bit holding 16-bit values (or overlay bits in the high bits) would be read
+    as pixels brighter than the detector can produce: refused, as float frames out of range are."""
+    ok = np.array([[0, 2048, 4095]], np.uint16)
+    x, _ = Preprocessor({}, bits_stored=12)(_frame(ok, bits_stored=12))
+    np.testing.assert_allclose(x[0, 0], ok / 4095.0, atol=1e-6)
+    with pytest.raises(InputError, match=r"expected uint16 pixel values in 0\.\.4095 \(bits_stored 12\), "
+                                         r"found 'a maximum of 65535'"):
+        Preprocessor({}, bits_stored=12)(_frame(np.array([[0, 65535, 1]], np.uint16), bits_stored=12))
+    with pytest.raises(InputError, match=r"in 0\.\.127 .*maximum of 128"):
+        Preprocessor({})(_frame(np.array([[0, 128]], np.uint8), bits_stored=7))
+    x, _ = Preprocessor({})(_frame(np.array([[0, 65535]], np.uint16), bits_stored=16))  # full width: no check
+    assert x.max() == 1.0
+
+
 def test_zero_size_frames_are_input_errors() -> None:
     for shape in ((0, 5), (5, 0), (0, 0, 3)):
         with pytest.raises(InputError, match=r"at least one pixel.*found \("):

@@ -368,3 +368,98 @@ def test_auto_precision_serves_fp32_where_int8_weights_would_saturate(tmp_path: 
         with Runtime(root, "cpu-x86", precision="int8") as rt:
             assert rt.precision == "int8" and rt.backend is not None
             assert rt.backend.int8_emulated is (not exact)  # type: ignore[attr-defined]
+
+
+def test_auto_precision_counts_only_artefacts_the_device_can_run(tmp_path: Path) -> None:
+    """A bundle whose only INT8 file is the CPU form: INT8 on a CPU config, FP32 on a GPU config (the CPU
+    form serves neither TensorRT nor ONNX Runtime's GPU providers); asking a GPU config for int8 says so."""
+    root = _int8_bundle(tmp_path / "b")
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"] = [a for a in m["artifacts"] if a["file"] != "int8.onnx"]
+    (root / "int8.onnx").unlink()
+    write_bundle(root, m)
+    bundle = Bundle.load(root)
+    assert choose_precision(bundle, load_config("cpu-x86")) == "int8"
+    assert choose_precision(bundle, load_config("x86-dgpu")) == "fp32"
+    with pytest.raises(BundleError, match="int8 for every backend"):
+        choose_precision(bundle, load_config("x86-dgpu"), "int8")
+    with Runtime(root, "x86-dgpu") as rt:  # loads (FP32) instead of failing on the missing GPU file
+        assert rt.precision == "fp32" and rt.process(_xr()).enhanced is not None
+
+
+@pytest.mark.parametrize("validation", [{"passed": "false"}, {"passed": 1}, "passed", []])
+def test_a_malformed_gate_record_is_refused_not_read_as_passed(tmp_path: Path, validation: object) -> None:
+    root = _int8_bundle(tmp_path / "b")
+    m = json.loads((root / "manifest.json").read_text())
+    m["validation"] = validation
+    (root / "manifest.json").write_text(json.dumps(m))  # edited by hand (write_bundle refuses it too)
+    with pytest.raises(BundleError, match="validation as an object with a boolean 'passed'"):
+        Bundle.load(root)
+    m["validation"] = None  # no gate record: FP32 only
+    write_bundle(root, m)
+    assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "fp32"
+
+
+def test_an_engine_that_fails_to_load_costs_no_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake TensorRT (none here): the built engine cannot be deserialised; the frame that finds it pending
+    is still served by ONNX Runtime and the failure is in the events, not raised into process()."""
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.errors import BackendError
+
+    class BrokenTrt:
+        def __init__(self, *a: object, **k: object) -> None:
+            pass
+
+        def load(self) -> None:
+            raise BackendError("engine deserialisation failed (fake)")
+
+    monkeypatch.setattr(rt_mod, "TrtBackend", BrokenTrt)
+    rt = Runtime(_enhance_bundle(tmp_path / "b"), "cpu-x86").load()
+    try:
+        rt._engine_ready(tmp_path / "model.engine")
+        res = rt.process(_xr())
+        assert res.provenance["backend"] == "onnxruntime"
+        np.testing.assert_array_equal(res.enhanced, 4095 - _xr().pixels)
+        assert any("model.engine failed to load" in e and "deserialisation" in e for e in rt.events)
+        assert rt._pending_engine is None and rt.process(_xr()).provenance["backend"] == "onnxruntime"
+    finally:
+        rt.close()
+
+
+def test_infer_replaces_old_results_and_skips_refused_frames(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                            caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second run into the same folder leaves only its own lines; a frame the runtime refuses is logged
+    by number (no stream id: file names can name patients), skipped, and makes the exit status 1."""
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline.recorder import read_records
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    args = ["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out), "--device", "cpu-x86",
+            "--limit", "3", "--every", "0"]
+    assert main(args) == 0 and main(args) == 0
+    assert [r["seq"] for r in read_records(out / "results.jsonl")] == [0, 1, 2]
+    real = RuntimeSet.process
+
+    def refuse_seq_1(self: RuntimeSet, frame: Frame):  # type: ignore[no-untyped-def]
+        if frame.seq == 1:
+            raise InputError("expected uint16 pixel values in 0..4095 (bits_stored 12), found 'a maximum of 65535'")
+        return real(self, frame)
+
+    monkeypatch.setattr(RuntimeSet, "process", refuse_seq_1)
+    capsys.readouterr()
+    assert main(args) == 1
+    assert [r["seq"] for r in read_records(out / "results.jsonl")] == [0, 2]
+    captured = capsys.readouterr()
+    assert "3 frames" in captured.out and "1 skipped" in captured.out
+    assert "frame 1 skipped: expected uint16 pixel values" in caplog.text
+
+
+def test_an_artifact_file_that_is_not_a_string_is_a_bundle_error(tmp_path: Path) -> None:
+    root = _enhance_bundle(tmp_path / "b")
+    m = json.loads((root / "manifest.json").read_text())
+    m["artifacts"][0]["file"] = ["fp32.onnx"]
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"expected artifact \['fp32.onnx'\] listed in files"):
+        Bundle.load(root)

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -1299,6 +1300,20 @@ def test_background_builder_ready_and_failed(caplog: pytest.LogCaptureFixture) -
     assert failing.state is BuildState.FAILED and isinstance(failing.error, ExportError)
     assert failing.status()["error"] == "ExportError: parser rejected model.onnx"
     assert "background build seg-int8: failed" in caplog.text
+
+
+def test_background_builder_requests_the_swap_before_it_says_ready() -> None:
+    """A caller woken by wait() (or reading status "ready") must find the new engine already handed over:
+    the on_ready callback runs to completion first (it is slow here on purpose)."""
+    handed: list[str] = []
+
+    def slow_hand_over(path: str) -> None:
+        time.sleep(0.2)
+        handed.append(path)
+
+    builder = BackgroundBuilder(lambda: "engine.path", name="det-fp16", on_ready=slow_hand_over).start()
+    assert builder.wait(10)
+    assert handed == ["engine.path"] and builder.state is BuildState.READY
 
 
 # =================================================================================================
