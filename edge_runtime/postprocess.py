@@ -51,8 +51,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
         return np.zeros(0, np.int64)
     xywh = np.array(boxes, np.float64)  # a copy: x0, y0, x1, y1 -> x, y, w, h in place
     xywh[:, 2:] -= xywh[:, :2]
-    kept = cv2.dnn.NMSBoxesBatched(xywh, np.asarray(scores, np.float32), np.asarray(class_ids, np.int32),
-                                   -np.inf, float(iou))
+    # OpenCV's stubs say Sequence; its bindings take numpy arrays without a per-element conversion.
+    kept = cv2.dnn.NMSBoxesBatched(
+        xywh, np.asarray(scores, np.float32), np.asarray(class_ids, np.int32),  # type: ignore[arg-type]
+        -np.inf, float(iou))
     keep = np.asarray(kept, np.int64).reshape(-1)
     keep = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")]
     return keep[:max_detections] if max_detections > 0 else keep
