@@ -201,7 +201,9 @@ class Bundle:
                 problems.append(f"{rel}: sha256 {found[:16]}..., manifest says {digest[:16]}...")
         for p in sorted(self.path.rglob("*")):
             rel = p.relative_to(self.path).as_posix()
-            if p.is_file() and rel != MANIFEST and rel not in listed:
+            if p.is_symlink():  # rglob does not enter a linked directory; a linked file can change under its hash
+                problems.append(f"{rel}: a symbolic link (a bundle holds plain files only)")
+            elif p.is_file() and rel != MANIFEST and rel not in listed:
                 problems.append(f"{rel}: present but not listed in the manifest")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification, refusing it: " + "; ".join(problems))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+from edge_runtime.errors import BundleError, expected
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -35,8 +36,11 @@ def toolchain_versions() -> dict[str, str]:
 def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> Bundle:
     root = Path(directory)
     body = {k: v for k, v in manifest.items() if k not in ("files", "format", "format_version")}
-    files = {p.relative_to(root).as_posix(): sha256_file(p)
-             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    links = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_symlink()]
+    if links:  # its target could change under the hash, or lie outside the bundle
+        raise BundleError(f"bundle {root}: " + expected("plain files only", f"symbolic links {links}"))
+    files = {rel: sha256_file(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and (rel := p.relative_to(root).as_posix()) != MANIFEST}
     out = {"format": FORMAT, "format_version": FORMAT_VERSION, **body,
            "toolchain": body.get("toolchain") or toolchain_versions(),
            "created": body.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),

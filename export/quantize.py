@@ -116,8 +116,18 @@ def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keep_io
     blocks = list(DEFAULT_OP_BLOCK_LIST if op_block_list is None else op_block_list)
     fp16 = convert_float_to_float16(model, keep_io_types=keep_io_types, op_block_list=blocks,
                                     node_block_list=list(node_block_list))
+    # The converter appends the input Casts after the nodes that read them: ONNX Runtime loads that,
+    # onnx.checker (and so `export check`) refuses it. Sort, then hold the file to the checker too.
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    sorted_model = OnnxModel(fp16)
+    sorted_model.topological_sort()
     out = Path(dst)
-    onnx.save(fp16, str(out))
+    onnx.save(sorted_model.model, str(out))
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{out}: the FP16 conversion is not a valid ONNX model: {exc}") from None
     check_loads(out)
     return out
 
@@ -133,9 +143,11 @@ def _working_dir(path: str | os.PathLike[str]) -> Iterator[None]:
         os.chdir(old)
 
 
-def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merge_siblings: bool = True) -> Path:
+def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merge_siblings: bool = True,
+               keep: Sequence[str] = ()) -> Path:
     """ORT's recommended quantisation pre-processing: shape inference + graph optimisation (BN folded),
-    then sibling convolutions merged (:func:`merge_sibling_convs`, same function)."""
+    then sibling convolutions merged (:func:`merge_sibling_convs`, same function) except those in ``keep``
+    (nodes to be kept in float: merged, they would lose their names and be quantised after all)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
@@ -149,8 +161,14 @@ def preprocess(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, merg
             # ONNX's own shape inference plus ORT's graph optimisation is all quantisation needs.
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
     if merge_siblings:
-        merge_sibling_convs(dst, dst)
+        merge_sibling_convs(dst, dst, keep)
     return Path(dst)
+
+
+def _node_names(path: str | os.PathLike[str]) -> set[str]:
+    import onnx
+
+    return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
 def _drop_unused_initializers(graph: Any) -> None:
@@ -160,7 +178,7 @@ def _drop_unused_initializers(graph: Any) -> None:
         graph.initializer.remove(init)
 
 
-def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str], skip: Sequence[str] = ()) -> int:
     """Merge convolutions that read the same tensor with the same attributes (e.g. CenterNet's heatmap /
     size / offset 1x1 heads) into one Conv (weights and biases concatenated over output channels)
     followed by a Split back into the original output tensors: the same function, one conv instead of
@@ -174,7 +192,8 @@ def merge_sibling_convs(src: str | os.PathLike[str], dst: str | os.PathLike[str]
     inits = {i.name: i for i in g.initializer}
     groups: dict[tuple[Any, ...], list[Any]] = {}
     for n in g.node:
-        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits:
+        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx") or len(n.input) < 2 or n.input[1] not in inits \
+                or n.name in skip:
             continue
         if len(n.input) > 2 and n.input[2] and n.input[2] not in inits:
             continue
@@ -375,7 +394,8 @@ def _static_hw(graph: Any, name: str) -> tuple[int, int] | None:
     return None
 
 
-def stem_as_space_to_depth(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[str]:
+def stem_as_space_to_depth(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                           skip: Sequence[str] = ()) -> list[str]:
     """Write ``src`` to ``dst`` with every strided convolution over a single input channel (the grey-image
     stem, 3x3 stride 2) as SpaceToDepth(stride) followed by a stride-1 convolution over stride**2 channels:
     the same function (weights rearranged, outputs equal to float rounding), applied only where the input's
@@ -397,7 +417,7 @@ def stem_as_space_to_depth(src: str | os.PathLike[str], dst: str | os.PathLike[s
         strides = list(attrs.get("strides", [1, 1]))
         if w_init is None or len(w_init.dims) != 4 or w_init.dims[1] != 1 or attrs.get("group", 1) != 1 \
                 or any(d != 1 for d in attrs.get("dilations", [1, 1])) or attrs.get("auto_pad", b"NOTSET") != b"NOTSET" \
-                or len(set(strides)) != 1 or strides[0] < 2 or not n.name:
+                or len(set(strides)) != 1 or strides[0] < 2 or not n.name or n.name in skip:
             continue
         s = int(strides[0])
         hw = _static_hw(g, n.input[0])
@@ -673,10 +693,10 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
         # Calibrate in chunks: ORT's histogram calibrators otherwise hold every activation of every frame.
         extra["CalibStridedMinMax"] = _chunk(len(reader))
     with tempfile.TemporaryDirectory(prefix="edge-quant-") as tmp:
-        model_in = Path(src) if preprocessed else preprocess(src, Path(tmp) / "pre.onnx")
+        model_in = Path(src) if preprocessed else preprocess(src, Path(tmp) / "pre.onnx", keep=nodes_to_exclude)
         if not cpu:
             model_in = relu_as_leaky_relu(model_in, Path(tmp) / "leaky.onnx")
-        stems = stem_as_space_to_depth(model_in, Path(tmp) / "stem.onnx") if cpu else []
+        stems = stem_as_space_to_depth(model_in, Path(tmp) / "stem.onnx", nodes_to_exclude) if cpu else []
         if stems:
             model_in = Path(tmp) / "stem.onnx"
         up_convs = conv_transpose_as_conv(model_in, Path(tmp) / "up.onnx", nodes_to_exclude) if cpu else []
@@ -684,6 +704,13 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
             model_in = Path(tmp) / "up.onnx"
         for_speed = [n for n in single_channel_convs(model_in) if n not in nodes_to_exclude] \
             if float_single_channel_convs else []
+        # ONNX Runtime skips names it does not find without a word: the node would be quantised while the
+        # manifest records it as kept in float (a typo, or a name from another graph).
+        unknown = sorted(set(nodes_to_exclude) - _node_names(model_in))
+        if unknown:
+            raise ExportError(f"nodes_to_exclude: {unknown} not in the graph being quantised; " + expected(
+                "names of its nodes (as in the FP32 file; the repair loop uses those of the pre-processed graph)",
+                unknown))
         try:
             quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,

@@ -243,9 +243,24 @@ class GateFailure:
 
 
 def tolerances_for(manifest: Mapping[str, Any]) -> dict[str, float]:
-    """The manifest's tolerances for this task's gated metrics; defaults fill the gaps."""
-    given = {k: float(v) for k, v in (manifest.get("tolerances") or {}).items() if isinstance(v, (int, float))}
-    return {m: given.get(m, DEFAULT_TOLERANCES[m]) for m in GATED[manifest["task"]]}
+    """The manifest's tolerances for this task's gated metrics; defaults fill the gaps.
+
+    A key that is not a gated metric of the task, or a value that is not a finite number >= 0, is an
+    ExportError: dropped quietly, a stricter limit the author meant (e.g. under the metric's manifest
+    name ``sensitivity_at_0.5_fppi``) would give way to the looser default."""
+    gated = GATED[manifest["task"]]
+    given = manifest.get("tolerances") or {}
+    if not isinstance(given, Mapping):
+        raise ExportError(expected(f"tolerances as an object {{metric: drop}} over {list(gated)}", given))
+    unknown = sorted(set(given) - set(gated))
+    if unknown:
+        raise ExportError(f"tolerances: {unknown} " + expected(f"keys among this {manifest['task']} task's gated "
+                                                                f"metrics {list(gated)}", unknown))
+    bad = {k: v for k, v in given.items()
+           if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
+    if bad:
+        raise ExportError("tolerances: " + expected("finite numbers >= 0 (the largest drop allowed)", bad))
+    return {m: float(given.get(m, DEFAULT_TOLERANCES[m])) for m in gated}
 
 
 # What a gated metric needs from the validation frames to be a number (shown when the FP32 value is not).

@@ -53,6 +53,27 @@ def test_verify_fails_on_an_unlisted_file(bundle: Path, capsys: pytest.CaptureFi
     assert "extra.onnx: present but not listed" in capsys.readouterr().out
 
 
+def test_a_nested_file_named_manifest_json_is_listed_like_any_other(bundle: Path) -> None:
+    """Only the top-level manifest.json is the manifest: write_bundle used to skip every file of that name,
+    and the bundle it had just written then failed its own verification."""
+    (bundle / "notes").mkdir()
+    (bundle / "notes" / "manifest.json").write_text("{}")
+    written = write_bundle(bundle, json.loads((bundle / "manifest.json").read_text()))
+    assert "notes/manifest.json" in written.manifest["files"]
+    Bundle.load(bundle, verify=True)
+
+
+def test_symbolic_links_are_refused_by_write_and_verify(bundle: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "model.onnx").write_bytes(b"\x08\x07")
+    (bundle / "linked").symlink_to(outside, target_is_directory=True)  # rglob does not enter it
+    with pytest.raises(BundleError, match=r"linked: a symbolic link"):
+        Bundle.load(bundle, verify=True)
+    with pytest.raises(BundleError, match=r"expected plain files only, found \"symbolic links \['linked'\]\""):
+        write_bundle(bundle, json.loads((bundle / "manifest.json").read_text()))
+
+
 def test_archive_is_deterministic_and_verifiable(bundle: Path, tmp_path: Path) -> None:
     a = write_archive(bundle, tmp_path / "a.tar")
     b = write_archive(bundle, tmp_path / "b.tar")

@@ -45,6 +45,17 @@ def test_fp16_keeps_float32_io_and_matches(tmp_path: Path) -> None:
     assert {i.data_type for i in m.graph.initializer} == {onnx.TensorProto.FLOAT16}
     x = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(_run(out, x), _run(src, x), atol=2e-3)
+    # The converter's input Cast used to come after its readers: ONNX Runtime loaded it, the checker did not.
+    onnx.checker.check_model(m, full_check=True)
+    assert "onnx-checker" not in check_model(out).rules()
+
+
+@pytest.mark.parametrize("name", ["us-lesion-det", "xr-denoise"])
+def test_fp16_of_a_reference_model_passes_export_check(tmp_path: Path, name: str) -> None:
+    src = Path(__file__).parents[1] / "edge_runtime" / "models" / name / "fp32.onnx"
+    out = to_fp16(src, tmp_path / "fp16.onnx")
+    report = check_model(out)
+    assert "onnx-checker" not in report.rules(), report.rules()
 
 
 def test_int8_graph_is_symmetric_per_channel_with_float_bias(tmp_path: Path) -> None:
@@ -690,3 +701,37 @@ def test_calibration_cache_made_with_an_excluded_up_convolution_is_refused_clear
     Q.quantize_int8_cpu(src, tmp_path / "a.onnx", _calset(8).reader(), nodes_to_exclude=["up"], cache=cache)
     with pytest.raises(ExportError, match="calibration cache .* lacks that tensor's range"):
         Q.quantize_int8_cpu(src, tmp_path / "b.onnx", None, cache=cache)
+
+
+def _two_heads(path: Path) -> Path:
+    """A stem conv then two 1x1 heads reading one tensor: what merge_sibling_convs merges."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    ws = {"w0": rng.normal(size=(8, 1, 3, 3)), "wa": rng.normal(size=(2, 8, 1, 1)), "wb": rng.normal(size=(3, 8, 1, 1))}
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["f"], name="stem", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["f"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wa"], ["heatmap"], name="head_hm", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["r", "wb"], ["size"], name="head_size", kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 32, 32])],
+                          [helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, [1, 2, 32, 32]),
+                           helper.make_tensor_value_info("size", TensorProto.FLOAT, [1, 3, 32, 32])],
+                          [numpy_helper.from_array(v.astype(np.float32), k) for k, v in ws.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize("form", ["tensorrt", "cpu"])
+def test_a_node_named_to_stay_in_float_stays_in_float(tmp_path: Path, form: str) -> None:
+    """Merging sibling heads renamed them, so ONNX Runtime quantised a head the manifest said was kept in
+    float; an unknown name (a typo) was skipped the same way. Now the named head stays float, unmerged,
+    and an unknown name is refused."""
+    src = _two_heads(tmp_path / "fp32.onnx")
+    frames = [np.random.default_rng(i).random((1, 1, 32, 32), dtype=np.float32) for i in range(8)]
+    res = quantize_int8(src, tmp_path / "int8.onnx", C.FrameReader("x", frames), nodes_to_exclude=["head_hm"],
+                        form=form, float_single_channel_convs=False)
+    assert "head_hm" in res.summary["float_compute_nodes"] and res.info()["nodes_in_float"] == ["head_hm"]
+    assert "head_size" not in res.summary["float_compute_nodes"]
+    with pytest.raises(ExportError, match=r"nodes_to_exclude: \['head_hmm'\] not in the graph"):
+        quantize_int8(src, tmp_path / "int8b.onnx", C.FrameReader("x", frames), nodes_to_exclude=["head_hmm"],
+                      form=form)

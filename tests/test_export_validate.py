@@ -473,3 +473,17 @@ def test_results_page_renders_from_the_machines_committed_json(tmp_path: Path, m
     runtime_section = page.split("## Runtime")[1].split("## ")[0]
     assert "| m | 2.00 / 3.00 |" in runtime_section and "malloc thresholds pinned" in runtime_section
     assert page.split("## Transport")[1].split("## ")[0].strip().endswith("\n\nNot run yet.")
+
+
+def test_tolerances_with_unknown_keys_or_non_numbers_are_refused_not_defaulted() -> None:
+    """Dropped quietly, these fell back to the looser defaults and let a candidate through."""
+    ok = V.tolerances_for({"task": "enhancement", "tolerances": {"psnr_db": 0.05}})
+    assert ok == {"psnr_db": 0.05, "ssim": V.DEFAULT_TOLERANCES["ssim"]}
+    assert V.tolerances_for({"task": "detection"}) == {"ap50": 0.01, "sensitivity": 0.02}
+    with pytest.raises(ExportError, match=r"tolerances: \['psnr'\] expected keys among this enhancement"):
+        V.tolerances_for({"task": "enhancement", "tolerances": {"psnr": 0.05}})
+    with pytest.raises(ExportError, match=r"\['sensitivity_at_0.5_fppi'\]"):
+        V.tolerances_for({"task": "detection", "tolerances": {"sensitivity_at_0.5_fppi": 0.0}})
+    for value in ("0.001", True, -0.1, float("nan"), None):
+        with pytest.raises(ExportError, match="finite numbers >= 0"):
+            V.tolerances_for({"task": "enhancement", "tolerances": {"ssim": value}})
