@@ -60,6 +60,18 @@ def test_bundle_is_shipped_small_and_labelled(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_shipped_onnx_file_passes_the_onnx_checker(name: str) -> None:
+    """What `export check` runs first; ONNX Runtime alone loads files the checker refuses (an FP16 file
+    with its input Casts after their readers shipped that way until 2026-12-03)."""
+    import onnx
+
+    b = _bundle(name)
+    for a in b.artifacts:
+        if a.kind == "onnx":
+            onnx.checker.check_model(str(b.file(a.file)), full_check=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_onnxruntime_matches_pytorch(name: str) -> None:
     torch = pytest.importorskip("torch", reason="PyTorch (the train extra) is not installed")
     from export.training.train import torch_from_onnx
