@@ -57,7 +57,9 @@ def _as_truth(truth: Any) -> tuple[np.ndarray, list[str]]:
 
 def _match(pairs: Sequence[tuple[Any, Any]], iou: float,
            cls: str | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Greedy matching, highest score first (VOC): (scores, is_tp, n_truth) over all images.
+    """Greedy matching, highest score first: (scores, is_tp, n_truth) over all images. A detection takes
+    the best-overlapping truth box not matched yet (COCO's rule; VOC's devkit instead counts a detection
+    whose single best box is already taken as a false positive).
 
     ``cls`` None matches every class, but a detection only matches truth of its own label.
     """
