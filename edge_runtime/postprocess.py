@@ -212,9 +212,14 @@ class Postprocessor:
         # A peak is a cell at or above the threshold that equals the max of its k x k neighbourhood
         # (CenterNet's max-pool). Only cells above the threshold are examined, so the cost follows
         # the few candidates rather than the map: a handful of numpy calls per frame.
-        cls, ys, xs = np.nonzero(heat >= self.score_threshold)
-        if len(cls) == 0:
+        # One flat index array split by divmod: np.nonzero's three index arrays took 29-46 us against 11-12
+        # (warm, 2 x 64 x 64); right after an inference the decode as a whole gained 0-7% (us-lesion-det /
+        # xr-nodule-det, interleaved, Zen 3).
+        flat = np.flatnonzero(heat >= self.score_threshold)
+        if len(flat) == 0:
             return []
+        cls, rest = np.divmod(flat, h * w)
+        ys, xs = np.divmod(rest, w)
         k = self.peak_kernel
         d = np.arange(k) - k // 2  # cv2.dilate's centred anchor
         # Clipping an offset that leaves the map lands on a cell already inside the window, so the
