@@ -498,10 +498,10 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
             plan.voi = voi
             plan.voi_range = (lo, hi)  # pydicom's windowing spans the post-modality-LUT range
         else:
-            log.warning("%s: VOI asked but the file has no VOI LUT or window; pixels left as stored", path.name)
+            log.warning("DICOM: VOI asked but the file has no VOI LUT or window; pixels left as stored")  # unnamed: PHI
         plan.display_bits = max(1, min(16, bits_stored))
     elif (apply_voi or window is not None) and color != "gray":
-        log.warning("%s: VOI applies to grayscale only; ignored for %s", path.name, photometric)
+        log.warning("DICOM: VOI applies to grayscale only; ignored for %s", photometric)  # unnamed: PHI
     return plan
 
 
@@ -593,7 +593,8 @@ class DicomSource(Source):
         self.n_frames = self._first.n_frames if len(self.files) == 1 else None
         self.name = self.path.name
         self.stream_id = _stream_id(stream_id, self.name)
-        log.info("DICOM %s: %d file(s), %s, %s frame(s) in the first, %s", self.name, len(self.files),
+        # Not named: a DICOM file or folder name can be a patient identifier.
+        log.info("DICOM: %d file(s), %s, %s frame(s) in the first, %s", len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
 
     @staticmethod

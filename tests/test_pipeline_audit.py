@@ -256,3 +256,125 @@ def test_realtime_over_a_source_without_a_frame_rate_replays_every_frame(tmp_pat
     out = capsys.readouterr().out
     assert code == 0, out
     assert "no frame rate" in out and "12 results" in out and "drops: none" in out
+
+
+# --------------------------------------------------------------------------- second audit (2026-12-03)
+
+
+def test_null_where_an_object_belongs_reads_as_absent_and_the_hub_serves_on() -> None:
+    """A result header with "stamps": null (or parts/detections null) passed the checks but crashed the
+    hub's h.setdefault("stamps", {}) and the recorder: the hub died and the pipeline with it."""
+    import orjson
+
+    from edge_runtime.pipeline.nodes import HubNode
+
+    h = {"v": 1, "type": "result", "stream": "s0", "seq": 1, "capture_ns": 5, "stamps": None, "parts": None,
+         "detections": None, "timings_ms": None}
+    m = protocol.decode([orjson.dumps(h)])
+    assert m.result is not None and m.result.stamps == {} and m.result.detections == []
+    assert not {"stamps", "parts", "detections", "timings_ms"} & set(m.header)
+    ctx = zmq.Context()
+    ep = Endpoints.inproc()
+    hub = HubNode(ep, NodeSettings())
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            hub.run(ctx, stop)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        assert hub.ready.wait(5)
+        push.linger = 0
+        push.connect(ep.collect)
+        push.send_multipart([orjson.dumps(h)])
+        push.send_multipart([orjson.dumps({**h, "seq": 2, "stamps": {"capture": 1}})])
+        wait_for(lambda: len(hub.summaries) == 2, 5, "both results summarised by the hub")
+        assert t.is_alive() and not errors
+    finally:
+        stop.set()
+        t.join(5)
+        push.close()
+        ctx.term()
+
+
+def test_a_second_video_of_a_stream_never_overwrites_the_first(tmp_path: Path) -> None:
+    """A restarted recorder (or a reused record directory) opened <stream>.mp4 again: VideoWriter
+    truncated the earlier recording."""
+    from edge_runtime.pipeline.recorder import VideoSink
+    from edge_runtime.results import Result
+
+    def message(seq: int) -> protocol.Message:
+        f = Frame(np.full((64, 64), seq % 255, np.uint8), stream_id="s0", seq=seq)
+        parts = protocol.encode_result(Result("s0", seq, 1), frame=f, attach_input=True)
+        return protocol.decode([bytes(memoryview(p)) for p in parts])
+
+    first = VideoSink(tmp_path, 30.0)
+    for s in range(20):
+        first.add(message(s))
+    first.close()
+    size = first.paths[0].stat().st_size
+    second = VideoSink(tmp_path, 30.0)
+    second.add(message(100))
+    second.close()
+    assert first.paths[0].stat().st_size == size and second.paths[0] != first.paths[0]
+    assert second.paths[0].name.startswith("s0-2.")
+
+
+def test_a_line_cut_by_a_power_cut_does_not_spoil_the_next_run(tmp_path: Path) -> None:
+    from edge_runtime.pipeline.recorder import JsonlWriter
+
+    path = tmp_path / RESULTS_FILE
+    w = JsonlWriter(path)
+    w.write({"type": "result", "stream": "s0", "seq": 1, "run_id": "a"})
+    w.close()
+    with open(path, "ab") as f:
+        f.write(b'{"type":"result","stream":"s0","se')  # the power cut
+    assert len(read_records(path, run="all")) == 1
+    w = JsonlWriter(path)  # the next run, same directory
+    w.write({"type": "event", "event": "recorder_started", "run_id": "b"})
+    w.close()
+    assert [r["run_id"] for r in read_records(path, run="all")] == ["a", "b"]
+    assert runs(path) == ["a", "b"]
+
+
+def test_latest_only_never_hands_out_an_older_result_than_it_did() -> None:
+    """Two workers' results out of order: the newest queued wins, and one older than the last handed out
+    is dropped (docs/PROTOCOL.md section 6), not returned."""
+    from edge_runtime.pipeline.client import Subscriber
+    from edge_runtime.results import Result
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub = Subscriber(f"tcp://127.0.0.1:{port}", latest_only=True, idle_timeout_s=1.0, context=ctx)
+    try:
+        time.sleep(0.3)  # the subscription reaches the publisher
+
+        def send(seq: int) -> None:
+            pub.send_multipart([b"result/s0", *protocol.encode_result(Result("s0", seq, 1000 + seq))])
+
+        send(10)
+        send(7)
+        time.sleep(0.2)
+        it = iter(sub)
+        assert next(it).seq == 10
+        send(15)
+        send(12)  # late: older than 15 in the same burst
+        time.sleep(0.2)
+        assert next(it).seq == 15
+        send(14)  # late: older than the 15 handed out
+        send(16)
+        time.sleep(0.2)
+        assert next(it).seq == 16
+        assert sub.dropped == 3
+    finally:
+        sub.close()
+        pub.close()
+        ctx.term()

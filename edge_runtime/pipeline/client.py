@@ -108,6 +108,7 @@ class Subscriber:
             security.configure_client(self.sock, curve_client_secret, curve_server_key)
         self.sock.connect(endpoint)
         self._pending: list[Result] = []
+        self._handed: dict[str, int] = {}  # latest_only: the seq last handed out, per stream
 
     def receive(self, timeout_s: float | None = 1.0) -> Message | None:
         """The next valid message (result, event or stats), or None after ``timeout_s``."""
@@ -130,8 +131,21 @@ class Subscriber:
                 return None
         return None
 
-    def _drain_latest(self, first: Result) -> Result:
-        latest: dict[str, Result] = {first.stream_id: first}
+    def _drain_latest(self, first: Result) -> Result | None:
+        """The newest result per stream among ``first`` and what is queued; one not newer than the one
+        last handed out (or than the newest queued) is dropped (docs/PROTOCOL.md section 6)."""
+        latest: dict[str, Result] = {}
+
+        def offer(r: Result) -> None:
+            held = latest.get(r.stream_id)
+            if is_late(r.seq, held.seq if held is not None else self._handed.get(r.stream_id)):
+                self.dropped += 1
+                return
+            if held is not None:
+                self.dropped += 1  # superseded by a newer one
+            latest[r.stream_id] = r
+
+        offer(first)
         while self.sock.poll(0):
             m = self.receive(0)
             if m is None:
@@ -139,12 +153,13 @@ class Subscriber:
             if m.type == "event" and m.header.get("event") == "end":
                 self.ended = True
             if m.result is not None:
-                if m.result.stream_id in latest:
-                    self.dropped += 1
-                latest[m.result.stream_id] = m.result
+                offer(m.result)
+        if not latest:
+            return None
         # one result per stream per call: the others wait as the newest of their stream
         out, *rest = sorted(latest.values(), key=lambda r: r.capture_ns)
         self._pending.extend(rest)
+        self._handed.update((r.stream_id, r.seq) for r in (out, *rest))
         return out
 
     def __iter__(self) -> Iterator[Result]:
@@ -168,7 +183,9 @@ class Subscriber:
             if m.result is None:
                 continue
             if self.latest_only:
-                yield self._drain_latest(m.result)
+                newest = self._drain_latest(m.result)
+                if newest is not None:
+                    yield newest
             elif self.reorderer is not None:
                 before = self.reorderer.late
                 self._pending.extend(self.reorderer.push(m.result))

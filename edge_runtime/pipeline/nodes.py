@@ -943,6 +943,12 @@ class HubNode:
                             handle(pull.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
+                        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                            # A header the protocol checks let through must cost one message, not the hub
+                            # (and with it the pipeline): counted like any rejected message.
+                            with self.lock:
+                                self.counters.reject(BadMessage("bad_header", f"unusable header: {type(exc).__name__}: "
+                                                                              f"{str(exc)[:200]}"), "a node")
                 else:
                     quiet_since = quiet_since or now
                     to_recorder()  # retry a backlog while nothing new arrives

@@ -243,6 +243,10 @@ def _bytes(part: Any) -> memoryview:
 def _field(h: Mapping[str, Any], name: str, kind: type | tuple[type, ...], *, optional: bool = False) -> Any:
     if name not in h or h[name] is None:
         if optional:
+            if isinstance(h, dict):
+                # JSON null reads as absent, in the header the receiver goes on to use too: a hub or
+                # recorder doing h.setdefault("stamps", {}) must not find None there and crash.
+                h.pop(name, None)
             return None
         raise BadMessage("bad_header", expected(f"field {name!r}", "nothing"))
     value = h[name]

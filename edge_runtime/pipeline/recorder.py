@@ -12,7 +12,8 @@ Runs: re-using a record directory appends to the same ``results.jsonl``. Every l
 within that run, so a restarted recorder appends to its run), and ``read_records`` returns the
 latest run by default (``run="all"`` for every line, ``run=<id>`` for one; ``runs`` lists them).
 
-The video (``<stream>.mp4``, MJPG ``.avi`` if mp4v is unavailable) shows the input with detections
+The video (``<stream>.mp4``, MJPG ``.avi`` if mp4v is unavailable; ``<stream>-2.mp4`` and so on when
+an earlier file is there: a restarted recorder or a reused directory never overwrites one) shows the input with detections
 and masks next to the enhanced output; late results (older seq than the last frame written) are
 skipped so the video never goes backwards. A video is finalised at a clean stop only; the JSONL is
 the durable record.
@@ -49,6 +50,8 @@ class JsonlWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if _ends_torn(self.path):  # a power cut mid-line last time: end that fragment before appending
+            os.write(self.fd, b"\n")
         self.fsync_every = fsync_every
         self.fsync_interval_s = fsync_interval_s
         self.unsynced = 0
@@ -85,14 +88,32 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _ends_torn(path: Path) -> bool:
+    """True when a non-empty file does not end with a newline (its last line was cut off)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def _read_all(path: str | os.PathLike) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise InputError(expected("a recorder JSONL file", str(p)))
-    text = p.read_text(encoding="utf-8")
+    text = p.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     complete = lines[:-1]  # whatever follows the last newline is incomplete (or empty)
-    return [json.loads(line) for line in complete if line]
+    out = []
+    for line in complete:
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a power cut, closed off by the next run's writer
+            continue
+    return out
 
 
 def runs(path: str | os.PathLike) -> list[str]:
@@ -102,7 +123,8 @@ def runs(path: str | os.PathLike) -> list[str]:
 
 
 def read_records(path: str | os.PathLike, sort: bool = False, run: str = "latest") -> list[dict[str, Any]]:
-    """Read a recorder JSONL; a torn last line (no newline: a power cut mid-write) is skipped.
+    """Read a recorder JSONL; a torn line (a power cut mid-write: the last line, or one the next run's
+    writer closed off with a newline before appending) is skipped.
 
     ``run``: ``"latest"`` (default) the lines of the run that wrote the last line, ``"all"`` every
     line, or one run id. ``sort``: results by (stream, seq) within each run, runs in the order they
@@ -138,7 +160,9 @@ class VideoSink:
 
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
         for suffix, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
-            path = self.out_dir / f"{safe}{suffix}"
+            # Never over an earlier file (a restarted recorder, a reused directory): VideoWriter truncates.
+            path = next(p for k in range(1, 10_000)
+                        if not (p := self.out_dir / (f"{safe}{suffix}" if k == 1 else f"{safe}-{k}{suffix}")).exists())
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), self.fps, size)
             if writer.isOpened():
                 self.paths.append(path)
