@@ -402,6 +402,7 @@ class _Plan:
     voi: Any | None  # dataset to take the VOI from, None = no VOI
     voi_range: tuple[float, float] = (0.0, 0.0)  # what pydicom's VOI outputs span
     display_bits: int = 8
+    rescale: tuple[float, float] | None = None  # (slope, intercept) applied here, not by pydicom
 
 
 def _read_header(path: Path) -> Any:
@@ -454,6 +455,8 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     lo, hi = (-(2.0 ** (bits_stored - 1)), 2.0 ** (bits_stored - 1) - 1) if signed else (0.0, 2.0**bits_stored - 1)
     integral = True
     modality_lut = False
+    rescale: tuple[float, float] | None = None
+    voi_ends = (lo, hi)  # pydicom's window output runs from the first to the second (descending for slope < 0)
     if color == "gray" and ds.get("ModalityLUTSequence"):
         modality_lut = True
         lo, hi = 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
@@ -464,8 +467,10 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
         intercept = 0.0 if intercept is None else intercept
         if (slope, intercept) != (1.0, 0.0):
             modality_lut = True
-            ends = (lo * slope + intercept, hi * slope + intercept)
-            lo, hi = min(ends), max(ends)
+            # Done here: pydicom's apply_modality_lut rescales only when both tags are present.
+            rescale = (slope, intercept)
+            voi_ends = (lo * slope + intercept, hi * slope + intercept)
+            lo, hi = min(voi_ends), max(voi_ends)
             integral = slope.is_integer() and intercept.is_integer()
             if slope == 0:
                 raise InputError(expected("a non-zero RescaleSlope", f"0 in {path.name}"))
@@ -480,7 +485,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
         dtype, bits_out = np.dtype(np.float32), max(1, min(32, bits_stored))
 
     plan = _Plan(path, ds, n_frames, color, photometric == "MONOCHROME1", modality_lut, dtype, bits_out, (lo, hi),
-                 integral, None)
+                 integral, None, rescale=rescale)
     if (apply_voi or window is not None) and color == "gray":
         voi = ds
         if window is not None:
@@ -489,6 +494,9 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
                 del voi.VOILUTSequence
             voi.WindowCenter, voi.WindowWidth = float(window[0]), float(window[1])
             voi.VOILUTFunction = "LINEAR"
+        if rescale is not None and ("RescaleSlope" not in voi or "RescaleIntercept" not in voi):
+            voi = copy.deepcopy(voi) if voi is ds else voi  # pydicom's window range needs both tags
+            voi.RescaleSlope, voi.RescaleIntercept = rescale
         uses_lut = bool(voi.get("VOILUTSequence")) and voi.VOILUTSequence[0].get("LUTData") is not None
         has_window = voi.get("WindowCenter") is not None and voi.get("WindowWidth") is not None
         if uses_lut:
@@ -496,7 +504,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
             plan.voi_range = (0.0, 2.0 ** int(voi.VOILUTSequence[0].LUTDescriptor[2]) - 1)
         elif has_window:
             plan.voi = voi
-            plan.voi_range = (lo, hi)  # pydicom's windowing spans the post-modality-LUT range
+            plan.voi_range = voi_ends  # pydicom's windowing spans the post-modality-LUT range, in slope order
         else:
             log.warning("DICOM: VOI asked but the file has no VOI LUT or window; pixels left as stored")  # unnamed: PHI
         plan.display_bits = max(1, min(16, bits_stored))
@@ -522,7 +530,10 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
         raise UnsupportedFormatError(expected(
             "integer pixel data, or a window for float pixel data (apply_voi=True or window=)",
             f"float pixel data and no window applied in {plan.path.name}"))
-    values = apply_modality_lut(arr, ds) if plan.modality_lut else arr
+    if plan.rescale is not None:
+        values = arr.astype(np.float64) * plan.rescale[0] + plan.rescale[1]
+    else:
+        values = apply_modality_lut(arr, ds) if plan.modality_lut else arr
     if plan.voi is not None:
         if plan.integral:  # give a VOI LUT integer indices, as pydicom expects
             values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)

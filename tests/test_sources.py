@@ -145,6 +145,29 @@ def test_voi_lut_sequence_is_preferred_over_the_window(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frame.pixels, lut[raw])
 
 
+def test_one_rescale_tag_alone_still_rescales(tmp_path: Path) -> None:
+    """The header said rescaled (dtype and bits_stored computed from slope/intercept) while pydicom's
+    apply_modality_lut rescales only when both tags are present: the pixels went out unscaled."""
+    raw = np.array([[0, 1000], [2000, 4095]], np.uint16)
+    (f,) = list(DicomSource(write_dicom(tmp_path / "i.dcm", raw, "MONOCHROME2", 12, RescaleIntercept=-1024)))
+    np.testing.assert_array_equal(f.pixels, raw.astype(np.float32) - 1024)
+    (f,) = list(DicomSource(write_dicom(tmp_path / "s.dcm", raw, "MONOCHROME2", 12, RescaleSlope=2)))
+    assert (f.pixels.dtype, f.bits_stored) == (np.uint16, 13)
+    np.testing.assert_array_equal(f.pixels, raw * 2)
+
+
+def test_a_window_over_a_negative_rescale_slope_keeps_dark_dark(tmp_path: Path) -> None:
+    """Slope -1: pydicom's window output runs from y(0) = 4095 down to y(4095) = 0; read as the sorted
+    range, every windowed frame came out inverted. The same rescaled values with slope +1 are the check."""
+    raw = np.array([[0, 1000], [2000, 4095]], np.uint16)
+    neg = write_dicom(tmp_path / "n.dcm", raw, "MONOCHROME2", 12, RescaleSlope=-1, RescaleIntercept=4095)
+    pos = write_dicom(tmp_path / "p.dcm", 4095 - raw, "MONOCHROME2", 12, RescaleSlope=1, RescaleIntercept=0.5)
+    (a,) = list(DicomSource(neg, window=(2000, 10)))
+    (b,) = list(DicomSource(pos, window=(2000, 10)))
+    np.testing.assert_array_equal(a.pixels, [[4095, 4095], [4095, 0]])  # rescaled 4095, 3095, 2095 | 0
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+
+
 def test_rescale_slope_intercept(tmp_path: Path) -> None:
     raw = np.random.default_rng(3).integers(0, 4096, (16, 20), dtype=np.uint16)
     integral = write_dicom(tmp_path / "int.dcm", raw, "MONOCHROME2", 12, RescaleSlope=2, RescaleIntercept=100)
