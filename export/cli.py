@@ -79,7 +79,12 @@ def _manifest(args: argparse.Namespace) -> dict[str, Any]:
 # -- step: onnx ------------------------------------------------------------------------------
 def cmd_onnx(args: argparse.Namespace) -> int:
     import numpy as np
-    import torch
+
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError("'export onnx' needs PyTorch: the train extra (pip install torch==2.13.0, then "
+                          "pip install -e '.[train]')") from None
 
     from .onnx_export import export_onnx
 

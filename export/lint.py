@@ -320,7 +320,8 @@ def _check_dynamic(model: Any, profile: Profile | None, dla: int, findings: list
         if prof is None:
             if dyn:
                 findings.append(Finding("error", "dynamic-dims", f"input {inp.name!r} has dynamic dims {dims} and "
-                                        "no optimisation profile (give one with --profile or the device config)"))
+                                        "no optimisation profile (give one with --profile NAME:MIN,OPT,MAX, e.g. "
+                                        f"{inp.name}:1x1x256x256,1x1x512x512,1x1x1024x1024)"))
             continue
         bad = _profile_problems(dims, prof)
         if bad:

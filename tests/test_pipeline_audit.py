@@ -20,7 +20,7 @@ import pytest
 import zmq
 from test_pipeline_faults import start_cli, wait_for
 
-from edge_runtime.errors import InputError, ProtocolError
+from edge_runtime.errors import ConfigError, InputError, ProtocolError
 from edge_runtime.frames import Frame
 from edge_runtime.pipeline import cli, protocol
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
@@ -378,3 +378,22 @@ def test_latest_only_never_hands_out_an_older_result_than_it_did() -> None:
         sub.close()
         pub.close()
         ctx.term()
+
+
+def test_run_over_an_image_folder_takes_modality_and_bit_depth_flags(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`run` had no --modality / --bits-stored: a folder of radiograph PNGs reached the model as "OT"
+    frames and every one was refused (0 results). Now the flags exist, and without --modality the run is
+    refused up front, as `infer` does."""
+    import cv2
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(folder / f"f{i}.png"), np.full((64, 64), 1000 + i, np.uint16))
+    common = ["--source", str(folder), "--bundle", "xr-denoise", "--mode", "thread", "--fast", "--duration", "30"]
+    with pytest.raises(ConfigError, match="--modality for a folder of images"):
+        cli.run(_cli(common))
+    code = cli.run(_cli([*common, "--modality", "DX", "--bits-stored", "12"]))
+    out = capsys.readouterr().out
+    assert code == 0 and "2 results of 2 frames" in out, out

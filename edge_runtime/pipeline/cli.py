@@ -63,6 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                       "for a non-loopback --bind)")
     parser.add_argument("--insecure", action="store_true", default=None,
                         help="allow a non-loopback --bind WITHOUT encryption (logged loudly)")
+    parser.add_argument("--modality", help="what an image folder (required there with --bundle) or a video shows, "
+                        "e.g. DX, US; DICOM and phantoms state their own (source_options in --config)")
+    parser.add_argument("--bits-stored", dest="bits_stored", type=int,
+                        help="bits used in 16-bit images, e.g. 12 for detector data")
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")
@@ -139,6 +143,21 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
         raise ConfigError(expected("numeric settings", str(exc))) from exc
 
 
+def _stated(o: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """--modality / --bits-stored as source options (as `infer` takes them); a folder of images must say
+    what it shows when a model reads it: its frames would otherwise be "OT" and every one refused."""
+    from ..sources import source_kind, stated_options
+
+    modality, bits = getattr(args, "modality", None), getattr(args, "bits_stored", None)
+    if str(o["source"]).startswith("synthetic"):
+        return {}
+    kind = source_kind(o["source"])
+    given = stated_options(kind, modality, bits) if (modality or bits is not None) else {}
+    if kind == "images" and o["bundle"] and "modality" not in {**o["source_options"], **given}:
+        raise ConfigError(expected("--modality for a folder of images (the files do not say what they show)", "none"))
+    return given
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -148,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     processor = (BuiltinProcessor(o["processor"]) if o["processor"]
                  else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"]))
     realtime = bool(o["realtime"])
+    o["source_options"] = {**o["source_options"], **_stated(o, args)}
     options = tuple(sorted(o["source_options"].items()))
     if realtime and not SourceSpec(o["source"], options=options).has_rate():
         # "Latest frame wins" would re-read such a source as fast as it decodes and drop most of it:
