@@ -61,6 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", help="what a folder of images (required there) or a video shows, e.g. DX, US; "
                         "DICOM and phantoms state their own")
     parser.add_argument("--bits-stored", type=int, help="bits used in 16-bit images, e.g. 12 for detector data")
+    parser.add_argument("--stream-id", help="stream id for the results (default: from the file name, which can "
+                        "carry a patient identifier); 1-64 of A-Z a-z 0-9 _ . : -")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     pin_for_runtime()
     kind = source_kind(args.source)
     opts = stated_options(kind, args.modality, args.bits_stored)
+    if args.stream_id:
+        opts["stream_id"] = args.stream_id
     args.out.mkdir(parents=True, exist_ok=True)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
     timings: dict[str, list[float]] = {}

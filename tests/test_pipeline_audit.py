@@ -394,6 +394,9 @@ def test_run_over_an_image_folder_takes_modality_and_bit_depth_flags(tmp_path: P
     common = ["--source", str(folder), "--bundle", "xr-denoise", "--mode", "thread", "--fast", "--duration", "30"]
     with pytest.raises(ConfigError, match="--modality for a folder of images"):
         cli.run(_cli(common))
-    code = cli.run(_cli([*common, "--modality", "DX", "--bits-stored", "12"]))
+    record = tmp_path / "rec"
+    code = cli.run(_cli([*common, "--modality", "DX", "--bits-stored", "12", "--stream-id", "cart-1",
+                         "--record", str(record)]))
     out = capsys.readouterr().out
     assert code == 0 and "2 results of 2 frames" in out, out
+    assert {r["stream"] for r in read_records(record / RESULTS_FILE) if r.get("type") == "result"} == {"cart-1"}

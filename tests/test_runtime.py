@@ -463,3 +463,22 @@ def test_an_artifact_file_that_is_not_a_string_is_a_bundle_error(tmp_path: Path)
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=r"expected artifact \['fp32.onnx'\] listed in files"):
         Bundle.load(root)
+
+
+def test_infer_takes_a_stream_id_instead_of_the_file_name(tmp_path: Path) -> None:
+    """File names can carry patient identifiers; --stream-id keeps them out of the results."""
+    import cv2
+
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline.recorder import read_records
+
+    folder = tmp_path / "Doe_Jane_MRN123"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), _xr().pixels)
+    out = tmp_path / "o"
+    assert main(["infer", "--bundle", str(_enhance_bundle(tmp_path / "b")), "--source", str(folder), "--out", str(out),
+                 "--device", "cpu-x86", "--modality", "DX", "--bits-stored", "12", "--stream-id", "cart-1"]) == 0
+    (rec,) = read_records(out / "results.jsonl")
+    assert rec["stream"] == "cart-1"
+    assert [p.name for p in out.glob("*.png")] == ["cart-1_000000.png"]
+    assert "MRN123" not in (out / "results.jsonl").read_text()

@@ -67,6 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "e.g. DX, US; DICOM and phantoms state their own (source_options in --config)")
     parser.add_argument("--bits-stored", dest="bits_stored", type=int,
                         help="bits used in 16-bit images, e.g. 12 for detector data")
+    parser.add_argument("--stream-id", dest="stream_id", help="stream id (default: from the file name, which "
+                        "can carry a patient identifier); 1-64 of A-Z a-z 0-9 _ . : -")
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")
@@ -144,15 +146,18 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
 
 
 def _stated(o: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """--modality / --bits-stored as source options (as `infer` takes them); a folder of images must say
+    """--modality / --bits-stored / --stream-id as source options (as `infer` takes them); a folder of images must say
     what it shows when a model reads it: its frames would otherwise be "OT" and every one refused."""
     from ..sources import source_kind, stated_options
 
     modality, bits = getattr(args, "modality", None), getattr(args, "bits_stored", None)
-    if str(o["source"]).startswith("synthetic"):
+    stream_id = getattr(args, "stream_id", None)
+    if str(o["source"]).startswith("synthetic"):  # the built-in test source takes no source options
         return {}
     kind = source_kind(o["source"])
     given = stated_options(kind, modality, bits) if (modality or bits is not None) else {}
+    if stream_id:
+        given["stream_id"] = stream_id
     if kind == "images" and o["bundle"] and "modality" not in {**o["source_options"], **given}:
         raise ConfigError(expected("--modality for a folder of images (the files do not say what they show)", "none"))
     return given
