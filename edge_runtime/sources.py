@@ -28,8 +28,8 @@ the same number whether the file is signed or not, so an image stored signed wit
 values reaches the model exactly as its unsigned storage does, and values outside 0 .. 2**BitsStored
 - 1 (e.g. negative ones) are refused by the pre-processor unless a window maps them (a window, when
 applied, defines the mapping). Float pixel data is refused unless a window is applied. Patient identifiers are never copied
-into frames, logs or messages: only the file name, shape and coding attributes are; a stream id
-derived from a file name keeps only the characters the protocol allows (see ``safe_stream_id``).
+into frames, logs or messages: only shape and coding attributes are; a file source's default stream id
+is a pseudonym (kind + a hash of the file or folder name, see ``_stream_id``), never the name itself.
 Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
 rescales); the first (shared) values are used.
 """
@@ -92,9 +92,14 @@ def safe_stream_id(name: str) -> str:
     return f"{_STREAM_ID_BAD.sub('_', name)[:55]}-{digest}"
 
 
-def _stream_id(given: str | None, name: str) -> str:
-    """The caller's stream id (checked), else one derived from the source name."""
+def _stream_id(given: str | None, name: str, kind: str | None = None) -> str:
+    """The caller's stream id (checked), else one derived from the source name: for a file source
+    (``kind`` "video", "images" or "dicom") a pseudonym, kind + 12 hex digits of the name's SHA-256,
+    because file and folder names can carry patient identifiers and the id travels in every header,
+    recording, video file name and log line; for cameras and phantoms the (safe) name itself."""
     if given is None or given == "":
+        if kind is not None:
+            return f"{kind}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
         return safe_stream_id(name)
     if not isinstance(given, str) or not STREAM_ID_RE.fullmatch(given):
         raise ConfigError(expected("a stream_id of 1-64 letters, digits, '_', '.', ':' or '-'", given))
@@ -200,7 +205,7 @@ class VideoSource(_CaptureSource):
         if not self.path.is_file():
             raise InputError(expected("an existing video file", str(self.path)))
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name)
+        self.stream_id = _stream_id(stream_id, self.name, "video")
         cap = self._open()
         native = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -278,7 +283,7 @@ class ImageFolderSource(Source):
         self.fps = _check_fps(fps)
         self.pixel_spacing = _check_spacing(pixel_spacing)
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name)
+        self.stream_id = _stream_id(stream_id, self.name, "images")
         self.n_frames = len(self.files)
 
     def _frames(self) -> Iterator[Frame]:
@@ -603,7 +608,7 @@ class DicomSource(Source):
         self.transfer_syntax = str(getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID))
         self.n_frames = self._first.n_frames if len(self.files) == 1 else None
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name)
+        self.stream_id = _stream_id(stream_id, self.name, "dicom")
         # Not named: a DICOM file or folder name can be a patient identifier.
         log.info("DICOM: %d file(s), %s, %s frame(s) in the first, %s", len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
