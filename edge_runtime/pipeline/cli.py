@@ -67,8 +67,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "e.g. DX, US; DICOM and phantoms state their own (source_options in --config)")
     parser.add_argument("--bits-stored", dest="bits_stored", type=int,
                         help="bits used in 16-bit images, e.g. 12 for detector data")
-    parser.add_argument("--stream-id", dest="stream_id", help="stream id (default: from the file name, which "
-                        "can carry a patient identifier); 1-64 of A-Z a-z 0-9 _ . : -")
+    parser.add_argument("--stream-id", dest="stream_id", help="stream id (default for a file source: a "
+                        "pseudonym from a hash of its name); 1-64 of A-Z a-z 0-9 _ . : -")
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")
