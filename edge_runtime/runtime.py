@@ -199,8 +199,11 @@ class Runtime:
 
         dev = self.device
         cache = EngineCache(self.engine_cache_dir)
-        dla = 0 if dev is not None and dev.dla_cores > 0 and self.precision != "fp32" else None
-        key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=self._engine_profile())
+        profiles = self._engine_profile()
+        # DLA runs static shapes only (NVIDIA's DLA restrictions: profile min = opt = max): a dynamic
+        # image-to-image profile would build a "DLA" engine that runs wholly on the GPU, or fail.
+        dla = 0 if dev is not None and dev.dla_cores > 0 and self.precision != "fp32" and profiles is None else None
+        key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=profiles)
         path = cache.lookup(key)  # refuses (BackendError) an engine whose sidecar key differs
         if path is not None:
             return path

@@ -195,6 +195,7 @@ def plan_build(
             raise ExportError("build: DLA runs FP16 and INT8 only; found precision fp32 (build fp16 or int8 for DLA)")
         if hardware_compatible:
             raise ExportError("build: hardware-compatible engines run on the GPU only; found a DLA core requested")
+
         if gpu_fallback:
             flags.append("GPU_FALLBACK")
     if hardware_compatible:
@@ -463,6 +464,10 @@ def build_engine(
         compute_capability=parse_compute_capability(compute_capability),
     )
     profile = plan_profile(traits.inputs, profiles, target_hw)
+    dynamic = sorted(name for name, (mn, _, mx) in (profile or {}).items() if tuple(mn) != tuple(mx))
+    if dla_core is not None and dynamic:  # NVIDIA's DLA restrictions: static shapes only (min = opt = max)
+        raise ExportError(f"build: DLA runs static shapes only; found dynamic profiles for {dynamic} (build for "
+                          "the GPU, or give one shape as min, opt and max)")
 
     logger = make_trt_logger()
     mark = error_mark(logger)

@@ -482,3 +482,22 @@ def test_infer_takes_a_stream_id_instead_of_the_file_name(tmp_path: Path) -> Non
     assert rec["stream"] == "cart-1"
     assert [p.name for p in out.glob("*.png")] == ["cart-1_000000.png"]
     assert "MRN123" not in (out / "results.jsonl").read_text()
+
+
+def test_an_image_to_image_bundle_is_not_built_for_dla(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake TensorRT (none here): on an Orin NX (2 DLA cores) an INT8 enhancer with dynamic H/W gets a GPU
+    engine key (dla_core None): DLA runs static shapes only."""
+    from edge_runtime import runtime as rt_mod
+    from export import trt_build
+
+    seen: dict[str, object] = {}
+
+    def key_for(onnx_path: Path, precision: str, **kw: object) -> object:
+        seen.update(kw)
+        raise RuntimeError("stop here")  # the key is all this test needs
+
+    monkeypatch.setattr(rt_mod, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(trt_build, "engine_key_for", key_for)
+    with pytest.raises(RuntimeError, match="stop here"):
+        Runtime(_int8_bundle(tmp_path / "b"), "jetson-orin-nx-16gb", precision="int8").load()
+    assert seen["dla_core"] is None and seen["profiles"] is not None

@@ -677,6 +677,20 @@ def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fa
     assert b._graph is None and FAKE_CUDA.memory == {}
 
 
+def test_no_graph_without_thread_local_capture(fake_trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda without
+    capture_mode.THREAD_LOCAL used to capture in global mode, where a background engine build's
+    cudaMalloc on another thread fails; now graphs stay off and every run is a normal one."""
+    monkeypatch.delattr(FAKE_CUDA, "capture_mode")
+    path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
+    with TrtBackend(path, use_cuda_graph=True) as b:
+        for i in range(3):
+            x = np.full((1, 1, 8, 8), float(i), np.float32)
+            np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
+        assert b.graph_disabled is not None and "THREAD_LOCAL" in b.graph_disabled and b.graph_captures == 0
+
+
 def test_cuda_graph_failures_fall_back_to_normal_runs(fake_trt: Any, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda whose GraphExec.launch
@@ -1300,6 +1314,24 @@ def test_background_builder_ready_and_failed(caplog: pytest.LogCaptureFixture) -
     assert failing.state is BuildState.FAILED and isinstance(failing.error, ExportError)
     assert failing.status()["error"] == "ExportError: parser rejected model.onnx"
     assert "background build seg-int8: failed" in caplog.text
+
+
+def test_dla_builds_refuse_dynamic_profiles(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the TensorRT API with a fake module. NVIDIA's DLA restrictions: no
+    dynamic dimensions (profile min = opt = max); with GPU fallback such an engine would run wholly on
+    the GPU while named a DLA engine. One shape as min, opt and max builds."""
+    fake_trt.network_inputs = [("image", [1, 1, -1, -1])]
+    onnx_path = fp32_onnx(tmp_path / "m.onnx")
+    dynamic = {"image": ([1, 1, 32, 32], [1, 1, 64, 64], [1, 1, 128, 128])}
+    with pytest.raises(ExportError, match=r"DLA runs static shapes only; found dynamic profiles for \['image'\]"):
+        build_engine(onnx_path, tmp_path / "a.engine", precision="fp16", workspace_mb=64, dla_core=0,
+                     profiles=dynamic, progress=False)
+    static = {"image": ([1, 1, 64, 64],) * 3}
+    report = build_engine(onnx_path, tmp_path / "b.engine", precision="fp16", workspace_mb=64, dla_core=0,
+                          profiles=static, progress=False)
+    assert report.dla_core == 0
+    build_engine(onnx_path, tmp_path / "c.engine", precision="fp16", workspace_mb=64, profiles=dynamic,
+                 progress=False)  # the GPU takes the dynamic profile
 
 
 def test_background_builder_requests_the_swap_before_it_says_ready() -> None:

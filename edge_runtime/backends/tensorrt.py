@@ -588,8 +588,11 @@ class TrtBackend(Backend):
         # Thread-local capture: a background engine build on another thread may allocate meanwhile
         # (global mode, the default, would fail its CUDA calls).
         mode = getattr(getattr(self._cuda, "capture_mode", None), "THREAD_LOCAL", None)
+        if mode is None:  # never fall back to global mode: a concurrent build's cudaMalloc would fail
+            self._disable_graphs("this pycuda has no capture_mode.THREAD_LOCAL")
+            return
         try:
-            stream.begin_capture(*(() if mode is None else (mode,)))
+            stream.begin_capture(mode)
             try:
                 self._enqueue(views)
             finally:
