@@ -113,6 +113,7 @@ class Runtime:
         self.backend: Backend | None = None
         self.artifact = ""  # the file that runs: an ONNX artefact of the bundle, or an engine built from one
         self._pending_engine: Path | None = None
+        self._engine_dla: int | None = None  # the DLA core of the engine looked up or built, None: the GPU
         self._builder: Any = None
         self._lock = threading.Lock()
         self.events: list[str] = []  # backend swaps and build outcomes, for telemetry
@@ -187,7 +188,8 @@ class Runtime:
         backend = select_backend(
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
-            spinning=self.spinning if self.spinning is not None else dev.cpu_spinning, cuda_graphs=dev.trt_cuda_graphs)
+            spinning=self.spinning if self.spinning is not None else dev.cpu_spinning, cuda_graphs=dev.trt_cuda_graphs,
+            dla_core=self._engine_dla)
         self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
         return backend
 
@@ -203,6 +205,7 @@ class Runtime:
         # DLA runs static shapes only (NVIDIA's DLA restrictions: profile min = opt = max): a dynamic
         # image-to-image profile would build a "DLA" engine that runs wholly on the GPU, or fail.
         dla = 0 if dev is not None and dev.dla_cores > 0 and self.precision != "fp32" and profiles is None else None
+        self._engine_dla = dla
         key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=profiles)
         path = cache.lookup(key)  # refuses (BackendError) an engine whose sidecar key differs
         if path is not None:
@@ -238,7 +241,7 @@ class Runtime:
         if path is None:
             return
         try:
-            new = TrtBackend(path, precision=self.precision,
+            new = TrtBackend(path, precision=self.precision, dla_core=self._engine_dla,
                              use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
         except Exception as exc:  # noqa: BLE001 - a bad engine must not cost a frame: ONNX Runtime keeps serving
             msg = f"engine {path.name} failed to load ({exc}); serving with {self.backend.name if self.backend else '?'}"

@@ -111,8 +111,10 @@ def _fake_trt(version: str) -> types.ModuleType:
         def __init__(self, logger: Any) -> None:
             self.logger = logger
             self.engine_host_code_allowed = False  # TensorRT's default
+            self.DLA_core = -1  # TensorRT's default
 
         def deserialize_cuda_engine(self, data: bytes) -> Any:
+            trt.deserialized_on_dla = self.DLA_core
             desc = trt.engines.get(bytes(data))
             if desc is not None and desc.get("host_code") and not self.engine_host_code_allowed:
                 self.logger.log(1, "engine has host code: set engine_host_code_allowed")  # ERROR
@@ -614,6 +616,18 @@ def test_version_compatible_engine_loads_only_with_host_code_allowed(fake_trt: A
         TrtBackend(path).load()
     with TrtBackend(path, allow_host_code=True) as b:
         assert b.infer({"x": np.ones((1, 1, 8, 8), np.float32)})["y"].shape == (1, 1, 8, 8)
+
+
+def test_a_dla_engine_is_deserialised_on_its_dla_core(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the TensorRT API with a fake module. IRuntime.DLA_core defaults to -1;
+    trtexec sets it before deserialising a DLA engine, and so does TrtBackend when given the core."""
+    path = engine_file(fake_trt, tmp_path / "d.engine", dynamic=False)
+    with TrtBackend(path, dla_core=1):
+        assert fake_trt.deserialized_on_dla == 1
+    with TrtBackend(path):
+        assert fake_trt.deserialized_on_dla == -1  # a GPU engine: left at TensorRT's default
+    with pytest.raises(ConfigError, match="dla_core"):
+        TrtBackend(path, dla_core=-1)
 
 
 def test_trt_logger_is_one_per_process_and_quotes_only_new_errors(fake_trt: Any) -> None:

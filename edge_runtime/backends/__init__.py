@@ -33,6 +33,7 @@ def select_backend(
     device_index: int = 0,
     spinning: bool | str = "off",
     cuda_graphs: bool = False,
+    dla_core: int | None = None,
 ) -> Backend:
     """Pick a backend (not loaded yet) and log why.
 
@@ -47,7 +48,8 @@ def select_backend(
         ok, why = tensorrt_available()
         if ok and engine is not None and engine.is_file():
             log.info("backend: tensorrt (%s, engine %s)", why, engine.name)
-            return TrtBackend(engine, device_index=device_index, precision=precision, use_cuda_graph=cuda_graphs)
+            return TrtBackend(engine, device_index=device_index, precision=precision, use_cuda_graph=cuda_graphs,
+                              dla_core=dla_core)
         reason = why if not ok else ("no engine given" if engine is None else f"no engine at {engine}")
         if preference == "tensorrt":
             raise BackendError(f"backend tensorrt: expected TensorRT, a GPU and an engine, found {reason}")

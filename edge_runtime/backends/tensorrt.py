@@ -358,10 +358,16 @@ class TrtBackend(Backend):
         use_cuda_graph: bool = False,
         precision: str = "fp32",
         allow_host_code: bool = False,
+        dla_core: int | None = None,
     ) -> None:
         super().__init__(precision=precision)
         if device_index < 0:
             raise ConfigError(f"device_index: {expected('>= 0', device_index)}")
+        if dla_core is not None and dla_core < 0:
+            raise ConfigError(f"dla_core: {expected('>= 0 or None', dla_core)}")
+        # The DLA core a DLA engine was built for, set on the runtime before deserialising it (as
+        # trtexec does; IRuntime's default is -1); None for GPU engines.
+        self.dla_core = dla_core
         self.engine_path = Path(engine_path)
         self.device_index = device_index
         # A version-compatible engine carries its own lean runtime (host code) and loads only with this
@@ -416,6 +422,8 @@ class TrtBackend(Backend):
             self._runtime = trt.Runtime(self._logger)
             if self.allow_host_code:
                 self._runtime.engine_host_code_allowed = True
+            if self.dla_core is not None:
+                self._runtime.DLA_core = self.dla_core
             # None on failure (wrong TensorRT version / GPU), although the stubs do not say so
             engine: trt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
             if engine is None:
