@@ -222,7 +222,7 @@ class Preprocessor:
             # Without a window, values are read as 0 .. 2**bits_stored - 1: anything else would reach
             # the model in a wrong range (e.g. signed or rescaled values).
             top = 2 ** int(frame.bits_stored or 32) - 1
-            low, high = float(frame.pixels.min()), float(frame.pixels.max())
+            low, high = float(px.min()), float(px.max())
             if not (low >= 0 and high <= top):
                 raise InputError(expected(
                     f"float32 pixel values in 0..{top} (bits_stored {frame.bits_stored}), or a window in the "
