@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleError, expected
+from .engine_cache import EngineKey
+from .errors import BackendError, BundleError, ConfigError, expected
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-runtime-bundle"
@@ -169,6 +170,9 @@ class Bundle:
                     f"targets as a non-empty list of {TARGETS} (or no targets: every backend)", targets))
             if not isinstance(a.get("file"), str) or a["file"] not in files:
                 raise BundleError(f"{where}: " + expected(f"artifact {a.get('file')!r} listed in files", "not listed"))
+            if a["kind"] == "engine":  # several may share a precision: each names the GPU it was built for
+                self._check_engine(a, files, where)
+                continue
             # Two artefacts of one kind and precision must not both serve a target: which would run?
             mine = set(targets or TARGETS)
             if any(mine & other for other in seen.get((a["kind"], a["precision"]), [])):
@@ -188,6 +192,33 @@ class Bundle:
                 raise BundleError(f"{where}: artifact {a.get('file')!r}: " + expected(
                     f"made from this bundle's fp32 model (sha256 {str(fp32[0])[:12]}...)",
                     f"made from fp32 sha256 {str(source)[:12]}... (stale: export it again from this fp32)"))
+
+    def _check_engine(self, a: dict[str, Any], files: dict[str, Any], where: str) -> None:
+        """An engine artefact: targets ["tensorrt"] and info.engine_key, the cache key it was built under
+        (docs/BUNDLE.md), naming its precision and the hash of an ONNX artefact of this bundle."""
+        info = a.get("info")
+        name = f"{where}: engine artifact {a['file']!r}"
+        if a.get("targets") != ["tensorrt"]:
+            raise BundleError(f"{name}: " + expected('targets ["tensorrt"]', a.get("targets")))
+        want = "info.engine_key, the engine cache key it was built under"
+        data = info.get("engine_key") if isinstance(info, dict) else None
+        if not isinstance(data, dict):
+            raise BundleError(f"{name}: " + expected(want, data))
+        try:
+            key = EngineKey.from_dict(data)
+        except (BackendError, ConfigError) as exc:
+            raise BundleError(f"{name}: " + expected(want, str(exc))) from None
+        onnx = {files.get(str(o.get("file"))) for o in self.manifest["artifacts"]
+                if isinstance(o, dict) and o.get("kind") == "onnx" and o.get("precision") == key.precision}
+        if key.precision != a["precision"] or key.model_sha256 not in onnx:
+            raise BundleError(f"{name}: " + expected(
+                f"an engine built from this bundle's {a['precision']} ONNX artefact",
+                f"one built from {key.model_sha256[:12]}... in {key.precision}"))
+
+    def engines(self, precision: str) -> list[tuple[Path, EngineKey]]:
+        """The TensorRT engines the bundle carries in ``precision``, with the keys they were built under."""
+        return [(self.file(a.file), EngineKey.from_dict(a.info["engine_key"])) for a in self.artifacts
+                if a.kind == "engine" and a.precision == precision]
 
     def verify(self) -> None:
         """Raise BundleError naming every file whose hash differs, is missing, or is unlisted."""

@@ -78,6 +78,11 @@ class EngineKey:
     precision: str  # fp32 / fp16 / int8
     dla_core: int | None = None
     profile: Profile = field(default_factory=dict)
+    # Built with BuilderFlag.VERSION_COMPATIBLE (runs on later TensorRT of the same major version, with
+    # host code allowed) / HardwareCompatibilityLevel.AMPERE_PLUS (runs on any Ampere+ discrete GPU).
+    # Recorded only when set, so the digests of ordinary keys stay what they were.
+    version_compatible: bool = False
+    hardware_compatible: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[0-9a-f]{64}", self.model_sha256):
@@ -97,6 +102,8 @@ class EngineKey:
             "precision": self.precision,
             "dla_core": self.dla_core,
             "profile": {k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in self.profile.items()},
+            **({"version_compatible": True} if self.version_compatible else {}),
+            **({"hardware_compatible": True} if self.hardware_compatible else {}),
         }
 
     @classmethod
@@ -112,6 +119,8 @@ class EngineKey:
                 precision=str(data["precision"]),
                 dla_core=None if dla is None else int(dla),
                 profile=normalize_profile(data.get("profile")),
+                version_compatible=_flag(data, "version_compatible"),
+                hardware_compatible=_flag(data, "hardware_compatible"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BackendError(f"engine key: {expected('all EngineKey fields', dict(data))} ({exc})") from exc
@@ -129,19 +138,60 @@ class EngineKey:
         ]
         if self.dla_core is not None:
             parts.append(f"dla{self.dla_core}")
+        parts += ["vc"] if self.version_compatible else []
+        parts += ["hc"] if self.hardware_compatible else []
         return "-".join(parts + [self.digest()]) + ".engine"
 
     def describe(self) -> str:
         dla = f", DLA core {self.dla_core}" if self.dla_core is not None else ""
+        compat = "".join([", version-compatible"] if self.version_compatible else []) + \
+            "".join([", hardware-compatible (Ampere+)"] if self.hardware_compatible else [])
         return (
             f"TensorRT {self.trt_version} on {self.gpu_name} (sm {self.compute_capability}, {self.sm_count} SMs), "
-            f"{self.precision}{dla}"
+            f"{self.precision}{dla}{compat}"
         )
 
     def mismatches(self, other: EngineKey) -> list[tuple[str, object, object]]:
         """Fields where ``other`` (found) differs from ``self`` (expected): (field, expected, found)."""
         mine, theirs = self.to_dict(), other.to_dict()
-        return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
+        return [(k, mine.get(k, False), theirs.get(k, False)) for k in dict.fromkeys([*mine, *theirs])
+                if mine.get(k, False) != theirs.get(k, False)]
+
+    def serves(self, wanted: EngineKey, *, hardware_compatible_ok: bool = True) -> bool:
+        """Whether an engine built under this key runs where ``wanted`` is asked for: the same key, or
+        one that differs only where its compatibility flags allow. Version-compatible: built with the
+        same TensorRT major version, no later than the one here (NVIDIA: "compatible with later
+        TensorRT versions"; across a major version the runtime rebuilds). Hardware-compatible: both
+        GPUs Ampere or later (compute capability >= 8.0), not a DLA engine, and ``hardware_compatible_ok``
+        (False on Jetson, which TensorRT's hardware compatibility does not cover)."""
+        if self == wanted:
+            return True
+        if (self.model_sha256, self.precision, self.dla_core, self.profile) != \
+                (wanted.model_sha256, wanted.precision, wanted.dla_core, wanted.profile):
+            return False
+        if self.trt_version != wanted.trt_version:
+            built, here = _version(self.trt_version), _version(wanted.trt_version)
+            if not (self.version_compatible and built[:1] == here[:1] and built <= here):
+                return False
+        if (self.gpu_name, self.compute_capability, self.sm_count) != \
+                (wanted.gpu_name, wanted.compute_capability, wanted.sm_count):
+            ampere = all(_version(cc) >= (8, 0) for cc in (self.compute_capability, wanted.compute_capability))
+            if not (self.hardware_compatible and hardware_compatible_ok and ampere and self.dla_core is None):
+                return False
+        return True
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """"10.3.0.30" -> (10, 3, 0, 30); unparsable parts read as 0 (never compatible by accident: the
+    major version must still agree)."""
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
+
+
+def _flag(data: Mapping[str, Any], name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected true or false, found {value!r}")
+    return value
 
 
 def _slug(text: str) -> str:
@@ -247,6 +297,8 @@ class EngineCache:
 
         Also the check for an engine given explicitly (``--engine``) or carried by a bundle.
         """
+        if not engine_path.is_file():
+            raise BackendError(f"engine {engine_path}: expected the engine file its sidecar describes, found none")
         meta = self._read_sidecar(engine_path)
         found = EngineKey.from_dict(meta.get("key", {}))
         if found != key:
@@ -265,15 +317,40 @@ class EngineCache:
         (edited or corrupt). Engines of the same model for another TensorRT/GPU are logged, so the
         log says why a rebuild happens.
         """
+        path = self._exact(key)
+        if path is None:
+            self._log_others(key)
+        return path
+
+    def _exact(self, key: EngineKey) -> Path | None:
         path = self.engine_path(key)
         if path.is_file() and self.sidecar_path(path).is_file():
             return self.verify(path, key)
         if path.is_file():
             log.warning("engine cache: %s has no sidecar (interrupted build?): will rebuild", path.name)
-            return None
+        return None
+
+    def _log_others(self, key: EngineKey) -> None:
         for other in self.entries():
             if other.model_sha256 == key.model_sha256 and other.precision == key.precision:
                 log.info("engine cache: %s", mismatch_message(key, other, self.engine_path(other).name))
+
+    def find(self, key: EngineKey, *, hardware_compatible_ok: bool = True) -> tuple[Path, EngineKey] | None:
+        """The engine for ``key`` (``lookup``), else a verified version- or hardware-compatible one that
+        ``serves`` it (same GPU first, then the newest TensorRT), with the key it was built under; None
+        when neither is there. A compatible engine needs ``engine_host_code_allowed`` when it is
+        version-compatible: the caller reads that from the key returned."""
+        path = self._exact(key)
+        if path is not None:
+            return path, key
+        found = [k for k in self.entries() if k.serves(key, hardware_compatible_ok=hardware_compatible_ok)]
+        found.sort(key=lambda k: (k.gpu_name == key.gpu_name, _version(k.trt_version)), reverse=True)
+        for other in found:
+            try:
+                return self.verify(self.engine_path(other), other), other
+            except BackendError as exc:
+                log.warning("engine cache: not using %s (%s)", self.engine_path(other).name, exc)
+        self._log_others(key)
         return None
 
     def entries(self) -> list[EngineKey]:

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,35 @@ def choose_precision(bundle: Bundle, device: DeviceConfig, requested: str = "aut
         f"an artefact in one of {list(device.precisions)}", usable))
 
 
+@dataclass(frozen=True)
+class EngineRequest:
+    """What the runtime looks up (or builds) in the engine cache for one bundle, precision and device."""
+
+    onnx_path: Path  # the artefact TensorRT builds from: the one that runs everywhere
+    dla_core: int | None  # None: the GPU
+    profiles: dict[str, dict[str, list[int]]] | None  # None: static input shapes
+
+
+def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> EngineRequest:
+    """The runtime's engine for ``bundle`` in ``precision`` on ``device``; shared with ``export build
+    --cache``, which pre-builds exactly the engine the runtime will look for.
+
+    Image-to-image models have dynamic H/W: one profile from 32 px up to ENGINE_MAX_HW, tuned for
+    512 x 512 (larger frames are tiled by post-processing when the bundle says so). DLA runs static
+    shapes only (NVIDIA's DLA restrictions: profile min = opt = max), so only a static-shape
+    FP16/INT8 model gets DLA core 0 on a device with DLA; a dynamic one would build a "DLA" engine
+    that runs wholly on the GPU, or fail.
+    """
+    onnx_path = bundle.file(bundle.artifact(precision, "onnx", None).file)
+    spec = bundle.manifest["inputs"][0]
+    profiles = None
+    if not all(isinstance(d, int) for d in spec["shape"]):
+        c = spec["shape"][1] if isinstance(spec["shape"][1], int) else Preprocessor.from_manifest(bundle.manifest).channels
+        profiles = {spec["name"]: {"min": [1, c, 32, 32], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
+    dla = 0 if device.dla_cores > 0 and precision != "fp32" and profiles is None else None
+    return EngineRequest(onnx_path, dla, profiles)
+
+
 class Runtime:
     """One model on one device. Construction is cheap; ``load()`` verifies and loads."""
 
@@ -114,6 +144,7 @@ class Runtime:
         self.artifact = ""  # the file that runs: an ONNX artefact of the bundle, or an engine built from one
         self._pending_engine: Path | None = None
         self._engine_dla: int | None = None  # the DLA core of the engine looked up or built, None: the GPU
+        self._engine_host_code = False  # that engine is version-compatible (see _cached_engine)
         self._builder: Any = None
         self._lock = threading.Lock()
         self.events: list[str] = []  # backend swaps and build outcomes, for telemetry
@@ -189,7 +220,7 @@ class Runtime:
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
             spinning=self.spinning if self.spinning is not None else dev.cpu_spinning, cuda_graphs=dev.trt_cuda_graphs,
-            dla_core=self._engine_dla)
+            dla_core=self._engine_dla, allow_host_code=self._engine_host_code)
         self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
         return backend
 
@@ -200,36 +231,40 @@ class Runtime:
         from .engine_cache import BackgroundBuilder, EngineCache
 
         dev = self.device
+        if dev is None or self.bundle is None:
+            raise BackendError("runtime: expected load() before use, found an unloaded runtime")
         cache = EngineCache(self.engine_cache_dir)
-        profiles = self._engine_profile()
-        # DLA runs static shapes only (NVIDIA's DLA restrictions: profile min = opt = max): a dynamic
-        # image-to-image profile would build a "DLA" engine that runs wholly on the GPU, or fail.
-        dla = 0 if dev is not None and dev.dla_cores > 0 and self.precision != "fp32" and profiles is None else None
-        self._engine_dla = dla
-        key = engine_key_for(self._onnx_path(), self.precision, dla_core=dla, profiles=profiles)
-        path = cache.lookup(key)  # refuses (BackendError) an engine whose sidecar key differs
-        if path is not None:
+        req = engine_request(self.bundle, dev, self.precision)
+        self._engine_dla = req.dla_core
+        key = engine_key_for(req.onnx_path, self.precision, dla_core=req.dla_core, profiles=req.profiles)
+        hc_ok = dev.kind != "jetson"
+        # An engine the bundle carries (verified with it), else the cache's; the cache refuses
+        # (BackendError) an engine under this key whose sidecar differs.
+        carried = [(p, k) for p, k in self.bundle.engines(self.precision) if k.serves(key, hardware_compatible_ok=hc_ok)]
+        carried.sort(key=lambda pk: pk[1] == key, reverse=True)
+        found = carried[0] if carried else cache.find(key, hardware_compatible_ok=hc_ok)
+        if found is not None:
+            path, built_for = found
+            # A version-compatible engine carries its lean runtime as host code: allowed for engines in
+            # the bundle (sha256-pinned by its manifest) or this cache (built here or put there by whoever
+            # runs the cart), never for one given ad hoc.
+            self._engine_host_code = built_for.version_compatible
+            if built_for != key:
+                note = f"engine {path.name} ({built_for.describe()}) serves {key.describe()}"
+                log.info("runtime: %s", note)
+                self.events.append(note)
             return path
         if not self.build_engines:
             log.warning("runtime: no engine for %s in %s and building is off; serving with ONNX Runtime",
                         key.describe(), cache.directory)
             return None
-        workspace = dev.trt_workspace_mb if dev is not None else None
+        workspace = dev.trt_workspace_mb
         self._builder = BackgroundBuilder(
-            lambda: build_into_cache(cache, key, self._onnx_path(), workspace_mb=workspace, progress=False),
-            name=f"{self.bundle.name if self.bundle else '?'}-{self.precision}",
+            lambda: build_into_cache(cache, key, req.onnx_path, workspace_mb=workspace, progress=False),
+            name=f"{self.bundle.name}-{self.precision}",
             on_ready=self._engine_ready).start()
         self.events.append("engine build started; serving with onnxruntime meanwhile")
         return None
-
-    def _engine_profile(self) -> dict[str, dict[str, list[int]]] | None:
-        """Image-to-image models have dynamic H/W: one profile from 32 px up to ENGINE_MAX_HW,
-        tuned for 512 x 512; larger frames are tiled by post-processing when the bundle says so."""
-        spec = self.bundle.manifest["inputs"][0] if self.bundle else None
-        if spec is None or all(isinstance(d, int) for d in spec["shape"]):
-            return None
-        c = spec["shape"][1] if isinstance(spec["shape"][1], int) else self.pre.channels
-        return {spec["name"]: {"min": [1, c, 32, 32], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
 
     def _engine_ready(self, path: Path) -> None:
         with self._lock:
@@ -242,6 +277,7 @@ class Runtime:
             return
         try:
             new = TrtBackend(path, precision=self.precision, dla_core=self._engine_dla,
+                             allow_host_code=self._engine_host_code,
                              use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
         except Exception as exc:  # noqa: BLE001 - a bad engine must not cost a frame: ONNX Runtime keeps serving
             msg = f"engine {path.name} failed to load ({exc}); serving with {self.backend.name if self.backend else '?'}"

@@ -299,6 +299,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         raise ExportError(f"engine build is not available in this install ({exc})") from None
     from .lint import parse_profile
 
+    if (args.out is None) == (args.cache is None):
+        raise ConfigError("export build: " + expected("one of --out FILE or --cache [DIR]",
+                                                      "both" if args.out else "neither"))
+    if args.cache is not None:
+        return _build_into_cache(args, trt_build)
     dev = _device(args.device)
     profiles = {k: (v["min"], v["opt"], v["max"]) for k, v in parse_profile(args.profile).items()} \
         if args.profile else None
@@ -311,6 +316,39 @@ def cmd_build(args: argparse.Namespace) -> int:
                                     device_kind=getattr(dev, "kind", None),
                                     compute_capability=getattr(dev, "compute_capability", None))
     print(f"wrote {args.out}: {report}")
+    return 0
+
+
+def _build_into_cache(args: argparse.Namespace, trt_build: Any) -> int:
+    """Pre-build into the engine cache the engine a Runtime will look up for this bundle, precision and
+    device (so TensorRT serves from the first frame; identical carts can share the cache directory)."""
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.engine_cache import EngineCache
+    from edge_runtime.runtime import choose_precision, engine_request, resolve_device
+
+    given = [f"--{n.replace('_', '-')}" for n in ("dla_core", "profile", "no_gpu_fallback", "timing_cache")
+             if getattr(args, n) is not None and getattr(args, n) is not False]  # --dla-core 0 counts
+    if given:  # the runtime's lookup fixes these: another value builds an engine it never looks for
+        raise ConfigError("export build --cache: " + expected(
+            "no " + " / ".join(given) + " (DLA core, profile and timing cache follow the runtime's choice)",
+            " ".join(given)))
+    bundle = Bundle.load(args.model, verify=True)
+    dev = resolve_device(args.device)
+    precision = choose_precision(bundle, dev, args.precision, "tensorrt")
+    req = engine_request(bundle, dev, precision)
+    cache = EngineCache(args.cache or None)
+    key = trt_build.engine_key_for(req.onnx_path, precision, dla_core=req.dla_core, profiles=req.profiles,
+                                   version_compatible=args.version_compatible,
+                                   hardware_compatible=args.hardware_compatible)
+    path = cache.lookup(key)
+    if path is None:
+        path = trt_build.build_into_cache(cache, key, req.onnx_path,
+                                          workspace_mb=args.workspace_mb or dev.trt_workspace_mb,
+                                          device_kind=dev.kind, compute_capability=dev.compute_capability,
+                                          progress=True)
+        print(f"built {path} ({key.describe()})")
+    else:
+        print(f"already in the cache: {path} ({key.describe()})")
     return 0
 
 
@@ -359,7 +397,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     files = {"fp32.onnx": args.fp32, "fp16.onnx": args.fp16, "int8.onnx": args.int8,
              "int8_cpu.onnx": args.int8_cpu, "calibration.json": args.calibration, "validation.json": args.validation}
     missing = [f"{name}: {src}" for name, src in files.items() if src and not Path(src).is_file()]
-    missing += [extra for extra in args.add if not Path(extra).is_file()]
+    missing += [extra for extra in [*args.add, *args.engine] if not Path(extra).is_file()]
     if missing:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
@@ -384,6 +422,18 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             shutil.copyfile(src, out / name)
     for extra in args.add:
         shutil.copyfile(extra, out / Path(extra).name)
+    for src in args.engine:  # an engine from a cache (with its sidecar): for one fixed target
+        from edge_runtime.engine_cache import EngineCache
+
+        engine = Path(src)
+        cache = EngineCache(engine.parent)
+        key = cache.read_key(engine)
+        cache.verify(engine, key)  # the bytes its sidecar describes
+        rel = f"engines/{engine.name}"
+        (out / "engines").mkdir(exist_ok=True)
+        shutil.copyfile(engine, out / rel)
+        artifacts[rel] = {"file": rel, "kind": "engine", "precision": key.precision, "targets": ["tensorrt"],
+                          "info": {"engine_key": key.to_dict()}}
     manifest["artifacts"] = list(artifacts.values())
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
@@ -671,10 +721,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("build", help="TensorRT engine (export/trt_build.py) on the machine it will run on")
-    p.add_argument("model")
-    p.add_argument("--out", required=True)
+    p.add_argument("model", help="an ONNX file (with --out) or a bundle directory (with --cache)")
+    p.add_argument("--out", help="the engine file to write")
+    p.add_argument("--cache", nargs="?", const="",
+                   help="build the engine the runtime looks up for this bundle into the engine cache "
+                        "(DIR, default $EDGE_RUNTIME_CACHE or ~/.cache/edge-runtime/engines)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True)
-    p.add_argument("--device")
+    p.add_argument("--device", help="device config (default: detected; with --cache, the runtime's device)")
     p.add_argument("--dla-core", type=int)
     p.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail where DLA cannot run a layer")
     p.add_argument("--workspace-mb", type=int)
@@ -693,6 +746,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}")
     p.add_argument("--int8-cpu", help="int8_cpu.onnx (ONNX Runtime CPU form; manifest targets onnxruntime-cpu)")
     p.add_argument("--add", action="append", default=[], help="any other file to include")
+    p.add_argument("--engine", action="append", default=[],
+                   help="a TensorRT engine from an engine cache (its .json sidecar next to it), carried for a "
+                        "fixed target; repeatable (one per GPU / TensorRT version)")
     p.add_argument("--archive", help="also write one uncompressed .tar of the bundle")
     p.set_defaults(fn=cmd_bundle)
 

@@ -590,6 +590,8 @@ def engine_key_for(
     profiles: Mapping[str, object] | None = None,
     target_hw: tuple[int, int] | None = None,
     device_index: int = 0,
+    version_compatible: bool = False,
+    hardware_compatible: bool = False,
 ) -> EngineKey:
     """The engine cache key for building ``onnx_path`` on this machine (TensorRT + GPU probed here).
 
@@ -602,7 +604,7 @@ def engine_key_for(
     profile = plan_profile(onnx_traits(onnx_path).inputs, profiles, target_hw)
     digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     return EngineKey(digest, ident.trt_version, ident.gpu_name, ident.compute_capability, ident.sm_count,
-                     precision, dla_core, dict(profile))
+                     precision, dla_core, dict(profile), version_compatible, hardware_compatible)
 
 
 def build_into_cache(
@@ -615,14 +617,20 @@ def build_into_cache(
 
     The function a BackgroundBuilder runs: the build writes a staging file in the cache directory,
     then ``commit`` renames it into place and writes the sidecar, so readers never see half an engine.
+    Precision, DLA core, profile and compatibility come from ``key``, so the engine is what it names.
     """
+    fixed = {"precision", "dla_core", "profiles", "target_hw", "version_compatible", "hardware_compatible"}
+    if fixed & options.keys():
+        raise ExportError("build_into_cache: " + expected(
+            f"options other than {sorted(fixed)} (the key sets them)", sorted(fixed & options.keys())))
     staging = cache.staging_path(key)
     timing = cache.timing_cache_path(key.trt_version, key.gpu_name, key.compute_capability)
     profile = {k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in key.profile.items()}
     try:
         report = build_engine(
             onnx_path, staging, precision=key.precision, dla_core=key.dla_core, timing_cache=timing,
-            profiles=profile or None, **options,
+            profiles=profile or None, version_compatible=key.version_compatible,
+            hardware_compatible=key.hardware_compatible, **options,
         )
     except BaseException:
         staging.unlink(missing_ok=True)

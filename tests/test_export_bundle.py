@@ -344,3 +344,54 @@ def test_staging_copies_are_not_reference_models(monkeypatch: pytest.MonkeyPatch
     shutil.copytree(bundle, models / ".xr-blur.stage-123")
     monkeypatch.setattr(runtime, "__file__", str(bundle.parent / "edge_runtime" / "runtime.py"))
     assert list(runtime.reference_bundles()) == ["xr-blur"]
+
+
+def test_a_bundle_carries_engines_for_fixed_targets_and_the_runtime_takes_the_matching_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export bundle --engine` takes engines from a cache (key from the sidecar, bytes checked), one per
+    GPU; the bundle refuses an engine built from another model; the runtime, with a fake TensorRT (none
+    here), serves the carried engine whose key matches this GPU and builds nothing."""
+    import hashlib
+
+    from edge_runtime import backends
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.engine_cache import EngineCache, EngineKey
+    from edge_runtime.runtime import Runtime
+    from export import trt_build
+
+    model = blur_model(tmp_path / "model.onnx")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    cache = EngineCache(tmp_path / "cache")
+    orin = EngineKey(sha, "10.3.0.30", "Orin", "8.7", 16, "fp32", profile={"image": ((1, 1, 32, 32),) * 3})
+    agx = EngineKey(**{**orin.__dict__, "gpu_name": "NVIDIA Jetson AGX Orin", "sm_count": 14})
+    engines = [cache.store(orin, b"engine for the NX"), cache.store(agx, b"engine for the AGX")]
+    other = cache.store(EngineKey(**{**orin.__dict__, "model_sha256": "cd" * 32}), b"another model's engine")
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    argv = ["bundle", "--manifest", str(tmp_path / "m.json"), "--fp32", str(model)]
+    assert _cli([*argv, "--out", str(tmp_path / "b"), *(f"--engine={e}" for e in engines)]) == 0
+    bundle = Bundle.load(tmp_path / "b")
+    assert sorted(k.gpu_name for _, k in bundle.engines("fp32")) == ["NVIDIA Jetson AGX Orin", "Orin"]
+    with pytest.raises(BundleError, match="an engine built from this bundle's fp32 ONNX artefact"):
+        _cli([*argv, "--out", str(tmp_path / "bad"), f"--engine={other}"])
+
+    opened: list[str] = []
+
+    class FakeTrt(OrtBackend):  # runs the ONNX model but reports itself as TensorRT
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, *, precision: str = "fp32", **_: object) -> None:
+            super().__init__(model, precision=precision)
+            opened.append(Path(engine_path).read_bytes().decode())
+
+    for module in (rt_mod, backends):
+        monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(backends, "TrtBackend", FakeTrt)
+    monkeypatch.setattr(trt_build, "engine_key_for", lambda *a, **k: agx)  # this GPU: an AGX Orin
+    with Runtime(bundle, "jetson-agx-orin-64gb", precision="fp32", engine_cache_dir=tmp_path / "empty",
+                 build_engines=False) as rt:
+        assert rt.backend is not None and rt.backend.name == "tensorrt" and rt._builder is None
+    assert opened == ["engine for the AGX"]
+    (tmp_path / "b" / "engines" / engines[1].name).write_bytes(b"engine for the AGY")
+    with pytest.raises(BundleError, match="engines/"):
+        Bundle.load(tmp_path / "b")

@@ -400,6 +400,49 @@ def test_a_malformed_gate_record_is_refused_not_read_as_passed(tmp_path: Path, v
     assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "fp32"
 
 
+def test_a_cached_version_compatible_engine_serves_with_host_code_allowed(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake TensorRT (none here): an engine built with --version-compatible under TensorRT 10.3 serves a
+    runtime on 10.7 (no rebuild), and only such an engine is deserialised with host code allowed."""
+    from edge_runtime import backends
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.engine_cache import EngineCache, EngineKey
+    from export import trt_build
+
+    here = EngineKey("ab" * 32, "10.7.0.23", "Orin", "8.7", 8, "fp32", None, {})
+    opened: list[dict[str, object]] = []
+
+    class FakeTrt(OrtBackend):  # runs the ONNX model but reports itself as TensorRT
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, *, precision: str = "fp32", **kw: object) -> None:
+            super().__init__(tmp_path / "b" / "fp32.onnx", precision=precision)
+            opened.append({"engine": Path(engine_path).name, **kw})
+
+    def no_build(*a: object, **k: object) -> None:
+        raise AssertionError("a compatible engine was in the cache: nothing to build")
+
+    for module in (rt_mod, backends):  # the runtime asks; select_backend constructs the backend
+        monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(backends, "TrtBackend", FakeTrt)
+    monkeypatch.setattr(trt_build, "engine_key_for", lambda *a, **k: here)
+    monkeypatch.setattr(trt_build, "build_into_cache", no_build)
+    bundle = _enhance_bundle(tmp_path / "b")
+    cache = EngineCache(tmp_path / "cache")
+    plain_old = cache.store(EngineKey(**{**here.__dict__, "trt_version": "10.3.0.30"}), b"plain")
+    with Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=cache.directory, build_engines=False) as rt:
+        assert rt.backend is not None and rt.backend.name == "onnxruntime"  # a 10.3 engine does not run on 10.7
+    assert opened == [] and plain_old.is_file()
+    vc = cache.store(EngineKey(**{**here.__dict__, "trt_version": "10.3.0.30", "version_compatible": True}), b"vc")
+    with Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=cache.directory) as rt:
+        res = rt.process(_xr())
+        assert res.provenance["backend"] == "tensorrt" and rt.artifact == vc.name
+        assert any("version-compatible" in e and "serves" in e for e in rt.events)
+    assert opened == [{"engine": vc.name, "device_index": 0, "use_cuda_graph": False, "dla_core": None,
+                       "allow_host_code": True}]
+
+
 def test_an_engine_that_fails_to_load_costs_no_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fake TensorRT (none here): the built engine cannot be deserialised; the frame that finds it pending
     is still served by ONNX Runtime and the failure is in the events, not raised into process()."""

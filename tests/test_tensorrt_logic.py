@@ -1191,6 +1191,125 @@ def test_every_key_field_changes_the_digest(change: dict[str, Any]) -> None:
     assert make_key(**change).file_name() != make_key().file_name()
 
 
+def test_compatibility_flags_are_recorded_only_when_set() -> None:
+    plain = make_key()
+    assert "version_compatible" not in plain.to_dict() and "hardware_compatible" not in plain.to_dict()
+    vc, hc = make_key(version_compatible=True), make_key(hardware_compatible=True)
+    assert len({plain.digest(), vc.digest(), hc.digest()}) == 3
+    assert "-vc-" in vc.file_name() and "-hc-" in hc.file_name() and "-vc-" not in plain.file_name()
+    assert EngineKey.from_dict(json.loads(json.dumps(vc.to_dict()))) == vc
+    assert "version-compatible" in vc.describe() and "hardware-compatible" in hc.describe()
+    assert ("version_compatible", False, True) in plain.mismatches(vc)
+    with pytest.raises(BackendError, match="version_compatible: expected true or false, found 'yes'"):
+        EngineKey.from_dict({**plain.to_dict(), "version_compatible": "yes"})
+
+
+AMPERE = {"gpu_name": "NVIDIA A10", "compute_capability": "8.6", "sm_count": 72}
+ADA = {"gpu_name": "NVIDIA L4", "compute_capability": "8.9", "sm_count": 58}
+TURING = {"gpu_name": "Tesla T4", "compute_capability": "7.5", "sm_count": 40}
+
+
+@pytest.mark.parametrize(
+    ("built", "wanted", "ok", "serves"),
+    [
+        ({"version_compatible": True}, {"trt_version": "10.7.0.23"}, True, True),  # later minor: runs
+        ({"version_compatible": True, "trt_version": "10.7.0.23"}, {}, True, False),  # earlier runtime: no
+        ({"version_compatible": True}, {"trt_version": "11.0.0.1"}, True, False),  # next major: rebuild
+        ({}, {"trt_version": "10.7.0.23"}, True, False),  # not version-compatible
+        ({"version_compatible": True}, {"trt_version": "10.7.0.23", "precision": "int8"}, True, False),
+        ({"version_compatible": True}, {"trt_version": "10.7.0.23", "model_sha256": "cd" * 32}, True, False),
+        ({"version_compatible": True}, {"trt_version": "10.7.0.23", "gpu_name": "Xavier"}, True, False),
+        ({"hardware_compatible": True, **AMPERE}, ADA, True, True),  # any Ampere+ GPU
+        ({"hardware_compatible": True, **AMPERE}, ADA, False, False),  # not where the caller says no (Jetson)
+        ({"hardware_compatible": True, **AMPERE}, TURING, True, False),  # before Ampere
+        ({"hardware_compatible": True, **AMPERE}, {**ADA, "trt_version": "10.7.0.23"}, True, False),
+        ({"hardware_compatible": True, "version_compatible": True, **AMPERE},
+         {**ADA, "trt_version": "10.7.0.23"}, True, True),
+        ({}, ADA, True, False),
+    ],
+)
+def test_which_cached_engine_serves_which_device(built: dict[str, Any], wanted: dict[str, Any], ok: bool,
+                                                 serves: bool) -> None:
+    assert make_key(**built).serves(make_key(**wanted), hardware_compatible_ok=ok) is serves
+
+
+def test_cache_find_takes_the_exact_engine_else_a_compatible_one(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cache = EngineCache(tmp_path)
+    here = make_key(trt_version="10.7.0.23")
+    assert cache.find(here) is None
+    vc = make_key(version_compatible=True)  # built with 10.3
+    vc_path = cache.store(vc, b"lean-runtime-engine")
+    cache.store(make_key(trt_version="10.3.0.30"), b"plain-10.3")  # not compatible: never taken
+    assert cache.find(here) == (vc_path, vc)
+    exact = cache.store(here, b"plain-10.7")
+    assert cache.find(here) == (exact, here)
+    exact.unlink()
+    vc_path.write_bytes(b"lean-runtime-engin3")  # corrupt: skipped, said why
+    caplog.set_level("INFO")
+    assert cache.find(here) is None
+    assert "not using" in caplog.text and "sha256 differs" in caplog.text
+
+
+def test_build_into_cache_builds_what_the_key_names(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
+    against tensorrt-stubs, not run."""
+    cache = EngineCache(tmp_path / "cache")
+    key = EngineKey(SHA, "10.3.0.30", "Orin", "8.7", 16, "fp32", version_compatible=True,
+                    profile={"image": ((1, 1, 64, 64),) * 3})
+    path = build_into_cache(cache, key, fp32_onnx(tmp_path / "m.onnx"), workspace_mb=64, progress=False)
+    assert "VERSION_COMPATIBLE" in fake_trt.created["config"].flags and cache.find(key) == (path, key)
+    with pytest.raises(ExportError, match="the key sets them"):
+        build_into_cache(cache, key, tmp_path / "m.onnx", version_compatible=False)
+
+
+def test_export_build_cache_prebuilds_the_engine_the_runtime_looks_up(fake_trt: Any, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the logic around the TensorRT API with a fake module (no TensorRT or GPU here):
+    `export build BUNDLE --cache DIR` builds under exactly the key a Runtime on that device computes,
+    so the runtime serves it from the first frame and starts no build; options that would build an
+    engine the runtime never looks for are refused."""
+    import argparse
+
+    from edge_runtime import backends
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.runtime import Runtime
+    from export import cli
+
+    bundle = Path(__file__).resolve().parents[1] / "edge_runtime" / "models" / "us-lesion-det"
+    cache_dir = tmp_path / "engines"
+
+    def export(*argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        cli.configure(parser)
+        return cli.run(parser.parse_args(["build", str(bundle), *argv]))
+
+    with pytest.raises(ConfigError, match="one of --out FILE or --cache"):
+        export("--precision", "fp16", "--device", "x86-dgpu")
+    with pytest.raises(ConfigError, match="no --dla-core"):
+        export("--cache", str(cache_dir), "--precision", "fp16", "--device", "x86-dgpu", "--dla-core", "0")
+    assert export("--cache", str(cache_dir), "--precision", "fp16", "--device", "x86-dgpu") == 0
+    (built,) = cache_dir.glob("*.engine")
+    assert built.read_bytes() == fake_trt.build_result
+
+    opened: list[str] = []
+
+    class FakeTrt(OrtBackend):  # runs the ONNX model but reports itself as TensorRT
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, *, precision: str = "fp32", **_: object) -> None:
+            super().__init__(bundle / "fp16.onnx", precision=precision)
+            opened.append(Path(engine_path).name)
+
+    for module in (rt_mod, backends):
+        monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(backends, "TrtBackend", FakeTrt)
+    with Runtime(bundle, "x86-dgpu", precision="fp16", engine_cache_dir=cache_dir, build_engines=False) as rt:
+        assert rt.backend is not None and rt.backend.name == "tensorrt" and rt._builder is None
+    assert opened == [built.name]
+
+
 def test_engine_key_validation() -> None:
     with pytest.raises(ConfigError, match="64 lower-case hex"):
         make_key(model_sha256="xyz")

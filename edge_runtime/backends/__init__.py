@@ -34,12 +34,14 @@ def select_backend(
     spinning: bool | str = "off",
     cuda_graphs: bool = False,
     dla_core: int | None = None,
+    allow_host_code: bool = False,
 ) -> Backend:
     """Pick a backend (not loaded yet) and log why.
 
     ``auto``: TensorRT when an engine file exists and TensorRT, pycuda and a CUDA device are there;
     otherwise ONNX Runtime on ``onnx_path``. ``tensorrt`` / ``onnxruntime`` force one (and fail
-    with a clear message when it cannot run).
+    with a clear message when it cannot run). ``allow_host_code``: the engine is version-compatible
+    and trusted (it carries TensorRT's lean runtime as host code; see TrtBackend).
     """
     if preference not in BACKENDS:
         raise ConfigError(f"backend: {expected(f'one of {BACKENDS}', preference)}")
@@ -49,7 +51,7 @@ def select_backend(
         if ok and engine is not None and engine.is_file():
             log.info("backend: tensorrt (%s, engine %s)", why, engine.name)
             return TrtBackend(engine, device_index=device_index, precision=precision, use_cuda_graph=cuda_graphs,
-                              dla_core=dla_core)
+                              dla_core=dla_core, allow_host_code=allow_host_code)
         reason = why if not ok else ("no engine given" if engine is None else f"no engine at {engine}")
         if preference == "tensorrt":
             raise BackendError(f"backend tensorrt: expected TensorRT, a GPU and an engine, found {reason}")
