@@ -721,9 +721,10 @@ def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | No
     frames back to back until it has caught up; dropping is the transport's job). ``fps``
     overrides the source's native rate. Live sources (cameras) are never slept on, nor are sources
     with no frame rate and no ``fps`` (a single X-ray, an image folder): their frames go out as
-    fast as the consumer takes them, which is logged once (INFO). capture_ns
-    is stamped at emission except for live sources, whose grab time is kept. loop: restart the
-    source when it ends (seq keeps increasing).
+    fast as the consumer takes them, which is logged once (INFO). capture_ns is the frame's
+    scheduled time when paced (start + k / fps, as a camera would have grabbed it), the emission
+    time when unpaced, and the grab time for live sources. loop: restart the source when it ends
+    (seq keeps increasing).
     """
     given = _check_fps(fps)
     rate = given if given is not None else source.fps
@@ -747,7 +748,10 @@ def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | No
                 if wait > 0:
                     time.sleep(wait / 1e9)
             if not source.live:
-                frame.capture_ns = time.monotonic_ns()
+                # A paced file source stands in for a camera: its frame is "captured" on schedule, so a
+                # late wake-up of this process counts in capture -> sink latency instead of hiding.
+                frame.capture_ns = start_ns + seq * period_ns if sleeping and start_ns is not None \
+                    else time.monotonic_ns()
             frame.seq = seq
             frame.stream_id = source.stream_id
             yield frame

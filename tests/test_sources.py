@@ -468,6 +468,17 @@ def test_realtime_pacing_follows_the_frame_rate(ten_images: Path) -> None:
     assert stamps == sorted(stamps) and stamps[-1] - stamps[0] >= 85_000_000
 
 
+def test_a_paced_frame_is_stamped_on_schedule_even_when_the_consumer_is_late(ten_images: Path) -> None:
+    """A paced file source stands in for a camera: a consumer (or a process woken) 50 ms late must see
+    capture stamps on the 10 ms schedule, so the lateness counts in capture -> sink latency."""
+    stream = paced(ImageFolderSource(ten_images, fps=100.0), realtime=True)
+    first = next(stream)
+    time.sleep(0.05)
+    late = [next(stream) for _ in range(3)]  # due at +10, +20, +30 ms: all already late
+    assert [f.capture_ns - first.capture_ns for f in late] == [10_000_000, 20_000_000, 30_000_000]
+    assert time.monotonic_ns() - late[-1].capture_ns >= 20_000_000
+
+
 def test_realtime_without_a_frame_rate_streams_unpaced(ten_images: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """`edge-runtime run` (real time by default) must stream a single X-ray or an image folder:
