@@ -224,7 +224,7 @@ def render_export(d: dict[str, Any]) -> list[str]:
         gate += " (this run)" if source == RUN_SOURCE else " (bundle)"
         steps = r.get("steps", {})
         load = _load_span(lat)
-        lines.append(f"| {name} | {' | '.join(cells)} | {_speedups(lat, verdict.get('gate_passed') is True)}"
+        lines.append(f"| {name} | {' | '.join(cells)} | {_speedups(lat, verdict.get('gate_passed'))}"
                      f" | {gate} | {load} | {_f(steps.get('total_s'), 1)} |")
     sources = {name: gate_view(r)[1] for name, r in d["models"].items()}
     lines += ["", "Accuracy gate: " + "; ".join(

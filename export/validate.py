@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -505,14 +506,18 @@ def latency_ms(paths: Mapping[str, str | os.PathLike[str]], x: np.ndarray, input
 
 def interleaved_times(backends: Mapping[str, Any], feeds: Mapping[str, np.ndarray], *, runs: int,
                       warmup: int) -> dict[str, list[float]]:
-    """ms per call of each loaded backend, calls interleaved so load drifts hit all alike; closes them."""
+    """ms per call of each loaded backend, calls interleaved so load drifts hit all alike, in a fresh
+    (seeded) order each round so no backend always runs after the same one; closes them."""
     times: dict[str, list[float]] = {k: [] for k in backends}
+    order = list(backends.items())
+    rng = random.Random(0)
     try:
         for b in backends.values():
             for _ in range(warmup):
                 b.infer(feeds)
         for _ in range(runs):
-            for k, b in backends.items():
+            rng.shuffle(order)
+            for k, b in order:
                 t = time.perf_counter()
                 b.infer(feeds)
                 times[k].append((time.perf_counter() - t) * 1e3)

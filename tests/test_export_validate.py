@@ -408,8 +408,13 @@ def test_results_pages_are_per_machine_and_mark_emulated_int8(tmp_path: Path, mo
     d = {"onnxruntime": "1.x", "cpu": {}, "models": {"m": {"latency": lat}}}
     text = "\n".join(run_all.render_export(d))
     assert "9.00 / 9.50 (emulated)" in text and "1.00 / 1.50 |" in text and run_all.EMULATED_NOTE in text
-    assert "| emulated / 2.00 |" in text  # no speed-up shown for the emulated file
+    assert "| emulated / 2.00 (>= 1.5x: met) |" in text  # no speed-up shown for the emulated file
     assert run_all.EMULATED_NOTE in "\n".join(run_all.render_export_1t(d))
+    # The verdict is computed: the CPU form's speed-up against 1.5x, and the gate where the run has one.
+    assert "1.40 (>= 1.5x: MISSED)" in run_all._speedups({**lat, "int8_cpu_speedup_p50": 1.4})
+    assert run_all._speedups(lat, True).endswith("2.00 (>= 1.5x with the gate: met)")
+    assert run_all._speedups(lat, False).endswith("2.00 (>= 1.5x with the gate: MISSED)")
+    assert run_all._speedups({**lat, "emulated": ["int8", "int8_cpu"]}) == "emulated / emulated"
 
 
 def test_gate_judges_wide_int8_weights_emulated_where_they_would_saturate(
@@ -487,3 +492,26 @@ def test_tolerances_with_unknown_keys_or_non_numbers_are_refused_not_defaulted()
     for value in ("0.001", True, -0.1, float("nan"), None):
         with pytest.raises(ExportError, match="finite numbers >= 0"):
             V.tolerances_for({"task": "enhancement", "tolerances": {"ssim": value}})
+
+
+def test_results_pages_compute_transport_and_runtime_verdicts_from_the_json() -> None:
+    """Each verdict follows the data it is rendered from (the committed Zen 3 JSON, then edited)."""
+    import copy
+
+    from benchmarks import run_all
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "amd-epyc-family-25-no-vnni"
+    transport = json.loads((root / "transport.json").read_text())
+    shm = transport["throughput"]["ours_transport_ipc_shm_w4"]
+    row = next(t for t in run_all.render_transport(transport) if t.startswith("| ours_transport_ipc_shm_w4"))
+    assert row.endswith(f"| >= 3.0x: {'met' if shm['x_imagezmq'] >= 3 else 'MISSED'} |")
+    edited = copy.deepcopy(transport)
+    edited["throughput"]["ours_transport_ipc_shm_w4"]["x_imagezmq"] = 3.2
+    edited["hop_ipc"]["ours"]["one_way"]["p50"] = edited["hop_ipc"]["bare"]["one_way"]["p50"] * 1.2004
+    text = "\n".join(run_all.render_transport(edited))
+    assert ">= 3.0x: met" in text and "| 1.200 | <= 1.2: MISSED |" in text
+    runtime = json.loads((root / "runtime.json").read_text())
+    w = runtime["models"]["xr-denoise"]["wall_ms"]
+    row = next(t for t in run_all.render_runtime(runtime) if t.startswith("| xr-denoise | 0.") or
+               t.startswith("| xr-denoise | 1."))
+    assert row.split(" | ")[1] == f"{w['plain_ort_fp32']['p50'] / w['ours_fp32']['p50']:.2f}"
