@@ -512,6 +512,5 @@ def test_results_pages_compute_transport_and_runtime_verdicts_from_the_json() ->
     assert ">= 3.0x: met" in text and "| 1.200 | <= 1.2: MISSED |" in text
     runtime = json.loads((root / "runtime.json").read_text())
     w = runtime["models"]["xr-denoise"]["wall_ms"]
-    row = next(t for t in run_all.render_runtime(runtime) if t.startswith("| xr-denoise | 0.") or
-               t.startswith("| xr-denoise | 1."))
+    row = next(t for t in run_all.render_runtime(runtime) if t.startswith(("| xr-denoise | 0.", "| xr-denoise | 1.")))
     assert row.split(" | ")[1] == f"{w['plain_ort_fp32']['p50'] / w['ours_fp32']['p50']:.2f}"
