@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import BackendError, ConfigError, InputError, expected
+from .errors import BackendError, ConfigError, InputError, UnsupportedFormatError, expected
 from .frames import Frame
+from .outputs import private_dir, write_image
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
 from .results import Result
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     opts = stated_options(kind, args.modality, args.bits_stored)
     if args.stream_id:
         opts["stream_id"] = args.stream_id
-    args.out.mkdir(parents=True, exist_ok=True)
+    private_dir(args.out)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
     timings: dict[str, list[float]] = {}
     n = skipped = 0
@@ -87,8 +89,15 @@ def run(args: argparse.Namespace) -> int:
         source = open_source(args.source, **opts)
         (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
         writer = JsonlWriter(args.out / "results.jsonl")
-        for frame in source:
-            if args.limit is not None and n >= args.limit:
+        failed = None  # the source's own error (a truncated file): what it gave so far is kept
+        frames = iter(source)
+        while args.limit is None or n < args.limit:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except (InputError, UnsupportedFormatError) as exc:
+                failed = exc
                 break
             try:
                 result = runtimes.process(frame)
@@ -101,14 +110,18 @@ def run(args: argparse.Namespace) -> int:
             for stage, ms in result.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
             if args.every and n % args.every == 0:
-                cv2.imwrite(str(args.out / f"{frame.stream_id}_{frame.seq:06d}.png"), annotate(frame, result))
+                write_image(args.out / f"{frame.stream_id}_{frame.seq:06d}.png", annotate(frame, result))
             n += 1
     writer.close()
     wall = time.perf_counter() - started
+    files_skipped = getattr(source, "skipped", 0)
     print(f"{n} frames in {wall:.1f} s -> {args.out}/results.jsonl"
-          + (f"; {skipped} skipped (see the warnings above)" if skipped else ""))
+          + (f"; {skipped} skipped (see the warnings above)" if skipped else "")
+          + (f"; {files_skipped} input file(s) unreadable and left out" if files_skipped else ""))
+    if failed is not None:
+        print(f"the source stopped after {n} frames: {type(failed).__name__}: {failed}", file=sys.stderr)
     for stage in ("preprocess", "infer", "postprocess"):
         if stage in timings:
             s = summarize(timings[stage])
             print(f"  {stage:<12} p50 {s['p50']:.2f} ms  p99 {s['p99']:.2f} ms  max {s['max']:.2f} ms")
-    return 1 if skipped else 0
+    return 1 if skipped or files_skipped or failed is not None else 0

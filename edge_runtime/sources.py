@@ -29,7 +29,11 @@ values reaches the model exactly as its unsigned storage does, and values outsid
 - 1 (e.g. negative ones) are refused by the pre-processor unless a window maps them (a window, when
 applied, defines the mapping). Float pixel data is refused unless a window is applied. Patient identifiers are never copied
 into frames, logs or messages: only shape and coding attributes are; a file source's default stream id
-is a pseudonym (kind + a hash of the file or folder name, see ``_stream_id``), never the name itself.
+is a pseudonym (kind + a keyed hash of the file or folder name, see ``_stream_id``), never the name
+itself, and no error message names a file or folder (messages travel in end-of-stream events to
+subscribers and recordings): one file of a folder is "image 3 of 10 (in name order)" / "DICOM image
+file 3 of 10 of the series". A folder source skips a file it cannot read (counted in ``skipped`` on
+every pass, logged) and goes on.
 Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
 rescales); the first (shared) values are used.
 """
@@ -54,6 +58,7 @@ import numpy as np
 
 from .errors import ConfigError, EdgeRuntimeError, InputError, UnsupportedFormatError, expected
 from .frames import STREAM_ID_CHARS, STREAM_ID_RE, Frame
+from .pseudonym import pseudonym
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +99,13 @@ def safe_stream_id(name: str) -> str:
 
 def _stream_id(given: str | None, name: str, kind: str | None = None) -> str:
     """The caller's stream id (checked), else one derived from the source name: for a file source
-    (``kind`` "video", "images" or "dicom") a pseudonym, kind + 12 hex digits of the name's SHA-256,
-    because file and folder names can carry patient identifiers and the id travels in every header,
-    recording, video file name and log line; for cameras and phantoms the (safe) name itself."""
+    (``kind`` "video", "images" or "dicom") a pseudonym, kind + 12 hex digits of a keyed hash of the
+    name (edge_runtime.pseudonym: not reversible without this install's key), because file and
+    folder names can carry patient identifiers and the id travels in every header, recording, video
+    file name and log line; for cameras and phantoms the (safe) name itself."""
     if given is None or given == "":
         if kind is not None:
-            return f"{kind}-{hashlib.sha256(name.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+            return f"{kind}-{pseudonym(name)}"
         return safe_stream_id(name)
     if not isinstance(given, str) or not STREAM_ID_RE.fullmatch(given):
         raise ConfigError(expected("a stream_id of 1-64 letters, digits, '_', '.', ':' or '-'", given))
@@ -138,20 +144,24 @@ class Source(ABC):
     stream_id: str = "0"
     n_frames: int | None = None  # frames per pass when known; None = unknown or infinite
     live: bool = False  # frames arrive at their own pace (camera): paced() never sleeps for them
+    from_files = False  # name is a file or folder name, so possibly a patient identifier
 
     def __iter__(self) -> Iterator[Frame]:
         for seq, frame in enumerate(self._frames()):
             frame.seq = seq
             frame.stream_id = self.stream_id
-            frame.source = self.name
+            # never a file name (frames reach sinks and logs): a file source is known by its stream id
+            frame.source = self.stream_id if self.from_files else self.name
             yield frame
 
     @abstractmethod
     def _frames(self) -> Iterator[Frame]:
         """Yield the frames of one pass, starting from the first."""
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, fps={self.fps}, n_frames={self.n_frames})"
+    skipped: int = 0  # files of a folder that could not be read (logged, left out)
+
+    def __repr__(self) -> str:  # the stream id, not the name: a file name can be a patient identifier
+        return f"{type(self).__name__}(stream_id={self.stream_id!r}, fps={self.fps}, n_frames={self.n_frames})"
 
 
 def _to_rgb_or_gray(img: np.ndarray, gray: bool) -> tuple[np.ndarray, str]:
@@ -197,13 +207,15 @@ class _CaptureSource(Source):
 class VideoSource(_CaptureSource):
     """A video file read with OpenCV; fps from CAP_PROP_FPS (``fps`` overrides it); frames RGB (or gray)."""
 
+    from_files = True
+
     def __init__(self, path: str | Path, *, gray: bool = False, modality: str = "US", fps: float | None = None,
                  stream_id: str | None = None, pixel_spacing: tuple[float, float] | None = None) -> None:
         super().__init__(gray=gray, modality=modality, pixel_spacing=pixel_spacing)
         given_fps = _check_fps(fps)
         self.path = Path(path)
         if not self.path.is_file():
-            raise InputError(expected("an existing video file", str(self.path)))
+            raise InputError(expected("an existing video file", "none at the path given"))
         self.name = self.path.name
         self.stream_id = _stream_id(stream_id, self.name, "video")
         cap = self._open()
@@ -218,7 +230,8 @@ class VideoSource(_CaptureSource):
         if not cap.isOpened():
             cap.release()
             raise UnsupportedFormatError(expected(
-                f"a video OpenCV {cv2.__version__} can decode ({', '.join(VIDEO_EXTENSIONS)})", self.path.name))
+                f"a video OpenCV {cv2.__version__} can decode ({', '.join(VIDEO_EXTENSIONS)})",
+                f"a {self.path.suffix or 'suffix-less'} file it cannot open"))
         return cap
 
 
@@ -260,6 +273,8 @@ class ImageFolderSource(Source):
     RGB (alpha dropped) unless ``gray``.
     """
 
+    from_files = True
+
     def __init__(self, path: str | Path, *, bits_stored: int | None = None, gray: bool = False,
                  modality: str = "OT", fps: float | None = None, stream_id: str | None = None,
                  pixel_spacing: tuple[float, float] | None = None) -> None:
@@ -267,14 +282,15 @@ class ImageFolderSource(Source):
         if self.path.is_dir():
             files = [p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
             if not files:
-                raise InputError(expected(f"image files ({', '.join(IMAGE_EXTENSIONS)}) in {self.path}", "none"))
+                raise InputError(expected(f"image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder given", "none"))
             self.files = sorted(files, key=lambda p: natural_key(p.name))
         elif self.path.is_file():
             if self.path.suffix.lower() not in IMAGE_EXTENSIONS:
-                raise UnsupportedFormatError(expected(f"an image file ({', '.join(IMAGE_EXTENSIONS)})", self.path.name))
+                raise UnsupportedFormatError(expected(f"an image file ({', '.join(IMAGE_EXTENSIONS)})",
+                                                      f"a {self.path.suffix or 'suffix-less'} file"))
             self.files = [self.path]
         else:
-            raise InputError(expected("an existing image folder or file", str(self.path)))
+            raise InputError(expected("an existing image folder or file", "none at the path given"))
         if bits_stored is not None and not (isinstance(bits_stored, int) and 1 <= bits_stored <= 16):
             raise ConfigError(expected("bits_stored in 1..16", bits_stored))
         self.bits_stored = bits_stored
@@ -287,24 +303,44 @@ class ImageFolderSource(Source):
         self.n_frames = len(self.files)
 
     def _frames(self) -> Iterator[Frame]:
-        for file in self.files:
-            img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
-            if img is None:
-                raise InputError(expected("an image OpenCV can decode", file.name))
-            if img.dtype == np.float64:
-                img = img.astype(np.float32)
-            if img.dtype not in (np.uint8, np.uint16, np.float32):
-                raise UnsupportedFormatError(expected(f"8/16-bit unsigned or float image in {file.name}", str(img.dtype)))
-            pixels, photometric = _to_rgb_or_gray(img, self.gray)
-            bits = self.bits_stored
-            if bits is not None:
-                if bits > pixels.dtype.itemsize * 8 or pixels.dtype == np.float32:
-                    raise InputError(expected(f"an integer image of at least {bits} bits in {file.name}", str(pixels.dtype)))
-                top = int(pixels.max(initial=0))
-                if top >= 1 << bits:
-                    raise InputError(expected(f"values below {1 << bits} for bits_stored={bits} in {file.name}", top))
-            yield Frame(pixels, modality=self.modality, bits_stored=bits, photometric=photometric,
+        first: Exception | None = None
+        for index, file in enumerate(self.files):
+            try:
+                pixels, photometric = self._read(file)
+            except (InputError, UnsupportedFormatError) as exc:
+                if len(self.files) == 1:
+                    raise
+                self.skipped += 1  # one unreadable image is counted and skipped, never the folder
+                log.warning("image %d of %d (in name order) skipped: %s", index + 1, len(self.files), exc)
+                first = first or exc
+                if index == len(self.files) - 1 and self.skipped >= len(self.files):
+                    raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
+                continue
+            yield Frame(pixels, modality=self.modality, bits_stored=self.bits_stored, photometric=photometric,
                         pixel_spacing=self.pixel_spacing)
+
+    def _read(self, file: Path) -> tuple[np.ndarray, str]:
+        img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise InputError(expected("an image OpenCV can decode", f"a {file.suffix} file it cannot read"))
+        if img.dtype == np.float64:
+            img = img.astype(np.float32)
+        if img.dtype not in (np.uint8, np.uint16, np.float32):
+            raise UnsupportedFormatError(expected("an 8/16-bit unsigned or float image", str(img.dtype)))
+        pixels, photometric = _to_rgb_or_gray(img, self.gray)
+        bits = self.bits_stored
+        if bits is not None:
+            if bits > pixels.dtype.itemsize * 8 or pixels.dtype == np.float32:
+                raise InputError(expected(f"an integer image of at least {bits} bits", str(pixels.dtype)))
+            top = int(pixels.max(initial=0))
+            if top >= 1 << bits:
+                raise InputError(expected(f"values below {1 << bits} for bits_stored={bits}", top))
+        return pixels, photometric
+
+
+def _every_file(n: int, first: Exception | None) -> InputError:
+    return InputError(expected(f"at least one readable file of the {n} in the folder",
+                               f"none; the first: {first}"))
 
 
 # --- DICOM ---------------------------------------------------------------------------------
@@ -417,9 +453,9 @@ def _read_header(path: Path) -> Any:
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        raise InputError(expected("a DICOM file (128-byte preamble then 'DICM')", path.name)) from None
+        raise InputError(expected("a DICOM file (128-byte preamble then 'DICM')", "a file without it")) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a cut or corrupt header
-        raise InputError(expected("a complete DICOM header", f"{path.name}: {type(exc).__name__} (truncated or corrupt)")) from None
+        raise InputError(expected("a complete DICOM header", f"{type(exc).__name__} (truncated or corrupt)")) from None
 
 
 def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _Plan:
@@ -429,7 +465,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     meta = getattr(ds, "file_meta", None)
     uid = meta.get("TransferSyntaxUID") if meta is not None else None
     if uid is None:
-        raise InputError(expected("a Transfer Syntax UID in the file meta", f"none in {path.name}"))
+        raise InputError(expected("a Transfer Syntax UID in the file meta", "none"))
     try:
         decoder = get_decoder(uid)
     except NotImplementedError:
@@ -439,7 +475,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
         raise _syntax_error(uid, f"no decoding plugin available ({missing})")
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
-        raise InputError(expected("an image (Rows, Columns, Pixel Data)", f"no image attributes in {path.name}"))
+        raise InputError(expected("an image (Rows, Columns, Pixel Data)", "no image attributes"))
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)
@@ -454,7 +490,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     elif samples == 1:
         color = "gray"
     else:
-        raise UnsupportedFormatError(expected("1 or 3 samples per pixel", f"{samples} in {path.name}"))
+        raise UnsupportedFormatError(expected("1 or 3 samples per pixel", samples))
 
     # Possible value range after the modality LUT, from the header alone.
     lo, hi = (-(2.0 ** (bits_stored - 1)), 2.0 ** (bits_stored - 1) - 1) if signed else (0.0, 2.0**bits_stored - 1)
@@ -478,7 +514,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
             lo, hi = min(voi_ends), max(voi_ends)
             integral = slope.is_integer() and intercept.is_integer()
             if slope == 0:
-                raise InputError(expected("a non-zero RescaleSlope", f"0 in {path.name}"))
+                raise InputError(expected("a non-zero RescaleSlope", 0))
     if ds.get("FloatPixelData") is not None or ds.get("DoubleFloatPixelData") is not None:
         integral = False
     dtype: np.dtype[Any]
@@ -528,13 +564,13 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
         return np.ascontiguousarray(rgb), rgb.dtype.itemsize * 8, "RGB"
     if plan.color == "rgb":
         if arr.dtype not in (np.uint8, np.uint16):
-            raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", f"{arr.dtype} in {plan.path.name}"))
+            raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", str(arr.dtype)))
         return np.ascontiguousarray(arr), min(int(ds.get("BitsStored") or 8), arr.dtype.itemsize * 8), "RGB"
 
     if plan.voi is None and arr.dtype.kind == "f":  # its range is not known from the header
         raise UnsupportedFormatError(expected(
             "integer pixel data, or a window for float pixel data (apply_voi=True or window=)",
-            f"float pixel data and no window applied in {plan.path.name}"))
+            "float pixel data and no window applied"))
     if plan.rescale is not None:
         values = arr.astype(np.float64) * plan.rescale[0] + plan.rescale[1]
     else:
@@ -579,6 +615,8 @@ class DicomSource(Source):
     usually has none. See the module docstring for dtypes and value ranges.
     """
 
+    from_files = True
+
     def __init__(self, path: str | Path, *, apply_voi: bool = False, window: tuple[float, float] | None = None,
                  modality: str | None = None, fps: float | None = None, stream_id: str | None = None) -> None:
         given_fps = _check_fps(fps)
@@ -594,11 +632,11 @@ class DicomSource(Source):
         self.apply_voi = bool(apply_voi) or window is not None
         self.window = window
         if self.path.is_dir():
-            self.files = self._series(self.path)
+            self.files = self._series(self.path)  # unreadable headers skipped (self.skipped)
         elif self.path.is_file():
             self.files = [self.path]
         else:
-            raise InputError(expected("an existing DICOM file or folder", str(self.path)))
+            raise InputError(expected("an existing DICOM file or folder", "none at the path given"))
         # Plan the first file now so unreadable input fails at construction, not mid-stream.
         self._first = _plan(self.files[0], self.apply_voi, self.window)
         ds = self._first.header
@@ -613,19 +651,23 @@ class DicomSource(Source):
         log.info("DICOM: %d file(s), %s, %s frame(s) in the first, %s", len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
 
-    @staticmethod
-    def _series(folder: Path) -> list[Path]:
+    def _series(self, folder: Path) -> list[Path]:
         entries = []
-        for path in sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name)):
+        listed = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
+        for index, path in enumerate(listed):
             if not is_dicom_file(path):
                 continue
-            ds = _read_header(path)
+            try:
+                ds = _read_header(path)
+            except InputError as exc:
+                self._skip(f"file {index + 1} of {len(listed)} in the folder (in name order)", exc)
+                continue
             if not ds.get("Rows"):
                 continue  # DICOMDIR, structured reports, presentation states: no pixels
             number = _first_float(ds.get("InstanceNumber"))
             entries.append((str(ds.get("SeriesInstanceUID", "")), number, path))
         if not entries:
-            raise InputError(expected(f"DICOM image files in {folder}", "none"))
+            raise InputError(expected("DICOM image files in the folder given", "none"))
         series_order: dict[str, int] = {}
         for uid, _, _ in entries:
             series_order.setdefault(uid, len(series_order))
@@ -633,9 +675,24 @@ class DicomSource(Source):
         return [path for _, _, path in entries]
 
     def _frames(self) -> Iterator[Frame]:
+        first: Exception | None = None
+        failed = 0
         for index, path in enumerate(self.files):
-            plan = self._first if index == 0 else _plan(path, self.apply_voi, self.window)
-            yield from self._file_frames(plan)
+            try:
+                plan = self._first if index == 0 else _plan(path, self.apply_voi, self.window)
+                yield from self._file_frames(plan)
+            except (InputError, UnsupportedFormatError) as exc:
+                if len(self.files) == 1:
+                    raise
+                self._skip(f"image file {index + 1} of {len(self.files)} of the series", exc)
+                first, failed = first or exc, failed + 1
+        if failed and failed == len(self.files):
+            raise _every_file(failed, first) from None
+
+    def _skip(self, which: str, exc: Exception) -> None:
+        """One unreadable file of a folder is counted and skipped, never the series (frames it gave stay)."""
+        self.skipped += 1
+        log.warning("DICOM %s skipped: %s", which, exc)
 
     def _file_frames(self, plan: _Plan) -> Iterator[Frame]:
         from pydicom.pixels import iter_pixels
@@ -652,16 +709,16 @@ class DicomSource(Source):
             except EdgeRuntimeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - pydicom / plugin failures on cut or corrupt pixel data
+                why = str(exc).replace(str(plan.path), "<file>").replace(plan.path.name, "<file>")[:200]
                 raise InputError(expected(
-                    f"{plan.n_frames} decodable frame(s) in {plan.path.name}",
-                    f"failure at frame {decoded}: {type(exc).__name__}: {str(exc)[:200]} (truncated or corrupt?)",
+                    f"{plan.n_frames} decodable frame(s)",
+                    f"failure at frame {decoded}: {type(exc).__name__}: {why} (truncated or corrupt?)",
                 )) from None
             pixels, bits, photometric = _process(plan, arr)
             decoded += 1
             yield Frame(pixels, modality=modality, bits_stored=bits, photometric=photometric, pixel_spacing=spacing)
         if decoded < plan.n_frames:
-            raise InputError(expected(f"{plan.n_frames} frame(s) in {plan.path.name}",
-                                      f"{decoded} decodable (file truncated?)"))
+            raise InputError(expected(f"{plan.n_frames} frame(s)", f"{decoded} decodable (file truncated?)"))
 
 
 # --- phantoms ------------------------------------------------------------------------------
@@ -773,14 +830,14 @@ def source_kind(spec: str | Path) -> str:
         return text.split(":", 1)[0]
     path = Path(text)
     if not path.exists():
-        raise InputError(expected("an existing file or folder (or phantom:us|xr, camera:N)", text))
+        raise InputError(expected("an existing file or folder (or phantom:us|xr, camera:N)", "none at the path given"))
     if path.is_dir():
         files = [p for p in path.iterdir() if p.is_file()]
         if any(is_dicom_file(p) for p in files):
             return "dicom"
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
             return "images"
-        raise InputError(expected(f"DICOM files or images ({', '.join(IMAGE_EXTENSIONS)}) in {path}", "none"))
+        raise InputError(expected(f"DICOM files or images ({', '.join(IMAGE_EXTENSIONS)}) in the folder given", "none"))
     if is_dicom_file(path):
         return "dicom"
     suffix = path.suffix.lower()
@@ -790,7 +847,7 @@ def source_kind(spec: str | Path) -> str:
         return "images"
     raise UnsupportedFormatError(expected(
         f"a DICOM file (DICM preamble), a video ({', '.join(VIDEO_EXTENSIONS)}) or an image "
-        f"({', '.join(IMAGE_EXTENSIONS)})", path.name))
+        f"({', '.join(IMAGE_EXTENSIONS)})", f"a {path.suffix or 'suffix-less'} file"))
 
 
 def stated_options(kind: str, modality: str | None, bits_stored: int | None,

@@ -306,3 +306,37 @@ def test_nodes_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
         for c in children:  # only if the test failed: never leave our own processes behind
             if _running(c):
                 os.kill(c, signal.SIGKILL)
+
+
+def test_a_result_a_sink_cannot_draw_costs_that_frame_not_the_sink(tmp_path: Path) -> None:
+    """A result the protocol accepts but OpenCV refuses to draw (cv2.error) used to escape the recorder
+    with --video and the viewer; the supervisor restarted them until it stopped the pipeline. Now the
+    recorder writes the line and leaves the frame out of the video, the viewer skips it; both count it."""
+    import cv2
+
+    from edge_runtime.pipeline.nodes import Counters, Endpoints
+    from edge_runtime.pipeline.recorder import JsonlWriter, RecorderNode, VideoSink
+    from edge_runtime.pipeline.viewer import ViewerNode
+
+    result = Result(stream_id="s", seq=1, capture_ns=1, enhanced=np.zeros((8, 8), np.uint8))
+    m = protocol.decode(protocol.encode_result(result))
+
+    class Undrawable(VideoSink):
+        def add(self, message: protocol.Message) -> bool:
+            raise cv2.error("rectangle: Can't parse 'pt2'")
+
+    node = RecorderNode(Endpoints.inproc(), str(tmp_path))
+    counters, writer = Counters("recorder"), JsonlWriter(tmp_path / RESULTS_FILE)
+    videos = Undrawable(tmp_path, 30.0)
+    node._record(m, writer, videos, counters)
+    node._record(m, writer, videos, counters)
+    writer.close()
+    assert counters.drops["video_frame"] == 2 and not videos.failed
+    assert [r["seq"] for r in read_records(tmp_path / RESULTS_FILE)] == [1, 1]
+    viewer, seen = ViewerNode("ipc://unused"), Counters("viewer")
+
+    def draw() -> None:
+        raise cv2.error("bad")
+
+    assert viewer._show(draw, seen) is False and seen.drops["undrawable"] == 1
+    assert viewer._show(lambda: None, seen) is True

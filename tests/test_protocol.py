@@ -236,6 +236,26 @@ def test_big_integers_and_undecodable_text_still_encode() -> None:
         protocol.decode_header(b'{"v":1,"type":"event","error":"\\ud800"}')
 
 
+@pytest.mark.parametrize(("change", "what"), [
+    ({"detections": [{"box": [0, 0, 3e9, 3e9], "score": 0.9, "label": "x"}]}, "within"),  # beyond cv2's int32
+    ({"bits_stored": "12"}, "bits_stored"),  # a sink computes 2 ** bits_stored
+    ({"bits_stored": 4096}, "bits_stored"),
+    ({"photometric": "CMYK"}, "photometric"),
+    ({"modality": "X" * 40}, "modality"),
+    ({"truth": {"boxes": [[0] * 16000], "labels": [""] * 4000}}, "truth box"),  # 4000 boxes past a 1024 limit
+])
+def test_a_result_header_a_sink_computes_with_is_checked(change: dict, what: str) -> None:
+    """Results the protocol used to accept and that then crashed the recorder (--video) and the viewer,
+    which the supervisor restarted until it gave up on the whole pipeline."""
+    frame = _frame(np.full((8, 6), 100, np.uint16), bits_stored=10, stream_id="s", seq=3, capture_ns=7)
+    result = Result(stream_id="s", seq=3, capture_ns=7, enhanced=np.zeros((8, 6), np.uint16))
+    parts = protocol.encode_result(result, frame=frame)
+    h = json.loads(bytes(parts[0]))
+    h.update(change)
+    with pytest.raises(BadMessage, match=what):
+        protocol.decode([json.dumps(h).encode(), *(np.asarray(p).tobytes() for p in parts[1:])])
+
+
 def test_frames_without_spacing_send_null_and_nan_boxes_are_refused() -> None:
     frame = Frame(pixels=np.zeros((2, 3), np.uint8), stream_id="s", seq=1)
     assert json.loads(protocol.encode_frame(frame)[0])["spacing"] is None

@@ -238,7 +238,7 @@ def test_float_pixel_data_needs_a_window(tmp_path: Path) -> None:
     del ds.PixelRepresentation
     ds.FloatPixelData = np.linspace(-1, 1, 16, dtype=np.float32).tobytes()
     ds.save_as(path, enforce_file_format=True)
-    with pytest.raises(UnsupportedFormatError, match=r"expected integer pixel data, or a window.*f\.dcm"):
+    with pytest.raises(UnsupportedFormatError, match=r"expected integer pixel data, or a window.*no window applied"):
         list(DicomSource(path))
     with pytest.raises(InputError, match="RescaleSlope"):
         DicomSource(write_dicom(tmp_path / "z.dcm", np.zeros((4, 4), np.uint16), "MONOCHROME2", 12,
@@ -322,11 +322,14 @@ def test_stream_ids_from_file_names_match_the_protocol(tmp_path: Path, caplog: p
 # --- DICOM errors --------------------------------------------------------------------------
 
 
-def test_missing_paths_name_themselves(tmp_path: Path) -> None:
+def test_missing_paths_are_input_errors_that_name_no_path(tmp_path: Path) -> None:
+    """Source errors reach end-of-stream events, subscribers and recordings: no path in them (a folder
+    or file name can be the patient's); the operator knows the path they gave."""
     missing = tmp_path / "nowhere" / "cine.dcm"
     for build in (DicomSource, VideoSource, ImageFolderSource, open_source):
-        with pytest.raises(InputError, match="nowhere"):
+        with pytest.raises(InputError, match="none at the path given") as info:
             build(missing)
+        assert "nowhere" not in str(info.value) and "cine" not in str(info.value)
 
 
 def test_non_dicom_file_is_an_input_error(tmp_path: Path) -> None:
@@ -334,7 +337,7 @@ def test_non_dicom_file_is_an_input_error(tmp_path: Path) -> None:
     path.write_bytes(b"hello, not DICOM" * 20)
     with pytest.raises(InputError, match="DICM"):
         DicomSource(path)
-    with pytest.raises(UnsupportedFormatError, match="x.dcm"):
+    with pytest.raises(UnsupportedFormatError, match="found 'a .dcm file'"):
         open_source(path)  # no preamble, not a video or image extension
 
 
@@ -347,9 +350,9 @@ def test_truncated_dicom_is_an_input_error(tmp_path: Path, source_name: str) -> 
         data = (TEST_FILES / source_name).read_bytes()
     cut = tmp_path / "cut.dcm"
     cut.write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(InputError, match="cut.dcm") as info:
+    with pytest.raises(InputError, match="truncated") as info:
         list(DicomSource(cut))
-    assert "truncated" in str(info.value)
+    assert "cut" not in str(info.value)  # no file name in a message that travels
     assert_no_identifiers([], str(info.value))
     cut.write_bytes(data[:200])  # inside the header
     with pytest.raises(InputError):
@@ -403,8 +406,8 @@ def test_16bit_png_and_tiff_keep_depth_in_natural_order(tmp_path: Path) -> None:
     for frame, name in zip(frames, ["img1.tiff", "img2.png", "img10.tif"], strict=True):
         assert frame.pixels.dtype == np.uint16 and frame.modality == "DX"
         np.testing.assert_array_equal(frame.pixels, images[name])
-    with pytest.raises(InputError, match="bits_stored=8"):
-        list(ImageFolderSource(tmp_path, bits_stored=8))
+    with pytest.raises(InputError, match="readable file of the 3 in the folder.*bits_stored=8"):
+        list(ImageFolderSource(tmp_path, bits_stored=8))  # every file refused: an option is wrong
 
 
 def test_8bit_colour_png_is_rgb(tmp_path: Path) -> None:
@@ -440,7 +443,7 @@ def test_video_file_frame_rate_and_count(tmp_path: Path) -> None:
 def test_unreadable_video_and_camera_are_clear_errors(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.mp4"
     bogus.write_bytes(b"\x00" * 512)
-    with pytest.raises(UnsupportedFormatError, match="bogus.mp4"):
+    with pytest.raises(UnsupportedFormatError, match="a .mp4 file it cannot open"):
         VideoSource(bogus)
     with pytest.raises(InputError, match="camera"):
         CameraSource(97)

@@ -340,6 +340,8 @@ def _truth(h: Mapping[str, Any], limits: Limits) -> GroundTruth | None:
     boxes, labels = t.get("boxes"), t.get("labels")
     if not isinstance(boxes, list) or not isinstance(labels, list) or len(boxes) > limits.max_detections:
         raise BadMessage("bad_header", expected("truth {boxes: [[x0,y0,x1,y1]...], labels: [...]}", type(t)))
+    for box in boxes:  # each one, before any reshape: 16000 numbers are not 4000 boxes of a 1024 limit
+        _check_box(box, limits, "truth box")
     try:
         return GroundTruth(boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                            labels=[str(v)[:SHORT_TEXT] for v in labels])
@@ -413,21 +415,28 @@ def decode_frame(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFAU
         raise BadMessage("bad_frame", str(exc)) from exc
 
 
+def _check_box(box: Any, limits: Limits, what: str = "detection box") -> tuple[float, float, float, float]:
+    """[x0, y0, x1, y1] of finite numbers within 4 x max_dim of the image: a sink draws it (OpenCV
+    refuses coordinates beyond int32, which used to crash the recorder and the viewer)."""
+    bound = 4 * limits.max_dim
+    if (not isinstance(box, list) or len(box) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= bound
+            for v in box)):
+        raise BadMessage("bad_header", expected(f"{what} [x0, y0, x1, y1] of finite numbers within +-{bound}", box))
+    return float(box[0]), float(box[1]), float(box[2]), float(box[3])
+
+
 def _detections(h: Mapping[str, Any], limits: Limits) -> list[Detection]:
     raw = _field(h, "detections", list, optional=True) or []
     if len(raw) > limits.max_detections:
         raise BadMessage("bad_header", expected(f"<= {limits.max_detections} detections", len(raw)))
     out = []
     for d in raw:
-        box = d.get("box") if isinstance(d, dict) else None
-        if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-            raise BadMessage("bad_header", expected("detection box [x0, y0, x1, y1] of finite numbers", box))
+        box = _check_box(d.get("box") if isinstance(d, dict) else None, limits)
         score = d.get("score")
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
             raise BadMessage("bad_header", expected("a finite detection score", score))
-        out.append(Detection(box=(float(box[0]), float(box[1]), float(box[2]), float(box[3])),
-                             score=float(score), label=_text(d, "label")))
+        out.append(Detection(box=box, score=float(score), label=_text(d, "label")))
     return out
 
 
@@ -444,6 +453,14 @@ def decode_result(h: dict[str, Any], parts: Sequence[Any], limits: Limits = DEFA
         dtype, shape = _array_desc(desc, limits, masks=name == "masks")
         arrays[name] = _array(part, dtype, shape)
     _text(h, "worker", optional=True)
+    # What the worker copied from the frame, for sinks to display it (viewer, recorder): checked as
+    # the frame's own fields are, since a sink computes with them (2 ** bits_stored).
+    _int(h, "bits_stored", 0, 32, optional=True)
+    photometric = _text(h, "photometric", optional=True)
+    if photometric is not None and photometric not in PHOTOMETRICS:
+        raise BadMessage("bad_header", expected(f"photometric in {PHOTOMETRICS}", photometric))
+    _text(h, "modality", optional=True, limit=16)
+    _truth(h, limits)
     result = Result(stream_id=stream, seq=seq, capture_ns=capture_ns, detections=_detections(h, limits),
                     enhanced=arrays.get("enhanced"), masks=arrays.get("masks"),
                     timings_ms=_map(h, "timings_ms", (int, float), limits),

@@ -34,6 +34,7 @@ from typing import Any
 import zmq
 
 from ..errors import InputError, expected
+from ..outputs import FILE_MODE, private_dir, private_file
 from . import protocol
 from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, is_late, open_socket
 from .protocol import BadMessage, Message
@@ -48,8 +49,8 @@ class JsonlWriter:
 
     def __init__(self, path: str | os.PathLike, fsync_every: int = 50, fsync_interval_s: float = 1.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        private_dir(self.path.parent)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
         if _ends_torn(self.path):  # a power cut mid-line last time: end that fragment before appending
             os.write(self.fd, b"\n")
         self.fsync_every = fsync_every
@@ -165,6 +166,8 @@ class VideoSink:
                         if not (p := self.out_dir / (f"{safe}{suffix}" if k == 1 else f"{safe}-{k}{suffix}")).exists())
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), self.fps, size)
             if writer.isOpened():
+                if path.exists():
+                    private_file(path)  # patient images: not world-readable (edge_runtime.outputs)
                 self.paths.append(path)
                 return writer
             writer.release()
@@ -227,6 +230,12 @@ class RecorderNode:
                 log.error("%s: video disabled: %s", self.name, exc)
                 videos.close()
                 videos.failed = True
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a result OpenCV cannot draw: that frame only, never the recording
+                counters.drops["video_frame"] += 1
+                log.warning("%s: a result could not be drawn into the video (%s): frame left out",
+                            self.name, type(exc).__name__)
         return m.type == "event" and m.header.get("event") == "end"
 
     def run(self, ctx: zmq.Context, stop: threading.Event) -> int:

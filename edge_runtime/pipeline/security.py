@@ -180,11 +180,32 @@ def configure_client(sock: zmq.Socket, client_secret: str | os.PathLike,
     sock.curve_serverkey = load_public_key(server_public)
 
 
+def _ipv6_host(endpoint: str) -> bool:
+    """tcp://[v6]:port (or a bare v6 literal): libzmq refuses it unless the socket's IPV6 option is set."""
+    scheme, _, rest = endpoint.partition("://")
+    host = rest.split(";")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return scheme == "tcp" and ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
+
+
+def _attach(sock: zmq.Socket, endpoint: str, how: str) -> None:
+    if _ipv6_host(endpoint):
+        sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.bind(endpoint) if how == "bind" else sock.connect(endpoint)
+    except zmq.ZMQError as exc:  # a clear error, not a traceback: the endpoint and what libzmq said
+        raise ConfigError(f"{how} {endpoint}: " + expected(
+            "an address of this machine, a free port and a reachable path" if how == "bind" else
+            "an endpoint like tcp://HOST:PORT or ipc:///path", exc.strerror or str(exc))) from None
+
+
 def bind(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> None:
     """Bind after the loopback/CURVE policy check; CURVE server options are set before bind."""
     if wants_curve(endpoint, security):
         configure_server(sock, security)  # type: ignore[arg-type]
-    sock.bind(endpoint)
+    _attach(sock, endpoint, "bind")
 
 
 def connect(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> None:
@@ -192,7 +213,7 @@ def connect(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) ->
     if (security is not None and security.client_secret is not None and security.server_public is not None
             and endpoint.startswith("tcp://") and (not is_local_endpoint(endpoint) or security.curve_on_loopback)):
         configure_client(sock, security.client_secret, security.server_public)
-    sock.connect(endpoint)
+    _attach(sock, endpoint, "connect")
 
 
 # --------------------------------------------------------------------------- key generation + CLI

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from ..outputs import private_dir, write_image
 from . import protocol
 from .nodes import EXIT_OK, Counters, NodeSettings, is_late, open_socket
 from .protocol import BadMessage, Message
@@ -132,15 +133,24 @@ class ViewerNode:
     headless_dir: str | None = None
 
     def _write_png(self, out: Path, message: Message, written: list[Path]) -> None:
-        import cv2
 
-        path = out / f"{message.header['stream']}_{message.header['seq']:08d}.png"
-        tmp = path.with_suffix(".tmp.png")
-        cv2.imwrite(str(tmp), compose(message))
-        os.replace(tmp, path)  # a reader never sees a half-written PNG
+        path = write_image(out / f"{message.header['stream']}_{message.header['seq']:08d}.png", compose(message))
         written.append(path)
         while len(written) > self.keep_snapshots:
             written.pop(0).unlink(missing_ok=True)
+
+    def _show(self, draw: Any, counters: Counters) -> bool:
+        """One result drawn; one that cannot be (a result the protocol accepts but OpenCV cannot draw)
+        is counted and skipped, never the viewer."""
+        try:
+            draw()
+        except OSError:
+            raise  # a full disk or a removed folder: not this result's fault
+        except Exception as exc:  # noqa: BLE001 - cv2.error and friends; never log the pixels
+            counters.drops["undrawable"] += 1
+            log.warning("%s: a result could not be drawn (%s): skipped", self.name, type(exc).__name__)
+            return False
+        return True
 
     def run(self, ctx: zmq.Context, stop: threading.Event) -> int:
         s = self.settings
@@ -154,7 +164,7 @@ class ViewerNode:
             else:
                 log.warning("%s: no display and no snapshot folder: nothing to show", self.name)
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
+            private_dir(out)
         sub = open_socket(ctx, zmq.SUB, s, connect=self.endpoint)
         sub.rcvhwm = 8
         sub.setsockopt(zmq.SUBSCRIBE, b"result/")
@@ -194,15 +204,16 @@ class ViewerNode:
                     import cv2
 
                     for stream, m in latest.items():
-                        cv2.imshow(f"edge-runtime {stream}", compose(m))
-                        shown[stream] = m.header["seq"]
+                        if self._show(lambda m=m, stream=stream: cv2.imshow(f"edge-runtime {stream}", compose(m)),
+                                      counters):
+                            shown[stream] = m.header["seq"]
                     cv2.waitKey(1)
                     latest.clear()
                 elif out is not None and time.monotonic() >= next_snapshot and latest:
                     next_snapshot = time.monotonic() + self.snapshot_interval_s
                     for stream, m in latest.items():
-                        self._write_png(out, m, written)
-                        shown[stream] = m.header["seq"]
+                        if self._show(lambda m=m: self._write_png(out, m, written), counters):
+                            shown[stream] = m.header["seq"]
                     latest.clear()
                 if ended:
                     break

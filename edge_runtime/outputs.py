@@ -1,0 +1,55 @@
+"""Output files that hold pixels or results: readable by the owner and the group only.
+
+Recordings, snapshots and annotated PNGs are patient images: with the usual umask 022 OpenCV would
+leave them (and their folders) readable by every local user. Directories are made 0750 and files
+0640, like results.jsonl; atomic where a reader may look at the file while it is written.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import InputError, expected
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` (and missing parents) created 0750; an existing directory's mode is left alone,
+    except one this process just created."""
+    out = Path(path)
+    if not out.is_dir():
+        out.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        os.chmod(out, DIR_MODE)  # mkdir's mode is filtered through the umask
+    return out
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """Restrict a file another library created (cv2.VideoWriter) to owner and group."""
+    os.chmod(path, FILE_MODE)
+    return Path(path)
+
+
+def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
+    """Encode ``image`` by its suffix and write it 0640, through a temporary file and a rename, so a
+    reader never sees half a PNG."""
+    out = Path(path)
+    ok, data = cv2.imencode(out.suffix or ".png", image)
+    if not ok:
+        raise InputError(expected(f"an image OpenCV can encode as {out.suffix}", f"{image.dtype} {image.shape}"))
+    tmp = out.with_name(f".{out.name}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.tobytes())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
