@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                       "delta": round(last - first, 3)},
         "stages": {k: v for k, v in report.stats.items() if k.endswith("_ms")},
         "load_avg": {"start": load_start, "end": os.getloadavg()[0]}, "cores": os.cpu_count(),
+        "capture_stamp": "scheduled",  # sources.paced: a paced file source's frames carry their scheduled time
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2, default=str))

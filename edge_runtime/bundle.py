@@ -208,8 +208,10 @@ class Bundle:
             key = EngineKey.from_dict(data)
         except (BackendError, ConfigError) as exc:
             raise BundleError(f"{name}: " + expected(want, str(exc))) from None
+        # what TensorRT builds from: an ONNX artefact that serves it (not the CPU-only int8_cpu.onnx)
         onnx = {files.get(str(o.get("file"))) for o in self.manifest["artifacts"]
-                if isinstance(o, dict) and o.get("kind") == "onnx" and o.get("precision") == key.precision}
+                if isinstance(o, dict) and o.get("kind") == "onnx" and o.get("precision") == key.precision
+                and (o.get("targets") is None or "tensorrt" in o["targets"])}
         if key.precision != a["precision"] or key.model_sha256 not in onnx:
             raise BundleError(f"{name}: " + expected(
                 f"an engine built from this bundle's {a['precision']} ONNX artefact",

@@ -170,21 +170,39 @@ class EngineKey:
                 (wanted.model_sha256, wanted.precision, wanted.dla_core, wanted.profile):
             return False
         if self.trt_version != wanted.trt_version:
-            built, here = _version(self.trt_version), _version(wanted.trt_version)
+            built, here = version_tuple(self.trt_version), version_tuple(wanted.trt_version)
             if not (self.version_compatible and built[:1] == here[:1] and built <= here):
                 return False
         if (self.gpu_name, self.compute_capability, self.sm_count) != \
                 (wanted.gpu_name, wanted.compute_capability, wanted.sm_count):
-            ampere = all(_version(cc) >= (8, 0) for cc in (self.compute_capability, wanted.compute_capability))
+            ampere = all(version_tuple(cc) >= (8, 0) for cc in (self.compute_capability, wanted.compute_capability))
             if not (self.hardware_compatible and hardware_compatible_ok and ampere and self.dla_core is None):
                 return False
         return True
 
 
-def _version(text: str) -> tuple[int, ...]:
+def version_tuple(text: str) -> tuple[int, ...]:
     """"10.3.0.30" -> (10, 3, 0, 30); unparsable parts read as 0 (never compatible by accident: the
     major version must still agree)."""
     return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
+
+
+
+
+def untrusted(path: Path) -> str | None:
+    """Why the file at ``path`` may not be trusted to run host code (a version-compatible engine
+    carries TensorRT's lean runtime as code), or None: it and its folder must belong to this user or
+    root and be writable by no one else, since whoever can replace the file can run code here."""
+    for p in (path, path.parent):
+        try:
+            st = p.stat()
+        except OSError as exc:
+            return f"{p.name or p}: {exc.strerror or type(exc).__name__}"
+        if st.st_uid not in (os.getuid(), 0):
+            return f"{p} belongs to user {st.st_uid}, not this one ({os.getuid()}) or root"
+        if st.st_mode & 0o022:
+            return f"{p} is writable by its group or by everyone (mode {st.st_mode & 0o777:o})"
+    return None
 
 
 def _flag(data: Mapping[str, Any], name: str) -> bool:
@@ -344,7 +362,7 @@ class EngineCache:
         if path is not None:
             return path, key
         found = [k for k in self.entries() if k.serves(key, hardware_compatible_ok=hardware_compatible_ok)]
-        found.sort(key=lambda k: (k.gpu_name == key.gpu_name, _version(k.trt_version)), reverse=True)
+        found.sort(key=lambda k: (k.gpu_name == key.gpu_name, version_tuple(k.trt_version)), reverse=True)
         for other in found:
             try:
                 return self.verify(self.engine_path(other), other), other

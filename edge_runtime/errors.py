@@ -46,3 +46,12 @@ class ProtocolError(EdgeRuntimeError):
 def expected(what: str, found: object) -> str:
     """The house style for error messages: ``expected X, found Y``."""
     return f"expected {what}, found {found!r}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` as text for logs, events and records: an OSError without its file name (the name can
+    be a patient identifier: OSError's own text carries it), anything else as it is (sources' own
+    errors name no file)."""
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)

@@ -19,7 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import BackendError, ConfigError, InputError, UnsupportedFormatError, expected
+from .errors import BackendError, ConfigError, InputError, UnsupportedFormatError, describe_error, expected
 from .frames import Frame
 from .outputs import private_dir, write_image
 from .pipeline.recorder import JsonlWriter
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                 frame = next(frames)
             except StopIteration:
                 break
-            except (InputError, UnsupportedFormatError) as exc:
+            except (InputError, UnsupportedFormatError, OSError) as exc:  # a cut file, a folder gone
                 failed = exc
                 break
             try:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"; {skipped} skipped (see the warnings above)" if skipped else "")
           + (f"; {files_skipped} input file(s) unreadable and left out" if files_skipped else ""))
     if failed is not None:
-        print(f"the source stopped after {n} frames: {type(failed).__name__}: {failed}", file=sys.stderr)
+        print(f"the source stopped after {n} frames: {type(failed).__name__}: {describe_error(failed)}", file=sys.stderr)
     for stage in ("preprocess", "infer", "postprocess"):
         if stage in timings:
             s = summarize(timings[stage])

@@ -1,8 +1,9 @@
 """Output files that hold pixels or results: readable by the owner and the group only.
 
 Recordings, snapshots and annotated PNGs are patient images: with the usual umask 022 OpenCV would
-leave them (and their folders) readable by every local user. Directories are made 0750 and files
-0640, like results.jsonl; atomic where a reader may look at the file while it is written.
+leave them (and their folders) readable by every local user. Directories are made at most 0750 and
+files at most 0640, like results.jsonl (a stricter umask stays stricter); atomic where a reader may
+look at the file while it is written.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ FILE_MODE = 0o640
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:
-    """``path`` (and missing parents) created 0750; an existing directory's mode is left alone,
-    except one this process just created."""
+    """``path`` (and missing parents) created 0750; an existing directory (the caller's, or one another
+    process made meanwhile) is left as it is."""
     out = Path(path)
-    if not out.is_dir():
-        out.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-        os.chmod(out, DIR_MODE)  # mkdir's mode is filtered through the umask
+    try:
+        out.mkdir(parents=True, mode=DIR_MODE)
+    except FileExistsError:
+        return out
+    os.chmod(out, os.stat(out).st_mode & DIR_MODE)  # at most 0750, whatever the umask let through
     return out
 
 
 def private_file(path: str | os.PathLike[str]) -> Path:
-    """Restrict a file another library created (cv2.VideoWriter) to owner and group."""
-    os.chmod(path, FILE_MODE)
+    """Restrict a file to at most 0640: nothing for others, read-only for the group (a stricter umask
+    stays stricter)."""
+    os.chmod(path, os.stat(path).st_mode & FILE_MODE)
     return Path(path)
 
 
@@ -47,7 +51,7 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.tobytes())
-        os.chmod(tmp, FILE_MODE)
+        private_file(tmp)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,7 @@ KEY_BYTES = 32
 
 _lock = threading.Lock()
 _cached: tuple[Path, bytes] | None = None
+_fallback: bytes | None = None  # where no key file can be had
 
 
 def key_path() -> Path:
@@ -40,40 +41,79 @@ def key_path() -> Path:
 
 
 def _create(path: Path) -> bytes:
-    """Write a new key where none is, atomically: a temporary file linked into place, so a process
-    racing this one reads either nothing yet (and links its own, which fails) or a whole key."""
+    """Write a new key where none is, atomically: a whole, synced temporary file linked into place, so
+    a process racing this one finds either no key yet (and links its own, which fails) or a whole
+    one, and a power cut leaves no empty key. Where the filesystem has no hard links (vfat, exFAT on
+    a removable partition) the key is created exclusively in place instead."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data = os.urandom(KEY_BYTES)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pseudonym-")  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(os.urandom(KEY_BYTES))
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:
             pass  # another process made it first: use that one
+        except OSError:  # no hard links here
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        _sync_dir(path.parent)
     finally:
         os.unlink(tmp)
     return path.read_bytes()
 
 
+def _sync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot sync a directory; the key file itself is synced
+    finally:
+        os.close(fd)
+
+
 def key() -> bytes:
     """This install's pseudonym key (read once per process and path)."""
     global _cached
-    path = key_path()
     with _lock:
+        try:
+            path = key_path()  # Path.home() raises RuntimeError without HOME and a passwd entry
+        except RuntimeError as exc:
+            return _process_key("one", str(exc))
         if _cached is not None and _cached[0] == path:
             return _cached[1]
         try:
             data = path.read_bytes() if path.is_file() else _create(path)
         except OSError as exc:
-            log.warning("pseudonym key: cannot read or create %s (%s); using a key for this process only, "
-                        "so stream ids will differ from run to run (set %s to a writable path)",
-                        path, exc.strerror or type(exc).__name__, ENV_VAR)
-            data = os.urandom(KEY_BYTES)
+            return _process_key(path, exc.strerror or type(exc).__name__)
         if len(data) < 16:
             raise ConfigError(f"pseudonym key {path}: " + expected("at least 16 bytes", f"{len(data)} bytes"))
         _cached = (path, data)
         return data
+
+
+def _process_key(where: object, reason: str) -> bytes:
+    """Where no key file can be had: one random key for this process, so ids are stable within the run."""
+    global _fallback
+    if _fallback is None:
+        log.warning("pseudonym key: cannot read or create %s (%s); using a key for this process only, "
+                    "so stream ids will differ from run to run (set %s to a writable path)", where, reason, ENV_VAR)
+        _fallback = os.urandom(KEY_BYTES)
+    return _fallback
 
 
 def pseudonym(name: str, digits: int = 12) -> str:

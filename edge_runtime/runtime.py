@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, TrtBackend, select_backend, tensorrt_available
 from .bundle import Bundle
 from .devices import DeviceConfig, cpu_int8, detect, load_config, spinning_mode
+from .engine_cache import BackgroundBuilder, EngineCache, EngineKey, untrusted, version_tuple
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
 from .frames import Frame
 from .postprocess import Postprocessor, enhance_tiled
@@ -159,7 +160,7 @@ class Runtime:
         self.pre = Preprocessor.from_manifest(self.bundle.manifest, reuse_tensor=True)
         self.post = Postprocessor.from_manifest(self.bundle.manifest, preprocess=self.pre)
         self.input_name = self.pre.input_name
-        self.backend = self._open_backend().load()
+        self.backend = self._load_backend()
         if getattr(self.backend, "int8_emulated", False) and self.requested_precision == "auto" \
                 and self._builder is None:
             # This CPU's int8 kernels would saturate the artefact's 8-bit weights (backends/onnxruntime.py):
@@ -171,7 +172,7 @@ class Runtime:
             log.warning("runtime: %s", note)
             self.events.append(note)
             self.precision = "fp32"
-            self.backend = self._open_backend().load()
+            self.backend = self._load_backend()
         log.info("runtime: %s %s on %s via %s", self.bundle.name, self.precision, self.device.name,
                  self.backend.provider)
         return self
@@ -194,7 +195,22 @@ class Runtime:
             raise BackendError("runtime: expected load() before use, found an unloaded runtime")
         return self.bundle.file(self.bundle.artifact(self.precision, "onnx", target).file)
 
-    def _open_backend(self) -> Backend:
+    def _load_backend(self) -> Backend:
+        """``_open_backend().load()``; an engine TensorRT refuses to deserialise (a compatible one from
+        another TensorRT release or GPU, say) is an event and ONNX Runtime serves, unless the caller
+        asked for TensorRT explicitly."""
+        backend = self._open_backend()
+        try:
+            return backend.load()
+        except BackendError as exc:
+            if backend.name != "tensorrt" or self.requested_backend == "tensorrt":
+                raise
+            msg = f"engine {self.artifact} failed to load ({exc}); serving with onnxruntime"
+            self.events.append(msg)
+            log.error("runtime: %s", msg)
+            return self._open_backend(engines=False).load()
+
+    def _open_backend(self, engines: bool = True) -> Backend:
         """The device's (or the caller's) backend choice, through ``backends.select_backend``.
 
         With TensorRT usable, the engine comes from the cache; a missing one is built in the
@@ -208,7 +224,9 @@ class Runtime:
             raise BackendError("runtime: expected a device config, found none")
         want = self.requested_backend or dev.backend
         engine: Path | None = None
-        if want in ("auto", "tensorrt"):
+        if not engines:
+            want = "onnxruntime"
+        elif want in ("auto", "tensorrt"):
             if tensorrt_available()[0]:
                 engine = self._cached_engine()
                 if engine is None:
@@ -225,10 +243,10 @@ class Runtime:
         return backend
 
     def _cached_engine(self) -> Path | None:
-        """The cached engine for this bundle, precision and device, or None after starting its build."""
+        """The engine for this bundle, precision and device: the bundle's or the cache's under the exact
+        key; else a compatible one, served while the exact one builds (when building is on); else None,
+        after starting the build."""
         from export.trt_build import build_into_cache, engine_key_for
-
-        from .engine_cache import BackgroundBuilder, EngineCache
 
         dev = self.device
         if dev is None or self.bundle is None:
@@ -236,35 +254,56 @@ class Runtime:
         cache = EngineCache(self.engine_cache_dir)
         req = engine_request(self.bundle, dev, self.precision)
         self._engine_dla = req.dla_core
+        self._engine_host_code = False
         key = engine_key_for(req.onnx_path, self.precision, dla_core=req.dla_core, profiles=req.profiles)
-        hc_ok = dev.kind != "jetson"
-        # An engine the bundle carries (verified with it), else the cache's; the cache refuses
-        # (BackendError) an engine under this key whose sidecar differs.
-        carried = [(p, k) for p, k in self.bundle.engines(self.precision) if k.serves(key, hardware_compatible_ok=hc_ok)]
-        carried.sort(key=lambda pk: pk[1] == key, reverse=True)
-        found = carried[0] if carried else cache.find(key, hardware_compatible_ok=hc_ok)
-        if found is not None:
-            path, built_for = found
-            # A version-compatible engine carries its lean runtime as host code: allowed for engines in
-            # the bundle (sha256-pinned by its manifest) or this cache (built here or put there by whoever
-            # runs the cart), never for one given ad hoc.
-            self._engine_host_code = built_for.version_compatible
-            if built_for != key:
-                note = f"engine {path.name} ({built_for.describe()}) serves {key.describe()}"
-                log.info("runtime: %s", note)
-                self.events.append(note)
-            return path
-        if not self.build_engines:
+        found = self._find_engine(cache, key, hardware_compatible_ok=dev.kind != "jetson")
+        if found is not None and found[1] == key:
+            return found[0]
+        if self.build_engines:  # a compatible engine may be slower (NVIDIA): the exact one replaces it
+            workspace = dev.trt_workspace_mb
+            self._builder = BackgroundBuilder(
+                lambda: build_into_cache(cache, key, req.onnx_path, workspace_mb=workspace, progress=False),
+                name=f"{self.bundle.name}-{self.precision}",
+                on_ready=self._engine_ready).start()
+            self.events.append("engine build started; serving with "
+                               + ("a compatible engine" if found is not None else "onnxruntime") + " meanwhile")
+        elif found is None:
             log.warning("runtime: no engine for %s in %s and building is off; serving with ONNX Runtime",
                         key.describe(), cache.directory)
+        if found is None:
             return None
-        workspace = dev.trt_workspace_mb
-        self._builder = BackgroundBuilder(
-            lambda: build_into_cache(cache, key, req.onnx_path, workspace_mb=workspace, progress=False),
-            name=f"{self.bundle.name}-{self.precision}",
-            on_ready=self._engine_ready).start()
-        self.events.append("engine build started; serving with onnxruntime meanwhile")
-        return None
+        path, built_for = found
+        # A version-compatible engine carries TensorRT's lean runtime as host code (_find_engine took
+        # it only from a place only its owner can write).
+        self._engine_host_code = built_for.version_compatible
+        note = f"engine {path.name} ({built_for.describe()}) serves {key.describe()}"
+        log.info("runtime: %s", note)
+        self.events.append(note)
+        return path
+
+    def _find_engine(self, cache: EngineCache, key: EngineKey, *, hardware_compatible_ok: bool
+                     ) -> tuple[Path, EngineKey] | None:
+        """Exact before compatible, the bundle's (verified with it) before the cache's; among compatible
+        ones the same GPU first, then the newest TensorRT. A version-compatible engine runs host code,
+        so it is taken only from a file and folder owned by this user (or root) that no one else can
+        write."""
+        carried = self.bundle.engines(self.precision) if self.bundle is not None else []
+        exact = [(p, k) for p, k in carried if k == key]
+        if exact:
+            return exact[0]
+        found = cache.find(key, hardware_compatible_ok=hardware_compatible_ok)  # the exact one, else compatible
+        if found is not None and found[1] == key:
+            return found
+        candidates = [(p, k) for p, k in carried if k.serves(key, hardware_compatible_ok=hardware_compatible_ok)]
+        candidates += [found] if found is not None else []
+        trusted = []
+        for path, built_for in candidates:
+            if built_for.version_compatible and (why := untrusted(path)):
+                log.warning("runtime: not running host code of %s: %s", path.name, why)
+                continue
+            trusted.append((path, built_for))
+        trusted.sort(key=lambda pk: (pk[1].gpu_name == key.gpu_name, version_tuple(pk[1].trt_version)), reverse=True)
+        return trusted[0] if trusted else None
 
     def _engine_ready(self, path: Path) -> None:
         with self._lock:
@@ -276,8 +315,8 @@ class Runtime:
         if path is None:
             return
         try:
+            # built here for the exact key: never version-compatible, no host code
             new = TrtBackend(path, precision=self.precision, dla_core=self._engine_dla,
-                             allow_host_code=self._engine_host_code,
                              use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
         except Exception as exc:  # noqa: BLE001 - a bad engine must not cost a frame: ONNX Runtime keeps serving
             msg = f"engine {path.name} failed to load ({exc}); serving with {self.backend.name if self.backend else '?'}"
@@ -286,6 +325,7 @@ class Runtime:
             return
         old, self.backend = self.backend, new
         self.artifact = path.name
+        self._engine_host_code = False
         if old is not None:
             old.close()
         msg = f"swapped to TensorRT engine {path.name}"

@@ -56,7 +56,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError, EdgeRuntimeError, InputError, UnsupportedFormatError, expected
+from .errors import (
+    ConfigError,
+    EdgeRuntimeError,
+    InputError,
+    UnsupportedFormatError,
+    describe_error,
+    expected,
+)
 from .frames import STREAM_ID_CHARS, STREAM_ID_RE, Frame
 from .pseudonym import pseudonym
 
@@ -280,7 +287,7 @@ class ImageFolderSource(Source):
                  pixel_spacing: tuple[float, float] | None = None) -> None:
         self.path = Path(path)
         if self.path.is_dir():
-            files = [p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            files = [p for p in _listing(self.path) if p.suffix.lower() in IMAGE_EXTENSIONS]
             if not files:
                 raise InputError(expected(f"image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder given", "none"))
             self.files = sorted(files, key=lambda p: natural_key(p.name))
@@ -304,6 +311,7 @@ class ImageFolderSource(Source):
 
     def _frames(self) -> Iterator[Frame]:
         first: Exception | None = None
+        failed = 0  # in this pass (``skipped`` counts over every pass of a looped stream)
         for index, file in enumerate(self.files):
             try:
                 pixels, photometric = self._read(file)
@@ -311,9 +319,10 @@ class ImageFolderSource(Source):
                 if len(self.files) == 1:
                     raise
                 self.skipped += 1  # one unreadable image is counted and skipped, never the folder
+                failed += 1
                 log.warning("image %d of %d (in name order) skipped: %s", index + 1, len(self.files), exc)
                 first = first or exc
-                if index == len(self.files) - 1 and self.skipped >= len(self.files):
+                if failed == len(self.files):
                     raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
                 continue
             yield Frame(pixels, modality=self.modality, bits_stored=self.bits_stored, photometric=photometric,
@@ -336,6 +345,15 @@ class ImageFolderSource(Source):
             if top >= 1 << bits:
                 raise InputError(expected(f"values below {1 << bits} for bits_stored={bits}", top))
         return pixels, photometric
+
+
+def _listing(folder: Path) -> list[Path]:
+    """The files of ``folder``; an OSError (permissions) becomes an InputError without the path, which
+    OSError's text carries (source errors travel in events and recordings)."""
+    try:
+        return [p for p in folder.iterdir() if p.is_file()]
+    except OSError as exc:
+        raise InputError(expected("a folder this process can read", describe_error(exc))) from None
 
 
 def _every_file(n: int, first: Exception | None) -> InputError:
@@ -637,8 +655,18 @@ class DicomSource(Source):
             self.files = [self.path]
         else:
             raise InputError(expected("an existing DICOM file or folder", "none at the path given"))
-        # Plan the first file now so unreadable input fails at construction, not mid-stream.
-        self._first = _plan(self.files[0], self.apply_voi, self.window)
+        # Plan the first readable file now so unreadable input fails at construction, not mid-stream.
+        for index, first in enumerate(self.files):
+            try:
+                self._first = _plan(first, self.apply_voi, self.window)
+                break
+            except (InputError, UnsupportedFormatError) as exc:
+                if len(self.files) == 1:
+                    raise
+                self._skip(f"image file {index + 1} of {len(self.files)} of the series", exc)
+                if index == len(self.files) - 1:
+                    raise _every_file(len(self.files), exc) from None
+        self.files = self.files[index:]
         ds = self._first.header
         self.modality = modality or str(ds.get("Modality") or "OT")
         self._modality_override = modality
@@ -653,7 +681,7 @@ class DicomSource(Source):
 
     def _series(self, folder: Path) -> list[Path]:
         entries = []
-        listed = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
+        listed = sorted(_listing(folder), key=lambda p: natural_key(p.name))
         for index, path in enumerate(listed):
             if not is_dicom_file(path):
                 continue
@@ -676,18 +704,21 @@ class DicomSource(Source):
 
     def _frames(self) -> Iterator[Frame]:
         first: Exception | None = None
-        failed = 0
+        empty = 0  # files of this pass that gave no frame at all
         for index, path in enumerate(self.files):
+            given = 0
             try:
                 plan = self._first if index == 0 else _plan(path, self.apply_voi, self.window)
-                yield from self._file_frames(plan)
+                for frame in self._file_frames(plan):
+                    given += 1
+                    yield frame
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:
                     raise
                 self._skip(f"image file {index + 1} of {len(self.files)} of the series", exc)
-                first, failed = first or exc, failed + 1
-        if failed and failed == len(self.files):
-            raise _every_file(failed, first) from None
+                first, empty = first or exc, empty + (given == 0)
+        if empty and empty == len(self.files):
+            raise _every_file(empty, first) from None
 
     def _skip(self, which: str, exc: Exception) -> None:
         """One unreadable file of a folder is counted and skipped, never the series (frames it gave stay)."""
@@ -832,7 +863,7 @@ def source_kind(spec: str | Path) -> str:
     if not path.exists():
         raise InputError(expected("an existing file or folder (or phantom:us|xr, camera:N)", "none at the path given"))
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file()]
+        files = _listing(path)
         if any(is_dicom_file(p) for p in files):
             return "dicom"
         if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):

@@ -1,7 +1,9 @@
 """Shared test set-up: the repo root on sys.path so tests run before `pip install -e .`, and a
 harness that drives one pipeline worker from a hand-made source."""
 
+import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,6 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# File sources make a per-install pseudonym key on first use (edge_runtime.pseudonym): the suite's
+# goes to a temporary folder, not the home directory of whoever runs it (inherited by subprocesses).
+os.environ.setdefault("EDGE_RUNTIME_PSEUDONYM_KEY", os.path.join(tempfile.mkdtemp(prefix="edge-tests-"), "pseudonym.key"))
 
 
 @dataclass

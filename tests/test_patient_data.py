@@ -143,7 +143,37 @@ def test_an_unwritable_key_place_falls_back_to_a_process_key(tmp_path: Path, mon
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
     monkeypatch.setenv(pseudonym.ENV_VAR, str(blocked / "pseudonym.key"))
-    assert len(pseudonym.key()) == pseudonym.KEY_BYTES and "for this process only" in caplog.text
+    monkeypatch.setattr(pseudonym, "_fallback", None)
+    key = pseudonym.key()
+    assert len(key) == pseudonym.KEY_BYTES and "for this process only" in caplog.text
+    assert pseudonym.key() == key  # one per process: ids stay stable within the run
+
+
+def test_a_filesystem_without_hard_links_still_gets_one_stable_key(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """vfat / exFAT (a removable partition on a cart) refuse os.link: the key is made in place."""
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setenv(pseudonym.ENV_VAR, str(tmp_path / "vfat" / "pseudonym.key"))
+    key = pseudonym.key()
+    assert (tmp_path / "vfat" / "pseudonym.key").read_bytes() == key and len(key) == pseudonym.KEY_BYTES
+    assert not [p for p in (tmp_path / "vfat").iterdir() if p.name.startswith(".pseudonym-")]
+
+
+def test_a_looped_folder_with_a_bad_last_file_keeps_streaming(tmp_path: Path) -> None:
+    """The 'every file failed' check once read the skip count of all passes: the third pass of a
+    looped folder whose last file is bad ended the stream as failed."""
+    from edge_runtime.sources import paced
+
+    for i in range(2):
+        assert cv2.imwrite(str(tmp_path / f"a{i}.png"), np.full((8, 8), i, np.uint8))
+    (tmp_path / "z.png").write_bytes(b"broken")
+    source = ImageFolderSource(tmp_path, modality="US")
+    stream = paced(source, realtime=False, loop=True)
+    assert [next(stream).seq for _ in range(10)] == list(range(10))  # 5 passes of 2 good frames
+    assert source.skipped == 4
 
 
 def test_recorded_images_are_not_world_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

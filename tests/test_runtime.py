@@ -420,8 +420,11 @@ def test_a_cached_version_compatible_engine_serves_with_host_code_allowed(tmp_pa
             super().__init__(tmp_path / "b" / "fp32.onnx", precision=precision)
             opened.append({"engine": Path(engine_path).name, **kw})
 
-    def no_build(*a: object, **k: object) -> None:
-        raise AssertionError("a compatible engine was in the cache: nothing to build")
+    builds: list[EngineKey] = []
+
+    def no_build(cache: object, key: EngineKey, *a: object, **k: object) -> None:
+        builds.append(key)
+        raise RuntimeError("no GPU here")  # the exact engine would replace the compatible one
 
     for module in (rt_mod, backends):  # the runtime asks; select_backend constructs the backend
         monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
@@ -439,8 +442,59 @@ def test_a_cached_version_compatible_engine_serves_with_host_code_allowed(tmp_pa
         res = rt.process(_xr())
         assert res.provenance["backend"] == "tensorrt" and rt.artifact == vc.name
         assert any("version-compatible" in e and "serves" in e for e in rt.events)
+        assert "engine build started; serving with a compatible engine meanwhile" in rt.events
+        rt._builder.wait(10)
     assert opened == [{"engine": vc.name, "device_index": 0, "use_cuda_graph": False, "dla_core": None,
                        "allow_host_code": True}]
+    assert builds == [here]  # the exact key, not the compatible engine's
+    exact = cache.store(here, b"exact")
+    with Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=cache.directory) as rt:
+        assert rt.artifact == exact.name and rt._builder is None  # the exact engine before a compatible one
+    assert opened[-1]["allow_host_code"] is False
+    exact.unlink()
+    cache.sidecar_path(exact).unlink()
+    cache.directory.chmod(0o777)  # anyone could have put the engine there: its host code does not run
+    try:
+        with Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=cache.directory,
+                     build_engines=False) as rt:
+            assert rt.backend is not None and rt.backend.name == "onnxruntime"
+    finally:
+        cache.directory.chmod(0o755)
+
+
+def test_an_engine_tensorrt_refuses_at_start_is_an_event_and_onnxruntime_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake TensorRT (none here): a cached engine that does not deserialise (a compatible one from another
+    release, say) used to make Runtime.load raise; now ONNX Runtime serves and the event says why."""
+    from edge_runtime import backends
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.engine_cache import EngineCache, EngineKey
+    from edge_runtime.errors import BackendError
+    from export import trt_build
+
+    here = EngineKey("ab" * 32, "10.7.0.23", "Orin", "8.7", 8, "fp32", None, {})
+
+    class Refused(OrtBackend):
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, **_: object) -> None:
+            super().__init__(tmp_path / "b" / "fp32.onnx")
+
+        def _load(self) -> None:
+            raise BackendError("TensorRT 10.7 could not deserialise it (fake)")
+
+    for module in (rt_mod, backends):
+        monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(backends, "TrtBackend", Refused)
+    monkeypatch.setattr(trt_build, "engine_key_for", lambda *a, **k: here)
+    bundle = _enhance_bundle(tmp_path / "b")
+    cache = EngineCache(tmp_path / "cache")
+    cache.store(here, b"engine")
+    with Runtime(bundle, "x86-dgpu", precision="fp32", engine_cache_dir=cache.directory, build_engines=False) as rt:
+        assert rt.backend is not None and rt.backend.name == "onnxruntime" and rt.artifact == "fp32.onnx"
+        assert any("failed to load" in e and "could not deserialise" in e for e in rt.events)
+        assert rt.process(_xr()).provenance["backend"] == "onnxruntime"
 
 
 def test_an_engine_that_fails_to_load_costs_no_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

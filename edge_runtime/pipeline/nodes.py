@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..errors import ConfigError, InputError, ProtocolError, expected
+from ..errors import ConfigError, InputError, ProtocolError, describe_error, expected
 from ..frames import Frame
 from ..results import Result
 from ..telemetry import Stats
@@ -353,8 +353,9 @@ class SourceNode:
                 slot.put(frame, stop)
                 waker.wake()
         except Exception as exc:  # noqa: BLE001 - any source failure ends the stream; never log frame contents
-            log.error("%s: the source failed: %s: %s", self.name, type(exc).__name__, str(exc)[:300])
-            state["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            # describe_error: an OSError's text carries its file name (a patient identifier, perhaps)
+            log.error("%s: the source failed: %s: %s", self.name, type(exc).__name__, describe_error(exc)[:300])
+            state["error"] = f"{type(exc).__name__}: {describe_error(exc)[:300]}"
         finally:
             state["exhausted"] = True
             waker.wake()

@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from ..errors import InputError, expected
-from ..outputs import FILE_MODE, private_dir, private_file
+from ..outputs import FILE_MODE, private_dir
 from . import protocol
 from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, is_late, open_socket
 from .protocol import BadMessage, Message
@@ -164,13 +164,15 @@ class VideoSink:
             # Never over an earlier file (a restarted recorder, a reused directory): VideoWriter truncates.
             path = next(p for k in range(1, 10_000)
                         if not (p := self.out_dir / (f"{safe}{suffix}" if k == 1 else f"{safe}-{k}{suffix}")).exists())
+            # Made 0640 first (patient images, edge_runtime.outputs): VideoWriter truncates it and
+            # keeps the mode, whenever its backend creates the file.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), self.fps, size)
             if writer.isOpened():
-                if path.exists():
-                    private_file(path)  # patient images: not world-readable (edge_runtime.outputs)
                 self.paths.append(path)
                 return writer
             writer.release()
+            path.unlink(missing_ok=True)
         raise InputError(expected("an OpenCV VideoWriter for mp4v or MJPG", "neither opens"))
 
     def add(self, message: Message) -> bool:
