@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import EdgeRuntimeError, InputError
 from .frames import Frame
+from .outputs import private_dir, write_image
 from .pipeline.viewer import to_display
 
 TILE = 320  # contact-sheet cell height in pixels
@@ -82,7 +83,7 @@ def demo_frames() -> list[tuple[str, Frame]]:
 
 def sources_sheet(frames: list[tuple[str, Frame]], out: Path) -> Path:
     path = out / "contact_sheet_sources.png"
-    cv2.imwrite(str(path), _sheet([_cell(_with_truth(f), name) for name, f in frames], 3))
+    write_image(path, _sheet([_cell(_with_truth(f), name) for name, f in frames], 3))
     return path
 
 
@@ -100,7 +101,7 @@ def results_sheet(frames: list[tuple[str, Frame]], bundles: dict[str, Path], out
             dets = len(result.detections)
             cells.append(_cell(annotate(frame, result), f"{name}: {dets} det, {result.provenance['precision']}"))
     path = out / "contact_sheet_results.png"
-    cv2.imwrite(str(path), _sheet(cells, 2))
+    write_image(path, _sheet(cells, 2))  # frames of a real (anonymised) cine: 0640 like every image out
     return path
 
 
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from .runtime import reference_bundles
 
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     started = time.perf_counter()
     frames = demo_frames()
     lines = [f"sources contact sheet: {sources_sheet(frames, out)}"]
