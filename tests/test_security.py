@@ -63,6 +63,16 @@ def test_network_bind_without_curve_is_refused_unless_insecure(keys: Path, caplo
         security.wants_curve("tcp://127.0.0.1:1", SecurityConfig(curve_on_loopback=True))
 
 
+def test_an_abstract_ipc_socket_needs_insecure(keys: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ipc://@name has no file, hence no permissions: every local user could read the results."""
+    for config in (None, SecurityConfig.from_keys_dir(keys)):
+        with pytest.raises(ConfigError, match="abstract socket ipc://@edge-results"):
+            security.wants_curve("ipc://@edge-results", config)
+    with caplog.at_level(logging.WARNING, logger="edge_runtime.pipeline.security"):
+        assert security.wants_curve("ipc://@edge-results", SecurityConfig(insecure=True)) is False
+    assert "any local user" in caplog.text
+
+
 def test_pipeline_refuses_an_open_network_bind_before_starting(tmp_path: Path) -> None:
     config = PipelineConfig(public_endpoint="tcp://0.0.0.0:5999")
     sup = Supervisor(SyntheticSource(count=1), BuiltinProcessor(), config)

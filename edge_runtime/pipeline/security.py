@@ -95,6 +95,14 @@ def wants_curve(endpoint: str, security: SecurityConfig | None) -> bool:
     case logs a loud warning (every start) and returns False.
     """
     local = is_local_endpoint(endpoint)
+    if endpoint.startswith("ipc://@"):
+        # Linux abstract sockets have no file, so no permissions: any local user can connect and read
+        # the results (patient data). Our clients speak CURVE over tcp only: a filesystem path it is.
+        if security is not None and security.insecure:
+            log.warning("!!! INSECURE: %s is an abstract socket any local user can connect to. !!!", endpoint)
+            return False
+        raise ConfigError(expected("an ipc path in a folder only this user can open (or tcp with --keys), "
+                                   "or an explicit --insecure", f"the abstract socket {endpoint}"))
     if endpoint.startswith(("inproc://", "ipc://")):
         return False  # never leaves the box; ipc is guarded by file permissions
     if security is not None and security.can_serve_curve and (not local or security.curve_on_loopback):
