@@ -320,7 +320,9 @@ class ImageFolderSource(Source):
                     raise
                 self.skipped += 1  # one unreadable image is counted and skipped, never the folder
                 failed += 1
-                log.warning("image %d of %d (in name order) skipped: %s", index + 1, len(self.files), exc)
+                # warned once per file: a looped folder would repeat it every pass
+                log.log(logging.DEBUG if self.skipped > failed else logging.WARNING,
+                        "image %d of %d (in name order) skipped: %s", index + 1, len(self.files), exc)
                 first = first or exc
                 if failed == len(self.files):
                     raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
@@ -647,6 +649,7 @@ class DicomSource(Source):
             if not (width >= 1 and math.isfinite(centre) and math.isfinite(width)):
                 raise ConfigError(expected("a finite window centre and a width >= 1", window))
             window = (centre, width)
+        self._warned: set[str] = set()  # files whose skip was logged as a warning
         self.apply_voi = bool(apply_voi) or window is not None
         self.window = window
         if self.path.is_dir():
@@ -723,7 +726,9 @@ class DicomSource(Source):
     def _skip(self, which: str, exc: Exception) -> None:
         """One unreadable file of a folder is counted and skipped, never the series (frames it gave stay)."""
         self.skipped += 1
-        log.warning("DICOM %s skipped: %s", which, exc)
+        seen = which in self._warned  # once per file: a looped series would repeat it every pass
+        self._warned.add(which)
+        log.log(logging.DEBUG if seen else logging.WARNING, "DICOM %s skipped: %s", which, exc)
 
     def _file_frames(self, plan: _Plan) -> Iterator[Frame]:
         from pydicom.pixels import iter_pixels

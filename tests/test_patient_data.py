@@ -162,7 +162,8 @@ def test_a_filesystem_without_hard_links_still_gets_one_stable_key(tmp_path: Pat
     assert not [p for p in (tmp_path / "vfat").iterdir() if p.name.startswith(".pseudonym-")]
 
 
-def test_a_looped_folder_with_a_bad_last_file_keeps_streaming(tmp_path: Path) -> None:
+def test_a_looped_folder_with_a_bad_last_file_keeps_streaming(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     """The 'every file failed' check once read the skip count of all passes: the third pass of a
     looped folder whose last file is bad ended the stream as failed."""
     from edge_runtime.sources import paced
@@ -172,8 +173,11 @@ def test_a_looped_folder_with_a_bad_last_file_keeps_streaming(tmp_path: Path) ->
     (tmp_path / "z.png").write_bytes(b"broken")
     source = ImageFolderSource(tmp_path, modality="US")
     stream = paced(source, realtime=False, loop=True)
-    assert [next(stream).seq for _ in range(10)] == list(range(10))  # 5 passes of 2 good frames
+    with caplog.at_level(logging.DEBUG, logger="edge_runtime.sources"):
+        assert [next(stream).seq for _ in range(10)] == list(range(10))  # 5 passes of 2 good frames
     assert source.skipped == 4
+    said = [r.levelno for r in caplog.records if "image 3 of 3" in r.getMessage()]
+    assert said == [logging.WARNING] + [logging.DEBUG] * 3  # warned once, not every pass
 
 
 def test_recorded_images_are_not_world_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
