@@ -19,7 +19,8 @@ import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def frame_age_ms(stamps: Mapping[str, int]) -> float | None:
 
 
 def summarize(values: Any) -> dict[str, float]:
-    a = np.asarray(list(values), dtype=np.float64)
+    a = np.fromiter(values, dtype=np.float64)
     if a.size == 0:
         return {"n": 0}
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
@@ -246,8 +247,16 @@ class Stats:
     def e2e_ms(self) -> list[float]:
         return [ms for ms, _, _ in self.e2e]
 
-    def snapshot(self, advance: bool = True) -> dict[str, Any]:
-        """The stats message body; ``fps`` covers the time since the last advancing snapshot."""
+    def snapshot(self, advance: bool = True, recent: int | None = None) -> dict[str, Any]:
+        """The stats message body; ``fps`` covers the time since the last advancing snapshot.
+
+        ``recent``: percentiles over the last ``recent`` results only (the hub's live stats, once a
+        second: over the whole window of 20000 they took 33 ms on a 2-core Zen 3, a stall of the hub's
+        receive loop that every result arriving meanwhile paid); None: the whole window (reports).
+        """
+        def last(values: Iterable[Any]) -> Iterable[Any]:  # order does not matter to a percentile
+            return values if recent is None else islice(reversed(values), recent)  # type: ignore[call-overload]
+
         now = time.monotonic()
         last_t, last_n = self._last_snapshot
         if advance:
@@ -260,10 +269,11 @@ class Stats:
             "fps": round((self.results - last_n) / max(now - last_t, 1e-9), 2),
             "fps_avg": round(self.results / elapsed, 2),
             "elapsed_s": round(elapsed, 3),
-            "stages_ms": {s: summarize(v) for s, v in self.stages.items() if v},
-            "e2e_ms": summarize(self.e2e_ms()),
-            "age_at_worker_ms": summarize(self.age),
-            "timings_ms": {k: summarize(v) for k, v in self.timings.items()},
+            "summary_of": "all results in the window" if recent is None else f"the last {recent} results",
+            "stages_ms": {s: summarize(last(v)) for s, v in self.stages.items() if v},
+            "e2e_ms": summarize(ms for ms, _, _ in last(self.e2e)),
+            "age_at_worker_ms": summarize(last(self.age)),
+            "timings_ms": {k: summarize(last(v)) for k, v in self.timings.items()},
             "worst": worst,
             "drops": self.totals("drops"),
             "rejected": self.totals("rejected"),

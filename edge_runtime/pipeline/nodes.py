@@ -114,6 +114,9 @@ MAX_NODES = 512  # distinct node ids whose counters the hub keeps (restarts make
 MAX_EVENTS = 1000
 MAX_EVENT_KINDS = 256  # distinct event names / error reasons counted one by one
 POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop request
+# The hub's once-a-second stats summarise the latest results only (about a minute at 30 fps): over
+# the whole window they stalled its receive loop by tens of ms. Reports cover the whole window.
+LIVE_STATS_RESULTS = 2048
 RESTART_GAP = 64  # a seq this far below the last one means the stream restarted, not a late result
 
 
@@ -876,7 +879,7 @@ class HubNode:
         def emit_stats() -> None:
             with self.lock:
                 self._merge_own_counters()
-                snap = self.stats.snapshot()
+                snap = self.stats.snapshot(recent=LIVE_STATS_RESULTS)
             publish("stats", protocol.encode_control("stats", node="pipeline", t_ns=time.monotonic_ns(), stats=snap))
 
         def handle(msg: list[Any]) -> None:
