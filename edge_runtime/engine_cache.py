@@ -144,8 +144,8 @@ class EngineKey:
 
     def describe(self) -> str:
         dla = f", DLA core {self.dla_core}" if self.dla_core is not None else ""
-        compat = "".join([", version-compatible"] if self.version_compatible else []) + \
-            "".join([", hardware-compatible (Ampere+)"] if self.hardware_compatible else [])
+        compat = (", version-compatible" if self.version_compatible else "") + \
+            (", hardware-compatible (Ampere+)" if self.hardware_compatible else "")
         return (
             f"TensorRT {self.trt_version} on {self.gpu_name} (sm {self.compute_capability}, {self.sm_count} SMs), "
             f"{self.precision}{dla}{compat}"
@@ -181,12 +181,15 @@ class EngineKey:
         return True
 
 
+def preference(wanted: EngineKey) -> Callable[[EngineKey], tuple[Any, ...]]:
+    """Sort key (highest first) among engines that serve ``wanted``: the same GPU, then the newest TensorRT."""
+    return lambda k: (k.gpu_name == wanted.gpu_name, version_tuple(k.trt_version))
+
+
 def version_tuple(text: str) -> tuple[int, ...]:
     """"10.3.0.30" -> (10, 3, 0, 30); unparsable parts read as 0 (never compatible by accident: the
     major version must still agree)."""
     return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
-
-
 
 
 def untrusted(path: Path) -> str | None:
@@ -362,7 +365,7 @@ class EngineCache:
         if path is not None:
             return path, key
         found = [k for k in self.entries() if k.serves(key, hardware_compatible_ok=hardware_compatible_ok)]
-        found.sort(key=lambda k: (k.gpu_name == key.gpu_name, version_tuple(k.trt_version)), reverse=True)
+        found.sort(key=preference(key), reverse=True)
         for other in found:
             try:
                 return self.verify(self.engine_path(other), other), other

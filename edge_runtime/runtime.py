@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import Backend, TrtBackend, select_backend, tensorrt_available
 from .bundle import Bundle
 from .devices import DeviceConfig, cpu_int8, detect, load_config, spinning_mode
-from .engine_cache import BackgroundBuilder, EngineCache, EngineKey, untrusted, version_tuple
+from .engine_cache import BackgroundBuilder, EngineCache, EngineKey, preference, untrusted
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
 from .frames import Frame
 from .postprocess import Postprocessor, enhance_tiled
@@ -302,7 +302,8 @@ class Runtime:
                 log.warning("runtime: not running host code of %s: %s", path.name, why)
                 continue
             trusted.append((path, built_for))
-        trusted.sort(key=lambda pk: (pk[1].gpu_name == key.gpu_name, version_tuple(pk[1].trt_version)), reverse=True)
+        rank = preference(key)
+        trusted.sort(key=lambda pk: rank(pk[1]), reverse=True)
         return trusted[0] if trusted else None
 
     def _engine_ready(self, path: Path) -> None:

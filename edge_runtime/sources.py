@@ -167,6 +167,14 @@ class Source(ABC):
 
     skipped: int = 0  # files of a folder that could not be read (logged, left out)
 
+    def _skip(self, which: str, exc: Exception) -> None:
+        """One unreadable file of a folder is counted and skipped, never the folder; warned once per file
+        (a looped folder would repeat it every pass: later passes log it at DEBUG)."""
+        self.skipped += 1
+        warned: set[str] = self.__dict__.setdefault("_warned", set())
+        log.log(logging.DEBUG if which in warned else logging.WARNING, "%s skipped: %s", which, exc)
+        warned.add(which)
+
     def __repr__(self) -> str:  # the stream id, not the name: a file name can be a patient identifier
         return f"{type(self).__name__}(stream_id={self.stream_id!r}, fps={self.fps}, n_frames={self.n_frames})"
 
@@ -318,11 +326,8 @@ class ImageFolderSource(Source):
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:
                     raise
-                self.skipped += 1  # one unreadable image is counted and skipped, never the folder
+                self._skip(f"image {index + 1} of {len(self.files)} (in name order)", exc)
                 failed += 1
-                # warned once per file: a looped folder would repeat it every pass
-                log.log(logging.DEBUG if self.skipped > failed else logging.WARNING,
-                        "image %d of %d (in name order) skipped: %s", index + 1, len(self.files), exc)
                 first = first or exc
                 if failed == len(self.files):
                     raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
@@ -649,7 +654,6 @@ class DicomSource(Source):
             if not (width >= 1 and math.isfinite(centre) and math.isfinite(width)):
                 raise ConfigError(expected("a finite window centre and a width >= 1", window))
             window = (centre, width)
-        self._warned: set[str] = set()  # files whose skip was logged as a warning
         self.apply_voi = bool(apply_voi) or window is not None
         self.window = window
         if self.path.is_dir():
@@ -666,7 +670,7 @@ class DicomSource(Source):
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:
                     raise
-                self._skip(f"image file {index + 1} of {len(self.files)} of the series", exc)
+                self._skip(f"DICOM image file {index + 1} of {len(self.files)} of the series", exc)
                 if index == len(self.files) - 1:
                     raise _every_file(len(self.files), exc) from None
         self.files = self.files[index:]
@@ -691,7 +695,7 @@ class DicomSource(Source):
             try:
                 ds = _read_header(path)
             except InputError as exc:
-                self._skip(f"file {index + 1} of {len(listed)} in the folder (in name order)", exc)
+                self._skip(f"DICOM file {index + 1} of {len(listed)} in the folder (in name order)", exc)
                 continue
             if not ds.get("Rows"):
                 continue  # DICOMDIR, structured reports, presentation states: no pixels
@@ -718,17 +722,10 @@ class DicomSource(Source):
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:
                     raise
-                self._skip(f"image file {index + 1} of {len(self.files)} of the series", exc)
+                self._skip(f"DICOM image file {index + 1} of {len(self.files)} of the series", exc)
                 first, empty = first or exc, empty + (given == 0)
         if empty and empty == len(self.files):
             raise _every_file(empty, first) from None
-
-    def _skip(self, which: str, exc: Exception) -> None:
-        """One unreadable file of a folder is counted and skipped, never the series (frames it gave stay)."""
-        self.skipped += 1
-        seen = which in self._warned  # once per file: a looped series would repeat it every pass
-        self._warned.add(which)
-        log.log(logging.DEBUG if seen else logging.WARNING, "DICOM %s skipped: %s", which, exc)
 
     def _file_frames(self, plan: _Plan) -> Iterator[Frame]:
         from pydicom.pixels import iter_pixels

@@ -47,8 +47,7 @@ def is_local_endpoint(endpoint: str) -> bool:
         raise ConfigError(expected("an endpoint scheme inproc, ipc or tcp", scheme))
     if scheme != "tcp":
         return False
-    # tcp://[source;]host:port, host may be [v6]; "*" and interface names are not loopback.
-    host = rest.split(";")[-1].rsplit(":", 1)[0].strip("[]")
+    host = _tcp_host(rest)  # "*" and interface names are not loopback
     if host in LOOPBACK_NAMES:
         return True
     try:
@@ -188,12 +187,16 @@ def configure_client(sock: zmq.Socket, client_secret: str | os.PathLike,
     sock.curve_serverkey = load_public_key(server_public)
 
 
+def _tcp_host(rest: str) -> str:
+    """The host of a tcp endpoint after "tcp://": ``[source;]host:port``, brackets of ``[v6]`` removed."""
+    return rest.split(";")[-1].rsplit(":", 1)[0].strip("[]")
+
+
 def _ipv6_host(endpoint: str) -> bool:
     """tcp://[v6]:port (or a bare v6 literal): libzmq refuses it unless the socket's IPV6 option is set."""
     scheme, _, rest = endpoint.partition("://")
-    host = rest.split(";")[-1].rsplit(":", 1)[0].strip("[]")
     try:
-        return scheme == "tcp" and ipaddress.ip_address(host).version == 6
+        return scheme == "tcp" and ipaddress.ip_address(_tcp_host(rest)).version == 6
     except ValueError:
         return False
 

@@ -133,7 +133,6 @@ class ViewerNode:
     headless_dir: str | None = None
 
     def _write_png(self, out: Path, message: Message, written: list[Path]) -> None:
-
         path = write_image(out / f"{message.header['stream']}_{message.header['seq']:08d}.png", compose(message))
         written.append(path)
         while len(written) > self.keep_snapshots:
