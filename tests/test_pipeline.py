@@ -20,7 +20,7 @@ from edge_runtime.frames import Frame
 from edge_runtime.pipeline import cli
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
 from edge_runtime.pipeline.client import Reorderer, Subscriber
-from edge_runtime.pipeline.nodes import NodeSettings
+from edge_runtime.pipeline.nodes import NodeSettings, is_late
 from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
 from edge_runtime.pipeline.supervisor import PipelineConfig, RuntimeProcessor, Supervisor, run_pipeline
 from edge_runtime.results import Result
@@ -107,8 +107,26 @@ def test_reorderer_releases_in_order_and_drops_late_results() -> None:
     assert [x.seq for x in ro.flush()] == [6, 9]
     ro.push(r(500))
     assert [x.seq for x in ro.flush()] == [500]
-    ro.push(r(0))  # far below the last one: the stream restarted (a source restart), not late
-    assert ro.late == 1 and [x.seq for x in ro.flush()] == [0]
+
+
+def test_a_restarted_source_is_new_and_its_predecessors_stragglers_late() -> None:
+    """A restarted source numbers from 0 again, captured later: shown at once, in order, whatever its
+    seq (the old rule took only a seq more than 64 below the last for a restart); a result of the old
+    run arriving after it is late."""
+    def r(seq: int, capture_ns: int) -> Result:
+        return Result(stream_id="a", seq=seq, capture_ns=capture_ns)
+
+    ro = Reorderer(window=2)
+    for seq in range(10, 20):
+        ro.push(r(seq, 1000 + seq))
+    assert [x.seq for x in ro.flush()][-1] == 19
+    out = [x.seq for s in (0, 1, 2) for x in ro.push(r(s, 5000 + s))]  # restart: seq 0 again, later
+    assert out == [0] and ro.late == 0
+    assert ro.push(r(18, 1018)) == [] and ro.late == 1  # the old run's straggler
+    assert [x.seq for x in ro.flush()] == [1, 2]
+    same = Reorderer(window=1)  # a sender stamping every frame alike: seq order
+    assert [x.seq for s in (3, 4, 2) for x in same.push(r(s, 0))] == [3] and same.late == 1
+    assert is_late((0, 7), (0, 7)) and not is_late((1, 0), (0, 7)) and is_late((0, 6), (0, 7))
 
 
 def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:

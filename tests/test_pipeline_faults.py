@@ -20,6 +20,7 @@ from edge_runtime.errors import BundleError
 from edge_runtime.frames import Frame
 from edge_runtime.pipeline import protocol
 from edge_runtime.pipeline.builtins import BuiltinProcessor, SyntheticSource
+from edge_runtime.pipeline.client import Subscriber
 from edge_runtime.pipeline.nodes import NodeSettings
 from edge_runtime.pipeline.protocol import Limits
 from edge_runtime.pipeline.recorder import RESULTS_FILE, read_records
@@ -183,6 +184,33 @@ def test_sigkilled_worker_is_restarted_and_the_gap_is_recorded(tmp_path: Path) -
     assert {r["worker"].split(".")[1] for r in report.records} == {"0", "1"}  # both incarnations served
     lines = _strict_lines(tmp_path / RESULTS_FILE)
     assert {"node_exit", "node_restarted", "worker_lost"} <= {r.get("event") for r in lines}
+
+
+def test_a_restarted_source_is_shown_at_once(tmp_path: Path) -> None:
+    """SIGKILL the source: the supervisor restarts it, its seq starts at 0 again, and a display
+    subscriber shows those frames at once (captured later), not after seq passes the old count."""
+    config = PipelineConfig(mode="process", restart_backoff_s=(0.2, 1.0),
+                            settings=NodeSettings(heartbeat_s=0.2, liveness_s=1.0))
+    sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("identity"), config)
+    sup.start()
+    try:
+        with Subscriber(sup.endpoints.results, latest_only=True, idle_timeout_s=20) as sub:
+            seen: list[Result] = []
+            for result in sub:
+                seen.append(result)
+                if result.seq >= 30:
+                    break
+            os.kill(sup.handle("source").pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            for result in sub:
+                seen.append(result)
+                if result.seq < 20 or time.monotonic() > deadline:  # < 20: the restarted source's
+                    break
+        assert sup.handle("source").restarts == 1
+        before = max(r.capture_ns for r in seen[:-1])
+        assert seen[-1].capture_ns > before and seen[-1].seq < 20
+    finally:
+        sup.stop()
 
 
 @pytest.mark.slow

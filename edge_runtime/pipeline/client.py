@@ -29,42 +29,48 @@ import zmq
 from ..errors import ConfigError, expected
 from ..results import Result
 from . import protocol, security
-from .nodes import is_late
+from .nodes import Position, is_late
 from .protocol import DEFAULT_LIMITS, BadMessage, Limits, Message
 
 
+def _position(result: Result) -> Position:
+    return result.capture_ns, result.seq
+
+
 class Reorderer:
-    """Releases results in seq order per stream, holding at most ``window`` of them.
+    """Releases results in capture order per stream (seq order within a source's run), holding at
+    most ``window`` of them.
 
     Seq gaps are normal (superseded frames never reach a worker), so it never waits for a missing
-    seq: the smallest held seq goes out once more than ``window`` are held. A result older than the
-    last released one is late and dropped (counted in ``late``).
+    seq: the earliest held result goes out once more than ``window`` are held. A result captured
+    before the last released one is late and dropped (counted in ``late``); a restarted source's
+    seq 0 is captured later, so it follows (nodes.is_late).
     """
 
     def __init__(self, window: int) -> None:
         if window < 1:
             raise ConfigError(expected("a reorder window >= 1", window))
         self.window = window
-        self.heaps: dict[str, list[tuple[int, int, Result]]] = {}
-        self.released: dict[str, int] = {}
+        self.heaps: dict[str, list[tuple[Position, int, Result]]] = {}
+        self.released: dict[str, Position] = {}
         self.late = 0
         self._tie = 0
 
     def push(self, result: Result) -> list[Result]:
-        if is_late(result.seq, self.released.get(result.stream_id)):
+        if is_late(_position(result), self.released.get(result.stream_id)):
             self.late += 1
             return []
         heap = self.heaps.setdefault(result.stream_id, [])
         self._tie += 1
-        heapq.heappush(heap, (result.seq, self._tie, result))
+        heapq.heappush(heap, (_position(result), self._tie, result))
         out = []
         while len(heap) > self.window:
             out.append(self._pop(heap))
         return out
 
-    def _pop(self, heap: list[tuple[int, int, Result]]) -> Result:
-        result = heapq.heappop(heap)[2]
-        self.released[result.stream_id] = result.seq
+    def _pop(self, heap: list[tuple[Position, int, Result]]) -> Result:
+        pos, _, result = heapq.heappop(heap)
+        self.released[result.stream_id] = pos
         return result
 
     def flush(self) -> list[Result]:
@@ -108,7 +114,7 @@ class Subscriber:
             security.configure_client(self.sock, curve_client_secret, curve_server_key)
         self.sock.connect(endpoint)
         self._pending: list[Result] = []
-        self._handed: dict[str, int] = {}  # latest_only: the seq last handed out, per stream
+        self._handed: dict[str, Position] = {}  # latest_only: the result last handed out, per stream
 
     def receive(self, timeout_s: float | None = 1.0) -> Message | None:
         """The next valid message (result, event or stats), or None after ``timeout_s``."""
@@ -138,7 +144,7 @@ class Subscriber:
 
         def offer(r: Result) -> None:
             held = latest.get(r.stream_id)
-            if is_late(r.seq, held.seq if held is not None else self._handed.get(r.stream_id)):
+            if is_late(_position(r), _position(held) if held is not None else self._handed.get(r.stream_id)):
                 self.dropped += 1
                 return
             if held is not None:
@@ -159,7 +165,7 @@ class Subscriber:
         # one result per stream per call: the others wait as the newest of their stream
         out, *rest = sorted(latest.values(), key=lambda r: r.capture_ns)
         self._pending.extend(rest)
-        self._handed.update((r.stream_id, r.seq) for r in (out, *rest))
+        self._handed.update((r.stream_id, _position(r)) for r in (out, *rest))
         return out
 
     def __iter__(self) -> Iterator[Result]:

@@ -117,12 +117,20 @@ POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop re
 # The hub's once-a-second stats summarise the latest results only (about a minute at 30 fps): over
 # the whole window they stalled its receive loop by tens of ms. Reports cover the whole window.
 LIVE_STATS_RESULTS = 2048
-RESTART_GAP = 64  # a seq this far below the last one means the stream restarted, not a late result
+Position = tuple[int, int]  # a result's place in its stream: (capture_ns, seq)
 
 
-def is_late(seq: int, last: int | None) -> bool:
-    """A result a sink should drop: not newer than the last one it used (and not a stream restart)."""
-    return last is not None and last - RESTART_GAP < seq <= last
+def position(header: dict[str, Any]) -> Position:
+    return int(header["capture_ns"]), int(header["seq"])
+
+
+def is_late(pos: Position, last: Position | None) -> bool:
+    """A result a sink should drop: captured no later than the last one it used.
+
+    Capture time first: a restarted source numbers from seq 0 again but captures later (capture_ns
+    is monotonic), so its frames are new, and a straggler from before the restart is late; seq
+    breaks ties (a client that stamps every frame alike is ordered by seq alone)."""
+    return last is not None and pos <= last
 
 
 def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,

@@ -36,7 +36,7 @@ import zmq
 from ..errors import InputError, expected
 from ..outputs import FILE_MODE, private_dir
 from . import protocol
-from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, is_late, open_socket
+from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, Position, is_late, open_socket, position
 from .protocol import BadMessage, Message
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class VideoSink:
         self.fps = fps
         self.writers: dict[str, Any] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
-        self.last_seq: dict[str, int] = {}
+        self.last: dict[str, Position] = {}  # per stream: the newest result written
         self.paths: list[Path] = []
         self.failed = False
 
@@ -180,10 +180,10 @@ class VideoSink:
 
         from .viewer import compose
 
-        stream, seq = message.header["stream"], message.header["seq"]
-        if is_late(seq, self.last_seq.get(stream)):
+        stream, pos = message.header["stream"], position(message.header)
+        if is_late(pos, self.last.get(stream)):
             return False
-        self.last_seq[stream] = seq
+        self.last[stream] = pos
         img = compose(message)
         if stream not in self.writers:
             self.sizes[stream] = (img.shape[1], img.shape[0])

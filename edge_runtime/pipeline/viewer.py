@@ -20,7 +20,7 @@ import zmq
 
 from ..outputs import private_dir, write_image
 from . import protocol
-from .nodes import EXIT_OK, Counters, NodeSettings, is_late, open_socket
+from .nodes import EXIT_OK, Counters, NodeSettings, Position, is_late, open_socket, position
 from .protocol import BadMessage, Message
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class ViewerNode:
         sub.setsockopt(zmq.SUBSCRIBE, b"result/")
         sub.setsockopt(zmq.SUBSCRIBE, b"event")
         latest: dict[str, Message] = {}
-        shown: dict[str, int] = {}
+        shown: dict[str, Position] = {}
         written: list[Path] = []
         next_snapshot = time.monotonic()
         try:
@@ -191,9 +191,9 @@ class ViewerNode:
                         ended = True
                     if m.type != "result":
                         continue
-                    stream, seq = m.header["stream"], m.header["seq"]
-                    if is_late(seq, shown.get(stream)) or is_late(seq, latest[stream].header["seq"] if stream in latest
-                                                                 else None):
+                    stream, pos = m.header["stream"], position(m.header)
+                    if is_late(pos, shown.get(stream)) or is_late(pos, position(latest[stream].header)
+                                                                 if stream in latest else None):
                         counters.drops["late"] += 1
                         continue
                     if stream in latest:
@@ -205,14 +205,14 @@ class ViewerNode:
                     for stream, m in latest.items():
                         if self._show(lambda m=m, stream=stream: cv2.imshow(f"edge-runtime {stream}", compose(m)),
                                       counters):
-                            shown[stream] = m.header["seq"]
+                            shown[stream] = position(m.header)
                     cv2.waitKey(1)
                     latest.clear()
                 elif out is not None and time.monotonic() >= next_snapshot and latest:
                     next_snapshot = time.monotonic() + self.snapshot_interval_s
                     for stream, m in latest.items():
                         if self._show(lambda m=m: self._write_png(out, m, written), counters):
-                            shown[stream] = m.header["seq"]
+                            shown[stream] = position(m.header)
                     latest.clear()
                 if ended:
                     break
