@@ -57,6 +57,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="file, folder, phantom:us, phantom:xr, camera:0")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--device", default=None, help="device config name or YAML (default: detect)")
+    parser.add_argument("--gpu", type=int, default=0, metavar="N",
+                        help="CUDA device the engines are built for and run on (default 0)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
     parser.add_argument("--limit", type=int, default=None, help="stop after N frames")
     parser.add_argument("--every", type=int, default=1, help="write an annotated PNG every K frames (0: none)")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stream_id:
         opts["stream_id"] = args.stream_id
     private_dir(args.out)
-    runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision) for b in args.bundle])
+    runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
     n = skipped = 0
     started = time.perf_counter()

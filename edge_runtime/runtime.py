@@ -129,7 +129,7 @@ class Runtime:
     def __init__(self, bundle: str | Path | Bundle, device: str | Path | DeviceConfig | None = None, *,
                  precision: str = "auto", backend: str | None = None, threads: int | None = None,
                  spinning: bool | str | None = None, engine_cache_dir: str | Path | None = None,
-                 build_engines: bool = True) -> None:
+                 build_engines: bool = True, gpu: int = 0) -> None:
         self._bundle_arg = bundle
         self._device_arg = device
         self.requested_precision = precision
@@ -138,6 +138,9 @@ class Runtime:
         self.spinning = None if spinning is None else spinning_mode(spinning)  # None: the config's cpu_spinning
         self.engine_cache_dir = engine_cache_dir
         self.build_engines = build_engines
+        if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
+            raise ConfigError(f"runtime gpu: {expected('a CUDA device index >= 0', gpu)}")
+        self.gpu = gpu  # the CUDA device engines are built for and run on (and the CUDA provider's)
         self.bundle: Bundle | None = None
         self.device: DeviceConfig | None = None
         self.precision = ""
@@ -238,7 +241,7 @@ class Runtime:
             want, onnx_path=onnx_path, engine_path=engine, precision=self.precision,
             threads=self.threads if self.threads is not None else dev.cpu_threads,
             spinning=self.spinning if self.spinning is not None else dev.cpu_spinning, cuda_graphs=dev.trt_cuda_graphs,
-            dla_core=self._engine_dla, allow_host_code=self._engine_host_code)
+            dla_core=self._engine_dla, allow_host_code=self._engine_host_code, device_index=self.gpu)
         self.artifact = engine.name if engine is not None and backend.name == "tensorrt" else onnx_path.name
         return backend
 
@@ -255,14 +258,16 @@ class Runtime:
         req = engine_request(self.bundle, dev, self.precision)
         self._engine_dla = req.dla_core
         self._engine_host_code = False
-        key = engine_key_for(req.onnx_path, self.precision, dla_core=req.dla_core, profiles=req.profiles)
+        key = engine_key_for(req.onnx_path, self.precision, dla_core=req.dla_core, profiles=req.profiles,
+                             device_index=self.gpu)
         found = self._find_engine(cache, key, hardware_compatible_ok=dev.kind != "jetson")
         if found is not None and found[1] == key:
             return found[0]
         if self.build_engines:  # a compatible engine may be slower (NVIDIA): the exact one replaces it
-            workspace = dev.trt_workspace_mb
+            workspace, gpu = dev.trt_workspace_mb, self.gpu
             self._builder = BackgroundBuilder(
-                lambda: build_into_cache(cache, key, req.onnx_path, workspace_mb=workspace, progress=False),
+                lambda: build_into_cache(cache, key, req.onnx_path, workspace_mb=workspace, progress=False,
+                                         device_index=gpu),
                 name=f"{self.bundle.name}-{self.precision}",
                 on_ready=self._engine_ready).start()
             self.events.append("engine build started; serving with "
@@ -317,7 +322,7 @@ class Runtime:
             return
         try:
             # built here for the exact key: never version-compatible, no host code
-            new = TrtBackend(path, precision=self.precision, dla_core=self._engine_dla,
+            new = TrtBackend(path, device_index=self.gpu, precision=self.precision, dla_core=self._engine_dla,
                              use_cuda_graph=self.device.trt_cuda_graphs if self.device else False).load()
         except Exception as exc:  # noqa: BLE001 - a bad engine must not cost a frame: ONNX Runtime keeps serving
             msg = f"engine {path.name} failed to load ({exc}); serving with {self.backend.name if self.backend else '?'}"

@@ -314,7 +314,8 @@ def cmd_build(args: argparse.Namespace) -> int:
                                     timing_cache=args.timing_cache, version_compatible=args.version_compatible,
                                     hardware_compatible=args.hardware_compatible,
                                     device_kind=getattr(dev, "kind", None),
-                                    compute_capability=getattr(dev, "compute_capability", None))
+                                    compute_capability=getattr(dev, "compute_capability", None),
+                                    device_index=args.gpu)
     print(f"wrote {args.out}: {report}")
     return 0
 
@@ -339,13 +340,13 @@ def _build_into_cache(args: argparse.Namespace, trt_build: Any) -> int:
     cache = EngineCache(args.cache or None)
     key = trt_build.engine_key_for(req.onnx_path, precision, dla_core=req.dla_core, profiles=req.profiles,
                                    version_compatible=args.version_compatible,
-                                   hardware_compatible=args.hardware_compatible)
+                                   hardware_compatible=args.hardware_compatible, device_index=args.gpu)
     path = cache.lookup(key)
     if path is None:
         path = trt_build.build_into_cache(cache, key, req.onnx_path,
                                           workspace_mb=args.workspace_mb or dev.trt_workspace_mb,
                                           device_kind=dev.kind, compute_capability=dev.compute_capability,
-                                          progress=True)
+                                          progress=True, device_index=args.gpu)
         print(f"built {path} ({key.describe()})")
     else:
         print(f"already in the cache: {path} ({key.describe()})")
@@ -729,6 +730,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), required=True)
     p.add_argument("--device", help="device config (default: detected; with --cache, the runtime's device)")
     p.add_argument("--dla-core", type=int)
+    p.add_argument("--gpu", type=int, default=0, metavar="N",
+                   help="CUDA device to build on; the engine runs on that GPU model only (default 0)")
     p.add_argument("--no-gpu-fallback", action="store_true", help="with --dla-core: fail where DLA cannot run a layer")
     p.add_argument("--workspace-mb", type=int)
     p.add_argument("--profile")

@@ -35,6 +35,7 @@ from edge_runtime.backends.tensorrt import (
     error_mark,
     logged_errors,
     make_trt_logger,
+    on_device,
     parse_version,
     require_tensorrt,
 )
@@ -426,6 +427,7 @@ def build_engine(
     cancel: threading.Event | None = None,
     device_kind: str | None = None,
     compute_capability: str | None = None,
+    device_index: int = 0,
 ) -> BuildReport:
     """Build a TensorRT engine from ``onnx_path`` and write exactly its serialised bytes to ``engine_path``.
 
@@ -443,6 +445,7 @@ def build_engine(
             ("8.7"), to refuse what the target cannot do; a Jetson is also seen by /etc/nv_tegra_release.
         progress: True/"bar" tqdm bars, "log" log lines, False nothing.
         cancel: set it to ask TensorRT to abandon the build (checked at every progress step).
+        device_index: the CUDA device to build on (and for): engines are tied to their GPU.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if workspace_mb is not None and workspace_mb <= 0:
@@ -469,117 +472,118 @@ def build_engine(
         raise ExportError(f"build: DLA runs static shapes only; found dynamic profiles for {dynamic} (build for "
                           "the GPU, or give one shape as min, opt and max)")
 
-    logger = make_trt_logger()
-    mark = error_mark(logger)
-    builder = trt.Builder(logger)
-    network_flags = 0
-    if plan.explicit_batch_flag:
-        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    if plan.strongly_typed and version[0] == 10:
-        # TensorRT 11 networks are always strongly typed; the flag is only needed (and set) on 10.
-        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(network_flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # from file: external weights resolve next to it
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ExportError(
-            f"build: TensorRT {version_text} ONNX parser rejected {onnx_path.name} ({len(errors)} errors): "
-            + " | ".join(errors or logged_errors(logger, mark) or ["no detail"])
-        )
-
-    config = builder.create_builder_config()
-    if workspace_mb is not None:
-        workspace = int(workspace_mb) << 20
-        if plan.legacy_workspace:
-            config.max_workspace_size = workspace  # type: ignore[attr-defined]  # TensorRT 8.2 API, gone in 10
-        else:
-            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    for flag in plan.builder_flags:
-        _set_flag(config, flag)
-    if "INT8" in plan.builder_flags and not builder.platform_has_fast_int8:
-        raise ExportError(
-            "build int8: this GPU has no fast INT8 (e.g. the legacy Jetson Nano, compute 5.3): build fp16 instead"
-        )
-    if "FP16" in plan.builder_flags and not builder.platform_has_fast_fp16:
-        log.warning("build: this GPU has no fast FP16; the fp16 engine may be no faster than fp32")
-    if dla_core is not None:
-        if builder.num_DLA_cores == 0:
+    with on_device(device_index):  # TensorRT builds for the GPU current in this thread
+        logger = make_trt_logger()
+        mark = error_mark(logger)
+        builder = trt.Builder(logger)
+        network_flags = 0
+        if plan.explicit_batch_flag:
+            network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+        if plan.strongly_typed and version[0] == 10:
+            # TensorRT 11 networks are always strongly typed; the flag is only needed (and set) on 10.
+            network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        network = builder.create_network(network_flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):  # from file: external weights resolve next to it
+            errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise ExportError(
-                f"build dla_core: expected a TensorRT with DLA, found TensorRT {version_text} reporting no DLA "
-                "core (this GPU has none, or a TensorRT without DLA: 10.7 was the last 10.x with it, and 11.x has "
-                "it again from 11.4.1 on JetPack 7.2.2+); build for the GPU (no dla_core)")
-        if dla_core >= builder.num_DLA_cores:
-            raise ExportError(f"build dla_core: expected < {builder.num_DLA_cores} (DLA cores here), found {dla_core}")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = dla_core
-    if hardware_compatible:
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+                f"build: TensorRT {version_text} ONNX parser rejected {onnx_path.name} ({len(errors)} errors): "
+                + " | ".join(errors or logged_errors(logger, mark) or ["no detail"])
+            )
 
-    if profile:
-        opt_profile = builder.create_optimization_profile()
-        for name, (mn, opt, mx) in profile.items():
-            opt_profile.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
-        if config.add_optimization_profile(opt_profile) < 0:
-            raise ExportError(f"build: TensorRT rejected the optimisation profile {profile}")
+        config = builder.create_builder_config()
+        if workspace_mb is not None:
+            workspace = int(workspace_mb) << 20
+            if plan.legacy_workspace:
+                config.max_workspace_size = workspace  # type: ignore[attr-defined]  # TensorRT 8.2 API, gone in 10
+            else:
+                config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+        for flag in plan.builder_flags:
+            _set_flag(config, flag)
+        if "INT8" in plan.builder_flags and not builder.platform_has_fast_int8:
+            raise ExportError(
+                "build int8: this GPU has no fast INT8 (e.g. the legacy Jetson Nano, compute 5.3): build fp16 instead"
+            )
+        if "FP16" in plan.builder_flags and not builder.platform_has_fast_fp16:
+            log.warning("build: this GPU has no fast FP16; the fp16 engine may be no faster than fp32")
+        if dla_core is not None:
+            if builder.num_DLA_cores == 0:
+                raise ExportError(
+                    f"build dla_core: expected a TensorRT with DLA, found TensorRT {version_text} reporting no DLA "
+                    "core (this GPU has none, or a TensorRT without DLA: 10.7 was the last 10.x with it, and 11.x has "
+                    "it again from 11.4.1 on JetPack 7.2.2+); build for the GPU (no dla_core)")
+            if dla_core >= builder.num_DLA_cores:
+                raise ExportError(f"build dla_core: expected < {builder.num_DLA_cores} (DLA cores here), found {dla_core}")
+            config.default_device_type = trt.DeviceType.DLA
+            config.DLA_core = dla_core
+        if hardware_compatible:
+            config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
 
-    cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache_loaded = False
-    if cache_path is not None:
-        data = cache_path.read_bytes() if cache_path.is_file() else b""
-        try:
-            cache = config.create_timing_cache(data)
-            # False: recorded on a GPU with other properties (ignore_mismatch=False keeps timings honest)
-            cache_loaded = config.set_timing_cache(cache, ignore_mismatch=False) and bool(data)
-            problem = None if cache_loaded or not data else "recorded on another device"
-        except (RuntimeError, TypeError, ValueError) as exc:  # a corrupt cache file
-            problem = str(exc)
-        if problem is not None:
-            log.warning("build: timing cache %s unusable (%s); starting an empty one", cache_path, problem)
-            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+        if profile:
+            opt_profile = builder.create_optimization_profile()
+            for name, (mn, opt, mx) in profile.items():
+                opt_profile.set_shape(name, trt.Dims(list(mn)), trt.Dims(list(opt)), trt.Dims(list(mx)))
+            if config.add_optimization_profile(opt_profile) < 0:
+                raise ExportError(f"build: TensorRT rejected the optimisation profile {profile}")
 
-    sink: ProgressSink | None = None
-    if progress and plan.progress_monitor:
-        mode: Literal["bar", "log"] = "log" if progress == "log" or not sys.stderr.isatty() else "bar"
-        sink = ProgressSink(mode, cancel)
-        config.progress_monitor = _make_progress_monitor(sink)
+        cache_path = Path(timing_cache) if timing_cache is not None else None
+        cache_loaded = False
+        if cache_path is not None:
+            data = cache_path.read_bytes() if cache_path.is_file() else b""
+            try:
+                cache = config.create_timing_cache(data)
+                # False: recorded on a GPU with other properties (ignore_mismatch=False keeps timings honest)
+                cache_loaded = config.set_timing_cache(cache, ignore_mismatch=False) and bool(data)
+                problem = None if cache_loaded or not data else "recorded on another device"
+            except (RuntimeError, TypeError, ValueError) as exc:  # a corrupt cache file
+                problem = str(exc)
+            if problem is not None:
+                log.warning("build: timing cache %s unusable (%s); starting an empty one", cache_path, problem)
+                config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
-    log.info(
-        "build: %s -> %s with TensorRT %s (%s, strongly typed %s, flags %s, DLA %s, workspace %s MB)",
-        onnx_path.name, engine_path.name, version_text, precision, plan.strongly_typed,
-        list(plan.builder_flags) or "none", dla_core, workspace_mb if workspace_mb is not None else "default",
-    )
-    started = time.monotonic()
-    try:
-        # None on failure, although the stubs do not say so
-        serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
-    finally:
-        if sink is not None:
-            sink.close()
-    seconds = time.monotonic() - started
-    if serialized is None:
-        cancelled = cancel is not None and cancel.is_set()
-        raise ExportError(
-            f"build: TensorRT {version_text} {'build cancelled' if cancelled else 'failed'} for {onnx_path.name}: "
-            + ("; ".join(logged_errors(logger, mark)) or "see the TensorRT log above")
+        sink: ProgressSink | None = None
+        if progress and plan.progress_monitor:
+            mode: Literal["bar", "log"] = "log" if progress == "log" or not sys.stderr.isatty() else "bar"
+            sink = ProgressSink(mode, cancel)
+            config.progress_monitor = _make_progress_monitor(sink)
+
+        log.info(
+            "build: %s -> %s with TensorRT %s (%s, strongly typed %s, flags %s, DLA %s, workspace %s MB)",
+            onnx_path.name, engine_path.name, version_text, precision, plan.strongly_typed,
+            list(plan.builder_flags) or "none", dla_core, workspace_mb if workspace_mb is not None else "default",
         )
-    engine_bytes = bytes(serialized)  # exactly TensorRT's bytes: never prepend anything
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(engine_path, engine_bytes)
-    if cache_path is not None:
-        _save_timing_cache(config, cache_path)
-    log.info("build: wrote %s (%d bytes) in %.1f s", engine_path, len(engine_bytes), seconds)
-    return BuildReport(
-        onnx_path=str(onnx_path), engine_path=str(engine_path), trt_version=version_text, precision=precision,
-        strongly_typed=plan.strongly_typed, builder_flags=list(plan.builder_flags), dla_core=dla_core,
-        gpu_fallback=gpu_fallback, version_compatible=version_compatible, hardware_compatible=hardware_compatible,
-        workspace_mb=workspace_mb,
-        profile={k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in profile.items()},
-        timing_cache=str(cache_path) if cache_path is not None else None, timing_cache_loaded=cache_loaded,
-        seconds=round(seconds, 3), engine_bytes=len(engine_bytes),
-        engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
-        network_inputs=[_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
-        network_outputs=[_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
-    )
+        started = time.monotonic()
+        try:
+            # None on failure, although the stubs do not say so
+            serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+        finally:
+            if sink is not None:
+                sink.close()
+        seconds = time.monotonic() - started
+        if serialized is None:
+            cancelled = cancel is not None and cancel.is_set()
+            raise ExportError(
+                f"build: TensorRT {version_text} {'build cancelled' if cancelled else 'failed'} for {onnx_path.name}: "
+                + ("; ".join(logged_errors(logger, mark)) or "see the TensorRT log above")
+            )
+        engine_bytes = bytes(serialized)  # exactly TensorRT's bytes: never prepend anything
+        engine_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(engine_path, engine_bytes)
+        if cache_path is not None:
+            _save_timing_cache(config, cache_path)
+        log.info("build: wrote %s (%d bytes) in %.1f s", engine_path, len(engine_bytes), seconds)
+        return BuildReport(
+            onnx_path=str(onnx_path), engine_path=str(engine_path), trt_version=version_text, precision=precision,
+            strongly_typed=plan.strongly_typed, builder_flags=list(plan.builder_flags), dla_core=dla_core,
+            gpu_fallback=gpu_fallback, version_compatible=version_compatible, hardware_compatible=hardware_compatible,
+            workspace_mb=workspace_mb,
+            profile={k: {"min": list(a), "opt": list(b), "max": list(c)} for k, (a, b, c) in profile.items()},
+            timing_cache=str(cache_path) if cache_path is not None else None, timing_cache_loaded=cache_loaded,
+            seconds=round(seconds, 3), engine_bytes=len(engine_bytes),
+            engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
+            network_inputs=[_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
+            network_outputs=[_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
+        )
 
 
 def engine_key_for(

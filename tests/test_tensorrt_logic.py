@@ -190,6 +190,8 @@ def _fake_trt(version: str) -> types.ModuleType:
     class Builder:
         def __init__(self, logger: Any) -> None:
             trt.created["builder"] = self
+            current = FAKE_CUDA.current()
+            trt.created["builder_gpu"] = None if current is None else current.index  # the GPU it builds for
             self.num_DLA_cores = trt.dla_cores
 
         if major < 11:  # removed in TensorRT 11: calling them there would be a bug
@@ -341,6 +343,7 @@ class FakeCuda(types.ModuleType):
         self.capture_values = False  # True: captured copies keep the bytes of capture time (stale inputs)
         self._local = threading.local()
         self.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="SM")
+        self.gpu_names = ["Orin (nvgpu)"]  # one per fake GPU
         self.capture_mode = types.SimpleNamespace(GLOBAL=0, THREAD_LOCAL=1, RELAXED=2)
         cuda = self
 
@@ -359,6 +362,9 @@ class FakeCuda(types.ModuleType):
                 cuda.frees += 1
 
         class Ctx:
+            def __init__(self, index: int) -> None:
+                self.index = index
+
             def push(self) -> None:
                 cuda._stack().append(self)
                 cuda.pushes += 1
@@ -378,13 +384,13 @@ class FakeCuda(types.ModuleType):
 
             @staticmethod
             def count() -> int:
-                return 1
+                return len(cuda.gpu_names)
 
             def retain_primary_context(self) -> Ctx:
-                return Ctx()
+                return Ctx(self.index)
 
             def name(self) -> str:
-                return "Orin (nvgpu)"
+                return cuda.gpu_names[self.index]
 
             def compute_capability(self) -> tuple[int, int]:
                 return (8, 7)
@@ -496,6 +502,7 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setitem(sys.modules, "pycuda", pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", FAKE_CUDA)
+    monkeypatch.setattr(trt_backend, "_primary_contexts", {})  # contexts of this test's fake only
     yield trt
 
 
@@ -1308,6 +1315,65 @@ def test_export_build_cache_prebuilds_the_engine_the_runtime_looks_up(fake_trt: 
     with Runtime(bundle, "x86-dgpu", precision="fp16", engine_cache_dir=cache_dir, build_engines=False) as rt:
         assert rt.backend is not None and rt.backend.name == "tensorrt" and rt._builder is None
     assert opened == [built.name]
+
+
+def test_builds_and_runs_on_the_gpu_asked_for(fake_trt: Any, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the logic around the TensorRT API with fake modules (no TensorRT or GPU here): on a
+    two-GPU host, `export build --gpu 1` builds with GPU 1's context current (TensorRT builds for the
+    current device) and keys the engine with GPU 1's name; a Runtime(gpu=1) looks up that key and
+    opens the engine on GPU 1; an index beyond the GPUs is an error naming how many there are."""
+    import argparse
+
+    from edge_runtime import backends
+    from edge_runtime import runtime as rt_mod
+    from edge_runtime.backends import OrtBackend
+    from edge_runtime.runtime import Runtime
+    from export import cli
+
+    FAKE_CUDA.gpu_names = ["NVIDIA A10", "NVIDIA L4"]
+    onnx_path = fp32_onnx(tmp_path / "m.onnx")
+    build_engine(onnx_path, tmp_path / "a.engine", precision="fp32", workspace_mb=64, target_hw=(8, 8),
+                 progress=False, device_index=1)
+    assert fake_trt.created["builder_gpu"] == 1 and FAKE_CUDA.current() is None  # popped after the build
+    build_engine(onnx_path, tmp_path / "b.engine", precision="fp32", workspace_mb=64, target_hw=(8, 8),
+                 progress=False)
+    assert fake_trt.created["builder_gpu"] == 0
+    with pytest.raises(BackendError, match="expected an index from 0 to 1 .2 GPUs here., found 2"):
+        build_engine(onnx_path, tmp_path / "c.engine", precision="fp32", workspace_mb=64, target_hw=(8, 8),
+                     progress=False, device_index=2)
+
+    bundle = Path(__file__).resolve().parents[1] / "edge_runtime" / "models" / "us-lesion-det"
+    cache_dir = tmp_path / "engines"
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    assert cli.run(parser.parse_args(["build", str(bundle), "--cache", str(cache_dir), "--precision", "fp16",
+                                      "--device", "x86-dgpu", "--gpu", "1"])) == 0
+    (built,) = cache_dir.glob("*.engine")
+    assert json.loads(EngineCache(cache_dir).sidecar_path(built).read_text())["key"]["gpu_name"] == "NVIDIA L4"
+    assert fake_trt.created["builder_gpu"] == 1
+
+    opened: list[tuple[str, int]] = []
+
+    class FakeTrt(OrtBackend):  # runs the ONNX model but reports itself as TensorRT
+        name = "tensorrt"
+
+        def __init__(self, engine_path: Path, *, precision: str = "fp32", device_index: int = 0,
+                     **_: object) -> None:
+            super().__init__(bundle / "fp16.onnx", precision=precision)
+            opened.append((Path(engine_path).name, device_index))
+
+    for module in (rt_mod, backends):
+        monkeypatch.setattr(module, "tensorrt_available", lambda: (True, "fake TensorRT"))
+    monkeypatch.setattr(backends, "TrtBackend", FakeTrt)
+    with Runtime(bundle, "x86-dgpu", precision="fp16", engine_cache_dir=cache_dir, build_engines=False,
+                 gpu=1) as rt:
+        assert rt.backend is not None and rt.backend.name == "tensorrt"
+    assert opened == [(built.name, 1)]
+    with Runtime(bundle, "x86-dgpu", precision="fp16", engine_cache_dir=cache_dir, build_engines=False) as rt:
+        assert rt.backend is not None and rt.backend.name == "onnxruntime"  # GPU 0 is an A10: no engine yet
+    with pytest.raises(ConfigError, match="a CUDA device index >= 0"):
+        Runtime(bundle, "x86-dgpu", gpu=-1)
 
 
 def test_engine_key_validation() -> None:

@@ -32,10 +32,11 @@ without graphs from then on: a graph can cost speed, never a result.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,15 +244,50 @@ class DeviceIdentity:
     sm_count: int
 
 
+def _cuda_device(device_index: int) -> Any:
+    """pycuda's Device ``device_index`` (CUDA initialised), or BackendError naming the GPUs there are."""
+    cuda = require_pycuda()
+    cuda.init()
+    count = cuda.Device.count()
+    if not 0 <= device_index < count:
+        raise BackendError(f"CUDA device: expected an index from 0 to {count - 1} ({count} GPUs here), "
+                           f"found {device_index}")
+    return cuda.Device(device_index)
+
+
 def probe_device(device_index: int = 0) -> DeviceIdentity:
     """TensorRT version and GPU name / compute capability / SM count, for the engine cache key."""
     version = require_tensorrt()
     cuda = require_pycuda()
-    cuda.init()
-    device = cuda.Device(device_index)
+    device = _cuda_device(device_index)
     major, minor = device.compute_capability()
     sm_count = int(device.get_attribute(cuda.device_attribute.MULTIPROCESSOR_COUNT))
     return DeviceIdentity(version, str(device.name()), f"{major}.{minor}", sm_count)
+
+
+_primary_contexts: dict[int, Any] = {}  # device index -> its retained primary context, kept for the process
+_primary_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def on_device(device_index: int) -> Iterator[None]:
+    """GPU ``device_index``'s primary context current in this thread for the block.
+
+    TensorRT binds a builder, and the engine it builds, to the CUDA device current in the calling
+    thread (NVIDIA's FAQ on multiple GPUs: select the device before calling the builder); the CUDA
+    runtime that TensorRT calls uses the context pycuda makes current. The context stays retained
+    (as the CUDA runtime's own would), so TensorRT objects freed after the block still have it.
+    """
+    device = _cuda_device(device_index)
+    with _primary_lock:
+        ctx = _primary_contexts.get(device_index)
+        if ctx is None:
+            ctx = _primary_contexts[device_index] = device.retain_primary_context()
+    ctx.push()
+    try:
+        yield
+    finally:
+        require_pycuda().Context.pop()
 
 
 _trt_logger: tuple[Any, Any] | None = None  # (the tensorrt module, its one logger)
@@ -409,11 +445,8 @@ class TrtBackend(Backend):
         if not self.engine_path.is_file():
             raise BackendError(f"TensorRT engine: expected a file at {self.engine_path}, found none")
         cuda = require_pycuda()
-        cuda.init()
-        if self.device_index >= cuda.Device.count():
-            raise BackendError(f"CUDA device: expected index < {cuda.Device.count()}, found {self.device_index}")
         self._cuda = cuda
-        self._cuda_ctx = cuda.Device(self.device_index).retain_primary_context()
+        self._cuda_ctx = _cuda_device(self.device_index).retain_primary_context()
         self._cuda_ctx.push()
         ok = False
         try:

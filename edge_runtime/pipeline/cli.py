@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 # key -> (type(s) accepted, default)
 KEYS: dict[str, tuple[Any, Any]] = {
     "source": (str, None), "bundle": ((str, list), None), "processor": (str, None), "workers": (int, 1),
-    "device": (str, None), "record": (str, None), "video": (bool, False), "view": ((str, bool), None),
+    "device": (str, None), "gpu": (int, 0), "record": (str, None), "video": (bool, False), "view": ((str, bool), None),
     "realtime": (bool, True), "loop": (bool, False), "bind": (str, None), "keys": (str, None),
     "insecure": (bool, False), "duration": ((int, float), None), "mode": (str, "process"),
     "transport": (str, "auto"), "report": (str, None), "frame_timeout": ((int, float), None), "shared_memory": (bool, False), "source_options": (dict, {}), "settings": (dict, {}),
@@ -47,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                             "joined by '+' (testing and benchmarks)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1)")
     parser.add_argument("--device", help="device config name or YAML path, passed to the Runtime")
+    parser.add_argument("--gpu", type=int, metavar="N", help="CUDA device the models' engines are built for "
+                                                             "and run on (default 0)")
     parser.add_argument("--record", metavar="DIR", help="write DIR/results.jsonl (and videos with --video)")
     parser.add_argument("--video", action="store_true", default=None, help="annotated video per stream in --record")
     parser.add_argument("--view", nargs="?", const=True, metavar="DIR",
@@ -123,6 +125,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
             options[key] = value
     if not options["source"]:
         raise ConfigError(expected("--source SPEC (or 'source:' in --config)", "none"))
+    if options["gpu"] < 0:  # checked here: the workers would each fail to load
+        raise ConfigError(expected("--gpu N >= 0 (a CUDA device index)", options["gpu"]))
     if bool(options["bundle"]) == bool(options["processor"]):
         raise ConfigError(expected("exactly one of --bundle PATH or --processor NAME",
                                    "both" if options["bundle"] else "neither"))
@@ -170,7 +174,8 @@ def _as_list(value: Any) -> list[Any]:
 def run(args: argparse.Namespace) -> int:
     o = resolve(args)
     processor = (BuiltinProcessor(o["processor"]) if o["processor"]
-                 else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"]))
+                 else RuntimeProcessor(tuple(str(b) for b in _as_list(o["bundle"])), device=o["device"],
+                                    gpu=o["gpu"]))
     realtime = bool(o["realtime"])
     o["source_options"] = {**o["source_options"], **_stated(o, args)}
     options = tuple(sorted(o["source_options"].items()))

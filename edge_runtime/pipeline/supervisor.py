@@ -112,6 +112,7 @@ class RuntimeProcessor:
     bundles: tuple[str, ...]
     device: str | None = None
     spinning: str | None = None  # overrides the device config's cpu_spinning (off / run / always)
+    gpu: int = 0  # the CUDA device for TensorRT engines (and ONNX Runtime's CUDA provider)
 
     def __post_init__(self) -> None:
         if isinstance(self.bundles, str) or not self.bundles:
@@ -120,7 +121,7 @@ class RuntimeProcessor:
     def __call__(self) -> Any:
         from ..runtime import Runtime, RuntimeSet  # written elsewhere: imported only when used
 
-        runtimes = [Runtime(b, device=self.device, spinning=self.spinning) for b in self.bundles]
+        runtimes = [Runtime(b, device=self.device, spinning=self.spinning, gpu=self.gpu) for b in self.bundles]
         made = runtimes[0] if len(runtimes) == 1 else RuntimeSet(runtimes)
         made.load()
         return made  # the worker calls .process(frame) and, at the end, .close()
