@@ -1,4 +1,8 @@
-"""Synthetic ultrasound and X-ray frames with ground truth, deterministic from a seed.
+"""Synthetic ultrasound and X-ray frames with ground truth, deterministic from a seed on one machine.
+
+Deterministic per CPU instruction set, not across them: numpy's and OpenCV's SIMD kernels round
+differently (AVX2 vs AVX-512), moving a few pixels per frame by one level, so hashes of frames
+made on another CPU differ (metrics do not move measurably).
 
 Ultrasound (B-mode): tissue reflectivity (layers, smooth texture, lesions) is attenuated along each
 beam, multiplied by complex (IQ) Gaussian scatterers and filtered with a separable Gaussian point

@@ -48,7 +48,9 @@ def _as_dets(dets: Iterable[Any]) -> list[tuple[np.ndarray, float, str]]:
 
 
 def _as_truth(truth: Any) -> tuple[np.ndarray, list[str]]:
-    """A GroundTruth (boxes, labels) or a (boxes, labels) tuple."""
+    """A GroundTruth (boxes, labels), a (boxes, labels) tuple, or None (a frame without objects)."""
+    if truth is None:
+        return np.zeros((0, 4), np.float64), []
     if hasattr(truth, "boxes"):
         return np.asarray(truth.boxes, np.float64).reshape(-1, 4), [str(v) for v in truth.labels]
     boxes, labels = truth
@@ -101,8 +103,12 @@ def average_precision(pairs: Sequence[tuple[Any, Any]], iou: float = 0.5,
             per_class[cls] = None
             continue
         order = np.argsort(-scores, kind="stable")
-        tp = tp[order]
+        tp, ranked = tp[order], scores[order]
         ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
+        # One operating point per distinct score (the last of a run of equal scores): detections of
+        # one score are kept or dropped together, so their input order cannot change the AP.
+        last = np.r_[ranked[1:] != ranked[:-1], True]
+        ctp, cfp = ctp[last], cfp[last]
         recall = ctp / n_truth
         precision = ctp / np.maximum(ctp + cfp, 1)
         mrec = np.concatenate([[0.0], recall, [1.0]])

@@ -61,6 +61,18 @@ def test_ap_is_per_class_then_mean() -> None:
     assert res2["ap"] == 1.0
 
 
+def test_ap_of_tied_scores_does_not_depend_on_their_order() -> None:
+    """A TP and an FP of one score are kept or dropped together: one point at recall 1, precision
+    1/2, so AP 0.5 in either order (was 1.0 with the TP listed first). A frame without truth (None)
+    counts its detections as false positives."""
+    truth = GroundTruth(boxes=[[0, 0, 10, 10]], labels=["a"])
+    hit, miss = Detection((0, 0, 10, 10), 0.7, "a"), Detection((50, 50, 60, 60), 0.7, "a")
+    assert average_precision([([hit, miss], truth)])["ap"] == pytest.approx(0.5)
+    assert average_precision([([miss, hit], truth)])["ap"] == pytest.approx(0.5)
+    empty = average_precision([([hit], truth), ([Detection((0, 0, 5, 5), 0.9, "a")], None)])
+    assert empty["ap"] == pytest.approx(0.5) and sensitivity_at_fppi([([hit], truth), ([], None)]) == 1.0
+
+
 def test_sensitivity_at_fppi_hand_computed() -> None:
     pairs = _pairs(True)  # 2 images; ranked TP TP FP FP FP TP
     assert sensitivity_at_fppi(pairs, fppi=0.5) == pytest.approx(2 / 3)  # at most 1 FP

@@ -15,6 +15,7 @@ pytest.importorskip("torch", reason="PyTorch (the train extra) is not installed"
 from edge_runtime.bundle import Bundle
 from edge_runtime.errors import ConfigError
 from export.training import data
+from export.training import train as train_mod
 from export.training.cli import NAMES
 from export.training.train import RECIPES, train
 
@@ -23,8 +24,19 @@ SMOKE = {"steps": 2, "n_train": 4, "n_eval": 2, "n_tune": 1, "phantom_size": (96
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
-def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path) -> None:
+def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    moved: dict[str, float] = {}
+    real_fit = train_mod._fit
+
+    def fit(recipe, net, *args, **kwargs):  # the real loop; records how far each parameter moved
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        out = real_fit(recipe, net, *args, **kwargs)
+        moved.update({n: float((p.detach() - before[n]).abs().max()) for n, p in net.named_parameters()})
+        return out
+
+    monkeypatch.setattr(train_mod, "_fit", fit)
     bundle = train(name, tmp_path / name, **SMOKE)
+    assert moved and [n for n, d in moved.items() if not d > 0] == []  # the optimiser updated every parameter
     again = Bundle.load(tmp_path / name)  # re-verified from disk: hashes of every file
     assert again.sha256 == bundle.sha256
     m = bundle.manifest
@@ -45,16 +57,43 @@ def test_recipe_smoke_run_writes_a_verified_bundle(name: str, tmp_path) -> None:
         assert "ap50" in m["metrics"] and "params" in m["baselines"]
 
 
-@pytest.mark.parametrize("name", ["us-despeckle", "xr-denoise"])
+@pytest.mark.parametrize("name", list(RECIPES))
 def test_training_is_deterministic_for_a_seed(name: str, tmp_path) -> None:
+    """Same seed, same weights (on one machine: phantoms differ in the last bit across instruction
+    sets); another seed, other weights."""
     weights = []
-    for run in ("a", "b"):
-        train(name, tmp_path / run, **SMOKE)
+    for run, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(name, tmp_path / run, seed=seed, **SMOKE)
         proto = onnx.load(str(tmp_path / run / "fp32.onnx"))
         weights.append({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer})
-    assert weights[0].keys() == weights[1].keys()
+    assert weights[0].keys() == weights[1].keys() == weights[2].keys()
     for k in weights[0]:
         np.testing.assert_array_equal(weights[0][k], weights[1][k])
+    assert any(not np.array_equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_train_refuses_to_replace_a_folder_that_is_not_a_bundle_and_bad_counts(tmp_path) -> None:
+    precious = tmp_path / "work" / "notes.txt"
+    precious.parent.mkdir()
+    precious.write_text("keep me")
+    with pytest.raises(ConfigError, match="no manifest.json"):
+        train("us-despeckle", tmp_path / "work", **SMOKE)
+    assert precious.read_text() == "keep me"
+    for bad in (0, -3):
+        with pytest.raises(ConfigError, match="steps: expected an integer >= 1"):
+            train("us-despeckle", tmp_path / "new", **{**SMOKE, "steps": bad})
+    bundle = train("us-despeckle", tmp_path / "b", **{**SMOKE, "steps": 3})  # an earlier bundle is replaced
+    assert bundle.manifest["training"]["recipe"].endswith("--seed 0 --steps 3")
+    assert train("us-despeckle", tmp_path / "b", **SMOKE).manifest["training"]["steps"] == 2
+
+
+def test_a_card_for_a_bundle_written_elsewhere_goes_beside_it(tmp_path) -> None:
+    from export.training.cards import DOCS_DIR
+
+    shipped = {p: p.read_bytes() for p in DOCS_DIR.rglob("us-lesion-det*")}
+    train("us-lesion-det", tmp_path / "mine", **{**SMOKE, "card": True})
+    assert (tmp_path / "mine-card" / "us-lesion-det.md").is_file()
+    assert {p: p.read_bytes() for p in DOCS_DIR.rglob("us-lesion-det*")} == shipped  # the shipped card untouched
 
 
 def test_unknown_model_and_bad_seed_are_config_errors(tmp_path) -> None:

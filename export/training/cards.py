@@ -316,7 +316,8 @@ def _common_head(ctx: dict[str, Any]) -> list[str]:
         (f"- Wall time of the whole recipe on this 2-core machine: {t['wall_s']:.0f} s (training loop"
         f" {t['train_s']:.0f} s, phantom generation {t.get('phantom_generation_s', 0):.0f} s). Loss log:"
         f" `{t['loss_log']}` in the bundle."),
-        f"- Reproduce: `{t['recipe']}` (then `edge-runtime models card {m['name']}` for this page).",
+        (f"- Reproduce: `{t['recipe']}` (then `edge-runtime models card {m['name']}` for this page); bit for"
+         " bit on the same CPU type only (phantom pixels differ in the last level across instruction sets)."),
         "",
     ]
     return lines
@@ -346,7 +347,8 @@ def _detector_card(ctx: dict[str, Any]) -> str:
         "",
         f"- Target AP50 >= {target:.2f}: **{'met' if met else 'missed'}** ({mod['ap50']:.3f}).",
         (f"- Baseline parameters, tuned by grid search on {m['baselines']['tuned_on']}:"
-        f" `{json.dumps(m['baselines']['params'])}` (tuning AP50 {m['baselines']['tuning_ap50']})."),
+        f" `{json.dumps(m['baselines']['params'])}` (tuning AP50 {m['baselines']['tuning_ap50']})."
+        + _grid_edges(m['name'], m['baselines']['params'])),
         "",
         f"![detections](img/{m['name']}.png)",
         "",
@@ -354,6 +356,20 @@ def _detector_card(ctx: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _grid_edges(name: str, chosen: dict[str, Any]) -> str:
+    """Which tuned values sit at an end of the searched range (a wider grid might do better there)."""
+    grid = baselines.detector_grid(name)
+    edges = []
+    for key, value in chosen.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # a switch or a list of radii has no range to extend
+        searched = sorted({g[key] for g in grid})
+        if len(searched) > 1 and value in (searched[0], searched[-1]):
+            edges.append(f"{key} {value:g} (searched {', '.join(f'{v:g}' for v in searched)})")
+    return (" At an end of the searched range, so the baseline may be under-tuned there: " + "; ".join(edges) + "."
+            if edges else "")
 
 
 def _per_class(d: dict[str, Any]) -> str:
@@ -475,8 +491,7 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
         for k in ["input", "model", *filters]:
             lines.append(f"| {k} | {r[k]['speckle_snr']:.2f} | {r[k]['enl']:.1f} | {r[k]['epi']:.3f} |"
                          f" {_fmt(r[k].get('ms_per_frame'), 1)} |")
-        lines += ["", ("Smoothing always raises SNR/ENL and lowers EPI; read the two together. These frames are"
-                       " JPEG-compressed cardiac images, far from the phantoms the model learned from.")]
+        lines += ["", _real_us_note(r)]
     elif m["modality"] != ["US"]:
         lines += ["", ("No real radiograph is available offline here (the pydicom test files hold none), so this"
                        " model is characterised on phantoms only.")]
@@ -486,6 +501,18 @@ def _enhancer_card(ctx: dict[str, Any]) -> str:
                + ("; last row: a real pydicom ultrasound frame (orange box: the homogeneous region)." if real else "."))
     lines += ["", f"![before and after](img/{m['name']}.png)", "", caption, ""]
     return "\n".join(lines)
+
+
+def _real_us_note(r: dict[str, Any]) -> str:
+    """What the real-cine table says, from its numbers (a fixed sentence once claimed the opposite)."""
+    inp, model = r["input"], r["model"]
+    note = "A filter that raises SNR/ENL but lowers EPI smooths edges too; read the two together."
+    if model["speckle_snr"] < inp["speckle_snr"]:
+        note += (f" **On these frames the model does not despeckle**: it lowers the speckle SNR"
+                 f" ({inp['speckle_snr']:.2f} -> {model['speckle_snr']:.2f}) and ENL ({inp['enl']:.1f} ->"
+                 f" {model['enl']:.1f}) in the homogeneous region.")
+    return note + (" These frames are JPEG-compressed cardiac images, far from the phantoms the model learned"
+                   " from.")
 
 
 def _cv_name(k: str) -> str:

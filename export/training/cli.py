@@ -24,10 +24,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     tr = sub.add_parser("train", help="train one reference model and write its bundle (and card)")
     tr.add_argument("name", choices=NAMES)
-    tr.add_argument("--out", help="bundle directory (default: edge_runtime/models/NAME)")
+    tr.add_argument("--out", help="bundle directory, replaced whole if it holds a bundle (default: "
+                                  "edge_runtime/models/NAME)")
     tr.add_argument("--steps", type=int, help="optimisation steps (default: the recipe's)")
     tr.add_argument("--seed", type=int, default=0, help="training seed, 0..89 (default 0)")
-    tr.add_argument("--no-card", action="store_true", help="skip regenerating docs/models/NAME.md")
+    tr.add_argument("--no-card", action="store_true", help="skip writing the model card (docs/models/NAME.md for "
+                                                           "the shipped bundle, OUT-card/ beside OUT with --out)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars")
     rx = sub.add_parser("reexport", help="write a bundle's fp32.onnx again from its weights with the current "
                         "exporter (no training); leaves an FP32-only bundle: then `export reference NAME --repair`")

@@ -1,4 +1,5 @@
-"""Phantom datasets for the reference models, generated in memory and deterministic.
+"""Phantom datasets for the reference models, generated in memory and deterministic on one machine
+(across CPUs a few pixels differ by one level: see edge_runtime.phantoms).
 
 Frames go through the bundle's own ``Preprocessor`` (the code the runtime runs), and are kept
 as the integers the pre-processor scaled (uint8 / uint16), which reproduces its float tensor

@@ -372,13 +372,17 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
     recipe = get_recipe(name)
     if not 0 <= seed < data.HELDOUT_BASE // data.TRAIN_STRIDE:
         raise ConfigError(expected(f"seed in 0..{data.HELDOUT_BASE // data.TRAIN_STRIDE - 1}", seed))
-    recipe = replace(recipe, steps=steps or recipe.steps, n_train=n_train or recipe.n_train,
-                     n_eval=n_eval or recipe.n_eval, n_tune=n_tune or recipe.n_tune)
+    given = {"steps": steps, "n_train": n_train, "n_eval": n_eval, "n_tune": n_tune}
+    for key, value in given.items():  # None: the recipe's; 0 must not quietly mean "the recipe's" too
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"train {key}: {expected('an integer >= 1', value)}")
+    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
     make_train, make_eval = recipe.make_train, recipe.make_eval
     if phantom_size is not None:  # smoke tests: tiny phantoms
         make_train = _sized(make_train, phantom_size)
         make_eval = _sized(make_eval, phantom_size)
     out_dir = Path(out) if out is not None else MODELS_DIR / name
+    _check_replaceable(out_dir)  # before the minutes of training, not after
     wall0 = time.perf_counter()
     _setup(seed)
     pre = Preprocessor(recipe.preprocess, {"name": "image", "shape": recipe.input_shape},
@@ -421,6 +425,7 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
         manifest["training"]["wall_s"] = round(time.perf_counter() - wall0, 1)
         manifest["training"]["phantom_generation_s"] = round(gen_s, 1)
         write_bundle(stage, manifest)
+        _check_replaceable(out_dir)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -429,8 +434,26 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
     if card:
         from .cards import write_card
 
-        write_card(name, bundle_dir=out_dir, progress=progress)
+        # A bundle written elsewhere gets its card beside it (not inside: a bundle holds only listed
+        # files); docs/models describes the shipped ones.
+        shipped = out_dir.resolve() == (MODELS_DIR / name).resolve()
+        write_card(name, bundle_dir=out_dir, docs_dir=None if shipped else card_dir(out_dir), progress=progress)
     return bundle
+
+
+def card_dir(out_dir: Path) -> Path:
+    """Where ``models train --out DIR`` writes the card: DIR-card beside the bundle."""
+    return out_dir.with_name(out_dir.name + "-card")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """``out_dir`` may be replaced by a new bundle: absent, empty, or a bundle (has a manifest.json).
+    Anything else (a typo such as ``--out .``) is refused rather than deleted."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise ConfigError(expected("--out as a bundle directory to write", f"{out_dir}: not a directory"))
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+        raise ConfigError(expected("--out absent, empty or an earlier bundle (it is replaced whole)",
+                                   f"{out_dir}: a folder with other files and no manifest.json"))
 
 
 def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, atol: float = 1e-5) -> Bundle:
@@ -490,13 +513,14 @@ def _manifest(recipe: Recipe, seed: int, counts: dict[str, Any], fit: dict[str, 
                        "info": {**export_info, "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3)}}],
         "tolerances": recipe.tolerances,
         "training": {
-            "recipe": f"edge-runtime models train {recipe.name} --seed {seed}",
+            "recipe": f"edge-runtime models train {recipe.name} --seed {seed}"
+                      + (f" --steps {recipe.steps}" if recipe.steps != get_recipe(recipe.name).steps else ""),
             "seed": seed, "steps": recipe.steps, "batch": recipe.batch, "crop": recipe.crop, "lr": recipe.lr,
             "optimizer": "AdamW (weight decay 1e-4), warm-up then cosine",
             "loss": ("CenterNet focal (heatmap) + L1 log-size + L1 offset" if recipe.task == "detection"
                      else f"{recipe.loss.upper()} against the clean reference"),
             "train_seeds": [data.train_seeds(seed, recipe.n_train)[0], data.train_seeds(seed, recipe.n_train)[-1]],
-            "heldout_seeds": [data.HELDOUT_BASE, data.HELDOUT_BASE + recipe.n_eval - 1],
+            "heldout_seeds": [data.heldout_seeds(recipe.n_eval)[0], data.heldout_seeds(recipe.n_eval)[-1]],
             "phantom": recipe.phantom, "counts": counts,
             "architecture": {"family": recipe.family, "config": recipe.arch},
             "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3),
