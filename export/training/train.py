@@ -376,7 +376,8 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
     for key, value in given.items():  # None: the recipe's; 0 must not quietly mean "the recipe's" too
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"train {key}: {expected('an integer >= 1', value)}")
-    recipe = replace(recipe, **{k: v for k, v in given.items() if v is not None})
+    recipe = replace(recipe, steps=steps or recipe.steps, n_train=n_train or recipe.n_train,
+                     n_eval=n_eval or recipe.n_eval, n_tune=n_tune or recipe.n_tune)  # each >= 1 or None here
     make_train, make_eval = recipe.make_train, recipe.make_eval
     if phantom_size is not None:  # smoke tests: tiny phantoms
         make_train = _sized(make_train, phantom_size)
