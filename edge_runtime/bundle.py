@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ ARTIFACT_KINDS = ("onnx", "engine")
 # its specialisations: "onnxruntime" serves "onnxruntime-cpu".
 TARGETS = ("tensorrt", "onnxruntime", "onnxruntime-cpu")
 DEFAULT_TARGETS = ("tensorrt", "onnxruntime")  # what artifact(target=None) must serve: every backend
+HEX64 = re.compile(r"[0-9a-f]{64}")
 REQUIRED = ("format", "format_version", "name", "task", "modality", "inputs", "outputs",
             "preprocess", "postprocess", "artifacts", "files")
 
@@ -134,7 +136,7 @@ class Bundle:
             raise BundleError(f"{where}: " + expected(f"fields {list(REQUIRED)}", f"missing {missing}"))
         if m["format"] != FORMAT:
             raise BundleError(f"{where}: " + expected(f"format {FORMAT!r}", m["format"]))
-        if m["format_version"] != FORMAT_VERSION:
+        if type(m["format_version"]) is not int or m["format_version"] != FORMAT_VERSION:  # true == 1 in Python
             raise BundleError(f"{where}: " + expected(f"format_version {FORMAT_VERSION}", m["format_version"]))
         if m["task"] not in TASKS:
             raise BundleError(f"{where}: " + expected(f"task in {TASKS}", m["task"]))
@@ -143,21 +145,43 @@ class Bundle:
             raise BundleError(f"{where}: " + expected("files as an object {path: sha256 hex string}",
                                                       type(files).__name__ if not isinstance(files, dict) else
                                                       sorted({type(v).__name__ for v in files.values()})))
+        bad_hash = [k for k, v in files.items() if not HEX64.fullmatch(v)]
+        if bad_hash:
+            raise BundleError(f"{where}: " + expected("each file's sha256 as 64 lower-case hex digits",
+                                                      f"{bad_hash[0]}: {files[bad_hash[0]][:70]!r}"))
+        for key in ("inputs", "outputs"):
+            tensors = m[key]
+            if not (isinstance(tensors, list) and tensors and all(
+                    isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("shape"), list)
+                    for t in tensors)):
+                raise BundleError(f"{where}: " + expected(f"{key} as a non-empty list of {{name, dtype, shape}}",
+                                                          str(tensors)[:80]))
+        if not (isinstance(m["modality"], list) and m["modality"] and all(isinstance(v, str) for v in m["modality"])):
+            raise BundleError(f"{where}: " + expected('modality as a list of DICOM codes, e.g. ["US"]', m["modality"]))
+        if m.get("bits_stored") is not None and (type(m["bits_stored"]) is not int or not 1 <= m["bits_stored"] <= 16):
+            raise BundleError(f"{where}: " + expected("bits_stored as an integer 1..16 or null", m["bits_stored"]))
         arts = m["artifacts"]
-        if not isinstance(arts, list) or not all(isinstance(a, dict) and isinstance(a.get("info", {}), dict)
-                                                 for a in arts):
-            raise BundleError(f"{where}: " + expected("artifacts as a list of objects (with an optional info "
-                                                      "object)", arts if not isinstance(arts, list) else
-                                                      [type(a).__name__ for a in arts]))
+        if not isinstance(arts, list):
+            raise BundleError(f"{where}: " + expected("artifacts as a list of objects", type(arts).__name__))
+        for i, a in enumerate(arts):
+            if not (isinstance(a, dict) and all(isinstance(a.get(k, {}), dict) for k in ("info", "metrics"))):
+                raise BundleError(f"{where}: artifacts[{i}]: " + expected(
+                    "an object (with optional info and metrics objects)",
+                    str(a)[:80] if not isinstance(a, dict) else {k: type(a.get(k)).__name__ for k in ("info", "metrics")}))
+        if not any(a.get("kind") == "onnx" and a.get("precision") == "fp32" for a in arts):
+            raise BundleError(f"{where}: artifacts: " + expected("an fp32 onnx artefact (the model the others derive from)",
+                                                      [(a.get("kind"), a.get("precision")) for a in arts]))
         for key in ("preprocess", "postprocess"):
             if not isinstance(m[key], dict):
                 raise BundleError(f"{where}: " + expected(f"{key} as an object", type(m[key]).__name__))
         validation = m.get("validation")
         if validation is not None and not (isinstance(validation, dict)
-                                           and isinstance(validation.get("passed", False), bool)):
-            raise BundleError(f"{where}: " + expected("validation as an object with a boolean 'passed'",
-                                                      validation if not isinstance(validation, dict)
-                                                      else validation.get("passed")))
+                                           and isinstance(validation.get("passed"), bool)
+                                           and validation.get("file") in files):
+            raise BundleError(f"{where}: " + expected(
+                "validation as an object with a boolean 'passed' and a 'file' listed in files",
+                validation if not isinstance(validation, dict)
+                else {k: validation.get(k) for k in ("passed", "file")}))
         seen: dict[tuple[Any, Any], list[set[str]]] = {}  # (kind, precision) -> targets of each artefact
         for a in arts:
             if a.get("kind") not in ARTIFACT_KINDS or a.get("precision") not in PRECISIONS:
@@ -240,3 +264,26 @@ class Bundle:
                 problems.append(f"{rel}: present but not listed in the manifest")
         if problems:
             raise BundleError(f"bundle {self.path} failed verification, refusing it: " + "; ".join(problems))
+        self._check_gate_report()
+
+    def _check_gate_report(self) -> None:
+        """The manifest's gate record says what its (hashed) report says: the same verdict, and the report
+        judged this bundle's fp32 model (where it records its sha256). Without this, editing
+        manifest.json alone could serve an INT8 file whose report failed, or one judged on another model."""
+        record = self.manifest.get("validation")
+        if not isinstance(record, dict):
+            return
+        where = f"{self.path / MANIFEST}: validation"
+        try:
+            report = json.loads((self.path / record["file"]).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{where}: " + expected("a readable JSON report", type(exc).__name__)) from None
+        if not isinstance(report, dict) or report.get("passed") is not record["passed"]:
+            raise BundleError(f"{where}: " + expected(f"the report's verdict passed={record['passed']}",
+                                                      report.get("passed") if isinstance(report, dict) else report))
+        judged = report.get("fp32", {}).get("sha256") if isinstance(report.get("fp32"), dict) else None
+        fp32 = [self.manifest["files"].get(a.get("file")) for a in self.manifest["artifacts"]
+                if a.get("kind") == "onnx" and a.get("precision") == "fp32"]
+        if judged and judged not in fp32:
+            raise BundleError(f"{where}: " + expected(f"a report on this bundle's fp32 model ({str(fp32[0])[:12]}...)",
+                                                      f"one judged against {str(judged)[:12]}... (another model)"))

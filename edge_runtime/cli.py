@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from .errors import EdgeRuntimeError
+from .errors import EdgeRuntimeError, describe_error
 
 # group -> (module, one-line help)
 GROUPS: dict[str, tuple[str, str]] = {
@@ -54,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         # Our own errors already say what was expected and found: no traceback for users.
         print(f"edge-runtime {group}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file where a folder was meant, a full disk: no traceback, and no path
+        # (file names can identify patients: describe_error drops them)
+        print(f"edge-runtime {group}: {type(exc).__name__}: {describe_error(exc)} (check the paths given)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"edge-runtime {group}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Fields
   backend             str    preferred inference backend: "tensorrt", "onnxruntime", or "auto"
                              (TensorRT when it is installed and the engine builds, else ONNX Runtime)
   precisions          list   allowed precisions, a non-empty subset of fp32, fp16, int8 (no duplicates);
-                             int8 needs compute capability >= 6.1 when one is given
+                             int8 needs compute capability 6.1 or >= 7.0 when one is given
   dla_cores           int    NVIDIA Deep Learning Accelerator cores usable by TensorRT (0 = none)
   trt_workspace_mb    int    cap on TensorRT's builder workspace in MiB; null = TensorRT's default
                              (null required when the backend can never be TensorRT)
@@ -236,9 +236,9 @@ def validate(raw: object, origin: str, *, stem: str | None = None) -> DeviceConf
         raise c.fail("backend", "tensorrt or auto when dla_cores > 0 (only TensorRT drives the DLA)", cfg.backend)
     if "int8" in cfg.precisions and cfg.compute_capability is not None:
         major, minor = (int(p) for p in (cfg.compute_capability.split(".") + ["0"])[:2])
-        if (major, minor) < (6, 1):
-            raise c.fail("precisions", f"no int8 at compute capability {cfg.compute_capability} (int8 needs >= 6.1)",
-                         list(cfg.precisions))
+        if (major, minor) < (6, 1) or (major, minor) == (6, 2):  # dp4a: 6.1 and 7.0+; not the TX2's 6.2
+            raise c.fail("precisions", f"no int8 at compute capability {cfg.compute_capability} (int8 needs 6.1 "
+                         "or >= 7.0)", list(cfg.precisions))
     return cfg
 
 
@@ -247,6 +247,8 @@ def _load_file(path: Path) -> DeviceConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(expected("a readable device config file", f"{path}: {exc.strerror}")) from None
+    except UnicodeDecodeError:  # a DICOM or an image given as --device
+        raise ConfigError(expected("a UTF-8 YAML device config", "a binary file (not named: it may be a patient's)")) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .errors import InputError, expected
+from .errors import ConfigError, InputError, expected
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -27,6 +27,8 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     try:
         out.mkdir(parents=True, mode=DIR_MODE)
     except FileExistsError:
+        if not out.is_dir():  # named without its path: a file name can identify a patient
+            raise ConfigError(expected("an output folder", "a file of that name")) from None
         return out
     os.chmod(out, os.stat(out).st_mode & DIR_MODE)  # at most 0750, whatever the umask let through
     return out

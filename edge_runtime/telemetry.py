@@ -165,7 +165,7 @@ class JetsonStats:
 _JETSON = JetsonStats()
 
 
-def device_health(jetson: JetsonStats | None = None) -> dict[str, float]:
+def device_health(jetson: JetsonStats | None = None, thermal: Path = Path("/sys/class/thermal")) -> dict[str, float]:
     """Cheap health readings: 1-min load and the hottest thermal zone (Jetson and most Linux boxes),
     plus GPU load, EMC, RAM, board power and jtop's temperatures where jetson-stats runs."""
     health: dict[str, float] = {}
@@ -174,11 +174,17 @@ def device_health(jetson: JetsonStats | None = None) -> dict[str, float]:
     except OSError:
         pass
     temps = []
-    for zone in Path("/sys/class/thermal").glob("thermal_zone*/temp"):
+    for zone in thermal.glob("thermal_zone*/temp"):
         try:
-            temps.append(int(zone.read_text().strip()) / 1000.0)
+            # L4T 32 (Nano, TX2, Xavier) has a PMIC-Die zone that always reads 100 C, a placeholder;
+            # an offline zone reads -256 C.
+            if (zone.parent / "type").read_text().strip() == "PMIC-Die":
+                continue
+            celsius = int(zone.read_text().strip()) / 1000.0
         except (OSError, ValueError):
             continue
+        if celsius > -100:
+            temps.append(celsius)
     if temps:
         health["temp_c_max"] = round(max(temps), 1)
     health.update((jetson or _JETSON).read())

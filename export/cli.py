@@ -361,10 +361,11 @@ def _read_json(path: str, what: str) -> Any:
         raise ConfigError(f"{what} {path}: {exc}") from None
 
 
-def _gate_record(report: dict[str, Any], derived: dict[str, Path]) -> dict[str, Any]:
-    """manifest["validation"] from a validation.json, checked against the FP16/INT8 files being bundled:
-    each must have a passing result in the report (matched by sha256 where the report records it, else
-    by file name). The runtime serves FP16/INT8 only when this record says passed."""
+def _gate_record(report: dict[str, Any], derived: dict[str, Path], fp32: Path | None = None) -> dict[str, Any]:
+    """manifest["validation"] from a validation.json, checked against the files being bundled: the FP32
+    it judged against must be ``fp32`` (where the report records its sha256: reports since 2026-12-03),
+    and each FP16/INT8 file must have a passing result in it (matched by sha256 where the report
+    records it, else by file name). The runtime serves FP16/INT8 only when this record says passed."""
     from edge_runtime.bundle import sha256_file
 
     from .validate import REPORT_FORMAT
@@ -372,6 +373,11 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path]) -> dict[str, 
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise ConfigError("--validation: " + expected(f"a {REPORT_FORMAT} report", type(report).__name__ if
                                                       not isinstance(report, dict) else report.get("format")))
+    judged = (report.get("fp32") or {}).get("sha256") if isinstance(report.get("fp32"), dict) else None
+    if judged and fp32 is not None and judged != (mine := sha256_file(fp32)):
+        raise ConfigError("--validation: " + expected(
+            f"a report on this bundle's fp32 model (sha256 {mine[:12]}...)",
+            f"one judged against fp32 sha256 {str(judged)[:12]}... (another model: validate this bundle's files)"))
     cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
     for name, path in derived.items():
         if not path.is_file():
@@ -413,7 +419,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     # Only this call's report speaks for these files (a template's record may describe other ones).
     manifest.pop("validation", None)
     if args.validation:
-        manifest["validation"] = _gate_record(_read_json(args.validation, "--validation"), derived)
+        fp32 = files["fp32.onnx"] or (out / "fp32.onnx")
+        manifest["validation"] = _gate_record(_read_json(args.validation, "--validation"), derived,
+                                              Path(fp32) if Path(fp32).is_file() else None)
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")

@@ -326,6 +326,7 @@ class ValidationReport:
     threads: int = 2  # intra-op threads the candidates ran with
     fp32_threads: int = 2  # ... and the FP32 reference (computed separately when validate() is given ``ref``)
     backends: list[str] = field(default_factory=list)  # what ran the models (backend_name of each file)
+    fp32_sha256: str = ""  # the FP32 file the candidates were judged against (bundling checks it)
 
     @property
     def passed(self) -> bool:
@@ -354,7 +355,8 @@ class ValidationReport:
                 "frames": self.frames, "source": self.source, "validation_set_sha256": self.validation_set_sha256,
                 "tolerances": self.tolerances, "tolerance_source": self.tolerance_source,
                 "gated_metrics": list(GATED[self.task]), "passed": self.passed,
-                "fp32": {"metrics": self.fp32, "ms_per_frame": self.fp32_ms_per_frame},
+                "fp32": {"metrics": self.fp32, "ms_per_frame": self.fp32_ms_per_frame,
+                         **({"sha256": self.fp32_sha256} if self.fp32_sha256 else {})},
                 "candidates": [{**asdict(c), "passed": c.passed, "failures": [asdict(f) for f in c.failures]}
                                for c in self.candidates],
                 "repair": self.repair, "repairs": self.repairs,
@@ -488,7 +490,8 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
                               tolerance_source={m: "manifest" if m in given and tolerances is None else
                                                 "caller" if tolerances is not None else "default" for m in tol},
                               threads=threads, fp32_threads=ref.threads,
-                              backends=sorted({backend_name(p) for p in [fp32, *candidates.values()]}))
+                              backends=sorted({backend_name(p) for p in [fp32, *candidates.values()]}),
+                              fp32_sha256=sha256_file(fp32))
     for precision, path in candidates.items():
         report.candidates.append(evaluate_candidate(path, precision, evalset, ref, tol, threads=threads,
                                                     progress=progress, fppi=fppi))

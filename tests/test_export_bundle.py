@@ -267,14 +267,44 @@ def test_derived_artefact_of_another_fp32_is_refused_as_stale(bundle: Path) -> N
     assert Bundle.load(bundle, verify=False).manifest["files"]["fp32.onnx"] == fp32_sha  # the old manifest stays
 
 
-@pytest.mark.parametrize(("field", "value"), [("artifacts", ["fp32.onnx"]), ("files", {"fp32.onnx": None}),
-                                              ("preprocess", "window"), ("artifacts", {"file": "fp32.onnx"})])
+@pytest.mark.parametrize(("field", "value"), [
+    ("artifacts", ["fp32.onnx"]), ("files", {"fp32.onnx": None}), ("preprocess", "window"),
+    ("artifacts", {"file": "fp32.onnx"}), ("inputs", "x"), ("outputs", [{"shape": [1]}]), ("modality", "XR"),
+    ("format_version", True), ("bits_stored", 40), ("artifacts", [])])
 def test_malformed_manifest_is_a_bundle_error(bundle: Path, field: str, value: object) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
     m[field] = value
     (bundle / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match=field):
         Bundle.load(bundle)
+
+
+def test_a_hash_that_is_not_lower_case_hex_is_refused(bundle: Path) -> None:
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["files"]["fp32.onnx"] = m["files"]["fp32.onnx"].upper()  # was read as "stale" naming the same hash
+    (bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="64 lower-case hex digits"):
+        Bundle.load(bundle)
+
+
+def test_a_gate_report_on_another_fp32_model_is_refused(tmp_path: Path) -> None:
+    """A report records the sha256 of the FP32 it judged: bundling it with another model's fp32.onnx
+    (a mixed bundle: one model's gate, another's weights) is refused, and so is such a bundle on load."""
+    from edge_runtime.bundle import sha256_file
+    from edge_runtime.errors import ConfigError
+
+    blur_model(tmp_path / "other.onnx", damage=0.5)
+    report = _report({"fp16.onnx": True}) | {"fp32": {"metrics": {}, "sha256": sha256_file(tmp_path / "other.onnx")}}
+    with pytest.raises(ConfigError, match="judged against fp32 sha256"):
+        _bundle_with_report(tmp_path, report)
+    blur_model(tmp_path / "model.onnx")
+    report["fp32"] = {"metrics": {}, "sha256": sha256_file(tmp_path / "model.onnx")}
+    assert _bundle_with_report(tmp_path, report) == 0  # the right model: bundled
+    out = tmp_path / "out"
+    blur_model(out / "fp32.onnx", damage=0.5)  # swap the weights, re-hash the manifest
+    m = json.loads((out / "manifest.json").read_text())
+    with pytest.raises(BundleError, match="another model"):
+        write_bundle(out, m)
 
 
 def test_write_bundle_leaves_no_temporary_manifest_on_failure(bundle: Path) -> None:

@@ -84,6 +84,19 @@ def test_health_merges_jtop_over_thermal_zones(socket: Path) -> None:
     reader.close()
 
 
+def test_thermal_zones_skip_the_placeholder_and_offline_sensors(tmp_path: Path) -> None:
+    """L4T 32's PMIC-Die zone always reads 100 C and an offline zone -256 C: neither is the hottest."""
+    for i, (kind, milli) in enumerate((("CPU-therm", "45500"), ("PMIC-Die", "100000"), ("GPU-therm", "-256000"),
+                                       ("AO-therm", "garbage"))):
+        zone = tmp_path / f"thermal_zone{i}"
+        zone.mkdir()
+        (zone / "type").write_text(kind + "\n")
+        (zone / "temp").write_text(milli + "\n")
+    off = JetsonStats(factory=lambda interval: FakeJtop(interval), socket=tmp_path / "absent.sock")
+    assert device_health(off, thermal=tmp_path)["temp_c_max"] == 45.5
+    assert "temp_c_max" not in device_health(off, thermal=tmp_path / "none")
+
+
 def test_no_service_socket_means_no_client(tmp_path: Path) -> None:
     reader = JetsonStats(factory=lambda interval: FakeJtop(interval), socket=tmp_path / "absent.sock")
     FakeJtop.instances.clear()

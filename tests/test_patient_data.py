@@ -198,3 +198,39 @@ def test_recorded_images_are_not_world_readable(tmp_path: Path, monkeypatch: pyt
         assert stat.S_IMODE(p.stat().st_mode) & 0o007 == 0, (p.name, oct(p.stat().st_mode))
     for d in (out, record):
         assert stat.S_IMODE(d.stat().st_mode) & 0o007 == 0, (d.name, oct(d.stat().st_mode))
+
+
+def test_newcomer_mistakes_are_one_line_errors_without_the_path(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DICOM file given where a folder or a YAML file is meant, a bundle or device that is not there,
+    Ctrl-C: exit status 1 (130 for Ctrl-C) and one line naming what was expected, no traceback and no
+    file name (it can identify a patient); `run` checks bundles and device before starting workers
+    (it printed a traceback per worker restart and could exit 0)."""
+    dcm = tmp_path / "Doe^Jane.dcm"
+    dcm.write_bytes(Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes())
+    cases = [
+        (["infer", "--bundle", "us-lesion-det", "--source", "phantom:us", "--out", str(dcm)], "an output folder"),
+        (["run", "--source", "phantom:us", "--processor", "identity", "--mode", "thread", "--duration", "1",
+          "--record", str(dcm)], "an output folder"),
+        (["keys", "generate", str(dcm)], "File exists"),
+        (["devices", "--config", str(dcm)], "a UTF-8 YAML device config"),
+        (["run", "--source", "phantom:us", "--bundle", "nope", "--mode", "thread", "--duration", "1"],
+         "a bundle directory"),
+        (["run", "--source", "phantom:us", "--bundle", "us-lesion-det", "--device", "nope", "--mode", "thread",
+          "--duration", "1"], "a device config name"),
+    ]
+    for argv, says in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and "Doe" not in err, (argv, err)
+
+    from edge_runtime import infer
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer, "run", interrupted)
+    assert main(["infer", "--bundle", "us-lesion-det", "--source", "phantom:us", "--out", str(tmp_path / "o")]) == 130
+    assert "interrupted" in capsys.readouterr().err

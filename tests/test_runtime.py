@@ -211,12 +211,19 @@ def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:
     (root / "int8.onnx").write_bytes((root / "fp32.onnx").read_bytes())
     m = json.loads((root / "manifest.json").read_text())
     m["artifacts"].append({"file": "int8.onnx", "kind": "onnx", "precision": "int8"})
-    m["validation"] = {"passed": False}
-    write_bundle(root, m)
-    assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "fp32"
-    m["validation"] = {"passed": True}
-    write_bundle(root, m)
-    assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "int8"
+    for passed, served in ((False, "fp32"), (True, "int8")):
+        (root / "validation.json").write_text(json.dumps({"passed": passed}))
+        m["validation"] = {"file": "validation.json", "passed": passed}
+        write_bundle(root, m)
+        assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == served
+    # The manifest's record must say what the hashed report says, and name a report that is there.
+    # (write_bundle re-reads what it wrote, so the writer refuses it as the runtime would)
+    m["validation"] = {"file": "validation.json", "passed": False}
+    with pytest.raises(BundleError, match="verdict passed=False"):
+        write_bundle(root, m)
+    m["validation"] = {"file": "nope.json", "passed": True}
+    with pytest.raises(BundleError, match="a 'file' listed in files"):
+        write_bundle(root, m)
 
 
 def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_path: Path) -> None:
@@ -252,7 +259,8 @@ def _int8_bundle(root: Path, *, cpu_form: bool = True) -> Path:
         _invert_model(root / "int8_cpu.onnx", "Mul", 0.5)  # y = 0.5 x
         m["artifacts"].append({"file": "int8_cpu.onnx", "kind": "onnx", "precision": "int8",
                                "targets": ["onnxruntime-cpu"]})
-    m["validation"] = {"passed": True}
+    (root / "validation.json").write_text(json.dumps({"passed": True}))  # the gate's report
+    m["validation"] = {"file": "validation.json", "passed": True}
     write_bundle(root, m)
     return root
 
@@ -357,7 +365,8 @@ def test_auto_precision_serves_fp32_where_int8_weights_would_saturate(tmp_path: 
     m = blur_manifest() | {"artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32"},
                                          {"file": "int8.onnx", "kind": "onnx", "precision": "int8",
                                           "targets": ["tensorrt", "onnxruntime"]}],
-                           "validation": {"passed": True}}
+                           "validation": {"file": "validation.json", "passed": True}}
+    (root / "validation.json").write_text(json.dumps({"passed": True}))
     write_bundle(root, m)
     frame = _xr(64, 64)
     for exact in (True, False):
@@ -395,7 +404,7 @@ def test_a_malformed_gate_record_is_refused_not_read_as_passed(tmp_path: Path, v
     (root / "manifest.json").write_text(json.dumps(m))  # edited by hand (write_bundle refuses it too)
     with pytest.raises(BundleError, match="validation as an object with a boolean 'passed'"):
         Bundle.load(root)
-    m["validation"] = None  # no gate record: FP32 only
+    m["validation"] = None  # no gate record: FP32 only (the report stays, unread)
     write_bundle(root, m)
     assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == "fp32"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, expected
+from ..outputs import private_dir
 from .builtins import BuiltinProcessor
 from .nodes import NodeSettings
 from .protocol import Limits
@@ -92,6 +93,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(expected("a readable YAML config file", f"{p}: {exc.strerror}")) from exc
+    except UnicodeDecodeError:
+        raise ConfigError(expected("a UTF-8 YAML config file", "a binary file (not named: it may be a patient's)")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(expected("valid YAML", f"{p}: {exc}")) from exc
     if data is None:
@@ -186,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
               "every frame is replayed at the pipeline's pace")
         realtime = False
     source = SourceSpec(o["source"], realtime=realtime, loop=bool(o["loop"]), options=options)
+    for folder in {o["record"], o["report"]} - {None}:  # a file named there fails now, not after the run
+        private_dir(folder)
     view = o["view"]
     report = run_pipeline(
         source, processor, n_workers=int(o["workers"]), mode=o["mode"], record_dir=o["record"],

@@ -118,6 +118,16 @@ class RuntimeProcessor:
         if isinstance(self.bundles, str) or not self.bundles:
             raise ConfigError(expected("a non-empty tuple of bundle paths", self.bundles))
 
+    def check(self) -> None:
+        """Raise the error a worker would meet first (a bundle that is not there or fails verification,
+        an unknown device config), here in the supervisor, before workers restart on it in a loop."""
+        from ..bundle import Bundle
+        from ..runtime import resolve_bundle, resolve_device
+
+        for b in self.bundles:
+            Bundle.load(resolve_bundle(b))
+        resolve_device(self.device)
+
     def __call__(self) -> Any:
         from ..runtime import Runtime, RuntimeSet  # written elsewhere: imported only when used
 
@@ -413,6 +423,9 @@ class Supervisor:
     def start(self) -> None:
         c = self.config
         c.validate()
+        check = getattr(self.make_processor, "check", None)  # e.g. RuntimeProcessor: bundles and device
+        if callable(check):
+            check()
         s = c.settings
         self.endpoints = ep = self._endpoints()
         self.ctx = zmq.Context()
