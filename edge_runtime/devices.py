@@ -19,15 +19,18 @@ Fields
                              checked against a normal run, failures fall back); false for kind cpu.
                              Never run on a GPU here, so every shipped config has it off
   memory_budget_mb    int    memory the runtime may use for models, engines and frame buffers, in MiB
-                             (on a Jetson this is shared with the OS and the CPU side)
+                             (on a Jetson this is shared with the OS and the CPU side); informational:
+                             nothing enforces it yet (the TensorRT workspace cap is trt_workspace_mb)
   cpu_threads         int    threads for ONNX Runtime's CPU provider and pre/post-processing; 0 = all cores
   cpu_spinning        str    ONNX Runtime's intra-op threads: "off" (false) sleep whenever they wait;
                              "run" spin during a run and sleep after it; "always" (true) keep spinning
                              (ONNX Runtime's default). Lower latency vs time stolen from the source,
                              sinks and other models (edge_runtime/backends/onnxruntime.py has figures)
   target_fps          float  frame rate the device class is expected to sustain for a 512x512 stream
+                             (informational: shown by `edge-runtime devices`, not used to pace anything)
   tensorrt_version    str    TensorRT the device ships with ("10.3" on JetPack 6), quoted; null = none or
-                             whatever is installed (a TensorRT engine is tied to this version)
+                             whatever is installed (a TensorRT engine is tied to this version);
+                             informational: engines are keyed on the TensorRT actually installed
   compute_capability  str    CUDA compute capability ("8.7" for Orin), quoted; null = no GPU or any GPU
   match               list   case-insensitive substrings of /proc/device-tree/model that identify the
                              device; the longest matching pattern across all configs wins; [] = never
