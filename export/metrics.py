@@ -107,7 +107,7 @@ def average_precision(pairs: Sequence[tuple[Any, Any]], iou: float = 0.5,
         ctp, cfp = np.cumsum(tp), np.cumsum(~tp)
         # One operating point per distinct score (the last of a run of equal scores): detections of
         # one score are kept or dropped together, so their input order cannot change the AP.
-        last = np.r_[ranked[1:] != ranked[:-1], True]
+        last = np.r_[ranked[1:] != ranked[:-1], True] if len(ranked) else np.zeros(0, bool)
         ctp, cfp = ctp[last], cfp[last]
         recall = ctp / n_truth
         precision = ctp / np.maximum(ctp + cfp, 1)

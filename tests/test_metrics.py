@@ -71,6 +71,7 @@ def test_ap_of_tied_scores_does_not_depend_on_their_order() -> None:
     assert average_precision([([miss, hit], truth)])["ap"] == pytest.approx(0.5)
     empty = average_precision([([hit], truth), ([Detection((0, 0, 5, 5), 0.9, "a")], None)])
     assert empty["ap"] == pytest.approx(0.5) and sensitivity_at_fppi([([hit], truth), ([], None)]) == 1.0
+    assert average_precision([([], truth)])["ap"] == 0.0  # nothing detected
 
 
 def test_sensitivity_at_fppi_hand_computed() -> None:
