@@ -697,11 +697,12 @@ class WorkerNode:
                         continue
                 if isinstance(result, Exception):
                     counters.drops["processor_error"] += 1
+                    detail = f"{type(result).__name__}: {describe_error(result)[:200]}"  # no file names
                     counters.warn("processor_error", "%s: processor failed on %s/%d (%d so far): %s", identity,
-                                  frame.stream_id, frame.seq, counters.drops["processor_error"], type(result).__name__)
+                                  frame.stream_id, frame.seq, counters.drops["processor_error"], detail)
                     parts = protocol.encode_control(
                         "error", node=identity, reason="processor_error", stream=frame.stream_id, seq=frame.seq,
-                        detail=f"{type(result).__name__}: {str(result)[:200]}", t_ns=time.monotonic_ns())
+                        detail=detail, t_ns=time.monotonic_ns())
                 else:
                     result.stamps = {**frame.stamps, **result.stamps}
                     result.stamps["result_send"] = time.monotonic_ns()
