@@ -158,8 +158,9 @@ class Bundle:
                                                           str(tensors)[:80]))
         if not (isinstance(m["modality"], list) and m["modality"] and all(isinstance(v, str) for v in m["modality"])):
             raise BundleError(f"{where}: " + expected('modality as a list of DICOM codes, e.g. ["US"]', m["modality"]))
-        if m.get("bits_stored") is not None and (type(m["bits_stored"]) is not int or not 1 <= m["bits_stored"] <= 16):
-            raise BundleError(f"{where}: " + expected("bits_stored as an integer 1..16 or null", m["bits_stored"]))
+        if m.get("bits_stored") is not None and (type(m["bits_stored"]) is not int or not 0 <= m["bits_stored"] <= 16):
+            raise BundleError(f"{where}: " + expected("bits_stored as an integer 0..16 (0: all bits) or null",
+                                                      m["bits_stored"]))
         arts = m["artifacts"]
         if not isinstance(arts, list):
             raise BundleError(f"{where}: " + expected("artifacts as a list of objects", type(arts).__name__))
@@ -177,7 +178,8 @@ class Bundle:
         validation = m.get("validation")
         if validation is not None and not (isinstance(validation, dict)
                                            and isinstance(validation.get("passed"), bool)
-                                           and validation.get("file") in files):
+                                           and isinstance(validation.get("file"), str)
+                                           and validation["file"] in files):
             raise BundleError(f"{where}: " + expected(
                 "validation as an object with a boolean 'passed' and a 'file' listed in files",
                 validation if not isinstance(validation, dict)
@@ -267,22 +269,36 @@ class Bundle:
         self._check_gate_report()
 
     def _check_gate_report(self) -> None:
-        """The manifest's gate record says what its (hashed) report says: the same verdict, and the report
-        judged this bundle's fp32 model (where it records its sha256). Without this, editing
-        manifest.json alone could serve an INT8 file whose report failed, or one judged on another model."""
+        """A gate record that says passed is backed by its (hashed) report: every FP16/INT8 ONNX file of
+        the bundle has a passing result there (matched by sha256 where the report records it, else by
+        file name, as `export bundle` matched them), and the report judged this bundle's fp32 model
+        (where it records its sha256). Without this, editing manifest.json alone could serve an INT8
+        file whose gate failed, or a file judged on another model. A record that says failed serves
+        only FP32 and needs no report."""
         record = self.manifest.get("validation")
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or record.get("passed") is not True:
             return
         where = f"{self.path / MANIFEST}: validation"
         try:
             report = json.loads((self.path / record["file"]).read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise BundleError(f"{where}: " + expected("a readable JSON report", type(exc).__name__)) from None
-        if not isinstance(report, dict) or report.get("passed") is not record["passed"]:
-            raise BundleError(f"{where}: " + expected(f"the report's verdict passed={record['passed']}",
-                                                      report.get("passed") if isinstance(report, dict) else report))
+        if not isinstance(report, dict):
+            raise BundleError(f"{where}: " + expected("a JSON object report", type(report).__name__))
+        files = self.manifest["files"]
+        cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
+        for a in self.manifest["artifacts"]:
+            if a.get("kind") != "onnx" or a.get("precision") == "fp32":
+                continue
+            digest = files.get(a["file"])
+            match = [c for c in cands if c.get("sha256") == digest] or \
+                    [c for c in cands if not c.get("sha256") and c.get("file") == a["file"]]
+            if not match or not all(c.get("passed") is True for c in match):
+                raise BundleError(f"{where}: " + expected(
+                    f"a passing result for {a['file']} in {record['file']} (the record says passed)",
+                    "a failed one" if match else "none"))
         judged = report.get("fp32", {}).get("sha256") if isinstance(report.get("fp32"), dict) else None
-        fp32 = [self.manifest["files"].get(a.get("file")) for a in self.manifest["artifacts"]
+        fp32 = [files.get(a.get("file")) for a in self.manifest["artifacts"]
                 if a.get("kind") == "onnx" and a.get("precision") == "fp32"]
         if judged and judged not in fp32:
             raise BundleError(f"{where}: " + expected(f"a report on this bundle's fp32 model ({str(fp32[0])[:12]}...)",

@@ -45,7 +45,9 @@ def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) ->
            "toolchain": body.get("toolchain") or toolchain_versions(),
            "created": body.get("created") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "files": files}
-    Bundle(root, out, "")._check_schema()  # refuse before the old manifest is replaced
+    candidate = Bundle(root, out, "")
+    candidate._check_schema()  # refuse before the old manifest is replaced
+    candidate._check_gate_report()
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".manifest-", suffix=".json")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600: a bundle is read by other users (the runtime's service)

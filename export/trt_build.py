@@ -26,6 +26,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -472,7 +473,7 @@ def build_engine(
         raise ExportError(f"build: DLA runs static shapes only; found dynamic profiles for {dynamic} (build for "
                           "the GPU, or give one shape as min, opt and max)")
 
-    with on_device(device_index):  # TensorRT builds for the GPU current in this thread
+    def build() -> BuildReport:  # its locals, the TensorRT objects, are freed on return: GPU N still current
         logger = make_trt_logger()
         mark = error_mark(logger)
         builder = trt.Builder(logger)
@@ -584,6 +585,13 @@ def build_engine(
             network_inputs=[_tensor_info(network.get_input(i)) for i in range(network.num_inputs)],
             network_outputs=[_tensor_info(network.get_output(i)) for i in range(network.num_outputs)],
         )
+
+    with on_device(device_index):  # TensorRT builds for the GPU current in this thread
+        try:
+            return build()
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)  # a failed build's TensorRT objects, freed here too
+            raise
 
 
 def engine_key_for(

@@ -226,6 +226,10 @@ def test_bundle_gate_record_comes_from_the_report_not_the_template(tmp_path: Pat
     assert _bundle_with_report(tmp_path, _report({"fp16.onnx": True}), template_passed=False) == 0
     b = Bundle.load(tmp_path / "out")
     assert b.manifest["validation"]["passed"] is True and b.manifest["validation"]["frames"] == 200
+    # Bundling only the candidates that passed (what the gate's error advises) loads: the record speaks
+    # for the bundled files, not for the report's failed int8.
+    assert _bundle_with_report(tmp_path, _report({"fp16.onnx": True, "int8.onnx": False})) == 0
+    assert Bundle.load(tmp_path / "out").manifest["validation"]["passed"] is True
 
 
 def test_bundle_refuses_a_failed_or_missing_gate_result(tmp_path: Path) -> None:

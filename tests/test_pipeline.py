@@ -127,6 +127,8 @@ def test_a_restarted_source_is_new_and_its_predecessors_stragglers_late() -> Non
     same = Reorderer(window=1)  # a sender stamping every frame alike: seq order
     assert [x.seq for s in (3, 4, 2) for x in same.push(r(s, 0))] == [3] and same.late == 1
     assert is_late((0, 7), (0, 7)) and not is_late((1, 0), (0, 7)) and is_late((0, 6), (0, 7))
+    rebooted = 1000 + 11_000_000_000  # the last result's capture, 11 s of uptime after the new clock's 1000
+    assert not is_late((1000, 0), (rebooted, 500)) and is_late((rebooted - 9_000_000_000, 0), (rebooted, 500))
 
 
 def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:

@@ -212,18 +212,28 @@ def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:
     m = json.loads((root / "manifest.json").read_text())
     m["artifacts"].append({"file": "int8.onnx", "kind": "onnx", "precision": "int8"})
     for passed, served in ((False, "fp32"), (True, "int8")):
-        (root / "validation.json").write_text(json.dumps({"passed": passed}))
+        _gate_report(root, {"int8.onnx": passed})
         m["validation"] = {"file": "validation.json", "passed": passed}
         write_bundle(root, m)
         assert choose_precision(Bundle.load(root), load_config("cpu-x86")) == served
-    # The manifest's record must say what the hashed report says, and name a report that is there.
-    # (write_bundle re-reads what it wrote, so the writer refuses it as the runtime would)
-    m["validation"] = {"file": "validation.json", "passed": False}
-    with pytest.raises(BundleError, match="verdict passed=False"):
+    # A record that says passed needs its hashed report to say so for every FP16/INT8 file, and must
+    # name a report that is there; the writer refuses before replacing the manifest.
+    _gate_report(root, {"int8.onnx": False})
+    with pytest.raises(BundleError, match="a passing result for int8.onnx"):
         write_bundle(root, m)
+    assert Bundle.load(root, verify=False).manifest["validation"]["passed"] is True  # the old manifest stays
     m["validation"] = {"file": "nope.json", "passed": True}
     with pytest.raises(BundleError, match="a 'file' listed in files"):
         write_bundle(root, m)
+    m["validation"] = {"file": ["validation.json"], "passed": True}
+    with pytest.raises(BundleError, match="a 'file' listed in files"):
+        write_bundle(root, m)
+
+
+def _gate_report(root: Path, results: dict[str, bool]) -> None:
+    """A minimal validation.json: one result per file, by name (as reports without sha256 match)."""
+    (root / "validation.json").write_text(json.dumps(
+        {"passed": all(results.values()), "candidates": [{"file": f, "passed": ok} for f, ok in results.items()]}))
 
 
 def test_onnxruntime_spinning_follows_the_device_config_unless_overridden(tmp_path: Path) -> None:
@@ -259,7 +269,7 @@ def _int8_bundle(root: Path, *, cpu_form: bool = True) -> Path:
         _invert_model(root / "int8_cpu.onnx", "Mul", 0.5)  # y = 0.5 x
         m["artifacts"].append({"file": "int8_cpu.onnx", "kind": "onnx", "precision": "int8",
                                "targets": ["onnxruntime-cpu"]})
-    (root / "validation.json").write_text(json.dumps({"passed": True}))  # the gate's report
+    _gate_report(root, {a["file"]: True for a in m["artifacts"] if a["precision"] != "fp32"})
     m["validation"] = {"file": "validation.json", "passed": True}
     write_bundle(root, m)
     return root
@@ -366,7 +376,7 @@ def test_auto_precision_serves_fp32_where_int8_weights_would_saturate(tmp_path: 
                                          {"file": "int8.onnx", "kind": "onnx", "precision": "int8",
                                           "targets": ["tensorrt", "onnxruntime"]}],
                            "validation": {"file": "validation.json", "passed": True}}
-    (root / "validation.json").write_text(json.dumps({"passed": True}))
+    _gate_report(root, {"int8.onnx": True})
     write_bundle(root, m)
     frame = _xr(64, 64)
     for exact in (True, False):

@@ -76,7 +76,10 @@ def test_train_refuses_to_replace_a_folder_that_is_not_a_bundle_and_bad_counts(t
     precious = tmp_path / "work" / "notes.txt"
     precious.parent.mkdir()
     precious.write_text("keep me")
-    with pytest.raises(ConfigError, match="no manifest.json"):
+    with pytest.raises(ConfigError, match="no bundle manifest.json"):
+        train("us-despeckle", tmp_path / "work", **SMOKE)
+    (precious.parent / "manifest.json").write_text('{"name": "a web app"}')  # someone else's manifest
+    with pytest.raises(ConfigError, match="no bundle manifest.json"):
         train("us-despeckle", tmp_path / "work", **SMOKE)
     assert precious.read_text() == "keep me"
     for bad in (0, -3):

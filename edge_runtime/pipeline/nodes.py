@@ -124,13 +124,18 @@ def position(header: dict[str, Any]) -> Position:
     return int(header["capture_ns"]), int(header["seq"])
 
 
+REBOOT_GAP_NS = 10_000_000_000  # captured this long before the last result: a sender's clock restarted
+
+
 def is_late(pos: Position, last: Position | None) -> bool:
     """A result a sink should drop: captured no later than the last one it used.
 
     Capture time first: a restarted source numbers from seq 0 again but captures later (capture_ns
     is monotonic), so its frames are new, and a straggler from before the restart is late; seq
-    breaks ties (a client that stamps every frame alike is ordered by seq alone)."""
-    return last is not None and pos <= last
+    breaks ties (a client that stamps every frame alike is ordered by seq alone). A result captured
+    more than REBOOT_GAP_NS before the last one is no straggler (none is 10 s late) but a sender whose
+    monotonic clock started again (a rebooted cart, seen by a subscriber that stayed connected): new."""
+    return last is not None and pos <= last and last[0] - pos[0] <= REBOOT_GAP_NS
 
 
 def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,

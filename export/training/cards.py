@@ -359,17 +359,21 @@ def _detector_card(ctx: dict[str, Any]) -> str:
 
 
 def _grid_edges(name: str, chosen: dict[str, Any]) -> str:
-    """Which tuned values sit at an end of the searched range (a wider grid might do better there)."""
+    """Which tuned values sit at an end of a searched range (a wider grid might do better there); an
+    axis of two values always has its choice at an end, so those are only counted."""
     grid = baselines.detector_grid(name)
-    edges = []
+    edges, pairs = [], []
     for key, value in chosen.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue  # a switch or a list of radii has no range to extend
         searched = sorted({g[key] for g in grid})
-        if len(searched) > 1 and value in (searched[0], searched[-1]):
+        if len(searched) == 2:
+            pairs.append(key)
+        elif len(searched) > 2 and value in (searched[0], searched[-1]):
             edges.append(f"{key} {value:g} (searched {', '.join(f'{v:g}' for v in searched)})")
-    return (" At an end of the searched range, so the baseline may be under-tuned there: " + "; ".join(edges) + "."
+    text = (" At an end of its searched range, so the baseline may be under-tuned there: " + "; ".join(edges) + "."
             if edges else "")
+    return text + (f" Searched at two values only: {', '.join(pairs)}." if pairs else "")
 
 
 def _per_class(d: dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from edge_runtime import phantoms
+from edge_runtime.bundle import FORMAT as BUNDLE_FORMAT
 from edge_runtime.bundle import Bundle
 from edge_runtime.errors import ConfigError, ExportError, expected
 from edge_runtime.frames import Frame
@@ -382,7 +383,7 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
     if phantom_size is not None:  # smoke tests: tiny phantoms
         make_train = _sized(make_train, phantom_size)
         make_eval = _sized(make_eval, phantom_size)
-    out_dir = Path(out) if out is not None else MODELS_DIR / name
+    out_dir = (Path(out) if out is not None else MODELS_DIR / name).resolve()  # "." has no name to swap
     _check_replaceable(out_dir)  # before the minutes of training, not after
     wall0 = time.perf_counter()
     _setup(seed)
@@ -452,9 +453,16 @@ def _check_replaceable(out_dir: Path) -> None:
     Anything else (a typo such as ``--out .``) is refused rather than deleted."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ConfigError(expected("--out as a bundle directory to write", f"{out_dir}: not a directory"))
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "manifest.json").is_file():
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_bundle(out_dir):
         raise ConfigError(expected("--out absent, empty or an earlier bundle (it is replaced whole)",
-                                   f"{out_dir}: a folder with other files and no manifest.json"))
+                                   f"{out_dir}: a folder with other files and no bundle manifest.json"))
+
+
+def _is_bundle(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8")).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):  # absent, not JSON, not an object
+        return False
 
 
 def reexport(name: str, bundle_dir: str | os.PathLike[str] | None = None, *, atol: float = 1e-5) -> Bundle:
