@@ -457,8 +457,16 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle
+    from edge_runtime.postprocess import Postprocessor
+    from edge_runtime.preprocess import Preprocessor
 
     from .bundle_write import unpack_archive
+
+    def check(b: Bundle) -> tuple[str, str, int]:
+        # The runtime's own pre/post-processing built from the manifest: unknown or bad keys fail here,
+        # not at the first frame on a cart.
+        Postprocessor.from_manifest(b.manifest, Preprocessor.from_manifest(b.manifest))
+        return b.name, b.sha256, len(b.manifest["files"])
 
     failed = 0
     for target in args.bundles:
@@ -466,11 +474,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         try:
             if p.is_file():
                 with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
-                    b = Bundle.load(unpack_archive(p, tmp))
-                    name, sha, n = b.name, b.sha256, len(b.manifest["files"])
+                    name, sha, n = check(Bundle.load(unpack_archive(p, tmp)))
             else:
-                b = Bundle.load(p)
-                name, sha, n = b.name, b.sha256, len(b.manifest["files"])
+                name, sha, n = check(Bundle.load(p))
             print(f"OK {target}: {name}, {n} files verified, manifest sha256 {sha}")
         except EdgeRuntimeError as exc:
             failed += 1

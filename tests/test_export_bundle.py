@@ -47,6 +47,18 @@ def test_verify_ok_then_fails_after_one_flipped_byte(bundle: Path, capsys: pytes
     assert "FAILED" in out and "fp16.onnx" in out and "fp32.onnx" not in out
 
 
+def test_verify_builds_the_pre_and_post_processing_the_runtime_would(bundle: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """An unknown pre-processing key passed verify and failed only when a runtime loaded the bundle."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    m["preprocess"]["bogus"] = 1
+    write_bundle(bundle, m)  # hashes agree: only the key is wrong
+    assert _cli(["verify", str(bundle)]) == 1
+    assert "FAILED" in (out := capsys.readouterr().out) and "bogus" in out
+    root = Path(__file__).resolve().parents[1] / "edge_runtime" / "models"
+    assert _cli(["verify", *map(str, sorted(root.glob("*/")))]) == 0  # the shipped bundles pass
+
+
 def test_verify_fails_on_an_unlisted_file(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (bundle / "extra.onnx").write_bytes(b"\x08\x07")
     assert _cli(["verify", str(bundle)]) == 1
