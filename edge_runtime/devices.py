@@ -440,6 +440,22 @@ def cpu_int8(root: Path = Path("/"), *, machine: str | None = None) -> CpuInt8:
     return CpuInt8(model, machine, dots, machine.lower() not in X86 or bool(dots), flags is not None)
 
 
+# Jetson modules (/proc/device-tree/compatible part numbers, as jetson-stats reads them) whose dev kit
+# reports the same model string as a module we ship a config for, but with other memory or DLA cores.
+MODULES_WITHOUT_CONFIG = {
+    "p3767-0001": "Jetson Orin NX 8GB (1 NVDLA, 8 GB)",
+    "p3767-0004": "Jetson Orin Nano 4GB (4 GB)",
+    "p3701-0000": "Jetson AGX Orin 32GB (32 GB)",
+    "p3701-0004": "Jetson AGX Orin 32GB (32 GB)",
+}
+
+
+def _module_without_config(root: Path) -> str | None:
+    raw = _read_text(root / "proc" / "device-tree" / "compatible")  # NUL-separated strings
+    parts = " ".join((raw or "").split("\x00"))
+    return next((name for part, name in MODULES_WITHOUT_CONFIG.items() if part in parts), None)
+
+
 def detect(root: Path = Path("/"), *, machine: str | None = None,
            gpu_probe: Callable[[Path], str | None] = probe_gpu,
            configs: list[DeviceConfig] | None = None) -> Detected:
@@ -462,7 +478,13 @@ def detect(root: Path = Path("/"), *, machine: str | None = None,
         hits = [(len(p), c.name, p) for c in configs for p in c.match if p.lower() in dt_model.lower()]
         if hits:
             _, name, pattern = max(hits)
-            return Detected(name, f"device-tree model {dt_model!r} matches {pattern!r}", **facts)
+            reason = f"device-tree model {dt_model!r} matches {pattern!r}"
+            variant = _module_without_config(root)
+            if variant is not None:  # the dev-kit string is shared with the module the config describes
+                reason += (f"; but the module is {variant} ({name}'s settings may not fit it: memory, DLA "
+                           "cores; pass --device with a config of its own)")
+                log.warning("device: %s", reason)
+            return Detected(name, reason, **facts)
 
     def fallback(name: str, why: str) -> Detected:
         if name not in names:

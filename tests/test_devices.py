@@ -158,6 +158,21 @@ def test_jetson_detected_from_device_tree(tmp_path: Path, model: str, expected: 
     assert found.cpu_cores == 6
 
 
+@pytest.mark.parametrize(("compatible", "variant"), [
+    (b"nvidia,p3768-0000+p3767-0001\x00nvidia,p3767-0001\x00nvidia,tegra234\x00", "Orin NX 8GB"),
+    (b"nvidia,p3768-0000+p3767-0000\x00nvidia,p3767-0000\x00nvidia,tegra234\x00", None),
+])
+def test_a_module_variant_without_a_config_of_its_own_is_named(tmp_path: Path, compatible: bytes,
+                                                               variant: str | None) -> None:
+    """The Orin NX 8 GB dev kit reports the 16 GB module's model string: the device tree's compatible
+    part number (p3767-0001) tells them apart, and detection says the 16 GB settings may not fit."""
+    root = fake_root(tmp_path, model="NVIDIA Jetson Orin NX Engineering Reference Developer Kit", cpuinfo=ARM_CPUINFO)
+    (root / "proc" / "device-tree" / "compatible").write_bytes(compatible)
+    found = detect(root, machine="aarch64", gpu_probe=NO_GPU)
+    assert found.config == "jetson-orin-nx-16gb"
+    assert (variant in found.reason and "--device" in found.reason) if variant else "but the module" not in found.reason
+
+
 def test_cpu_only_machines_by_architecture(tmp_path: Path) -> None:
     root = fake_root(tmp_path, cpuinfo=X86_CPUINFO)
     x86 = detect(root, machine="x86_64", gpu_probe=NO_GPU)
