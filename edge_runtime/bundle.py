@@ -59,6 +59,20 @@ class Artifact:
         return not self.targets or any(target == t or target.startswith(t + "-") for t in self.targets)
 
 
+def gate_results(report: dict[str, Any], file: str, digest: str | None) -> list[dict[str, Any]]:
+    """A validation report's results for one file: by sha256 where the report records them, else by
+    file name (reports before per-candidate hashes). Shared by `export bundle` and bundle loading."""
+    cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
+    return [c for c in cands if c.get("sha256") == digest] or \
+           [c for c in cands if not c.get("sha256") and c.get("file") == file]
+
+
+def judged_fp32(report: dict[str, Any]) -> str | None:
+    """The sha256 of the FP32 model a validation report judged against (reports since 2026-12-03)."""
+    fp32 = report.get("fp32")
+    return fp32.get("sha256") if isinstance(fp32, dict) else None
+
+
 @dataclass
 class Bundle:
     path: Path
@@ -286,18 +300,15 @@ class Bundle:
         if not isinstance(report, dict):
             raise BundleError(f"{where}: " + expected("a JSON object report", type(report).__name__))
         files = self.manifest["files"]
-        cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
         for a in self.manifest["artifacts"]:
             if a.get("kind") != "onnx" or a.get("precision") == "fp32":
                 continue
-            digest = files.get(a["file"])
-            match = [c for c in cands if c.get("sha256") == digest] or \
-                    [c for c in cands if not c.get("sha256") and c.get("file") == a["file"]]
+            match = gate_results(report, a["file"], files.get(a["file"]))
             if not match or not all(c.get("passed") is True for c in match):
                 raise BundleError(f"{where}: " + expected(
                     f"a passing result for {a['file']} in {record['file']} (the record says passed)",
                     "a failed one" if match else "none"))
-        judged = report.get("fp32", {}).get("sha256") if isinstance(report.get("fp32"), dict) else None
+        judged = judged_fp32(report)
         fp32 = [files.get(a.get("file")) for a in self.manifest["artifacts"]
                 if a.get("kind") == "onnx" and a.get("precision") == "fp32"]
         if judged and judged not in fp32:

@@ -366,28 +366,27 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path], fp32: Path | 
     it judged against must be ``fp32`` (where the report records its sha256: reports since 2026-12-03),
     and each FP16/INT8 file must have a passing result in it (matched by sha256 where the report
     records it, else by file name). The runtime serves FP16/INT8 only when this record says passed."""
-    from edge_runtime.bundle import sha256_file
+    from edge_runtime.bundle import gate_results, judged_fp32, sha256_file
 
     from .validate import REPORT_FORMAT
 
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
         raise ConfigError("--validation: " + expected(f"a {REPORT_FORMAT} report", type(report).__name__ if
                                                       not isinstance(report, dict) else report.get("format")))
-    judged = (report.get("fp32") or {}).get("sha256") if isinstance(report.get("fp32"), dict) else None
+    judged = judged_fp32(report)
     if judged and fp32 is not None and judged != (mine := sha256_file(fp32)):
         raise ConfigError("--validation: " + expected(
             f"a report on this bundle's fp32 model (sha256 {mine[:12]}...)",
             f"one judged against fp32 sha256 {str(judged)[:12]}... (another model: validate this bundle's files)"))
-    cands = [c for c in report.get("candidates") or [] if isinstance(c, dict)]
     for name, path in derived.items():
         if not path.is_file():
             raise ConfigError(expected(f"{name}, listed in the manifest, in {path.parent} or given", "no such file"))
         digest = sha256_file(path)
-        match = [c for c in cands if c.get("sha256") == digest] or \
-                [c for c in cands if not c.get("sha256") and c.get("file") == name]
+        match = gate_results(report, name, digest)
         if not match:
-            raise ConfigError("--validation: " + expected(f"a result for {name} (sha256 {digest[:12]}...)",
-                                                           [c.get("file") for c in cands]))
+            raise ConfigError("--validation: " + expected(
+                f"a result for {name} (sha256 {digest[:12]}...)",
+                [c.get("file") for c in report.get("candidates") or [] if isinstance(c, dict)]))
         if not all(c.get("passed") for c in match):
             raise AccuracyGateError(f"{name} failed the accuracy gate in the --validation report; bundle only "
                                     "candidates that passed (or re-export with --repair)")

@@ -438,7 +438,7 @@ def train(name: str, out: str | os.PathLike[str] | None = None, *, steps: int | 
 
         # A bundle written elsewhere gets its card beside it (not inside: a bundle holds only listed
         # files); docs/models describes the shipped ones.
-        shipped = out_dir.resolve() == (MODELS_DIR / name).resolve()
+        shipped = out_dir == (MODELS_DIR / name).resolve()
         write_card(name, bundle_dir=out_dir, docs_dir=None if shipped else card_dir(out_dir), progress=progress)
     return bundle
 
@@ -449,8 +449,8 @@ def card_dir(out_dir: Path) -> Path:
 
 
 def _check_replaceable(out_dir: Path) -> None:
-    """``out_dir`` may be replaced by a new bundle: absent, empty, or a bundle (has a manifest.json).
-    Anything else (a typo such as ``--out .``) is refused rather than deleted."""
+    """``out_dir`` may be replaced by a new bundle: absent, empty, or a bundle (a manifest.json of
+    this format). Anything else (a typo such as ``--out ~``) is refused rather than deleted."""
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         raise ConfigError(expected("--out as a bundle directory to write", f"{out_dir}: not a directory"))
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_bundle(out_dir):
