@@ -10,8 +10,6 @@ ms per frame from the same process; for the enhancers also the real pydicom ultr
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from edge_runtime.results import Detection
 from export.metrics import edge_preservation_index, enl, speckle_snr
 
 from . import baselines, data, evaluate
-from .train import MODELS_DIR, RECIPES, get_recipe
+from .train import MODELS_DIR, RECIPES, get_recipe, machine_label
 
 DOCS_DIR = Path(__file__).resolve().parents[2] / "docs" / "models"
 REAL_US = "examples_ybr_color.dcm"  # pydicom test file: 30-frame cardiac cine, 240x320, JPEG baseline
@@ -178,13 +176,12 @@ def write_card(name: str, bundle_dir: str | Path | None = None, docs_dir: str | 
 
 def _timed_on() -> str:
     """The CPU the card's ms figures come from: they differ by machine (benchmarks/results/ has each)."""
-    from edge_runtime.devices import cpu_int8, cpu_name
+    from edge_runtime.devices import cpu_int8
     from edge_runtime.heap import pin_malloc_thresholds
 
-    cpu = cpu_int8()
     heap = ("; glibc malloc thresholds pinned for every contender (edge_runtime.heap: otherwise the filters'"
             " per-call arrays paid page faults on each call)" if pin_malloc_thresholds() else "")
-    return f"{cpu_name(model=cpu.model) or platform.machine()}, {os.cpu_count()} cores; int8 kernels: {cpu.describe()}{heap}"
+    return f"{machine_label()}; int8 kernels: {cpu_int8().describe()}{heap}"
 
 
 def _other_doses(m: dict[str, Any], onnx_path: Path, seeds: Any, filters: dict[str, Any], eval_dose: float,
@@ -313,7 +310,8 @@ def _common_head(ctx: dict[str, Any]) -> list[str]:
         f"- {t['steps']} steps, batch {t['batch']}" + (f", random {t['crop']}x{t['crop']} crops" if t["crop"] else "")
         + f", {t['optimizer']}, lr {t['lr']}; loss: {t['loss']}; seed {t['seed']}; PyTorch on {t['torch_threads']}"
         " CPU threads, deterministic algorithms.",
-        (f"- Wall time of the whole recipe on this 2-core machine: {t['wall_s']:.0f} s (training loop"
+        (f"- Wall time of the whole recipe on {t.get('trained_on', 'the 2-core machine that trained it')}:"
+         f" {t['wall_s']:.0f} s (training loop"
         f" {t['train_s']:.0f} s, phantom generation {t.get('phantom_generation_s', 0):.0f} s). Loss log:"
         f" `{t['loss_log']}` in the bundle."),
         (f"- Reproduce: `{t['recipe']}` (then `edge-runtime models card {m['name']}` for this page); bit for"

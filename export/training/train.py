@@ -93,6 +93,16 @@ class Recipe:
                 {"name": "offset", "dtype": "float32", "shape": [1, 2, h, w]}]
 
 
+def machine_label() -> str:
+    """The CPU a figure was measured on ("Intel(R) Xeon(R) Processor, 2 cores"): cards and the training
+    record name it, because times differ by machine."""
+    import platform
+
+    from edge_runtime.devices import cpu_name
+
+    return f"{cpu_name() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def _xr_eval_frame(seed: int, size: tuple[int, int] = (512, 512)) -> Frame:
     return data.xr_pair_frame(seed, size=size, dose=XR_EVAL_DOSE)
 
@@ -533,7 +543,7 @@ def _manifest(recipe: Recipe, seed: int, counts: dict[str, Any], fit: dict[str, 
             "phantom": recipe.phantom, "counts": counts,
             "architecture": {"family": recipe.family, "config": recipe.arch},
             "params": params, f"gflops_per_frame_{eval_hw}": round(gflops, 3),
-            "torch_threads": THREADS, "train_s": fit["train_s"], "final_loss": fit["final"],
+            "torch_threads": THREADS, "trained_on": machine_label(), "train_s": fit["train_s"], "final_loss": fit["final"],
             "loss_log": "train_log.jsonl", "calibration_method": recipe.calib_method,
             **({"repair_max_float": recipe.repair_max_float} if recipe.repair_max_float is not None else {}),
         },
