@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -153,3 +154,28 @@ def test_xr_denoise_beats_best_classical_filter_in_12_bit() -> None:
     ours, theirs, f, y = _enhancer_vs_baseline("xr-denoise", frames)
     assert ours > theirs + 0.5, (ours, theirs)
     assert y.dtype == np.uint16 and y.max() <= 4095 and f.bits_stored == 12
+
+
+def test_us_baseline_searches_inside_anechoic_cysts() -> None:
+    """A cyst reads 0 like the background outside the fan: the baseline's imaged-region mask must
+    still cover it (a mask of the non-zero pixels cut every black cyst out of the search)."""
+    from export.training import baselines
+
+    rng = np.random.default_rng(5)
+    img = np.zeros((512, 512), np.uint8)
+    yy, xx = np.mgrid[:512, :512]
+    fan = (yy > 20) & (yy < 490) & (xx > 30) & (xx < 480)
+    img[fan] = np.clip(rng.normal(110, 25, fan.sum()), 1, 255).astype(np.uint8)
+    cyst = (yy - 250) ** 2 + (xx - 200) ** 2 < 30 ** 2
+    img[cyst] = 0
+    assert baselines._fan(cv2.resize(img, (256, 256), interpolation=cv2.INTER_AREA))[125, 100]
+    dets = baselines.us_lesion_detect(Frame(img, modality="US"), median_k=9, bg_sigma=12.0, dark=25.0, bright=15.0,
+                                      min_area=60, cyst_level=60.0, max_aspect=2.0)
+    box = (170, 220, 230, 280)
+
+    def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
+
+    assert any(d.label == "cyst" and iou(d.box, box) >= 0.5 for d in dets), dets

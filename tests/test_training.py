@@ -3,6 +3,7 @@ training is deterministic for a seed, and the data helpers build correct CenterN
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -272,3 +273,26 @@ def test_reexport_leaves_a_consistent_fp32_bundle_or_the_old_one(tmp_path) -> No
     assert "calibration" not in bundle.manifest and "validation" not in bundle.manifest
     assert bundle.artifact("fp32").info["reexported_max_abs_diff"] <= 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["us-lesion-det"]
+
+
+def test_retune_baseline_replaces_only_the_baselines_record(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a copy of the shipped detector bundle, with a two-point grid to keep it short: the new record
+    carries the grid's best parameters and the date; files, model metrics and the rest stay."""
+    import shutil
+
+    from export.training import baselines
+    from export.training.cli import MODELS_DIR
+    from export.training.train import retune_baseline
+
+    src = tmp_path / "us-lesion-det"
+    shutil.copytree(MODELS_DIR / "us-lesion-det", src)
+    before = Bundle.load(src).manifest
+    grid = [{**before["baselines"]["params"], "min_area": a} for a in (60, 5000)]  # 5000: finds nothing
+    monkeypatch.setattr(baselines, "detector_grid", lambda name: grid)
+    monkeypatch.setattr(train_mod, "get_recipe", lambda name: dataclasses.replace(RECIPES[name], n_tune=3, n_eval=4))
+    after = retune_baseline("us-lesion-det", src, progress=False).manifest
+    assert after["baselines"]["params"] == grid[0] and after["baselines"]["retuned"]
+    assert after["baselines"]["ap50"] > 0
+    assert after["files"] == before["files"] and after["metrics"] == before["metrics"]
+    assert {k: v for k, v in after.items() if k != "baselines"} == {k: v for k, v in before.items() if k != "baselines"}
+    Bundle.load(src, verify=True)

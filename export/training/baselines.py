@@ -87,18 +87,27 @@ def tune_filters(pairs: Sequence[tuple[np.ndarray, np.ndarray]], bits: int) -> d
 
 # -- classical detectors -----------------------------------------------------------------------
 def _fan(gray: np.ndarray) -> np.ndarray:
-    """Imaged region of an ultrasound frame, eroded so the fan border is not an 'edge'."""
+    """Imaged region of an ultrasound frame, eroded so the fan border is not an 'edge'.
+
+    Filled inside its outer border: an anechoic cyst reads 0 like the background outside the fan, and
+    a mask of the non-zero pixels alone cut the cysts out of the search (until 2026-12-04 the baseline
+    found 1 cyst in 11 on its tuning frames, AP50 0.098 overall; filled 0.456 with the same parameters).
+    """
     m = cv2.morphologyEx((gray > 0).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))
-    return cv2.erode(m, np.ones((9, 9), np.uint8)).astype(bool)
+    outer, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(m)
+    cv2.drawContours(filled, outer, -1, 1, thickness=cv2.FILLED)
+    return cv2.erode(filled, np.ones((9, 9), np.uint8)).astype(bool)
 
 
 def us_lesion_detect(frame: Frame, *, median_k: int = 7, bg_sigma: float = 20.0, dark: float = 25.0,
                      bright: float = 25.0, min_area: int = 40, cyst_level: float = 30.0,
-                     work: int = 256) -> list[Detection]:
+                     max_aspect: float = 3.0, work: int = 256) -> list[Detection]:
     """Dark (cysts, hypoechoic masses) and bright (hyperechoic masses) regions vs local background.
 
     Hysteresis: a region is the connected set above half the threshold that holds at least one
-    pixel above the threshold, so boxes reach the blurred lesion edges.
+    pixel above the threshold, so boxes reach the blurred lesion edges. Regions whose box is more
+    than ``max_aspect`` times as long as it is wide are tissue layers and fascia lines, not lesions.
     """
     gray = frame.pixels if frame.pixels.ndim == 2 else cv2.cvtColor(frame.pixels, cv2.COLOR_RGB2GRAY)
     h, w = gray.shape
@@ -117,7 +126,7 @@ def us_lesion_detect(frame: Frame, *, median_k: int = 7, bg_sigma: float = 20.0,
         n, lab, stats, _ = cv2.connectedComponentsWithStats(low, connectivity=8)
         for i in range(1, n):
             x, y, bw, bh, area = stats[i]
-            if area < min_area:
+            if area < min_area or max(bw, bh) > max_aspect * min(bw, bh):
                 continue
             region = lab[y:y + bh, x:x + bw] == i
             vals = sign * diff[y:y + bh, x:x + bw][region]
@@ -195,9 +204,10 @@ DETECTORS: dict[str, Callable[..., list[Detection]]] = {"us-lesion-det": us_lesi
 
 def detector_grid(name: str) -> list[dict[str, Any]]:
     if name == "us-lesion-det":
-        return [{"median_k": k, "bg_sigma": bg, "dark": d, "bright": b, "min_area": a, "cyst_level": c}
-                for k, bg, d, b, a, c in itertools.product((5, 9), (12.0, 24.0), (15.0, 25.0, 35.0),
-                                                           (15.0, 25.0), (20, 60), (20.0, 40.0))]
+        return [{"median_k": k, "bg_sigma": bg, "dark": d, "bright": b, "min_area": a, "cyst_level": c,
+                 "max_aspect": r}
+                for k, bg, d, b, a, c, r in itertools.product((5, 9), (12.0, 24.0), (15.0, 25.0, 35.0),
+                                                              (15.0, 25.0), (20, 60), (40.0, 60.0, 80.0), (1.5, 2.0, 3.0))]
     return [{"radii": r, "margin": mg, "threshold": 0.3, "lungs": lu}
             for r, mg, lu in itertools.product(((4, 6, 9, 13, 18), (3, 4, 5, 7, 9, 12, 15, 19)), (1.3, 1.6),
                                                (True, False))]

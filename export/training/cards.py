@@ -346,6 +346,8 @@ def _detector_card(ctx: dict[str, Any]) -> str:
         f"- Target AP50 >= {target:.2f}: **{'met' if met else 'missed'}** ({mod['ap50']:.3f}).",
         (f"- Baseline parameters, tuned by grid search on {m['baselines']['tuned_on']}:"
         f" `{json.dumps(m['baselines']['params'])}` (tuning AP50 {m['baselines']['tuning_ap50']})."
+        + (f" Re-tuned {m['baselines']['retuned']} after a fix to the baseline (`edge-runtime models retune-baseline"
+           f" {m['name']}`); the model was not retrained." if m["baselines"].get("retuned") else "")
         + _grid_edges(m['name'], m['baselines']['params'])),
         "",
         f"![detections](img/{m['name']}.png)",

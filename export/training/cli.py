@@ -35,6 +35,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "exporter (no training); leaves an FP32-only bundle: then `export reference NAME --repair`")
     rx.add_argument("name", choices=NAMES)
     rx.add_argument("--bundle", help="bundle directory (default: edge_runtime/models/NAME)")
+    rt = sub.add_parser("retune-baseline", help="tune a bundle's classical baseline again (after a fix to the "
+                        "baseline code) and replace only its baselines record (no training); then `models card NAME`")
+    rt.add_argument("name", choices=NAMES)
+    rt.add_argument("--bundle", help="bundle directory (default: edge_runtime/models/NAME)")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
     cd = sub.add_parser("card", help="regenerate docs/models/NAME.md and its PNGs from the bundle")
     cd.add_argument("name", choices=NAMES)
     cd.add_argument("--bundle", help="bundle directory (default: edge_runtime/models/NAME)")
@@ -90,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.sha256, "artifacts": ["fp32"],
                           "next": [f"edge-runtime export reference {args.name}{where} --repair",
                                    f"edge-runtime models card {args.name}" + (f" --bundle {args.bundle}" if args.bundle else "")]},
+                         indent=2))
+        return 0
+    if args.command == "retune-baseline":
+        bundle = train.retune_baseline(args.name, args.bundle, progress=not args.quiet)
+        print(json.dumps({"bundle": str(bundle.path), "sha256": bundle.sha256, "baselines": bundle.manifest["baselines"],
+                          "next": [f"edge-runtime models card {args.name}" + (f" --bundle {args.bundle}" if args.bundle else "")]},
                          indent=2))
         return 0
     path = cards.write_card(args.name, bundle_dir=args.bundle, docs_dir=args.out, progress=not args.quiet)
