@@ -274,7 +274,10 @@ class Postprocessor:
         if pre is not None and pre.invert_monochrome1 and frame.photometric == "MONOCHROME1":
             alpha, beta = -alpha, alpha + beta  # the model saw 1 - y
         h, w = mapping.orig_size
-        integer = frame.pixels.dtype != np.float32  # float32 (e.g. signed CT-like values): no range to clip to
+        integer = frame.pixels.dtype != np.float32  # float32: signed or fractionally rescaled stored values
+        # What the model's [0, 1] spans in stored values: 0 .. 2**bits - 1 (the pre-processor refuses float
+        # frames outside it), or the window's range; outputs beyond it are not values the frame could hold.
+        span = sorted((beta, alpha + beta))
         resize = img.shape[:2] != (h, w)
         if integer and not resize:
             beta += 0.5  # round half up on the cast below
@@ -289,7 +292,7 @@ class Postprocessor:
         if np.isnan(out.min()):  # one pass; NaN would otherwise be cast to 0, a black pixel passed as real
             raise BackendError(expected("finite model output", f"{int(np.isnan(out).sum())} NaN values of {out.size}"))
         if not integer:
-            return out
+            return np.clip(out, span[0], span[1], out=out)
         np.clip(out, 0.5, maxval + 0.5, out=out)
         return out.astype(frame.pixels.dtype)
 

@@ -34,6 +34,11 @@ itself, and no error message names a file or folder (messages travel in end-of-s
 subscribers and recordings): one file of a folder is "image 3 of 10 (in name order)" / "DICOM image
 file 3 of 10 of the series". A folder source skips a file it cannot read (counted in ``skipped`` on
 every pass, logged) and goes on.
+Refused (InputError; a folder skips the file): compressed pixel data without its closing delimiter
+(a file cut inside its last fragment: the frames before the damaged one are kept), native unsigned
+data with values above BitsStored (pydicom would mask them: 65535 labelled 12-bit became 4095),
+a VOI / palette / modality LUT pydicom cannot apply, and a JPEG image file without its end marker.
+A 16-bit palette whose entries are all 8-bit values scaled to 16 bits gives 8-bit RGB.
 Not handled: per-frame functional groups of enhanced multi-frame objects (per-frame windows and
 rescales); the first (shared) values are used.
 """
@@ -47,6 +52,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -336,9 +342,14 @@ class ImageFolderSource(Source):
                         pixel_spacing=self.pixel_spacing)
 
     def _read(self, file: Path) -> tuple[np.ndarray, str]:
-        img = cv2.imread(str(file), cv2.IMREAD_UNCHANGED)
+        data = _read_bytes(file)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
         if img is None:
             raise InputError(expected("an image OpenCV can decode", f"a {file.suffix} file it cannot read"))
+        if data[:2] == b"\xff\xd8" and not _jpeg_complete(data):
+            # OpenCV decodes a cut JPEG (grey rows where the data ended) and only prints a warning.
+            raise InputError(expected("a complete JPEG (its end-of-image marker after the last scan)",
+                                      "a JPEG that ends early (file truncated?)"))
         if img.dtype == np.float64:
             img = img.astype(np.float32)
         if img.dtype not in (np.uint8, np.uint16, np.float32):
@@ -352,6 +363,20 @@ class ImageFolderSource(Source):
             if top >= 1 << bits:
                 raise InputError(expected(f"values below {1 << bits} for bits_stored={bits}", top))
         return pixels, photometric
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:  # its text carries the path
+        raise InputError(expected("a readable image file", describe_error(exc))) from None
+
+
+def _jpeg_complete(data: bytes) -> bool:
+    """An end-of-image marker (FFD9) after the last start-of-scan (FFDA). Inside entropy-coded data
+    every FF byte is stuffed (FF00) or a restart marker, so FFD9 there can only be the real end; an
+    EXIF thumbnail's own FFD9 comes before the main image's scans."""
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda") >= 0
 
 
 def _listing(folder: Path) -> list[Path]:
@@ -469,6 +494,64 @@ class _Plan:
     voi_range: tuple[float, float] = (0.0, 0.0)  # what pydicom's VOI outputs span
     display_bits: int = 8
     rescale: tuple[float, float] | None = None  # (slope, intercept) applied here, not by pydicom
+    unused_bits_checked: bool = False  # native unsigned data with BitsStored < BitsAllocated (see _plan)
+    cut: bool = False  # encapsulated pixel data without its closing delimiter: the last frame is damaged
+    palette_shift: int = 0  # a 16-bit colour LUT holding 8-bit values (v * 256 or v * 257): >> 8 to uint8
+
+
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0, little endian
+
+
+def _cut_inside_pixel_data(path: Path) -> bool:
+    """Encapsulated (compressed) pixel data ends with a sequence delimiter, and Pixel Data is the last
+    element but for (FFFA,FFFA) signatures or (FFFC,FFFC) padding. A file cut inside its last
+    fragment decodes, damaged (JPEG decoders fill the missing rows), so it is told by its end."""
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - len(SEQUENCE_DELIMITER)))
+        if f.read() == SEQUENCE_DELIMITER:
+            return False
+    try:  # rare: elements after Pixel Data; if pydicom reads them, the pixel data before them is whole
+        tags = _quiet_dcmread(path).keys()
+    except Exception:  # noqa: BLE001 - a cut file may fail to parse at all
+        return True
+    return not any(int(t) > 0x7FE00010 for t in tags)
+
+
+def _quiet_dcmread(path: Path) -> Any:
+    """The whole dataset, without pydicom's warnings on a cut file: they name the path (a patient
+    identifier, often), so they are neither logged nor shown."""
+    import pydicom
+
+    pydicom_log = logging.getLogger("pydicom")
+    was_disabled, pydicom_log.disabled = pydicom_log.disabled, True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path)
+    finally:
+        pydicom_log.disabled = was_disabled
+
+
+def _pixel_overlays(ds: Any) -> bool:
+    """Overlays stored in the unused high bits of the pixel data (retired, but in old files)."""
+    return any(0x6000 <= e.tag.group <= 0x601E and e.tag.element == 0x0102 and int(e.value or 0) > 0 for e in ds)
+
+
+def _palette_shift(ds: Any) -> int:
+    """8 when every entry of a 16-bit colour LUT is an 8-bit value scaled to 16 bits (v * 256 or
+    v * 257), as many ultrasound scanners write them: the frames are 8-bit colour then."""
+    from pydicom.pixels import apply_color_lut
+
+    try:
+        first = int(ds.RedPaletteColorLookupTableDescriptor[1])
+        n = int(ds.RedPaletteColorLookupTableDescriptor[0]) or 65536
+        lut = apply_color_lut(np.arange(first, first + n, dtype=np.uint16 if first + n > 256 else np.uint8), ds)
+    except Exception:  # noqa: BLE001 - a bad LUT is refused per frame (_process)
+        return 0
+    if lut.dtype != np.uint16:
+        return 0
+    v = lut.astype(np.uint32) >> 8
+    return 8 if bool(np.all((lut == v * 256) | (lut == v * 257))) else 0
 
 
 def _read_header(path: Path) -> Any:
@@ -526,6 +609,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     if color == "gray" and ds.get("ModalityLUTSequence"):
         modality_lut = True
         lo, hi = 0.0, 2.0 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1
+        voi_ends = (lo, hi)  # a window then spans the LUT's output range (PS3.3 C.11.1.1.1)
     elif color == "gray" and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
         slope = _first_float(ds.get("RescaleSlope"))
         intercept = _first_float(ds.get("RescaleIntercept"))
@@ -552,6 +636,14 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
 
     plan = _Plan(path, ds, n_frames, color, photometric == "MONOCHROME1", modality_lut, dtype, bits_out, (lo, hi),
                  integral, None, rescale=rescale)
+    if uid.is_encapsulated:
+        plan.cut = _cut_inside_pixel_data(path)
+    else:
+        # pydicom masks the bits above BitsStored, so 16-bit data labelled 12-bit would wrap (65535 -> 4095)
+        # instead of being refused: such data is read unmasked and checked (overlays in those bits excepted).
+        plan.unused_bits_checked = not signed and bits_stored < bits_allocated and not _pixel_overlays(ds)
+    if color == "palette":
+        plan.palette_shift = _palette_shift(ds)
     if (apply_voi or window is not None) and color == "gray":
         voi = ds
         if window is not None:
@@ -579,15 +671,28 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     return plan
 
 
+def _pydicom_step(what: str, fn: Callable[..., np.ndarray], *args: Any, **kwargs: Any) -> np.ndarray:
+    """A pydicom LUT step; its ValueError on a bad header (a window width of 0, a palette without its
+    LUT data, an unknown VOI function) becomes an InputError, so a folder skips that file."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
+        raise InputError(expected(what, f"{type(exc).__name__}: {str(exc)[:160]}")) from None
+
+
 def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
     """Decoded frame -> (pixels, bits_stored, photometric) as the module docstring describes."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     ds = plan.header
     if plan.color == "palette":
-        rgb = apply_color_lut(arr, ds)
+        rgb = _pydicom_step("a usable palette colour LUT", apply_color_lut, arr, ds)
+        if plan.palette_shift:
+            rgb = (rgb >> plan.palette_shift).astype(np.uint8)
         return np.ascontiguousarray(rgb), rgb.dtype.itemsize * 8, "RGB"
     if plan.color == "rgb":
+        if arr.dtype.kind == "u" and not arr.dtype.isnative:  # Explicit VR Big Endian
+            arr = arr.astype(arr.dtype.newbyteorder("="))
         if arr.dtype not in (np.uint8, np.uint16):
             raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", str(arr.dtype)))
         return np.ascontiguousarray(arr), min(int(ds.get("BitsStored") or 8), arr.dtype.itemsize * 8), "RGB"
@@ -599,11 +704,12 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
     if plan.rescale is not None:
         values = arr.astype(np.float64) * plan.rescale[0] + plan.rescale[1]
     else:
-        values = apply_modality_lut(arr, ds) if plan.modality_lut else arr
+        values = _pydicom_step("a usable modality LUT", apply_modality_lut, arr, ds) if plan.modality_lut else arr
     if plan.voi is not None:
         if plan.integral:  # give a VOI LUT integer indices, as pydicom expects
             values = np.rint(values).astype(np.int64) if values.dtype.kind == "f" else values.astype(np.int64)
-        shown = apply_voi_lut(values, plan.voi, prefer_lut=True).astype(np.float64)
+        shown = _pydicom_step("a usable VOI LUT or window", apply_voi_lut, values, plan.voi, prefer_lut=True)
+        shown = shown.astype(np.float64)
         top = float(2**plan.display_bits - 1)
         y_min, y_max = plan.voi_range
         if (y_min, y_max) != (0.0, top):
@@ -733,7 +839,9 @@ class DicomSource(Source):
         modality = self._modality_override or str(plan.header.get("Modality") or "OT")
         spacing = _spacing(plan.header)
         decoded = 0
-        frames = iter_pixels(plan.path)  # raw=False: YBR_FULL(_422) -> RGB
+        options = {"correct_unused_bits": False} if plan.unused_bits_checked else {}
+        frames = iter_pixels(plan.path, **options)  # raw=False: YBR_FULL(_422) -> RGB
+        held: Frame | None = None  # with plan.cut, each frame waits for the next: the last one is damaged
         while True:
             try:
                 arr = next(frames)
@@ -742,14 +850,41 @@ class DicomSource(Source):
             except EdgeRuntimeError:
                 raise
             except Exception as exc:  # noqa: BLE001 - pydicom / plugin failures on cut or corrupt pixel data
-                why = str(exc).replace(str(plan.path), "<file>").replace(plan.path.name, "<file>")[:200]
-                raise InputError(expected(
-                    f"{plan.n_frames} decodable frame(s)",
-                    f"failure at frame {decoded}: {type(exc).__name__}: {why} (truncated or corrupt?)",
-                )) from None
+                if decoded == 0:
+                    # Read from the path, pydicom's frame iterator parses the file its own way, which refuses
+                    # some files its dataset reader takes (deflated transfer syntax, a mislabelled VR): retry
+                    # once from the dataset.
+                    try:
+                        frames = iter_pixels(_quiet_dcmread(plan.path), **options)
+                        arr = next(frames)
+                    except Exception:  # noqa: BLE001 - the first failure is the one to report
+                        arr = None
+                if decoded or arr is None:
+                    why = str(exc).replace(str(plan.path), "<file>").replace(plan.path.name, "<file>")[:200]
+                    raise InputError(expected(
+                        f"{plan.n_frames} decodable frame(s)",
+                        f"failure at frame {decoded}: {type(exc).__name__}: {why} (truncated or corrupt?)",
+                    )) from None
+            if plan.unused_bits_checked:
+                bits_stored = int(plan.header.get("BitsStored"))
+                if arr.size and int(arr.max()) >> bits_stored:
+                    raise InputError(expected(
+                        f"stored values below {2 ** bits_stored} (BitsStored {bits_stored})",
+                        f"values up to {int(arr.max())} in frame {decoded} (BitsStored wrong for this data?)"))
             pixels, bits, photometric = _process(plan, arr)
             decoded += 1
-            yield Frame(pixels, modality=modality, bits_stored=bits, photometric=photometric, pixel_spacing=spacing)
+            frame = Frame(pixels, modality=modality, bits_stored=bits, photometric=photometric, pixel_spacing=spacing)
+            if not plan.cut:
+                yield frame
+                continue
+            if held is not None:
+                yield held
+            held = frame
+        if plan.cut:
+            raise InputError(expected(
+                f"{plan.n_frames} complete frame(s)",
+                f"compressed pixel data that ends early, after {max(0, decoded - 1)} whole frame(s): its closing"
+                " delimiter is missing and the frame it ends in is refused (file truncated?)"))
         if decoded < plan.n_frames:
             raise InputError(expected(f"{plan.n_frames} frame(s)", f"{decoded} decodable (file truncated?)"))
 

@@ -240,3 +240,21 @@ def test_nan_in_an_enhancement_output_is_an_error_not_a_black_pixel() -> None:
     fx = Frame(px.astype(np.float32), modality="DX", bits_stored=12)  # float frames too
     with pytest.raises(BackendError, match="NaN"):
         post({"enhanced": x}, m, fx)
+
+
+def test_float_frames_come_back_within_the_range_the_model_was_given() -> None:
+    """Float frames (signed or fractionally rescaled storage) were returned unclipped: an enhancer's
+    over- and undershoot gave values below 0 and above 2**bits - 1, which the frame cannot hold."""
+    px = np.linspace(0, 2047, 16 * 16, dtype=np.float32).reshape(16, 16)
+    frame = Frame(px, modality="DX", bits_stored=12)
+    pre = Preprocessor({"resize": {"mode": "none", "multiple": 16}}, bits_stored=12)
+    x, m = pre(frame)
+    post = Postprocessor({"type": "enhance"}, preprocess=pre)
+    np.testing.assert_allclose(post({"enhanced": x}, m, frame).enhanced, px, atol=1e-3)  # identity
+    out = post({"enhanced": x * 4.0 - 0.5}, m, frame).enhanced
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 4095.0
+    pre_w = Preprocessor({"window": {"center": 1000, "width": 501}, "resize": {"mode": "none", "multiple": 16}},
+                         bits_stored=12)
+    xw, mw = pre_w(frame)
+    out = Postprocessor({"type": "enhance"}, preprocess=pre_w)({"enhanced": xw * 3.0 - 0.5}, mw, frame).enhanced
+    assert out.min() == pytest.approx(1000 - 0.5 - 250) and out.max() == pytest.approx(1000 - 0.5 + 250)

@@ -81,13 +81,27 @@ def test_jpeg_ultrasound_cine_decodes_frame_by_frame_to_rgb() -> None:
 
 
 def test_palette_color_goes_through_its_lut() -> None:
+    """The file's LUT is nominally 16-bit but holds 8-bit values scaled by 256: the frame is 8-bit colour
+    (so the 8-bit ultrasound models take it); a LUT with real 16-bit entries stays 16-bit."""
     path = TEST_FILES / "examples_palette.dcm"
     (frame,) = list(DicomSource(path))
     ds = pydicom.dcmread(path)
     expected = apply_color_lut(ds.pixel_array, ds)
+    assert expected.dtype == np.uint16 and not (expected & 0xFF).any()
     assert frame.photometric == "RGB" and frame.pixels.shape == (350, 800, 3)
-    assert frame.bits_stored == expected.dtype.itemsize * 8
-    np.testing.assert_array_equal(frame.pixels, expected)
+    assert (frame.pixels.dtype, frame.bits_stored) == (np.uint8, 8)
+    np.testing.assert_array_equal(frame.pixels, expected >> 8)
+
+
+def test_palette_with_16_bit_entries_stays_16_bit(tmp_path) -> None:
+    ds = pydicom.dcmread(TEST_FILES / "examples_palette.dcm")
+    lut = np.frombuffer(ds.RedPaletteColorLookupTableData, "<u2").copy()
+    lut[1::2] |= 1  # odd entries no longer a multiple of 256 (nor of 257)
+    ds.RedPaletteColorLookupTableData = lut.tobytes()
+    ds.save_as(tmp_path / "p16.dcm")
+    (frame,) = list(DicomSource(tmp_path / "p16.dcm"))
+    assert (frame.pixels.dtype, frame.bits_stored) == (np.uint16, 16)
+    np.testing.assert_array_equal(frame.pixels, apply_color_lut(ds.pixel_array, ds))
 
 
 def test_rgb_ultrasound_file() -> None:
@@ -559,3 +573,94 @@ def test_a_stream_id_with_a_trailing_newline_is_not_accepted() -> None:
     assert "\n" not in safe_stream_id("scan.dcm\n")
     with pytest.raises(ProtocolError):
         check_stream_id("a\n")
+
+
+# --- damaged or mislabelled files found by a review (2026-12-04) ----------------------------
+
+
+@pytest.mark.parametrize("cut", [10, 2000])
+def test_a_cine_cut_inside_its_last_fragment_refuses_the_damaged_frame(tmp_path: Path, cut: int) -> None:
+    """JPEG decoders fill what is missing: such a frame decoded without an error and reached the model."""
+    data = (TEST_FILES / "examples_ybr_color.dcm").read_bytes()
+    path = tmp_path / "cine.dcm"
+    path.write_bytes(data[:-cut])
+    source = DicomSource(path)
+    frames = []
+    with pytest.raises(InputError, match="ends early") as info:
+        for frame in source:
+            frames.append(frame)
+    reference = pydicom.dcmread(TEST_FILES / "examples_ybr_color.dcm").pixel_array
+    assert len(frames) == 29 and "29 whole frame" in str(info.value)
+    np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), reference[:29])  # all intact
+
+
+def test_stored_values_above_bits_stored_are_refused_not_wrapped(tmp_path: Path) -> None:
+    """pydicom masks bits above BitsStored: 16-bit data labelled 12-bit came back wrapped (65535 -> 4095)."""
+    raw = np.array([[0, 1000, 4095, 5000], [20000, 40000, 65535, 4096]], np.uint16)
+    path = write_dicom(tmp_path / "wrong.dcm", raw, "MONOCHROME2", 16)
+    ds = pydicom.dcmread(path)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(path)
+    with pytest.raises(InputError, match="below 4096 .*values up to 65535"):
+        list(DicomSource(path))
+    ok = write_dicom(tmp_path / "ok.dcm", raw % 4096, "MONOCHROME2", 16)
+    ds = pydicom.dcmread(ok)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.save_as(ok)
+    np.testing.assert_array_equal(list(DicomSource(ok))[0].pixels, raw % 4096)
+
+
+def test_a_window_after_a_modality_lut_spans_the_lut_output(tmp_path: Path) -> None:
+    raw = np.array([[0, 1000, 2000, 4095]], np.uint16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", [4096, 0, 16])  # LUT Descriptor: 12-bit in, 16-bit out
+    item.ModalityLUTType = "OD"
+    item.add_new(0x00283006, "US", (np.arange(4096) * 16).tolist())
+    path = write_dicom(tmp_path / "lut.dcm", raw, "MONOCHROME2", 12, ModalityLUTSequence=[item],
+                       WindowCenter=32768, WindowWidth=65536)
+    ds = pydicom.dcmread(path)
+    shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    (frame,) = list(DicomSource(path, apply_voi=True))
+    np.testing.assert_array_equal(frame.pixels, np.rint(shown * 4095 / 65535))  # was [0, 4095, 4095, 4095]
+
+
+@pytest.mark.parametrize("change", ["window width 0", "unknown VOI function"])
+def test_a_bad_voi_header_is_an_input_error_and_a_folder_skips_it(tmp_path: Path, change: str) -> None:
+    raw = np.full((8, 8), 100, np.uint16)
+    attrs = {"WindowCenter": 100, "WindowWidth": 0} if change == "window width 0" else \
+        {"WindowCenter": 100, "WindowWidth": 50, "VOILUTFunction": "BOGUS"}
+    folder = tmp_path / "series"
+    folder.mkdir()
+    write_dicom(folder / "1.dcm", raw, "MONOCHROME2", 12, InstanceNumber=1, **attrs)
+    write_dicom(folder / "2.dcm", raw, "MONOCHROME2", 12, InstanceNumber=2, WindowCenter=100, WindowWidth=50)
+    with pytest.raises(InputError, match="usable VOI LUT or window"):
+        list(DicomSource(folder / "1.dcm", apply_voi=True))
+    series = DicomSource(folder, apply_voi=True)
+    assert len(list(series)) == 1 and series.skipped == 1
+
+
+def test_deflated_and_big_endian_rgb_files_decode(tmp_path: Path) -> None:
+    (deflated,) = list(DicomSource(TEST_FILES / "image_dfl.dcm"))  # refused as "no Pixel Data" before
+    np.testing.assert_array_equal(deflated.pixels, pydicom.dcmread(TEST_FILES / "image_dfl.dcm").pixel_array)
+    from pydicom.uid import ExplicitVRBigEndian
+
+    rgb = np.random.default_rng(0).integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+    path = write_dicom(tmp_path / "be.dcm", rgb, "RGB", 16, Modality="US")
+    ds = pydicom.dcmread(path)
+    ds.PixelData, ds.file_meta.TransferSyntaxUID = rgb.astype(">u2").tobytes(), ExplicitVRBigEndian
+    pydicom.dcmwrite(path, ds, little_endian=False, implicit_vr=False, force_encoding=True)
+    (frame,) = list(DicomSource(path))
+    assert frame.pixels.dtype == np.dtype("=u2")
+    np.testing.assert_array_equal(frame.pixels, rgb)
+
+
+def test_a_truncated_jpeg_image_is_refused(tmp_path: Path) -> None:
+    img = np.random.default_rng(1).integers(0, 255, (64, 80), dtype=np.uint8)
+    ok, jpg = cv2.imencode(".jpg", img)
+    assert ok
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpg.tobytes())
+    (folder / "b.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
+    images = ImageFolderSource(folder, modality="US")
+    assert len(list(images)) == 1 and images.skipped == 1

@@ -42,9 +42,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..errors import BackendError, ConfigError, InputError, expected
 from .base import Backend, TensorSpec
+
+Array = NDArray[Any]  # numpy < 2.3 (the last for Python 3.10) wants ndarray's type arguments spelled out
 
 if TYPE_CHECKING:  # types only: never imported at runtime at module level
     import tensorrt as trt
@@ -371,7 +374,7 @@ def read_io_tensors(engine: trt.ICudaEngine) -> list[IOTensor]:
 @dataclass
 class _Buffer:
     device: Any  # pycuda DeviceAllocation
-    host: np.ndarray  # flat page-locked array of `capacity` bytes worth of elements
+    host: Array  # flat page-locked array of `capacity` bytes worth of elements
     capacity: int
 
 
@@ -561,7 +564,7 @@ class TrtBackend(Backend):
         log.debug("tensorrt: allocated %d bytes for %r", nbytes, name)
 
     # -- inference -----------------------------------------------------------------------------
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, feeds: dict[str, Array]) -> dict[str, Array]:
         with self._lock:
             if self._cuda_ctx is None:
                 raise BackendError(f"TensorRT backend for {self.engine_path.name}: closed")
@@ -571,9 +574,9 @@ class TrtBackend(Backend):
             finally:
                 self._cuda.Context.pop()
 
-    def _execute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _execute(self, feeds: dict[str, Array]) -> dict[str, Array]:
         shapes = self._prepare({name: tuple(array.shape) for name, array in feeds.items()})
-        views: dict[str, np.ndarray] = {}
+        views: dict[str, Array] = {}
         for tensor in self._tensors:
             shape = shapes[tensor.name]
             count = int(np.prod(shape, dtype=np.int64))
@@ -600,11 +603,11 @@ class TrtBackend(Backend):
             self._capture(views, key)
         return out
 
-    def _outputs_copy(self, views: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _outputs_copy(self, views: Mapping[str, Array]) -> dict[str, Array]:
         # Copies: the page-locked buffers are reused by the next call.
         return {t.name: views[t.name].copy() for t in self._tensors if not t.is_input}
 
-    def _enqueue(self, views: Mapping[str, np.ndarray]) -> None:
+    def _enqueue(self, views: Mapping[str, Array]) -> None:
         """Copies in, execute_async_v3, copies out, on the stream; no host synchronisation (capturable)."""
         cuda, stream, context = self._cuda, self._stream, self._context
         if context is None:
@@ -618,7 +621,7 @@ class TrtBackend(Backend):
             if not tensor.is_input:
                 cuda.memcpy_dtoh_async(views[tensor.name], self._buffers[tensor.name].device, stream)
 
-    def _capture(self, views: Mapping[str, np.ndarray], key: tuple[Any, ...]) -> None:
+    def _capture(self, views: Mapping[str, Array], key: tuple[Any, ...]) -> None:
         """Capture _enqueue as a CUDA graph, right after a normal call (TensorRT's warm-up before capture).
         It is trusted only once its first replay, on the next call's inputs, matches a normal run."""
         self._graph, self._graph_key, self._graph_verified = None, None, False
@@ -646,7 +649,7 @@ class TrtBackend(Backend):
         log.info("tensorrt: captured a CUDA graph for %s (%s)", self.engine_path.name,
                  ", ".join(f"{n} {list(shape)}" for n, shape, _ in key))
 
-    def _try_replay(self, graph: Any, views: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    def _try_replay(self, graph: Any, views: Mapping[str, Array]) -> dict[str, Array] | None:
         try:
             graph.launch(self._stream)
             self._stream.synchronize()
@@ -655,7 +658,7 @@ class TrtBackend(Backend):
             return None
         return self._outputs_copy(views)
 
-    def _check_replay(self, replay: Mapping[str, np.ndarray], normal: Mapping[str, np.ndarray]) -> None:
+    def _check_replay(self, replay: Mapping[str, Array], normal: Mapping[str, Array]) -> None:
         """Float outputs may differ in the last bits (kernels that reduce with atomics); a graph that read
         stale inputs or wrote elsewhere differs by far more than 1e-3 of the output's scale."""
         differs = []
