@@ -243,3 +243,25 @@ def test_cpu_family_is_read_from_cpuinfo(tmp_path: Path) -> None:
     info = X86_CPUINFO.replace("model\t\t: 142", "cpu family\t: 25\nmodel\t\t: 17")
     assert cpu_family(fake_root(tmp_path / "x86", cpuinfo=info)) == "25"
     assert cpu_family(fake_root(tmp_path / "arm", cpuinfo=ARM_CPUINFO)) is None
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_carries_the_device_configs(tmp_path: Path) -> None:
+    """`pip install .` (the Jetson instructions) installed no configs: every command failed with
+    "expected a device config folder". Built as a wheel, installed without dependencies into a folder
+    that comes first on the path, run from elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "wheel"), str(root)], check=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_RUNTIME_DEVICE_CONFIGS"}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    out = subprocess.run([sys.executable, "-c", "import edge_runtime, edge_runtime.devices as d; "
+                          "print(edge_runtime.__file__); print(d.load_config('cpu-x86').name)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(tmp_path / "site" / "edge_runtime" / "__init__.py"), "cpu-x86"]
