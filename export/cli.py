@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -395,7 +396,9 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path], fp32: Path | 
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from .bundle_write import write_archive, write_bundle
+    from edge_runtime.bundle import Bundle
+
+    from .bundle_write import staged, write_archive, write_bundle
 
     manifest = _read_json(args.manifest, "--manifest")
     if not isinstance(manifest, dict):
@@ -412,6 +415,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         if src and name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
             artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
                 | _targets(name)
+    # A template (a shipped manifest, say) describes files of its own bundle: those neither given now nor
+    # already in --out are left out, instead of failing after the copies as "listed but not in files".
+    absent = [f for f in artifacts if not files.get(f) and not (out / f).is_file()]
+    if absent:
+        _say(f"the --manifest template lists {', '.join(absent)}, neither given nor in --out: left out")
+        artifacts = {f: a for f, a in artifacts.items() if f not in absent}
+    # This bundle's own creation time and toolchain, not the template's (write_bundle stamps them).
+    manifest = {k: v for k, v in manifest.items() if k not in ("created", "toolchain")}
+    _check_processing(manifest)  # as `export verify` does: an unknown pre/post key fails now, not on a cart
     # Every FP16/INT8 file the bundle will list, given now or already in --out from the template.
     derived = {a["file"]: Path(files.get(a["file"]) or out / a["file"]) for a in artifacts.values()
                if a.get("kind") == "onnx" and a.get("precision") != "fp32"}
@@ -424,30 +436,47 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
-        if src and Path(src).resolve() != (out / name).resolve():
-            shutil.copyfile(src, out / name)
-    for extra in args.add:
-        shutil.copyfile(extra, out / Path(extra).name)
-    for src in args.engine:  # an engine from a cache (with its sidecar): for one fixed target
-        from edge_runtime.engine_cache import EngineCache
-
-        engine = Path(src)
-        cache = EngineCache(engine.parent)
-        key = cache.read_key(engine)
-        cache.verify(engine, key)  # the bytes its sidecar describes
-        rel = f"engines/{engine.name}"
-        (out / "engines").mkdir(exist_ok=True)
-        shutil.copyfile(engine, out / rel)
-        artifacts[rel] = {"file": rel, "kind": "engine", "precision": key.precision, "targets": ["tensorrt"],
-                          "info": {"engine_key": key.to_dict()}}
-    manifest["artifacts"] = list(artifacts.values())
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
         manifest["calibration"] = {k: rec.get(k) for k in ("frames", "source", "sha256", "method", "min_frames")} \
             | {"file": "calibration.json"}
-    bundle = write_bundle(out, manifest)
+
+    def assemble(stage: Path) -> None:
+        for name, src in files.items():
+            if src and Path(src).resolve() != (stage / name).resolve():
+                shutil.copyfile(src, stage / name)
+        for extra in args.add:
+            shutil.copyfile(extra, stage / Path(extra).name)
+        for src in args.engine:  # an engine from a cache (with its sidecar): for one fixed target
+            from edge_runtime.engine_cache import EngineCache
+
+            engine = Path(src)
+            cache = EngineCache(engine.parent)
+            key = cache.read_key(engine)
+            cache.verify(engine, key)  # the bytes its sidecar describes
+            rel = f"engines/{engine.name}"
+            (stage / "engines").mkdir(exist_ok=True)
+            shutil.copyfile(engine, stage / rel)
+            artifacts[rel] = {"file": rel, "kind": "engine", "precision": key.precision, "targets": ["tensorrt"],
+                              "info": {"engine_key": key.to_dict()}}
+        manifest["artifacts"] = list(artifacts.values())
+        write_bundle(stage, manifest)
+
+    # Assembled aside and swapped in whole: a refused bundle leaves --out as it was (or absent).
+    if out.is_dir():
+        with staged(out) as stage:
+            assemble(stage)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = out.parent / f".{out.name}.new-{os.getpid()}"
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            assemble(stage)
+            os.rename(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    bundle = Bundle.load(out, verify=True)
     print(f"bundle {bundle.path}: {len(bundle.manifest['files'])} files, manifest sha256 {bundle.sha256}")
     if args.archive:
         print(f"archive {write_archive(out, args.archive)}")
@@ -456,15 +485,11 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle
-    from edge_runtime.postprocess import Postprocessor
-    from edge_runtime.preprocess import Preprocessor
 
     from .bundle_write import unpack_archive
 
     def check(b: Bundle) -> tuple[str, str, int]:
-        # The runtime's own pre/post-processing built from the manifest: unknown or bad keys fail here,
-        # not at the first frame on a cart.
-        Postprocessor.from_manifest(b.manifest, Preprocessor.from_manifest(b.manifest))
+        _check_processing(b.manifest)
         return b.name, b.sha256, len(b.manifest["files"])
 
     failed = 0
@@ -481,6 +506,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
             failed += 1
             print(f"FAILED {target}: {exc}")
     return 1 if failed else 0
+
+
+def _check_processing(manifest: dict[str, Any]) -> None:
+    """The runtime's own pre/post-processing built from a manifest: unknown or bad keys fail here, not
+    at the first frame on a cart."""
+    from edge_runtime.postprocess import Postprocessor
+    from edge_runtime.preprocess import Preprocessor
+
+    Postprocessor.from_manifest(manifest, Preprocessor.from_manifest(manifest))
 
 
 def _targets(file: str) -> dict[str, Any]:

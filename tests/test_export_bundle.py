@@ -441,3 +441,32 @@ def test_a_bundle_carries_engines_for_fixed_targets_and_the_runtime_takes_the_ma
     (tmp_path / "b" / "engines" / engines[1].name).write_bytes(b"engine for the AGY")
     with pytest.raises(BundleError, match="engines/"):
         Bundle.load(tmp_path / "b")
+
+
+def test_a_shipped_manifest_as_template_gives_a_bundle_of_only_the_files_given(tmp_path: Path) -> None:
+    """A newcomer's obvious template: its other files (not given, not in --out) are left out instead of
+    failing after the copies with a half-written --out; created and toolchain are this bundle's own."""
+    from edge_runtime.runtime import reference_bundles
+
+    shipped = Bundle.load(reference_bundles()["us-lesion-det"])
+    out = tmp_path / "b"
+    assert _cli(["bundle", "--manifest", str(shipped.path / "manifest.json"), "--out", str(out),
+                 "--fp32", str(shipped.file("fp32.onnx")), "--int8-cpu", str(shipped.file("int8_cpu.onnx"))]) == 0
+    made = Bundle.load(out, verify=True).manifest
+    assert sorted(a["file"] for a in made["artifacts"]) == ["fp32.onnx", "int8_cpu.onnx"]
+    assert made["created"] != shipped.manifest["created"] and "validation" not in made
+
+
+def test_a_refused_bundle_leaves_no_half_written_folder(tmp_path: Path) -> None:
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.runtime import reference_bundles
+
+    shipped = Bundle.load(reference_bundles()["us-lesion-det"])
+    template = dict(shipped.manifest)
+    template["preprocess"] = {**template["preprocess"], "colour": "gray"}  # a typo `export verify` refuses
+    (tmp_path / "m.json").write_text(json.dumps(template))
+    out = tmp_path / "b"
+    with pytest.raises((BundleError, ConfigError), match="colour"):
+        _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(out),
+              "--fp32", str(shipped.file("fp32.onnx"))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]  # neither --out nor a staging folder
