@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import EdgeRuntimeError, describe_error
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         # Our own errors already say what was expected and found: no traceback for users.
         print(f"edge-runtime {group}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `edge-runtime devices --json | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except OSError as exc:  # a file where a folder was meant, a full disk: no traceback, and no path
         # (file names can identify patients: describe_error drops them)
         print(f"edge-runtime {group}: {type(exc).__name__}: {describe_error(exc)} (check the paths given)",

@@ -20,6 +20,12 @@ DIR_MODE = 0o750
 FILE_MODE = 0o640
 
 
+def file_stem(stream: str) -> str:
+    """A stream id as a file name on every filesystem ("phantom:us" -> "phantom_us"): ':' is not
+    allowed on FAT/exFAT media or Windows shares, where recordings are often copied."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
+
+
 def private_dir(path: str | os.PathLike[str]) -> Path:
     """``path`` (and missing parents) created 0750; an existing directory (the caller's, or one another
     process made meanwhile) is left as it is."""

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -247,6 +248,14 @@ class CalibrationSet:
                 "frame_sha256": sorted(self.frame_hashes)}
 
 
+def _unnamed(source: str) -> str:
+    """A calibration source for a message: a phantom spec as given, a path only by its kind."""
+    if source.startswith("phantom:"):
+        return source
+    p = Path(source)
+    return f"(a {p.suffix} file)" if p.is_file() and p.suffix else "(a folder)" if p.is_dir() else "(the path given)"
+
+
 def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, min_frames: int = MIN_FRAMES,
           exclude: Iterable[str] = (), progress: bool = False, details: Mapping[str, Any] | None = None
           ) -> CalibrationSet:
@@ -257,27 +266,28 @@ def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, 
     from edge_runtime.preprocess import Preprocessor
 
     pre = Preprocessor.from_manifest(manifest)
+    label = _unnamed(source)  # messages name no file (calibration.json records the source given)
     try:
         items = list(_progress(frames, progress, "calibration frames"))
     except EdgeRuntimeError as exc:
-        raise ExportError(f"calibration source {source}: {exc}") from None
+        raise ExportError(f"calibration source {label}: {exc}") from None
     if len(items) < min_frames:
-        raise ExportError(f"calibration source {source}: " + expected(
+        raise ExportError(f"calibration source {label}: " + expected(
             f"at least {min_frames} calibration frames", f"{len(items)} frames"))
     problems = governance_problems(items, manifest, pre.invert_monochrome1)
     if problems:
-        raise ExportError(f"calibration frames from {source} do not match model {manifest.get('name')!r}: "
+        raise ExportError(f"calibration frames from {label} do not match model {manifest.get('name')!r}: "
                           + "; ".join(problems))
     hashes = [frame_sha256(f) for f in items]
     distinct = len(set(hashes))
     dupes = len(hashes) - distinct
     if distinct < min_frames:  # copies add no information about the activation ranges
-        raise ExportError(f"calibration source {source}: " + expected(
+        raise ExportError(f"calibration source {label}: " + expected(
             f"at least {min_frames} distinct calibration frames",
             f"{distinct} distinct of {len(items)} ({dupes} duplicates)"))
     overlap = set(hashes) & set(exclude)
     if overlap:
-        raise ExportError(f"calibration source {source}: " + expected(
+        raise ExportError(f"calibration source {label}: " + expected(
             "no frame shared with the validation set", f"{len(overlap)} of {len(items)} frames shared"))
     tensors = [pre(f)[0] for f in items]
     info = {"modality": sorted({f.modality for f in items}),

@@ -105,9 +105,14 @@ def test_nodes_to_exclude_and_cached_ranges(tmp_path: Path) -> None:
 
 
 # -- calibration governance --------------------------------------------------------------------
-def test_too_few_frames_states_count_and_minimum() -> None:
+def test_too_few_frames_states_count_and_minimum(tmp_path) -> None:
     with pytest.raises(ExportError, match=r"at least 200 calibration frames, found '150 frames'"):
         C.build(_xr(150), blur_manifest(), source="phantom:xr")
+    named = tmp_path / "DOE_JANE_MRN1234.dcm"  # a file name can identify a patient: not in the message
+    named.write_bytes(b"")
+    with pytest.raises(ExportError, match=r"calibration source \(a \.dcm file\): expected at least 200") as info:
+        C.build(_xr(150), blur_manifest(), source=str(named))
+    assert "DOE" not in str(info.value)
 
 
 def test_wrong_modality_is_an_error_with_counts() -> None:

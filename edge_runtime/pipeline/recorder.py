@@ -34,7 +34,7 @@ from typing import Any
 import zmq
 
 from ..errors import InputError, expected
-from ..outputs import FILE_MODE, private_dir
+from ..outputs import FILE_MODE, file_stem, private_dir
 from . import protocol
 from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, Position, is_late, open_socket, position
 from .protocol import BadMessage, Message
@@ -159,7 +159,7 @@ class VideoSink:
     def _open(self, stream: str, size: tuple[int, int]) -> Any:
         import cv2
 
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
+        safe = file_stem(stream)
         for suffix, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
             # Never over an earlier file (a restarted recorder, a reused directory): VideoWriter truncates.
             path = next(p for k in range(1, 10_000)

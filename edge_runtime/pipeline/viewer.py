@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from ..outputs import private_dir, write_image
+from ..outputs import file_stem, private_dir, write_image
 from . import protocol
 from .nodes import EXIT_OK, Counters, NodeSettings, Position, is_late, open_socket, position
 from .protocol import BadMessage, Message
@@ -133,7 +133,7 @@ class ViewerNode:
     headless_dir: str | None = None
 
     def _write_png(self, out: Path, message: Message, written: list[Path]) -> None:
-        path = write_image(out / f"{message.header['stream']}_{message.header['seq']:08d}.png", compose(message))
+        path = write_image(out / f"{file_stem(message.header['stream'])}_{message.header['seq']:08d}.png", compose(message))
         written.append(path)
         while len(written) > self.keep_snapshots:
             written.pop(0).unlink(missing_ok=True)
