@@ -302,10 +302,15 @@ class Preprocessor:
 
 
 def sector_mask(gray: np.ndarray, threshold: int = 1) -> np.ndarray:
-    """Ultrasound field of view: the filled convex hull of the largest region >= threshold.
+    """Ultrasound field of view: the filled convex hull of the largest region >= threshold, and above
+    the background: the median of the frame's outermost rows and columns (+1). JPEG cines rarely keep
+    a black of 0 (the real pydicom cine's is 1 after YBR -> RGB, which made the mask the whole frame,
+    text and toolbar included).
 
     Text, calibration marks and colour bars outside the sector are zeroed by the caller.
     """
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    threshold = max(threshold, int(np.median(border)) + 1)
     binary = cv2.morphologyEx((gray >= threshold).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     mask = np.zeros(gray.shape[:2], np.uint8)
