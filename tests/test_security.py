@@ -167,3 +167,44 @@ def test_ipv6_loopback_binds_and_a_failed_bind_names_its_endpoint(tmp_path: Path
                 security.bind(pull, where, None)
     finally:
         ctx.term()
+
+
+def test_internal_tcp_channels_use_curve_so_a_plain_local_peer_gets_no_frame() -> None:
+    """--transport tcp: a loopback port is open to every local user (a review posed as a worker from
+    another uid and was sent the frames, and injected results). The channels now speak CURVE with a
+    key pair made for the run; a plain-text peer completes no handshake and receives nothing."""
+    import zmq
+
+    from edge_runtime.pipeline import protocol
+
+    cfg = PipelineConfig(mode="process", transport="tcp", log_level=logging.ERROR)
+    sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("detect"), cfg)
+    sup.start()
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + 30
+        while sup.hub.snapshot()["results"] < 5:
+            assert time.monotonic() < deadline, "no results over the encrypted channels"
+            time.sleep(0.1)
+        keys = Path(sup.config.settings.security.server_secret).parent if sup.config.settings.security else None
+        assert keys is None  # the user gave no keys: the run's own are in the supervisor's private folder
+        intruder = ctx.socket(zmq.DEALER)
+        intruder.linger = 0
+        intruder.connect(sup.endpoints.frames)
+        intruder.send_multipart(protocol.encode_control("credit", worker="intruder", done=0, window=1))
+        assert intruder.poll(1500) == 0  # no frame for a peer without the run's keys
+        sub = ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(sup.endpoints.results)
+        assert sub.poll(1500) == 0
+    finally:
+        ctx.destroy(linger=0)
+        sup.stop()
+
+
+def test_keys_given_encrypt_a_loopback_bind_too(keys: Path) -> None:
+    from edge_runtime.pipeline.cli import _settings
+
+    settings = _settings({"keys": str(keys), "insecure": False, "settings": {}})
+    assert security.wants_curve("tcp://127.0.0.1:5555", settings.security)

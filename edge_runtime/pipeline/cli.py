@@ -143,7 +143,9 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
         limits = replace(limits, max_message_bytes=int(raw.pop("max_message_bytes")))
     security = None
     if options["keys"]:
-        security = SecurityConfig.from_keys_dir(options["keys"], insecure=bool(options["insecure"]))
+        # Keys given: CURVE on every tcp bind, loopback included (a loopback port is open to all local users).
+        security = SecurityConfig.from_keys_dir(options["keys"], insecure=bool(options["insecure"]),
+                                                curve_on_loopback=True)
     elif options["insecure"]:
         security = SecurityConfig(insecure=True)
     try:

@@ -822,6 +822,9 @@ class HubNode:
     keep_results: int = 10000  # result summaries kept for the PipelineReport
     backlog: int = 20000
     name: str = "hub"
+    # The public PUB's own settings (its security is the user's --keys / --insecure, not the CURVE the
+    # supervisor puts on internal tcp channels); None: ``settings``.
+    public_settings: NodeSettings | None = None
 
     def __post_init__(self) -> None:
         self.stats = Stats()
@@ -854,7 +857,8 @@ class HubNode:
         pull = open_socket(ctx, zmq.PULL, s, bind=self.endpoints.collect)
         pubs = [open_socket(ctx, zmq.PUB, s, bind=self.endpoints.results, receives=False)]
         if self.public_endpoint:
-            pubs.append(open_socket(ctx, zmq.PUB, s, bind=self.public_endpoint, receives=False))
+            pubs.append(open_socket(ctx, zmq.PUB, self.public_settings or s, bind=self.public_endpoint,
+                                    receives=False))
         for pub in pubs:
             pub.sndhwm = 64
         rec = None

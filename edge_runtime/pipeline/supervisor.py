@@ -21,6 +21,7 @@ Factories cross into spawned processes by multiprocessing's pickling of the node
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -53,6 +54,7 @@ from .nodes import (
     open_socket,
 )
 from .recorder import RESULTS_FILE, RecorderNode, new_run_id
+from .security import SecurityConfig
 from .viewer import ViewerNode
 
 log = logging.getLogger(__name__)
@@ -420,6 +422,24 @@ class Supervisor:
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-")
         return Endpoints.ipc(self._tmp.name)
 
+    def _internal_tcp_security(self, given: SecurityConfig | None) -> SecurityConfig:
+        """CURVE on the internal channels when they run over tcp: unlike ipc in a 0700 folder, a
+        loopback port is open to every local user, who could pose as a worker and be sent the frames,
+        or inject results. The user's keys when they include a client key, else a key pair made for
+        this run in a private temporary folder (removed at the end)."""
+        if given is not None and given.can_serve_curve:
+            if given.client_secret is None or given.server_public is None:
+                raise ConfigError(expected(
+                    "a client key in the --keys folder for --transport tcp (edge-runtime keys generate DIR "
+                    "--name client --allow)", "none"))
+            return dataclasses.replace(given, curve_on_loopback=True)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="edge-")
+        keys = Path(self._tmp.name) / "keys"
+        security.generate_keys(keys, "server")
+        security.generate_keys(keys, "client", allow=True)
+        return SecurityConfig.from_keys_dir(keys, insecure=bool(given and given.insecure), curve_on_loopback=True)
+
     def start(self) -> None:
         c = self.config
         c.validate()
@@ -428,10 +448,12 @@ class Supervisor:
             check()
         s = c.settings
         self.endpoints = ep = self._endpoints()
+        if any(e.startswith("tcp://") for e in (ep.frames, ep.collect, ep.results, ep.record)):
+            s = dataclasses.replace(s, security=self._internal_tcp_security(s.security))
         self.ctx = zmq.Context()
         attach = c.attach_input if c.attach_input is not None else (c.video or c.view)
         self.hub = HubNode(ep, s, record=c.record_dir is not None, public_endpoint=c.public_endpoint,
-                           keep_results=c.keep_results)
+                           keep_results=c.keep_results, public_settings=c.settings)
         self._hub_stop = threading.Event()
         self._hub_error: BaseException | None = None
 
