@@ -284,3 +284,38 @@ def test_cli_config_file_is_validated(tmp_path: Path) -> None:
         cli.run(_cli(["--source", "synthetic", "--processor", "teleport"]))
     cfg.write_text("source: synthetic:32x32\nprocessor: identity\nmode: thread\nrealtime: false\nduration: 1\n")
     assert cli.run(_cli(["--config", str(cfg)])) == 0
+
+
+def test_a_node_cannot_end_the_run_for_the_sinks(tmp_path: Path) -> None:
+    """'end' is the hub's word (the recorder and every Subscriber stop on it) and 'end_of_stream' the
+    source's: forged on COLLECT by any node they stopped the recording mid-run with a clean end."""
+    import zmq
+
+    from edge_runtime.pipeline import protocol
+
+    cfg = PipelineConfig(mode="process", record_dir=str(tmp_path / "rec"), work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("detect"), cfg)
+    sup.start()
+    ctx = zmq.Context()
+    try:
+        deadline = time.monotonic() + 30
+        while sup.hub.snapshot()["results"] < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 1000
+        push.connect(sup.endpoints.collect)
+        push.send_multipart(protocol.encode_control("event", node="w7", event="end", t_ns=time.monotonic_ns()))
+        push.send_multipart(protocol.encode_control("event", node="w7", event="end_of_stream",
+                                                    t_ns=time.monotonic_ns()))
+        at = sup.hub.snapshot()["results"]
+        while sup.hub.snapshot()["rejected"].get("reserved_event", 0) < 2:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.05)
+        time.sleep(1.0)
+    finally:
+        ctx.destroy(linger=0)
+        report = sup.stop()
+    records = read_records(tmp_path / "rec" / RESULTS_FILE)
+    results = [r for r in records if r.get("type") == "result"]
+    assert len(results) >= at + 20 and report.rejected.get("reserved_event") == 2

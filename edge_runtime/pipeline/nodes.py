@@ -935,6 +935,13 @@ class HubNode:
                                 self.counters.rejected["bad_counters"] += 1
             elif m.type in ("event", "error"):
                 kind = f"{m.type}/{h['event'] if m.type == 'event' else h['reason']}"
+                if kind == "event/end" or (kind == "event/end_of_stream" and h.get("node") != "source"):
+                    # Only the hub says "end" (sinks stop on it) and only the source ends the stream: a
+                    # node sending either would stop the recording and every subscriber mid-run.
+                    with self.lock:
+                        self.counters.reject(BadMessage("reserved_event", expected(
+                            "'end' from the hub only, 'end_of_stream' from the source", h.get("node"))))
+                    return
                 with self.lock:
                     self.events.append(h)
                     if kind in self.event_counts or len(self.event_counts) < MAX_EVENT_KINDS:
