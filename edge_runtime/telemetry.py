@@ -191,6 +191,10 @@ def device_health(jetson: JetsonStats | None = None, thermal: Path = Path("/sys/
     return health
 
 
+MAX_TIMING_KEYS = 64  # distinct timings_ms names kept (per-model stages: a few per bundle)
+MAX_COUNTER_KEYS = 64  # entries of one node's drops / rejected / transport map
+
+
 class Stats:
     """Aggregates results and drop counters; ``snapshot()`` is the stats message body.
 
@@ -229,6 +233,8 @@ class Stats:
         if age is not None:
             self.age.append(age)
         for name, ms in (timings_ms or {}).items():
+            if name not in self.timings and len(self.timings) >= MAX_TIMING_KEYS:
+                continue  # results naming ever new stages would grow this (and the stats header) forever
             self.timings.setdefault(name, deque(maxlen=self.window)).append(float(ms))
         if provenance:
             self.backend = provenance.get("backend", self.backend)
@@ -239,7 +245,10 @@ class Stats:
         self.local_drops[cause] += n
 
     def set_node_counters(self, node: str, kind: str, counters: Mapping[str, int]) -> None:
-        """Replace one node's cumulative counters of one kind (drops / rejected / transport)."""
+        """Replace one node's cumulative counters of one kind (drops / rejected / transport).
+        ValueError for more than MAX_COUNTER_KEYS entries (docs/PROTOCOL.md: at most 64 a map)."""
+        if len(counters) > MAX_COUNTER_KEYS:
+            raise ValueError(f"{len(counters)} {kind} counters (at most {MAX_COUNTER_KEYS})")
         self.node_counters.setdefault(node, {})[kind] = Counter({str(k): int(v) for k, v in counters.items()})
 
     def totals(self, kind: str) -> dict[str, int]:

@@ -400,3 +400,47 @@ def test_run_over_an_image_folder_takes_modality_and_bit_depth_flags(tmp_path: P
     out = capsys.readouterr().out
     assert code == 0 and "2 results of 2 frames" in out, out
     assert {r["stream"] for r in read_records(record / RESULTS_FILE) if r.get("type") == "result"} == {"cart-1"}
+
+
+def test_the_recorder_backlog_is_bounded_in_bytes() -> None:
+    """With --video each record message carries ~1 MiB of pixels, so a count bound let a stalled recorder
+    grow the supervisor without bound (1.4 GiB in 45 s in a review). Here: no recorder at all, a
+    backlog of 4 KiB, 200 events of ~150 bytes: most are dropped and counted, the hub keeps going."""
+    from edge_runtime.pipeline.nodes import HubNode
+
+    ep = Endpoints.inproc()
+    hub = HubNode(ep, NodeSettings(), record=True, backlog_bytes=4096)
+    ctx = zmq.Context()
+    stop = threading.Event()
+    thread = threading.Thread(target=hub.run, args=(ctx, stop), daemon=True)
+    thread.start()
+    try:
+        assert hub.ready.wait(10)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(ep.collect)
+        for i in range(200):
+            push.send_multipart(protocol.encode_control("event", node="w0", event=f"note{i % 3}",
+                                                        t_ns=time.monotonic_ns()))
+        deadline = time.monotonic() + 10
+        while hub.counters.drops["recorder_backlog"] < 150:
+            assert time.monotonic() < deadline, dict(hub.counters.drops)
+            time.sleep(0.02)
+        push.close(linger=0)
+    finally:
+        stop.set()
+        thread.join(20)
+        ctx.destroy(linger=0)
+    assert not thread.is_alive()
+
+
+def test_stats_keep_a_bounded_number_of_timing_names_and_counters() -> None:
+    """A review's results with ever new timings_ms names grew Stats by 192001 keys and a 13 MB stats
+    header (which every sink then refused as too large)."""
+    from edge_runtime.telemetry import MAX_COUNTER_KEYS, MAX_TIMING_KEYS, Stats
+
+    stats = Stats()
+    for i in range(500):
+        stats.add("s", i, {}, timings_ms={f"stage{i}": 1.0, "infer": 2.0})
+    assert len(stats.timings) == MAX_TIMING_KEYS and len(stats.timings["infer"]) == 500
+    with pytest.raises(ValueError, match="at most"):
+        stats.set_node_counters("w0", "drops", {f"cause{i}": 1 for i in range(MAX_COUNTER_KEYS + 1)})

@@ -117,6 +117,9 @@ POLL_MS = 100  # the longest any node loop sleeps: how fast it notices a stop re
 # The hub's once-a-second stats summarise the latest results only (about a minute at 30 fps): over
 # the whole window they stalled its receive loop by tens of ms. Reports cover the whole window.
 LIVE_STATS_RESULTS = 2048
+# Messages queued in libzmq towards the recorder (each side). Counted in messages, not bytes, so kept
+# small: with --video a message is ~1 MiB; the hub's own backlog, bounded in bytes, holds the rest.
+RECORD_HWM = 64
 Position = tuple[int, int]  # a result's place in its stream: (capture_ns, seq)
 
 
@@ -812,7 +815,10 @@ class HubNode:
       slows the hub. Topics: ``result/<stream>``, ``stats``, ``event``, ``error``.
     - ``record`` PUSH: [header, parts...] to the recorder; when its HWM is full the hub keeps a bounded
       backlog (in order) instead of dropping, so the recorder sees everything unless it falls behind
-      by more than ``backlog`` messages (counted as drops "recorder_backlog").
+      by more than ``backlog`` messages or ``backlog_bytes`` (the oldest go first, counted as drops
+      "recorder_backlog"). Bytes count: with --video each message carries the frame and the enhanced
+      pixels (~1 MiB at 512x512 uint16), and a recorder stalled on a hung disk grew the supervisor by
+      ~30 MiB/s without bound.
     """
 
     endpoints: Endpoints
@@ -821,6 +827,7 @@ class HubNode:
     public_endpoint: str | None = None  # an extra PUB for integrators, e.g. tcp://0.0.0.0:5555 (CURVE)
     keep_results: int = 10000  # result summaries kept for the PipelineReport
     backlog: int = 20000
+    backlog_bytes: int = 256 << 20
     name: str = "hub"
     # The public PUB's own settings (its security is the user's --keys / --insecure, not the CURVE the
     # supervisor puts on internal tcp channels); None: ``settings``.
@@ -864,27 +871,31 @@ class HubNode:
         rec = None
         if self.record:
             rec = open_socket(ctx, zmq.PUSH, s, bind=self.endpoints.record, receives=False)
-            rec.sndhwm = 1000
+            rec.sndhwm = RECORD_HWM  # beyond it the byte-bounded backlog holds them
         monitors = [self.counters.monitor(pull)] + [self.counters.monitor(p) for p in pubs[1:]]
-        backlog: deque[list[Any]] = deque()
+        backlog: deque[tuple[list[Any], int]] = deque()  # (message parts, their bytes)
+        held = 0  # bytes in the backlog
         next_stats = time.monotonic() + s.stats_interval_s
         quiet_since: float | None = None
         self.ready.set()
 
         def to_recorder(parts: list[Any] | None = None) -> None:
+            nonlocal held
             if rec is None:
                 return
             if parts is not None:
-                if len(backlog) >= self.backlog:
-                    backlog.popleft()
+                size = sum(memoryview(p).nbytes for p in parts)
+                backlog.append((parts, size))
+                held += size
+                while len(backlog) > self.backlog or (held > self.backlog_bytes and len(backlog) > 1):
+                    held -= backlog.popleft()[1]
                     self.counters.drops["recorder_backlog"] += 1
-                backlog.append(parts)
             while backlog:
                 try:
-                    protocol.send(rec, backlog[0], zmq.NOBLOCK)
+                    protocol.send(rec, backlog[0][0], zmq.NOBLOCK)
                 except zmq.Again:
                     return
-                backlog.popleft()
+                held -= backlog.popleft()[1]
 
         def publish(topic: str, parts: list[Any]) -> None:
             for pub in pubs:
@@ -992,7 +1003,7 @@ class HubNode:
             deadline = time.monotonic() + s.drain_s
             while backlog and rec is not None and time.monotonic() < deadline:
                 try:
-                    protocol.send(rec, backlog[0], zmq.NOBLOCK)
+                    protocol.send(rec, backlog[0][0], zmq.NOBLOCK)
                     backlog.popleft()
                 except zmq.Again:
                     time.sleep(0.01)

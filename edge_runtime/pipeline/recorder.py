@@ -36,7 +36,17 @@ import zmq
 from ..errors import InputError, expected
 from ..outputs import FILE_MODE, file_stem, private_dir
 from . import protocol
-from .nodes import EXIT_OK, Counters, Endpoints, NodeSettings, Position, is_late, open_socket, position
+from .nodes import (
+    EXIT_OK,
+    RECORD_HWM,
+    Counters,
+    Endpoints,
+    NodeSettings,
+    Position,
+    is_late,
+    open_socket,
+    position,
+)
 from .protocol import BadMessage, Message
 
 log = logging.getLogger(__name__)
@@ -247,7 +257,7 @@ class RecorderNode:
         writer = JsonlWriter(out / RESULTS_FILE, self.fsync_every, self.fsync_interval_s)
         videos = VideoSink(out, self.video_fps) if self.video else None
         pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record)
-        pull.rcvhwm = 1000
+        pull.rcvhwm = RECORD_HWM
         writer.write({"type": "event", "event": "recorder_started", "node": self.name, "pid": os.getpid(),
                       "t_ns": time.monotonic_ns(), "run_id": self.run_id})
         ended = False
