@@ -289,3 +289,29 @@ def test_transport_benchmark_shared_memory_row_delivers_every_frame(tmp_path: Pa
     out = credit_throughput(images, f"ipc://{tmp_path}/credit", 60, 3, shm=True)
     assert out["frames"] == 60 and out["shared_memory"] and out["fps"] > 0
     assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"edge-{os.getpid()}-")]  # ring unlinked
+
+
+def test_a_start_sweeps_segments_whose_source_is_dead() -> None:
+    """A whole pipeline SIGKILLed leaves its segments (no supervisor is left to unlink them): the next
+    start with shared memory removes this user's segments whose owner pid no longer exists."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_runtime.pipeline import protocol
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = f"/dev/shm/{protocol.SHM_PREFIX}{dead}-0123456789ab"
+    alive = f"/dev/shm/{protocol.SHM_PREFIX}{os.getpid()}-ba9876543210"
+    for path in (stale, alive):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 64)
+    try:
+        gone = protocol.sweep_dead_owners()
+        assert os.path.basename(stale) in gone and not os.path.exists(stale)
+        assert os.path.exists(alive)  # its owner (this process) lives
+    finally:
+        for path in (stale, alive):
+            if os.path.exists(path):
+                os.unlink(path)

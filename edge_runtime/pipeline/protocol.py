@@ -611,7 +611,50 @@ def unlink_orphans(pid: int) -> list[str]:
                 os.unlink(os.path.join(SHM_DIR, name))
                 gone.append(name)
             except OSError:
-                pass
+                continue
+            _untrack(name)
+    return gone
+
+
+def _untrack(name: str) -> None:
+    """Tell the resource tracker (the supervisor's, which its spawned sources share) that a segment
+    unlinked here is gone: else it warns of "leaked shared_memory objects" at exit and fails to unlink
+    them again."""
+    try:
+        from multiprocessing import resource_tracker
+
+        resource_tracker.unregister(f"/{name}", "shared_memory")
+    except Exception:  # noqa: BLE001 - bookkeeping only
+        pass
+
+
+def sweep_dead_owners() -> list[str]:
+    """Unlink this user's segments whose source process no longer exists (a whole pipeline SIGKILLed
+    leaves them: no supervisor was left to unlink them); the pid is in the name. Run at a start."""
+    gone: list[str] = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return gone
+    for name in names:
+        m = re.match(rf"{re.escape(SHM_PREFIX)}(\d+)-", name)
+        if not (m and SHM_NAME_RE.match(name)):
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+            continue  # its owner lives (a pipeline running now)
+        except ProcessLookupError:
+            pass
+        except OSError:  # PermissionError: a process of another user has that pid: not ours to judge
+            continue
+        try:
+            os.unlink(path)
+            gone.append(name)
+        except OSError:
+            pass
     return gone
 
 

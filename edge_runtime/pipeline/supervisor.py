@@ -447,6 +447,10 @@ class Supervisor:
         if callable(check):
             check()
         s = c.settings
+        if c.shared_memory:
+            left = protocol.sweep_dead_owners()
+            if left:
+                log.info("unlinked %d shared-memory segment(s) left by a pipeline that was killed", len(left))
         self.endpoints = ep = self._endpoints()
         if any(e.startswith("tcp://") for e in (ep.frames, ep.collect, ep.results, ep.record)):
             s = dataclasses.replace(s, security=self._internal_tcp_security(s.security))
