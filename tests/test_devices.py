@@ -261,7 +261,7 @@ def test_a_non_editable_install_carries_the_device_configs(tmp_path: Path) -> No
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True)
     env = {k: v for k, v in os.environ.items() if k != "EDGE_RUNTIME_DEVICE_CONFIGS"}
     env["PYTHONPATH"] = str(tmp_path / "site")
-    out = subprocess.run([sys.executable, "-c", "import edge_runtime, edge_runtime.devices as d; "
-                          "print(edge_runtime.__file__); print(d.load_config('cpu-x86').name)"],
+    code = "import edge_runtime, edge_runtime.devices as d; print(edge_runtime.__file__); print(d.load_config('cpu-x86').name)"
+    out = subprocess.run([sys.executable, "-c", code],
                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(tmp_path / "site" / "edge_runtime" / "__init__.py"), "cpu-x86"]

@@ -585,10 +585,9 @@ def test_a_cine_cut_inside_its_last_fragment_refuses_the_damaged_frame(tmp_path:
     path = tmp_path / "cine.dcm"
     path.write_bytes(data[:-cut])
     source = DicomSource(path)
-    frames = []
+    frames: list[Frame] = []
     with pytest.raises(InputError, match="ends early") as info:
-        for frame in source:
-            frames.append(frame)
+        frames.extend(source)
     reference = pydicom.dcmread(TEST_FILES / "examples_ybr_color.dcm").pixel_array
     assert len(frames) == 29 and "29 whole frame" in str(info.value)
     np.testing.assert_array_equal(np.stack([f.pixels for f in frames]), reference[:29])  # all intact
@@ -607,7 +606,8 @@ def test_stored_values_above_bits_stored_are_refused_not_wrapped(tmp_path: Path)
     ds = pydicom.dcmread(ok)
     ds.BitsStored, ds.HighBit = 12, 11
     ds.save_as(ok)
-    np.testing.assert_array_equal(list(DicomSource(ok))[0].pixels, raw % 4096)
+    (frame,) = list(DicomSource(ok))
+    np.testing.assert_array_equal(frame.pixels, raw % 4096)
 
 
 def test_a_window_after_a_modality_lut_spans_the_lut_output(tmp_path: Path) -> None:
