@@ -214,6 +214,7 @@ class Stats:
         self._last_snapshot = (self.started, 0)
         self.local_drops: Counter[str] = Counter()
         self.node_counters: dict[str, dict[str, Counter[str]]] = {}
+        self.retired: dict[str, Counter[str]] = {}  # by kind: counts of earlier incarnations of a node name
         self.worst: tuple[float, str, int] | None = None
         self.backend = ""
         self.precision = ""
@@ -249,10 +250,16 @@ class Stats:
         ValueError for more than MAX_COUNTER_KEYS entries (docs/PROTOCOL.md: at most 64 a map)."""
         if len(counters) > MAX_COUNTER_KEYS:
             raise ValueError(f"{len(counters)} {kind} counters (at most {MAX_COUNTER_KEYS})")
-        self.node_counters.setdefault(node, {})[kind] = Counter({str(k): int(v) for k, v in counters.items()})
+        new = Counter({str(k): int(v) for k, v in counters.items()})
+        old = self.node_counters.get(node, {}).get(kind)
+        if old and any(new[k] < v for k, v in old.items()):
+            # Cumulative counters never go down: this is a new incarnation under the same name (the source
+            # is always "source"), whose counts start again; its predecessor's stay in the totals.
+            self.retired.setdefault(kind, Counter()).update(old)
+        self.node_counters.setdefault(node, {})[kind] = new
 
     def totals(self, kind: str) -> dict[str, int]:
-        total: Counter[str] = Counter()
+        total: Counter[str] = Counter(self.retired.get(kind, Counter()))
         for counters in self.node_counters.values():
             total.update(counters.get(kind, Counter()))
         if kind == "drops":

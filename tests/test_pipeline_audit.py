@@ -444,3 +444,21 @@ def test_stats_keep_a_bounded_number_of_timing_names_and_counters() -> None:
     assert len(stats.timings) == MAX_TIMING_KEYS and len(stats.timings["infer"]) == 500
     with pytest.raises(ValueError, match="at most"):
         stats.set_node_counters("w0", "drops", {f"cause{i}": 1 for i in range(MAX_COUNTER_KEYS + 1)})
+
+
+def test_a_restarted_source_adds_to_the_totals_instead_of_replacing_them() -> None:
+    """The source is always named "source" and counts from 0 again after a restart: its predecessor's
+    frames read and drops vanished from the report (85 read, then 83 after the restart)."""
+    from edge_runtime.pipeline.nodes import HubNode
+
+    hub = HubNode(Endpoints.inproc(), NodeSettings())
+    stats = {"node": "source", "frames_read": 85, "frames_sent": 80}
+    assert hub._with_earlier_incarnations(stats)["frames_read"] == 85
+    assert hub._with_earlier_incarnations({**stats, "frames_read": 90, "frames_sent": 86})["frames_read"] == 90
+    restarted = hub._with_earlier_incarnations({"node": "source", "frames_read": 3, "frames_sent": 2})
+    assert (restarted["frames_read"], restarted["frames_sent"]) == (93, 88)
+    later = hub._with_earlier_incarnations({"node": "source", "frames_read": 10, "frames_sent": 9})
+    assert (later["frames_read"], later["frames_sent"]) == (100, 95)
+    hub.stats.set_node_counters("source", "drops", {"superseded": 56})
+    hub.stats.set_node_counters("source", "drops", {"superseded": 2})  # the new incarnation's first
+    assert hub.stats.totals("drops") == {"superseded": 58}

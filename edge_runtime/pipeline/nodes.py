@@ -120,6 +120,7 @@ LIVE_STATS_RESULTS = 2048
 # Messages queued in libzmq towards the recorder (each side). Counted in messages, not bytes, so kept
 # small: with --video a message is ~1 MiB; the hub's own backlog, bounded in bytes, holds the rest.
 RECORD_HWM = 64
+FRAME_TOTALS = ("frames_read", "frames_sent", "frames_shm")  # a source's cumulative stats fields
 Position = tuple[int, int]  # a result's place in its stream: (capture_ns, seq)
 
 
@@ -844,6 +845,8 @@ class HubNode:
         self.stream_ends: deque[dict[str, Any]] = deque(maxlen=64)
         self.summaries: deque[dict[str, Any]] = deque(maxlen=self.keep_results)
         self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
+        self._raw_totals: dict[str, Counter[str]] = {}  # FRAME_TOTALS as each node last sent them
+        self._retired_totals: dict[str, Counter[str]] = {}  # ... summed over its earlier incarnations
         self.counters = Counters(self.name)
         self.lock = threading.Lock()
         self.ready = threading.Event()
@@ -853,6 +856,18 @@ class HubNode:
         with self.lock:
             self._merge_own_counters()
             return self.stats.snapshot(advance=False)
+
+    def _with_earlier_incarnations(self, h: dict[str, Any]) -> dict[str, Any]:
+        """A node's stats header with the frame totals of its earlier incarnations added: a restarted
+        source keeps the name "source" and counts from 0 again (a count that goes down says so)."""
+        node = h["node"]
+        raw = Counter({k: v for k in FRAME_TOTALS if isinstance(v := h.get(k), int) and not isinstance(v, bool)})
+        last = self._raw_totals.get(node)
+        if last and any(raw[k] < v for k, v in last.items()):
+            self._retired_totals.setdefault(node, Counter()).update(last)
+        self._raw_totals[node] = raw
+        base = self._retired_totals.get(node)
+        return {**h, **{k: base[k] + raw[k] for k in FRAME_TOTALS if k in h}} if base else h
 
     def _merge_own_counters(self) -> None:  # under self.lock; monitor sockets stay in the hub thread
         self.stats.set_node_counters(self.name, "rejected", self.counters.rejected)
@@ -937,6 +952,7 @@ class HubNode:
                         self.counters.reject(BadMessage("too_many_nodes", expected(f"<= {MAX_NODES} nodes",
                                                                                     h["node"][:64])))
                         return
+                    h = self._with_earlier_incarnations(h)
                     self.nodes[h["node"]] = h
                     for kind in ("drops", "rejected", "transport"):
                         if isinstance(h.get(kind), dict):
