@@ -368,3 +368,28 @@ def test_a_result_a_sink_cannot_draw_costs_that_frame_not_the_sink(tmp_path: Pat
 
     assert viewer._show(draw, seen) is False and seen.drops["undrawable"] == 1
     assert viewer._show(lambda: None, seen) is True
+
+
+@pytest.mark.slow
+def test_results_lost_with_a_killed_recorder_are_counted(tmp_path: Path) -> None:
+    """What ZeroMQ had queued for a recorder that is SIGKILLed dies with it (no acknowledgements on the
+    record channel): the loss must be counted, not silent (a review lost 52 results with no drop shown)."""
+    rec = tmp_path / "rec"
+    cfg = PipelineConfig(mode="process", record_dir=str(rec), work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=None, fps=30, shape=(64, 64)), BuiltinProcessor("detect"), cfg)
+    sup.start()
+    path = rec / RESULTS_FILE
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 30, 30, "30 recorded")
+        h = sup.handle("recorder")
+        os.kill(h.pid, signal.SIGSTOP)  # results pile up in the queues towards it
+        time.sleep(2.0)
+        os.kill(h.pid, signal.SIGKILL)
+        os.kill(h.pid, signal.SIGCONT)
+        wait_for(lambda: h.restarts == 1, 20, "the recorder's restart")
+        time.sleep(1.0)
+    finally:
+        report = sup.stop()
+    recorded = {r["seq"] for r in read_records(path) if r["type"] == "result"}
+    missing = len({r["seq"] for r in report.records} - recorded)
+    assert missing > 0 and report.drops.get("recorder_lost") == missing, (missing, report.drops)

@@ -846,6 +846,7 @@ class HubNode:
         self.summaries: deque[dict[str, Any]] = deque(maxlen=self.keep_results)
         self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
         self._raw_totals: dict[str, Counter[str]] = {}  # FRAME_TOTALS as each node last sent them
+        self.results_recorded = 0  # results handed to the recorder's socket (the supervisor checks the file)
         self._retired_totals: dict[str, Counter[str]] = {}  # ... summed over its earlier incarnations
         self.counters = Counters(self.name)
         self.lock = threading.Lock()
@@ -888,19 +889,19 @@ class HubNode:
             rec = open_socket(ctx, zmq.PUSH, s, bind=self.endpoints.record, receives=False)
             rec.sndhwm = RECORD_HWM  # beyond it the byte-bounded backlog holds them
         monitors = [self.counters.monitor(pull)] + [self.counters.monitor(p) for p in pubs[1:]]
-        backlog: deque[tuple[list[Any], int]] = deque()  # (message parts, their bytes)
+        backlog: deque[tuple[list[Any], int, bool]] = deque()  # (message parts, their bytes, a result?)
         held = 0  # bytes in the backlog
         next_stats = time.monotonic() + s.stats_interval_s
         quiet_since: float | None = None
         self.ready.set()
 
-        def to_recorder(parts: list[Any] | None = None) -> None:
+        def to_recorder(parts: list[Any] | None = None, result: bool = False) -> None:
             nonlocal held
             if rec is None:
                 return
             if parts is not None:
                 size = sum(memoryview(p).nbytes for p in parts)
-                backlog.append((parts, size))
+                backlog.append((parts, size, result))
                 held += size
                 while len(backlog) > self.backlog or (held > self.backlog_bytes and len(backlog) > 1):
                     held -= backlog.popleft()[1]
@@ -910,7 +911,9 @@ class HubNode:
                     protocol.send(rec, backlog[0][0], zmq.NOBLOCK)
                 except zmq.Again:
                     return
-                held -= backlog.popleft()[1]
+                _, size, was_result = backlog.popleft()
+                held -= size
+                self.results_recorded += was_result
 
         def publish(topic: str, parts: list[Any]) -> None:
             for pub in pubs:
@@ -918,7 +921,7 @@ class HubNode:
                     protocol.send(pub, [topic.encode(), *parts], zmq.NOBLOCK)
                 except zmq.Again:
                     pass
-            to_recorder(parts)
+            to_recorder(parts, topic.startswith("result"))
 
         def emit_stats() -> None:
             with self.lock:
@@ -1020,7 +1023,7 @@ class HubNode:
             while backlog and rec is not None and time.monotonic() < deadline:
                 try:
                     protocol.send(rec, backlog[0][0], zmq.NOBLOCK)
-                    backlog.popleft()
+                    self.results_recorded += backlog.popleft()[2]
                 except zmq.Again:
                     time.sleep(0.01)
             if backlog:

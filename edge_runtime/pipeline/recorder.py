@@ -291,6 +291,8 @@ class RecorderNode:
                     if pull.poll(100):
                         ended = drain(deadline)
                     writer.maybe_sync()
+            if not ended:  # SIGTERM without an end: what is queued already is written, not dropped
+                ended = drain(time.monotonic() + 1.0)
         finally:
             writer.write({"type": "event", "event": "recorder_stopped", "node": self.name, "t_ns": time.monotonic_ns(),
                           "records": writer.written, "rejected": dict(counters.rejected), "drops": dict(counters.drops),

@@ -601,6 +601,8 @@ class Supervisor:
                 h.proc.join(s.drain_s + 3.0)
             h.request_stop()
             h.join(s.drain_s + 3.0)
+        if by_kind["recorder"]:
+            self._count_unrecorded()
         for h in by_kind["viewer"]:
             h.request_stop()
             h.join(3.0)
@@ -614,6 +616,24 @@ class Supervisor:
             self.ctx.term()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+    def _count_unrecorded(self) -> None:
+        """Results the hub handed to the recorder's socket but the file of this run lacks: queued in
+        ZeroMQ when a recorder was killed or restarted, they are gone. Counted (drops "recorder_lost")
+        and said, never silent."""
+        from .recorder import RESULTS_FILE, read_records
+
+        path = Path(str(self.config.record_dir)) / RESULTS_FILE
+        try:
+            written = sum(r.get("type") == "result" for r in read_records(path, run=self.run_id))
+        except OSError:
+            written = 0
+        lost = self.hub.results_recorded - written
+        if lost > 0:
+            with self.hub.lock:
+                self.hub.stats.count_drop("recorder_lost", lost)
+            log.warning("%d result(s) reached the recorder's queue but not the recording (a recorder restart "
+                        "loses what was queued for it)", lost)
 
     # -- control
 
