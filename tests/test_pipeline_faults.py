@@ -393,3 +393,21 @@ def test_results_lost_with_a_killed_recorder_are_counted(tmp_path: Path) -> None
     recorded = {r["seq"] for r in read_records(path) if r["type"] == "result"}
     missing = len({r["seq"] for r in report.records} - recorded)
     assert missing > 0 and report.drops.get("recorder_lost") == missing, (missing, report.drops)
+
+
+@pytest.mark.slow
+def test_policy_all_sends_a_killed_workers_frames_again(tmp_path: Path) -> None:
+    """--fast promises every frame: the frames a SIGKILLed worker held were counted as lost and never
+    processed (a review: 118 results of 120), and the end-of-stream drain gave a slow model 2 s."""
+    n = 60
+    cfg = PipelineConfig(mode="process", policy="all", window=2, work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=n), BuiltinProcessor("slow:50"), cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 15, 30, "15 results")
+        os.kill(sup.handle("w0").pid, signal.SIGKILL)
+        assert sup.wait(60)
+    finally:
+        report = sup.stop()
+    assert sorted({r["seq"] for r in report.records}) == list(range(n))
+    assert "worker_lost" not in report.drops and report.transport.get("frames_resent", 0) >= 1

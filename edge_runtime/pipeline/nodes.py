@@ -120,6 +120,7 @@ LIVE_STATS_RESULTS = 2048
 # Messages queued in libzmq towards the recorder (each side). Counted in messages, not bytes, so kept
 # small: with --video a message is ~1 MiB; the hub's own backlog, bounded in bytes, holds the rest.
 RECORD_HWM = 64
+ALL_DRAIN_S = 60.0  # policy 'all': end-of-stream wait for in-flight frames, from the last one back
 FRAME_TOTALS = ("frames_read", "frames_sent", "frames_shm")  # a source's cumulative stats fields
 Position = tuple[int, int]  # a result's place in its stream: (capture_ns, seq)
 
@@ -339,7 +340,8 @@ class _WorkerState:
     window: int
     done: int
     last_seen: float
-    inflight: deque[tuple[str, int, int | None]] = field(default_factory=deque)  # stream, seq, shm slot
+    # stream, seq, shm slot, and the frame itself under policy 'all' (resent if the worker vanishes)
+    inflight: deque[tuple[str, int, int | None, Frame | None]] = field(default_factory=deque)
     ready_since: float = 0.0
     shm: bool = False  # it said it maps shared-memory frames (same host, shm enabled)
 
@@ -428,15 +430,21 @@ class SourceNode:
 
         def lose(ident: bytes, why: str) -> None:
             w = workers.pop(ident)
-            if w.inflight:
-                counters.drops["worker_lost"] += len(w.inflight)
-            for _, _, slot in w.inflight:
-                release(slot)  # safe even if it still reads: the generation check catches a rewrite
+            for _, _, held_slot, _ in w.inflight:
+                release(held_slot)  # safe even if it still reads: the generation check catches a rewrite
+            # Policy 'all' ("every frame is processed"): the frames go to another worker, first; 'latest'
+            # counts them (newer frames have come meanwhile).
+            resend = [f for *_, f in w.inflight if f is not None] if self.policy == "all" else []
+            slot.retry.extend(resend)
+            if len(w.inflight) > len(resend):
+                counters.drops["worker_lost"] += len(w.inflight) - len(resend)
+            counters.transport["frames_resent"] += len(resend)
             _send_quiet(push, protocol.encode_control(
                 "event", node=self.name, event="worker_lost", worker=w.name, why=why, t_ns=time.monotonic_ns(),
-                frames_lost=[{"stream": st, "seq": sq} for st, sq, _ in w.inflight]), counters, "event")
-            log.warning("%s: worker %s lost (%s), %d in-flight frame(s) counted", self.name, w.name, why,
-                        len(w.inflight))
+                frames_lost=[{"stream": st, "seq": sq} for st, sq, _, f in w.inflight if f is None],
+                frames_resent=[{"stream": f.stream_id, "seq": f.seq} for f in resend]), counters, "event")
+            log.warning("%s: worker %s lost (%s), %d in-flight frame(s) %s", self.name, w.name, why,
+                        len(w.inflight), "sent again" if resend else "counted")
 
         start_by = time.monotonic() + self.start_timeout_s
         try:
@@ -477,6 +485,8 @@ class SourceNode:
                             f"done <= {w.done + len(w.inflight)} (frames sent to {w.name[:64]})", done)), "a worker")
                     for _ in range(min(max(0, done - w.done), len(w.inflight))):  # bounded by frames in flight
                         release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
+                        if self.policy == "all" and drain_deadline is not None:
+                            drain_deadline = now + ALL_DRAIN_S  # still coming back: keep draining
                     w.done, w.window, w.last_seen = max(done, w.done), window, now
                     w.shm = m.header.get("shm") is True
                     if m.type == "credit":
@@ -522,7 +532,8 @@ class SourceNode:
                         counters.warn("unencodable", "%s: cannot encode frame %s/%d: %s", self.name, frame.stream_id,
                                       frame.seq, exc)
                         continue
-                    workers[ident].inflight.append((frame.stream_id, frame.seq, held))
+                    workers[ident].inflight.append((frame.stream_id, frame.seq, held,
+                                                    frame if self.policy == "all" else None))
                     sent += 1
                     shm_sent += held is not None
                 counters.drops["superseded"] = slot.superseded
@@ -532,7 +543,9 @@ class SourceNode:
                                                              frames_shm=shm_sent, workers=len(workers)), counters, "stats")
                 if state["exhausted"] and not len(slot):
                     # End of a finite source: give in-flight frames a bounded time to come back.
-                    drain_deadline = drain_deadline or now + s.drain_s
+                    # 'all' promises every frame: a slow model (seconds a frame) gets a minute per frame
+                    # that comes back; 'latest' a short drain (a stream, not a file, is the usual case).
+                    drain_deadline = drain_deadline or now + (ALL_DRAIN_S if self.policy == "all" else s.drain_s)
                     if not any(w.inflight for w in workers.values()) or now >= drain_deadline:
                         break
         finally:
