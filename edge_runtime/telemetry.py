@@ -250,13 +250,13 @@ class Stats:
         ValueError for more than MAX_COUNTER_KEYS entries (docs/PROTOCOL.md: at most 64 a map)."""
         if len(counters) > MAX_COUNTER_KEYS:
             raise ValueError(f"{len(counters)} {kind} counters (at most {MAX_COUNTER_KEYS})")
-        new = Counter({str(k): int(v) for k, v in counters.items()})
-        old = self.node_counters.get(node, {}).get(kind)
-        if old and any(new[k] < v for k, v in old.items()):
-            # Cumulative counters never go down: this is a new incarnation under the same name (the source
-            # is always "source"), whose counts start again; its predecessor's stay in the totals.
-            self.retired.setdefault(kind, Counter()).update(old)
-        self.node_counters.setdefault(node, {})[kind] = new
+        self.node_counters.setdefault(node, {})[kind] = Counter({str(k): int(v) for k, v in counters.items()})
+
+    def retire_node(self, node: str) -> None:
+        """A node that is gone (a dead incarnation, or one whose name a restarted node now reports under):
+        its counters move into the totals of earlier ones."""
+        for kind, counters in self.node_counters.pop(node, {}).items():
+            self.retired.setdefault(kind, Counter()).update(counters)
 
     def totals(self, kind: str) -> dict[str, int]:
         total: Counter[str] = Counter(self.retired.get(kind, Counter()))

@@ -460,5 +460,37 @@ def test_a_restarted_source_adds_to_the_totals_instead_of_replacing_them() -> No
     later = hub._with_earlier_incarnations({"node": "source", "frames_read": 10, "frames_sent": 9})
     assert (later["frames_read"], later["frames_sent"]) == (100, 95)
     hub.stats.set_node_counters("source", "drops", {"superseded": 56})
+    hub._with_earlier_incarnations({"node": "source", "frames_read": 1, "frames_sent": 1})  # restarted again
     hub.stats.set_node_counters("source", "drops", {"superseded": 2})  # the new incarnation's first
     assert hub.stats.totals("drops") == {"superseded": 58}
+
+
+def test_dead_node_ids_leave_the_table_and_keep_their_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every worker restart is a new node id: after 512 the hub refused later workers' stats
+    (too_many_nodes) and their drops went uncounted. Silent nodes now make room, counts kept."""
+    from edge_runtime.pipeline import nodes
+
+    monkeypatch.setattr(nodes, "MAX_NODES", 3)
+    monkeypatch.setattr(nodes, "RETIRE_AFTER_S", 0.0)
+    ep = Endpoints.inproc()
+    hub = nodes.HubNode(ep, NodeSettings())
+    ctx = zmq.Context()
+    stop = threading.Event()
+    thread = threading.Thread(target=hub.run, args=(ctx, stop), daemon=True)
+    thread.start()
+    try:
+        assert hub.ready.wait(10)
+        push = ctx.socket(zmq.PUSH)
+        push.connect(ep.collect)
+        for i in range(8):
+            push.send_multipart(protocol.encode_control("stats", node=f"w0.{i}.1.abcd", drops={"frame_timeout": 1}))
+        deadline = time.monotonic() + 10
+        while hub.snapshot()["drops"].get("frame_timeout", 0) < 8:
+            assert time.monotonic() < deadline, hub.snapshot()["drops"]
+            time.sleep(0.02)
+        push.close(linger=0)
+        assert "too_many_nodes" not in hub.snapshot()["rejected"] and len(hub.nodes) <= 3
+    finally:
+        stop.set()
+        thread.join(20)
+        ctx.destroy(linger=0)

@@ -411,3 +411,23 @@ def test_policy_all_sends_a_killed_workers_frames_again(tmp_path: Path) -> None:
         report = sup.stop()
     assert sorted({r["seq"] for r in report.records}) == list(range(n))
     assert "worker_lost" not in report.drops and report.transport.get("frames_resent", 0) >= 1
+
+
+@pytest.mark.slow
+def test_a_worker_only_paused_is_not_counted_lost_for_frames_it_finishes(tmp_path: Path) -> None:
+    """SIGSTOP past the liveness timeout, then SIGCONT: the worker is declared lost with a frame in hand,
+    then delivers it. That frame was counted both as a result and as worker_lost (sent 150, 152 counted)."""
+    cfg = PipelineConfig(mode="process", work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("detect+slow:150"), cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 30, "results")
+        pid = sup.handle("w0").pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: sup.hub.snapshot()["drops"].get("worker_lost", 0) >= 1, 20, "the worker declared lost")
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(2.0)
+    finally:
+        report = sup.stop()
+    sent = report.nodes["source"]["frames_sent"]
+    assert report.drops.get("worker_lost", 0) == 0 and report.results == sent, (report.results, sent, report.drops)

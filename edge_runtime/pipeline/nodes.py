@@ -120,6 +120,7 @@ LIVE_STATS_RESULTS = 2048
 # Messages queued in libzmq towards the recorder (each side). Counted in messages, not bytes, so kept
 # small: with --video a message is ~1 MiB; the hub's own backlog, bounded in bytes, holds the rest.
 RECORD_HWM = 64
+RETIRE_AFTER_S = 30.0  # a node whose stats stopped this long ago may leave the node table (_retire_silent)
 ALL_DRAIN_S = 60.0  # policy 'all': end-of-stream wait for in-flight frames, from the last one back
 FRAME_TOTALS = ("frames_read", "frames_sent", "frames_shm")  # a source's cumulative stats fields
 Position = tuple[int, int]  # a result's place in its stream: (capture_ns, seq)
@@ -428,6 +429,9 @@ class SourceNode:
                 return None, None
             return slot, ring.write(slot, pixels)
 
+        # a lost worker: its done count then, the frames counted lost, how many of those it has since finished
+        lost_counted: dict[bytes, tuple[int, int, int]] = {}
+
         def lose(ident: bytes, why: str) -> None:
             w = workers.pop(ident)
             for _, _, held_slot, _ in w.inflight:
@@ -438,6 +442,7 @@ class SourceNode:
             slot.retry.extend(resend)
             if len(w.inflight) > len(resend):
                 counters.drops["worker_lost"] += len(w.inflight) - len(resend)
+                lost_counted[ident] = (w.done, len(w.inflight) - len(resend), 0)
             counters.transport["frames_resent"] += len(resend)
             _send_quiet(push, protocol.encode_control(
                 "event", node=self.name, event="worker_lost", worker=w.name, why=why, t_ns=time.monotonic_ns(),
@@ -477,6 +482,13 @@ class SourceNode:
                     w = workers.get(ident)
                     if w is None:  # a new worker, or one that outlived a source restart: adopt its count
                         w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
+                    if ident in lost_counted:  # declared lost while only silent (SIGSTOP, a long pause): the
+                        before, n_lost, back = lost_counted[ident]  # frames it finishes after all were not lost
+                        now_back = min(max(0, done - before), n_lost)
+                        counters.drops["worker_lost"] -= now_back - back
+                        lost_counted[ident] = (before, n_lost, now_back)
+                        if now_back == n_lost:
+                            del lost_counted[ident]
                     if done > w.done + len(w.inflight):
                         # More frames done than were sent to it (done may be up to 2^63-1): count it,
                         # then adopt its count as for a new worker (a worker that was declared lost
@@ -860,6 +872,7 @@ class HubNode:
         self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
         self._raw_totals: dict[str, Counter[str]] = {}  # FRAME_TOTALS as each node last sent them
         self.results_recorded = 0  # results handed to the recorder's socket (the supervisor checks the file)
+        self._node_seen: dict[str, float] = {}  # when each node's stats last came
         self._retired_totals: dict[str, Counter[str]] = {}  # ... summed over its earlier incarnations
         self.counters = Counters(self.name)
         self.lock = threading.Lock()
@@ -871,6 +884,19 @@ class HubNode:
             self._merge_own_counters()
             return self.stats.snapshot(advance=False)
 
+    def _retire_silent(self) -> bool:
+        """Make room among MAX_NODES (under self.lock): every restart of a worker is a new node id, so a
+        cart whose workers crash now and then reached 512 and lost later workers' counters. Nodes silent
+        for RETIRE_AFTER_S (dead incarnations: live ones report every second) leave ``nodes``; their
+        counters stay in the totals. True when room was made."""
+        now = time.monotonic()
+        silent = [n for n, t in self._node_seen.items() if now - t > RETIRE_AFTER_S]
+        for node in silent:
+            self.stats.retire_node(node)
+            self.nodes.pop(node, None)
+            del self._node_seen[node]
+        return bool(silent)
+
     def _with_earlier_incarnations(self, h: dict[str, Any]) -> dict[str, Any]:
         """A node's stats header with the frame totals of its earlier incarnations added: a restarted
         source keeps the name "source" and counts from 0 again (a count that goes down says so)."""
@@ -879,6 +905,7 @@ class HubNode:
         last = self._raw_totals.get(node)
         if last and any(raw[k] < v for k, v in last.items()):
             self._retired_totals.setdefault(node, Counter()).update(last)
+            self.stats.retire_node(node)  # its drop / rejected / transport counts start again too
         self._raw_totals[node] = raw
         base = self._retired_totals.get(node)
         return {**h, **{k: base[k] + raw[k] for k in FRAME_TOTALS if k in h}} if base else h
@@ -964,12 +991,13 @@ class HubNode:
                 publish(f"result/{r.stream_id}", [protocol.encode_header(h), *msg[1:]])
             elif m.type == "stats":  # a node's cumulative counters
                 with self.lock:
-                    if h["node"] not in self.nodes and len(self.nodes) >= MAX_NODES:
+                    if h["node"] not in self.nodes and len(self.nodes) >= MAX_NODES and not self._retire_silent():
                         self.counters.reject(BadMessage("too_many_nodes", expected(f"<= {MAX_NODES} nodes",
                                                                                     h["node"][:64])))
                         return
                     h = self._with_earlier_incarnations(h)
                     self.nodes[h["node"]] = h
+                    self._node_seen[h["node"]] = time.monotonic()
                     for kind in ("drops", "rejected", "transport"):
                         if isinstance(h.get(kind), dict):
                             try:
