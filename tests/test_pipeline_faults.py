@@ -3,6 +3,7 @@ a SIGTERMed pipeline. Real sockets and real processes; every wait has a deadline
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -289,10 +290,18 @@ def _broken_model() -> None:
 
 def test_a_worker_that_cannot_load_stops_the_pipeline_instead_of_crash_looping() -> None:
     report = run_pipeline(SyntheticSource(count=None, fps=50), _broken_model, mode="thread",
-                          restart_backoff_s=(0.02, 0.05), max_quick_failures=3)
+                          restart_backoff_s=(0.02, 0.05), max_quick_failures=3, duration=30)  # fails, not hangs
     assert report.failure is not None and "w0 failed 3 times" in report.failure
     assert sum(1 for e in report.events if e.get("event") == "node_exit") == 3
     assert report.results == 0
+
+
+def test_restart_backoff_doubles_between_quick_failures() -> None:
+    """A review's mutation (a constant backoff) passed every test: the delays must grow."""
+    report = run_pipeline(SyntheticSource(count=None, fps=50), _broken_model, mode="thread",
+                          restart_backoff_s=(0.05, 1.0), max_quick_failures=5, duration=30)
+    downs = [e["down_ms"] for e in report.events if e.get("event") == "node_restarted"]
+    assert len(downs) == 4 and all(b > 1.5 * a for a, b in itertools.pairwise(downs)), downs
 
 
 def _children(pid: int) -> list[int]:
@@ -431,3 +440,26 @@ def test_a_worker_only_paused_is_not_counted_lost_for_frames_it_finishes(tmp_pat
         report = sup.stop()
     sent = report.nodes["source"]["frames_sent"]
     assert report.drops.get("worker_lost", 0) == 0 and report.results == sent, (report.results, sent, report.drops)
+
+
+@pytest.mark.slow
+def test_a_stalled_recorder_gets_everything_from_the_hub_backlog(tmp_path: Path) -> None:
+    """4 s of SIGSTOP at 60 fps is more than ZeroMQ's queues hold (64 messages each side): the hub's
+    backlog must keep and resend the rest (a mutation dropping them instead passed every test)."""
+    rec = tmp_path / "rec"
+    cfg = PipelineConfig(mode="process", record_dir=str(rec), work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=None, fps=60, shape=(32, 32)), BuiltinProcessor("detect"), cfg)
+    sup.start()
+    path = rec / RESULTS_FILE
+    try:
+        wait_for(lambda: path.exists() and path.read_text().count('"type":"result"') >= 10, 30, "10 recorded")
+        pid = sup.handle("recorder").pid
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(4.0)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(1.0)
+    finally:
+        report = sup.stop()
+    recorded = {r["seq"] for r in read_records(path) if r["type"] == "result"}
+    assert {r["seq"] for r in report.records} <= recorded and "recorder_backlog" not in report.drops
+    assert report.results > 240 and sup.handle("recorder").restarts == 0

@@ -145,8 +145,13 @@ def is_late(pos: Position, last: Position | None) -> bool:
 
 
 def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,
-                connect: str | None = None, receives: bool = True, identity: bytes | None = None) -> zmq.Socket:
-    """A socket with the house options: LINGER 0, MAXMSGSIZE, heartbeats, CURVE policy, IMMEDIATE."""
+                connect: str | None = None, receives: bool = True, identity: bytes | None = None,
+                heartbeats: bool = True) -> zmq.Socket:
+    """A socket with the house options: LINGER 0, MAXMSGSIZE, heartbeats, CURVE policy, IMMEDIATE.
+
+    ``heartbeats=False`` for the record channel: a recorder stalled on its disk longer than the
+    liveness timeout had its connection dropped, and libzmq discards what it queued for a dropped
+    peer (the supervisor watches the recorder process instead)."""
     sock = ctx.socket(kind)
     sock.linger = 0
     if receives:
@@ -154,7 +159,7 @@ def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: st
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     endpoint = bind or connect or ""
-    if not endpoint.startswith("inproc://"):
+    if heartbeats and not endpoint.startswith("inproc://"):
         hb = int(settings.heartbeat_s * 1000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, hb)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.liveness_s * 1000))
@@ -926,7 +931,7 @@ class HubNode:
             pub.sndhwm = 64
         rec = None
         if self.record:
-            rec = open_socket(ctx, zmq.PUSH, s, bind=self.endpoints.record, receives=False)
+            rec = open_socket(ctx, zmq.PUSH, s, bind=self.endpoints.record, receives=False, heartbeats=False)
             rec.sndhwm = RECORD_HWM  # beyond it the byte-bounded backlog holds them
         monitors = [self.counters.monitor(pull)] + [self.counters.monitor(p) for p in pubs[1:]]
         backlog: deque[tuple[list[Any], int, bool]] = deque()  # (message parts, their bytes, a result?)

@@ -256,7 +256,7 @@ class RecorderNode:
         counters = Counters(self.name)
         writer = JsonlWriter(out / RESULTS_FILE, self.fsync_every, self.fsync_interval_s)
         videos = VideoSink(out, self.video_fps) if self.video else None
-        pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record)
+        pull = open_socket(ctx, zmq.PULL, s, connect=self.endpoints.record, heartbeats=False)
         pull.rcvhwm = RECORD_HWM
         writer.write({"type": "event", "event": "recorder_started", "node": self.name, "pid": os.getpid(),
                       "t_ns": time.monotonic_ns(), "run_id": self.run_id})
