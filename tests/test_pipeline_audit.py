@@ -5,6 +5,7 @@ directory, the headless viewer's default folder, the recorder under a process-gr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -408,16 +410,8 @@ def test_the_recorder_backlog_is_bounded_in_bytes() -> None:
     backlog of 4 KiB, 200 events of ~150 bytes: most are dropped and counted, the hub keeps going."""
     from edge_runtime.pipeline.nodes import HubNode
 
-    ep = Endpoints.inproc()
-    hub = HubNode(ep, NodeSettings(), record=True, backlog_bytes=4096)
-    ctx = zmq.Context()
-    stop = threading.Event()
-    thread = threading.Thread(target=hub.run, args=(ctx, stop), daemon=True)
-    thread.start()
-    try:
-        assert hub.ready.wait(10)
-        push = ctx.socket(zmq.PUSH)
-        push.connect(ep.collect)
+    hub = HubNode(Endpoints.inproc(), NodeSettings(), record=True, backlog_bytes=4096)
+    with _hub_running(hub) as push:
         for i in range(200):
             push.send_multipart(protocol.encode_control("event", node="w0", event=f"note{i % 3}",
                                                         t_ns=time.monotonic_ns()))
@@ -425,6 +419,21 @@ def test_the_recorder_backlog_is_bounded_in_bytes() -> None:
         while hub.counters.drops["recorder_backlog"] < 150:
             assert time.monotonic() < deadline, dict(hub.counters.drops)
             time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def _hub_running(hub: Any) -> Iterator[zmq.Socket]:
+    """A HubNode in a thread on its inproc endpoints; yields a PUSH socket connected to its COLLECT."""
+    ctx = zmq.Context()
+    stop = threading.Event()
+    thread = threading.Thread(target=hub.run, args=(ctx, stop), daemon=True)
+    thread.start()
+    try:
+        assert hub.ready.wait(10)
+        push = ctx.socket(zmq.PUSH)
+        push.linger = 0
+        push.connect(hub.endpoints.collect)
+        yield push
         push.close(linger=0)
     finally:
         stop.set()
@@ -472,25 +481,12 @@ def test_dead_node_ids_leave_the_table_and_keep_their_counts(monkeypatch: pytest
 
     monkeypatch.setattr(nodes, "MAX_NODES", 3)
     monkeypatch.setattr(nodes, "RETIRE_AFTER_S", 0.0)
-    ep = Endpoints.inproc()
-    hub = nodes.HubNode(ep, NodeSettings())
-    ctx = zmq.Context()
-    stop = threading.Event()
-    thread = threading.Thread(target=hub.run, args=(ctx, stop), daemon=True)
-    thread.start()
-    try:
-        assert hub.ready.wait(10)
-        push = ctx.socket(zmq.PUSH)
-        push.connect(ep.collect)
+    hub = nodes.HubNode(Endpoints.inproc(), NodeSettings())
+    with _hub_running(hub) as push:
         for i in range(8):
             push.send_multipart(protocol.encode_control("stats", node=f"w0.{i}.1.abcd", drops={"frame_timeout": 1}))
         deadline = time.monotonic() + 10
         while hub.snapshot()["drops"].get("frame_timeout", 0) < 8:
             assert time.monotonic() < deadline, hub.snapshot()["drops"]
             time.sleep(0.02)
-        push.close(linger=0)
         assert "too_many_nodes" not in hub.snapshot()["rejected"] and len(hub.nodes) <= 3
-    finally:
-        stop.set()
-        thread.join(20)
-        ctx.destroy(linger=0)

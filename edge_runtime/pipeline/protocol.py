@@ -601,12 +601,8 @@ def unlink_orphans(pid: int) -> list[str]:
     """Unlink the segments a source process ``pid`` left behind (it was killed or crashed); returns
     their names. Workers that still map one keep their mapping; the memory goes with the last one."""
     gone: list[str] = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return gone
-    for name in names:
-        if name.startswith(f"{SHM_PREFIX}{pid}-") and SHM_NAME_RE.match(name):
+    for name, owner in _segments():
+        if owner == pid:
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 gone.append(name)
@@ -614,6 +610,16 @@ def unlink_orphans(pid: int) -> list[str]:
                 continue
             _untrack(name)
     return gone
+
+
+def _segments() -> list[tuple[str, int]]:
+    """Our segments in SHM_DIR (names as ShmRing makes them) with the pid of the source that made each."""
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return [(name, int(m.group(1))) for name in names
+            if (m := re.match(rf"{re.escape(SHM_PREFIX)}(\d+)-", name)) and SHM_NAME_RE.match(name)]
 
 
 def _untrack(name: str) -> None:
@@ -632,19 +638,12 @@ def sweep_dead_owners() -> list[str]:
     """Unlink this user's segments whose source process no longer exists (a whole pipeline SIGKILLed
     leaves them: no supervisor was left to unlink them); the pid is in the name. Run at a start."""
     gone: list[str] = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return gone
-    for name in names:
-        m = re.match(rf"{re.escape(SHM_PREFIX)}(\d+)-", name)
-        if not (m and SHM_NAME_RE.match(name)):
-            continue
+    for name, owner in _segments():
         path = os.path.join(SHM_DIR, name)
         try:
             if os.stat(path).st_uid != os.getuid():
                 continue
-            os.kill(int(m.group(1)), 0)
+            os.kill(owner, 0)
             continue  # its owner lives (a pipeline running now)
         except ProcessLookupError:
             pass
