@@ -281,6 +281,7 @@ def test_a_hung_model_call_is_timed_out_and_the_worker_restarted() -> None:
     exits = [e for e in report.events if e.get("event") == "node_exit"]
     assert exits and exits[0]["exitcode"] == 4 and exits[0]["node_name"] == "w0"
     assert report.drops["frame_timeout"] == 1
+    assert "worker_lost" not in report.drops  # the same frame was counted twice, also as worker_lost
     assert 3 not in {r["seq"] for r in report.records}
 
 
@@ -463,3 +464,18 @@ def test_a_stalled_recorder_gets_everything_from_the_hub_backlog(tmp_path: Path)
     recorded = {r["seq"] for r in read_records(path) if r["type"] == "result"}
     assert {r["seq"] for r in report.records} <= recorded and "recorder_backlog" not in report.drops
     assert report.results > 240 and sup.handle("recorder").restarts == 0
+
+
+def test_a_frame_timed_out_is_not_also_counted_worker_lost() -> None:
+    """A worker past frame_timeout counts the frame (frame_timeout) and exits; the source counted the same
+    frame again as worker_lost when the worker went (a review: 730 exits, 730 of each)."""
+    cfg = PipelineConfig(mode="thread", n_workers=2, frame_timeout_s=0.05, restart_backoff_s=(0.001, 0.001),
+                         stable_after_s=0.0, settings=NodeSettings(heartbeat_s=0.05))
+    sup = Supervisor(SyntheticSource(count=None, fps=200, shape=(16, 16)), BuiltinProcessor("slow:200"), cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sum(h.restarts for h in sup.handles) >= 12, 60, "a dozen worker restarts")
+    finally:
+        report = sup.stop()
+    assert report.drops["frame_timeout"] >= 12
+    assert report.drops.get("worker_lost", 0) < report.drops["frame_timeout"] / 3, report.drops

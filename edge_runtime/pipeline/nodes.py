@@ -805,6 +805,10 @@ class WorkerNode:
                     log.error("%s: the model has been busy for %.1f s (limit %.1f s): exiting to be restarted",
                               identity, now - busy_since, self.frame_timeout_s)
                     _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
+                    # Those frames are dealt with (counted above): the source must not count them again as
+                    # worker_lost when this worker goes, nor send a frame that hangs the model to another.
+                    done += pending
+                    tell_source("credit")
                     hung = True
                     return EXIT_HUNG
                 # Until the first frame arrives, say hello often: the source may not be up yet.
@@ -827,7 +831,7 @@ class WorkerNode:
             if shm is not None and not thread.is_alive():
                 shm.close()
             counters.close_monitors()
-            dealer.close(linger=0)
+            dealer.close(linger=500 if hung else 0)  # a hung worker's last credit must reach the source
             waker.close(writer_done=not thread.is_alive())
             push.close(linger=int(s.drain_s * 1000))  # results already sent must reach the hub
             if close is not None and not thread.is_alive():
