@@ -327,7 +327,8 @@ def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any]
                 ax1.axvline(e2e[key], color="k", linestyle=style, label=f"{key} {e2e[key]:.1f} ms")
         ax1.set_xlabel("capture -> sink latency (ms)")
         ax1.set_ylabel("frames")
-        ax1.legend()
+        if e2e.get("n"):  # no results: no percentile lines, and matplotlib warns of an empty legend
+            ax1.legend()
         stages = snapshot.get("stages_ms", {})
         names = [s for s in STAGES[1:] if s in stages]
         xs = np.arange(len(names))
@@ -335,7 +336,8 @@ def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any]
         ax2.bar(xs + 0.2, [stages[n]["p99"] for n in names], 0.4, label="p99")
         ax2.set_xticks(xs, names, rotation=30, ha="right")
         ax2.set_ylabel("ms")
-        ax2.legend()
+        if names:
+            ax2.legend()
         fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=100)

@@ -319,3 +319,13 @@ def test_a_node_cannot_end_the_run_for_the_sinks(tmp_path: Path) -> None:
     records = read_records(tmp_path / "rec" / RESULTS_FILE)
     results = [r for r in records if r.get("type") == "result"]
     assert len(results) >= at + 20 and report.rejected.get("reserved_event") == 2
+
+
+def test_an_empty_run_writes_its_latency_report_without_warnings(tmp_path: Path) -> None:
+    """A run with no result printed matplotlib's 'No artists with labels found to put in legend'."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        json_path, png_path = write_latency_report(Stats(), tmp_path)
+    assert json_path.is_file() and png_path.is_file()
