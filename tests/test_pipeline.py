@@ -152,6 +152,29 @@ def test_subscriber_latest_only_and_stats_messages(tmp_path: Path) -> None:
     assert report.results > 6
 
 
+def test_a_slow_latest_only_subscriber_gets_fresh_results(tmp_path: Path) -> None:
+    """A display slower than the stream (1.5 s per result at 100 fps) must be handed the result of the
+    moment. Draining when asked handed out results 1.3-2.8 s old (the queues held those from the start
+    of each pause); the receiver thread keeps them ~2 ms old."""
+    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path))
+    sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("identity"), config)
+    sup.start()
+    try:
+        ages_ms = []
+        with Subscriber(sup.endpoints.results, latest_only=True, idle_timeout_s=10) as sub:
+            for result in sub:
+                ages_ms.append((time.monotonic_ns() - result.capture_ns) / 1e6)
+                if len(ages_ms) == 4:
+                    break
+                time.sleep(1.5)
+            assert len(ages_ms) == 4 and max(ages_ms[1:]) < 300, ages_ms
+            assert sub.dropped > 300  # ~150 results a pause superseded
+            with pytest.raises(ConfigError, match="iteration over a latest_only Subscriber"):
+                sub.receive(0.1)  # the receiver thread owns the socket
+    finally:
+        sup.stop()
+
+
 def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -> None:
     report = run_pipeline(SyntheticSource(count=20, shape=(64, 80), dtype="uint16"), BuiltinProcessor("identity+detect"),
                           mode="thread", record_dir=tmp_path / "rec", video=True, video_fps=10, view=True,

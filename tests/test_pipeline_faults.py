@@ -423,6 +423,29 @@ def test_policy_all_sends_a_killed_workers_frames_again(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_policy_all_never_delivers_a_frame_twice(tmp_path: Path) -> None:
+    """--fast sends a silent worker's frames again; when that worker was only paused (SIGSTOP past the
+    liveness timeout, then SIGCONT) it delivers them too. The hub passes on the first result of a frame
+    and counts the second (``duplicate``): sinks got the same seq twice before."""
+    n = 40
+    cfg = PipelineConfig(mode="process", policy="all", work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=n, fps=20), BuiltinProcessor("detect+slow:150"), cfg)
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 30, "results")
+        pid = sup.handle("w0").pid
+        os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: sup.hub.snapshot()["transport"].get("frames_resent", 0) >= 1, 20, "its frames sent again")
+        os.kill(pid, signal.SIGCONT)
+        assert sup.wait(60)
+    finally:
+        report = sup.stop()
+    seqs = [r["seq"] for r in report.records]
+    assert sorted(seqs) == list(range(n)), sorted(seqs)  # every frame, once
+    assert report.results == n and report.drops.get("duplicate", 0) >= 1, (report.results, report.drops)
+
+
+@pytest.mark.slow
 def test_a_worker_only_paused_is_not_counted_lost_for_frames_it_finishes(tmp_path: Path) -> None:
     """SIGSTOP past the liveness timeout, then SIGCONT: the worker is declared lost with a frame in hand,
     then delivers it. That frame was counted both as a result and as worker_lost (sent 150, 152 counted)."""

@@ -9,9 +9,11 @@
 
 Every receive has a timeout; iteration ends at the pipeline's ``end`` event, after ``idle_timeout_s``
 without a message, or when ``close()`` is called from another thread. Messages are validated like
-everywhere else (a bad one is counted in ``rejected`` and skipped). ``latest_only`` keeps only the
-newest queued result per stream (for displays); ``reorder=N`` releases results in seq order using a
-window of N per stream (results from several workers can arrive out of order).
+everywhere else (a bad one is counted in ``rejected`` and skipped). ``latest_only`` (for displays)
+hands out only the newest result per stream: a thread of the Subscriber's own reads every message as
+it arrives, so a consumer slower than the stream gets the result of the moment, not a queued one.
+``reorder=N`` releases results in seq order using a window of N per stream (results from several
+workers can arrive out of order).
 """
 
 from __future__ import annotations
@@ -107,17 +109,28 @@ class Subscriber:
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self.sock.rcvhwm = 8 if latest_only else 1000
+        self.sock.rcvhwm = 1000
         for topic in (*topics, "stats"):
             self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         if curve_server_key is not None and curve_client_secret is not None:
             security.configure_client(self.sock, curve_client_secret, curve_server_key)
         self.sock.connect(endpoint)
         self._pending: list[Result] = []
-        self._handed: dict[str, Position] = {}  # latest_only: the result last handed out, per stream
+        # latest_only: the newest result per stream not yet handed out, and the last one handed out
+        self._latest: dict[str, Result] = {}
+        self._handed: dict[str, Position] = {}
+        self._changed = threading.Condition()
+        self._error: BaseException | None = None
+        self._receiver: threading.Thread | None = None
+        if latest_only:  # from here on only this thread touches the socket
+            self._receiver = threading.Thread(target=self._receive_latest, name="edge-subscriber", daemon=True)
+            self._receiver.start()
 
     def receive(self, timeout_s: float | None = 1.0) -> Message | None:
-        """The next valid message (result, event or stats), or None after ``timeout_s``."""
+        """The next valid message (result, event or stats), or None after ``timeout_s``. Not with
+        ``latest_only``: a thread of the Subscriber's own reads the socket then (iterate instead)."""
+        if self._receiver is not None and threading.current_thread() is not self._receiver:
+            raise ConfigError(expected("iteration over a latest_only Subscriber", "a call to receive()"))
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._closed.is_set():
             wait = 100 if deadline is None else max(0, min(100, int((deadline - time.monotonic()) * 1000)))
@@ -137,38 +150,70 @@ class Subscriber:
                 return None
         return None
 
-    def _drain_latest(self, first: Result) -> Result | None:
-        """The newest result per stream among ``first`` and what is queued; one not newer than the one
-        last handed out (or than the newest queued) is dropped (docs/PROTOCOL.md section 6)."""
-        latest: dict[str, Result] = {}
+    def _receive_latest(self) -> None:
+        """The latest_only receiver thread: reads every message as it arrives and keeps only the newest
+        result per stream. Draining only when the consumer asks cannot work: while a slow consumer is
+        busy, the publisher's queue, the kernel's buffers and ours fill with results from the start of
+        its pause (a PUB drops the new ones), so what it drained then was seconds old."""
+        try:
+            while not self._closed.is_set():
+                m = self.receive(0.1)
+                if m is None:
+                    continue
+                with self._changed:
+                    if m.type == "event" and m.header.get("event") == "end":
+                        self.ended = True
+                    elif m.result is not None:
+                        self._offer(m.result)
+                    else:
+                        continue
+                    self._changed.notify_all()
+        except zmq.ContextTerminated:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread, which raises it
+            self._error = exc
+        finally:
+            self.sock.close(linger=0)
+            with self._changed:
+                self._changed.notify_all()
 
-        def offer(r: Result) -> None:
-            held = latest.get(r.stream_id)
-            if is_late(_position(r), _position(held) if held is not None else self._handed.get(r.stream_id)):
-                self.dropped += 1
+    def _offer(self, r: Result) -> None:
+        """Keep ``r`` if it is the newest of its stream; one not newer than the one held or last handed
+        out is dropped (docs/PROTOCOL.md section 6). Called with ``_changed`` held."""
+        held = self._latest.get(r.stream_id)
+        if is_late(_position(r), _position(held) if held is not None else self._handed.get(r.stream_id)):
+            self.dropped += 1
+            return
+        if held is not None:
+            self.dropped += 1  # superseded by a newer one
+        self._latest[r.stream_id] = r
+
+    def _iter_latest(self) -> Iterator[Result]:
+        last = time.monotonic()
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._latest) or self.ended or self._closed.is_set()
+                                       or self._error is not None, timeout=0.2)
+                if self._error is not None:
+                    raise self._error
+                out = None
+                if self._latest:  # the stream waiting longest first; the others stay and may be superseded
+                    out = min(self._latest.values(), key=lambda r: r.capture_ns)
+                    del self._latest[out.stream_id]
+                    self._handed[out.stream_id] = _position(out)
+                elif self.ended or self._closed.is_set():
+                    return
+            now = time.monotonic()
+            if out is not None:
+                last = now
+                yield out
+            elif self.idle_timeout_s is not None and now - last >= self.idle_timeout_s:
                 return
-            if held is not None:
-                self.dropped += 1  # superseded by a newer one
-            latest[r.stream_id] = r
-
-        offer(first)
-        while self.sock.poll(0):
-            m = self.receive(0)
-            if m is None:
-                break
-            if m.type == "event" and m.header.get("event") == "end":
-                self.ended = True
-            if m.result is not None:
-                offer(m.result)
-        if not latest:
-            return None
-        # one result per stream per call: the others wait as the newest of their stream
-        out, *rest = sorted(latest.values(), key=lambda r: r.capture_ns)
-        self._pending.extend(rest)
-        self._handed.update((r.stream_id, _position(r)) for r in (out, *rest))
-        return out
 
     def __iter__(self) -> Iterator[Result]:
+        if self._receiver is not None:
+            yield from self._iter_latest()
+            return
         last = time.monotonic()
         while not self._closed.is_set():
             if self._pending:
@@ -188,11 +233,7 @@ class Subscriber:
                 continue
             if m.result is None:
                 continue
-            if self.latest_only:
-                newest = self._drain_latest(m.result)
-                if newest is not None:
-                    yield newest
-            elif self.reorderer is not None:
+            if self.reorderer is not None:
                 before = self.reorderer.late
                 self._pending.extend(self.reorderer.push(m.result))
                 self.dropped += self.reorderer.late - before
@@ -209,10 +250,12 @@ class Subscriber:
 
     def _release(self) -> None:
         self._closed.set()
-        if not self.sock.closed:
+        if self._receiver is not None:
+            self._receiver.join()  # it closes the socket within 0.1 s
+        elif not self.sock.closed:
             self.sock.close(linger=0)
-            if self._own_ctx:
-                self.ctx.term()
+        if self._own_ctx and not self.ctx.closed:
+            self.ctx.term()
 
     def __enter__(self) -> Subscriber:  # noqa: PYI034
         return self

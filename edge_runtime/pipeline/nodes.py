@@ -120,6 +120,9 @@ LIVE_STATS_RESULTS = 2048
 # Messages queued in libzmq towards the recorder (each side). Counted in messages, not bytes, so kept
 # small: with --video a message is ~1 MiB; the hub's own backlog, bounded in bytes, holds the rest.
 RECORD_HWM = 64
+# Frames whose result the hub remembers, to pass on only the first of two: policy "all" sends a
+# silent worker's frames to another, and the silent one, if it was only paused, delivers them too.
+DELIVERED_WINDOW = 8192
 RETIRE_AFTER_S = 30.0  # a node whose stats stopped this long ago may leave the node table (_retire_silent)
 ALL_DRAIN_S = 60.0  # policy 'all': end-of-stream wait for in-flight frames, from the last one back
 FRAME_TOTALS = ("frames_read", "frames_sent", "frames_shm")  # a source's cumulative stats fields
@@ -881,6 +884,8 @@ class HubNode:
         self.nodes: dict[str, dict[str, Any]] = {}  # the latest stats message of each node
         self._raw_totals: dict[str, Counter[str]] = {}  # FRAME_TOTALS as each node last sent them
         self.results_recorded = 0  # results handed to the recorder's socket (the supervisor checks the file)
+        self._delivered: set[tuple[str, int, int]] = set()  # (stream, capture_ns, seq) of the last results
+        self._delivered_order: deque[tuple[str, int, int]] = deque()
         self._node_seen: dict[str, float] = {}  # when each node's stats last came
         self._retired_totals: dict[str, Counter[str]] = {}  # ... summed over its earlier incarnations
         self.counters = Counters(self.name)
@@ -991,6 +996,15 @@ class HubNode:
                 r = m.result
                 if r is None:
                     return
+                frame = (r.stream_id, r.capture_ns, r.seq)
+                if frame in self._delivered:
+                    with self.lock:
+                        self.counters.drops["duplicate"] += 1
+                    return
+                self._delivered.add(frame)
+                self._delivered_order.append(frame)
+                if len(self._delivered_order) > DELIVERED_WINDOW:
+                    self._delivered.discard(self._delivered_order.popleft())
                 r.stamps["sink_recv"] = now
                 h.setdefault("stamps", {})["sink_recv"] = now
                 with self.lock:
