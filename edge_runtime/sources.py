@@ -517,7 +517,26 @@ def _cut_inside_pixel_data(path: Path) -> bool:
     return not any(int(t) > 0x7FE00010 for t in tags)
 
 
-def _quiet_dcmread(path: Path) -> Any:
+def _check_native_frame_count(path: Path, frame_bits: int, n_frames: int) -> None:
+    """Uncompressed Pixel Data holding a whole frame more than NumberOfFrames declares is refused:
+    pydicom decodes the declared frames and says nothing, so the rest were lost unseen (and a wrong
+    Rows/Columns reads the same way). Less than a frame over is padding, which files do have."""
+    from pydicom.tag import Tag
+
+    try:
+        ds = _quiet_dcmread(path, defer_size=1024)  # values over 1 KiB are not read
+        elem = ds._dict.get(Tag(0x7FE00010))  # the raw element: its length, the value not loaded
+        length = int(getattr(elem, "length", None) or len(elem.value or b"")) if elem is not None else 0
+    except Exception:  # noqa: BLE001 - a cut file: the decoder reports it
+        return
+    frame_bytes = (frame_bits + 7) // 8
+    if frame_bytes and length >= (n_frames + 1) * frame_bytes:
+        raise InputError(expected(
+            f"Pixel Data of {n_frames} frame(s) (NumberOfFrames), {n_frames * frame_bytes} bytes",
+            f"{length} bytes, {length // frame_bytes} whole frames' worth (NumberOfFrames or Rows/Columns wrong?)"))
+
+
+def _quiet_dcmread(path: Path, **read: Any) -> Any:
     """The whole dataset, without pydicom's warnings on a cut file: they name the path (a patient
     identifier, often), so they are neither logged nor shown."""
     import pydicom
@@ -527,7 +546,7 @@ def _quiet_dcmread(path: Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return pydicom.dcmread(path)
+            return pydicom.dcmread(path, **read)
     finally:
         pydicom_log.disabled = was_disabled
 
@@ -639,6 +658,7 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
     if uid.is_encapsulated:
         plan.cut = _cut_inside_pixel_data(path)
     else:
+        _check_native_frame_count(path, rows * cols * samples * bits_allocated, n_frames)
         # pydicom masks the bits above BitsStored, so 16-bit data labelled 12-bit would wrap (65535 -> 4095)
         # instead of being refused: such data is read unmasked and checked (overlays in those bits excepted).
         plan.unused_bits_checked = not signed and bits_stored < bits_allocated and not _pixel_overlays(ds)

@@ -355,6 +355,21 @@ def test_non_dicom_file_is_an_input_error(tmp_path: Path) -> None:
         open_source(path)  # no preamble, not a video or image extension
 
 
+def test_pixel_data_with_more_frames_than_declared_is_refused(tmp_path: Path) -> None:
+    """Three frames of data under NumberOfFrames 2: pydicom decodes two and says nothing, so the third
+    was lost unseen. Now refused, naming both counts; padding of less than a frame (a real pydicom
+    file) still decodes."""
+    cine = np.random.default_rng(2).integers(0, 4096, (3, 32, 32), dtype=np.uint16)
+    path = write_dicom(tmp_path / "cine.dcm", cine, "MONOCHROME2", 12, NumberOfFrames=2)
+    with pytest.raises(InputError, match=r"2 frame\(s\) \(NumberOfFrames\).*3 whole frames' worth") as info:
+        list(DicomSource(path))
+    assert_no_identifiers([], str(info.value))
+    assert len(list(DicomSource(write_dicom(tmp_path / "ok.dcm", cine, "MONOCHROME2", 12)))) == 3
+    padded = pydicom.dcmread(TEST_FILES / "MR_small_padded.dcm")
+    assert len(padded.PixelData) > padded.Rows * padded.Columns * 2  # 128 bytes of padding
+    assert len(list(DicomSource(TEST_FILES / "MR_small_padded.dcm"))) == 1
+
+
 @pytest.mark.parametrize("source_name", ["examples_ybr_color.dcm", "uncompressed"])
 def test_truncated_dicom_is_an_input_error(tmp_path: Path, source_name: str) -> None:
     if source_name == "uncompressed":
