@@ -602,7 +602,8 @@ def _plan(path: Path, apply_voi: bool, window: tuple[float, float] | None) -> _P
         raise _syntax_error(uid, f"no decoding plugin available ({missing})")
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if not rows or not cols:
-        raise InputError(expected("an image (Rows, Columns, Pixel Data)", "no image attributes"))
+        raise InputError(expected("an image (Rows, Columns, Pixel Data)",
+                                  "no image attributes (not an image, or a file cut short in its header)"))
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     bits_stored = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 8)

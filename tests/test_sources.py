@@ -386,6 +386,9 @@ def test_truncated_dicom_is_an_input_error(tmp_path: Path, source_name: str) -> 
     cut.write_bytes(data[:200])  # inside the header
     with pytest.raises(InputError):
         list(DicomSource(cut))
+    cut.write_bytes(data[:400])  # past the meta, before Rows: the message says it may be cut
+    with pytest.raises(InputError, match="cut short in its header"):
+        list(DicomSource(cut))
 
 
 def test_undecodable_transfer_syntax_names_itself(tmp_path: Path) -> None:
