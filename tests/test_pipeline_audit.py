@@ -136,6 +136,58 @@ def test_a_credit_with_a_huge_done_is_counted_and_the_source_serves_on(tmp_path:
             ctx.term()
 
 
+def test_a_leaving_workers_window_0_credit_gets_it_no_more_frames(tmp_path: Path) -> None:
+    """A worker past --frame-timeout credits its frame as done and exits. With window 1 that credit made
+    it ready, the source sent it the next frame, and that frame was lost with it (worker_lost, 2-7 per
+    14 timeouts on a loaded machine). Its last credit says window 0: the source sends nothing more and
+    counts nothing when it goes."""
+    ep = Endpoints.ipc(tmp_path)
+    ctx = zmq.Context()
+    hub = ctx.socket(zmq.PULL)
+    hub.bind(ep.collect)
+
+    def frames() -> Iterator[Frame]:
+        for seq in itertools.count():
+            yield Frame(pixels=np.zeros((8, 8), np.uint8), seq=seq, stream_id="s")
+            time.sleep(0.01)
+
+    stop = threading.Event()
+    source = threading.Thread(target=SourceNode(frames, ep, NodeSettings(stats_interval_s=0.2)).run, args=(ctx, stop),
+                              daemon=True)
+    source.start()
+    leaving = ctx.socket(zmq.DEALER)
+    try:
+        leaving.setsockopt(zmq.ROUTING_ID, b"leaving")
+        leaving.connect(ep.frames)
+        leaving.send_multipart(protocol.encode_control("credit", worker="leaving", done=0, window=1))
+        assert leaving.poll(5000), "the source sent the worker nothing"
+        while protocol.decode(leaving.recv_multipart()).type != "frame":  # probes ("serving" heartbeats)
+            assert leaving.poll(5000), "the source sent the worker no frame"
+        leaving.send_multipart(protocol.encode_control("credit", worker="leaving", done=1, window=0))
+        deadline, kinds = time.monotonic() + 0.7, []
+        while time.monotonic() < deadline:
+            if leaving.poll(50):
+                kinds.append(protocol.decode(leaving.recv_multipart()).type)
+        assert "frame" not in kinds, f"a frame was sent to a worker that said window 0: {kinds}"
+        leaving.close(linger=0)
+        time.sleep(1.0)  # the source finds it gone (probes every 0.25 s)
+        stop.set()
+        source.join(3)
+        stats: dict = {}
+        while hub.poll(500):
+            m = protocol.decode(hub.recv_multipart())
+            if m.type == "stats":
+                stats = m.header
+        assert stats["rejected"] == {} and stats["drops"].get("worker_lost", 0) == 0, stats
+    finally:
+        stop.set()
+        source.join(3)
+        for sock in (leaving, hub):
+            sock.close(linger=0)
+        if not source.is_alive():
+            ctx.term()
+
+
 # --------------------------------------------------------------------------- 3: the hub's events are bounded
 
 

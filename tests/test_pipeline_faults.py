@@ -491,7 +491,8 @@ def test_a_stalled_recorder_gets_everything_from_the_hub_backlog(tmp_path: Path)
 
 def test_a_frame_timed_out_is_not_also_counted_worker_lost() -> None:
     """A worker past frame_timeout counts the frame (frame_timeout) and exits; the source counted the same
-    frame again as worker_lost when the worker went (a review: 730 exits, 730 of each)."""
+    frame again as worker_lost when the worker went (a review: 730 exits, 730 of each), and later the
+    frame it sent on the exiting worker's credit."""
     cfg = PipelineConfig(mode="thread", n_workers=2, frame_timeout_s=0.05, restart_backoff_s=(0.001, 0.001),
                          stable_after_s=0.0, settings=NodeSettings(heartbeat_s=0.05))
     sup = Supervisor(SyntheticSource(count=None, fps=200, shape=(16, 16)), BuiltinProcessor("slow:200"), cfg)
@@ -501,6 +502,7 @@ def test_a_frame_timed_out_is_not_also_counted_worker_lost() -> None:
     finally:
         report = sup.stop()
     assert report.drops["frame_timeout"] >= 12
-    # Before: one worker_lost per timed-out frame (73 of 76). Now most are not; a frame whose credit the
-    # source reads after it has seen the worker go is still counted (2-5 of 14 here, more under load).
-    assert report.drops.get("worker_lost", 0) < 0.6 * report.drops["frame_timeout"], report.drops
+    # At first one worker_lost per timed-out frame (73 of 76); then 2-7 a run here: the exiting worker's
+    # credit invited a new frame, lost with it. Its last credit now says window 0: none (0 of 40 in
+    # three runs; one is allowed for a worker the source found silent under load).
+    assert report.drops.get("worker_lost", 0) <= 1, report.drops

@@ -152,7 +152,7 @@ def test_malformed_frames_are_rejected_with_a_reason(mutate, reason: str) -> Non
     ([b"[1, 2, 3]"], "bad_header"),
     ([b"{" + b" " * (70 * 1024) + b"}"], "header_too_large"),
     ([protocol.encode_control("credit", worker="w", done=0, window=1)[0], b"extra"], "bad_parts"),
-    ([protocol.encode_control("credit", worker="w", done=0, window=0)[0]], "bad_header"),
+    ([protocol.encode_control("credit", worker="w", done=0, window=65)[0]], "bad_header"),
     ([protocol.encode_control("heartbeat", node="w", worker="w", done=0, window=1, state="asleep")[0]], "bad_header"),
 ])
 def test_malformed_messages_are_rejected(parts: list, reason: str) -> None:

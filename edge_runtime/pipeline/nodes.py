@@ -459,6 +459,48 @@ class SourceNode:
             log.warning("%s: worker %s lost (%s), %d in-flight frame(s) %s", self.name, w.name, why,
                         len(w.inflight), "sent again" if resend else "counted")
 
+        def read_workers(now: float) -> None:
+            """Credits and heartbeats from workers: all that are queued."""
+            nonlocal drain_deadline
+            while True:
+                try:
+                    msg = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                ident = msg[0].bytes
+                try:
+                    m = protocol.decode(msg[1:], s.limits)
+                    if m.type not in ("credit", "heartbeat") or m.header.get("state") == "serving":
+                        raise BadMessage("unexpected_type", expected("credit or worker heartbeat", m.type))
+                except BadMessage as exc:
+                    counters.reject(exc, "a worker")
+                    continue
+                done, window = m.header["done"], m.header["window"]
+                w = workers.get(ident)
+                if w is None:  # a new worker, or one that outlived a source restart: adopt its count
+                    w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
+                if ident in lost_counted:  # declared lost while only silent (SIGSTOP, a long pause): the
+                    before, n_lost, back = lost_counted[ident]  # frames it finishes after all were not lost
+                    now_back = min(max(0, done - before), n_lost)
+                    counters.drops["worker_lost"] -= now_back - back
+                    lost_counted[ident] = (before, n_lost, now_back)
+                    if now_back == n_lost:
+                        del lost_counted[ident]
+                if done > w.done + len(w.inflight):
+                    # More frames done than were sent to it (done may be up to 2^63-1): count it,
+                    # then adopt its count as for a new worker (a worker that was declared lost
+                    # with frames in hand and came back legitimately reports those too).
+                    counters.reject(BadMessage("bad_credit", expected(
+                        f"done <= {w.done + len(w.inflight)} (frames sent to {w.name[:64]})", done)), "a worker")
+                for _ in range(min(max(0, done - w.done), len(w.inflight))):  # bounded by frames in flight
+                    release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
+                    if self.policy == "all" and drain_deadline is not None:
+                        drain_deadline = now + ALL_DRAIN_S  # still coming back: keep draining
+                w.done, w.window, w.last_seen = max(done, w.done), window, now
+                w.shm = m.header.get("shm") is True
+                if m.type == "credit":
+                    w.ready_since = now
+
         start_by = time.monotonic() + self.start_timeout_s
         try:
             while not stop.is_set():
@@ -473,44 +515,8 @@ class SourceNode:
                     counters.drain_monitors()
                     if counters.transport["peer_disconnected"] > disconnects:
                         next_probe = now  # a peer went away: find out which worker, now
-                while router in events:  # credits and heartbeats from workers
-                    try:
-                        msg = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    ident = msg[0].bytes
-                    try:
-                        m = protocol.decode(msg[1:], s.limits)
-                        if m.type not in ("credit", "heartbeat") or m.header.get("state") == "serving":
-                            raise BadMessage("unexpected_type", expected("credit or worker heartbeat", m.type))
-                    except BadMessage as exc:
-                        counters.reject(exc, "a worker")
-                        continue
-                    done, window = m.header["done"], m.header["window"]
-                    w = workers.get(ident)
-                    if w is None:  # a new worker, or one that outlived a source restart: adopt its count
-                        w = workers[ident] = _WorkerState(m.header["worker"], window, done, now, ready_since=now)
-                    if ident in lost_counted:  # declared lost while only silent (SIGSTOP, a long pause): the
-                        before, n_lost, back = lost_counted[ident]  # frames it finishes after all were not lost
-                        now_back = min(max(0, done - before), n_lost)
-                        counters.drops["worker_lost"] -= now_back - back
-                        lost_counted[ident] = (before, n_lost, now_back)
-                        if now_back == n_lost:
-                            del lost_counted[ident]
-                    if done > w.done + len(w.inflight):
-                        # More frames done than were sent to it (done may be up to 2^63-1): count it,
-                        # then adopt its count as for a new worker (a worker that was declared lost
-                        # with frames in hand and came back legitimately reports those too).
-                        counters.reject(BadMessage("bad_credit", expected(
-                            f"done <= {w.done + len(w.inflight)} (frames sent to {w.name[:64]})", done)), "a worker")
-                    for _ in range(min(max(0, done - w.done), len(w.inflight))):  # bounded by frames in flight
-                        release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
-                        if self.policy == "all" and drain_deadline is not None:
-                            drain_deadline = now + ALL_DRAIN_S  # still coming back: keep draining
-                    w.done, w.window, w.last_seen = max(done, w.done), window, now
-                    w.shm = m.header.get("shm") is True
-                    if m.type == "credit":
-                        w.ready_since = now
+                if router in events:  # credits and heartbeats from workers
+                    read_workers(now)
                 # Liveness: a silent worker's credit is forgotten and its frames are counted.
                 for ident in [i for i, w in workers.items() if now - w.last_seen > s.liveness_s]:
                     lose(ident, "no heartbeat")
@@ -518,11 +524,17 @@ class SourceNode:
                 if now >= next_probe:
                     next_probe = now + min(s.heartbeat_s, 0.25)
                     beat = protocol.encode_control("heartbeat", node=self.name, state="serving")
+                    gone = []
                     for ident in list(workers):
                         try:
                             protocol.send(router, [ident, *beat], zmq.NOBLOCK)
                         except zmq.ZMQError as exc:
                             if exc.errno == zmq.EHOSTUNREACH:
+                                gone.append(ident)
+                    if gone:  # what they sent before going comes first (a timed-out worker's frames, done)
+                        read_workers(now)
+                        for ident in gone:
+                            if ident in workers:
                                 lose(ident, "disconnected")
                 # Dispatch: the newest frame of the oldest-waiting stream to the longest-idle worker.
                 while len(slot):
@@ -690,9 +702,10 @@ class WorkerNode:
         poller.register(dealer, zmq.POLLIN)
         poller.register(waker.r, zmq.POLLIN)
 
-        def tell_source(kind: str) -> None:
+        def tell_source(kind: str, window: int | None = None) -> None:
             nonlocal last_sent
-            fields: dict[str, Any] = {"worker": identity, "done": done, "window": self.window}
+            fields: dict[str, Any] = {"worker": identity, "done": done,
+                                      "window": self.window if window is None else window}
             if announce_shm:
                 fields["shm"] = True
             if kind == "heartbeat":
@@ -810,8 +823,9 @@ class WorkerNode:
                     _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
                     # Those frames are dealt with (counted above): the source must not count them again as
                     # worker_lost when this worker goes, nor send a frame that hangs the model to another.
+                    # Window 0: a frame it sent on this credit would be lost with the worker.
                     done += pending
-                    tell_source("credit")
+                    tell_source("credit", window=0)
                     hung = True
                     return EXIT_HUNG
                 # Until the first frame arrives, say hello often: the source may not be up yet.

@@ -490,7 +490,7 @@ def decode(parts: Sequence[Any], limits: Limits = DEFAULT_LIMITS, shm: ShmMap | 
     if kind == "credit" or (kind == "heartbeat" and h["state"] != "serving"):  # from a worker
         _text(h, "worker", limit=128)
         _int(h, "done")
-        _int(h, "window", 1, 64)
+        _int(h, "window", 0, 64)  # 0: a worker about to leave (takes no more frames)
     elif kind in ("stats", "event", "error"):
         _text(h, "node", limit=128)
         if kind == "event":
