@@ -7,6 +7,7 @@ really builds and runs an engine is marked gpu + tensorrt and skips without them
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -335,16 +336,15 @@ class FakeCuda(types.ModuleType):
         self.pushes = 0
         self.pops = 0
         self.last_stream: Any = None
-        self.captures = 0  # graphs instantiated
+        self.streams: dict[int, Any] = {}  # by handle, for the fake cudart
+        self.captures = 0  # graphs instantiated (by the fake cudart)
         self.launches = 0  # graph replays
         self.replaying = False
         self.replay_error = 0.0  # added to y during replays: a graph that computes something else
-        self.launch_takes_stream = True
         self.capture_values = False  # True: captured copies keep the bytes of capture time (stale inputs)
         self._local = threading.local()
         self.device_attribute = types.SimpleNamespace(MULTIPROCESSOR_COUNT="SM")
         self.gpu_names = ["Orin (nvgpu)"]  # one per fake GPU
-        self.capture_mode = types.SimpleNamespace(GLOBAL=0, THREAD_LOCAL=1, RELAXED=2)
         cuda = self
 
         class Allocation:
@@ -398,34 +398,13 @@ class FakeCuda(types.ModuleType):
             def get_attribute(self, attr: str) -> int:
                 return 16
 
-        class GraphExec:
-            def __init__(self, ops: list[Any]) -> None:
-                self.ops = ops
-
-            def launch(self, *stream: Any) -> None:  # pycuda 2021.1+: GraphExec.launch(stream)
-                if not cuda.launch_takes_stream and stream:
-                    raise TypeError("launch() takes no arguments")
-                cuda.launches += 1
-                cuda.replaying = True
-                try:
-                    for op in self.ops:
-                        op()
-                finally:
-                    cuda.replaying = False
-
-        class Graph:
-            def __init__(self, ops: list[Any]) -> None:
-                self.ops = ops
-
-            def instantiate(self) -> GraphExec:
-                cuda.captures += 1
-                return GraphExec(self.ops)
-
         class Stream:
-            """Runs submitted work at once, or records it between begin_capture and end_capture."""
+            """Runs submitted work at once, or records it while the fake cudart captures this stream
+            (real pycuda streams have no capture API: only synchronize, is_done, wait_for_event, handle)."""
 
             def __init__(self) -> None:
-                self.handle = 0xBEEF
+                self.handle = 0xBEEF + len(cuda.streams)
+                cuda.streams[self.handle] = self
                 self.syncs = 0
                 self.recording: list[Any] | None = None
                 cuda.last_stream = self
@@ -435,15 +414,6 @@ class FakeCuda(types.ModuleType):
                     self.recording.append(op)
                 else:
                     op()
-
-            def begin_capture(self, *mode: Any) -> None:
-                assert self.recording is None, "already capturing"
-                assert mode == (cuda.capture_mode.THREAD_LOCAL,), mode
-                self.recording = []
-
-            def end_capture(self) -> Graph:
-                ops, self.recording = self.recording, None
-                return Graph(ops or [])
 
             def synchronize(self) -> None:
                 assert self.recording is None, "synchronize during capture is illegal"
@@ -488,15 +458,84 @@ class FakeCuda(types.ModuleType):
         stream.submit(copy)
 
 
+class FakeCudart:
+    """cuda-python's runtime bindings stand-in (cuda.bindings.runtime), for CUDA graphs: calls return
+    (error, *values) as cuda-python's do; capture records what is submitted to the pycuda stream whose
+    handle it is given. ``launch_error`` makes cudaGraphLaunch fail with that error."""
+
+    class cudaError_t(enum.IntEnum):  # cuda-python's names
+        cudaSuccess = 0
+        cudaErrorInvalidValue = 1
+        cudaErrorStreamCaptureInvalidated = 901
+
+    class cudaStreamCaptureMode(enum.IntEnum):
+        cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeThreadLocal = 1
+        cudaStreamCaptureModeRelaxed = 2
+
+    def __init__(self, cuda: FakeCuda) -> None:
+        self.cuda = cuda
+        self.launch_error: Any = None
+        self.graphs_alive = 0  # cudaGraph_t not destroyed
+        self.execs_alive = 0  # cudaGraphExec_t not destroyed
+
+    def cudaGetErrorName(self, err: Any) -> tuple[Any, bytes]:
+        return self.cudaError_t.cudaSuccess, self.cudaError_t(err).name.encode()
+
+    def cudaStreamBeginCapture(self, stream: int, mode: Any) -> tuple[Any]:
+        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal, mode
+        s = self.cuda.streams[stream]
+        assert s.recording is None, "already capturing"
+        s.recording = []
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaStreamEndCapture(self, stream: int) -> tuple[Any, Any]:
+        s = self.cuda.streams[stream]
+        ops, s.recording = s.recording, None
+        self.graphs_alive += 1
+        return self.cudaError_t.cudaSuccess, types.SimpleNamespace(ops=ops or [])
+
+    def cudaGraphInstantiateWithFlags(self, graph: Any, flags: int) -> tuple[Any, Any]:
+        assert flags == 0
+        self.cuda.captures += 1
+        self.execs_alive += 1
+        return self.cudaError_t.cudaSuccess, types.SimpleNamespace(ops=list(graph.ops))
+
+    def cudaGraphLaunch(self, graph_exec: Any, stream: int) -> tuple[Any]:
+        assert stream in self.cuda.streams and self.cuda.current() is not None
+        if self.launch_error is not None:
+            return (self.launch_error,)
+        self.cuda.launches += 1
+        self.cuda.replaying = True
+        try:
+            for op in graph_exec.ops:
+                op()
+        finally:
+            self.cuda.replaying = False
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaGraphDestroy(self, graph: Any) -> tuple[Any]:
+        self.graphs_alive -= 1
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaGraphExecDestroy(self, graph_exec: Any) -> tuple[Any]:
+        self.execs_alive -= 1
+        return (self.cudaError_t.cudaSuccess,)
+
+
 FAKE_CUDA: FakeCuda = FakeCuda()
+FAKE_CUDART: FakeCudart = FakeCudart(FAKE_CUDA)
 
 
 @pytest.fixture
 def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """Install fake ``tensorrt`` 10.3 and ``pycuda.driver`` in sys.modules for one test."""
-    global FAKE_CUDA
+    """Install fake ``tensorrt`` 10.3 and ``pycuda.driver`` in sys.modules, and a fake cuda-python
+    runtime for CUDA graphs, for one test."""
+    global FAKE_CUDA, FAKE_CUDART
     trt = _fake_trt("10.3.0.30")
     FAKE_CUDA = FakeCuda()
+    FAKE_CUDART = FakeCudart(FAKE_CUDA)
+    monkeypatch.setattr(trt_backend, "_cudart", lambda: FAKE_CUDART)
     pycuda = types.ModuleType("pycuda")
     pycuda.driver = FAKE_CUDA  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -695,32 +734,59 @@ def test_cuda_graph_is_captured_checked_replayed_and_recaptured_on_new_shapes(fa
         assert FAKE_CUDA.captures == 4 and b.graph_captures == 4 and FAKE_CUDA.launches == 3
         assert context.executions == 6 + 3  # type: ignore[union-attr]
         assert b.graph_disabled is None and "captured a CUDA graph for g.engine (x [1, 1, 8, 8]" in caplog.text
-    assert b._graph is None and FAKE_CUDA.memory == {}
+        assert FAKE_CUDART.graphs_alive == 0 and FAKE_CUDART.execs_alive == 1  # graphs freed once instantiated
+    assert b._graph is None and FAKE_CUDA.memory == {} and FAKE_CUDART.execs_alive == 0
 
 
-def test_no_graph_without_thread_local_capture(fake_trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture) -> None:
-    """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda without
-    capture_mode.THREAD_LOCAL used to capture in global mode, where a background engine build's
-    cudaMalloc on another thread fails; now graphs stay off and every run is a normal one."""
-    monkeypatch.delattr(FAKE_CUDA, "capture_mode")
+def test_a_trusted_graph_that_fails_to_launch_gives_a_normal_run(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the TensorRT/pycuda API with fake modules. Once a graph is trusted it is
+    launched alone; a launch CUDA refuses then turns graphs off and that call runs normally (it raised
+    before: a graph must never cost a result)."""
+    path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
+    with TrtBackend(path, use_cuda_graph=True) as b:
+        for i in range(3):  # capture, checked replay, trusted launch
+            b.infer({"x": np.full((1, 1, 8, 8), float(i), np.float32)})
+        assert FAKE_CUDA.launches == 2 and b.graph_disabled is None
+        FAKE_CUDART.launch_error = FAKE_CUDART.cudaError_t.cudaErrorInvalidValue
+        x = np.full((1, 1, 8, 8), 7.0, np.float32)
+        np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
+        assert b.graph_disabled == "launch: BackendError: cudaGraphLaunch: cudaErrorInvalidValue"
+        assert FAKE_CUDART.execs_alive == 0
+
+
+def test_real_pycuda_has_no_graph_api_so_the_fake_has_none() -> None:
+    """The first version captured with pycuda's Stream.begin_capture / Graph.instantiate, which no pycuda
+    has (2026.1 read: Stream has synchronize, is_done, wait_for_event, handle); its fake invented them,
+    so the tests passed while a GPU would always have run without graphs. Capture goes through
+    cuda-python now, and the pycuda fake keeps to what pycuda has."""
+    stream = FakeCuda().Stream()
+    assert not {"begin_capture", "end_capture"} & set(dir(stream))
+    assert not hasattr(FakeCuda(), "capture_mode") and not hasattr(FakeCuda(), "Graph")
+
+
+def test_no_graph_without_cuda_python(fake_trt: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the logic around the TensorRT/pycuda API with fake modules. Without cuda-python (pycuda
+    has no stream capture) graphs stay off, saying why, and every run is a normal one."""
+    monkeypatch.setattr(trt_backend, "_cudart", lambda: None)
     path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
     with TrtBackend(path, use_cuda_graph=True) as b:
         for i in range(3):
             x = np.full((1, 1, 8, 8), float(i), np.float32)
             np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
-        assert b.graph_disabled is not None and "THREAD_LOCAL" in b.graph_disabled and b.graph_captures == 0
+        assert b.graph_disabled is not None and "cuda-python" in b.graph_disabled and b.graph_captures == 0
 
 
 def test_cuda_graph_failures_fall_back_to_normal_runs(fake_trt: Any, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """Exercises the logic around the TensorRT/pycuda API with fake modules. A pycuda whose GraphExec.launch
-    takes no stream, a replay that computes something else, or a graph that froze the inputs it was
-    captured with turns graphs off with a warning; every result still comes from a normal run. Shapes that keep changing stop capturing after MAX_GRAPH_CAPTURES."""
+    """Exercises the logic around the TensorRT/pycuda API with fake modules. A launch that CUDA refuses, a
+    replay that computes something else, or a graph that froze the inputs it was captured with turns
+    graphs off with a warning; every result still comes from a normal run. Shapes that keep changing
+    stop capturing after MAX_GRAPH_CAPTURES."""
     from edge_runtime.backends.tensorrt import MAX_GRAPH_CAPTURES
 
     path = engine_file(fake_trt, tmp_path / "g.engine", dynamic=True)
-    for setup, why in ((lambda: setattr(FAKE_CUDA, "launch_takes_stream", False), "TypeError"),
+    for setup, why in ((lambda: setattr(FAKE_CUDART, "launch_error", FAKE_CUDART.cudaError_t.cudaErrorInvalidValue),
+                        "replay: BackendError: cudaGraphLaunch: cudaErrorInvalidValue"),
                        (lambda: setattr(FAKE_CUDA, "replay_error", 0.5), "other values than a normal run for ['y']"),
                        (lambda: setattr(FAKE_CUDA, "capture_values", True), "for ['y', 'total']")):
         setup()
@@ -730,7 +796,7 @@ def test_cuda_graph_failures_fall_back_to_normal_runs(fake_trt: Any, tmp_path: P
                 np.testing.assert_array_equal(b.infer({"x": x})["y"], 2 * x + 1)
             assert b.graph_disabled is not None and why in b.graph_disabled and b._graph is None
         assert f"CUDA graphs off for g.engine ({b.graph_disabled}" in caplog.text
-        FAKE_CUDA.launch_takes_stream, FAKE_CUDA.replay_error, FAKE_CUDA.capture_values = True, 0.0, False
+        FAKE_CUDART.launch_error, FAKE_CUDA.replay_error, FAKE_CUDA.capture_values = None, 0.0, False
     with TrtBackend(path, use_cuda_graph=True) as b:
         for i in range(MAX_GRAPH_CAPTURES + 2):
             b.infer({"x": np.ones((1, 1, 4 + i, 8), np.float32)})
@@ -1569,6 +1635,8 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
         out = backend.infer({"image": x})["out"]
     np.testing.assert_allclose(out, reference, rtol=1e-3, atol=1e-3)
     # CUDA graphs for real: the capture must be kept (not fall back) and replay new inputs correctly.
+    if trt_backend._cudart() is None:
+        pytest.skip("the engine built and ran; CUDA graphs need cuda-python, not installed: not exercised")
     with TrtBackend(engine, use_cuda_graph=True) as backend:
         for seed in range(3):
             x = np.random.default_rng(seed).random((1, 1, 32, 48), dtype=np.float32)

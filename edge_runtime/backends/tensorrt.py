@@ -18,15 +18,19 @@ The primary context is the one TensorRT and the CUDA runtime API use, so nothing
 
 CUDA graphs (``use_cuda_graph=True``, off by default; never run on a GPU here): after a normal call,
 which is also the warm-up TensorRT needs before capture (it flushes deferred updates), the same
-copies + ``execute_async_v3`` are captured on the backend's stream with pycuda's
-``Stream.begin_capture`` (thread-local mode where pycuda names it) / ``end_capture`` /
-``Graph.instantiate`` (pycuda 2021.1+). The next call with the same shapes replays it on its own
+copies + ``execute_async_v3`` are captured on the backend's (pycuda) stream. pycuda has no stream
+capture or graph API (none up to 2026.1), so capture, instantiation and launch go through NVIDIA's
+cuda-python runtime bindings (``cuda.bindings.runtime``, ``cuda.cudart`` before 12.6; ``pip install
+cuda-python`` matching the CUDA version): ``cudaStreamBeginCapture`` in thread-local mode on the
+stream's handle, ``cudaStreamEndCapture``, ``cudaGraphInstantiateWithFlags`` (the same signature in
+cuda-python 11.4+ and 12), ``cudaGraphLaunch``; without cuda-python graphs stay off, with a warning.
+The next call with the same shapes replays it on its own
 (new) inputs and also runs normally; only a replay that matches (within 1e-3 of the output's scale,
 exactly for integer outputs) makes the graph trusted. Later calls copy their inputs into the same
 page-locked buffers and launch the graph alone. A graph holds tensor addresses and shapes,
 so a new input shape or a re-allocated buffer means a fresh capture (at most MAX_GRAPH_CAPTURES per
 backend; beyond that shapes vary too much for graphs to pay). Any failure (an engine that cannot be
-captured, a pycuda without graphs, a replay that differs) logs a warning once and the backend runs
+captured, no cuda-python, a replay that differs) logs a warning once and the backend runs
 without graphs from then on: a graph can cost speed, never a result.
 """
 
@@ -371,6 +375,53 @@ def read_io_tensors(engine: trt.ICudaEngine) -> list[IOTensor]:
 # ---------------------------------------------------------------------------------------------
 # The backend
 # ---------------------------------------------------------------------------------------------
+def _cudart() -> Any:
+    """NVIDIA's cuda-python runtime bindings, for CUDA graphs only; None where they are not installed."""
+    try:
+        from cuda.bindings import runtime  # cuda-python 12.6+
+
+        return runtime
+    except ImportError:
+        pass
+    try:
+        from cuda import cudart  # older cuda-python
+
+        return cudart
+    except ImportError:
+        return None
+
+
+def _cuda_call(cudart: Any, name: str, *args: Any) -> Any:
+    """Call ``cudart.<name>``: cuda-python returns (error, *values) instead of raising. The value, or a
+    tuple of them, or None; a BackendError naming the call and CUDA's error name otherwise."""
+    err, *values = getattr(cudart, name)(*args)
+    if err != cudart.cudaError_t.cudaSuccess:
+        try:
+            label = cudart.cudaGetErrorName(err)[1].decode()
+        except Exception:  # noqa: BLE001 - the name is only for the message
+            label = str(err)
+        raise BackendError(f"{name}: {label}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+class _CudaGraph:
+    """An instantiated CUDA graph (cudaGraphExec_t), launched on a pycuda stream's handle."""
+
+    def __init__(self, cudart: Any, graph_exec: Any) -> None:
+        self._cudart = cudart
+        self._exec = graph_exec
+
+    def launch(self, stream: Any) -> None:
+        _cuda_call(self._cudart, "cudaGraphLaunch", self._exec, stream.handle)
+
+    def close(self) -> None:
+        if self._exec is not None:
+            graph_exec, self._exec = self._exec, None
+            _cuda_call(self._cudart, "cudaGraphExecDestroy", graph_exec)
+
+
 @dataclass
 class _Buffer:
     device: Any  # pycuda DeviceAllocation
@@ -415,7 +466,7 @@ class TrtBackend(Backend):
         self.use_cuda_graph = use_cuda_graph
         self.graph_captures = 0  # CUDA graphs captured and kept (see the module docstring)
         self.graph_disabled: str | None = None  # why graphs are off for this backend, once they failed
-        self._graph: Any = None  # pycuda GraphExec for the shapes and addresses in _graph_key
+        self._graph: _CudaGraph | None = None  # for the shapes and addresses in _graph_key
         self._graph_key: tuple[Any, ...] | None = None
         self._graph_verified = False  # its first replay matched a normal run
         self.trt_version = ""
@@ -499,7 +550,7 @@ class TrtBackend(Backend):
         self._buffers = {}
         self._bound_shapes = {}
         # Order matters: graph before buffers' users, context before engine before runtime.
-        self._graph, self._graph_key = None, None
+        self._drop_graph()
         self._context = None
         self._engine = None
         self._runtime = None
@@ -589,9 +640,13 @@ class TrtBackend(Backend):
         graphs = self.use_cuda_graph and self.graph_disabled is None
         graph = self._graph if graphs and key == self._graph_key else None
         if graph is not None and self._graph_verified:
-            graph.launch(self._stream)
-            self._stream.synchronize()
-            return self._outputs_copy(views)
+            try:
+                graph.launch(self._stream)
+                self._stream.synchronize()
+                return self._outputs_copy(views)
+            except Exception as exc:  # noqa: BLE001 - as in _capture: this call then runs normally
+                self._disable_graphs(f"launch: {type(exc).__name__}: {exc}")
+                graphs, graph = False, None
         # A new graph's first replay, on this call's (new) inputs, is checked against a normal run.
         replay = self._try_replay(graph, views) if graph is not None else None
         self._enqueue(views)
@@ -624,30 +679,42 @@ class TrtBackend(Backend):
     def _capture(self, views: Mapping[str, Array], key: tuple[Any, ...]) -> None:
         """Capture _enqueue as a CUDA graph, right after a normal call (TensorRT's warm-up before capture).
         It is trusted only once its first replay, on the next call's inputs, matches a normal run."""
-        self._graph, self._graph_key, self._graph_verified = None, None, False
+        self._drop_graph()
         if self.graph_captures >= MAX_GRAPH_CAPTURES:
             self._disable_graphs(f"input shapes changed more than {MAX_GRAPH_CAPTURES} times")
             return
-        stream = self._stream
-        # Thread-local capture: a background engine build on another thread may allocate meanwhile
-        # (global mode, the default, would fail its CUDA calls).
-        mode = getattr(getattr(self._cuda, "capture_mode", None), "THREAD_LOCAL", None)
-        if mode is None:  # never fall back to global mode: a concurrent build's cudaMalloc would fail
-            self._disable_graphs("this pycuda has no capture_mode.THREAD_LOCAL")
+        cudart = _cudart()
+        if cudart is None:
+            self._disable_graphs("CUDA graphs need NVIDIA's cuda-python (pip install cuda-python): pycuda has "
+                                 "no stream capture")
             return
+        handle = self._stream.handle
         try:
-            stream.begin_capture(mode)
+            # Thread-local: a background engine build on another thread may allocate meanwhile (global
+            # mode, CUDA's default, would fail its calls); never fall back to global mode.
+            _cuda_call(cudart, "cudaStreamBeginCapture", handle,
+                       cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
             try:
                 self._enqueue(views)
             finally:
-                graph = stream.end_capture()  # also ends a capture that the enqueue invalidated
-            self._graph, self._graph_key = graph.instantiate(), key
-        except Exception as exc:  # noqa: BLE001 - pycuda/CUDA raise their own types; any failure means no graph
+                graph = _cuda_call(cudart, "cudaStreamEndCapture", handle)  # also ends an invalidated capture
+            try:
+                self._graph = _CudaGraph(cudart, _cuda_call(cudart, "cudaGraphInstantiateWithFlags", graph, 0))
+            finally:
+                _cuda_call(cudart, "cudaGraphDestroy", graph)  # the executable graph stands alone
+            self._graph_key = key
+        except Exception as exc:  # noqa: BLE001 - CUDA errors and pycuda's own; any failure means no graph
             self._disable_graphs(f"capture: {type(exc).__name__}: {exc}")
             return
         self.graph_captures += 1
         log.info("tensorrt: captured a CUDA graph for %s (%s)", self.engine_path.name,
                  ", ".join(f"{n} {list(shape)}" for n, shape, _ in key))
+
+    def _drop_graph(self) -> None:
+        graph, self._graph, self._graph_key, self._graph_verified = self._graph, None, None, False
+        if graph is not None:
+            with contextlib.suppress(Exception):  # freeing it must not cost the run
+                graph.close()
 
     def _try_replay(self, graph: Any, views: Mapping[str, Array]) -> dict[str, Array] | None:
         try:
@@ -679,6 +746,6 @@ class TrtBackend(Backend):
 
     def _disable_graphs(self, why: str) -> None:
         self.graph_disabled = why
-        self._graph, self._graph_key = None, None
+        self._drop_graph()
         self._stream = self._cuda.Stream()  # a fresh stream: never one left in capture mode
         log.warning("tensorrt: CUDA graphs off for %s (%s); running without them", self.engine_path.name, why)
