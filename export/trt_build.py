@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -60,6 +60,7 @@ class OnnxTraits:
     has_qdq: bool  # explicit QuantizeLinear/DequantizeLinear nodes: an INT8 graph
     has_fp16: bool  # FP16 initialisers, tensors or casts: an FP16 graph
     inputs: dict[str, tuple[int | None, ...]]  # graph inputs, None for dynamic dims
+    external_data: tuple[str, ...] = ()  # files next to the model holding its weights (ONNX external data)
 
 
 def onnx_traits(onnx_path: Path) -> OnnxTraits:
@@ -85,7 +86,27 @@ def onnx_traits(onnx_path: Path) -> OnnxTraits:
             continue
         dims = value.type.tensor_type.shape.dim
         inputs[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims)
-    return OnnxTraits(has_qdq, has_fp16, inputs)
+    external = sorted({entry.value for tensor in graph.initializer if tensor.data_location == onnx.TensorProto.EXTERNAL
+                       for entry in tensor.external_data if entry.key == "location"})
+    return OnnxTraits(has_qdq, has_fp16, inputs, tuple(external))
+
+
+def model_digest(onnx_path: Path, external_data: Sequence[str] = ()) -> str:
+    """The engine key's model sha256: of the ONNX file, and with external data of the file and each
+    data file it names (TensorRT builds from those weights: a retrained model saved with external
+    data has the same .onnx bytes and must not be served the old engine)."""
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    if not external_data:
+        return digest
+    combined = hashlib.sha256(digest.encode())
+    for name in sorted(set(external_data)):
+        try:
+            data = (onnx_path.parent / name).read_bytes()
+        except OSError as exc:
+            raise ExportError(f"build: {onnx_path.name}'s external data file {name!r}: "
+                              f"{expected('a readable file next to the model', type(exc).__name__)}") from None
+        combined.update(b"\0" + name.encode() + b"\0" + hashlib.sha256(data).hexdigest().encode())
+    return combined.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +119,10 @@ class BuildPlan:
     builder_flags: tuple[str, ...]  # BuilderFlag member names to set
     legacy_workspace: bool  # TensorRT < 8.4: config.max_workspace_size instead of memory pools
     progress_monitor: bool  # IProgressMonitor exists from TensorRT 10
+    # OnnxParserFlag.NATIVE_INSTANCENORM, which version/hardware-compatible builds require: off by default
+    # in TensorRT 8.6's parser (InstanceNormalization then goes to a plugin, and such a build fails), on
+    # by default from 10.
+    native_instancenorm: bool = False
 
 
 def parse_compute_capability(text: str | None) -> tuple[int, int] | None:
@@ -222,6 +247,7 @@ def plan_build(
         builder_flags=tuple(flags),
         legacy_workspace=version < (8, 4, 0),
         progress_monitor=major >= 10,
+        native_instancenorm=(version_compatible or hardware_compatible) and major < 10,
     )
 
 
@@ -485,6 +511,8 @@ def build_engine(
             network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         network = builder.create_network(network_flags)
         parser = trt.OnnxParser(network, logger)
+        if plan.native_instancenorm:
+            parser.set_flag(trt.OnnxParserFlag.NATIVE_INSTANCENORM)
         if not parser.parse_from_file(str(onnx_path)):  # from file: external weights resolve next to it
             errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
             raise ExportError(
@@ -613,8 +641,9 @@ def engine_key_for(
 
     onnx_path = Path(onnx_path)
     ident = probe_device(device_index)
-    profile = plan_profile(onnx_traits(onnx_path).inputs, profiles, target_hw)
-    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    traits = onnx_traits(onnx_path)
+    profile = plan_profile(traits.inputs, profiles, target_hw)
+    digest = model_digest(onnx_path, traits.external_data)
     return EngineKey(digest, ident.trt_version, ident.gpu_name, ident.compute_capability, ident.sm_count,
                      precision, dla_core, dict(profile), version_compatible, hardware_compatible)
 

@@ -96,6 +96,7 @@ def _fake_trt(version: str) -> types.ModuleType:
         trt.IProgressMonitor = IProgressMonitor
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT", NONE="NONE")
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+    trt.OnnxParserFlag = types.SimpleNamespace(NATIVE_INSTANCENORM="NATIVE_INSTANCENORM")
     flags = {"GPU_FALLBACK": "GPU_FALLBACK"}
     if major < 11:  # TensorRT 11 removed the precision flags
         flags |= {"FP16": "FP16", "INT8": "INT8"}
@@ -232,6 +233,10 @@ def _fake_trt(version: str) -> types.ModuleType:
     class OnnxParser:
         def __init__(self, network: Network, logger: Any) -> None:
             self.num_errors = 0
+            trt.created["parser_flags"] = self.flags = []
+
+        def set_flag(self, flag: str) -> None:
+            self.flags.append(flag)
 
         def parse_from_file(self, path: str) -> bool:
             trt.created["parsed"] = path
@@ -1001,6 +1006,11 @@ def test_plan_build_dla_flags(caplog: pytest.LogCaptureFixture) -> None:
     dla11 = plan_build((11, 4, 1), "int8", QDQ, dla_core=0)
     assert dla11.strongly_typed and dla11.builder_flags == ("GPU_FALLBACK",)
     assert plan_build((10, 3, 0), "fp16", FP16, version_compatible=True).builder_flags == ("VERSION_COMPATIBLE",)
+    # TensorRT 8.6's parser has NATIVE_INSTANCENORM off, and compatible builds require it (10: on by default)
+    assert plan_build((8, 6, 1), "fp16", FP16, version_compatible=True).native_instancenorm
+    assert plan_build((8, 6, 1), "fp16", FP16, hardware_compatible=True).native_instancenorm
+    assert not plan_build((8, 6, 1), "fp16", FP16).native_instancenorm
+    assert not plan_build((10, 3, 0), "fp16", FP16, version_compatible=True).native_instancenorm
 
 
 def test_plan_profile() -> None:
@@ -1106,6 +1116,51 @@ def test_build_engine_legacy_nano_branch(fake_trt: Any, tmp_path: Path, monkeypa
                      progress=False)
 
 
+def test_engine_key_digest_covers_external_weights(tmp_path: Path) -> None:
+    """TensorRT builds from an ONNX's external data files too; the key hashed only the .onnx, which
+    for a model saved with external data holds names and offsets: retrained weights kept the key, and
+    the cache would serve the old engine. Inline models keep the file's sha256 (what bundles record)."""
+    import hashlib
+
+    from export.trt_build import model_digest, onnx_traits
+
+    inline = fp32_onnx(tmp_path / "inline.onnx")
+    assert onnx_traits(inline).external_data == ()
+    assert model_digest(inline) == hashlib.sha256(inline.read_bytes()).hexdigest()
+    model = onnx.load(str(inline))
+    ext = tmp_path / "ext" / "m.onnx"
+    ext.parent.mkdir()
+    onnx.save_model(model, str(ext), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.weights", size_threshold=0)
+    traits = onnx_traits(ext)
+    assert traits.external_data == ("m.weights",)
+    before = model_digest(ext, traits.external_data)
+    weights = ext.parent / "m.weights"
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF  # retrained: other weights, the same .onnx bytes
+    weights.write_bytes(bytes(data))
+    assert model_digest(ext, traits.external_data) != before
+    weights.unlink()
+    with pytest.raises(ExportError, match="external data file 'm.weights'"):
+        model_digest(ext, traits.external_data)
+
+
+def test_version_compatible_build_on_86_sets_native_instancenorm(fake_trt: Any, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
+    against tensorrt-stubs, not run. TensorRT 8.6's NvOnnxParser.h: NATIVE_INSTANCENORM "is required when
+    building version-compatible or hardware-compatible engines" and parser flags default to 0 there, so
+    a compatible 8.6 build of a model with InstanceNormalization failed; plain builds leave it alone."""
+    trt86 = use_trt_version(monkeypatch, "8.6.1.6")
+    onnx_path = fp32_onnx(tmp_path / "m.onnx")
+    build_engine(onnx_path, tmp_path / "v.engine", precision="fp32", workspace_mb=64, target_hw=(64, 64),
+                 version_compatible=True, progress=False)
+    assert trt86.created["parser_flags"] == ["NATIVE_INSTANCENORM"]
+    build_engine(onnx_path, tmp_path / "p.engine", precision="fp32", workspace_mb=64, target_hw=(64, 64),
+                 progress=False)
+    assert trt86.created["parser_flags"] == []
+
+
 def test_build_engine_dla_mapping(fake_trt: Any, tmp_path: Path) -> None:
     """Exercises the logic around the TensorRT API with a fake module; the real API is checked by mypy
     against tensorrt-stubs, not run."""
@@ -1130,6 +1185,7 @@ def test_build_engine_dla_mapping(fake_trt: Any, tmp_path: Path) -> None:
                  version_compatible=True, progress=False)
     config = fake_trt.created["config"]
     assert config.hardware_compatibility_level == "AMPERE_PLUS" and config.flags == ["VERSION_COMPATIBLE"]
+    assert fake_trt.created["parser_flags"] == []  # 10.x: NATIVE_INSTANCENORM is on by default
     # What the device config says of the target: a Jetson (JetPack) or a pre-Ampere GPU is refused.
     with pytest.raises(ExportError, match="not supported on JetPack"):
         build_engine(onnx16, tmp_path / "h.engine", precision="fp16", workspace_mb=64, hardware_compatible=True,
