@@ -338,6 +338,7 @@ class FakeCuda(types.ModuleType):
         self.allocations = 0
         self.frees = 0
         self.detached = 0
+        self.retains = 0
         self.pushes = 0
         self.pops = 0
         self.last_stream: Any = None
@@ -392,6 +393,7 @@ class FakeCuda(types.ModuleType):
                 return len(cuda.gpu_names)
 
             def retain_primary_context(self) -> Ctx:
+                cuda.retains += 1
                 return Ctx(self.index)
 
             def name(self) -> str:
@@ -653,8 +655,13 @@ def test_trt_backend_static_engine_runs_and_releases(fake_trt: Any, tmp_path: Pa
         with pytest.raises(InputError, match="expected dtype float32"):
             backend.infer({"x": x.astype(np.float64)})
     assert FAKE_CUDA.frees == 3 and FAKE_CUDA.memory == {}
-    assert FAKE_CUDA.pushes == FAKE_CUDA.pops and FAKE_CUDA.detached == 1
+    # Balanced pushes and pops; never detach(): pycuda's releases a retained primary context without
+    # popping it (it stayed current on the closing thread) and is a no-op on other threads.
+    assert FAKE_CUDA.pushes == FAKE_CUDA.pops and FAKE_CUDA.detached == 0 and FAKE_CUDA.retains == 1
     assert FAKE_CUDA.current() is None
+    with TrtBackend(path) as again:  # the process's one retained primary context, used again
+        again.infer({"x": x})
+    assert FAKE_CUDA.retains == 1 and FAKE_CUDA.current() is None
 
 
 def test_version_compatible_engine_loads_only_with_host_code_allowed(fake_trt: Any, tmp_path: Path) -> None:
@@ -844,7 +851,7 @@ def test_trt_backend_refusals(fake_trt: Any, tmp_path: Path, monkeypatch: pytest
     foreign.write_bytes(b"built elsewhere")  # the fake runtime cannot deserialise it
     with pytest.raises(BackendError, match="rebuild it on this device"):
         TrtBackend(foreign).load()
-    assert FAKE_CUDA.detached == 1 and FAKE_CUDA.pushes == FAKE_CUDA.pops  # context released on failure
+    assert FAKE_CUDA.detached == 0 and FAKE_CUDA.pushes == FAKE_CUDA.pops  # popped on failure, not detached
     bf16 = engine_file(fake_trt, tmp_path / "bf16.engine", dynamic=False, out_dtype="BF16")
     with pytest.raises(BackendError, match="'y'.*found BF16"):
         TrtBackend(bf16).load()

@@ -10,8 +10,8 @@ exists from TensorRT 8.5 and is kept in TensorRT 11:
 pure logic is tested) on machines without them. The TensorRT calls are type-checked with mypy
 against ``tensorrt-stubs`` (tests/test_typecheck.py); they have not run on real hardware here.
 
-CUDA context: the device's *primary* context is retained on ``load`` and pushed/popped around
-every call, so the backend works from whichever thread calls it (a pipeline worker thread, not
+CUDA context: the device's *primary* context is retained once for the process (``primary_context``;
+never detached) and pushed/popped around every call, so the backend works from whichever thread calls it (a pipeline worker thread, not
 only the thread that loaded it). ``pycuda.autoinit`` is deliberately not used: it makes a context
 current on the importing thread only, and other threads then fail with "invalid device context".
 The primary context is the one TensorRT and the CUDA runtime API use, so nothing is duplicated.
@@ -285,16 +285,24 @@ def on_device(device_index: int) -> Iterator[None]:
     runtime that TensorRT calls uses the context pycuda makes current. The context stays retained
     (as the CUDA runtime's own would), so TensorRT objects freed after the block still have it.
     """
+    primary_context(device_index).push()
+    try:
+        yield
+    finally:
+        require_pycuda().Context.pop()
+
+
+def primary_context(device_index: int) -> Any:
+    """GPU ``device_index``'s primary context, retained once for the process and never released: pycuda's
+    Context.detach() on a retained primary context releases it without popping it (it stays current
+    under pycuda's feet) and does nothing on a thread other than the one that retained it; the CUDA
+    runtime keeps its primary context for the process too."""
     device = _cuda_device(device_index)
     with _primary_lock:
         ctx = _primary_contexts.get(device_index)
         if ctx is None:
             ctx = _primary_contexts[device_index] = device.retain_primary_context()
-    ctx.push()
-    try:
-        yield
-    finally:
-        require_pycuda().Context.pop()
+    return ctx
 
 
 _trt_logger: tuple[Any, Any] | None = None  # (the tensorrt module, its one logger)
@@ -500,7 +508,7 @@ class TrtBackend(Backend):
             raise BackendError(f"TensorRT engine: expected a file at {self.engine_path}, found none")
         cuda = require_pycuda()
         self._cuda = cuda
-        self._cuda_ctx = _cuda_device(self.device_index).retain_primary_context()
+        self._cuda_ctx = primary_context(self.device_index)
         self._cuda_ctx.push()
         ok = False
         try:
@@ -540,7 +548,6 @@ class TrtBackend(Backend):
                 self._release()
             cuda.Context.pop()
             if not ok:
-                self._cuda_ctx.detach()
                 self._cuda_ctx = None
 
     def _release(self) -> None:
@@ -572,8 +579,7 @@ class TrtBackend(Backend):
                 self._release()
             finally:
                 self._cuda.Context.pop()
-                self._cuda_ctx.detach()
-                self._cuda_ctx = None
+                self._cuda_ctx = None  # the primary context stays retained (primary_context)
 
     # -- buffers -------------------------------------------------------------------------------
     def _prepare(self, input_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
