@@ -212,17 +212,34 @@ class _CaptureSource(Source):
 
     def _frames(self) -> Iterator[Frame]:
         cap = self._open()
+        decoded = 0
+        held: Frame | None = None  # a file with a known frame count: each frame waits for the next read
         try:
             while True:
                 ok, img = cap.read()
                 if not ok:
-                    return
+                    break
                 captured = time.monotonic_ns()
                 pixels, photometric = _to_rgb_or_gray(img, self.gray)
-                yield Frame(pixels, modality=self.modality, photometric=photometric,
-                            pixel_spacing=self.pixel_spacing, capture_ns=captured)
+                decoded += 1
+                frame = Frame(pixels, modality=self.modality, photometric=photometric,
+                              pixel_spacing=self.pixel_spacing, capture_ns=captured)
+                if self.n_frames is None:
+                    yield frame
+                    continue
+                if held is not None:
+                    yield held
+                held = frame
         finally:
             cap.release()
+        if held is not None and decoded >= (self.n_frames or 0):
+            yield held
+        self._ended(decoded)
+
+    def _ended(self, decoded: int) -> None:
+        """OpenCV's read() says only False, at the end of a file or when it cannot go on."""
+
+
 
 
 class VideoSource(_CaptureSource):
@@ -245,6 +262,17 @@ class VideoSource(_CaptureSource):
         cap.release()
         self.fps = given_fps or (native if native > 0 and math.isfinite(native) else None)
         self.n_frames = count if count > 0 else None
+
+    def _ended(self, decoded: int) -> None:
+        # FFmpeg (through OpenCV) ends a cut file early and skips frames it cannot decode without a word,
+        # and numbers the frames it did decode 0, 1, 2 ...; the container's frame count tells.
+        # The last frame decoded before such an end is refused too: a cut inside it decodes, damaged.
+        if self.n_frames is not None and decoded < self.n_frames:
+            raise InputError(expected(
+                f"{self.n_frames} frames (the container's count)",
+                f"{decoded} decodable: {self.n_frames - decoded} cut off or damaged (truncated or corrupt file?); "
+                f"the last one decoded is left out as possibly damaged, and where frames were lost inside the "
+                "file the seq of every later frame is that many too low"))
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(str(self.path))
@@ -273,6 +301,11 @@ class CameraSource(_CaptureSource):
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         cap.release()
         self.fps = fps if fps > 0 and math.isfinite(fps) else None
+
+    def _ended(self, decoded: int) -> None:
+        # A live camera has no end: a read that fails is a camera unplugged or failing.
+        raise InputError(expected("a camera that keeps delivering frames",
+                                  f"no frame from camera {self.index} after {decoded} (unplugged or failing?)"))
 
     def _open(self) -> cv2.VideoCapture:
         cap = cv2.VideoCapture(self.index)
