@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from .errors import EdgeRuntimeError, describe_error
 
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"edge-runtime {group}", description=GROUPS[group][1])
     module.configure(parser)
     args = parser.parse_args(argv[1:])
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)  # `run` puts its own in place for the pipeline
     try:
         return int(module.run(args) or 0)
     except EdgeRuntimeError as exc:
@@ -63,9 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-runtime {group}: {type(exc).__name__}: {describe_error(exc)} (check the paths given)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated):
+            print(f"edge-runtime {group}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print(f"edge-runtime {group}: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM as an exception in the main thread, like Ctrl-C: the default action killed the process
+    where it stood, leaving a hidden half-written image (``.NAME.partial``) that no later run removes."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

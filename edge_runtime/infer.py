@@ -2,9 +2,10 @@
 
 In-process, no ZeroMQ: for batch work and for checking a model on a file before streaming it.
 Writes ``results.jsonl`` (one line per frame: detections, provenance, stage timings, never pixels
-of the input; replaced by each run) and annotated PNGs (input with detections next to the enhanced
-output). A frame the models refuse (wrong range, modality, ...) is logged and skipped; the exit
-status is then 1.
+of the input; replaced by each run), annotated PNGs (input with detections next to the enhanced
+output, 8-bit for viewing) and, for enhancement models, every enhanced frame at the input's own bit
+depth in ``enhanced/`` (16-bit PNG for 16-bit input, TIFF for float; stored values, as the input).
+A frame the models refuse (wrong range, modality, ...) is logged and skipped; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from .errors import BackendError, ConfigError, InputError, UnsupportedFormatError, describe_error, expected
 from .frames import Frame
-from .outputs import private_dir, write_image
+from .outputs import file_stem, private_dir, write_image
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
 from .results import Result
@@ -43,10 +44,24 @@ def annotate(frame: Frame, result: Result, *, truth: bool = True) -> np.ndarray:
     return np.hstack(panels)
 
 
-def record(result: Result) -> dict[str, Any]:
+def write_enhanced(out: Path, frame: Frame, result: Result) -> str | None:
+    """The enhanced frame as the model's post-processing gave it (the input's dtype and range), not the
+    8-bit display copy: ``enhanced/STREAM_SEQ.png`` (uint8 / uint16) or ``.tiff`` (float32). Its path
+    relative to ``out``, or None for a result without one."""
+    img = result.enhanced
+    if img is None:
+        return None
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+    suffix = ".tiff" if img.dtype == np.float32 else ".png"
+    path = write_image(private_dir(out / "enhanced") / f"{file_stem(frame.stream_id)}_{frame.seq:06d}{suffix}", img)
+    return f"enhanced/{path.name}"
+
+
+def record(result: Result, enhanced_file: str | None = None) -> dict[str, Any]:
     return {"type": "result", "stream": result.stream_id, "seq": result.seq,
             "detections": [d.to_dict() for d in result.detections],
-            "enhanced": result.enhanced is not None,
+            "enhanced": result.enhanced is not None, **({"enhanced_file": enhanced_file} if enhanced_file else {}),
             "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
             "provenance": result.provenance}
 
@@ -62,6 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
     parser.add_argument("--limit", type=int, default=None, help="stop after N frames")
     parser.add_argument("--every", type=int, default=1, help="write an annotated PNG every K frames (0: none)")
+    parser.add_argument("--save-enhanced", action=argparse.BooleanOptionalAction, default=True,
+                        help="write every enhanced frame at the input's bit depth to OUT/enhanced/ (default: yes)")
     parser.add_argument("--modality", help="what a folder of images (required there) or a video shows, e.g. DX, US; "
                         "DICOM and phantoms state their own")
     parser.add_argument("--bits-stored", type=int, help="bits used in 16-bit images, e.g. 12 for detector data")
@@ -78,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     opts = stated_options(kind, args.modality, args.bits_stored)
     if args.stream_id:
         opts["stream_id"] = args.stream_id
+    folder, out = Path(args.source).resolve(), args.out.resolve()
+    if folder.is_dir() and (out == folder or folder in out.parents):
+        raise ConfigError(expected("--out outside the --source folder (the next run would read this run's "
+                                   "annotated images as input)", "the source folder or one inside it"))
     private_dir(args.out)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
@@ -90,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
         (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
+        for old in (args.out / "enhanced").glob("*"):  # and this run's enhanced frames only
+            if old.suffix in (".png", ".tiff") and old.is_file():
+                old.unlink()
         writer = JsonlWriter(args.out / "results.jsonl")
         failed = None  # the source's own error (a truncated file): what it gave so far is kept
         frames = iter(source)
@@ -108,11 +132,13 @@ def run(args: argparse.Namespace) -> int:
                 n += 1
                 log.warning("frame %d skipped: %s", frame.seq, exc)  # no stream id: file names can name patients
                 continue
-            writer.write(record(result))
+            # Images before their record: a run stopped in between leaves no record without its images.
+            enhanced_file = write_enhanced(args.out, frame, result) if args.save_enhanced else None
+            if args.every and n % args.every == 0:
+                write_image(args.out / f"{file_stem(frame.stream_id)}_{frame.seq:06d}.png", annotate(frame, result))
+            writer.write(record(result, enhanced_file))
             for stage, ms in result.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
-            if args.every and n % args.every == 0:
-                write_image(args.out / f"{frame.stream_id}_{frame.seq:06d}.png", annotate(frame, result))
             n += 1
     writer.close()
     wall = time.perf_counter() - started

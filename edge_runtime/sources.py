@@ -81,7 +81,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 def natural_key(name: str) -> list[Any]:
     """Sort key so that "img2" < "img10" (alternating text / number chunks)."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+    # ASCII digits only: "²".isdigit() is True but int("²") fails (a traceback on such a file name)
+    return [int(part) if part.isascii() and part.isdigit() else part.lower()
+            for part in re.split(r"([0-9]+)", name)]
 
 
 def is_dicom_file(path: Path) -> bool:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -179,7 +182,60 @@ def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
     records = read_records(out / "results.jsonl")
     assert [r["seq"] for r in records] == [0, 1, 2]
     assert all(r["enhanced"] and r["provenance"]["model"] == "tiny-invert" for r in records)
-    assert len(list(out.glob("*.png"))) == 2
+    assert sorted(p.name for p in out.glob("*.png")) == ["phantom_xr_000000.png", "phantom_xr_000002.png"]  # no ':'
+    # Every enhanced frame at the input's depth (it was only in the 8-bit side-by-side PNG before).
+    for r in records:
+        img = cv2.imread(str(out / r["enhanced_file"]), cv2.IMREAD_UNCHANGED)
+        assert img.dtype == np.uint16 and img.shape == (512, 512) and img.max() > 255, r["enhanced_file"]
+    assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out),
+                 "--device", "cpu-x86", "--limit", "1", "--every", "0"]) == 0
+    assert [p.name for p in (out / "enhanced").iterdir()] == ["phantom_xr_000000.png"]  # this run's only
+    assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(tmp_path / "o2"),
+                 "--device", "cpu-x86", "--limit", "1", "--no-save-enhanced"]) == 0
+    assert not (tmp_path / "o2" / "enhanced").exists()
+
+
+def test_infer_refuses_an_output_folder_inside_its_source_folder(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """--out equal to --source: the second run read the first run's annotated PNGs as input."""
+    from edge_runtime.cli import main
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "f0.png"), _xr().pixels)
+    for out in (folder, folder / "results"):
+        assert main(["infer", "--bundle", str(bundle), "--source", str(folder), "--out", str(out), "--modality", "DX",
+                     "--bits-stored", "12", "--device", "cpu-x86"]) == 1
+        assert "--out outside the --source folder" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["f0.png"]
+
+
+def test_sigterm_during_infer_leaves_whole_files_and_records_only_for_them(tmp_path: Path) -> None:
+    """SIGTERM killed `infer` where it stood: a hidden half-written PNG (.NAME.partial, a patient image
+    no later run removes) was left in 2 of 6 runs, and results.jsonl ran ahead of the images. Now
+    SIGTERM unwinds like Ctrl-C (exit 143), and each record is written after its images."""
+    import signal
+    import subprocess
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "infer", "--bundle", str(bundle), "--source",
+                             "phantom:xr", "--out", str(out), "--device", "cpu-x86", "--limit", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "enhanced").glob("*.png"))) < 3:
+        time.sleep(0.05)
+    time.sleep(0.37)  # somewhere in the middle of a frame
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated" in err, (proc.returncode, err[-500:])
+    assert not [p.name for p in out.rglob(".*.partial")]
+    from edge_runtime.pipeline.recorder import read_records
+
+    records = read_records(out / "results.jsonl")
+    assert records and all((out / r["enhanced_file"]).is_file() for r in records)
+    assert all((out / f"phantom_xr_{r['seq']:06d}.png").is_file() for r in records)
 
 
 def test_infer_over_a_folder_of_16_bit_images_takes_a_stated_modality(tmp_path: Path,

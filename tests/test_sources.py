@@ -472,6 +472,14 @@ def test_video_file_frame_rate_and_count(tmp_path: Path) -> None:
     assert gray.pixels.shape == (48, 64)
 
 
+def test_natural_order_takes_only_ascii_digits_as_numbers() -> None:
+    """'²'.isdigit() is True but int('²') fails: a folder holding such a name was a traceback."""
+    from edge_runtime.sources import natural_key
+
+    names = ["f10.png", "f2.png", "f1\u00b22.png", "F3.png"]
+    assert sorted(names, key=natural_key) == ["f1\u00b22.png", "f2.png", "F3.png", "f10.png"]
+
+
 def test_a_cut_or_damaged_video_keeps_its_whole_frames_and_says_so(tmp_path: Path) -> None:
     """FFmpeg (through OpenCV) ends a cut file early and skips frames it cannot decode, silently: a
     12-frame video cut in half gave 6 frames (the 6th damaged) and exit 0. The container's count tells:
