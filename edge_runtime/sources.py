@@ -994,7 +994,28 @@ class PhantomSource(Source):
 # --- pacing and construction ---------------------------------------------------------------
 
 
-def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | None = None) -> Iterator[Frame]:
+class PacedStream(Iterator[Frame]):
+    """What ``paced`` returns: its frames, and the source's ``skipped`` count for the pipeline's
+    report (files of a folder that could not be read)."""
+
+    def __init__(self, source: Source, frames: Iterator[Frame]) -> None:
+        self.source = source
+        self._frames = frames
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
+
+def paced(source: Source, *, realtime: bool, loop: bool = False, fps: float | None = None) -> PacedStream:
+    """Stream ``source`` with a global, monotonically increasing ``seq`` (see ``_paced``)."""
+    return PacedStream(source, _paced(source, realtime=realtime, loop=loop, fps=fps))
+
+
+def _paced(source: Source, *, realtime: bool, loop: bool, fps: float | None) -> Iterator[Frame]:
     """Stream ``source`` with a global, monotonically increasing ``seq``.
 
     realtime: frame k is emitted at start + k / fps on the monotonic clock (deadline-based, so

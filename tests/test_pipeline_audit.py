@@ -454,6 +454,11 @@ def test_run_over_an_image_folder_takes_modality_and_bit_depth_flags(tmp_path: P
     out = capsys.readouterr().out
     assert code == 0 and "2 results of 2 frames" in out, out
     assert {r["stream"] for r in read_records(record / RESULTS_FILE) if r.get("type") == "result"} == {"cart-1"}
+    # A file of the folder that cannot be read was logged and nothing more: 'drops: none', exit 0.
+    (folder / "f1.png").write_bytes(b"not a png")
+    code = cli.run(_cli([*common, "--modality", "DX", "--bits-stored", "12"]))
+    out = capsys.readouterr().out
+    assert code == 1 and "1 results of 1 frames" in out and "'unreadable_file': 1" in out, out
 
 
 def test_the_recorder_backlog_is_bounded_in_bytes() -> None:

@@ -207,5 +207,7 @@ def run(args: argparse.Namespace) -> int:
         json_path, png_path = report.write_latency_report(report_dir)
         print(f"latency report: {json_path} {png_path}")
     # A run that read frames but got no result back (e.g. every frame rejected) failed, whatever
-    # the nodes' exit codes: summary() printed why.
-    return 1 if report.source_error or report.failure or report.no_results() else 0
+    # the nodes' exit codes: summary() printed why; so did one that skipped unreadable files of a
+    # folder (as `infer` does: it did not see all its input).
+    incomplete = report.no_results() or report.drops.get("unreadable_file")
+    return 1 if report.source_error or report.failure or incomplete else 0

@@ -374,7 +374,9 @@ class SourceNode:
 
     def _reader(self, slot: FrameSlot, waker: Waker, stop: threading.Event, state: dict[str, Any]) -> None:
         try:
-            for frame in self.source_factory():
+            source = self.source_factory()
+            state["source"] = source  # its ``skipped`` count (files of a folder it could not read)
+            for frame in source:
                 if stop.is_set():
                     break
                 # Every worker would reject a frame whose stream id breaks the protocol: fail the
@@ -569,6 +571,8 @@ class SourceNode:
                     sent += 1
                     shm_sent += held is not None
                 counters.drops["superseded"] = slot.superseded
+                if getattr(state.get("source"), "skipped", 0):
+                    counters.drops["unreadable_file"] = int(state["source"].skipped)
                 if now >= next_stats:
                     next_stats = now + s.stats_interval_s
                     _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent,
@@ -582,6 +586,8 @@ class SourceNode:
                         break
         finally:
             counters.drops["superseded"] = slot.superseded
+            if getattr(state.get("source"), "skipped", 0):
+                counters.drops["unreadable_file"] = int(state["source"].skipped)
             _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent, frames_shm=shm_sent,
                                                      workers=len(workers)), counters, "stats")
             if state["exhausted"] and not stop.is_set():
