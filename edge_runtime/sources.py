@@ -326,7 +326,7 @@ class ImageFolderSource(Source):
     Read with cv2.IMREAD_UNCHANGED so bit depth is kept: 8-bit PNG/JPEG -> uint8, 16-bit
     PNG/TIFF -> uint16, float TIFF -> float32. ``bits_stored`` overrides the dtype's depth (e.g.
     12 for detector data in uint16) and every frame is checked against it. Colour images are
-    RGB (alpha dropped) unless ``gray``.
+    RGB (alpha dropped) unless ``gray``. Each page of a multi-page TIFF is a frame.
     """
 
     from_files = True
@@ -356,14 +356,15 @@ class ImageFolderSource(Source):
         self.pixel_spacing = _check_spacing(pixel_spacing)
         self.name = self.path.name
         self.stream_id = _stream_id(stream_id, self.name, "images")
-        self.n_frames = len(self.files)
+        # a multi-page TIFF holds more frames than one
+        self.n_frames = None if any(f.suffix.lower() in (".tif", ".tiff") for f in self.files) else len(self.files)
 
     def _frames(self) -> Iterator[Frame]:
         first: Exception | None = None
         failed = 0  # in this pass (``skipped`` counts over every pass of a looped stream)
         for index, file in enumerate(self.files):
             try:
-                pixels, photometric = self._read(file)
+                pages = self._read(file)
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:
                     raise
@@ -373,10 +374,12 @@ class ImageFolderSource(Source):
                 if failed == len(self.files):
                     raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
                 continue
-            yield Frame(pixels, modality=self.modality, bits_stored=self.bits_stored, photometric=photometric,
-                        pixel_spacing=self.pixel_spacing)
+            for pixels, photometric in pages:
+                yield Frame(pixels, modality=self.modality, bits_stored=self.bits_stored, photometric=photometric,
+                            pixel_spacing=self.pixel_spacing)
 
-    def _read(self, file: Path) -> tuple[np.ndarray, str]:
+    def _read(self, file: Path) -> list[tuple[np.ndarray, str]]:
+        """The file's image, or each page of a multi-page TIFF (imdecode gives the first page only)."""
         data = _read_bytes(file)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
         if img is None:
@@ -385,6 +388,14 @@ class ImageFolderSource(Source):
             # OpenCV decodes a cut JPEG (grey rows where the data ended) and only prints a warning.
             raise InputError(expected("a complete JPEG (its end-of-image marker after the last scan)",
                                       "a JPEG that ends early (file truncated?)"))
+        pages = [img]
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            ok, decoded = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            if ok and len(decoded) > 1:
+                pages = list(decoded)
+        return [self._page(page) for page in pages]
+
+    def _page(self, img: np.ndarray) -> tuple[np.ndarray, str]:
         if img.dtype == np.float64:
             img = img.astype(np.float32)
         if img.dtype not in (np.uint8, np.uint16, np.float32):

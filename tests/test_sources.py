@@ -434,7 +434,7 @@ def test_16bit_png_and_tiff_keep_depth_in_natural_order(tmp_path: Path) -> None:
         assert cv2.imwrite(str(tmp_path / name), image)
     source = ImageFolderSource(tmp_path, bits_stored=12, modality="DX")
     frames = list(source)
-    assert source.n_frames == 3 and [f.bits_stored for f in frames] == [12] * 3
+    assert source.n_frames is None and [f.bits_stored for f in frames] == [12] * 3  # TIFFs may hold several pages
     for frame, name in zip(frames, ["img1.tiff", "img2.png", "img10.tif"], strict=True):
         assert frame.pixels.dtype == np.uint16 and frame.modality == "DX"
         np.testing.assert_array_equal(frame.pixels, images[name])
@@ -470,6 +470,16 @@ def test_video_file_frame_rate_and_count(tmp_path: Path) -> None:
     assert abs(red - 150) < 8 and green < 8 and blue < 8  # BGR -> RGB, JPEG-lossy
     gray = next(iter(VideoSource(path, gray=True)))
     assert gray.pixels.shape == (48, 64)
+
+
+def test_each_page_of_a_multi_page_tiff_is_a_frame(tmp_path: Path) -> None:
+    """cv2.imdecode reads a TIFF's first page only: a 3-page stack gave one frame and no word."""
+    pages = [np.full((20, 30), 1000 * (i + 1), np.uint16) for i in range(3)]
+    assert cv2.imwritemulti(str(tmp_path / "a_stack.tif"), pages)
+    cv2.imwrite(str(tmp_path / "b_single.png"), np.full((20, 30), 7, np.uint16))
+    frames = list(ImageFolderSource(tmp_path, bits_stored=12, modality="DX"))
+    assert [int(f.pixels[0, 0]) for f in frames] == [1000, 2000, 3000, 7]
+    assert [f.seq for f in frames] == [0, 1, 2, 3]
 
 
 def test_natural_order_takes_only_ascii_digits_as_numbers() -> None:
