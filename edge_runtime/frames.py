@@ -59,6 +59,10 @@ class Frame:
     source: str = ""
     truth: GroundTruth | None = None
     stamps: dict[str, int] = field(default_factory=dict)  # per-stage monotonic ns
+    # Where in a folder or series the frame came from, 1-based and without names ("image 3 of 10",
+    # "file 2 of 4, frame 5"): seq counts the frames given, so after a skipped file it no longer says
+    # which file. Set by folder and DICOM sources; `infer` records it (it does not travel on the wire).
+    position: str = ""
 
     def __post_init__(self) -> None:
         px = self.pixels

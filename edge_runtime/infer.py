@@ -58,8 +58,8 @@ def write_enhanced(out: Path, frame: Frame, result: Result) -> str | None:
     return f"enhanced/{path.name}"
 
 
-def record(result: Result, enhanced_file: str | None = None) -> dict[str, Any]:
-    return {"type": "result", "stream": result.stream_id, "seq": result.seq,
+def record(result: Result, enhanced_file: str | None = None, position: str = "") -> dict[str, Any]:
+    return {"type": "result", "stream": result.stream_id, "seq": result.seq, **({"position": position} if position else {}),
             "detections": [d.to_dict() for d in result.detections],
             "enhanced": result.enhanced is not None, **({"enhanced_file": enhanced_file} if enhanced_file else {}),
             "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
@@ -130,13 +130,14 @@ def run(args: argparse.Namespace) -> int:
             except (InputError, BackendError) as exc:  # one bad frame is counted and skipped, never the run
                 skipped += 1
                 n += 1
-                log.warning("frame %d skipped: %s", frame.seq, exc)  # no stream id: file names can name patients
+                # no stream id: file names can name patients
+                log.warning("frame %d%s skipped: %s", frame.seq, f" ({frame.position})" if frame.position else "", exc)
                 continue
             # Images before their record: a run stopped in between leaves no record without its images.
             enhanced_file = write_enhanced(args.out, frame, result) if args.save_enhanced else None
             if args.every and n % args.every == 0:
                 write_image(args.out / f"{file_stem(frame.stream_id)}_{frame.seq:06d}.png", annotate(frame, result))
-            writer.write(record(result, enhanced_file))
+            writer.write(record(result, enhanced_file, frame.position))
             for stage, ms in result.timings_ms.items():
                 timings.setdefault(stage, []).append(ms)
             n += 1

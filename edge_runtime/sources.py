@@ -374,9 +374,11 @@ class ImageFolderSource(Source):
                 if failed == len(self.files):
                     raise _every_file(len(self.files), first) from None  # a wrong option, not one bad file
                 continue
-            for pixels, photometric in pages:
+            where = f"image {index + 1} of {len(self.files)}"
+            for page, (pixels, photometric) in enumerate(pages):
                 yield Frame(pixels, modality=self.modality, bits_stored=self.bits_stored, photometric=photometric,
-                            pixel_spacing=self.pixel_spacing)
+                            pixel_spacing=self.pixel_spacing,
+                            position=where + (f", page {page + 1} of {len(pages)}" if len(pages) > 1 else ""))
 
     def _read(self, file: Path) -> list[tuple[np.ndarray, str]]:
         """The file's image, or each page of a multi-page TIFF (imdecode gives the first page only)."""
@@ -891,6 +893,8 @@ class DicomSource(Source):
                 plan = self._first if index == 0 else _plan(path, self.apply_voi, self.window)
                 for frame in self._file_frames(plan):
                     given += 1
+                    frame.position = (f"file {index + 1} of {len(self.files)}, " if len(self.files) > 1 else "") + \
+                        f"frame {given} of {plan.n_frames}"
                     yield frame
             except (InputError, UnsupportedFormatError) as exc:
                 if len(self.files) == 1:

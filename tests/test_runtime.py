@@ -257,6 +257,12 @@ def test_infer_over_a_folder_of_16_bit_images_takes_a_stated_modality(tmp_path: 
     assert re.search(r"ConfigError: expected --modality for a folder of images .*\['DX'\]", capsys.readouterr().err)
     assert main([*common, "--out", str(tmp_path / "o2"), "--modality", "DX", "--bits-stored", "12"]) == 0
     assert [r["seq"] for r in read_records(tmp_path / "o2" / "results.jsonl")] == [0, 1]
+    # After a skipped file, seq no longer says which file a result is of: the record's position does.
+    (folder / "f1.png").write_bytes(b"cut")
+    cv2.imwrite(str(folder / "f2.png"), _xr().pixels)
+    assert main([*common, "--out", str(tmp_path / "o4"), "--modality", "DX", "--bits-stored", "12"]) == 1
+    records = read_records(tmp_path / "o4" / "results.jsonl")
+    assert [(r["seq"], r["position"]) for r in records] == [(0, "image 1 of 3"), (1, "image 3 of 3")]
     assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--modality", "DX",
                  "--out", str(tmp_path / "o3"), "--limit", "1"]) == 1
     assert "state their own" in capsys.readouterr().err
