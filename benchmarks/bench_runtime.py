@@ -5,15 +5,20 @@
 For each shipped reference model (FP32 artefact, so all three run the same graph):
   ours    edge_runtime.runtime.Runtime.process(frame) -> Result (manifest-driven pre/post,
           input checks, provenance, per-stage timings), with the cpu-x86 device config's
-          ONNX Runtime settings; also with intra-op spinning always on, off, and on during a run
-          only (ours_fp32_spin / ours_fp32_nospin / ours_fp32_run) to show what the config's ``cpu_spinning``
-          choice costs or buys;
-  plain   a default onnxruntime.InferenceSession with hand-written numpy/OpenCV pre/post
-          (resize or pad, scale, run, decode peaks + cv2.dnn.NMSBoxes / de-scale);
-  cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX) with the same hand-written pre/post.
-They run interleaved in blocks of frames, in random order, so they see the same machine load. Also
-reported: our runtime overhead = (preprocess + postprocess + bookkeeping) / backend.infer, target <= 15%, and
-the INT8 artefact through our Runtime. Latency in ms, p50/p99 over --frames frames after warm-up.
+          ONNX Runtime settings as shipped (its cpu_threads, 0: ONNX Runtime's default of one thread
+          per physical core; its cpu_spinning); also with intra-op spinning always on, off, and on
+          during a run only (ours_fp32_spin / ours_fp32_nospin / ours_fp32_run) to show what the
+          config's ``cpu_spinning`` choice costs or buys;
+  plain   a default onnxruntime.InferenceSession (ONNX Runtime's default threads and spinning: what a
+          user gets) with hand-written numpy/OpenCV pre/post (resize or pad, scale, run, decode peaks +
+          cv2.dnn.NMSBoxes / de-scale);
+  cv2dnn  OpenCV DNN (cv2.dnn.readNetFromONNX, OpenCV's default threads) with the same pre/post.
+The peers' outputs are compared with ours on a few frames first (``agreement``): a peer that computed
+something else would make its timing meaningless. They run interleaved in blocks of frames, in random
+order, so they see the same machine load. Also reported: our runtime overhead = (preprocess +
+postprocess + bookkeeping) / backend.infer, target <= 15%, for every configuration of ours (spinning
+off makes infer slower, which flatters the ratio), and the INT8 artefact through our Runtime. Latency
+in ms, p50/p99 over --frames frames after warm-up (p99 of N frames rests on its N/100 slowest).
 """
 
 from __future__ import annotations
@@ -43,7 +48,6 @@ from edge_runtime.heap import pin_malloc_thresholds
 from edge_runtime.runtime import Runtime, reference_bundles
 from edge_runtime.telemetry import summarize
 
-THREADS = 2
 BLOCK = 12  # frames per peer before the next peer runs
 SETTLE = 2  # of which the first are not recorded (see bench_model)
 
@@ -56,7 +60,8 @@ def frames_for(bundle: Bundle, n: int) -> list[Frame]:
 
 # --------------------------------------------------------------------------- the hand-written peer
 def hand_pre(frame: Frame, manifest: dict[str, Any]) -> tuple[np.ndarray, float, int, int]:
-    """What a user writes: letterbox to the model size (or pad to a multiple of 8), scale to [0,1]."""
+    """What a user writes: letterbox to the model size (or pad to a multiple of 8; the frames here are
+    512x512, a multiple of the manifests' 16 too), scale to [0,1]."""
     px = frame.pixels.astype(np.float32) / float(2 ** frame.bits_stored - 1)
     shape = manifest["inputs"][0]["shape"]
     if isinstance(shape[2], int):
@@ -97,9 +102,7 @@ def hand_post(outs: list[np.ndarray], frame: Frame, manifest: dict[str, Any], r:
 def make_plain(bundle: Bundle) -> Callable[[Frame], Any]:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = THREADS
-    sess = ort.InferenceSession(str(bundle.file("fp32.onnx")), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(bundle.file("fp32.onnx")), providers=["CPUExecutionProvider"])
     name, m = sess.get_inputs()[0].name, bundle.manifest
 
     def run(frame: Frame) -> Any:
@@ -123,16 +126,40 @@ def make_cv2dnn(bundle: Bundle) -> Callable[[Frame], Any]:
 
 
 # --------------------------------------------------------------------------- measurement
+def agreement(ours: Any, peer: Any) -> dict[str, Any]:
+    """How far a peer's output is from ours on one frame: stored-value difference for enhancement,
+    detection count, score and box differences (peer boxes x, y, w, h) for detection."""
+    if ours.enhanced is not None:
+        diff = np.abs(ours.enhanced.astype(np.int64) - np.asarray(peer).astype(np.int64))
+        return {"max_abs_lsb": int(diff.max())}
+    mine = sorted(((d.score, d.box) for d in ours.detections), reverse=True)
+    theirs = sorted(((s, (b[0], b[1], b[0] + b[2], b[1] + b[3])) for b, s, _ in peer), reverse=True)
+    out: dict[str, Any] = {"detections": [len(mine), len(theirs)]}
+    if len(mine) == len(theirs) and mine:
+        out["max_score_diff"] = round(max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)), 4)
+        out["max_box_px"] = round(max(abs(float(u) - float(v)) for a, b in zip(mine, theirs)
+                                      for u, v in zip(a[1], b[1])), 2)
+    return out
+
+
+def agrees(a: dict[str, Any]) -> bool:
+    if "max_abs_lsb" in a:
+        return a["max_abs_lsb"] <= 1
+    n_ours, n_peer = a["detections"]
+    return n_ours == n_peer and a.get("max_score_diff", 0) <= 0.01 and a.get("max_box_px", 0) <= 1.0
+
+
 def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, Any]:
     bundle = Bundle.load(path)
     frames = frames_for(bundle, 32)
-    cv2.setNumThreads(THREADS)
-    ours = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS).load()
-    spin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=True).load()
-    nospin = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning=False).load()
-    run = Runtime(bundle, "cpu-x86", precision="fp32", threads=THREADS, spinning="run").load()
-    ours_int8 = (Runtime(bundle, "cpu-x86", precision="int8", threads=THREADS).load()
+    cfg = load_config("cpu-x86")
+    ours = Runtime(bundle, cfg, precision="fp32").load()  # as shipped: the config's threads and spinning
+    spin = Runtime(bundle, cfg, precision="fp32", spinning=True).load()
+    nospin = Runtime(bundle, cfg, precision="fp32", spinning=False).load()
+    run = Runtime(bundle, cfg, precision="fp32", spinning="run").load()
+    ours_int8 = (Runtime(bundle, cfg, precision="int8").load()
                  if any(a.precision == "int8" for a in bundle.artifacts) else None)
+    runtimes = {"ours_fp32": ours, "ours_fp32_spin": spin, "ours_fp32_nospin": nospin, "ours_fp32_run": run}
     peers: dict[str, Callable[[Frame], Any]] = {"ours_fp32": ours.process, "plain_ort_fp32": make_plain(bundle),
                                                 "ours_fp32_spin": spin.process, "ours_fp32_nospin": nospin.process,
                                                 "ours_fp32_run": run.process}
@@ -142,8 +169,18 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
         print(f"  {name}: OpenCV DNN cannot load the model ({str(exc).splitlines()[0][:80]}); skipped")
     if ours_int8 is not None:
         peers["ours_int8"] = ours_int8.process
+    agreed: dict[str, list[dict[str, Any]]] = {}
+    for frame in frames[:4]:
+        mine = ours.process(frame)
+        for key in ("plain_ort_fp32", "opencv_dnn_fp32"):
+            if key in peers:
+                agreed.setdefault(key, []).append(agreement(mine, peers[key](frame)))
+    for key, found in agreed.items():
+        if not all(agrees(a) for a in found):
+            print(f"  {name}: {key} does not give our outputs: {found}")
     wall: dict[str, list[float]] = {k: [] for k in peers}
-    stages: dict[str, list[float]] = {"preprocess": [], "infer": [], "postprocess": [], "bookkeeping": []}
+    stage_names = ("preprocess", "infer", "postprocess", "bookkeeping")
+    stages: dict[str, dict[str, list[float]]] = {k: {s: [] for s in stage_names} for k in runtimes}
     keys = list(peers)
     for fn in peers.values():
         for i in range(warmup):
@@ -165,20 +202,28 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
                 if j < SETTLE:
                     continue
                 wall[key].append(dt)
-                if key == "ours_fp32":
+                if key in stages:
                     t = res.timings_ms
-                    for s in ("preprocess", "infer", "postprocess"):
-                        stages[s].append(t[s])
-                    stages["bookkeeping"].append(dt - sum(t[s] for s in ("preprocess", "infer", "postprocess")))
-    for r in (ours, spin, nospin, run):
+                    for s in stage_names[:3]:
+                        stages[key][s].append(t[s])
+                    stages[key]["bookkeeping"].append(dt - sum(t[s] for s in stage_names[:3]))
+    for r in runtimes.values():
         r.close()
     if ours_int8 is not None:
         ours_int8.close()
     out: dict[str, Any] = {"wall_ms": {k: summarize(v) for k, v in wall.items()},
-                           "ours_stages_ms": {k: summarize(v) for k, v in stages.items()}}
-    infer = np.median(stages["infer"])
-    over = np.median(np.asarray(stages["preprocess"]) + stages["postprocess"] + np.asarray(stages["bookkeeping"]))
-    out["overhead_fraction_of_infer"] = round(float(over / infer), 4)
+                           "ours_stages_ms": {k: summarize(v) for k, v in stages["ours_fp32"].items()},
+                           "agreement": {k: {"all_agree": all(agrees(a) for a in v), "frames": v}
+                                         for k, v in agreed.items()}}
+
+    def overhead(st: dict[str, list[float]]) -> float:
+        infer = np.median(st["infer"])
+        rest = np.median(np.asarray(st["preprocess"]) + st["postprocess"] + np.asarray(st["bookkeeping"]))
+        return round(float(rest / infer), 4)
+
+    out["overhead_fraction_of_infer"] = overhead(stages["ours_fp32"])
+    out["overhead_by_config"] = {k: overhead(v) for k, v in stages.items()}
+    out["infer_ms_by_config"] = {k: round(float(np.median(v["infer"])), 3) for k, v in stages.items()}
     p50 = {k: v["p50"] for k, v in out["wall_ms"].items()}
     out["speedup_vs"] = {k: round(p50[k] / p50["ours_fp32"], 3) for k in p50 if k != "ours_fp32"}
     return out
@@ -187,17 +232,22 @@ def bench_model(name: str, path: Path, n: int, warmup: int = 20) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("out/bench/runtime.json"))
-    ap.add_argument("--frames", type=int, default=300)
+    ap.add_argument("--frames", type=int, default=1000)
     ap.add_argument("--models", nargs="+", metavar="NAME", help="reference bundles to run (default: all)")
     args = ap.parse_args(argv)
     pinned = pin_malloc_thresholds()  # the hand-written peers allocate per frame (edge_runtime.heap)
+    cfg = load_config("cpu-x86")
     results: dict[str, Any] = {"machine": {"cpu": platform.processor() or platform.machine(),
                                            "cores": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
                                            "malloc_thresholds_pinned": pinned,
-                                           "threads": THREADS, "onnxruntime": __import__("onnxruntime").__version__,
+                                           "threads": (f"cpu_threads {cfg.cpu_threads} (cpu-x86 config; 0: ONNX "
+                                                       "Runtime's default) for ours, the libraries' defaults for "
+                                                       "the peers"),
+                                           "opencv_threads": cv2.getNumThreads(),
+                                           "onnxruntime": __import__("onnxruntime").__version__,
                                            "opencv": cv2.__version__},
                                "frames": args.frames, "models": {},
-                               "config_spinning": load_config("cpu-x86").cpu_spinning}
+                               "config_spinning": cfg.cpu_spinning}
     for name, path in reference_bundles().items():
         if args.models and name not in args.models:
             continue

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds, "workers": args.workers, "fps": round(report.fps, 2), "results": report.results,
         "spinning": args.spinning or load_config("cpu-x86").cpu_spinning,
         "e2e_ms": summarize(e2e), "worst": report.stats.get("worst"), "drops": report.drops,
+        # every frame read is a result, a counted drop, or was in flight when the run was stopped
+        "frames_read": report.frames_read,
+        "frames_sent": sum(n.get("frames_sent") or 0 for n in report.nodes.values()),
         "rejected": report.rejected, "restarts": report.restarts,
         "growth_ms": {"first_tenth_p50": round(first, 3), "last_tenth_p50": round(last, 3),
                       "delta": round(last - first, 3)},

@@ -349,9 +349,13 @@ def throughput(source: SyntheticSource, images: list[np.ndarray], n: int, rounds
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in ["imagezmq_reqrep_tcp", *rows]}
     for r in range(rounds):
         order = list(rows)[r % len(rows):] + list(rows)[:r % len(rows)]  # rotate: no row always goes first
-        for name in order:
+        for i, name in enumerate(order):
+            # within a pair, imagezmq goes first in every other pair: neither side always runs after the other
+            first_ours = (r + i) % 2 == 1
+            ours = rows[name]() if first_ours else None
             base = imagezmq_throughput(images, n) if have_imagezmq else None
-            ours = rows[name]()
+            if ours is None:
+                ours = rows[name]()
             ours["load1"] = round(os.getloadavg()[0], 2)
             if base is not None:
                 runs["imagezmq_reqrep_tcp"].append(base)
