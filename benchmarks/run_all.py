@@ -401,7 +401,9 @@ def stamp() -> dict[str, Any]:
             return ""
 
     return {"utc": datetime.now(timezone.utc).isoformat(timespec="minutes"), "commit": git("rev-parse", "--short", "HEAD"),
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")), "cores": os.cpu_count(),
+            # the benchmark's own outputs (pages, their JSON) do not make the code "changed"
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results",
+                              ":!benchmarks/RESULTS.md")), "cores": os.cpu_count(),
             "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
