@@ -462,7 +462,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    use_base(args.out_dir or default_base())
+    use_base((args.out_dir or default_base()).resolve())
     if not args.render_only:
         OUT.mkdir(parents=True, exist_ok=True)
         for name in [n.strip() for n in args.only.split(",") if n.strip()]:

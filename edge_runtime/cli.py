@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"edge-runtime {group}", description=GROUPS[group][1])
     module.configure(parser)
     args = parser.parse_args(argv[1:])
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)  # `run` puts its own in place for the pipeline
+    # SIGTERM unwinds like Ctrl-C for the command's duration (`run` puts its own in place for the
+    # pipeline); the caller's handler is back afterwards (tests and integrators call main() in process).
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(module.run(args) or 0)
     except EdgeRuntimeError as exc:
@@ -73,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGTERM
         print(f"edge-runtime {group}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,6 +11,7 @@ A frame the models refuse (wrong range, modality, ...) is logged and skipped; th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -58,6 +59,24 @@ def write_enhanced(out: Path, frame: Frame, result: Result) -> str | None:
     return f"enhanced/{path.name}"
 
 
+def _enhanced_files(results: Path) -> list[str]:
+    """The enhanced frames an earlier run recorded in ``results`` (file names in OUT/enhanced/)."""
+    names = []
+    try:
+        lines = results.read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            name = json.loads(line).get("enhanced_file")
+        except (ValueError, AttributeError):
+            continue
+        base = name[len("enhanced/"):] if isinstance(name, str) and name.startswith("enhanced/") else ""
+        if base and "/" not in base and Path(base).suffix in (".png", ".tiff") and not base.startswith("."):
+            names.append(base)
+    return names
+
+
 def record(result: Result, enhanced_file: str | None = None, position: str = "") -> dict[str, Any]:
     return {"type": "result", "stream": result.stream_id, "seq": result.seq, **({"position": position} if position else {}),
             "detections": [d.to_dict() for d in result.detections],
@@ -99,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     if folder.is_dir() and (out == folder or folder in out.parents):
         raise ConfigError(expected("--out outside the --source folder (the next run would read this run's "
                                    "annotated images as input)", "the source folder or one inside it"))
+    enhanced_dir = out / "enhanced"
+    if Path(args.source).resolve() == enhanced_dir or enhanced_dir in Path(args.source).resolve().parents:
+        raise ConfigError(expected("a --source outside OUT/enhanced (this run replaces the enhanced frames there)",
+                                   "a source inside it"))
     private_dir(args.out)
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
@@ -110,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
+        if args.save_enhanced:  # this run's enhanced frames only: those the last run wrote go (none other)
+            for name in _enhanced_files(args.out / "results.jsonl"):
+                (args.out / "enhanced" / name).unlink(missing_ok=True)
         (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
-        for old in (args.out / "enhanced").glob("*"):  # and this run's enhanced frames only
-            if old.suffix in (".png", ".tiff") and old.is_file():
-                old.unlink()
         writer = JsonlWriter(args.out / "results.jsonl")
         failed = None  # the source's own error (a truncated file): what it gave so far is kept
         frames = iter(source)

@@ -77,6 +77,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".m4v", ".mov", ".mkv", ".mpg", ".mpeg", ".wmv", ".webm")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+EXACT_COUNT_EXTENSIONS = (".avi", ".mp4", ".m4v", ".mov")  # containers that store their frame count
 
 
 def natural_key(name: str) -> list[Any]:
@@ -234,9 +235,13 @@ class _CaptureSource(Source):
                 held = frame
         finally:
             cap.release()
-        if held is not None and decoded >= (self.n_frames or 0):
+        if held is not None and decoded >= (self.n_frames or 0) - self._count_slack:
             yield held
         self._ended(decoded)
+
+    # Frames the container's count may overstate without the file being short (an estimate from the
+    # duration where the container stores no count).
+    _count_slack = 0
 
     def _ended(self, decoded: int) -> None:
         """OpenCV's read() says only False, at the end of a file or when it cannot go on."""
@@ -264,12 +269,15 @@ class VideoSource(_CaptureSource):
         cap.release()
         self.fps = given_fps or (native if native > 0 and math.isfinite(native) else None)
         self.n_frames = count if count > 0 else None
+        # AVI and MP4/MOV store their frame count; for the others FFmpeg estimates it from the duration
+        # and frame rate, which can overstate it by one.
+        self._count_slack = 0 if self.path.suffix.lower() in EXACT_COUNT_EXTENSIONS else 1
 
     def _ended(self, decoded: int) -> None:
         # FFmpeg (through OpenCV) ends a cut file early and skips frames it cannot decode without a word,
         # and numbers the frames it did decode 0, 1, 2 ...; the container's frame count tells.
         # The last frame decoded before such an end is refused too: a cut inside it decodes, damaged.
-        if self.n_frames is not None and decoded < self.n_frames:
+        if self.n_frames is not None and decoded < self.n_frames - self._count_slack:
             raise InputError(expected(
                 f"{self.n_frames} frames (the container's count)",
                 f"{decoded} decodable: {self.n_frames - decoded} cut off or damaged (truncated or corrupt file?); "
@@ -393,8 +401,13 @@ class ImageFolderSource(Source):
         pages = [img]
         if data[:4] in (b"II*\x00", b"MM\x00*"):
             ok, decoded = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-            if ok and len(decoded) > 1:
-                pages = list(decoded)
+            count, cut = _tiff_directory(data)
+            if not ok or cut or len(decoded) < count:
+                # OpenCV stops where the pages end or cannot be read: the rest would be lost without a word
+                raise InputError(expected(f"a TIFF whose {count} page(s) all decode and whose page list is whole",
+                                          f"{len(decoded) if ok else 0} decodable"
+                                          + (", the list pointing past the end (file cut short?)" if cut else "")))
+            pages = list(decoded)
         return [self._page(page) for page in pages]
 
     def _page(self, img: np.ndarray) -> tuple[np.ndarray, str]:
@@ -411,6 +424,29 @@ class ImageFolderSource(Source):
             if top >= 1 << bits:
                 raise InputError(expected(f"values below {1 << bits} for bits_stored={bits}", top))
         return pixels, photometric
+
+
+def _tiff_directory(data: bytes) -> tuple[int, bool]:
+    """(pages listed, cut) of a classic TIFF: its image directories form a chain of offsets, and a file
+    cut short ends the chain with an offset past its end (OpenCV then quietly gives the pages before).
+    BigTIFF and unreadable headers: (0, False), left to OpenCV."""
+    import struct
+
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return 0, False
+    offset, pages, seen = struct.unpack(order + "I", data[4:8])[0], 0, set()
+    while offset and offset not in seen:
+        seen.add(offset)
+        if offset + 2 > len(data):
+            return pages, True
+        entries = struct.unpack(order + "H", data[offset:offset + 2])[0]
+        end = offset + 2 + 12 * entries
+        if end + 4 > len(data):
+            return pages, True
+        pages += 1
+        offset = struct.unpack(order + "I", data[end:end + 4])[0]
+    return pages, False
 
 
 def _read_bytes(file: Path) -> bytes:
@@ -1019,6 +1055,12 @@ class PacedStream(Iterator[Frame]):
 
     def __next__(self) -> Frame:
         return next(self._frames)
+
+    def close(self) -> None:
+        """Stop the stream: the source's generator ends, releasing a video file or camera it holds."""
+        close = getattr(self._frames, "close", None)
+        if callable(close):
+            close()
 
     @property
     def skipped(self) -> int:

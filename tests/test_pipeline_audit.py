@@ -397,6 +397,67 @@ def test_a_line_cut_by_a_power_cut_does_not_spoil_the_next_run(tmp_path: Path) -
     assert runs(path) == ["a", "b"]
 
 
+def test_latest_only_subscriber_ends_cleanly_and_keeps_its_idle_rule() -> None:
+    """The receiver thread (Subscriber(latest_only=True)) must not change how iteration ends: stats keep
+    an idle display alive (the first version counted only results), the 'end' event ends the thread
+    too (it went on decoding for ever), and a terminated shared context ends the iteration with
+    ContextTerminated (it spun for ever)."""
+    import threading
+
+    from edge_runtime.pipeline.client import Subscriber
+    from edge_runtime.results import Result
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        sub = Subscriber(endpoint, latest_only=True, idle_timeout_s=0.6, context=ctx)
+        time.sleep(0.3)
+        stop_stats = threading.Event()
+
+        def stats() -> None:
+            while not stop_stats.wait(0.1):
+                pub.send_multipart([b"stats", *protocol.encode_control("stats", node="pipeline", stats={})])
+
+        sender = threading.Thread(target=stats, daemon=True)
+        sender.start()
+        t0 = time.monotonic()
+        threading.Timer(1.5, stop_stats.set).start()  # stats for 1.5 s, then silence
+        got = list(sub)  # no results, only stats ...
+        waited = time.monotonic() - t0
+        sender.join()
+        assert got == []
+        assert waited > 1.8, waited  # ... ended 0.6 s after the stats stopped, not 0.6 s after the start
+        sub.close()
+        with Subscriber(endpoint, latest_only=True, idle_timeout_s=10, context=ctx) as sub:
+            time.sleep(0.3)
+            pub.send_multipart([b"result/s", *protocol.encode_result(Result("s", 1, 1000))])
+            pub.send_multipart([b"event", *protocol.encode_control("event", node="hub", event="end")])
+            assert [r.seq for r in sub] == [1]
+            assert sub._receiver is not None
+            sub._receiver.join(2)
+            assert not sub._receiver.is_alive()  # the thread ended with the stream
+        shared = Subscriber(endpoint, latest_only=True, context=ctx)  # no idle timeout
+        caught: list[BaseException] = []
+
+        def consume() -> None:
+            try:
+                list(shared)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                caught.append(exc)
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
+        time.sleep(0.3)
+    finally:
+        pub.close()
+    ctx.term()  # the receiver closes its socket on ContextTerminated, so term() returns
+    consumer.join(5)
+    assert not consumer.is_alive() and caught and isinstance(caught[0], zmq.ContextTerminated), caught
+
+
 def test_latest_only_never_hands_out_an_older_result_than_it_did() -> None:
     """Two workers' results out of order: the newest queued wins, and one older than the last handed out
     is dropped (docs/PROTOCOL.md section 6), not returned."""

@@ -209,6 +209,37 @@ def test_infer_refuses_an_output_folder_inside_its_source_folder(tmp_path: Path,
                      "--bits-stored", "12", "--device", "cpu-x86"]) == 1
         assert "--out outside the --source folder" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["f0.png"]
+    # Nor a source inside OUT/enhanced, which the run replaces; and files there not of a run stay.
+    out = tmp_path / "out"
+    (out / "enhanced").mkdir(parents=True)
+    cv2.imwrite(str(out / "enhanced" / "mine.png"), _xr().pixels)
+    assert main(["infer", "--bundle", str(bundle), "--source", str(out / "enhanced"), "--out", str(out),
+                 "--modality", "DX", "--bits-stored", "12", "--device", "cpu-x86"]) == 1
+    assert "a --source outside OUT/enhanced" in capsys.readouterr().err
+    assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out), "--limit", "1",
+                 "--device", "cpu-x86"]) == 0
+    assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out), "--limit", "1",
+                 "--device", "cpu-x86"]) == 0
+    assert sorted(p.name for p in (out / "enhanced").iterdir()) == ["mine.png", "phantom_xr_000000.png"]
+
+
+def test_main_gives_back_the_callers_sigterm_handler(tmp_path: Path) -> None:
+    """main() turns SIGTERM into an exception while a command runs; in-process callers (tests,
+    integrators) must get their own handler back."""
+    import signal
+
+    from edge_runtime.cli import main
+
+    mine = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        def handler(signum: int, frame: object) -> None:
+            pass
+
+        signal.signal(signal.SIGTERM, handler)
+        assert main(["devices", "--json"]) == 0
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, mine)
 
 
 def test_sigterm_during_infer_leaves_whole_files_and_records_only_for_them(tmp_path: Path) -> None:

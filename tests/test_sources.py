@@ -377,7 +377,7 @@ def test_truncated_dicom_is_an_input_error(tmp_path: Path, source_name: str) -> 
         data = write_dicom(tmp_path / "full.dcm", cine, "MONOCHROME2", 12).read_bytes()
     else:
         data = (TEST_FILES / source_name).read_bytes()
-    cut = tmp_path / "cut.dcm"
+    cut = tmp_path / "DOE_JANE.dcm"
     cut.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(InputError, match="truncated") as info:
         list(DicomSource(cut))
@@ -480,6 +480,12 @@ def test_each_page_of_a_multi_page_tiff_is_a_frame(tmp_path: Path) -> None:
     frames = list(ImageFolderSource(tmp_path, bits_stored=12, modality="DX"))
     assert [int(f.pixels[0, 0]) for f in frames] == [1000, 2000, 3000, 7]
     assert [f.seq for f in frames] == [0, 1, 2, 3]
+    assert [f.position for f in frames][:3] == [f"image 1 of 2, page {k} of 3" for k in (1, 2, 3)]
+    # Cut inside its last page, OpenCV gives the pages before without a word: refused (skipped, counted).
+    stack = (tmp_path / "a_stack.tif").read_bytes()
+    (tmp_path / "a_stack.tif").write_bytes(stack[: len(stack) - 40])
+    source = ImageFolderSource(tmp_path, bits_stored=12, modality="DX")
+    assert [int(f.pixels[0, 0]) for f in source] == [7] and source.skipped == 1
 
 
 def test_natural_order_takes_only_ascii_digits_as_numbers() -> None:

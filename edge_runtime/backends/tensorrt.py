@@ -700,14 +700,17 @@ class TrtBackend(Backend):
             # mode, CUDA's default, would fail its calls); never fall back to global mode.
             _cuda_call(cudart, "cudaStreamBeginCapture", handle,
                        cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
+            graph = None
             try:
-                self._enqueue(views)
-            finally:
-                graph = _cuda_call(cudart, "cudaStreamEndCapture", handle)  # also ends an invalidated capture
-            try:
+                try:
+                    self._enqueue(views)
+                finally:
+                    graph = _cuda_call(cudart, "cudaStreamEndCapture", handle)  # also ends an invalidated capture
                 self._graph = _CudaGraph(cudart, _cuda_call(cudart, "cudaGraphInstantiateWithFlags", graph, 0))
             finally:
-                _cuda_call(cudart, "cudaGraphDestroy", graph)  # the executable graph stands alone
+                if graph is not None:  # the executable graph stands alone; a failed capture's graph goes too
+                    with contextlib.suppress(Exception):
+                        _cuda_call(cudart, "cudaGraphDestroy", graph)
             self._graph_key = key
         except Exception as exc:  # noqa: BLE001 - CUDA errors and pycuda's own; any failure means no graph
             self._disable_graphs(f"capture: {type(exc).__name__}: {exc}")

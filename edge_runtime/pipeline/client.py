@@ -121,6 +121,8 @@ class Subscriber:
         self._handed: dict[str, Position] = {}
         self._changed = threading.Condition()
         self._error: BaseException | None = None
+        self._receiver_done = False
+        self._last_message = time.monotonic()
         self._receiver: threading.Thread | None = None
         if latest_only:  # from here on only this thread touches the socket
             self._receiver = threading.Thread(target=self._receive_latest, name="edge-subscriber", daemon=True)
@@ -156,25 +158,26 @@ class Subscriber:
         busy, the publisher's queue, the kernel's buffers and ours fill with results from the start of
         its pause (a PUB drops the new ones), so what it drained then was seconds old."""
         try:
-            while not self._closed.is_set():
+            while not self._closed.is_set() and not self.ended:
                 m = self.receive(0.1)
                 if m is None:
                     continue
+                self._last_message = time.monotonic()  # stats too: the pipeline is alive (idle_timeout_s)
                 with self._changed:
                     if m.type == "event" and m.header.get("event") == "end":
-                        self.ended = True
+                        self.ended = True  # nothing follows: the thread ends, the socket closes
                     elif m.result is not None:
                         self._offer(m.result)
                     else:
                         continue
                     self._changed.notify_all()
-        except zmq.ContextTerminated:
-            pass
         except BaseException as exc:  # noqa: BLE001 - handed to the iterating thread, which raises it
+            # (a terminated shared context included: ContextTerminated, as from receive() before)
             self._error = exc
         finally:
             self.sock.close(linger=0)
             with self._changed:
+                self._receiver_done = True
                 self._changed.notify_all()
 
     def _offer(self, r: Result) -> None:
@@ -189,26 +192,23 @@ class Subscriber:
         self._latest[r.stream_id] = r
 
     def _iter_latest(self) -> Iterator[Result]:
-        last = time.monotonic()
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: bool(self._latest) or self.ended or self._closed.is_set()
-                                       or self._error is not None, timeout=0.2)
-                if self._error is not None:
-                    raise self._error
+                self._changed.wait_for(lambda: bool(self._latest) or self._receiver_done or self._closed.is_set(),
+                                       timeout=0.2)
                 out = None
                 if self._latest:  # the stream waiting longest first; the others stay and may be superseded
                     out = min(self._latest.values(), key=lambda r: r.capture_ns)
                     del self._latest[out.stream_id]
                     self._handed[out.stream_id] = _position(out)
-                elif self.ended or self._closed.is_set():
-                    return
-            now = time.monotonic()
+                elif self._error is not None:
+                    raise self._error
+                elif self._receiver_done or self._closed.is_set():
+                    return  # the end event, or closed
             if out is not None:
-                last = now
                 yield out
-            elif self.idle_timeout_s is not None and now - last >= self.idle_timeout_s:
-                return
+            elif self.idle_timeout_s is not None and time.monotonic() - self._last_message >= self.idle_timeout_s:
+                return  # no message at all (results, events, stats) for idle_timeout_s
 
     def __iter__(self) -> Iterator[Result]:
         if self._receiver is not None:
@@ -251,7 +251,7 @@ class Subscriber:
     def _release(self) -> None:
         self._closed.set()
         if self._receiver is not None:
-            self._receiver.join()  # it closes the socket within 0.1 s
+            self._receiver.join(timeout=2.0)  # it closes the socket within 0.1 s
         elif not self.sock.closed:
             self.sock.close(linger=0)
         if self._own_ctx and not self.ctx.closed:

@@ -16,6 +16,7 @@ every receive is behind a poll with a timeout, every send is non-blocking or has
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -373,6 +374,7 @@ class SourceNode:
     shm_slots: int = 0
 
     def _reader(self, slot: FrameSlot, waker: Waker, stop: threading.Event, state: dict[str, Any]) -> None:
+        source: Any = None
         try:
             source = self.source_factory()
             state["source"] = source  # its ``skipped`` count (files of a folder it could not read)
@@ -390,6 +392,10 @@ class SourceNode:
             log.error("%s: the source failed: %s: %s", self.name, type(exc).__name__, describe_error(exc)[:300])
             state["error"] = f"{type(exc).__name__}: {describe_error(exc)[:300]}"
         finally:
+            close = getattr(source, "close", None)
+            if callable(close):  # a generator (paced): its video or camera released now, not when collected
+                with contextlib.suppress(Exception):
+                    close()
             state["exhausted"] = True
             waker.wake()
 
@@ -1017,9 +1023,9 @@ class HubNode:
                 if r is None:
                     return
                 frame = (r.stream_id, r.capture_ns, r.seq)
-                if frame in self._delivered:
+                if frame in self._delivered:  # not a lost frame: a second result of one already passed on
                     with self.lock:
-                        self.counters.drops["duplicate"] += 1
+                        self.counters.transport["duplicate_results"] += 1
                     return
                 self._delivered.add(frame)
                 self._delivered_order.append(frame)
