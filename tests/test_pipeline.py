@@ -194,6 +194,18 @@ def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -
     assert frames == 20
 
 
+def test_recorded_video_of_an_odd_sized_input_stays_pixel_for_pixel(tmp_path: Path) -> None:
+    """MPEG-4 wants even sizes: FFmpeg scaled a 333x257 input's 666x257 composite to 664x256, so the video
+    no longer lined up with the input. One black row is added instead."""
+    run_pipeline(SyntheticSource(count=3, shape=(257, 333), dtype="uint8"), BuiltinProcessor("identity"),
+                 mode="thread", record_dir=tmp_path / "rec", video=True, video_fps=10, policy="all")
+    (video,) = list((tmp_path / "rec").glob("0.*"))
+    cap = cv2.VideoCapture(str(video))
+    ok, img = cap.read()
+    cap.release()
+    assert ok and img.shape == (258, 666, 3), img.shape
+
+
 class FakeRuntime:
     """Shaped like edge_runtime.runtime.Runtime: an object with process() and close(), timings_ms, provenance."""
 

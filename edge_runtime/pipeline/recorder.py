@@ -195,6 +195,10 @@ class VideoSink:
             return False
         self.last[stream] = pos
         img = compose(message)
+        if img.shape[0] % 2 or img.shape[1] % 2:
+            # MPEG-4 wants even sizes, and FFmpeg scaled an odd one (333x257 input: 664x256 video, no longer
+            # pixel for pixel): one black row / column at the bottom / right instead.
+            img = cv2.copyMakeBorder(img, 0, img.shape[0] % 2, 0, img.shape[1] % 2, cv2.BORDER_CONSTANT, value=0)
         if stream not in self.writers:
             self.sizes[stream] = (img.shape[1], img.shape[0])
             self.writers[stream] = self._open(stream, self.sizes[stream])
