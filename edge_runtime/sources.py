@@ -87,6 +87,20 @@ def natural_key(name: str) -> list[Any]:
             for part in re.split(r"([0-9]+)", name)]
 
 
+def _image_signature(path: Path) -> str:
+    """The image format a file's first bytes say ("PNG", "JPEG", "TIFF", "BMP"), or ""."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError:
+        return ""
+    for magic, name in ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\x00", "TIFF"),
+                        (b"MM\x00*", "TIFF"), (b"BM", "BMP")):
+        if head.startswith(magic):
+            return name
+    return ""
+
+
 def is_dicom_file(path: Path) -> bool:
     """True when ``path`` has the DICOM Part 10 preamble ("DICM" at byte 128)."""
     try:
@@ -1143,7 +1157,11 @@ def source_kind(spec: str | Path) -> str:
     if is_dicom_file(path):
         return "dicom"
     suffix = path.suffix.lower()
+    image = _image_signature(path)
     if suffix in VIDEO_EXTENSIONS:
+        if image:
+            # FFmpeg opens a still image as a one-frame video, in 8 bits: a 16-bit PNG lost its depth
+            raise UnsupportedFormatError(expected(f"a video file ({suffix})", f"a {image} image named {suffix}"))
         return "video"
     if suffix in IMAGE_EXTENSIONS:
         return "images"

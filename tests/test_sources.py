@@ -539,6 +539,12 @@ def test_unreadable_video_and_camera_are_clear_errors(tmp_path: Path) -> None:
         CameraSource(97)
     with pytest.raises(ConfigError, match="camera"):
         open_source("camera:front")
+    # A 16-bit PNG named .mp4: FFmpeg opened it as a one-frame 8-bit "video" (values down to <= 13)
+    still = tmp_path / "scan.mp4"
+    assert cv2.imwrite(str(tmp_path / "scan.png"), np.full((16, 16), 3000, np.uint16))
+    (tmp_path / "scan.png").rename(still)
+    with pytest.raises(UnsupportedFormatError, match="a video file \\(.mp4\\), found 'a PNG image named .mp4'"):
+        open_source(still)
 
 
 # --- pacing --------------------------------------------------------------------------------
