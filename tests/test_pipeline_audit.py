@@ -84,7 +84,9 @@ def test_cli_fails_when_frames_were_read_but_every_one_was_rejected(monkeypatch:
 # --------------------------------------------------------------------------- 2: a credit with a huge done
 
 
-def test_a_credit_with_a_huge_done_is_counted_and_the_source_serves_on(tmp_path: Path) -> None:
+def _endless_source(tmp_path: Path) -> tuple[Endpoints, zmq.Context, zmq.Socket, threading.Event, threading.Thread]:
+    """A SourceNode running in a thread over ipc (an endless 100 fps stream of 8x8 frames), and a PULL
+    bound where the hub would be; the test plays the workers."""
     ep = Endpoints.ipc(tmp_path)
     ctx = zmq.Context()
     hub = ctx.socket(zmq.PULL)
@@ -99,6 +101,11 @@ def test_a_credit_with_a_huge_done_is_counted_and_the_source_serves_on(tmp_path:
     source = threading.Thread(target=SourceNode(frames, ep, NodeSettings(stats_interval_s=0.2)).run, args=(ctx, stop),
                               daemon=True)
     source.start()
+    return ep, ctx, hub, stop, source
+
+
+def test_a_credit_with_a_huge_done_is_counted_and_the_source_serves_on(tmp_path: Path) -> None:
+    ep, ctx, hub, stop, source = _endless_source(tmp_path)
     evil, good = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     try:
         for sock, name in ((evil, b"evil"), (good, b"good")):
@@ -141,20 +148,7 @@ def test_a_leaving_workers_window_0_credit_gets_it_no_more_frames(tmp_path: Path
     it ready, the source sent it the next frame, and that frame was lost with it (worker_lost, 2-7 per
     14 timeouts on a loaded machine). Its last credit says window 0: the source sends nothing more and
     counts nothing when it goes."""
-    ep = Endpoints.ipc(tmp_path)
-    ctx = zmq.Context()
-    hub = ctx.socket(zmq.PULL)
-    hub.bind(ep.collect)
-
-    def frames() -> Iterator[Frame]:
-        for seq in itertools.count():
-            yield Frame(pixels=np.zeros((8, 8), np.uint8), seq=seq, stream_id="s")
-            time.sleep(0.01)
-
-    stop = threading.Event()
-    source = threading.Thread(target=SourceNode(frames, ep, NodeSettings(stats_interval_s=0.2)).run, args=(ctx, stop),
-                              daemon=True)
-    source.start()
+    ep, ctx, hub, stop, source = _endless_source(tmp_path)
     leaving = ctx.socket(zmq.DEALER)
     try:
         leaving.setsockopt(zmq.ROUTING_ID, b"leaving")

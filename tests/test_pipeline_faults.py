@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -422,6 +423,17 @@ def test_policy_all_sends_a_killed_workers_frames_again(tmp_path: Path) -> None:
     assert "worker_lost" not in report.drops and report.transport.get("frames_resent", 0) >= 1
 
 
+def _pause_w0(sup: Supervisor, until: Callable[[dict[str, Any]], bool], what: str) -> None:
+    """SIGSTOP worker w0 once results flow, until the hub's live snapshot satisfies ``until``, then SIGCONT."""
+    wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 30, "results")
+    pid = sup.handle("w0").pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: until(sup.hub.snapshot()), 20, what)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.slow
 def test_policy_all_never_delivers_a_frame_twice(tmp_path: Path) -> None:
     """--fast sends a silent worker's frames again; when that worker was only paused (SIGSTOP past the
@@ -435,11 +447,7 @@ def test_policy_all_never_delivers_a_frame_twice(tmp_path: Path) -> None:
         sup = Supervisor(SyntheticSource(count=n, fps=20), BuiltinProcessor("detect+slow:150"), cfg)
         sup.start()
         try:
-            wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 30, "results")
-            pid = sup.handle("w0").pid
-            os.kill(pid, signal.SIGSTOP)
-            wait_for(lambda: sup.hub.snapshot()["transport"].get("frames_resent", 0) >= 1, 20, "its frames sent again")
-            os.kill(pid, signal.SIGCONT)
+            _pause_w0(sup, lambda snap: snap["transport"].get("frames_resent", 0) >= 1, "its frames sent again")
             assert sup.wait(60)
         finally:
             report = sup.stop()
@@ -459,11 +467,7 @@ def test_a_worker_only_paused_is_not_counted_lost_for_frames_it_finishes(tmp_pat
     sup = Supervisor(SyntheticSource(count=None, fps=30), BuiltinProcessor("detect+slow:150"), cfg)
     sup.start()
     try:
-        wait_for(lambda: sup.hub.snapshot()["results"] >= 5, 30, "results")
-        pid = sup.handle("w0").pid
-        os.kill(pid, signal.SIGSTOP)
-        wait_for(lambda: sup.hub.snapshot()["drops"].get("worker_lost", 0) >= 1, 20, "the worker declared lost")
-        os.kill(pid, signal.SIGCONT)
+        _pause_w0(sup, lambda snap: snap["drops"].get("worker_lost", 0) >= 1, "the worker declared lost")
         time.sleep(2.0)
     finally:
         report = sup.stop()
