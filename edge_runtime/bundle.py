@@ -30,6 +30,7 @@ ARTIFACT_KINDS = ("onnx", "engine")
 TARGETS = ("tensorrt", "onnxruntime", "onnxruntime-cpu")
 DEFAULT_TARGETS = ("tensorrt", "onnxruntime")  # what artifact(target=None) must serve: every backend
 HEX64 = re.compile(r"[0-9a-f]{64}")
+BUNDLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 REQUIRED = ("format", "format_version", "name", "task", "modality", "inputs", "outputs",
             "preprocess", "postprocess", "artifacts", "files")
 
@@ -154,6 +155,9 @@ class Bundle:
             raise BundleError(f"{where}: " + expected(f"format_version {FORMAT_VERSION}", m["format_version"]))
         if m["task"] not in TASKS:
             raise BundleError(f"{where}: " + expected(f"task in {TASKS}", m["task"]))
+        if not (isinstance(m["name"], str) and BUNDLE_NAME.fullmatch(m["name"])):
+            # it names the archive's top folder and cache entries: "lab/yolo" made an archive only the reader refused
+            raise BundleError(f"{where}: " + expected("name of 1-64 of A-Z a-z 0-9 . _ - (no '/')", str(m["name"])[:80]))
         files = m["files"]
         if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
             raise BundleError(f"{where}: " + expected("files as an object {path: sha256 hex string}",

@@ -176,6 +176,8 @@ def governance_problems(frames: Sequence[Frame], manifest: Mapping[str, Any], in
                                                                                  dict(bad_bits)))
     photo = manifest.get("photometric")
     ok = {photo} | ({"MONOCHROME1"} if photo == "MONOCHROME2" and invert_monochrome1 else set())
+    if photo in ("MONOCHROME1", "MONOCHROME2") and (manifest.get("preprocess") or {}).get("color", "gray") == "gray":
+        ok.add("RGB")  # the runtime's pre-processing makes grey of colour frames for a grey model, as `infer` does
     bad = Counter(f.photometric for f in frames if photo and f.photometric not in ok)
     if bad:
         problems.append(f"{sum(bad.values())} of {n} frames: " + expected(f"photometric {photo} (manifest)",

@@ -145,6 +145,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if not Path(args.model).is_file():
         raise ConfigError(expected("an existing ONNX model to quantise", args.model))
+    written = [Path(args.out), *([Path(args.record)] if args.record else [])]
+    inside = [str(w) for w in written if _in_bundle(w)]
+    if inside:  # it overwrote a bundle's int8.onnx and calibration.json, and the bundle no longer verified
+        raise ConfigError(expected("--out (and --record) outside a bundle (bundle the result with `export bundle`)",
+                                   inside))
     if args.precision == "fp16":
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
                       node_block_list=_csv(args.exclude_nodes))
@@ -185,6 +190,36 @@ def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str
     return given
 
 
+def _in_bundle(path: Path) -> bool:
+    """``path`` lies in a bundle directory: one whose manifest.json lists hashed files (a model manifest
+    given with --manifest does not)."""
+    from edge_runtime.bundle import MANIFEST
+
+    for d in path.resolve().parents:
+        try:
+            data = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("files"), dict):
+            return True
+    return False
+
+
+def _check_calibration_record(rec: Any, manifest: Mapping[str, Any]) -> None:
+    """A calibration record made for this model: its name, and modalities / bits_stored within the
+    manifest's (another model's record went into a bundle and the manifest claimed its calibration)."""
+    if not isinstance(rec, dict):
+        raise ConfigError(expected("--calibration: a calibration.json object", type(rec).__name__))
+    if rec.get("model") is not None and rec.get("model") != manifest.get("name"):
+        raise ConfigError(expected(f"--calibration made for {manifest.get('name')!r}", f"one for {rec.get('model')!r}"))
+    mods = {str(m) for m in manifest.get("modality") or []}
+    if mods and not {str(m) for m in rec.get("modality") or []} <= mods:
+        raise ConfigError(expected(f"--calibration frames of modality in {sorted(mods)}", rec.get("modality")))
+    bits = manifest.get("bits_stored")
+    if bits is not None and rec.get("bits_stored") and set(rec["bits_stored"]) != {bits}:
+        raise ConfigError(expected(f"--calibration frames of bits_stored {bits}", rec.get("bits_stored")))
+
+
 def _set_sha(evalset: Any) -> str:
     from .calibration import set_sha256
 
@@ -201,7 +236,6 @@ def _bar(total: int, desc: str, show: bool) -> Any:
 
 # -- step: validate --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-    from edge_runtime.bundle import MANIFEST
 
     from . import validate as V
 
@@ -224,7 +258,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # the rewritten file would no longer match it
     targets = {label: Path(args.repaired_out or cands[label]) for label in INT8_LABELS if label in cands}
     if args.repair:
-        inside = [str(t) for t in targets.values() if any((d / MANIFEST).is_file() for d in t.resolve().parents)]
+        inside = [str(t) for t in targets.values() if _in_bundle(t)]
         if inside:
             raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
                                        "`export bundle`, or use `export reference --repair`)", inside))
@@ -438,6 +472,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
              "stay unused until a passing report is bundled)")
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
+        _check_calibration_record(rec, manifest)
         manifest["calibration"] = {k: rec.get(k) for k in ("frames", "source", "sha256", "method", "min_frames")} \
             | {"file": "calibration.json"}
 

@@ -689,6 +689,11 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
                  "QDQKeepRemovableActivations": True, "CalibTensorRangeSymmetric": True, "DedicatedQDQPair": True}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    shapes = {tuple(t.shape) for t in getattr(reader, "tensors", ())}
+    if method in ("percentile", "entropy") and len(shapes) > 1:
+        # ONNX Runtime's histogram calibrators stack every frame's activations: mixed sizes fail inside it
+        raise ExportError(expected(f"calibration frames of one tensor size for method {method} (or method minmax)",
+                                   f"{len(shapes)} sizes, e.g. {sorted(shapes)[:3]}"))
     if reader is not None:
         # Calibrate in chunks: ORT's histogram calibrators otherwise hold every activation of every frame.
         extra["CalibStridedMinMax"] = _chunk(len(reader))

@@ -213,6 +213,9 @@ def output_errors(ref: Sequence[Mapping[str, np.ndarray]], got: Sequence[Mapping
         mx, total, count, lo, hi, sq, var = 0.0, 0.0, 0, math.inf, -math.inf, 0.0, 0.0
         for r, g in zip(ref, got):
             a, b = np.asarray(r[name], np.float64), np.asarray(g[name], np.float64)
+            if a.shape != b.shape:
+                raise ExportError(f"output {name!r}: " + expected(f"the FP32 model's shape {a.shape}", b.shape)
+                                  + " (a candidate made from another model?)")
             d = np.abs(a - b)
             mx = max(mx, float(d.max()))
             total += float(d.sum())
@@ -269,23 +272,35 @@ _EVIDENCE = {"detection": "frames with ground-truth objects", "enhancement": "fr
              "segmentation": "frames with ground-truth masks of a scored (non-background) class"}
 
 
-def require_finite_reference(task: str, fp32: Mapping[str, Any]) -> None:
-    """Refuse a FP32 reference whose gated metric is NaN or infinite.
+# Metrics that cannot go below 0: a FP32 value within its tolerance of 0 lets every candidate pass.
+METRIC_FLOOR = {"ap50": 0.0, "sensitivity": 0.0, "ssim": 0.0, "dice": 0.0}
+
+
+def require_finite_reference(task: str, fp32: Mapping[str, Any], tol: Mapping[str, float] | None = None) -> None:
+    """Refuse a FP32 reference that cannot judge a candidate.
 
     ``candidate < fp32 - tolerance`` is False for every candidate when ``fp32`` is NaN, so such a
-    reference (e.g. AP50 over frames with no ground-truth object) would pass anything: no evidence.
+    reference (e.g. AP50 over frames with no ground-truth object) would pass anything: no evidence. So
+    does a FP32 value within its tolerance of the metric's floor: a model that scores AP50 0 on the
+    validation frames (untrained, or meant for other images) passed a candidate that output zeros.
     """
     for m in GATED[task]:
         a = float(fp32[m])
+        over = f" over {fp32['frames']} frames" if "frames" in fp32 else ""
+        objects = f" ({fp32['objects']} objects)" if "objects" in fp32 else ""
         if not math.isfinite(a):
-            over = f" over {fp32['frames']} frames" if "frames" in fp32 else ""
-            objects = f" ({fp32['objects']} objects)" if "objects" in fp32 else ""
             raise ExportError(expected(f"a finite FP32 {m} on the validation set ({_EVIDENCE[task]})",
                                        f"{a}{over}{objects}"))
+        floor = METRIC_FLOOR.get(m)
+        if tol is not None and floor is not None and a - tol[m] <= floor:
+            raise ExportError(expected(
+                f"a FP32 {m} above {floor + tol[m]:g} on the validation frames (its floor {floor:g} plus the "
+                f"tolerance {tol[m]:g}), or every candidate passes", f"{a:.4f}{over}{objects}: the model does not "
+                "work on these frames (trained for others? validate on frames like its training data)"))
 
 
 def gate(task: str, fp32: Mapping[str, Any], cand: Mapping[str, Any], tol: Mapping[str, float]) -> list[GateFailure]:
-    require_finite_reference(task, fp32)
+    require_finite_reference(task, fp32, tol)
     out = []
     for m in GATED[task]:
         a, b = float(fp32[m]), float(cand[m])
@@ -304,6 +319,9 @@ class CandidateReport:
     ms_per_frame: float
     sha256: str = ""  # of the file judged: `export bundle` matches bundled files to their verdicts by it
     emulated: bool = False  # int8 Q/DQ run emulated in float: this CPU's int8 kernels would saturate its weights
+    # fp16 ONNX on ONNX Runtime's CPU provider: no FP16 kernels there, so it computes in FP32 and the
+    # verdict covers only the weights' and activations' rounding at the casts, not FP16 arithmetic
+    fp16_in_fp32: bool = False
 
     @property
     def passed(self) -> bool:
@@ -394,6 +412,11 @@ class ValidationReport:
             if c.emulated:
                 lines.append(f"  {c.precision}: int8 weights beyond +-{INT8_EXACT_PEAK} on this CPU ({cpu_int8().describe()}): "
                              "Q/DQ emulated in float (exact; its ms/frame is not its speed)")
+            if c.fp16_in_fp32:
+                lines.append(f"  {c.precision}: judged on ONNX Runtime's CPU provider, which has no FP16 kernels and "
+                             "computes this graph in FP32: FP16 arithmetic (a GPU's) was not judged; validate the "
+                             "engine on the target (--candidate fp16=ENGINE) before relying on it, above all for "
+                             "16-bit outputs")
             for f in c.failures:
                 lines.append(f"  {c.precision} ({c.file}) FAILED {f.text()}")
         for label, r in self.repairs.items():
@@ -463,8 +486,9 @@ def evaluate_candidate(path: str | os.PathLike[str], precision: str, evalset: Ev
         backend.close()
     m = task_metrics(evalset, outs, fppi=fppi)
     task = evalset.manifest["task"]
+    fp16_in_fp32 = precision_of(precision) == "fp16" and Path(path).suffix == ".onnx"  # open_backend: ORT CPU
     return CandidateReport(precision, Path(path).name, m, output_errors(ref.outputs, outs),
-                           gate(task, ref.metrics, m, tol), ms, sha256_file(path), emulated)
+                           gate(task, ref.metrics, m, tol), ms, sha256_file(path), emulated, fp16_in_fp32)
 
 
 def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
@@ -482,7 +506,7 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
         raise ExportError(expected("at least one candidate (label: model file) to compare with FP32", "none"))
     tol = dict(tolerances) if tolerances is not None else tolerances_for(manifest)
     ref = ref or reference(fp32, evalset, threads=threads, progress=progress, fppi=fppi)
-    require_finite_reference(manifest["task"], ref.metrics)
+    require_finite_reference(manifest["task"], ref.metrics, tol)
     given = manifest.get("tolerances") or {}
     report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
                               tol, ref.metrics, ref.ms_per_frame,

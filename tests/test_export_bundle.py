@@ -255,6 +255,46 @@ def test_bundle_refuses_a_failed_or_missing_gate_result(tmp_path: Path) -> None:
         _bundle_with_report(tmp_path, {"passed": True})
 
 
+def test_bundle_refuses_another_models_calibration_and_a_name_with_a_slash(tmp_path: Path) -> None:
+    """From an export walkthrough: an X-ray model's calibration.json went into a US bundle and its manifest
+    claimed that calibration; a bundle named "lab/yolo" made an archive only the reader refused."""
+    from edge_runtime.errors import ConfigError
+
+    blur_model(tmp_path / "model.onnx")
+    m = blur_manifest()
+    m["artifacts"] = []
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    base = ["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"), "--fp32",
+            str(tmp_path / "model.onnx"), "--calibration", str(tmp_path / "calibration.json")]
+    record = {"format": "edge-runtime-calibration", "model": "us-lesion-det", "modality": ["US"], "bits_stored": [8],
+              "frames": 200, "source": "phantom:us", "sha256": "0" * 64, "method": "minmax", "min_frames": 200}
+    (tmp_path / "calibration.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"--calibration made for 'xr-blur', found \"one for 'us-lesion-det'\""):
+        _cli(base)
+    (tmp_path / "calibration.json").write_text(json.dumps({**record, "model": "xr-blur"}))
+    with pytest.raises(ConfigError, match=r"modality in \['CR', 'DX', 'XR'\]"):
+        _cli(base)
+    (tmp_path / "calibration.json").write_text(json.dumps({**record, "model": "xr-blur", "modality": ["DX"],
+                                                           "bits_stored": [12]}))
+    assert _cli(base) == 0
+    m["name"] = "lab/blur"
+    (tmp_path / "m.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="no '/'"):
+        _cli([*base[:4], str(tmp_path / "out2"), *base[5:-2]])  # no calibration record
+
+
+def test_quantize_refuses_to_write_into_a_bundle(bundle: Path) -> None:
+    """`export quantize --out BUNDLE/int8.onnx` overwrote the bundle's int8.onnx and calibration.json, and
+    the bundle no longer verified."""
+    from edge_runtime.errors import ConfigError
+
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="outside a bundle"):
+        _cli(["quantize", str(bundle / "fp32.onnx"), "--precision", "int8", "--bundle", str(bundle),
+              "--out", str(bundle / "int8.onnx")])
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+
+
 def test_bundle_refuses_missing_input_files_before_writing(tmp_path: Path) -> None:
     from edge_runtime.errors import ConfigError
 

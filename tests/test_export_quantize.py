@@ -82,6 +82,17 @@ def test_int8_graph_is_symmetric_per_channel_with_float_bias(tmp_path: Path) -> 
     assert np.abs(_run(res.path, x) - _run(src, x)).max() < 0.02
 
 
+def test_histogram_methods_refuse_mixed_frame_sizes_with_a_message(tmp_path: Path) -> None:
+    """A dynamic H/W model calibrated on frames of several sizes: minmax works, percentile and entropy
+    failed inside ONNX Runtime ("an inhomogeneous shape after 3 dimensions")."""
+    src = blur_model(tmp_path / "fp32.onnx")
+    tensors = [np.zeros((1, 1, h, 64), np.float32) for h in (64, 64, 48)]
+    for method in ("percentile", "entropy"):
+        with pytest.raises(ExportError, match=rf"one tensor size for method {method}.*found '2 sizes"):
+            quantize_int8(src, tmp_path / "q.onnx", C.FrameReader("image", tensors), method=method)
+    quantize_int8(src, tmp_path / "q.onnx", C.FrameReader("image", tensors), method="minmax")
+
+
 @pytest.mark.parametrize("method", ["entropy", "percentile"])
 def test_histogram_methods_produce_valid_graphs(tmp_path: Path, method: str) -> None:
     src = blur_model(tmp_path / "fp32.onnx")
@@ -130,10 +141,17 @@ def test_wrong_bit_depth_is_an_error_with_values() -> None:
 
 
 def test_wrong_photometric_is_an_error() -> None:
-    rgb = [Frame(np.zeros((*SIZE, 3), np.uint16), modality="DX", bits_stored=12, photometric="RGB")
-           for _ in range(4)]
-    with pytest.raises(ExportError, match="photometric MONOCHROME2"):
-        C.build(rgb, blur_manifest(), source="rgb", min_frames=4)
+    """Grey frames for a colour model are refused. Colour frames for a grey model are what the runtime
+    takes too (its pre-processing makes them grey, as `infer` does on a colour ultrasound DICOM), so
+    calibration takes them (it refused that DICOM before)."""
+    rgb = [Frame(np.random.default_rng(i).integers(0, 4096, (*SIZE, 3), dtype=np.uint16), modality="DX",
+                 bits_stored=12, photometric="RGB") for i in range(4)]
+    assert len(C.build(rgb, blur_manifest(), source="rgb", min_frames=4)) == 4
+    colour_model = {**blur_manifest(), "photometric": "RGB", "preprocess": {"color": "rgb"},
+                    "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 3, "H", "W"]}]}
+    grey = [Frame(np.zeros(SIZE, np.uint16), modality="DX", bits_stored=12) for _ in range(4)]
+    with pytest.raises(ExportError, match="photometric RGB"):
+        C.build(grey, colour_model, source="grey", min_frames=4)
 
 
 def test_overlap_with_validation_is_refused() -> None:

@@ -278,6 +278,21 @@ def test_a_nan_fp32_reference_is_refused_not_passed(tmp_path: Path) -> None:
                {"psnr_db": 0.3, "ssim": 0.01})
 
 
+def test_a_reference_within_its_tolerance_of_zero_is_refused(tmp_path: Path) -> None:
+    """An untrained detector (AP50 0 on the validation frames) passed an INT8 file that output only zeros:
+    ``candidate < 0 - 0.01`` is never true. Such a reference judges nothing and is refused; so is a
+    candidate whose outputs have another shape (a traceback from numpy before)."""
+    tol = V.tolerances_for(_det_manifest())
+    with pytest.raises(ExportError, match=r"FP32 ap50 above 0.01 .* found '0.0000 over 200 frames.*does not work"):
+        V.gate("detection", {"ap50": 0.0, "sensitivity": 0.5, "frames": 200}, {"ap50": 0.0, "sensitivity": 0.0}, tol)
+    assert V.gate("detection", {"ap50": 0.5, "sensitivity": 0.5}, {"ap50": 0.495, "sensitivity": 0.49}, tol) == []
+    assert V.gate("enhancement", {"psnr_db": 0.2, "ssim": 0.5}, {"psnr_db": 0.1, "ssim": 0.5},
+                  {"psnr_db": 0.3, "ssim": 0.01}) == []  # PSNR has no floor of 0
+    ref = [{"y": np.zeros((1, 6, 1024), np.float32)}]
+    with pytest.raises(ExportError, match=r"output 'y': expected the FP32 model's shape \(1, 6, 1024\), found \(1, 6, 4\)"):
+        V.output_errors(ref, [{"y": np.zeros((1, 6, 4), np.float32)}])
+
+
 def test_validate_with_no_candidates_is_refused(tmp_path: Path, evalset: V.EvalSet) -> None:
     fp32 = blur_model(tmp_path / "fp32.onnx")
     with pytest.raises(ExportError, match="expected at least one candidate .* found 'none'"):
