@@ -457,7 +457,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         artifacts = {f: a for f, a in artifacts.items() if f not in absent}
     # This bundle's own creation time and toolchain, not the template's (write_bundle stamps them).
     manifest = {k: v for k, v in manifest.items() if k not in ("created", "toolchain")}
-    _check_processing(manifest)  # as `export verify` does: an unknown pre/post key fails now, not on a cart
+    # as `export verify` does: an unknown pre/post key or tensors the model lacks fail now, not on a cart
+    _check_processing(manifest, Path(files.get("fp32.onnx") or out / "fp32.onnx"))
     # Every FP16/INT8 file the bundle will list, given now or already in --out from the template.
     derived = {a["file"]: Path(files.get(a["file"]) or out / a["file"]) for a in artifacts.values()
                if a.get("kind") == "onnx" and a.get("precision") != "fp32"}
@@ -524,7 +525,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from .bundle_write import unpack_archive
 
     def check(b: Bundle) -> tuple[str, str, int]:
-        _check_processing(b.manifest)
+        _check_processing(b.manifest, b.file(b.artifact("fp32").file))
         return b.name, b.sha256, len(b.manifest["files"])
 
     failed = 0
@@ -543,13 +544,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _check_processing(manifest: dict[str, Any]) -> None:
+def _check_processing(manifest: dict[str, Any], fp32: Path | None = None) -> None:
     """The runtime's own pre/post-processing built from a manifest: unknown or bad keys fail here, not
-    at the first frame on a cart."""
+    at the first frame on a cart; and with ``fp32``, the manifest's tensors against that model's graph."""
     from edge_runtime.postprocess import Postprocessor
     from edge_runtime.preprocess import Preprocessor
 
-    Postprocessor.from_manifest(manifest, Preprocessor.from_manifest(manifest))
+    post = Postprocessor.from_manifest(manifest, Preprocessor.from_manifest(manifest))
+    if fp32 is not None and fp32.is_file():
+        _check_io(manifest, fp32, post)
+
+
+def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> None:
+    """Input and output names, ranks and fixed sizes as the FP32 graph has them, and the detector's class
+    count where its output fixes it: a bundle naming input 'images' for a model's 'image', or 3 classes
+    for a 2-class head, verified OK and then every frame was skipped on the cart."""
+    import onnx
+
+    graph = onnx.load(str(fp32), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+
+    def dims(v: Any) -> list[int | None]:
+        return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
+
+    tensors = {"inputs": {v.name: dims(v) for v in graph.input if v.name not in inits},
+               "outputs": {v.name: dims(v) for v in graph.output}}
+    for key, have in tensors.items():
+        for t in manifest[key]:
+            if t["name"] not in have:
+                raise ConfigError(f"manifest {key} {t['name']!r}: " + expected(f"a name of the model's {key} {sorted(have)}",
+                                                                               t["name"]))
+            shape, real = t.get("shape") or [], have[t["name"]]
+            if real and (len(shape) != len(real) or any(isinstance(a, int) and b is not None and a != b
+                                                        for a, b in zip(shape, real))):
+                raise ConfigError(f"manifest {key} {t['name']!r}: " + expected(f"the model's shape {real} "
+                                                                               "(None: any size)", shape))
+    missing = sorted(set(tensors["inputs"]) - {t["name"] for t in manifest["inputs"]})
+    if missing:
+        raise ConfigError(expected("every model input in the manifest's inputs (the runtime feeds only those)",
+                                   f"{missing} missing"))
+    spec, outs = manifest.get("postprocess") or {}, tensors["outputs"]
+    names = list(getattr(post, "classes", None) or [])
+    if spec.get("type") == "yolov8" and names:
+        real = outs.get(str(spec.get("output")), next(iter(outs.values()), []))
+        fixed = [d for d in real[1:] if d is not None]
+        if fixed and 4 + len(names) not in fixed:
+            raise ConfigError(f"postprocess classes {names}: " + expected(
+                f"a model output [1, 4 + {len(names)}, N] (YOLOv8 layout)", real))
+    if spec.get("type") == "centernet" and names:
+        heat = outs.get(post.centernet_outputs["heatmap"]) or []
+        if len(heat) > 1 and heat[1] is not None and heat[1] != len(names):
+            raise ConfigError(f"postprocess classes {names}: " + expected(
+                f"a heatmap output of {len(names)} channel(s)", heat))
 
 
 def _targets(file: str) -> dict[str, Any]:

@@ -59,6 +59,46 @@ def test_verify_builds_the_pre_and_post_processing_the_runtime_would(bundle: Pat
     assert _cli(["verify", *map(str, sorted(root.glob("*/")))]) == 0  # the shipped bundles pass
 
 
+def test_verify_checks_the_manifests_tensors_against_the_model(bundle: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """From an export walkthrough: a manifest naming input 'images' for the model's 'image', or shapes
+    the model does not have, verified OK, and then the runtime skipped every frame."""
+    good = json.loads((bundle / "manifest.json").read_text())
+    for change, word in ((lambda m: m["inputs"][0].update(name="images"), "'images'"),
+                         (lambda m: m["outputs"][0].update(shape=[1, 3, "H", "W"]), "the model's shape"),
+                         (lambda m: m["outputs"][0].update(name="denoised"), "a name of the model's outputs")):
+        m = json.loads(json.dumps(good))
+        change(m)
+        write_bundle(bundle, m)
+        assert _cli(["verify", str(bundle)]) == 1
+        out = capsys.readouterr().out
+        assert "FAILED" in out and word in out, out
+    write_bundle(bundle, good)
+    assert _cli(["verify", str(bundle)]) == 0
+
+
+def test_a_detectors_class_count_is_checked_against_its_output(tmp_path: Path) -> None:
+    """A YOLOv8-layout model [1, 4 + 2, N] with 3 class names in the manifest verified OK; each frame was
+    then refused ("expected a YOLOv8 output [1, 7, N]")."""
+    import types
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edge_runtime.errors import ConfigError
+    from export.cli import _check_io
+
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["output0"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 6, 16])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 6, 16])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    m = {"inputs": [{"name": "image", "shape": [1, 6, 16]}], "outputs": [{"name": "output0", "shape": [1, 6, 16]}],
+         "postprocess": {"type": "yolov8", "output": "output0"}}
+    _check_io(m, tmp_path / "m.onnx", types.SimpleNamespace(classes=["cyst", "solid"]))
+    with pytest.raises(ConfigError, match=r"a model output \[1, 4 \+ 3, N\] \(YOLOv8 layout\), found \[1, 6, 16\]"):
+        _check_io(m, tmp_path / "m.onnx", types.SimpleNamespace(classes=["cyst", "solid", "calcification"]))
+
+
 def test_verify_fails_on_an_unlisted_file(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (bundle / "extra.onnx").write_bytes(b"\x08\x07")
     assert _cli(["verify", str(bundle)]) == 1
