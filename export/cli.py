@@ -98,14 +98,24 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     module = factory()
     if args.weights:
         # weights_only: tensors and plain containers only, never arbitrary pickled objects.
-        module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        try:
+            module.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        except (RuntimeError, KeyError, ValueError) as exc:  # another model's weights, a file not of weights
+            raise ConfigError(expected(f"--weights for the module {args.module} builds",
+                                       str(exc).splitlines()[0][:300])) from None
     rng = np.random.default_rng(0)
     samples = [torch.from_numpy(rng.random(_shape(s), dtype=np.float32)) for s in [args.input_shape, *args.extra_shape]]
+    inputs = _csv(args.input_names)
     dynamic: dict[str, dict[int, str]] = {}
     for spec in args.dynamic:  # image:2=H,3=W
         name, _, dims = spec.partition(":")
-        dynamic[name] = {int(k): v for k, v in (d.split("=") for d in _csv(dims))}
-    out = export_onnx(module, samples[0], args.out, input_names=_csv(args.input_names),
+        try:
+            dynamic[name] = {int(k): v for k, v in (d.split("=") for d in _csv(dims))}
+        except ValueError:
+            raise ConfigError(expected("--dynamic NAME:AXIS=LABEL[,AXIS=LABEL], e.g. image:2=H,3=W", spec)) from None
+        if name not in inputs and name not in _csv(args.output_names):
+            raise ConfigError(expected(f"--dynamic naming an input {inputs} or output", name))
+    out = export_onnx(module, samples[0], args.out, input_names=inputs,
                       output_names=_csv(args.output_names), dynamic_axes=dynamic, opset=args.opset,
                       extra_inputs=samples[1:], rtol=args.rtol, atol=args.atol)
     print(f"wrote {out} (ONNX Runtime matches PyTorch within rtol {args.rtol:g}, atol {args.atol:g})")

@@ -70,9 +70,14 @@ def export_onnx(module: Any, sample_input: Any, path: str | os.PathLike[str], *,
             # The TorchScript exporter: the dynamo exporter needs onnxscript, which the train extra lacks
             # (its deprecation warning is not actionable for our users). Mismatches are caught below.
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(module, samples[0], tmp, dynamo=False, input_names=list(input_names),
-                              output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}),
-                              opset_version=opset, do_constant_folding=True)
+            try:
+                torch.onnx.export(module, samples[0], tmp, dynamo=False, input_names=list(input_names),
+                                  output_names=list(output_names), dynamic_axes=dict(dynamic_axes or {}),
+                                  opset_version=opset, do_constant_folding=True)
+            except (RuntimeError, ValueError, TypeError) as exc:  # e.g. more output names than outputs
+                raise ExportError(expected(f"a module torch.onnx.export can export with inputs {list(input_names)} "
+                                           f"and outputs {list(output_names)}",
+                                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")) from None
             sess = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"])
             for i, sample in enumerate(samples):
                 ref = [t.detach().cpu().numpy() for t in _as_tuple(module(*sample))]

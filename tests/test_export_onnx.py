@@ -69,3 +69,12 @@ def test_compare_outputs_reports_shape_and_error() -> None:
     assert "shape" in compare_outputs(ref, [np.zeros((2, 3))], ["y"], rtol=1e-3, atol=1e-4)[0]
     msg = compare_outputs(ref, [np.full((2, 2), 0.5)], ["y"], rtol=1e-3, atol=1e-4)[0]
     assert "max abs error 0.5" in msg and "4 of 4" in msg
+
+
+def test_export_mistakes_are_export_errors_not_tracebacks(tmp_path: Path) -> None:
+    """From an export walkthrough: three output names for a two-output module was a raw RuntimeError
+    traceback from torch.onnx.export; nothing is written."""
+    with pytest.raises(ExportError, match=r"torch.onnx.export can export with inputs \['image'\].*RuntimeError"):
+        export_onnx(Small(), torch.rand(1, 1, 16, 16), tmp_path / "m.onnx", input_names=["image"],
+                    output_names=["a", "b", "c"])
+    assert list(tmp_path.iterdir()) == []
