@@ -382,7 +382,9 @@ def _dla_reason(n: Any, g: _Graph) -> str:
             return f"pooling window {kernel} above 8"
     elif op == "Concat":
         axis = int(_attr(n, "axis", 1))
-        if axis not in (1, -3) or rank not in (4, None):
+        if rank not in (4, None):
+            return f"Concat of rank-{rank} tensors (DLA: 4-D, on the channel axis)"
+        if axis not in (1, -3):
             return f"Concat on axis {axis} (DLA: channel axis only)"
     elif op == "Resize":
         mode = _attr(n, "mode", b"nearest")

@@ -137,6 +137,16 @@ def test_dla_fallback_layers(tmp_path: Path) -> None:
     assert report.ok  # fallback is a warning: TensorRT runs those layers on the GPU
 
 
+def test_dla_concat_reason_names_the_rank(tmp_path: Path) -> None:
+    """A rank-3 Concat on axis 1 (a YOLOv8 head) was reported as 'axis 1 (DLA: channel axis only)'."""
+    nodes = [helper.make_node("Concat", ["a", "b"], ["y"], name="head_concat", axis=1)]
+    path = save(nodes, [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 100]) for n in ("a", "b")],
+                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 100])], [], tmp_path / "c.onnx")
+    report = check_model(path, device={"name": "xavier", "dla_cores": 2})
+    (finding,) = [f for f in report.findings if f.rule == "dla-fallback"]
+    assert "rank-3" in finding.message and "channel axis only" not in finding.message, finding.message
+
+
 def test_table_and_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = _qdq_conv(tmp_path / "asym.onnx", 3)
     assert _run_cli(["check", str(path), "--json"]) == 1
