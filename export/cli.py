@@ -291,9 +291,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 rr = V.repair_int8(q, nodes, fp32, evalset, ref, report.tolerances, tmp, max_float=max_float,
                                    threads=args.threads, progress=show, label=label)
                 out = targets[label]
+                rr.report.file = out.name  # never the repair's temporary file (deleted with its folder)
                 if rr.report.passed:
                     shutil.copyfile(rr.path, out)
-                    rr.report.file = out.name
                 else:
                     _say(f"repair of {label} did not pass the gate: {out} left as it was")
                 report.replace(label, rr.report, rr.to_dict())
