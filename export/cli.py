@@ -133,12 +133,36 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # -- step: quantize --------------------------------------------------------------------------
-def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phantom") -> Any:
-    from .calibration import VALIDATION_SEED0, describe, frames_from
+def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phantom", *, reference: str | None = None,
+                    labels: str | None = None, opts: dict[str, Any] | None = None) -> Any:
+    """Held-out frames with ground truth: phantoms drawn like the model's training data, or the user's
+    own (``source`` a path) with clean ``reference`` frames or COCO ``labels`` (export/ground_truth.py)."""
+    from edge_runtime.preprocess import Preprocessor
+
+    from .calibration import VALIDATION_SEED0, describe, frames_from, governance_problems
+    from .ground_truth import labelled_frames
     from .validate import EvalSet
 
-    items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
-    return EvalSet.build(manifest, items, source=describe(source, manifest, len(items), VALIDATION_SEED0))
+    phantom = source.startswith("phantom")
+    if phantom:
+        if reference or labels:
+            raise ConfigError(expected("--reference / --labels with held-out frames of your own (--source PATH)",
+                                       "phantom frames, which carry their own ground truth"))
+        items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
+        label = describe(source, manifest, len(items), VALIDATION_SEED0)
+    else:
+        items = labelled_frames(source, manifest, frames, reference=reference, labels=labels, **(opts or {}))
+        label = f"{source} ({len(items)} frames" + (f", clean references {reference})" if reference else
+                                                    f", boxes from {labels})")
+    problems = governance_problems(items, manifest, Preprocessor.from_manifest(manifest).invert_monochrome1)
+    if problems:
+        # said before pre-processing would refuse the first frame as if the user's data were wrong
+        hint = ("; the phantom generators make 8-bit ultrasound and 12-bit X-ray frames only: validate this model "
+                "on held-out frames of your own (--source PATH with --reference CLEAN for enhancement or --labels "
+                "COCO.json for detection)") if phantom else ""
+        raise ExportError(f"validation frames from {label if phantom else '--source'} do not match model "
+                          f"{manifest.get('name')!r}: " + "; ".join(problems) + hint)
+    return EvalSet.build(manifest, items, source=label)
 
 
 def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_frames: int, exclude: Sequence[str],
@@ -166,7 +190,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"wrote {out} (FP16 inside, float32 inputs/outputs; loads in ONNX Runtime CPU)")
         return 0
     manifest = _manifest(args)
-    val = _validation_set(manifest, args.val_frames, args.val_source)
+    val = _validation_set(manifest, args.val_frames, **_val_opts(args, manifest, "val_"))
     cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
                            not args.no_progress, _source_opts(args, manifest))
     method = calibration_method(manifest, args.method)
@@ -184,20 +208,37 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Source options of the calibration frames (--calib, --calib-modality, --calib-bits)."""
+    return _frame_opts(str(args.calib), args.calib_modality, args.calib_bits, ("--calib-modality", "--calib-bits"),
+                       manifest, "calibration")
+
+
+def _frame_opts(spec: str, modality: str | None, bits: int | None, flags: tuple[str, str],
+                manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
     """What a folder or video cannot say about itself (edge_runtime.sources.stated_options); for them
     the modality must be stated here (a default would make the governance check pass anything)."""
     from edge_runtime.sources import source_kind, stated_options
 
-    kind = "phantom" if args.calib == "phantom" else source_kind(str(args.calib))
-    given = stated_options(kind, args.calib_modality, args.calib_bits, ("--calib-modality", "--calib-bits"))
+    kind = "phantom" if spec.startswith("phantom") else source_kind(spec)
+    given = stated_options(kind, modality, bits, flags)
     if kind in ("phantom", "dicom"):
         return given
     if "modality" not in given:
-        raise ConfigError(expected(f"--calib-modality for {kind} calibration frames (the files do not say what "
+        raise ConfigError(expected(f"{flags[0]} for {kind} {role} frames (the files do not say what "
                                    f"they show; the model takes {manifest.get('modality')})", "none"))
     if (manifest.get("preprocess") or {}).get("color", "gray") == "gray":
         given["gray"] = True  # what the runtime's pre-processing makes of colour frames for a grey model
     return given
+
+
+def _val_opts(args: argparse.Namespace, manifest: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """_validation_set's keywords from validate's --source / --reference / --labels / --modality /
+    --bits-stored, or (``prefix`` "val_") quantize's --val-source / --val-reference / ... / --val-bits."""
+    a = {k: getattr(args, prefix + k, None) for k in ("source", "reference", "labels", "modality", "bits")}
+    flags = ("--val-modality", "--val-bits") if prefix else ("--modality", "--bits-stored")
+    opts = {} if str(a["source"]).startswith("phantom") else _frame_opts(
+        str(a["source"]), a["modality"], a["bits"], flags, manifest, "validation")
+    return {"source": str(a["source"]), "reference": a["reference"], "labels": a["labels"], "opts": opts}
 
 
 def _in_bundle(path: Path) -> bool:
@@ -273,7 +314,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
                                        "`export bundle`, or use `export reference --repair`)", inside))
     show = not args.no_progress
-    evalset = _validation_set(manifest, args.frames, args.source)
+    evalset = _validation_set(manifest, args.frames, **_val_opts(args, manifest))
     ref = V.reference(fp32, evalset, threads=args.threads, progress=show)
     report = V.validate(manifest, fp32, cands, evalset, threads=args.threads, progress=show, ref=ref)
     failing = [label for label in INT8_LABELS if label in cands and not report.candidate(label).passed]
@@ -795,6 +836,17 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
                    "else minmax)")
 
 
+def _truth_opts(p: argparse.ArgumentParser, prefix: str) -> None:
+    src = f"--{prefix}source"
+    p.add_argument(f"--{prefix}reference", help=f"enhancement: the clean frames paired in order with {src}'s "
+                   "(a folder with the same file names, a DICOM or a video)")
+    p.add_argument(f"--{prefix}labels", help=f"detection: COCO JSON of boxes over the {src} image folder "
+                   "(file_name relative to it; categories named as the model's classes)")
+    p.add_argument(f"--{prefix}modality", help="modality of folder / video frames (e.g. US, DX); DICOM says its own")
+    p.add_argument(f"--{prefix}bits" if prefix else "--bits-stored", dest=f"{prefix.replace('-', '_')}bits", type=int,
+                   help="bits stored of folder frames (e.g. 12 in 16-bit PNGs)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="step", required=True)
 
@@ -830,8 +882,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", help="bundle whose manifest describes the model (int8)")
     p.add_argument("--manifest", help="manifest.json describing the model (int8)")
     _calib_opts(p)
-    p.add_argument("--val-source", default="phantom", help="validation set whose frames calibration must avoid")
+    p.add_argument("--val-source", default="phantom", help="validation set whose frames calibration must avoid "
+                   "(as `export validate --source`; with --val-reference / --val-labels / --val-modality / --val-bits)")
     p.add_argument("--val-frames", type=int, default=200)
+    _truth_opts(p, "val-")
     p.add_argument("--exclude-nodes", help="comma-separated node names kept in float")
     p.add_argument("--op-types", help="int8: only these op types quantised (comma-separated)")
     p.add_argument("--keep-op-types", help="fp16: op types kept in float32 (comma-separated)")
@@ -847,7 +901,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="LABEL=PATH (.onnx or engine): fp16, int8 (int8.onnx), int8_cpu (int8_cpu.onnx); "
                    "default with --bundle: the bundle's fp16 and INT8 files")
     p.add_argument("--frames", type=int, default=200)
-    p.add_argument("--source", default="phantom", help="held-out frames with ground truth (default phantoms)")
+    p.add_argument("--source", default="phantom", help="held-out frames: phantom (default; drawn like the "
+                   "training data, ground truth included), or a folder / DICOM / video of your own with "
+                   "--reference or --labels")
+    _truth_opts(p, "")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repair", action="store_true",
                    help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate)")

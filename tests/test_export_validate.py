@@ -529,3 +529,25 @@ def test_results_pages_compute_transport_and_runtime_verdicts_from_the_json() ->
     w = runtime["models"]["xr-denoise"]["wall_ms"]
     row = next(t for t in run_all.render_runtime(runtime) if t.startswith(("| xr-denoise | 0.", "| xr-denoise | 1.")))
     assert row.split(" | ")[1] == f"{w['plain_ort_fp32']['p50'] / w['ours_fp32']['p50']:.2f}"
+
+
+def test_a_repair_that_fails_names_the_candidates_own_file(tmp_path: Path, calset: C.CalibrationSet) -> None:
+    """`export validate --repair` within --max-float 1 of a model that needs three nodes in float: the
+    report and the error name the candidate's file (they named the repair's deleted temporary file)."""
+    fp32 = blur_model(tmp_path / "fp32.onnx", outlier=True)
+    q, _ = cli._int8_factory(fp32, calset, "minmax", tmp_path, False)
+    q([], tmp_path / "int8.onnx")
+    before = (tmp_path / "int8.onnx").read_bytes()
+    (tmp_path / "m.json").write_text(json.dumps(blur_manifest()))
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    argv = ["validate", "--manifest", str(tmp_path / "m.json"), "--fp32", str(fp32), "--frames", "8", "--no-progress",
+            "--candidate", f"int8={tmp_path / 'int8.onnx'}", "--report", str(tmp_path / "v.json"), "--repair",
+            "--max-float", "1", "--calib-frames", "16", "--min-frames", "16"]
+    with pytest.raises(AccuracyGateError, match=r"int8 \(int8\.onnx\)") as err:
+        cli.run(parser.parse_args(argv))
+    assert "edge-repair-" not in str(err.value)
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["failed_files"] == ["int8.onnx"] and [c["file"] for c in v["candidates"]] == ["int8.onnx"]
+    assert not v["repairs"]["int8"]["passed"] and len(v["repairs"]["int8"]["nodes_in_float"]) == 1
+    assert (tmp_path / "int8.onnx").read_bytes() == before  # left as it was
