@@ -839,7 +839,8 @@ def _calib_opts(p: argparse.ArgumentParser) -> None:
 def _truth_opts(p: argparse.ArgumentParser, prefix: str) -> None:
     src = f"--{prefix}source"
     p.add_argument(f"--{prefix}reference", help=f"enhancement: the clean frames paired in order with {src}'s "
-                   "(a folder with the same file names, a DICOM or a video)")
+                   "(a folder with the same file names, a DICOM or a video); segmentation: label-map images "
+                   "paired the same way (value k = class k)")
     p.add_argument(f"--{prefix}labels", help=f"detection: COCO JSON of boxes over the {src} image folder "
                    "(file_name relative to it; categories named as the model's classes)")
     p.add_argument(f"--{prefix}modality", help="modality of folder / video frames (e.g. US, DX); DICOM says its own")
@@ -903,7 +904,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=200)
     p.add_argument("--source", default="phantom", help="held-out frames: phantom (default; drawn like the "
                    "training data, ground truth included), or a folder / DICOM / video of your own with "
-                   "--reference or --labels")
+                   "--reference (enhancement, segmentation) or --labels (detection)")
     _truth_opts(p, "")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repair", action="store_true",

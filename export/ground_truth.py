@@ -6,6 +6,8 @@ Phantom frames carry their ground truth; a user's frames need it beside them (`e
   series, a video) paired one to one, in order, with the input frames (e.g. low-dose / full-dose
   pairs). Two image folders must hold the same file names; each pair must agree in shape, dtype
   and bits stored.
+- segmentation, ``reference``: label-map images paired the same way (pixel value k = the model's
+  class k; 0 is background when the model's first class is named so, or when it names none).
 - detection, ``labels``: a COCO detection JSON (``images[].file_name`` / ``width`` / ``height``,
   ``annotations[].image_id`` / ``bbox`` as x, y, width, height in pixels / ``category_id``,
   ``categories[].id`` / ``name``) over an image folder. The frames are the images it lists, in
@@ -40,21 +42,21 @@ def labelled_frames(source: str, manifest: Mapping[str, Any], count: int, *, ref
     (which one the model's task needs); ``opts`` go to edge_runtime.sources.open_source."""
     task = manifest["task"]
     given = {"--reference": reference, "--labels": labels}
-    need = {"enhancement": "--reference", "detection": "--labels"}.get(task)
-    if need is None:
-        raise ConfigError(expected(f"phantom validation frames for a {task} model (ground truth for it is not "
-                                   "read from files yet)", source))
+    need, what = {"enhancement": ("--reference", "CLEAN: the clean frames paired with these"),
+                  "segmentation": ("--reference", "MASKS: label-map images paired with these"),
+                  "detection": ("--labels", "COCO.json: their boxes")}[task]
     wrong = [flag for flag, v in given.items() if v is not None and flag != need]
     if wrong:
         raise ConfigError(expected(f"{need} for a {task} model", wrong[0]))
     if given[need] is None:
-        what = "CLEAN: the clean frames paired with these" if task == "enhancement" else "COCO.json: their boxes"
         raise ConfigError(expected(f"{need} {what} (held-out frames of your own carry no ground truth)", "none"))
     truth = str(given[need])
+    classes = [str(c) for c in (manifest.get("postprocess") or {}).get("classes") or []]
     try:
         if task == "enhancement":
             return paired_frames(source, truth, count, **opts)
-        classes = [str(c) for c in (manifest.get("postprocess") or {}).get("classes") or []]
+        if task == "segmentation":
+            return paired_frames(source, truth, count, label_maps=classes or True, **opts)
         return coco_frames(source, truth, count, classes=classes, **opts)
     except ExportError:
         raise
@@ -63,11 +65,14 @@ def labelled_frames(source: str, manifest: Mapping[str, Any], count: int, *, ref
 
 
 # -- enhancement: clean references --------------------------------------------------------
-def paired_frames(source: str, reference: str, count: int, **opts: Any) -> list[Frame]:
-    """Frames of ``source``, each with the same-position frame of ``reference`` as its clean image."""
+def paired_frames(source: str, reference: str, count: int, *, label_maps: Sequence[str] | bool = False,
+                  **opts: Any) -> list[Frame]:
+    """Frames of ``source``, each with the same-position frame of ``reference`` as its clean image, or
+    (``label_maps``: the model's class names, or True without them) as its segmentation label map."""
     from edge_runtime.sources import ImageFolderSource, open_source
 
-    src, ref = open_source(source, **opts), open_source(reference, **opts)
+    ref_opts = {k: v for k, v in opts.items() if k != "bits_stored"} if label_maps else opts
+    src, ref = open_source(source, **opts), open_source(reference, **ref_opts)
     if isinstance(src, ImageFolderSource) and isinstance(ref, ImageFolderSource):
         a, b = [p.name for p in src.files], [p.name for p in ref.files]
         if a != b:
@@ -89,16 +94,44 @@ def paired_frames(source: str, reference: str, count: int, **opts: Any) -> list[
             raise ExportError(expected("as many --reference frames as validation frames",
                                        f"{len(out) + (clean is not None)} validation, "
                                        f"{len(out) + (frame is not None)} reference frames, or more"))
-        mine = (frame.pixels.shape, str(frame.pixels.dtype), frame.bits_stored)
-        theirs = (clean.pixels.shape, str(clean.pixels.dtype), clean.bits_stored)
-        if mine != theirs:
-            raise ExportError(f"validation frame {len(out) + 1}: " + expected(
-                f"a --reference frame of the same shape, dtype and bits stored {mine}", theirs))
-        frame.truth = GroundTruth(clean=clean.pixels)
+        where = f"validation frame {len(out) + 1}: "
+        if label_maps:
+            frame.truth = label_map_truth(clean.pixels, frame.pixels.shape[:2], label_maps, where)
+        else:
+            mine = (frame.pixels.shape, str(frame.pixels.dtype), frame.bits_stored)
+            theirs = (clean.pixels.shape, str(clean.pixels.dtype), clean.bits_stored)
+            if mine != theirs:
+                raise ExportError(where + expected(
+                    f"a --reference frame of the same shape, dtype and bits stored {mine}", theirs))
+            frame.truth = GroundTruth(clean=clean.pixels)
         out.append(frame)
     if not out:
         raise ExportError(expected("held-out validation frames", "none"))
     return out
+
+
+def label_map_truth(label_map: np.ndarray, shape: tuple[int, ...], classes: Sequence[str] | bool,
+                    where: str = "") -> GroundTruth:
+    """Segmentation truth from a label map (pixel value k = class k, 0 = background when the model's
+    first class is): one mask (with its bounding box) per class present, labelled with its name."""
+    if label_map.ndim != 2 or label_map.dtype == np.float32 or label_map.shape != tuple(shape):
+        raise ExportError(where + expected(f"a single-channel integer label map of the frame's size {tuple(shape)}",
+                                           f"{label_map.dtype} {label_map.shape}"))
+    names = list(classes) if not isinstance(classes, bool) else []
+    values = [int(v) for v in np.unique(label_map)]
+    if names and values[-1] >= len(names):
+        raise ExportError(where + expected(f"label values 0..{len(names) - 1} (one per class {names})", values[-1]))
+    masks, boxes, labels = [], [], []
+    for v in values:
+        if v == 0 and (not names or names[0].lower() == "background"):
+            continue
+        m = label_map == v
+        ys, xs = np.nonzero(m)
+        masks.append(m)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        labels.append(names[v] if names else str(v))
+    return GroundTruth(np.asarray(boxes, np.float32).reshape(-1, 4), labels,
+                       masks=np.stack(masks) if masks else np.zeros((0, *shape), bool))
 
 
 # -- detection: COCO boxes ----------------------------------------------------------------

@@ -187,3 +187,49 @@ def test_quantize_refuses_calibration_on_the_users_validation_frames(tmp_path: P
     record = json.loads((tmp_path / "calibration.json").read_text())
     evalset = cli._validation_set(m, 200, str(noisy), reference=str(clean), opts={"modality": "DX"})
     assert record["validation_set_sha256"] == C.set_sha256(evalset.frame_hashes) and record["frames"] == 6
+
+
+def _seg_model(path: Path, bias: float = 0.0) -> Path:
+    """A 1x1 convolution thresholding brightness at 0.5: logits [background, lesion] (``bias`` moves
+    the threshold: a damaged model)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.array([[[[-20.0]]], [[[20.0]]]], np.float32)
+    b = np.array([10.0 - bias, -10.0 + bias], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["logits"], name="conv")], "seg",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 1, "H", "W"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 2, "H", "W"])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def test_segmentation_is_gated_on_label_map_pairs(tmp_path: Path) -> None:
+    m = {"name": "seg", "task": "segmentation", "modality": ["US"], "bits_stored": 8, "photometric": "MONOCHROME2",
+         "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+         "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, 2, "H", "W"]}], "preprocess": {},
+         "postprocess": {"type": "segmentation", "output": "logits", "activation": "softmax",
+                         "classes": ["background", "lesion"]}}
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        label = np.zeros((64, 80), np.uint8)
+        cv2.circle(label, (int(rng.integers(20, 60)), int(rng.integers(20, 44))), int(rng.integers(6, 14)), 1, -1)
+        img = np.where(label == 1, 170, 60).astype(np.uint8) + rng.integers(0, 40, label.shape, dtype=np.uint8)
+        cv2.imwrite(str(images / f"s{i}.png"), img)
+        cv2.imwrite(str(masks / f"s{i}.png"), label)
+    ev = cli._validation_set(m, 50, str(images), reference=str(masks), opts={"modality": "US", "gray": True})
+    assert ev.frames[0].truth.labels == ["lesion"] and ev.frames[0].truth.masks.shape == (1, 64, 80)
+    good, damaged = _seg_model(tmp_path / "fp32.onnx"), _seg_model(tmp_path / "bad.onnx", bias=6.0)
+    report = V.validate(m, good, {"int8": damaged, "same": good}, ev)
+    assert report.fp32["dice"] > 0.95 and report.candidate("same").passed
+    assert not report.candidate("int8").passed and report.candidate("int8").failures[0].metric == "dice"
+    cv2.imwrite(str(masks / "s2.png"), np.full((64, 80), 2, np.uint8))  # no class 2 in this model
+    with pytest.raises(ExportError, match=r"validation frame 3: expected label values 0..1"):
+        cli._validation_set(m, 50, str(images), reference=str(masks), opts={"modality": "US", "gray": True})
