@@ -64,14 +64,15 @@ def labelled_frames(source: str, manifest: Mapping[str, Any], count: int, *, ref
         raise ExportError(f"validation frames: {exc}") from None
 
 
-# -- enhancement: clean references --------------------------------------------------------
+# -- enhancement and segmentation: paired reference frames --------------------------------
 def paired_frames(source: str, reference: str, count: int, *, label_maps: Sequence[str] | bool = False,
                   **opts: Any) -> list[Frame]:
     """Frames of ``source``, each with the same-position frame of ``reference`` as its clean image, or
     (``label_maps``: the model's class names, or True without them) as its segmentation label map."""
     from edge_runtime.sources import ImageFolderSource, open_source
 
-    ref_opts = {k: v for k, v in opts.items() if k != "bits_stored"} if label_maps else opts
+    # label maps are read as stored: neither a bit depth nor a grey conversion (it would mix the values)
+    ref_opts = {k: v for k, v in opts.items() if k not in ("bits_stored", "gray")} if label_maps else opts
     src, ref = open_source(source, **opts), open_source(reference, **ref_opts)
     if isinstance(src, ImageFolderSource) and isinstance(ref, ImageFolderSource):
         a, b = [p.name for p in src.files], [p.name for p in ref.files]
@@ -92,8 +93,8 @@ def paired_frames(source: str, reference: str, count: int, *, label_maps: Sequen
             break
         if frame is None or clean is None:
             raise ExportError(expected("as many --reference frames as validation frames",
-                                       f"{len(out) + (clean is not None)} validation, "
-                                       f"{len(out) + (frame is not None)} reference frames, or more"))
+                                       f"{len(out)} reference frames for more validation frames" if clean is None
+                                       else f"more reference frames than the {len(out)} validation frames"))
         where = f"validation frame {len(out) + 1}: "
         if label_maps:
             frame.truth = label_map_truth(clean.pixels, frame.pixels.shape[:2], label_maps, where)
@@ -115,7 +116,8 @@ def label_map_truth(label_map: np.ndarray, shape: tuple[int, ...], classes: Sequ
     """Segmentation truth from a label map (pixel value k = class k, 0 = background when the model's
     first class is): one mask (with its bounding box) per class present, labelled with its name."""
     if label_map.ndim != 2 or label_map.dtype == np.float32 or label_map.shape != tuple(shape):
-        raise ExportError(where + expected(f"a single-channel integer label map of the frame's size {tuple(shape)}",
+        raise ExportError(where + expected(f"a single-channel integer label map of the frame's size {tuple(shape)} "
+                                           "(a palette PNG reads as colour: save the indices as 8-bit grey)",
                                            f"{label_map.dtype} {label_map.shape}"))
     names = list(classes) if not isinstance(classes, bool) else []
     values = [int(v) for v in np.unique(label_map)]

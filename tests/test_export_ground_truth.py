@@ -233,3 +233,18 @@ def test_segmentation_is_gated_on_label_map_pairs(tmp_path: Path) -> None:
     cv2.imwrite(str(masks / "s2.png"), np.full((64, 80), 2, np.uint8))  # no class 2 in this model
     with pytest.raises(ExportError, match=r"validation frame 3: expected label values 0..1"):
         cli._validation_set(m, 50, str(images), reference=str(masks), opts={"modality": "US", "gray": True})
+
+
+def test_a_colour_label_map_is_refused_not_mixed_to_grey(tmp_path: Path) -> None:
+    """A palette / colour label map read through a grey model's options would have its class values
+    mixed into grey levels; it is refused with a message saying how to save it."""
+    m = {"task": "segmentation", "postprocess": {"classes": ["background", "lesion"]}}
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    cv2.imwrite(str(images / "a.png"), np.zeros((8, 8), np.uint8))
+    cv2.imwrite(str(masks / "a.png"), np.dstack([np.ones((8, 8), np.uint8)] * 3) * (0, 0, 128))
+    from export.ground_truth import labelled_frames
+
+    with pytest.raises(ExportError, match="single-channel integer label map.*8-bit grey"):
+        labelled_frames(str(images), m, 10, reference=str(masks), modality="US", gray=True)
