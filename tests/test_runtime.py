@@ -195,6 +195,32 @@ def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
     assert not (tmp_path / "o2" / "enhanced").exists()
 
 
+def test_infer_stops_at_a_failed_write_with_records_only_for_written_frames(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Files are written in a thread of their own (edge_runtime.infer._Writer): a write that fails there
+    (a full disk) must still stop the run with exit 1, and no record may follow the frame it lost."""
+    from edge_runtime import infer
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline.recorder import read_records
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    real, calls = infer.write_image, []
+
+    def full_disk(path: Path, image: np.ndarray) -> Path:
+        calls.append(path)
+        if len(calls) == 4:  # frame 0: enhanced + annotated, frame 1: enhanced, then its annotated PNG
+            raise OSError(28, "No space left on device")
+        return real(path, image)
+
+    monkeypatch.setattr(infer, "write_image", full_disk)
+    out = tmp_path / "out"
+    rc = main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out), "--device", "cpu-x86",
+               "--limit", "8"])
+    assert rc == 1 and "No space left on device" in capsys.readouterr().err
+    assert [r["seq"] for r in read_records(out / "results.jsonl")] == [0]  # frame 1's record never written
+    assert len(calls) == 4  # nothing written after the failure
+
+
 def test_infer_refuses_an_output_folder_inside_its_source_folder(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """--out equal to --source: the second run read the first run's annotated PNGs as input."""
