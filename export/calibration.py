@@ -136,7 +136,7 @@ def recipe_frames(manifest: Mapping[str, Any], count: int, seed0: int, *, role: 
 
 def describe(spec: str, manifest: Mapping[str, Any], count: int, seed0: int) -> str:
     """How frames_from(spec, ...) draws its frames, for records and reports."""
-    if not spec.startswith("phantom"):
+    if not (spec == "phantom" or spec.startswith("phantom:")):  # a folder named phantom_x is a folder
         return spec
     kind = spec.split(":", 1)[1] if ":" in spec else phantom_kind(manifest)
     gen = str(((manifest.get("training") or {}).get("phantom") or {}).get("generator", ""))
@@ -290,7 +290,8 @@ def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, 
     overlap = set(hashes) & set(exclude)
     if overlap:
         raise ExportError(f"calibration source {label}: " + expected(
-            "no frame shared with the validation set", f"{len(overlap)} of {len(items)} frames shared"))
+            "no frame shared with the validation set (its frames or their clean references)",
+            f"{len(overlap)} of {len(items)} frames shared"))
     tensors = [pre(f)[0] for f in items]
     info = {"modality": sorted({f.modality for f in items}),
             "bits_stored": sorted({int(f.bits_stored or 0) for f in items}),

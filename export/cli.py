@@ -133,34 +133,47 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 # -- step: quantize --------------------------------------------------------------------------
+def _is_phantom(spec: str) -> bool:
+    return spec == "phantom" or spec.startswith("phantom:")  # a folder named phantom_x is a folder
+
+
 def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phantom", *, reference: str | None = None,
-                    labels: str | None = None, opts: dict[str, Any] | None = None) -> Any:
+                    labels: str | None = None, opts: dict[str, Any] | None = None,
+                    flags: Mapping[str, str] | None = None) -> Any:
     """Held-out frames with ground truth: phantoms drawn like the model's training data, or the user's
-    own (``source`` a path) with clean ``reference`` frames or COCO ``labels`` (export/ground_truth.py)."""
+    own (``source`` a path) with clean ``reference`` frames, label maps or COCO ``labels``
+    (export/ground_truth.py); ``flags``: the CLI's names of source / reference / labels."""
     from edge_runtime.preprocess import Preprocessor
 
-    from .calibration import VALIDATION_SEED0, describe, frames_from, governance_problems
-    from .ground_truth import labelled_frames
+    from .calibration import VALIDATION_SEED0, _unnamed, describe, frames_from, governance_problems
+    from .ground_truth import FLAGS, labelled_frames
     from .validate import EvalSet
 
-    phantom = source.startswith("phantom")
+    flags = flags or FLAGS
+    phantom = _is_phantom(source)
     if phantom:
         if reference or labels:
-            raise ConfigError(expected("--reference / --labels with held-out frames of your own (--source PATH)",
-                                       "phantom frames, which carry their own ground truth"))
+            raise ConfigError(expected(f"{flags['reference']} / {flags['labels']} with held-out frames of your own "
+                                       f"({flags['source']} PATH)", "phantom frames, which carry their own ground truth"))
         items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
         label = describe(source, manifest, len(items), VALIDATION_SEED0)
     else:
-        items = labelled_frames(source, manifest, frames, reference=reference, labels=labels, **(opts or {}))
-        label = f"{source} ({len(items)} frames" + (f", clean references {reference})" if reference else
-                                                    f", boxes from {labels})")
+        items = labelled_frames(source, manifest, frames, reference=reference, labels=labels, flags=flags,
+                                **(opts or {}))
+        # by kind, never by path: the label goes into validation.json and the bundle's manifest, and
+        # file and folder names can identify patients (the set is identified by its sha256)
+        truth = {"enhancement": f"clean references {_unnamed(str(reference))}",
+                 "segmentation": f"label maps {_unnamed(str(reference))}",
+                 "detection": "COCO boxes"}[manifest["task"]]
+        label = f"your frames {_unnamed(source)}, {len(items)} frames, {truth}"
     problems = governance_problems(items, manifest, Preprocessor.from_manifest(manifest).invert_monochrome1)
     if problems:
         # said before pre-processing would refuse the first frame as if the user's data were wrong
+        give = {"enhancement": f"{flags['reference']} CLEAN", "segmentation": f"{flags['reference']} MASKS",
+                "detection": f"{flags['labels']} COCO.json"}[manifest["task"]]
         hint = ("; the phantom generators make 8-bit ultrasound and 12-bit X-ray frames only: validate this model "
-                "on held-out frames of your own (--source PATH with --reference CLEAN for enhancement or --labels "
-                "COCO.json for detection)") if phantom else ""
-        raise ExportError(f"validation frames from {label if phantom else '--source'} do not match model "
+                f"on held-out frames of your own ({flags['source']} PATH with {give})") if phantom else ""
+        raise ExportError(f"validation frames from {label if phantom else flags['source']} do not match model "
                           f"{manifest.get('name')!r}: " + "; ".join(problems) + hint)
     return EvalSet.build(manifest, items, source=label)
 
@@ -191,7 +204,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     manifest = _manifest(args)
     val = _validation_set(manifest, args.val_frames, **_val_opts(args, manifest, "val_"))
-    cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.frame_hashes,
+    cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, val.exclude_hashes,
                            not args.no_progress, _source_opts(args, manifest))
     method = calibration_method(manifest, args.method)
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
@@ -214,12 +227,13 @@ def _source_opts(args: argparse.Namespace, manifest: dict[str, Any]) -> dict[str
 
 
 def _frame_opts(spec: str, modality: str | None, bits: int | None, flags: tuple[str, str],
-                manifest: Mapping[str, Any], role: str) -> dict[str, Any]:
+                manifest: Mapping[str, Any], role: str, kind: str | None = None) -> dict[str, Any]:
     """What a folder or video cannot say about itself (edge_runtime.sources.stated_options); for them
-    the modality must be stated here (a default would make the governance check pass anything)."""
+    the modality must be stated here (a default would make the governance check pass anything).
+    ``kind``: the source's kind when known (a COCO image folder may hold its images in subfolders)."""
     from edge_runtime.sources import source_kind, stated_options
 
-    kind = "phantom" if spec.startswith("phantom") else source_kind(spec)
+    kind = kind or ("phantom" if _is_phantom(spec) else source_kind(spec))
     given = stated_options(kind, modality, bits, flags)
     if kind in ("phantom", "dicom"):
         return given
@@ -235,10 +249,14 @@ def _val_opts(args: argparse.Namespace, manifest: dict[str, Any], prefix: str = 
     """_validation_set's keywords from validate's --source / --reference / --labels / --modality /
     --bits-stored, or (``prefix`` "val_") quantize's --val-source / --val-reference / ... / --val-bits."""
     a = {k: getattr(args, prefix + k, None) for k in ("source", "reference", "labels", "modality", "bits")}
-    flags = ("--val-modality", "--val-bits") if prefix else ("--modality", "--bits-stored")
-    opts = {} if str(a["source"]).startswith("phantom") else _frame_opts(
-        str(a["source"]), a["modality"], a["bits"], flags, manifest, "validation")
-    return {"source": str(a["source"]), "reference": a["reference"], "labels": a["labels"], "opts": opts}
+    dash = prefix.replace("_", "-")
+    names = ("--val-modality", "--val-bits") if prefix else ("--modality", "--bits-stored")
+    source = str(a["source"])
+    # a COCO file names images in the folder (or its subfolders): read them as images whatever else is there
+    kind = "images" if a["labels"] and not _is_phantom(source) else None
+    opts = _frame_opts(source, a["modality"], a["bits"], names, manifest, "validation", kind)
+    return {"source": source, "reference": a["reference"], "labels": a["labels"], "opts": opts,
+            "flags": {k: f"--{dash}{k}" for k in ("source", "reference", "labels")}}
 
 
 def _in_bundle(path: Path) -> bool:
@@ -323,7 +341,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             raise ConfigError(expected("--calib SOURCE for --repair (it re-quantises)", "none"))
         if args.repaired_out and len(failing) > 1:
             raise ConfigError(expected("one failing INT8 candidate for --repaired-out", failing))
-        cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.frame_hashes, show,
+        cal = _calibration_set(manifest, args.calib, args.calib_frames, args.min_frames, evalset.exclude_hashes, show,
                                _source_opts(args, manifest))
         method, max_float = calibration_method(manifest, args.method), repair_limit(manifest, args.max_float)
         with tempfile.TemporaryDirectory(prefix="edge-repair-") as tmp:
@@ -731,7 +749,7 @@ def export_reference(bundle_dir: str | Path, *, method: str | None = None, calib
         tmp = Path(tmp_s)
         step("fp16", lambda: to_fp16(fp32, tmp / "fp16.onnx"))
         cal = step("calibration frames", lambda: _calibration_set(manifest, "phantom", calib_frames, 200,
-                                                                  evalset.frame_hashes, progress))
+                                                                  evalset.exclude_hashes, progress))
         factories = {label: _int8_factory(fp32, cal, method, tmp, progress, form) for label, form in INT8_LABELS.items()}
         res: dict[str, Int8Result] = {}
         for label, (q, _) in factories.items():

@@ -62,6 +62,11 @@ class EvalSet:
     mappings: list[Any]
     source: str
     frame_hashes: list[str]
+    # sha256 over every frame's ground truth (truth_sha256): the same frames judged against other
+    # labels or references are another validation set
+    truth_sha256: str = ""
+    # the clean references' hashes as input frames of the same header: calibrating on them is refused too
+    reference_hashes: list[str] = field(default_factory=list)
 
     @classmethod
     def build(cls, manifest: Mapping[str, Any], frames: Sequence[Frame], *, source: str) -> EvalSet:
@@ -78,8 +83,16 @@ class EvalSet:
             raise ExportError(expected("ground truth on every validation frame (phantoms carry it)",
                                        f"{missing} of {len(frames)} frames without"))
         done = [pre(f) for f in frames]
+        refs = [frame_sha256(Frame(f.truth.clean, modality=f.modality, bits_stored=f.bits_stored,
+                                   photometric=f.photometric))
+                for f in frames if f.truth is not None and f.truth.clean is not None]
         return cls(manifest, frames, [t for t, _ in done], [m for _, m in done], source,
-                   [frame_sha256(f) for f in frames])
+                   [frame_sha256(f) for f in frames], truth_sha256(frames), refs)
+
+    @property
+    def exclude_hashes(self) -> list[str]:
+        """What calibration must not use: the validation frames and their clean references."""
+        return self.frame_hashes + self.reference_hashes
 
     @property
     def input_name(self) -> str:
@@ -87,13 +100,35 @@ class EvalSet:
 
     def subset(self, n: int) -> EvalSet:
         return EvalSet(self.manifest, self.frames[:n], self.tensors[:n], self.mappings[:n], self.source,
-                       self.frame_hashes[:n])
+                       self.frame_hashes[:n], truth_sha256(self.frames[:n]))
 
     def profile(self) -> dict[str, dict[str, list[int]]]:
         """An optimisation profile covering every validation tensor shape (for the lint)."""
         shapes = np.array([t.shape for t in self.tensors])
         common = max({tuple(s) for s in shapes.tolist()}, key=lambda s: sum(tuple(x) == s for x in shapes.tolist()))
         return {self.input_name: {"min": shapes.min(0).tolist(), "opt": list(common), "max": shapes.max(0).tolist()}}
+
+
+def truth_sha256(frames: Sequence[Frame]) -> str:
+    """sha256 over the frames' ground truth in order: per frame its boxes (float32), labels, masks and
+    clean image (dtype, shape and bytes of each)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in frames:
+        t = f.truth
+        if t is None:
+            h.update(b"none\n")
+            continue
+        h.update(("|".join(t.labels) + "\n").encode())
+        for a in (t.boxes, t.masks, t.clean):
+            if a is None:
+                h.update(b"-\n")
+            else:
+                a = np.ascontiguousarray(a)
+                h.update(f"{a.dtype.str}|{'x'.join(map(str, a.shape))}\n".encode())
+                h.update(a.tobytes())
+    return h.hexdigest()
 
 
 # -- running a model ------------------------------------------------------------------------
@@ -340,6 +375,7 @@ class ValidationReport:
     candidates: list[CandidateReport] = field(default_factory=list)
     repairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # candidate label -> what --repair did
     validation_set_sha256: str = ""
+    ground_truth_sha256: str = ""  # EvalSet.truth_sha256: the labels or references the frames were judged by
     tolerance_source: dict[str, str] = field(default_factory=dict)  # metric -> "manifest" / "default"
     threads: int = 2  # intra-op threads the candidates ran with
     fp32_threads: int = 2  # ... and the FP32 reference (computed separately when validate() is given ``ref``)
@@ -371,6 +407,7 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"format": REPORT_FORMAT, "version": 1, "model": self.model, "task": self.task,
                 "frames": self.frames, "source": self.source, "validation_set_sha256": self.validation_set_sha256,
+                **({"ground_truth_sha256": self.ground_truth_sha256} if self.ground_truth_sha256 else {}),
                 "tolerances": self.tolerances, "tolerance_source": self.tolerance_source,
                 "gated_metrics": list(GATED[self.task]), "passed": self.passed,
                 "fp32": {"metrics": self.fp32, "ms_per_frame": self.fp32_ms_per_frame,
@@ -402,6 +439,9 @@ class ValidationReport:
         for c in self.candidates:
             lines.append(f"  {c.precision:<10}" + "".join(f"{float(c.metrics[m]):>12.4f}" for m in gated)
                          + f"{c.ms_per_frame:>10.2f}  " + ("pass" if c.passed else "FAIL"))
+        unscored = [c for c, v in (self.fp32.get("ap50_per_class") or {}).items() if v is None]
+        if unscored:  # AP50 is the mean over the classes with ground truth; these did not count
+            lines.append(f"  not scored: no ground-truth object of class {', '.join(map(str, unscored))} in these frames")
         lines.append("  tolerances (largest allowed drop): " + ", ".join(
             f"{k} {v:g}" + (f" ({self.tolerance_source[k]})" if k in self.tolerance_source else "")
             for k, v in self.tolerances.items()))
@@ -511,6 +551,7 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
     report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
                               tol, ref.metrics, ref.ms_per_frame,
                               validation_set_sha256=set_sha256(evalset.frame_hashes),
+                              ground_truth_sha256=evalset.truth_sha256,
                               tolerance_source={m: "manifest" if m in given and tolerances is None else
                                                 "caller" if tolerances is not None else "default" for m in tol},
                               threads=threads, fp32_threads=ref.threads,

@@ -33,7 +33,7 @@ def _pairs(root: Path, n: int = 10, size: int = 64, noise: float = 3000.0) -> tu
     """16-bit low-dose / full-dose stand-ins: smooth clean images and the same with Gaussian noise."""
     rng = np.random.default_rng(0)
     noisy, clean = root / "noisy", root / "clean"
-    noisy.mkdir()
+    noisy.mkdir(parents=True)
     clean.mkdir()
     yy, xx = np.mgrid[0:size, 0:size]
     for i in range(n):
@@ -81,7 +81,7 @@ def test_pairs_that_do_not_line_up_are_refused(tmp_path: Path) -> None:
     noisy, clean = _pairs(tmp_path, n=4)
     opts = {"opts": {"modality": "DX"}}
     (clean / "f03.png").rename(clean / "g03.png")
-    with pytest.raises(ExportError, match="same image file names.*2 name"):
+    with pytest.raises(ExportError, match="same file names in the --source and --reference folders.*2 name"):
         cli._validation_set(m, 10, str(noisy), reference=str(clean), **opts)
     (clean / "g03.png").rename(clean / "f03.png")
     (clean / "f02.png").write_bytes(b"not an image")  # skipped by a folder source: the pairs would shift
@@ -90,19 +90,65 @@ def test_pairs_that_do_not_line_up_are_refused(tmp_path: Path) -> None:
     cv2.imwrite(str(clean / "f02.png"), np.zeros((64, 32), np.uint16))
     with pytest.raises(ExportError, match=r"validation frame 3: expected a --reference frame of the same shape"):
         cli._validation_set(m, 10, str(noisy), reference=str(clean), **opts)
-    cv2.imwrite(str(clean / "f02.png"), np.zeros((64, 64), np.uint16))
-    video = tmp_path / "clean.avi"  # a reference with fewer frames than the folder
-    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (64, 64))
-    for _ in range(2):
-        w.write(np.zeros((64, 64, 3), np.uint8))
-    w.release()
-    for p in noisy.iterdir():
-        cv2.imwrite(str(p), np.zeros((64, 64), np.uint8))
-    m8 = dict(m, bits_stored=8)
-    with pytest.raises(ExportError, match="as many --reference frames as validation frames"):
-        cli._validation_set(m8, 10, str(noisy), reference=str(video), opts={"modality": "DX", "gray": True})
     with pytest.raises(ConfigError, match="--reference / --labels with held-out frames of your own"):
         cli._validation_set(m, 10, "phantom", reference=str(clean))
+
+
+def test_pages_files_and_frame_counts_must_line_up(tmp_path: Path) -> None:
+    """Multi-page TIFFs with other page counts per file, a DICOM series against a folder, single files
+    with other frame counts: each is refused (each once paired frames of different images silently)."""
+    from test_sources import write_dicom
+
+    m, _ = _manifest16(tmp_path)
+    img = [np.full((16, 16), 1000 * (i + 1), np.uint16) for i in range(3)]
+    for side, pages in (("a", (3, 2)), ("b", (2, 3))):  # 5 frames each side, pages per file swapped
+        (tmp_path / side).mkdir()
+        cv2.imwritemulti(str(tmp_path / side / "x.tif"), img[:pages[0]])
+        cv2.imwritemulti(str(tmp_path / side / "y.tif"), img[:pages[1]])
+    with pytest.raises(ExportError, match=r"validation frame 1: expected its --reference frame at the same place "
+                                          r"\(image 1 of 2, page 1 of 3\), found 'image 1 of 2, page 1 of 2'"):
+        cli._validation_set(m, 10, str(tmp_path / "a"), reference=str(tmp_path / "b"), opts={"modality": "DX"})
+    series = tmp_path / "series"
+    series.mkdir()
+    for i in range(2):  # InstanceNumber against the file names: a series is read by InstanceNumber
+        write_dicom(series / f"{i}.dcm", img[i], bits_stored=16, InstanceNumber=2 - i)
+    with pytest.raises(ExportError, match="both folders of images or both DICOM series.*DicomSource and a "
+                                          "ImageFolderSource"):
+        cli._validation_set(m, 10, str(series), reference=str(tmp_path / "a"))
+    twin = tmp_path / "series2"
+    twin.mkdir()
+    for i in range(2):
+        write_dicom(twin / f"{i}.dcm", img[i], bits_stored=16, InstanceNumber=i + 1)
+    with pytest.raises(ExportError, match="read in the same order.*another order"):
+        cli._validation_set(m, 10, str(series), reference=str(twin))
+    videos = []
+    for n in (2, 3):
+        videos.append(tmp_path / f"v{n}.avi")
+        w = cv2.VideoWriter(str(videos[-1]), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (16, 16))
+        for _ in range(n):
+            w.write(np.zeros((16, 16, 3), np.uint8))
+        w.release()
+    m8 = dict(m, bits_stored=8)
+    with pytest.raises(ExportError, match="as many --reference frames as --source frames, found '3 and 2'"):
+        cli._validation_set(m8, 1, str(videos[0]), reference=str(videos[1]), opts={"modality": "DX", "gray": True})
+
+
+def test_a_12_bit_dicom_pairs_with_a_png_reference_checked_against_its_bits(tmp_path: Path) -> None:
+    """The reference is read by its own kind: a DICOM source states 12 bits (and refuses --bits-stored),
+    a 16-bit PNG reference is then checked against the frame's 12 bits, not its own 16."""
+    from test_sources import write_dicom
+
+    m = blur_manifest("xr12")  # 12 bits stored
+    clean = np.full((64, 64), 2000, np.uint16)
+    noisy = write_dicom(tmp_path / "n.dcm", clean + 50, bits_stored=12)
+    cv2.imwrite(str(tmp_path / "c.png"), clean)
+    ev = cli._validation_set(m, 10, str(noisy), reference=str(tmp_path / "c.png"))
+    assert ev.frames[0].bits_stored == 12 and np.array_equal(ev.frames[0].truth.clean, clean)
+    assert ev.reference_hashes and ev.truth_sha256
+    cv2.imwrite(str(tmp_path / "c.png"), clean + 3000)
+    with pytest.raises(ExportError, match=r"--reference values within the frame's 12 bits \(0..4095\), found "
+                                          "'a maximum of 5000'"):
+        cli._validation_set(m, 10, str(noisy), reference=str(tmp_path / "c.png"))
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +184,36 @@ def test_coco_labels_give_the_same_gate_as_the_phantoms_they_describe(tmp_path: 
     own = cli._validation_set(m, 50, str(folder), labels=str(labels), opts={"modality": "US", "gray": True})
     assert own.frame_hashes == [C.frame_sha256(f) for f in frames]  # PNG kept every pixel
     assert V.reference(fp32, own).metrics == phantom.metrics and phantom.metrics["ap50"] > 0.9
-    assert own.frames[3].position == "image 4 of 12"
+    assert own.frames[3].position == "image 4 of 12 (id 103)"
     shifted = tmp_path / "shifted"
     shifted.mkdir()
     folder2, labels2 = _coco(shifted, frames, m["postprocess"]["classes"], shift=12.0)  # boxes off target
     worse = V.reference(fp32, cli._validation_set(m, 50, str(folder2), labels=str(labels2),
                                                  opts={"modality": "US", "gray": True}))
     assert worse.metrics["ap50"] < phantom.metrics["ap50"] - 0.2  # the labels are what is scored
+    other = cli._validation_set(m, 50, str(folder2), labels=str(labels2), opts={"modality": "US", "gray": True})
+    assert other.frame_hashes == own.frame_hashes and other.truth_sha256 != own.truth_sha256
+
+
+def test_coco_names_in_subfolders_with_backslashes_and_an_empty_root(tmp_path: Path, lesion: Any) -> None:
+    """file_name "sub\\img0.png" (Windows tools) and a root holding only subfolders: read as images."""
+    m, frames = lesion
+    folder, labels = _coco(tmp_path, frames[:3], m["postprocess"]["classes"])
+    sub = folder / "sub"
+    sub.mkdir()
+    for p in folder.glob("*.png"):
+        p.rename(sub / p.name)
+    data = json.loads(labels.read_text())
+    for img in data["images"]:
+        img["file_name"] = "sub\\" + img["file_name"]
+    labels.write_text(json.dumps(data))
+    bundle = str(MODELS_DIR / "us-lesion-det")
+    rc = _run(["validate", "--bundle", bundle, "--candidate", f"same={MODELS_DIR / 'us-lesion-det' / 'fp32.onnx'}",
+               "--source", str(folder), "--labels", str(labels), "--modality", "US", "--no-progress",
+               "--report", str(tmp_path / "v.json")])
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert rc == 0 and report["frames"] == 3 and report["ground_truth_sha256"]
+    assert str(tmp_path) not in report["source"] and "COCO boxes" in report["source"]  # no path in the bundle
 
 
 def _broken(labels: Path, edit: Any) -> Path:
@@ -158,13 +227,16 @@ def _broken(labels: Path, edit: Any) -> Path:
 @pytest.mark.parametrize("edit,error", [
     (lambda d: d["categories"][0].update(name="Cyst"), r"category names among the model's classes.*\['Cyst'\]"),
     (lambda d: d["images"][2].update(file_name="../img2.png"), "relative to the --source folder"),
-    (lambda d: d["images"][2].update(file_name="gone.png"), r"image \d+ of 12 listed in --labels: expected its file"),
+    (lambda d: d["images"][2].update(file_name="gone.png"), r"image \d+ of 12 listed in --labels \(id 102\): expected its file"),
     (lambda d: d["images"][0].update(width=300), "width x height 300x512 as --labels says"),
     (lambda d: d["annotations"][0].update(bbox=[500, 10, 30, 30]), "boxes inside the 512x512 image"),
     (lambda d: d["annotations"][0].update(bbox=[10, 10, 0, 30]), "width and height > 0"),
     (lambda d: d["annotations"][0].update(iscrowd=1), "no crowd regions"),
     (lambda d: d["annotations"][0].update(image_id=5), "image_id among the images"),
     (lambda d: d.pop("annotations"), "'images' and 'annotations' lists"),
+    (lambda d: d["images"][1].update(id=100), "each image id once"),
+    (lambda d: d["categories"].append({"id": 7, "name": "solid"}), "each category id once"),
+    (lambda d: d["images"][1].update(file_name="./img0.png"), "each image file listed once"),
 ])
 def test_coco_mistakes_are_refused_by_name(tmp_path: Path, lesion: Any, edit: Any, error: str) -> None:
     m, frames = lesion
@@ -181,9 +253,11 @@ def test_quantize_refuses_calibration_on_the_users_validation_frames(tmp_path: P
     base = ["quantize", str(fp32), "--precision", "int8", "--out", str(tmp_path / "int8.onnx"), "--manifest",
             str(manifest), "--calib-modality", "DX", "--min-frames", "4", "--no-progress",
             "--val-source", str(noisy), "--val-reference", str(clean), "--val-modality", "DX"]
-    with pytest.raises(ExportError, match="no frame shared with the validation set.*6 of 6"):
-        _run(base + ["--calib", str(noisy)])
-    assert _run(base + ["--calib", str(clean)]) == 0  # other frames: calibrated and recorded
+    for shared in (noisy, clean):  # the held-out frames, and their clean references
+        with pytest.raises(ExportError, match="no frame shared with the validation set.*6 of 6"):
+            _run(base + ["--calib", str(shared)])
+    other, _ = _pairs(tmp_path / "more", n=6, noise=2000.0)
+    assert _run(base + ["--calib", str(other)]) == 0  # other frames: calibrated and recorded
     record = json.loads((tmp_path / "calibration.json").read_text())
     evalset = cli._validation_set(m, 200, str(noisy), reference=str(clean), opts={"modality": "DX"})
     assert record["validation_set_sha256"] == C.set_sha256(evalset.frame_hashes) and record["frames"] == 6
@@ -248,3 +322,25 @@ def test_a_colour_label_map_is_refused_not_mixed_to_grey(tmp_path: Path) -> None
 
     with pytest.raises(ExportError, match="single-channel integer label map.*8-bit grey"):
         labelled_frames(str(images), m, 10, reference=str(masks), modality="US", gray=True)
+
+
+def test_label_map_values_follow_the_models_classes() -> None:
+    """With a background class first, value k is class k; without one (a sigmoid ["lesion"] head), 0 is
+    background and value k is class k - 1; without class names only one foreground value is allowed
+    (the gate would compare each channel with the union of all classes)."""
+    from export.ground_truth import label_map_truth
+
+    lm = np.zeros((8, 8), np.uint8)
+    lm[1:3, 1:4], lm[5:7, 5:8] = 1, 2
+    t = label_map_truth(lm, (8, 8), ["background", "a", "b"])
+    assert t.labels == ["a", "b"] and t.boxes.tolist() == [[1, 1, 4, 3], [5, 5, 8, 7]]
+    assert label_map_truth(lm, (8, 8), ["a", "b"]).labels == ["a", "b"]
+    one = (lm == 1).astype(np.uint8)
+    t = label_map_truth(one, (8, 8), ["lesion"])
+    assert t.labels == ["lesion"] and int(t.masks.sum()) == 6
+    assert label_map_truth(np.zeros((8, 8), np.uint8), (8, 8), ["lesion"]).masks.shape == (0, 8, 8)
+    with pytest.raises(ExportError, match=r"label values 0..1 \(0 background, then the classes \['lesion'\]\), found 2"):
+        label_map_truth(lm, (8, 8), ["lesion"])
+    with pytest.raises(ExportError, match="one foreground label value without class names"):
+        label_map_truth(lm, (8, 8), True)
+    assert label_map_truth(one, (8, 8), True).labels == ["1"]
