@@ -31,6 +31,7 @@ from typing import Any
 from edge_runtime.errors import AccuracyGateError, ConfigError, EdgeRuntimeError, ExportError, expected
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "edge_runtime" / "models"
+SMALL_SET = 50  # held-out frames below which `export validate` says its verdict is noisy
 METRIC_KEYS = ("ap50", "sensitivity", "fppi", "psnr_db", "ssim", "dice", "frames")
 # Candidate label of each INT8 form in the gate (validation.json) -> form (export.quantize.FORMS).
 INT8_LABELS = {"int8": "tensorrt", "int8_cpu": "cpu"}
@@ -173,6 +174,10 @@ def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phanto
                 "detection": f"{flags['labels']} COCO.json"}[manifest["task"]]
         hint = ("; the phantom generators make 8-bit ultrasound and 12-bit X-ray frames only: validate this model "
                 f"on held-out frames of your own ({flags['source']} PATH with {give})") if phantom else ""
+        bits = manifest.get("bits_stored")
+        if not phantom and bits and any(f.bits_stored != bits and f.pixels.dtype.itemsize * 8 == f.bits_stored
+                                        for f in items):  # e.g. 12-bit data in 16-bit PNGs, read as 16-bit
+            hint = f"; {bits}-bit data in {items[0].pixels.dtype.itemsize * 8}-bit files: give {flags.get('bits', '--bits-stored')} {bits}"
         raise ExportError(f"validation frames from {label if phantom else flags['source']} do not match model "
                           f"{manifest.get('name')!r}: " + "; ".join(problems) + hint)
     return EvalSet.build(manifest, items, source=label)
@@ -188,7 +193,7 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .quantize import FORM_TARGETS, quantize_int8, to_fp16
+    from .quantize import FORM_TARGETS, quantize_int8, stamp_source, to_fp16
 
     if not Path(args.model).is_file():
         raise ConfigError(expected("an existing ONNX model to quantise", args.model))
@@ -200,6 +205,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.precision == "fp16":
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
                       node_block_list=_csv(args.exclude_nodes))
+        stamp_source(out, args.model)
         print(f"wrote {out} (FP16 inside, float32 inputs/outputs; loads in ONNX Runtime CPU)")
         return 0
     manifest = _manifest(args)
@@ -210,6 +216,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
                         method=method, nodes_to_exclude=_csv(args.exclude_nodes),
                         op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
+    stamp_source(res.path, args.model)
     record = cal.record(method=method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
     Path(args.record or Path(args.out).with_name("calibration.json")).write_text(json.dumps(record, indent=2) + "\n")
     zp = "zero points all 0" if args.form == "tensorrt" else \
@@ -256,7 +263,7 @@ def _val_opts(args: argparse.Namespace, manifest: dict[str, Any], prefix: str = 
     kind = "images" if a["labels"] and not _is_phantom(source) else None
     opts = _frame_opts(source, a["modality"], a["bits"], names, manifest, "validation", kind)
     return {"source": source, "reference": a["reference"], "labels": a["labels"], "opts": opts,
-            "flags": {k: f"--{dash}{k}" for k in ("source", "reference", "labels")}}
+            "flags": {**{k: f"--{dash}{k}" for k in ("source", "reference", "labels")}, "bits": names[1]}}
 
 
 def _in_bundle(path: Path) -> bool:
@@ -305,8 +312,8 @@ def _bar(total: int, desc: str, show: bool) -> Any:
 
 # -- step: validate --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
-
     from . import validate as V
+    from .quantize import stamp_source
 
     manifest = _manifest(args)
     fp32 = args.fp32 or (str(Path(args.bundle) / "fp32.onnx") if args.bundle else None)
@@ -353,13 +360,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 rr.report.file = out.name  # never the repair's temporary file (deleted with its folder)
                 if rr.report.passed:
                     shutil.copyfile(rr.path, out)
+                    stamp_source(out, fp32)
+                    # what it was calibrated on, for `export bundle --calibration` (as quantize writes one)
+                    record = cal.record(method=method, min_frames=args.min_frames, validation_sha256=_set_sha(evalset))
+                    rec_path = out.with_name(f"{out.stem}.calibration.json")
+                    rec_path.write_text(json.dumps(record, indent=2) + "\n")
+                    _say(f"repaired {label} -> {out}; its calibration record -> {rec_path}")
                 else:
                     _say(f"repair of {label} did not pass the gate: {out} left as it was")
                 report.replace(label, rr.report, rr.to_dict())
     if args.report:
         report.write(args.report)
     print(report.text())
-    report.raise_if_failed()
+    if report.frames < SMALL_SET:
+        _say(f"note: {report.frames} held-out frames; on fewer than {SMALL_SET} one frame can flip a verdict")
+    report.raise_if_failed(with_report=False)
     return 0
 
 
@@ -514,10 +529,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
+    from .quantize import stamped_source
+
     for name, src in files.items():
         if src and name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
             artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
                 | _targets(name)
+            made_from = stamped_source(src) if name != "fp32.onnx" else None
+            if made_from:  # the bundle's stale check compares it with fp32.onnx (edge_runtime.bundle)
+                artifacts[name]["info"] = {"source_fp32_sha256": made_from}
     # A template (a shipped manifest, say) describes files of its own bundle: those neither given now nor
     # already in --out are left out, instead of failing after the copies as "listed but not in files".
     absent = [f for f in artifacts if not files.get(f) and not (out / f).is_file()]
@@ -540,6 +560,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
+    # Likewise the calibration record: the template's describes its own INT8 file and calibration.json.
+    manifest.pop("calibration", None)
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
         _check_calibration_record(rec, manifest)
@@ -913,23 +935,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(fn=cmd_quantize)
 
     p = sub.add_parser("validate", help="accuracy gate: FP32 vs candidates on held-out frames (exit 1 on failure)")
-    p.add_argument("--bundle")
-    p.add_argument("--manifest")
-    p.add_argument("--fp32")
+    p.add_argument("--bundle", help="bundle directory or reference model name: its manifest, fp32.onnx and (without "
+                   "--candidate) its FP16 / INT8 files")
+    p.add_argument("--manifest", help="manifest.json describing the model (without --bundle)")
+    p.add_argument("--fp32", help="the FP32 ONNX the candidates are judged against (default: the bundle's)")
     p.add_argument("--candidate", action="append", default=[],
                    help="LABEL=PATH (.onnx or engine): fp16, int8 (int8.onnx), int8_cpu (int8_cpu.onnx); "
                    "default with --bundle: the bundle's fp16 and INT8 files")
-    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--frames", type=int, default=200, help="held-out frames to judge on (default 200; from --source "
+                   "the first N; fewer than 50 make a noisy verdict)")
     p.add_argument("--source", default="phantom", help="held-out frames: phantom (default; drawn like the "
                    "training data, ground truth included), or a folder / DICOM / video of your own with "
                    "--reference (enhancement, segmentation) or --labels (detection)")
     _truth_opts(p, "")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads (default 2)")
     p.add_argument("--repair", action="store_true",
-                   help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate)")
+                   help="keep sensitive nodes in float until the gate passes (each failing INT8 candidate; it "
+                   "re-quantises with the --calib* / --method options below, which only --repair uses)")
     p.add_argument("--max-float", type=int, help="repair: most nodes kept in float (default: the manifest's "
                    "training.repair_max_float, else half)")
-    p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate; refused inside a bundle)")
+    p.add_argument("--repaired-out", help="repair: where the repaired INT8 goes (default over the candidate file; "
+                   "needed with --bundle: a bundle's files are never rewritten); its calibration record goes next "
+                   "to it (NAME.calibration.json)")
     _calib_opts(p)
     p.add_argument("--report", help="write validation.json here")
     p.add_argument("--no-progress", action="store_true")
@@ -988,4 +1015,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edge_runtime.runtime import resolve_bundle
+
+    # a reference model's name stands for its shipped bundle, as in `infer --bundle NAME`
+    if getattr(args, "bundle", None):
+        args.bundle = str(resolve_bundle(args.bundle))
+    if getattr(args, "bundles", None):
+        args.bundles = [str(resolve_bundle(b)) for b in args.bundles]
+    # output files' folders made first: a missing one failed only after the work (a 16 s repair, lost)
+    for name in ("out", "report", "repaired_out", "record"):
+        value = getattr(args, name, None)
+        if value and args.fn is not cmd_bundle:  # `export bundle --out` is a bundle directory, made whole
+            Path(value).parent.mkdir(parents=True, exist_ok=True)
     return int(args.fn(args))

@@ -198,7 +198,7 @@ def coco_frames(folder: str, labels: str, count: int, *, classes: Sequence[str],
     out = []
     for i, name in enumerate(names, 1):
         image_id, stated = images[name]
-        where = f"image {i} of {len(names)} listed in {lab_flag} (id {image_id})"  # ids name no patient
+        where = f"image {i} of {len(names)} (file-name order) in {lab_flag}, id {image_id}"  # ids name no patient
         path = root.joinpath(*PurePosixPath(name).parts)
         if not path.is_file():
             raise ExportError(f"{where}: " + expected(f"its file in the {src_flag} folder", "none"))

@@ -106,6 +106,36 @@ def check_loads(path: str | os.PathLike[str]) -> None:
         raise ExportError(f"{path}: ONNX Runtime (CPU) cannot load the converted model: {exc}") from None
 
 
+# ONNX metadata_props key: the sha256 of the FP32 file an FP16 / INT8 file was made from. `export
+# bundle` records it (artifact info.source_fp32_sha256: a bundle pairing the file with another FP32 is
+# stale and refused) and `export validate` refuses a candidate judged against another FP32.
+SOURCE_KEY = "edge_runtime.source_fp32_sha256"
+
+
+def stamp_source(path: str | os.PathLike[str], fp32: str | os.PathLike[str]) -> str:
+    """Record in ``path`` the sha256 of the FP32 model ``fp32`` it was made from; returns that sha256."""
+    import onnx
+
+    from edge_runtime.bundle import sha256_file
+
+    sha = sha256_file(fp32)
+    model = onnx.load(str(path))
+    kept = [p for p in model.metadata_props if p.key != SOURCE_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=SOURCE_KEY, value=sha)
+    onnx.save(model, str(path))
+    return sha
+
+
+def stamped_source(path: str | os.PathLike[str]) -> str | None:
+    """The FP32 sha256 stamp_source recorded in ``path``, or None (a file made elsewhere)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
+
+
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keep_io_types: bool = True,
             op_block_list: Sequence[str] | None = None, node_block_list: Sequence[str] = ()) -> Path:
     """Write an FP16 copy of ``src``; inputs/outputs stay float32 (casts inside) when keep_io_types."""

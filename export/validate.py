@@ -331,7 +331,8 @@ def require_finite_reference(task: str, fp32: Mapping[str, Any], tol: Mapping[st
             raise ExportError(expected(
                 f"a FP32 {m} above {floor + tol[m]:g} on the validation frames (its floor {floor:g} plus the "
                 f"tolerance {tol[m]:g}), or every candidate passes", f"{a:.4f}{over}{objects}: the model does not "
-                "work on these frames (trained for others? validate on frames like its training data)"))
+                "work on these frames (trained for others? validate on frames like its training data; with "
+                "labels of your own: are their class names those of the model?)"))
 
 
 def gate(task: str, fp32: Mapping[str, Any], cand: Mapping[str, Any], tol: Mapping[str, float]) -> list[GateFailure]:
@@ -465,10 +466,13 @@ class ValidationReport:
                          f"(fp32 {r['ms_fp32']:.2f}); {'passed' if r['passed'] else 'did not pass'}")
         return "\n".join(lines)
 
-    def raise_if_failed(self) -> None:
+    def raise_if_failed(self, *, with_report: bool = True) -> None:
+        """AccuracyGateError naming each failing file, with the report's text unless the caller has
+        just printed it (``with_report`` False)."""
         if not self.passed:
             failed = ", ".join(f"{c.precision} ({c.file})" for c in self.candidates if not c.passed) or "no candidates"
-            raise AccuracyGateError(f"accuracy gate failed for {failed}:\n" + self.text())
+            raise AccuracyGateError(f"accuracy gate failed for {failed}" + (":\n" + self.text() if with_report
+                                                                          else " (report above)"))
 
 
 ORT_CPU = "onnxruntime CPUExecutionProvider"
@@ -547,6 +551,15 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
     tol = dict(tolerances) if tolerances is not None else tolerances_for(manifest)
     ref = ref or reference(fp32, evalset, threads=threads, progress=progress, fppi=fppi)
     require_finite_reference(manifest["task"], ref.metrics, tol)
+    from .quantize import stamped_source
+
+    fp32_sha = sha256_file(fp32)
+    for label, path in candidates.items():
+        made_from = stamped_source(path) if Path(path).suffix == ".onnx" else None
+        if made_from and made_from != fp32_sha:  # e.g. another model's int8.onnx: its verdict would mean nothing
+            raise ExportError(f"candidate {label} ({Path(path).name}): " + expected(
+                f"made from the FP32 model judged against (sha256 {fp32_sha[:12]}...)",
+                f"made from fp32 sha256 {made_from[:12]}... (export stamped it so)"))
     given = manifest.get("tolerances") or {}
     report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
                               tol, ref.metrics, ref.ms_per_frame,
@@ -556,7 +569,7 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
                                                 "caller" if tolerances is not None else "default" for m in tol},
                               threads=threads, fp32_threads=ref.threads,
                               backends=sorted({backend_name(p) for p in [fp32, *candidates.values()]}),
-                              fp32_sha256=sha256_file(fp32))
+                              fp32_sha256=fp32_sha)
     for precision, path in candidates.items():
         report.candidates.append(evaluate_candidate(path, precision, evalset, ref, tol, threads=threads,
                                                     progress=progress, fppi=fppi))

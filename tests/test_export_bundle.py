@@ -550,3 +550,18 @@ def test_a_refused_bundle_leaves_no_half_written_folder(tmp_path: Path) -> None:
         _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(out),
               "--fp32", str(shipped.file("fp32.onnx"))])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json"]  # neither --out nor a staging folder
+
+
+def test_bundle_drops_the_templates_calibration_record_unless_one_is_given(tmp_path: Path) -> None:
+    """A shipped manifest as template, a repaired INT8 file and no --calibration: the template's record
+    (of its own INT8 file and a calibration.json not in the new bundle) stayed and verified OK."""
+    shipped = Path(__file__).resolve().parents[1] / "edge_runtime" / "models" / "us-despeckle"
+    assert "calibration" in json.loads((shipped / "manifest.json").read_text())
+    out = tmp_path / "out"
+    assert _cli(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(out),
+                 "--fp32", str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx")]) == 0
+    assert "calibration" not in Bundle.load(out).manifest
+    assert _cli(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(out), "--fp32",
+                 str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx"), "--calibration",
+                 str(shipped / "calibration.json")]) == 0
+    assert Bundle.load(out).manifest["calibration"]["file"] == "calibration.json"

@@ -66,8 +66,9 @@ def test_a_16_bit_denoiser_is_gated_on_the_users_own_pairs(tmp_path: Path) -> No
     frames = [cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (noisy / "f00.png", clean / "f00.png")]
     noisy_psnr = 10 * np.log10(65535.0 ** 2 / np.mean((frames[0].astype(float) - frames[1]) ** 2))
     assert report["fp32"]["metrics"]["psnr_db"] > noisy_psnr + 3
-    with pytest.raises(AccuracyGateError, match="psnr_db"):
+    with pytest.raises(AccuracyGateError, match=r"int8 \(damaged.onnx\)"):
         _run(base + ["--candidate", f"int8={tmp_path / 'damaged.onnx'}"])
+    assert json.loads((tmp_path / "v.json").read_text())["candidates"][0]["failures"][0]["metric"] == "psnr_db"
     # without frames of its own the message says why the phantoms do not fit, and what to give
     with pytest.raises(ExportError, match=r"bits_stored 16 \(manifest\), found \{12: 8\}.*--reference CLEAN"):
         _run(["validate", "--manifest", str(manifest), "--fp32", str(fp32), "--no-progress", "--frames", "8",
@@ -227,7 +228,7 @@ def _broken(labels: Path, edit: Any) -> Path:
 @pytest.mark.parametrize("edit,error", [
     (lambda d: d["categories"][0].update(name="Cyst"), r"category names among the model's classes.*\['Cyst'\]"),
     (lambda d: d["images"][2].update(file_name="../img2.png"), "relative to the --source folder"),
-    (lambda d: d["images"][2].update(file_name="gone.png"), r"image \d+ of 12 listed in --labels \(id 102\): expected its file"),
+    (lambda d: d["images"][2].update(file_name="gone.png"), r"image \d+ of 12 \(file-name order\) in --labels, id 102: expected its file"),
     (lambda d: d["images"][0].update(width=300), "width x height 300x512 as --labels says"),
     (lambda d: d["annotations"][0].update(bbox=[500, 10, 30, 30]), "boxes inside the 512x512 image"),
     (lambda d: d["annotations"][0].update(bbox=[10, 10, 0, 30]), "width and height > 0"),
@@ -344,3 +345,44 @@ def test_label_map_values_follow_the_models_classes() -> None:
     with pytest.raises(ExportError, match="one foreground label value without class names"):
         label_map_truth(lm, (8, 8), True)
     assert label_map_truth(one, (8, 8), True).labels == ["1"]
+
+
+def test_files_made_from_another_fp32_are_refused_by_the_gate_and_the_bundle(tmp_path: Path) -> None:
+    """`export quantize` stamps the FP32 sha256 into what it writes: another model's INT8 file is refused
+    as a candidate and as a bundle member (a bundle of xr-denoise with us-despeckle's int8 verified OK)."""
+    from edge_runtime.errors import BundleError
+    from export.quantize import stamped_source
+
+    _, manifest = _manifest16(tmp_path)
+    noisy, clean = _pairs(tmp_path, n=6)
+    fp32, other = blur_model(tmp_path / "fp32.onnx"), blur_model(tmp_path / "other.onnx", damage=0.01)
+    assert _run(["quantize", str(other), "--precision", "fp16", "--out", str(tmp_path / "q" / "fp16.onnx")]) == 0
+    made = tmp_path / "q" / "fp16.onnx"  # its folder made first (it failed after the work before)
+    from edge_runtime.bundle import sha256_file
+
+    assert stamped_source(made) == sha256_file(other)
+    with pytest.raises(ExportError, match=r"candidate fp16 \(fp16.onnx\): expected made from the FP32 model"):
+        _run(["validate", "--manifest", str(manifest), "--fp32", str(fp32), "--candidate", f"fp16={made}",
+              "--source", str(noisy), "--reference", str(clean), "--modality", "DX", "--no-progress"])
+    with pytest.raises(BundleError, match="stale"):
+        _run(["bundle", "--manifest", str(manifest), "--out", str(tmp_path / "b"), "--fp32", str(fp32),
+              "--fp16", str(made)])
+    assert not (tmp_path / "b").exists()
+    assert _run(["bundle", "--manifest", str(manifest), "--out", str(tmp_path / "b"), "--fp32", str(other),
+                 "--fp16", str(made)]) == 0
+
+
+def test_12_bit_data_in_16_bit_files_is_told_to_give_its_bits(tmp_path: Path) -> None:
+    """A 12-bit model validated on a folder of 16-bit PNGs holding 12-bit data, without --bits-stored:
+    the message names the option to give (it said only 'expected bits_stored 12, found 16')."""
+    noisy, clean = _pairs(tmp_path, n=3, noise=10.0)
+    for folder in (noisy, clean):
+        for p in folder.iterdir():
+            cv2.imwrite(str(p), (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) >> 4).astype(np.uint16))
+    m = blur_manifest("xr12")
+    with pytest.raises(ExportError, match="bits_stored 12 .*12-bit data in 16-bit files: give --bits-stored 12"):
+        cli._validation_set(m, 10, str(noisy), reference=str(clean), opts={"modality": "DX"},
+                            flags={"source": "--source", "reference": "--reference", "labels": "--labels",
+                                   "bits": "--bits-stored"})
+    ev = cli._validation_set(m, 10, str(noisy), reference=str(clean), opts={"modality": "DX", "bits_stored": 12})
+    assert [f.bits_stored for f in ev.frames] == [12, 12, 12]

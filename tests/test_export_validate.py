@@ -75,8 +75,12 @@ def test_cli_validate_exits_non_zero_on_failure(tmp_path: Path, capsys: pytest.C
     base = ["validate", "--manifest", str(manifest), "--fp32", str(tmp_path / "fp32.onnx"), "--frames", "8",
             "--no-progress", "--report", str(tmp_path / "v.json")]
     assert cli.run(parser.parse_args(base + ["--candidate", f"fp32copy={tmp_path / 'fp32.onnx'}"])) == 0
-    with pytest.raises(AccuracyGateError, match="psnr_db"):
+    capsys.readouterr()
+    with pytest.raises(AccuracyGateError, match=r"int8 \(damaged.onnx\) \(report above\)"):
         cli.run(parser.parse_args(base + ["--candidate", f"int8={tmp_path / 'damaged.onnx'}"]))
+    out, err = capsys.readouterr()
+    assert out.count("FAILED psnr_db: FP32") == 1  # the report once, not again inside the error
+    assert "note: 8 held-out frames" in err
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is False
     from edge_runtime.cli import main  # the dispatcher turns the error into exit code 1
 
@@ -245,6 +249,9 @@ def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Pa
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and list(v["repairs"]) == ["int8_cpu"] and v["repair"] is None
     assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.repaired.onnx"] and out.is_file()
+    record = json.loads((tmp_path / "int8_cpu.repaired.calibration.json").read_text())  # for `export bundle`
+    assert record["model"] == "xr-blur" and record["frames"] == 16 and record["validation_set_sha256"] == \
+        v["validation_set_sha256"]
     assert (root / "int8.onnx").read_bytes() == int8_before and (root / "int8_cpu.onnx").read_bytes() == damaged
 
 

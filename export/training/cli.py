@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
                 print("  ".join(f"{k}={v}" for k, v in r.items()))
             if not rows:
                 print(f"no bundles under {MODELS_DIR}")
+            else:  # the gate's FP32 figures (its own frames) differ: a reader compared the two
+                print("(metrics: FP32 on each model card's held-out phantoms, seeds 9000000..; the accuracy gate's "
+                      "validation frames are other phantoms, its figures are in each bundle's validation.json)")
         return 0
     # libgomp threads spin ~300k iterations at every barrier before sleeping; with another
     # process on the two cores that spinning made training 4-40x slower (0.05 s per step alone,
