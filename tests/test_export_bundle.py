@@ -565,3 +565,16 @@ def test_bundle_drops_the_templates_calibration_record_unless_one_is_given(tmp_p
                  str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx"), "--calibration",
                  str(shipped / "calibration.json")]) == 0
     assert Bundle.load(out).manifest["calibration"]["file"] == "calibration.json"
+
+
+def test_export_takes_a_shipped_models_name_like_infer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--bundle us-lesion-det` (and `verify us-lesion-det`) as `infer --bundle` takes it; the report's
+    folder is made first (a missing one failed only after the work)."""
+    assert _cli(["verify", "us-lesion-det"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK ") and "us-lesion-det, " in out and "files verified" in out
+    fp32 = Path(__file__).resolve().parents[1] / "edge_runtime" / "models" / "us-lesion-det" / "fp32.onnx"
+    report = tmp_path / "new" / "dir" / "v.json"
+    assert _cli(["validate", "--bundle", "us-lesion-det", "--candidate", f"same={fp32}", "--frames", "4",
+                 "--no-progress", "--report", str(report)]) == 0
+    assert json.loads(report.read_text())["model"] == "us-lesion-det"
