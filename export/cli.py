@@ -312,6 +312,8 @@ def _bar(total: int, desc: str, show: bool) -> Any:
 
 # -- step: validate --------------------------------------------------------------------------
 def cmd_validate(args: argparse.Namespace) -> int:
+    from edge_runtime.bundle import sha256_file
+
     from . import validate as V
     from .quantize import stamp_source
 
@@ -361,6 +363,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 if rr.report.passed:
                     shutil.copyfile(rr.path, out)
                     stamp_source(out, fp32)
+                    # the verdict is matched to the file by sha256 (export bundle, the runtime): the stamp is
+                    # metadata_props only, not the graph the gate ran, so the verdict holds for these bytes
+                    rr.report.sha256 = sha256_file(out)
                     # what it was calibrated on, for `export bundle --calibration` (as quantize writes one)
                     record = cal.record(method=method, min_frames=args.min_frames, validation_sha256=_set_sha(evalset))
                     rec_path = out.with_name(f"{out.stem}.calibration.json")

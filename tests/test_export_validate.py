@@ -249,6 +249,12 @@ def test_cli_validate_bundle_gates_both_int8_files_and_repairs_each(tmp_path: Pa
     v = json.loads((tmp_path / "v.json").read_text())
     assert v["passed"] and list(v["repairs"]) == ["int8_cpu"] and v["repair"] is None
     assert [c["file"] for c in v["candidates"]] == ["int8.onnx", "int8_cpu.repaired.onnx"] and out.is_file()
+    from edge_runtime.bundle import sha256_file
+    from export.quantize import stamped_source
+
+    # stamped with its FP32, and the verdict names the stamped bytes (export bundle matches it by sha256)
+    assert stamped_source(out) == sha256_file(root / "fp32.onnx")
+    assert v["candidates"][1]["sha256"] == sha256_file(out)
     record = json.loads((tmp_path / "int8_cpu.repaired.calibration.json").read_text())  # for `export bundle`
     assert record["model"] == "xr-blur" and record["frames"] == 16 and record["validation_set_sha256"] == \
         v["validation_set_sha256"]
