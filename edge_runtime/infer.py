@@ -85,23 +85,30 @@ class _Writer:
     frame, against 11 ms of inference: OpenCV releases the GIL while it encodes) overlaps decoding and
     inference of the next frames. At most ``depth`` frames wait (their pixels are held); an error in
     the thread (a full disk) is raised in the caller at the next frame or at close, and nothing after
-    it is written. close() writes what is queued, so a run stopped by Ctrl-C or SIGTERM still has a
-    record for every frame whose files it wrote, and no record without its files."""
+    it is written. close() writes what is queued; close(drain=False), or a Ctrl-C / SIGTERM while it
+    waits, finishes only the file in progress: never a half-written file, never a record without its
+    files, and the interrupt is raised once the thread is done (a daemon thread killed inside OpenCV at
+    exit aborted the process)."""
 
     def __init__(self, write: Any, depth: int = 4) -> None:
         self._write = write
         self._queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=depth)
         self._error: Exception | None = None
+        self._stop = threading.Event()
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="infer-writer", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while (item := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    self._write(*item)
-                except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
-                    self._error = exc
+        try:
+            while (item := self._queue.get()) is not None:
+                if self._error is None and not self._stop.is_set():
+                    try:
+                        self._write(*item)
+                    except Exception as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                        self._error = exc
+        finally:
+            self._done.set()
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -111,10 +118,27 @@ class _Writer:
         self._raise()
         self._queue.put(item)
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
+    def close(self, *, drain: bool = True) -> None:
+        if not drain:
+            self._stop.set()
+        interrupted: BaseException | None = None
+        ended = False
+        while not self._done.is_set():
+            try:
+                while not ended and not self._done.is_set():  # the queue may be full: the thread empties it
+                    try:
+                        self._queue.put(None, timeout=0.1)
+                        ended = True
+                    except queue.Full:
+                        pass
+                self._done.wait()
+            except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (edge_runtime.cli) while waiting
+                interrupted = interrupted or exc
+                self._stop.set()  # queued frames dropped; the file in progress is finished
+        if interrupted is not None:
+            raise interrupted
+        if drain:
+            self._raise()
 
 
 def record(result: Result, enhanced_file: str | None = None, position: str = "") -> dict[str, Any]:
@@ -211,8 +235,10 @@ def run(args: argparse.Namespace) -> int:
                 for stage, ms in result.timings_ms.items():
                     timings.setdefault(stage, []).append(ms)
                 n += 1
-        finally:
-            files.close()
+        except BaseException:
+            files.close(drain=False)  # the exception in flight stays the one raised (exit 130 / 143)
+            raise
+        files.close()
     writer.close()
     wall = time.perf_counter() - started
     files_skipped = getattr(source, "skipped", 0)
