@@ -438,6 +438,11 @@ def reference_bundles() -> dict[str, Path]:
 
 
 def resolve_bundle(spec: str | Path) -> Path:
-    """A bundle path, or the name of a reference bundle shipped with the package."""
+    """A bundle path, or the name of a reference bundle shipped with the package. A local path wins
+    only when it is a bundle (holds manifest.json) or a file (an archive): a folder of that name made
+    for something else (an output folder, say) hid the shipped model."""
     shipped = reference_bundles()
-    return shipped[str(spec)] if str(spec) in shipped and not Path(spec).exists() else Path(spec)
+    local = Path(spec)
+    if str(spec) in shipped and not (local.is_file() or (local / "manifest.json").is_file()):
+        return shipped[str(spec)]
+    return local

@@ -202,6 +202,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if inside:  # it overwrote a bundle's int8.onnx and calibration.json, and the bundle no longer verified
         raise ConfigError(expected("--out (and --record) outside a bundle (bundle the result with `export bundle`)",
                                    inside))
+    for w in written:  # folders made now: a missing one failed only after the calibration
+        w.parent.mkdir(parents=True, exist_ok=True)
     if args.precision == "fp16":
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
                       node_block_list=_csv(args.exclude_nodes))
@@ -340,6 +342,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if inside:
             raise ConfigError(expected("--repaired-out PATH outside the bundle (bundle a repaired file with "
                                        "`export bundle`, or use `export reference --repair`)", inside))
+    V.check_provenance(fp32, cands)  # before the work: another model's file is refused in any case
+    for name in ("report", "repaired_out"):  # their folders made now: a missing one failed after the work
+        if getattr(args, name, None):
+            Path(getattr(args, name)).parent.mkdir(parents=True, exist_ok=True)
     show = not args.no_progress
     evalset = _validation_set(manifest, args.frames, **_val_opts(args, manifest))
     ref = V.reference(fp32, evalset, threads=args.threads, progress=show)
@@ -534,15 +540,32 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    from .quantize import stamped_source
+    from edge_runtime.bundle import sha256_file
 
+    from .quantize import PROVENANCE_HINT, stamped_source
+
+    template_files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    template = dict(artifacts)
+    fp32_given = files["fp32.onnx"] or (out / "fp32.onnx")
+    fp32_sha = sha256_file(fp32_given) if Path(fp32_given).is_file() else None
     for name, src in files.items():
         if src and name.endswith(".onnx"):  # a file given now: the template's record of an older one does not apply
             artifacts[name] = {"file": name, "kind": "onnx", "precision": name.split(".")[0].split("_")[0]} \
                 | _targets(name)
-            made_from = stamped_source(src) if name != "fp32.onnx" else None
+            if name == "fp32.onnx":
+                continue
+            made_from = stamped_source(src)
+            if not made_from and template_files.get(name) == sha256_file(src):
+                # the template's own file (a shipped bundle's, written by `export reference`): its record says
+                made_from = ((template.get(name) or {}).get("info") or {}).get("source_fp32_sha256")
             if made_from:  # the bundle's stale check compares it with fp32.onnx (edge_runtime.bundle)
                 artifacts[name]["info"] = {"source_fp32_sha256": made_from}
+                if fp32_sha and made_from != fp32_sha:  # said now, not as a stale staging folder after the copies
+                    raise ConfigError(f"--{name.split('.')[0].replace('_', '-')}: " + expected(
+                        f"a file made from this --fp32 (sha256 {fp32_sha[:12]}...)",
+                        f"one made from fp32 sha256 {made_from[:12]}...") + f" ({PROVENANCE_HINT})")
+    if args.archive:
+        Path(args.archive).parent.mkdir(parents=True, exist_ok=True)
     # A template (a shipped manifest, say) describes files of its own bundle: those neither given now nor
     # already in --out are left out, instead of failing after the copies as "listed but not in files".
     absent = [f for f in artifacts if not files.get(f) and not (out / f).is_file()]
@@ -565,8 +588,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
-    # Likewise the calibration record: the template's describes its own INT8 file and calibration.json.
-    manifest.pop("calibration", None)
+    # Likewise the calibration record when an INT8 file is given now: the template's describes its own.
+    if (args.int8 or args.int8_cpu) and not args.calibration and manifest.pop("calibration", None):
+        _say("the --manifest template's calibration record left out: it describes the template's INT8 file "
+             "(give --calibration for the one bundled now)")
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
         _check_calibration_record(rec, manifest)
@@ -1027,9 +1052,4 @@ def run(args: argparse.Namespace) -> int:
         args.bundle = str(resolve_bundle(args.bundle))
     if getattr(args, "bundles", None):
         args.bundles = [str(resolve_bundle(b)) for b in args.bundles]
-    # output files' folders made first: a missing one failed only after the work (a 16 s repair, lost)
-    for name in ("out", "report", "repaired_out", "record"):
-        value = getattr(args, name, None)
-        if value and args.fn is not cmd_bundle:  # `export bundle --out` is a bundle directory, made whole
-            Path(value).parent.mkdir(parents=True, exist_ok=True)
     return int(args.fn(args))

@@ -124,7 +124,10 @@ def stamp_source(path: str | os.PathLike[str], fp32: str | os.PathLike[str]) -> 
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     model.metadata_props.add(key=SOURCE_KEY, value=sha)
-    onnx.save(model, str(path))
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.stamp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out)  # never half a model where the file was
     return sha
 
 
@@ -132,8 +135,31 @@ def stamped_source(path: str | os.PathLike[str]) -> str | None:
     """The FP32 sha256 stamp_source recorded in ``path``, or None (a file made elsewhere)."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file
+        raise ExportError(f"{Path(path).name}: " + expected("an ONNX model file", f"one that does not parse "
+                                                            f"({type(exc).__name__})")) from None
     return next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
+
+
+def provenance_problems(fp32: str | os.PathLike[str], files: dict[str, str | os.PathLike[str]]) -> list[str]:
+    """Each of ``files`` (label: ONNX path) that stamp_source says was made from another FP32 file."""
+    from edge_runtime.bundle import sha256_file
+
+    fp32_sha = sha256_file(fp32)
+    out = []
+    for label, path in files.items():
+        made_from = stamped_source(path) if Path(path).suffix.lower() == ".onnx" else None
+        if made_from and made_from != fp32_sha:
+            out.append(f"{label} ({Path(path).name}) was made from fp32 sha256 {made_from[:12]}..., not from "
+                       f"{Path(fp32).name} (sha256 {fp32_sha[:12]}...)")
+    return out
+
+
+PROVENANCE_HINT = ("another model's file? If it was quantised from a pre-processed copy of this model, judge and "
+                   "bundle it with that copy as the FP32 (or quantise this FP32 file: export quantize "
+                   "pre-processes it itself)")
 
 
 def to_fp16(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, keep_io_types: bool = True,

@@ -350,7 +350,7 @@ def test_label_map_values_follow_the_models_classes() -> None:
 def test_files_made_from_another_fp32_are_refused_by_the_gate_and_the_bundle(tmp_path: Path) -> None:
     """`export quantize` stamps the FP32 sha256 into what it writes: another model's INT8 file is refused
     as a candidate and as a bundle member (a bundle of xr-denoise with us-despeckle's int8 verified OK)."""
-    from edge_runtime.errors import BundleError
+    from edge_runtime.bundle import sha256_file
     from export.quantize import stamped_source
 
     _, manifest = _manifest16(tmp_path)
@@ -358,18 +358,39 @@ def test_files_made_from_another_fp32_are_refused_by_the_gate_and_the_bundle(tmp
     fp32, other = blur_model(tmp_path / "fp32.onnx"), blur_model(tmp_path / "other.onnx", damage=0.01)
     assert _run(["quantize", str(other), "--precision", "fp16", "--out", str(tmp_path / "q" / "fp16.onnx")]) == 0
     made = tmp_path / "q" / "fp16.onnx"  # its folder made first (it failed after the work before)
-    from edge_runtime.bundle import sha256_file
-
     assert stamped_source(made) == sha256_file(other)
-    with pytest.raises(ExportError, match=r"candidate fp16 \(fp16.onnx\): expected made from the FP32 model"):
+    with pytest.raises(ExportError, match=r"fp16 \(fp16.onnx\) was made from fp32 sha256 .*pre-processed copy"):
         _run(["validate", "--manifest", str(manifest), "--fp32", str(fp32), "--candidate", f"fp16={made}",
               "--source", str(noisy), "--reference", str(clean), "--modality", "DX", "--no-progress"])
-    with pytest.raises(BundleError, match="stale"):
+    with pytest.raises(ConfigError, match="--fp16: expected a file made from this --fp32"):
         _run(["bundle", "--manifest", str(manifest), "--out", str(tmp_path / "b"), "--fp32", str(fp32),
               "--fp16", str(made)])
     assert not (tmp_path / "b").exists()
     assert _run(["bundle", "--manifest", str(manifest), "--out", str(tmp_path / "b"), "--fp32", str(other),
                  "--fp16", str(made)]) == 0
+    b = json.loads((tmp_path / "b" / "manifest.json").read_text())  # what verify's stale check reads
+    assert [a["info"]["source_fp32_sha256"] for a in b["artifacts"] if a["file"] == "fp16.onnx"] == \
+        [sha256_file(other)]
+    # a shipped bundle's own INT8 file (its record in the template's manifest) with another FP32
+    shipped = MODELS_DIR / "us-despeckle"
+    with pytest.raises(ConfigError, match="--int8: expected a file made from this --fp32"):
+        _run(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(tmp_path / "c"), "--fp32",
+              str(MODELS_DIR / "xr-denoise" / "fp32.onnx"), "--int8", str(shipped / "int8.onnx")])
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07 not a model")
+    with pytest.raises(ExportError, match="junk.onnx: expected an ONNX model file"):
+        _run(["validate", "--manifest", str(manifest), "--fp32", str(fp32), "--candidate",
+              f"int8={tmp_path / 'junk.onnx'}", "--source", str(noisy), "--reference", str(clean), "--modality", "DX"])
+
+
+def test_a_folder_named_like_a_shipped_model_does_not_hide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--report xr-denoise/validation.json` made ./xr-denoise; `--bundle xr-denoise` then found no manifest."""
+    from edge_runtime.runtime import resolve_bundle
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "xr-denoise").mkdir()
+    assert resolve_bundle("xr-denoise") == MODELS_DIR / "xr-denoise"
+    (tmp_path / "xr-denoise" / "manifest.json").write_text("{}")  # a bundle of the user's own: it wins
+    assert resolve_bundle("xr-denoise") == Path("xr-denoise")
 
 
 def test_12_bit_data_in_16_bit_files_is_told_to_give_its_bits(tmp_path: Path) -> None:
