@@ -54,6 +54,7 @@ BENCHES = {  # name -> (module, extra args)
     "export_1t": ("benchmarks.bench_export", ["--threads", "1", "--skip-steps"]),
     "export_spin": ("benchmarks.bench_export", ["--threads", "2", "--spinning", "run", "--skip-steps"]),
     "stream": ("benchmarks.bench_stream", []),
+    "infer": ("benchmarks.bench_infer", ["--frames", "60", "--rounds", "6"]),
 }
 
 
@@ -382,12 +383,29 @@ def _accounting(d: dict[str, Any]) -> str:
             + ("in flight or queued when the run was stopped." if rest >= 0 else "(more results than frames: a bug)."))
 
 
+def render_infer(d: dict[str, Any]) -> list[str]:
+    r, a = d["results"], d["agreement"]
+    lines = [(f"A folder of {d['frames']} frames ({d['frame']}) through {d['model']} ({d['precision']}, the same "
+              "graph on both sides), every enhanced frame written as a 16-bit PNG, model loading included; rounds "
+              f"in random order ({d['rounds']}). `edge-runtime infer` (cpu-x86 config, files written by a thread of "
+              "its own) against a sequential loop a user would write (cv2.imread, numpy pre/post, a default "
+              "InferenceSession, cv2.imwrite)."), "",
+             "| | seconds per folder (median / min / max) | frames/s |", "|---|---|---|"]
+    for k, name in (("ours", "`edge-runtime infer`"), ("plain", "plain loop")):
+        v = r[k]
+        lines.append(f"| {name} | {_f(v['median_s'])} / {_f(v['min_s'])} / {_f(v['max_s'])} | {_f(v['frames_per_s'], 1)} |")
+    lines += ["", (f"plain / ours {_f(d['plain_over_ours'])}x (above 1: ours faster). Outputs compared file by file: "
+                   f"{a['files']} files, largest difference {a['max_abs_levels']} stored level(s).")]
+    return lines
+
+
 RENDER = {"transport": ("Transport: our protocol vs bare pyzmq vs imagezmq", render_transport),
           "runtime": ("Runtime: ours vs plain ONNX Runtime vs OpenCV DNN", render_runtime),
           "export": ("Export: time per step, INT8 vs FP32 on the CPU", render_export),
           "export_1t": ("INT8 vs FP32 with one intra-op thread", render_export_1t),
           "export_spin": ("INT8 vs FP32 with intra-op spinning during a run", lambda d: render_export_1t(d, _spin_note(d))),
-          "stream": ("Streaming: 30 fps 512x512 ultrasound, detection + enhancement", render_stream)}
+          "stream": ("Streaming: 30 fps 512x512 ultrasound, detection + enhancement", render_stream),
+          "infer": ("A folder end to end: `edge-runtime infer` vs a plain loop", render_infer)}
 
 
 def stamp() -> dict[str, Any]:

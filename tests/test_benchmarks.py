@@ -50,3 +50,13 @@ def test_peer_agreement_is_checked_before_timing() -> None:
     enhanced = Result("s", 0, 0, enhanced=np.full((4, 4), 100, np.uint16))
     assert agrees(agreement(enhanced, np.full((4, 4), 101, np.uint16)))
     assert not agrees(agreement(enhanced, np.full((4, 4), 103, np.uint16)))
+
+
+def test_the_infer_section_renders_its_verdict_from_the_json() -> None:
+    d = {"model": "xr-denoise", "frames": 60, "rounds": 6, "precision": "fp32", "frame": "512x512 uint16",
+         "agreement": {"files": 60, "records": 60, "max_abs_levels": 1}, "plain_over_ours": 1.45,
+         "results": {"ours": {"median_s": 0.64, "min_s": 0.6, "max_s": 0.7, "frames_per_s": 93.75},
+                     "plain": {"median_s": 0.928, "min_s": 0.9, "max_s": 1.0, "frames_per_s": 64.7}}}
+    text = "\n".join(run_all.render_infer(d))
+    assert "| `edge-runtime infer` | 0.64 / 0.60 / 0.70 | 93.8 |" in text
+    assert "plain / ours 1.45x" in text and "largest difference 1 stored level" in text
