@@ -175,6 +175,43 @@ def test_a_slow_latest_only_subscriber_gets_fresh_results(tmp_path: Path) -> Non
         sup.stop()
 
 
+def test_a_slow_viewer_draws_the_result_of_the_moment(tmp_path: Path) -> None:
+    """A draw slower than the stream (0.8 s per snapshot at 100 fps): drained between draws, the queues
+    held results from the start of each draw, so each one showed a result about as old as the draw;
+    the viewer's reader thread keeps the newest, so a draw shows one a few ms old."""
+    import threading
+
+    import zmq
+
+    from edge_runtime.pipeline.viewer import ViewerNode
+
+    config = PipelineConfig(transport="ipc", work_dir=str(tmp_path))
+    sup = Supervisor(SyntheticSource(count=None, fps=100), BuiltinProcessor("identity"), config)
+    sup.start()
+    ages_ms: list[float] = []
+    viewer = ViewerNode(sup.endpoints.results, snapshot_dir=str(tmp_path / "snaps"), snapshot_interval_s=0.0,
+                        window=False)
+
+    def slow_write(out: Path, message: object, written: list[Path]) -> None:
+        ages_ms.append((time.monotonic_ns() - message.header["capture_ns"]) / 1e6)  # type: ignore[attr-defined]
+        time.sleep(0.8)
+
+    viewer._write_png = slow_write  # type: ignore[method-assign]
+    stop, ctx = threading.Event(), zmq.Context()
+    t = threading.Thread(target=viewer.run, args=(ctx, stop), daemon=True)
+    try:
+        t.start()
+        deadline = time.monotonic() + 20
+        while len(ages_ms) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        t.join(5)
+        ctx.term()
+        sup.stop()
+    assert len(ages_ms) >= 4 and max(ages_ms[1:4]) < 300, ages_ms
+
+
 def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -> None:
     report = run_pipeline(SyntheticSource(count=20, shape=(64, 80), dtype="uint16"), BuiltinProcessor("identity+detect"),
                           mode="thread", record_dir=tmp_path / "rec", video=True, video_fps=10, view=True,

@@ -168,55 +168,91 @@ class ViewerNode:
         sub.rcvhwm = 8
         sub.setsockopt(zmq.SUBSCRIBE, b"result/")
         sub.setsockopt(zmq.SUBSCRIBE, b"event")
+        # A thread of its own reads the socket all the time, keeping only the newest result per stream:
+        # drained between draws, a draw slower than the frame interval let the queues fill with results
+        # from the start of the draw (PUB drops the new ones when full), so the next draw showed those.
         latest: dict[str, Message] = {}
         shown: dict[str, Position] = {}
-        written: list[Path] = []
+        lock = threading.Lock()
+        news, ended, quit_reader = threading.Event(), threading.Event(), threading.Event()
+        failed: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                while not (stop.is_set() or quit_reader.is_set() or ended.is_set()):
+                    if not sub.poll(100):
+                        continue
+                    while True:
+                        try:
+                            parts = sub.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        try:
+                            m = protocol.decode(parts[1:], s.limits)
+                        except BadMessage as exc:
+                            counters.reject(exc, self.endpoint)
+                            continue
+                        if m.type == "event" and m.header.get("event") == "end":
+                            ended.set()
+                        if m.type != "result":
+                            continue
+                        stream, pos = m.header["stream"], position(m.header)
+                        with lock:
+                            if is_late(pos, shown.get(stream)) or is_late(
+                                    pos, position(latest[stream].header) if stream in latest else None):
+                                counters.drops["late"] += 1
+                                continue
+                            if stream in latest:
+                                counters.drops["superseded_at_viewer"] += 1
+                            latest[stream] = m
+                        news.set()
+            except BaseException as exc:  # noqa: BLE001 - raised in the node's own thread below
+                failed.append(exc)
+            finally:
+                news.set()  # wake the drawing loop to see why the reader stopped
+
+        def take() -> dict[str, Message]:
+            with lock:
+                batch = dict(latest)
+                latest.clear()
+                news.clear()
+            return batch
+
+        def drawn(stream: str, m: Message) -> None:
+            with lock:
+                shown[stream] = position(m.header)
+
+        reader = threading.Thread(target=receive, name=f"{self.name}-reader", daemon=True)
         next_snapshot = time.monotonic()
+        written: list[Path] = []
+        reader.start()
         try:
             while not stop.is_set():
-                if not sub.poll(100):
-                    continue
-                ended = False
-                while True:  # drain: only the newest result per stream survives
-                    try:
-                        parts = sub.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    try:
-                        m = protocol.decode(parts[1:], s.limits)
-                    except BadMessage as exc:
-                        counters.reject(exc, self.endpoint)
-                        continue
-                    if m.type == "event" and m.header.get("event") == "end":
-                        ended = True
-                    if m.type != "result":
-                        continue
-                    stream, pos = m.header["stream"], position(m.header)
-                    if is_late(pos, shown.get(stream)) or is_late(pos, position(latest[stream].header)
-                                                                 if stream in latest else None):
-                        counters.drops["late"] += 1
-                        continue
-                    if stream in latest:
-                        counters.drops["superseded_at_viewer"] += 1
-                    latest[stream] = m
+                news.wait(0.1)
                 if use_window:
                     import cv2
 
-                    for stream, m in latest.items():
+                    for stream, m in take().items():
                         if self._show(lambda m=m, stream=stream: cv2.imshow(f"edge-runtime {stream}", compose(m)),
                                       counters):
-                            shown[stream] = position(m.header)
+                            drawn(stream, m)
                     cv2.waitKey(1)
-                    latest.clear()
                 elif out is not None and time.monotonic() >= next_snapshot and latest:
                     next_snapshot = time.monotonic() + self.snapshot_interval_s
-                    for stream, m in latest.items():
+                    for stream, m in take().items():
                         if self._show(lambda m=m: self._write_png(out, m, written), counters):
-                            shown[stream] = position(m.header)
-                    latest.clear()
-                if ended:
+                            drawn(stream, m)
+                elif out is None:
+                    take()  # nothing to show: results are only counted
+                else:
+                    news.clear()  # between snapshots: the newest stays for the next one
+                if failed:
+                    raise failed[0]
+                if not reader.is_alive() and not latest:  # the end event (or stop) and all shown
                     break
         finally:
+            quit_reader.set()
+            reader.join()
             sub.close(linger=0)
             if use_window:
                 import cv2
