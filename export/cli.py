@@ -525,9 +525,10 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path], fp32: Path | 
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from edge_runtime.bundle import Bundle
+    from edge_runtime.bundle import Bundle, sha256_file
 
     from .bundle_write import staged, write_archive, write_bundle
+    from .quantize import PROVENANCE_HINT, stamped_source
 
     manifest = _read_json(args.manifest, "--manifest")
     if not isinstance(manifest, dict):
@@ -540,10 +541,6 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    from edge_runtime.bundle import sha256_file
-
-    from .quantize import PROVENANCE_HINT, stamped_source
-
     template_files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     template = dict(artifacts)
     fp32_given = files["fp32.onnx"] or (out / "fp32.onnx")
@@ -588,8 +585,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
-    # Likewise the calibration record when an INT8 file is given now: the template's describes its own.
-    if (args.int8 or args.int8_cpu) and not args.calibration and manifest.pop("calibration", None):
+    # Likewise the calibration record when another INT8 file is given now: the template's describes its own.
+    new_int8 = any(files[n] and template_files.get(n) != sha256_file(files[n]) for n in ("int8.onnx", "int8_cpu.onnx"))
+    if new_int8 and not args.calibration and manifest.pop("calibration", None):
         _say("the --manifest template's calibration record left out: it describes the template's INT8 file "
              "(give --calibration for the one bundled now)")
     if args.calibration:

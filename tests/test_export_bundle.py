@@ -558,9 +558,20 @@ def test_bundle_drops_the_templates_calibration_record_unless_one_is_given(tmp_p
     shipped = Path(__file__).resolve().parents[1] / "edge_runtime" / "models" / "us-despeckle"
     assert "calibration" in json.loads((shipped / "manifest.json").read_text())
     out = tmp_path / "out"
+    other = tmp_path / "int8.onnx"  # another INT8 file (its bytes differ from the template's)
+    import onnx
+
+    model = onnx.load(str(shipped / "int8.onnx"))
+    model.doc_string = "another calibration"
+    onnx.save(model, str(other))
     assert _cli(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(out),
-                 "--fp32", str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx")]) == 0
+                 "--fp32", str(shipped / "fp32.onnx"), "--int8", str(other)]) == 0
     assert "calibration" not in Bundle.load(out).manifest
+    # the template's own INT8 file again: its record still describes it, and stays
+    assert _cli(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(tmp_path / "same"),
+                 "--fp32", str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx"),
+                 "--add", str(shipped / "calibration.json")]) == 0
+    assert Bundle.load(tmp_path / "same").manifest["calibration"]["file"] == "calibration.json"
     assert _cli(["bundle", "--manifest", str(shipped / "manifest.json"), "--out", str(out), "--fp32",
                  str(shipped / "fp32.onnx"), "--int8", str(shipped / "int8.onnx"), "--calibration",
                  str(shipped / "calibration.json")]) == 0
