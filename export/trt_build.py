@@ -218,6 +218,11 @@ def plan_build(
     if dla_core is not None:
         if dla_core < 0:
             raise ExportError(f"build dla_core: {expected('>= 0 or None', dla_core)}")
+        if precision == "int8" and major < 10:
+            # TensorRT 8.x developer guide (DLA): explicit quantization (Q/DQ) is not supported on the DLA
+            log.warning("build: an INT8 Q/DQ graph on DLA core %d with TensorRT %s: its DLA did not take "
+                        "explicit quantization; expect its layers on the GPU (with GPU fallback) or a failed "
+                        "build (without); fp16 is the DLA route there", dla_core, ".".join(map(str, version)))
         if precision == "fp32":
             raise ExportError("build: DLA runs FP16 and INT8 only; found precision fp32 (build fp16 or int8 for DLA)")
         if hardware_compatible:

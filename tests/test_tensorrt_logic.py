@@ -409,7 +409,8 @@ class FakeCuda(types.ModuleType):
             """Runs submitted work at once, or records it while the fake cudart captures this stream
             (real pycuda streams have no capture API: only synchronize, is_done, wait_for_event, handle)."""
 
-            def __init__(self) -> None:
+            def __init__(self, flags: int = 0) -> None:  # pycuda: Stream(flags=0), flags to cuStreamCreate
+                self.flags = flags
                 self.handle = 0xBEEF + len(cuda.streams)
                 cuda.streams[self.handle] = self
                 self.syncs = 0
@@ -674,6 +675,32 @@ def test_version_compatible_engine_loads_only_with_host_code_allowed(fake_trt: A
         TrtBackend(path).load()
     with TrtBackend(path, allow_host_code=True) as b:
         assert b.infer({"x": np.ones((1, 1, 8, 8), np.float32)})["y"].shape == (1, 1, 8, 8)
+    # TensorRT 8.5's Runtime has no engine_host_code_allowed (8.6 added version compatibility): a
+    # message, not an AttributeError
+    real = fake_trt.Runtime
+
+    class OldRuntime(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            del self.engine_host_code_allowed
+
+    fake_trt.Runtime = OldRuntime
+    try:
+        with pytest.raises(BackendError, match="TensorRT >= 8.6 for a version-compatible engine"):
+            TrtBackend(path, allow_host_code=True).load()
+    finally:
+        fake_trt.Runtime = real
+
+
+def test_the_backend_stream_is_non_blocking(fake_trt: Any, tmp_path: Path) -> None:
+    """Exercises the logic around the pycuda API with a fake module. A blocking stream that captures a
+    CUDA graph leaves the legacy stream unusable for other threads (a background build): the backend's
+    streams, the first and the fresh one after graphs are turned off, are created non-blocking."""
+    path = engine_file(fake_trt, tmp_path / "s.engine", dynamic=False)
+    with TrtBackend(path, use_cuda_graph=True) as b:
+        assert b._stream.flags == 1
+        b._disable_graphs("test")
+        assert b._stream.flags == 1
 
 
 def test_a_dla_engine_is_deserialised_on_its_dla_core(fake_trt: Any, tmp_path: Path) -> None:

@@ -60,6 +60,10 @@ log = logging.getLogger(__name__)
 
 # Name-based I/O (set_tensor_address / execute_async_v3) exists from TensorRT 8.5.
 MIN_RUNTIME_VERSION = (8, 5, 0)
+# CUDA driver API CU_STREAM_NON_BLOCKING (pycuda's Stream(flags=...) passes it to cuStreamCreate): a
+# blocking stream that captures a CUDA graph leaves the legacy default stream unusable for every
+# other thread meanwhile (cuda-python cudaStreamIsCapturing docs), e.g. a background engine build.
+STREAM_NON_BLOCKING = 1
 MAX_GRAPH_CAPTURES = 8  # per backend: beyond this the input shapes vary too much for CUDA graphs
 
 # TensorRT DataType names -> numpy. Mirrors tensorrt.nptype for the types numpy has; BF16, FP8,
@@ -516,6 +520,9 @@ class TrtBackend(Backend):
             mark = error_mark(self._logger)
             self._runtime = trt.Runtime(self._logger)
             if self.allow_host_code:
+                if not hasattr(self._runtime, "engine_host_code_allowed"):  # TensorRT 8.5 and older
+                    raise BackendError(expected("TensorRT >= 8.6 for a version-compatible engine (host code "
+                                                "allowed)", version_text))
                 self._runtime.engine_host_code_allowed = True
             if self.dla_core is not None:
                 self._runtime.DLA_core = self.dla_core
@@ -538,7 +545,7 @@ class TrtBackend(Backend):
             self._tensors = read_io_tensors(engine)
             self._inputs = [t.spec() for t in self._tensors if t.is_input]
             self._outputs = [t.spec() for t in self._tensors if not t.is_input]
-            self._stream = cuda.Stream()
+            self._stream = cuda.Stream(flags=STREAM_NON_BLOCKING)
             self._prepare(initial_shapes(self._tensors))
             self.trt_version = version_text
             self.provider = f"TensorRT {version_text} on GPU {self.device_index}"
@@ -697,7 +704,8 @@ class TrtBackend(Backend):
         handle = self._stream.handle
         try:
             # Thread-local: a background engine build on another thread may allocate meanwhile (global
-            # mode, CUDA's default, would fail its calls); never fall back to global mode.
+            # mode, CUDA's default, would fail its calls); never fall back to global mode. The stream is
+            # non-blocking (STREAM_NON_BLOCKING), so the capture leaves the legacy stream usable.
             _cuda_call(cudart, "cudaStreamBeginCapture", handle,
                        cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
             graph = None
@@ -756,5 +764,5 @@ class TrtBackend(Backend):
     def _disable_graphs(self, why: str) -> None:
         self.graph_disabled = why
         self._drop_graph()
-        self._stream = self._cuda.Stream()  # a fresh stream: never one left in capture mode
+        self._stream = self._cuda.Stream(flags=STREAM_NON_BLOCKING)  # a fresh stream: never one left capturing
         log.warning("tensorrt: CUDA graphs off for %s (%s); running without them", self.engine_path.name, why)
