@@ -71,6 +71,8 @@ def plain(files: list[Path], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
         px = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+        if px is None:
+            raise RuntimeError(f"{f.name}: unreadable")
         y = run(Frame(px, modality="DX", bits_stored=12))
         cv2.imwrite(str(out / f.name), y)
 
@@ -79,9 +81,10 @@ def compare(files: list[Path], ours_out: Path, plain_out: Path) -> dict[str, Any
     records = [json.loads(line) for line in (ours_out / "results.jsonl").read_text().splitlines()]
     diffs = []
     for f, r in zip(files, records):
-        a = cv2.imread(str(ours_out / r["enhanced_file"]), cv2.IMREAD_UNCHANGED).astype(np.int32)
-        b = cv2.imread(str(plain_out / f.name), cv2.IMREAD_UNCHANGED).astype(np.int32)
-        diffs.append(int(np.abs(a - b).max()))
+        a, b = (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (ours_out / r["enhanced_file"], plain_out / f.name))
+        if a is None or b is None:
+            raise RuntimeError(f"{f.name}: an output missing")
+        diffs.append(int(np.abs(a.astype(np.int32) - b.astype(np.int32)).max()))
     return {"files": len(diffs), "records": len(records), "max_abs_levels": max(diffs) if diffs else None}
 
 

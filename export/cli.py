@@ -541,7 +541,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(expected("existing files to bundle", missing))
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
-    template_files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    listed = manifest.get("files")
+    template_files: dict[str, Any] = listed if isinstance(listed, dict) else {}
     template = dict(artifacts)
     fp32_given = files["fp32.onnx"] or (out / "fp32.onnx")
     fp32_sha = sha256_file(fp32_given) if Path(fp32_given).is_file() else None

@@ -91,7 +91,7 @@ def paired_frames(source: str, reference: str, count: int, *, label_maps: Sequen
             raise ExportError(expected(f"{src_flag} and {ref} both folders of images or both DICOM series (paired by "
                                        "file name), or both single files", f"a {type(src).__name__} and a "
                                        f"{type(ref_src).__name__}"))
-        a, b = [p.name for p in src.files], [p.name for p in ref_src.files]
+        a, b = [p.name for p in getattr(src, "files", [])], [p.name for p in getattr(ref_src, "files", [])]
         if a != b:
             only = len(set(a) ^ set(b))
             raise ExportError(expected(f"the same file names in the {src_flag} and {ref} folders, read in the same "
