@@ -212,6 +212,62 @@ def test_a_slow_viewer_draws_the_result_of_the_moment(tmp_path: Path) -> None:
     assert len(ages_ms) >= 4 and max(ages_ms[1:4]) < 300, ages_ms
 
 
+def test_a_result_older_than_the_one_being_drawn_is_late_and_the_end_draws_the_last(tmp_path: Path) -> None:
+    """A straggler (a slower worker's result) arriving while a newer one is drawn is dropped as late,
+    not drawn after it; after the end event the pending result is drawn at once, however long the
+    snapshot interval (the node stayed up for the interval)."""
+    import threading
+
+    import zmq
+
+    from edge_runtime.pipeline import protocol
+    from edge_runtime.pipeline.viewer import ViewerNode
+
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/view.ipc"
+    pub = ctx.socket(zmq.PUB)
+    pub.bind(endpoint)
+    viewer = ViewerNode(endpoint, window=False, snapshot_dir=str(tmp_path / "snaps"), snapshot_interval_s=0.0)
+    drawn: list[int] = []
+    drawing = threading.Event()
+
+    def slow_write(out: Path, m: object, written: list[Path]) -> None:
+        drawn.append(m.header["seq"])  # type: ignore[attr-defined]
+        drawing.set()
+        time.sleep(0.5)
+
+    viewer._write_png = slow_write  # type: ignore[method-assign]
+
+    def result(seq: int, capture: int) -> None:
+        r = Result(stream_id="s", seq=seq, capture_ns=capture, enhanced=np.zeros((8, 8), np.uint8))
+        pub.send_multipart([b"result/s", *protocol.encode_result(r)])
+
+    stop, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=lambda: (viewer.run(ctx, stop), done.set()), daemon=True)
+    try:
+        t.start()
+        time.sleep(0.5)  # the SUB connects
+        result(10, 10_000)
+        assert drawing.wait(5)
+        result(9, 9_000)  # older than the one on screen, arriving during its draw
+        result(8, 8_000)
+        time.sleep(1.0)
+        viewer.snapshot_interval_s = 60.0  # the next snapshot would be due in a minute
+        result(11, 11_000)
+        time.sleep(0.3)
+        result(12, 12_000)  # pending: the snapshot after 11 is a minute away
+        time.sleep(0.3)
+        pub.send_multipart([b"event", *protocol.encode_control("event", node="hub", event="end",
+                                                              t_ns=time.monotonic_ns())])
+        assert done.wait(5), "the viewer waited for its snapshot interval after the end"
+    finally:
+        stop.set()
+        t.join(5)
+        pub.close(0)
+        ctx.term()
+    assert drawn == [10, 11, 12]
+
+
 def test_viewer_snapshots_and_recorder_video_without_a_display(tmp_path: Path) -> None:
     report = run_pipeline(SyntheticSource(count=20, shape=(64, 80), dtype="uint16"), BuiltinProcessor("identity+detect"),
                           mode="thread", record_dir=tmp_path / "rec", video=True, video_fps=10, view=True,

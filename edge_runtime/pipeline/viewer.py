@@ -1,8 +1,9 @@
 """Viewer sink: a window where a display exists, periodic PNG snapshots where not; plus the drawing
 code the recorder's annotated video shares.
 
-Display is latest-only: each loop drains whatever is queued on the SUB socket and shows only the
-newest result per stream; results older than the last one shown (a slower worker's) are dropped.
+Display is latest-only: a reader thread takes every message off the SUB socket as it arrives and
+keeps only the newest result per stream, which the next draw shows; results older than one already
+taken for drawing (a slower worker's) are dropped as late.
 """
 
 from __future__ import annotations
@@ -212,47 +213,49 @@ class ViewerNode:
                 news.set()  # wake the drawing loop to see why the reader stopped
 
         def take() -> dict[str, Message]:
+            """The newest result per stream, for drawing; from now on the floor for lateness (a result
+            older than one taken arriving while it is drawn would be drawn after it)."""
             with lock:
                 batch = dict(latest)
                 latest.clear()
                 news.clear()
+                for stream, m in batch.items():
+                    shown[stream] = position(m.header)  # only ever forward: older ones never enter latest
             return batch
-
-        def drawn(stream: str, m: Message) -> None:
-            with lock:
-                shown[stream] = position(m.header)
 
         reader = threading.Thread(target=receive, name=f"{self.name}-reader", daemon=True)
         next_snapshot = time.monotonic()
         written: list[Path] = []
-        reader.start()
         try:
+            reader.start()
             while not stop.is_set():
                 news.wait(0.1)
                 if use_window:
                     import cv2
 
                     for stream, m in take().items():
-                        if self._show(lambda m=m, stream=stream: cv2.imshow(f"edge-runtime {stream}", compose(m)),
-                                      counters):
-                            drawn(stream, m)
+                        self._show(lambda m=m, stream=stream: cv2.imshow(f"edge-runtime {stream}", compose(m)),
+                                   counters)
                     cv2.waitKey(1)
-                elif out is not None and time.monotonic() >= next_snapshot and latest:
+                elif out is not None and latest and (time.monotonic() >= next_snapshot or not reader.is_alive()):
+                    # (a bare truth test of ``latest``: the reader only adds under the lock; due at once after
+                    # the end event, or a long interval would keep the node up that long)
                     next_snapshot = time.monotonic() + self.snapshot_interval_s
-                    for stream, m in take().items():
-                        if self._show(lambda m=m: self._write_png(out, m, written), counters):
-                            drawn(stream, m)
+                    for m in take().values():
+                        self._show(lambda m=m: self._write_png(out, m, written), counters)
                 elif out is None:
                     take()  # nothing to show: results are only counted
                 else:
                     news.clear()  # between snapshots: the newest stays for the next one
+                alive = reader.is_alive()  # read before ``failed``: a reader failing in between is seen
                 if failed:
                     raise failed[0]
-                if not reader.is_alive() and not latest:  # the end event (or stop) and all shown
+                if not alive and not latest:  # the end event (or stop) and all shown
                     break
         finally:
             quit_reader.set()
-            reader.join()
+            if reader.is_alive() or reader.ident is not None:
+                reader.join()
             sub.close(linger=0)
             if use_window:
                 import cv2
