@@ -5,6 +5,8 @@ Writes ``results.jsonl`` (one line per frame: detections, provenance, stage timi
 of the input; replaced by each run), annotated PNGs (input with detections next to the enhanced
 output, 8-bit for viewing) and, for enhancement models, every enhanced frame at the input's own bit
 depth in ``enhanced/`` (16-bit PNG for 16-bit input, TIFF for float; stored values, as the input).
+Each run first removes the files the last run's records name (its annotated PNGs and enhanced
+frames), so OUT holds one run's output; no other file of the folder is touched.
 A frame the models refuse (wrong range, modality, ...) is logged and skipped; the exit status is then 1.
 """
 
@@ -29,7 +31,7 @@ from .outputs import file_stem, private_dir, write_image
 from .pipeline.recorder import JsonlWriter
 from .pipeline.viewer import draw_overlay, to_display
 from .results import Result
-from .runtime import Runtime, RuntimeSet
+from .runtime import Runtime, RuntimeSet, resolve_bundle
 from .telemetry import summarize
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,15 @@ def write_enhanced(out: Path, frame: Frame, result: Result) -> str | None:
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
     suffix = ".tiff" if img.dtype == np.float32 else ".png"
-    path = write_image(private_dir(out / "enhanced") / f"{file_stem(frame.stream_id)}_{frame.seq:06d}{suffix}", img)
+    folder = private_dir(out / "enhanced", "OUT/enhanced as a folder (where the enhanced frames go)")
+    path = write_image(folder / f"{file_stem(frame.stream_id)}_{frame.seq:06d}{suffix}", img)
     return f"enhanced/{path.name}"
 
 
-def _enhanced_files(results: Path) -> list[str]:
-    """The enhanced frames an earlier run recorded in ``results`` (file names in OUT/enhanced/)."""
+def _recorded_files(results: Path) -> list[str]:
+    """The files an earlier run wrote, by its records in ``results``: each enhanced frame
+    (``enhanced/NAME``) and each annotated PNG (``STREAM_SEQ.png``, named by the record's stream and
+    seq), as paths relative to OUT. Only names of those two forms: never another file of the folder."""
     names = []
     try:
         lines = results.read_text().splitlines()
@@ -70,12 +75,15 @@ def _enhanced_files(results: Path) -> list[str]:
         return []
     for line in lines:
         try:
-            name = json.loads(line).get("enhanced_file")
+            rec = json.loads(line)
+            name, stream, seq = rec.get("enhanced_file"), rec.get("stream"), rec.get("seq")
         except (ValueError, AttributeError):
             continue
         base = name[len("enhanced/"):] if isinstance(name, str) and name.startswith("enhanced/") else ""
         if base and "/" not in base and Path(base).suffix in (".png", ".tiff") and not base.startswith("."):
-            names.append(base)
+            names.append(f"enhanced/{base}")
+        if isinstance(stream, str) and isinstance(seq, int) and not isinstance(seq, bool):
+            names.append(f"{file_stem(stream)}_{seq:06d}.png")
     return names
 
 
@@ -141,6 +149,26 @@ class _Writer:
             self._raise()
 
 
+def _bits_hint(kind: str, frame: Frame, runtimes: RuntimeSet) -> str:
+    """For image files read at their dtype's depth where the models take fewer bits (12-bit detector
+    data in 16-bit PNGs): the option that says so. DICOM states its own depth (and refuses it)."""
+    if kind != "images" or frame.pixels.dtype == np.float32 or frame.bits_stored != frame.pixels.dtype.itemsize * 8:
+        return ""
+    wanted = sorted({int(r.bundle.manifest["bits_stored"]) for r in runtimes.runtimes
+                     if r.bundle and r.bundle.manifest.get("bits_stored") and
+                     int(r.bundle.manifest["bits_stored"]) < int(frame.bits_stored or 0)})
+    return f" (if these {frame.bits_stored}-bit files hold {wanted[0]}-bit data, say so: --bits-stored {wanted[0]})" \
+        if wanted else ""
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 0 (a negative --limit ran nothing, a negative --every annotated all)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {value}")
+    return value
+
+
 def record(result: Result, enhanced_file: str | None = None, position: str = "") -> dict[str, Any]:
     return {"type": "result", "stream": result.stream_id, "seq": result.seq, **({"position": position} if position else {}),
             "detections": [d.to_dict() for d in result.detections],
@@ -158,8 +186,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", type=int, default=0, metavar="N",
                         help="CUDA device the engines are built for and run on (default 0)")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "int8"])
-    parser.add_argument("--limit", type=int, default=None, help="stop after N frames")
-    parser.add_argument("--every", type=int, default=1, help="write an annotated PNG every K frames (0: none)")
+    parser.add_argument("--limit", type=_count, default=None, help="stop after N frames (skipped ones count)")
+    parser.add_argument("--every", type=_count, default=1, help="write an annotated PNG every K frames (0: none)")
     parser.add_argument("--save-enhanced", action=argparse.BooleanOptionalAction, default=True,
                         help="write every enhanced frame at the input's bit depth to OUT/enhanced/ (default: yes)")
     parser.add_argument("--modality", help="what a folder of images (required there) or a video shows, e.g. DX, US; "
@@ -187,6 +215,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(expected("a --source outside OUT/enhanced (this run replaces the enhanced frames there)",
                                    "a source inside it"))
     private_dir(args.out)
+    seen = [resolve_bundle(b).resolve() for b in args.bundle]
+    if len(set(seen)) != len(seen):  # the same model twice doubled every detection
+        raise ConfigError(expected("each --bundle once", f"{len(seen) - len(set(seen))} given again"))
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
     n = skipped = 0
@@ -197,9 +228,10 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
-        if args.save_enhanced:  # this run's enhanced frames only: those the last run wrote go (none other)
-            for name in _enhanced_files(args.out / "results.jsonl"):
-                (args.out / "enhanced" / name).unlink(missing_ok=True)
+        # this run's files only: those the last run recorded go (none other), whatever this run writes
+        # (its annotated PNGs stayed beside fewer records; --no-save-enhanced orphaned its enhanced frames)
+        for name in _recorded_files(args.out / "results.jsonl"):
+            (args.out / name).unlink(missing_ok=True)
         (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
         writer = JsonlWriter(args.out / "results.jsonl")
 
@@ -228,8 +260,9 @@ def run(args: argparse.Namespace) -> int:
                     skipped += 1
                     n += 1
                     # no stream id: file names can name patients
-                    log.warning("frame %d%s skipped: %s", frame.seq, f" ({frame.position})" if frame.position else "",
-                                exc)
+                    log.warning("frame %d%s skipped: %s%s", frame.seq, f" ({frame.position})" if frame.position else "",
+                                exc, _bits_hint(kind, frame, runtimes) if "bits_stored" not in opts and
+                                "-bit frame" in str(exc) else "")
                     continue
                 files.put(frame, result, bool(args.every and n % args.every == 0))
                 for stage, ms in result.timings_ms.items():

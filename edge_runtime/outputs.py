@@ -26,15 +26,15 @@ def file_stem(stream: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stream)
 
 
-def private_dir(path: str | os.PathLike[str]) -> Path:
+def private_dir(path: str | os.PathLike[str], what: str = "an output folder") -> Path:
     """``path`` (and missing parents) created 0750; an existing directory (the caller's, or one another
-    process made meanwhile) is left as it is."""
+    process made meanwhile) is left as it is. ``what``: the folder's role, for the message."""
     out = Path(path)
     try:
         out.mkdir(parents=True, mode=DIR_MODE)
     except FileExistsError:
         if not out.is_dir():  # named without its path: a file name can identify a patient
-            raise ConfigError(expected("an output folder", "a file of that name")) from None
+            raise ConfigError(expected(what, "a file of that name")) from None
         return out
     os.chmod(out, os.stat(out).st_mode & DIR_MODE)  # at most 0750, whatever the umask let through
     return out

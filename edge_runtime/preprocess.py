@@ -207,12 +207,8 @@ class Preprocessor:
         if self.modality and frame.modality not in self.modality:
             raise InputError(expected(f"a frame of modality {list(self.modality)}", frame.modality))
         if self.bits_stored and frame.bits_stored != self.bits_stored:
-            # 12-bit detector data is stored in 16-bit files: a folder cannot say so itself
-            stored = frame.pixels.dtype.itemsize * 8 if frame.pixels.dtype != np.float32 else 0
-            hint = (f" (if these {stored}-bit files hold {self.bits_stored}-bit data, say so: "
-                    f"`--bits-stored {self.bits_stored}`)") if stored == frame.bits_stored > self.bits_stored else ""
             raise InputError(expected(f"a {self.bits_stored}-bit frame (the model's training data)",
-                                      f"{frame.bits_stored}-bit") + hint)
+                                      f"{frame.bits_stored}-bit"))
         px = frame.pixels
         bits = int(frame.bits_stored or px.dtype.itemsize * 8)
         if px.dtype != np.float32 and bits < px.dtype.itemsize * 8:

@@ -671,6 +671,13 @@ def _palette_shift(ds: Any) -> int:
     return 8 if bool(np.all((lut == v * 256) | (lut == v * 257))) else 0
 
 
+def _sop_class_name(ds: Any) -> str:
+    """The SOP class's name (from the dataset, else the file meta: both near the start of a file)."""
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    return str(getattr(uid, "name", "") or "")
+
+
 def _read_header(path: Path) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -923,11 +930,22 @@ class DicomSource(Source):
                 self._skip(f"DICOM file {index + 1} of {len(listed)} in the folder (in name order)", exc)
                 continue
             if not ds.get("Rows"):
+                if "Image Storage" in _sop_class_name(ds):
+                    # an image object without image attributes: cut short in its header (pydicom reads
+                    # what is there); it vanished from the series without a word
+                    self._skip(f"DICOM file {index + 1} of {len(listed)} in the folder (in name order)", InputError(
+                        expected("an image (Rows, Columns, Pixel Data)", "an image object without image "
+                                 "attributes (file cut short in its header?)")))
                 continue  # DICOMDIR, structured reports, presentation states: no pixels
             number = _first_float(ds.get("InstanceNumber"))
             entries.append((str(ds.get("SeriesInstanceUID", "")), number, path))
         if not entries:
             raise InputError(expected("DICOM image files in the folder given", "none"))
+        images = sum(p.suffix.lower() in IMAGE_EXTENSIONS and not is_dicom_file(p) for p in listed)
+        if images:  # read as a DICOM series, the folder's other images are not read at all
+            log.warning("%d image file(s) beside the DICOM files of the folder left out (a folder is read as a "
+                        "DICOM series when it holds any DICOM file: give the images as a folder of their own)",
+                        images)
         series_order: dict[str, int] = {}
         for uid, _, _ in entries:
             series_order.setdefault(uid, len(series_order))

@@ -254,6 +254,24 @@ def test_an_interrupt_while_the_writer_drains_finishes_the_file_in_progress_only
     assert not w._thread.is_alive()
 
 
+def test_a_later_infer_run_leaves_no_file_of_an_earlier_one(tmp_path: Path) -> None:
+    """30 annotated PNGs stayed beside a later run's 5 records (27 showing the old results), and
+    --no-save-enhanced orphaned the earlier run's enhanced frames for good: each run removes what the
+    last one recorded, whatever it writes itself."""
+    from edge_runtime.cli import main
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    base = ["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out), "--device", "cpu-x86"]
+    assert main(base + ["--limit", "6"]) == 0
+    assert len(list(out.glob("*.png"))) == 6 and len(list((out / "enhanced").iterdir())) == 6
+    assert main(base + ["--limit", "3", "--every", "2"]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == ["phantom_xr_000000.png", "phantom_xr_000002.png"]
+    assert len(list((out / "enhanced").iterdir())) == 3
+    assert main(base + ["--limit", "2", "--every", "0", "--no-save-enhanced"]) == 0
+    assert not list(out.glob("*.png")) and not list((out / "enhanced").iterdir())
+
+
 def test_infer_refuses_an_output_folder_inside_its_source_folder(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """--out equal to --source: the second run read the first run's annotated PNGs as input."""
@@ -356,6 +374,34 @@ def test_infer_over_a_folder_of_16_bit_images_takes_a_stated_modality(tmp_path: 
     assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--modality", "DX",
                  "--out", str(tmp_path / "o3"), "--limit", "1"]) == 1
     assert "state their own" in capsys.readouterr().err
+
+
+def test_infer_says_which_bits_to_state_refuses_a_bundle_twice_and_negative_counts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """12-bit data in 16-bit PNGs without --bits-stored: each skip names the option (for image files
+    only: DICOM states its own depth and refuses it; the Python API's message names no CLI flag). The
+    same bundle twice doubled every detection; --limit -1 ran nothing and --every -1 annotated all."""
+    import cv2
+
+    from edge_runtime.cli import main
+    from edge_runtime.runtime import Runtime
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "f0.png"), _xr().pixels)
+    common = ["infer", "--source", str(folder), "--device", "cpu-x86", "--modality", "DX"]
+    assert main([*common, "--bundle", str(bundle), "--out", str(tmp_path / "o")]) == 1
+    assert "say so: --bits-stored 12" in caplog.text
+    with Runtime(bundle, "cpu-x86") as rt, pytest.raises(InputError) as err:
+        rt.process(Frame(_xr().pixels, modality="DX"))  # read as 16-bit
+    assert "12-bit frame" in str(err.value) and "--bits-stored" not in str(err.value)
+    assert main([*common, "--bundle", str(bundle), "--bundle", str(bundle), "--out", str(tmp_path / "o2")]) == 1
+    assert "each --bundle once" in capsys.readouterr().err
+    for flag in ("--limit", "--every"):
+        with pytest.raises(SystemExit):
+            main([*common, "--bundle", str(bundle), "--out", str(tmp_path / "o3"), flag, "-1"])
+        assert "expected an integer >= 0, found -1" in capsys.readouterr().err
 
 
 def test_quantised_artefact_needs_a_passed_gate(tmp_path: Path) -> None:

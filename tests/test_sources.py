@@ -291,6 +291,27 @@ def test_series_folder_ordered_by_instance_number(tmp_path: Path, caplog: pytest
     assert_no_identifiers(frames, caplog.text)
 
 
+def test_a_series_file_cut_in_its_header_is_counted_not_dropped_silently(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """A file of a series cut before Rows read as a non-image object and vanished (2 frames, exit 0,
+    positions 'file 1 of 3'); an image SOP class without image attributes is counted as unreadable.
+    Images beside the DICOM files of a folder are named as left out."""
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for i in range(3):
+        write_dicom(folder / f"im{i}.dcm", np.full((8, 8), i + 1, np.uint8), InstanceNumber=i + 1)
+    data = (folder / "im1.dcm").read_bytes()
+    (folder / "im1.dcm").write_bytes(data[:300])  # the header cut before (0028,0010) Rows
+    cv2.imwrite(str(folder / "extra.png"), np.zeros((8, 8), np.uint8))
+    caplog.set_level(logging.WARNING)
+    source = open_source(folder)
+    frames = list(source)
+    assert [int(f.pixels[0, 0]) for f in frames] == [1, 3]
+    assert source.skipped == 1 and "file cut short in its header" in caplog.text
+    assert "1 image file(s) beside the DICOM files of the folder left out" in caplog.text
+    assert_no_identifiers(frames, caplog.text)
+
+
 def test_stream_ids_from_file_names_match_the_protocol(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """File and folder names with spaces, '^', non-ASCII or 68-character UIDs used to become stream ids
     that every worker rejects (protocol STREAM_RE); then names made safe, which still carried a patient's
