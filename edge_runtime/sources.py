@@ -1194,7 +1194,8 @@ def stated_options(kind: str, modality: str | None, bits_stored: int | None,
     names, for the messages). DICOM and phantom frames carry their own modality and bit depth, and
     the runtime's checks must see those, so overriding them is refused; video and camera frames are
     8-bit, so a bit depth is refused there."""
-    given: dict[str, Any] = {"modality": modality} if modality else {}
+    # DICOM modality codes are upper case (CS): "dx" was refused frame by frame as not "DX"
+    given: dict[str, Any] = {"modality": modality.strip().upper()} if modality else {}
     if bits_stored is not None:  # 0 goes on to the source, which says what it expected
         given["bits_stored"] = bits_stored
     if kind in ("phantom", "dicom"):

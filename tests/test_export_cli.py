@@ -75,6 +75,7 @@ def test_video_and_folder_frames_need_a_stated_modality(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no --calib-bits with video"):
         _opts(str(video), modality="US", bits=12)
     assert _opts(str(video), modality="US") == {"modality": "US", "gray": True}
+    assert _opts(str(video), modality=" us") == {"modality": "US", "gray": True}  # DICOM codes are upper case
     assert _opts(str(folder), modality="US", bits=12, color="rgb") == {"modality": "US", "bits_stored": 12}
 
 
