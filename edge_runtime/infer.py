@@ -214,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.source).resolve() == enhanced_dir or enhanced_dir in Path(args.source).resolve().parents:
         raise ConfigError(expected("a --source outside OUT/enhanced (this run replaces the enhanced frames there)",
                                    "a source inside it"))
-    private_dir(args.out)
     seen = [resolve_bundle(b).resolve() for b in args.bundle]
     if len(set(seen)) != len(seen):  # the same model twice doubled every detection
         raise ConfigError(expected("each --bundle once", f"{len(seen) - len(set(seen))} given again"))
@@ -228,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
+        private_dir(args.out)  # only now: a start that failed (no camera, a bundle refused) left an empty one
         # this run's files only: those the last run recorded go (none other), whatever this run writes
         # (its annotated PNGs stayed beside fewer records; --no-save-enhanced orphaned its enhanced frames)
         for name in _recorded_files(args.out / "results.jsonl"):
@@ -235,12 +235,16 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "results.jsonl").unlink(missing_ok=True)  # this run's results only (the writer appends)
         writer = JsonlWriter(args.out / "results.jsonl")
 
+        recorded = 0
+
         def save(frame: Frame, result: Result, annotated: bool) -> None:
+            nonlocal recorded
             # Images before their record: a run stopped in between leaves no record without its images.
             enhanced_file = write_enhanced(args.out, frame, result) if args.save_enhanced else None
             if annotated:
                 write_image(args.out / f"{file_stem(frame.stream_id)}_{frame.seq:06d}.png", annotate(frame, result))
             writer.write(record(result, enhanced_file, frame.position))
+            recorded += 1
 
         failed = None  # the source's own error (a truncated file): what it gave so far is kept
         frames = iter(source)
@@ -268,8 +272,11 @@ def run(args: argparse.Namespace) -> int:
                 for stage, ms in result.timings_ms.items():
                     timings.setdefault(stage, []).append(ms)
                 n += 1
-        except BaseException:
+        except BaseException as exc:
             files.close(drain=False)  # the exception in flight stays the one raised (exit 130 / 143)
+            if isinstance(exc, KeyboardInterrupt):  # what a stopped run kept
+                print(f"stopped after {n} frames: {recorded} recorded in {args.out}/results.jsonl, each with its "
+                      "files", file=sys.stderr)
             raise
         files.close()
     writer.close()

@@ -272,6 +272,15 @@ def test_a_later_infer_run_leaves_no_file_of_an_earlier_one(tmp_path: Path) -> N
     assert not list(out.glob("*.png")) and not list((out / "enhanced").iterdir())
 
 
+def test_a_failed_start_makes_no_output_folder(tmp_path: Path) -> None:
+    from edge_runtime.cli import main
+
+    bundle = _enhance_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    assert main(["infer", "--bundle", str(bundle), "--source", "camera:9", "--out", str(out)]) == 1
+    assert not out.exists()  # an empty folder was left behind
+
+
 def test_infer_refuses_an_output_folder_inside_its_source_folder(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """--out equal to --source: the second run read the first run's annotated PNGs as input."""
