@@ -149,18 +149,6 @@ class _Writer:
             self._raise()
 
 
-def _bits_hint(kind: str, frame: Frame, runtimes: RuntimeSet) -> str:
-    """For image files read at their dtype's depth where the models take fewer bits (12-bit detector
-    data in 16-bit PNGs): the option that says so. DICOM states its own depth (and refuses it)."""
-    if kind != "images" or frame.pixels.dtype == np.float32 or frame.bits_stored != frame.pixels.dtype.itemsize * 8:
-        return ""
-    wanted = sorted({int(r.bundle.manifest["bits_stored"]) for r in runtimes.runtimes
-                     if r.bundle and r.bundle.manifest.get("bits_stored") and
-                     int(r.bundle.manifest["bits_stored"]) < int(frame.bits_stored or 0)})
-    return f" (if these {frame.bits_stored}-bit files hold {wanted[0]}-bit data, say so: --bits-stored {wanted[0]})" \
-        if wanted else ""
-
-
 def _count(text: str) -> int:
     """argparse type: an integer >= 0 (a negative --limit ran nothing, a negative --every annotated all)."""
     value = int(text)
@@ -199,7 +187,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .heap import pin_for_runtime
-    from .sources import open_source, source_kind, stated_options
+    from .sources import bits_hint, open_source, source_kind, stated_options
 
     pin_for_runtime()
     kind = source_kind(args.source)
@@ -227,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
+        model_bits = [int(r.bundle.manifest["bits_stored"]) for r in runtimes.runtimes  # loaded by now
+                      if r.bundle and r.bundle.manifest.get("bits_stored")]
         private_dir(args.out)  # only now: a start that failed (no camera, a bundle refused) left an empty one
         # this run's files only: those the last run recorded go (none other), whatever this run writes
         # (its annotated PNGs stayed beside fewer records; --no-save-enhanced orphaned its enhanced frames)
@@ -265,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
                     n += 1
                     # no stream id: file names can name patients
                     log.warning("frame %d%s skipped: %s%s", frame.seq, f" ({frame.position})" if frame.position else "",
-                                exc, _bits_hint(kind, frame, runtimes) if "bits_stored" not in opts and
+                                exc, bits_hint(kind, frame, model_bits) if "bits_stored" not in opts and
                                 "-bit frame" in str(exc) else "")
                     continue
                 files.put(frame, result, bool(args.every and n % args.every == 0))

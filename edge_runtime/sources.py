@@ -54,7 +54,7 @@ import sys
 import time
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -1206,6 +1206,18 @@ def stated_options(kind: str, modality: str | None, bits_stored: int | None,
     if kind in ("video", "camera") and "bits_stored" in given:
         raise ConfigError(expected(f"no {flags[1]} with {kind} frames (8-bit)", bits_stored))
     return given
+
+
+def bits_hint(kind: str, frame: Frame, model_bits: Iterable[int], flag: str = "--bits-stored") -> str:
+    """For image files read at their dtype's depth where a model takes fewer bits (12-bit detector
+    data in 16-bit PNGs): the option that says so, else "". Only for image files: DICOM states its own
+    depth (and refuses the option), video is 8-bit."""
+    px = frame.pixels
+    if kind != "images" or px.dtype == np.float32 or frame.bits_stored != px.dtype.itemsize * 8:
+        return ""
+    fewer = sorted(b for b in model_bits if b < int(frame.bits_stored or 0))
+    return f" (if these {frame.bits_stored}-bit files hold {fewer[0]}-bit data, say so: {flag} {fewer[0]})" \
+        if fewer else ""
 
 
 def open_source(spec: str | Path, **opts: Any) -> Source:

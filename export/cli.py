@@ -145,6 +145,7 @@ def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phanto
     own (``source`` a path) with clean ``reference`` frames, label maps or COCO ``labels``
     (export/ground_truth.py); ``flags``: the CLI's names of source / reference / labels."""
     from edge_runtime.preprocess import Preprocessor
+    from edge_runtime.sources import bits_hint, source_kind
 
     from .calibration import VALIDATION_SEED0, _unnamed, describe, frames_from, governance_problems
     from .ground_truth import FLAGS, labelled_frames
@@ -174,10 +175,11 @@ def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phanto
                 "detection": f"{flags['labels']} COCO.json"}[manifest["task"]]
         hint = ("; the phantom generators make 8-bit ultrasound and 12-bit X-ray frames only: validate this model "
                 f"on held-out frames of your own ({flags['source']} PATH with {give})") if phantom else ""
-        bits = manifest.get("bits_stored")
-        if not phantom and bits and any(f.bits_stored != bits and f.pixels.dtype.itemsize * 8 == f.bits_stored
-                                        for f in items):  # e.g. 12-bit data in 16-bit PNGs, read as 16-bit
-            hint = f"; {bits}-bit data in {items[0].pixels.dtype.itemsize * 8}-bit files: give {flags.get('bits', '--bits-stored')} {bits}"
+        if not phantom and manifest.get("bits_stored") and "bits_stored" not in (opts or {}):
+            # a COCO folder is read as images (_val_opts); DICOM states its own depth and refuses the option
+            kind = "images" if labels else source_kind(source)
+            hint = next((h for f in items if (h := bits_hint(kind, f, [int(manifest["bits_stored"])],
+                                                           flags.get("bits", "--bits-stored")))), hint)
         raise ExportError(f"validation frames from {label if phantom else flags['source']} do not match model "
                           f"{manifest.get('name')!r}: " + "; ".join(problems) + hint)
     return EvalSet.build(manifest, items, source=label)

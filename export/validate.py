@@ -100,7 +100,8 @@ class EvalSet:
 
     def subset(self, n: int) -> EvalSet:
         return EvalSet(self.manifest, self.frames[:n], self.tensors[:n], self.mappings[:n], self.source,
-                       self.frame_hashes[:n], truth_sha256(self.frames[:n]))
+                       self.frame_hashes[:n], truth_sha256(self.frames[:n]),
+                       reference_hashes=self.reference_hashes)  # what calibration must avoid stays whole
 
     def profile(self) -> dict[str, dict[str, list[int]]]:
         """An optimisation profile covering every validation tensor shape (for the lint)."""

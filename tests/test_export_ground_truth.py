@@ -401,9 +401,16 @@ def test_12_bit_data_in_16_bit_files_is_told_to_give_its_bits(tmp_path: Path) ->
         for p in folder.iterdir():
             cv2.imwrite(str(p), (cv2.imread(str(p), cv2.IMREAD_UNCHANGED) >> 4).astype(np.uint16))
     m = blur_manifest("xr12")
-    with pytest.raises(ExportError, match="bits_stored 12 .*12-bit data in 16-bit files: give --bits-stored 12"):
+    with pytest.raises(ExportError, match=r"bits_stored 12 .*if these 16-bit files hold 12-bit data, say so: --bits-stored 12\)"):
         cli._validation_set(m, 10, str(noisy), reference=str(clean), opts={"modality": "DX"},
                             flags={"source": "--source", "reference": "--reference", "labels": "--labels",
                                    "bits": "--bits-stored"})
     ev = cli._validation_set(m, 10, str(noisy), reference=str(clean), opts={"modality": "DX", "bits_stored": 12})
     assert [f.bits_stored for f in ev.frames] == [12, 12, 12]
+    from test_sources import write_dicom  # DICOM states its depth and refuses the option: no such hint
+
+    px = cv2.imread(str(noisy / "f00.png"), cv2.IMREAD_UNCHANGED)
+    dcm = write_dicom(tmp_path / "n.dcm", px, bits_stored=16)
+    with pytest.raises(ExportError, match="bits_stored 12 ") as err:
+        cli._validation_set(m, 10, str(dcm), reference=str(clean / "f00.png"))
+    assert "--bits-stored" not in str(err.value)
