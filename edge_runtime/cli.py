@@ -47,15 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     if group not in GROUPS:
         print(f"edge-runtime: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(GROUPS[group][0])
-    parser = argparse.ArgumentParser(prog=f"edge-runtime {group}", description=GROUPS[group][1])
-    module.configure(parser)
-    args = parser.parse_args(argv[1:])
     # SIGTERM unwinds like Ctrl-C for the command's duration (`run` puts its own in place for the
     # pipeline); the caller's handler is back afterwards (tests and integrators call main() in process).
     previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
         else None
     try:
+        # Inside the try: importing a group (onnxruntime, torch) takes seconds, and a Ctrl-C then
+        # printed a traceback through the import machinery.
+        module = importlib.import_module(GROUPS[group][0])
+        parser = argparse.ArgumentParser(prog=f"edge-runtime {group}", description=GROUPS[group][1])
+        module.configure(parser)
+        args = parser.parse_args(argv[1:])
         return int(module.run(args) or 0)
     except EdgeRuntimeError as exc:
         # Our own errors already say what was expected and found: no traceback for users.

@@ -35,6 +35,7 @@ from .runtime import Runtime, RuntimeSet, resolve_bundle
 from .telemetry import summarize
 
 log = logging.getLogger(__name__)
+WARN_SAME_REASON = 3  # frames skipped for one reason that are logged one by one; the rest are counted
 
 
 def annotate(frame: Frame, result: Result, *, truth: bool = True) -> np.ndarray:
@@ -208,13 +209,21 @@ def run(args: argparse.Namespace) -> int:
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
     n = skipped = 0
+    reasons: dict[str, int] = {}  # why frames were skipped -> how many
     started = time.perf_counter()
     with runtimes:
+        wanted = runtimes.modalities()
         if kind == "images" and "modality" not in opts:  # the files do not say: "OT" is refused frame by frame
-            wanted = sorted({m for r in runtimes.runtimes if r.bundle for m in r.bundle.manifest.get("modality", [])})
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
+        stated = source.stated_modality()
+        if stated is not None and stated not in wanted:  # every frame would be refused, one warning each
+            said = {"dicom": "stated by the DICOM file", "phantom": "the phantom's frames"}.get(
+                kind, "--modality" if "modality" in opts else f"the default for {kind} frames; --modality says otherwise")
+            raise ConfigError(expected(f"a source of modality {wanted} (what the bundles take)", stated) + f" ({said})")
+        if args.limit is None and source.n_frames is None and kind in ("phantom", "camera"):
+            print(f"{args.source} has no end: stop with Ctrl-C, or give --limit N", file=sys.stderr)
         model_bits = [int(r.bundle.manifest["bits_stored"]) for r in runtimes.runtimes  # loaded by now
                       if r.bundle and r.bundle.manifest.get("bits_stored")]
         private_dir(args.out)  # only now: a start that failed (no camera, a bundle refused) left an empty one
@@ -253,10 +262,16 @@ def run(args: argparse.Namespace) -> int:
                 except (InputError, BackendError) as exc:  # one bad frame is counted and skipped, never the run
                     skipped += 1
                     n += 1
-                    # no stream id: file names can name patients
-                    log.warning("frame %d%s skipped: %s%s", frame.seq, f" ({frame.position})" if frame.position else "",
-                                exc, bits_hint(kind, frame, model_bits) if "bits_stored" not in opts and
-                                "-bit frame" in str(exc) else "")
+                    why = str(exc)
+                    reasons[why] = reasons.get(why, 0) + 1
+                    if reasons[why] <= WARN_SAME_REASON:  # a 1000-frame file gave 1000 identical warnings
+                        # no stream id: file names can name patients
+                        log.warning("frame %d%s skipped: %s%s%s", frame.seq,
+                                    f" ({frame.position})" if frame.position else "", why,
+                                    bits_hint(kind, frame, model_bits) if "bits_stored" not in opts and
+                                    "-bit frame" in why else "",
+                                    " (further frames skipped for this reason are counted, not logged)"
+                                    if reasons[why] == WARN_SAME_REASON else "")
                     continue
                 files.put(frame, result, bool(args.every and n % args.every == 0))
                 for stage, ms in result.timings_ms.items():
@@ -274,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
     files_skipped = getattr(source, "skipped", 0)
     print(f"{n} frames in {wall:.1f} s -> {args.out}/results.jsonl"
           + (f"; {skipped} skipped (see the warnings above)" if skipped else "")
+          + "".join(f"\n  {count} skipped: {why}" for why, count in reasons.items() if count > WARN_SAME_REASON)
           + (f"; {files_skipped} input file(s) unreadable and left out" if files_skipped else ""))
     if failed is not None:
         print(f"the source stopped after {n} frames: {type(failed).__name__}: {describe_error(failed)}", file=sys.stderr)

@@ -44,6 +44,7 @@ XR_ELECTRONIC_NOISE = 4.0  # std of the additive electronic noise, in quanta
 XR_GAIN = 600.0  # stored value per unit of mu (line integral)
 XR_OFFSET = 100.0  # stored value of unattenuated air
 XR_BITS = 12
+US_MODALITY, XR_MODALITY = "US", "DX"  # what the frames state (DICOM Modality codes)
 XR_FPS = 15.0  # frame rate assumed for the fluoroscopy-like sequence's breathing motion
 # Below this many expected quanta the exact Poisson sampler is used; above it the normal
 # approximation with the same mean and variance (skewness < 0.1), several times cheaper.
@@ -480,7 +481,7 @@ def _us_frame(scene: _UsScene, pose: tuple[float, float, float], scatterers: np.
               stream_id: str) -> Frame:
     pixels, clean, masks, labels = _us_render(scene, pose, scatterers)
     geo = scene.geo
-    return Frame(pixels=pixels, modality="US", bits_stored=8, photometric="MONOCHROME2",
+    return Frame(pixels=pixels, modality=US_MODALITY, bits_stored=8, photometric="MONOCHROME2",
                  pixel_spacing=(geo.mm_per_px, geo.mm_per_px), stream_id=stream_id, seq=seq,
                  source="phantom:us", truth=_truth(masks, labels, clean, pixels.shape))
 
@@ -738,7 +739,7 @@ def _xr_frame(mu: np.ndarray, nodules: list[_Nodule], affine: np.ndarray | None,
         if m.any():
             masks.append(m)
     spacing = 430.0 / max(h, w)
-    return Frame(pixels=noisy, modality="DX", bits_stored=XR_BITS, photometric="MONOCHROME2",
+    return Frame(pixels=noisy, modality=XR_MODALITY, bits_stored=XR_BITS, photometric="MONOCHROME2",
                  pixel_spacing=(spacing, spacing), stream_id=stream_id, seq=seq, source="phantom:xr",
                  truth=_truth(masks, ["nodule"] * len(masks), clean, (h, w)))
 

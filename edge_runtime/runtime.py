@@ -403,11 +403,14 @@ class RuntimeSet:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def modalities(self) -> list[str]:
+        """Every modality some model of the set takes (from the bundles' manifests)."""
+        return sorted({m for r in self.runtimes if r.bundle for m in r.bundle.manifest["modality"]})
+
     def for_frame(self, frame: Frame) -> list[Runtime]:
         chosen = [r for r in self.runtimes if r.bundle is not None and frame.modality in r.bundle.manifest["modality"]]
         if not chosen:
-            have = sorted({m for r in self.runtimes if r.bundle for m in r.bundle.manifest["modality"]})
-            raise InputError(expected(f"a frame of modality {have}", frame.modality))
+            raise InputError(expected(f"a frame of modality {self.modalities()}", frame.modality))
         return chosen
 
     def process(self, frame: Frame) -> Result:

@@ -188,6 +188,11 @@ class Source(ABC):
     def _frames(self) -> Iterator[Frame]:
         """Yield the frames of one pass, starting from the first."""
 
+    def stated_modality(self) -> str | None:
+        """The modality every frame of this source carries, known before a frame is read (so a model
+        for another one can be refused up front, not frame by frame); None when frames may differ."""
+        return getattr(self, "modality", None)
+
     skipped: int = 0  # files of a folder that could not be read (logged, left out)
 
     def _skip(self, which: str, exc: Exception) -> None:
@@ -918,6 +923,10 @@ class DicomSource(Source):
         log.info("DICOM: %d file(s), %s, %s frame(s) in the first, %s", len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")
 
+    def stated_modality(self) -> str | None:
+        # a series folder: each file states its own (a folder may mix them)
+        return self.modality if self._modality_override or len(self.files) == 1 else None
+
     def _series(self, folder: Path) -> list[Path]:
         entries = []
         listed = sorted(_listing(folder), key=lambda p: natural_key(p.name))
@@ -1063,6 +1072,11 @@ class PhantomSource(Source):
         self.kwargs = kwargs
         self.name = f"phantom:{kind}"
         self.stream_id = _stream_id(stream_id, self.name)
+
+    def stated_modality(self) -> str | None:
+        from . import phantoms
+
+        return phantoms.US_MODALITY if self.kind == "us" else phantoms.XR_MODALITY
 
     def _frames(self) -> Iterator[Frame]:
         from . import phantoms  # imported lazily: sources must not depend on phantoms at import

@@ -457,3 +457,19 @@ def test_an_empty_run_writes_its_latency_report_without_warnings(tmp_path: Path)
         warnings.simplefilter("error")
         json_path, png_path = write_latency_report(Stats(), tmp_path)
     assert json_path.is_file() and png_path.is_file()
+
+
+def test_run_refuses_a_source_of_another_modality_before_starting_nodes(capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers refused an ultrasound stream for the radiograph detector frame by frame (a live run
+    without --duration never ended); now `run` refuses it up front, naming both modalities."""
+    from edge_runtime.cli import main
+    from edge_runtime.pipeline import cli as pipeline_cli
+
+    def no_pipeline(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the pipeline started")
+
+    monkeypatch.setattr(pipeline_cli, "run_pipeline", no_pipeline)
+    assert main(["run", "--source", "phantom:us", "--bundle", "xr-nodule-det", "--duration", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "expected a source of modality ['CR', 'DX', 'XR'] (what the bundles take), found 'US'" in err, err

@@ -824,3 +824,83 @@ def test_an_image_to_image_bundle_is_not_built_for_dla(tmp_path: Path, monkeypat
     with pytest.raises(RuntimeError, match="stop here"):
         Runtime(_int8_bundle(tmp_path / "b"), "jetson-orin-nx-16gb", precision="int8").load()
     assert seen["dla_core"] is None and seen["profiles"] is not None
+
+
+def test_infer_refuses_a_source_of_another_modality_before_reading_a_frame(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A source whose frames all state one modality (a DICOM file, a phantom, a video or image folder
+    with --modality) that no bundle takes was refused frame by frame, a warning each: pydicom's real
+    30-frame ultrasound cine through the radiograph detector gave 30 identical warnings. Now one error
+    up front, naming both, and no output folder is made."""
+    import pydicom
+
+    from edge_runtime.cli import main
+
+    cine = Path(pydicom.__file__).parent / "data" / "test_files" / "examples_ybr_color.dcm"
+    out = tmp_path / "out"
+    for source, said in ((cine, "stated by the DICOM file"), ("phantom:us", "the phantom's frames")):
+        assert main(["infer", "--bundle", "xr-nodule-det", "--source", str(source), "--out", str(out),
+                     "--device", "cpu-x86"]) == 1
+        err = capsys.readouterr().err
+        assert "expected a source of modality ['CR', 'DX', 'XR'] (what the bundles take), found 'US'" in err, err
+        assert said in err and not out.exists()
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), _xr().pixels)
+    assert main(["infer", "--bundle", str(_enhance_bundle(tmp_path / "b")), "--source", str(images), "--out", str(out),
+                 "--modality", "us", "--device", "cpu-x86"]) == 1
+    assert "found 'US' (--modality)" in capsys.readouterr().err
+
+
+def test_infer_logs_a_repeated_reason_for_skipping_three_times_then_counts_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames refused one by one for the same reason (a folder whose images exceed the model's bit
+    depth): the first three are logged with their numbers, the rest counted and summed up at the end."""
+    from edge_runtime import infer
+    from edge_runtime.cli import main
+
+    def refuse(self: RuntimeSet, frame: Frame):  # type: ignore[no-untyped-def]
+        raise InputError("expected uint16 pixel values in 0..4095 (bits_stored 12), found 'a maximum of 65535'")
+
+    monkeypatch.setattr(RuntimeSet, "process", refuse)
+    assert main(["infer", "--bundle", str(_enhance_bundle(tmp_path / "b")), "--source", "phantom:xr",
+                 "--out", str(tmp_path / "out"), "--device", "cpu-x86", "--limit", "7"]) == 1
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(warned) == infer.WARN_SAME_REASON == 3, warned
+    assert warned[0].startswith("frame 0 skipped: expected uint16") and "counted, not logged" in warned[-1]
+    out = capsys.readouterr().out
+    assert "7 frames" in out and "7 skipped" in out and "\n  7 skipped: expected uint16 pixel values" in out, out
+
+
+def test_infer_says_an_endless_source_runs_until_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """phantom:xr without --limit never ends: said at the start (it looked hung); Ctrl-C stops it (130)."""
+    from edge_runtime.cli import main
+
+    real = RuntimeSet.process
+
+    def stop_at_2(self: RuntimeSet, frame: Frame):  # type: ignore[no-untyped-def]
+        if frame.seq == 2:
+            raise KeyboardInterrupt
+        return real(self, frame)
+
+    monkeypatch.setattr(RuntimeSet, "process", stop_at_2)
+    assert main(["infer", "--bundle", str(_enhance_bundle(tmp_path / "b")), "--source", "phantom:xr",
+                 "--out", str(tmp_path / "out"), "--device", "cpu-x86"]) == 130
+    err = capsys.readouterr().err
+    assert "phantom:xr has no end: stop with Ctrl-C, or give --limit N" in err
+    assert re.search(r"stopped after 2 frames: [0-2] recorded", err), err  # queued frames are dropped at Ctrl-C
+
+
+def test_ctrl_c_while_a_command_imports_its_modules_exits_130_without_a_traceback(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing a group (onnxruntime, torch) takes seconds; a Ctrl-C then gave a traceback."""
+    from edge_runtime import cli
+
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["infer", "--help"]) == 130
+    assert capsys.readouterr().err == "edge-runtime infer: interrupted\n"

@@ -172,6 +172,25 @@ def _stated(o: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def _check_modality(o: dict[str, Any]) -> None:
+    """A source whose frames all state one modality that no bundle takes (an ultrasound cine given to
+    the radiograph detector) is refused before any node starts: the workers refused it frame by frame,
+    and a live run without --duration never ended."""
+    from ..bundle import Bundle
+    from ..runtime import resolve_bundle
+    from ..sources import open_source, source_kind
+
+    if not o["bundle"] or str(o["source"]).startswith(("synthetic", "camera:")):
+        return  # a camera is opened by the source node only
+    if source_kind(o["source"]) == "dicom" and Path(o["source"]).is_dir():
+        return  # a series folder: each file states its own, and reading every header twice is slow
+    stated = open_source(o["source"], **o["source_options"]).stated_modality()  # no frame is read
+    wanted = sorted({m for b in _as_list(o["bundle"]) for m in
+                     Bundle.load(resolve_bundle(str(b)), verify=False).manifest["modality"]})
+    if stated is not None and stated not in wanted:
+        raise ConfigError(expected(f"a source of modality {wanted} (what the bundles take)", stated))
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -183,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
                                     gpu=o["gpu"]))
     realtime = bool(o["realtime"])
     o["source_options"] = {**o["source_options"], **_stated(o, args)}
+    _check_modality(o)
     options = tuple(sorted(o["source_options"].items()))
     if realtime and not SourceSpec(o["source"], options=options).has_rate():
         # "Latest frame wins" would re-read such a source as fast as it decodes and drop most of it:
