@@ -34,6 +34,23 @@ KEYS = {
 }
 
 
+def _number(spec: Mapping[str, Any], key: str, default: float, kind: type, what: str,
+            ok: Callable[[Any], bool]) -> Any:
+    """spec[key] (or the default) as ``kind`` if ``ok``, else a BundleError naming the key."""
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
+            or not ok(kind(value)):
+        raise BundleError(f"postprocess.{key}: " + expected(what, value))
+    return kind(value)
+
+
+def _finite(value: float | np.ndarray, what: str) -> None:
+    """A model output that is NaN or infinite is the backend's failure (an FP16 overflow, a broken
+    engine), never "no findings": NaN scores compare false with every threshold."""
+    if not np.isfinite(value).all():
+        raise BackendError(expected(f"finite {what} from the model", "NaN or infinite values"))
+
+
 @dataclass
 class Decoded:
     """What post-processing produced for one frame (the runtime copies it into a Result)."""
@@ -131,13 +148,19 @@ class Postprocessor:
         self.output_names = list(output_names) if output_names else None
         self.pre = preprocess
         self.classes = [str(c) for c in self.spec.get("classes", [])]
-        self.score_threshold = float(self.spec.get("score_threshold", 0.3))
-        self.nms_iou = float(self.spec.get("nms_iou", 0.5))
-        self.max_detections = int(self.spec.get("max_detections", 100))
-        if self.max_detections < 1:
-            raise BundleError("postprocess.max_detections: " + expected("an integer >= 1", self.max_detections))
-        self.stride = int(self.spec.get("stride", 4))
-        self.peak_kernel = int(self.spec.get("peak_kernel", 3))
+        # Checked here, at load: out of range, each failed on every frame or silently found nothing
+        # (a kernel of 0 raised in numpy, a stride of 0 made every box 4 px, a threshold of 2 kept none).
+        self.score_threshold = _number(self.spec, "score_threshold", 0.3, float, "a number in (0, 1]",
+                                       lambda v: 0 < v <= 1)
+        self.nms_iou = _number(self.spec, "nms_iou", 0.5, float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
+        self.max_detections = _number(self.spec, "max_detections", 100, int, "an integer >= 1", lambda v: v >= 1)
+        self.stride = _number(self.spec, "stride", 4, int, "an integer >= 1", lambda v: v >= 1)
+        self.peak_kernel = _number(self.spec, "peak_kernel", 3, int, "an integer >= 1", lambda v: v >= 1)
+        if kind == "segmentation":
+            _number(self.spec, "threshold", 0.5, float, "a number in (0, 1)", lambda v: 0 < v < 1)
+            if self.spec.get("activation", "sigmoid") not in ("sigmoid", "softmax"):
+                raise BundleError("postprocess.activation: " + expected("'sigmoid' or 'softmax'",
+                                                                        self.spec["activation"]))
         if kind in ("centernet", "yolov8") and not self.classes:
             raise BundleError(f"postprocess ({kind}): " + expected("a non-empty classes list", self.classes))
         # The CenterNet tensors by role; the manifest may rename some of them (docs/BUNDLE.md).
@@ -215,6 +238,7 @@ class Postprocessor:
         # One flat index array split by divmod: np.nonzero's three index arrays took 29-46 us against 11-12
         # (warm, 2 x 64 x 64); right after an inference the decode as a whole gained 0-7% (us-lesion-det /
         # xr-nodule-det, interleaved, Zen 3).
+        _finite(float(heat.max()), "heatmap scores")  # max propagates NaN: one pass over the map
         flat = np.flatnonzero(heat >= self.score_threshold)
         if len(flat) == 0:
             return []
@@ -237,6 +261,7 @@ class Postprocessor:
         cy = (ys + offset[1, ys, xs]) * self.stride
         bw, bh = np.maximum(size[0, ys, xs], 0), np.maximum(size[1, ys, xs], 0)
         boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+        _finite(boxes, "box sizes and offsets")  # only the few decoded cells
         return self._finish(boxes, scores, cls, mapping)
 
     def decode_yolov8(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
@@ -246,12 +271,14 @@ class Postprocessor:
             raise InputError(expected(f"a YOLOv8 output [1, {4 + nc}, N]", out.shape))
         pred = out[0].T if out.shape[1] == 4 + nc else out[0]  # (N, 4 + C); some exports transpose
         scores_all = pred[:, 4:]
+        _finite(float(scores_all.max()), "class scores")  # argmax would pick a NaN score
         cls = scores_all.argmax(axis=1)
         scores = scores_all[np.arange(len(pred)), cls].astype(np.float64)
         ok = scores >= self.score_threshold
         pred, cls, scores = pred[ok], cls[ok], scores[ok]
         cx, cy, bw, bh = (pred[:, i].astype(np.float64) for i in range(4))
         boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
+        _finite(boxes, "boxes")  # those above the threshold
         return self._finish(boxes, scores, cls, mapping)
 
     # -- enhancement ----------------------------------------------------------------------
@@ -312,6 +339,7 @@ class Postprocessor:
                 p = cv2.resize(p, (iw, ih), interpolation=cv2.INTER_LINEAR)
             planes.append(cv2.resize(p[y0:y1, x0:x1], (ow, oh), interpolation=cv2.INTER_LINEAR))
         stack = np.stack(planes)
+        _finite(float(stack.max()), "segmentation logits")  # a NaN plane would win the argmax, or no pixel
         if act == "softmax":
             winner = stack.argmax(axis=0)
             masks = np.stack([(winner == c) for c in range(len(planes))]).astype(np.uint8)

@@ -28,6 +28,9 @@ class Result:
     detections: list[Detection] = field(default_factory=list)
     enhanced: np.ndarray | None = None  # same dtype, range and size as the input frame
     masks: np.ndarray | None = None  # uint8 (N, H, W), original frame size
+    # per class, cv2.findContours point arrays of the masks; in process only (the wire carries the
+    # masks, from which a receiver gets the same contours with cv2.findContours)
+    contours: list[list[np.ndarray]] | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess / infer / postprocess
     # model name, bundle_sha256, backend, precision: every result says what produced it.
     provenance: dict[str, str] = field(default_factory=dict)

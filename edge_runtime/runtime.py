@@ -373,6 +373,7 @@ class Runtime:
         t3 = time.perf_counter()
         return Result(stream_id=frame.stream_id, seq=frame.seq, capture_ns=frame.capture_ns,
                       detections=decoded.detections, enhanced=decoded.enhanced, masks=decoded.masks,
+                      contours=decoded.contours,
                       timings_ms={"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3,
                                   "postprocess": (t3 - t2) * 1e3},
                       provenance=self.provenance, stamps=dict(frame.stamps))
@@ -423,7 +424,7 @@ class RuntimeSet:
             if res.enhanced is not None:
                 merged.enhanced = res.enhanced
             if res.masks is not None:
-                merged.masks = res.masks
+                merged.masks, merged.contours = res.masks, res.contours
             for stage, ms in res.timings_ms.items():
                 merged.timings_ms[f"{r.bundle.name if r.bundle else '?'}.{stage}"] = ms
                 merged.timings_ms[stage] = merged.timings_ms.get(stage, 0.0) + ms

@@ -213,6 +213,45 @@ def test_manifest_mistakes_are_bundle_errors_at_load_not_key_errors_per_frame() 
         Postprocessor({"type": "centernet", "classes": ["a"], "max_detections": 0})
     with pytest.raises(BundleError, match=r"postprocess.outputs: unknown key\(s\) \['boxes'\]"):
         Postprocessor({"type": "centernet", "classes": ["a"], "outputs": {"boxes": "b"}})
+    # Values that failed on every frame (numpy ValueError, ZeroDivisionError), or silently found nothing.
+    for key, value, what in (("peak_kernel", 0, "an integer >= 1"), ("stride", 0, "an integer >= 1"),
+                             ("stride", -4, "an integer >= 1"), ("score_threshold", 2, r"a number in \(0, 1\]"),
+                             ("score_threshold", None, r"a number in \(0, 1\]"), ("nms_iou", 1.5, r"a number in \[0, 1\]"),
+                             ("stride", 2.5, "an integer >= 1"), ("max_detections", True, "an integer >= 1")):
+        with pytest.raises(BundleError, match=rf"postprocess.{key}: expected {what}"):
+            Postprocessor({"type": "centernet", "classes": ["a"], key: value})
+    for threshold in (1.0, 1.5, -0.2, 0):
+        with pytest.raises(BundleError, match=r"postprocess.threshold: expected a number in \(0, 1\)"):
+            Postprocessor({"type": "segmentation", "threshold": threshold})
+    with pytest.raises(BundleError, match="postprocess.activation: expected 'sigmoid' or 'softmax'"):
+        Postprocessor({"type": "segmentation", "activation": "softmx"})
+
+
+def test_nan_or_inf_in_a_detectors_output_is_a_backend_error_not_no_findings() -> None:
+    """An all-NaN heatmap gave no detections and no error (NaN >= threshold is false): a broken
+    engine or an FP16 overflow would read as "no lesion". YOLOv8: argmax picked a NaN class score
+    and hid a 0.95 box; an infinite width gave a box across the frame."""
+    spec = {"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3}
+    frame = Frame(np.zeros((32, 32), np.uint8))
+    _, m = Preprocessor({})(frame)
+    post = Postprocessor(spec)
+    assert len(post(_centernet_outputs(), m, frame).detections) == 3
+    for tensor, cell, value in (("heatmap", (0, 0, 0, 0), np.nan), ("heatmap", (0, 1, 7, 7), np.inf),
+                                ("size", (0, 0, 2, 3), np.nan), ("offset", (0, 1, 5, 1), np.inf)):
+        outs = _centernet_outputs()
+        outs[tensor][cell] = value
+        with pytest.raises(BackendError, match="expected finite .* from the model, found 'NaN or infinite values'"):
+            post(outs, m, frame)
+    yolo = Postprocessor({"type": "yolov8", "classes": ["a", "b"], "score_threshold": 0.25})
+    out = np.zeros((1, 6, 3), np.float32)
+    out[0, :, 0] = (10, 10, 4, 4, np.nan, 0.95)
+    with pytest.raises(BackendError, match="finite class scores"):
+        yolo({"output0": out}, m, frame)
+    out[0, :, 0] = (10, 10, np.inf, 4, 0.05, 0.95)
+    with pytest.raises(BackendError, match="finite boxes"):
+        yolo({"output0": out}, m, frame)
+    out[0, :, 0] = (10, 10, 4, 4, 0.05, 0.95)
+    assert [d.label for d in yolo({"output0": out}, m, frame).detections] == ["b"]
 
 
 def test_centernet_outputs_can_rename_some_tensors() -> None:

@@ -904,3 +904,31 @@ def test_ctrl_c_while_a_command_imports_its_modules_exits_130_without_a_tracebac
     monkeypatch.setattr(cli.importlib, "import_module", interrupted)
     assert cli.main(["infer", "--help"]) == 130
     assert capsys.readouterr().err == "edge-runtime infer: interrupted\n"
+
+
+def test_a_segmentation_bundle_gives_masks_and_their_contours(tmp_path: Path) -> None:
+    """Runtime.process computed the contours on every frame and dropped them (Result had no field)."""
+    root = tmp_path / "seg"
+    root.mkdir()
+    _invert_model(root / "fp32.onnx", op="Sub", value=0.5)  # logit 0.5 - x: > 0 where x < 0.5
+    write_bundle(root, {
+        "name": "tiny-seg", "task": "segmentation", "modality": ["DX"], "bits_stored": 12,
+        "photometric": "MONOCHROME2", "description": "test model",
+        "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+        "outputs": [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+        "preprocess": {"color": "gray", "resize": {"mode": "none", "multiple": 8}},
+        "postprocess": {"type": "segmentation", "output": "enhanced", "classes": ["dark"]},
+        "artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32"}],
+    })
+    px = np.full((60, 70), 4000, np.uint16)
+    px[10:30, 20:50] = 100  # one dark rectangle
+    frame = Frame(px, modality="DX", bits_stored=12)
+    with Runtime(root, "cpu-x86") as rt:
+        res = rt.process(frame)
+    assert res.masks is not None and res.masks.shape == (1, 60, 70) and res.masks[0].sum() == 20 * 30
+    assert res.contours is not None and len(res.contours[0]) == 1
+    x, y, w, h = cv2.boundingRect(res.contours[0][0])
+    assert (x, y, w, h) == (20, 10, 30, 20)
+    with RuntimeSet([Runtime(root, "cpu-x86")]) as rs:
+        merged = rs.process(frame)
+    assert merged.contours is not None and len(merged.contours[0]) == 1
