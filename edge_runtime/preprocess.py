@@ -301,16 +301,24 @@ class Preprocessor:
         return out, m
 
 
+SECTOR_DARK = 16 / 255  # a border median up to this fraction of full scale is background, not tissue
+
+
 def sector_mask(gray: np.ndarray, threshold: int = 1) -> np.ndarray:
     """Ultrasound field of view: the filled convex hull of the largest region >= threshold, and above
-    the background: the median of the frame's outermost rows and columns (+1). JPEG cines rarely keep
-    a black of 0 (the real pydicom cine's is 1 after YBR -> RGB, which made the mask the whole frame,
-    text and toolbar included).
+    the background: the median of the frame's outermost rows and columns (+1) when that median is
+    dark (at most SECTOR_DARK of full scale). JPEG cines rarely keep a black of 0 (the real pydicom
+    cine's is 1 after YBR -> RGB, which made the mask the whole frame, text and toolbar included).
+    A bright border is tissue: the field of view reaches the frame's edge (a linear probe, a frame
+    cropped to the image), and raising the threshold to it zeroed 44% of a linear phantom's tissue.
 
     Text, calibration marks and colour bars outside the sector are zeroed by the caller.
     """
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    threshold = max(threshold, int(np.median(border)) + 1)
+    background = int(np.median(border))
+    full = 255 if gray.dtype == np.uint8 else 65535 if gray.dtype == np.uint16 else 1
+    if background <= SECTOR_DARK * full:
+        threshold = max(threshold, background + 1)
     binary = cv2.morphologyEx((gray >= threshold).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     mask = np.zeros(gray.shape[:2], np.uint8)

@@ -145,6 +145,18 @@ def test_sector_mask_removes_annotations_outside_the_fan() -> None:
     assert mask[150, 100] == 1 and mask[188, 10] == 0 and mask.mean() < 0.6
 
 
+def test_sector_mask_keeps_a_field_of_view_that_reaches_the_frame_border() -> None:
+    """A linear probe's image (or a frame cropped to the image) has tissue at its border: raising the
+    threshold to the border's median zeroed 44% of a linear phantom's field of view."""
+    from edge_runtime.phantoms import us_fan_mask, us_frame
+
+    for geometry in ("linear", "sector"):
+        fan = us_fan_mask(geometry=geometry) > 0
+        mask = sector_mask(us_frame(3, geometry=geometry).pixels) > 0
+        assert not (fan & ~mask).any(), (geometry, float((fan & ~mask).mean()))  # no tissue zeroed
+        assert (mask & ~fan).mean() < 0.02, geometry  # and little outside the field of view kept
+
+
 def test_window_width_1_is_a_threshold_as_pydicom_applies_it() -> None:
     """Width 1 used to pass validation and then divide by zero (w - 1) in the affine map. DICOM PS3.3
     C.11.2.1.2.1 makes it a step at center - 0.5, which pydicom's apply_voi_lut implements."""
