@@ -246,3 +246,15 @@ def test_reused_tensor_is_rewritten_whole_and_one_per_thread() -> None:
     t.join()
     assert other[0] is not a
     np.testing.assert_array_equal(a, fresh(_frame(tall, modality="US"))[0])  # the other thread left ours alone
+
+
+def test_a_stretch_that_shrinks_one_axis_and_enlarges_the_other_averages_the_shrinking_one() -> None:
+    """100x2000 (an M-mode strip) to 256x256: OpenCV's area mode with one axis enlarging interpolates
+    without averaging, and a 2-px line vanished at 4 of 8 positions (peak 0) or kept full brightness."""
+    pre = Preprocessor({"resize": {"mode": "stretch", "size": [256, 256]}})
+    for x_line in range(1000, 1008):
+        px = np.zeros((100, 2000), np.uint8)
+        px[:, x_line:x_line + 2] = 255
+        x, _ = pre(_frame(px))
+        assert abs(x[0, 0].sum() / 256 - 2 / 7.8125) < 0.01, x_line  # the line's mass, on every row
+        assert 0.15 < x[0, 0].max() <= 0.26, x_line
