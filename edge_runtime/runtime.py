@@ -107,8 +107,10 @@ def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> Engi
     """The runtime's engine for ``bundle`` in ``precision`` on ``device``; shared with ``export build
     --cache``, which pre-builds exactly the engine the runtime will look for.
 
-    Image-to-image models have dynamic H/W: one profile from 32 px up to ENGINE_MAX_HW, tuned for
-    512 x 512 (larger frames are tiled by post-processing when the bundle says so). DLA runs static
+    Image-to-image models have dynamic H/W: one profile from the pre-processing's size multiple (the
+    smallest tensor a frame can give; a 32 px floor refused frames of 16 px or less that ONNX Runtime
+    serves) up to ENGINE_MAX_HW, tuned for 512 x 512 (larger frames are tiled by post-processing when
+    the bundle says so). DLA runs static
     shapes only (NVIDIA's DLA restrictions: profile min = opt = max), so only a static-shape
     FP16/INT8 model gets DLA core 0 on a device with DLA; a dynamic one would build a "DLA" engine
     that runs wholly on the GPU, or fail.
@@ -117,8 +119,9 @@ def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> Engi
     spec = bundle.manifest["inputs"][0]
     profiles = None
     if not all(isinstance(d, int) for d in spec["shape"]):
-        c = spec["shape"][1] if isinstance(spec["shape"][1], int) else Preprocessor.from_manifest(bundle.manifest).channels
-        profiles = {spec["name"]: {"min": [1, c, 32, 32], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
+        pre = Preprocessor.from_manifest(bundle.manifest)
+        c, k = spec["shape"][1] if isinstance(spec["shape"][1], int) else pre.channels, pre.multiple
+        profiles = {spec["name"]: {"min": [1, c, k, k], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
     dla = 0 if device.dla_cores > 0 and precision != "fp32" and profiles is None else None
     return EngineRequest(onnx_path, dla, profiles)
 

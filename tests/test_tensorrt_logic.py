@@ -1733,3 +1733,26 @@ def test_real_engine_build_and_run(tmp_path: Path) -> None:
             want = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
             np.testing.assert_allclose(backend.infer({"image": x})["out"], want, rtol=1e-3, atol=1e-3)
         assert backend.graph_disabled is None and backend.graph_captures == 1, backend.graph_disabled
+
+
+def test_the_runtimes_engine_profile_covers_the_smallest_tensor_a_frame_can_give() -> None:
+    """The profile started at 32 x 32 while the shipped enhancers pad to a multiple of 16: a frame of
+    16 px or less in height or width (a thin strip, a 1-pixel frame) was refused by the TensorRT backend
+    and served by ONNX Runtime. No TensorRT here: the shapes and the check are the runtime's own."""
+    from edge_runtime.backends.tensorrt import IOTensor, check_profile
+    from edge_runtime.bundle import Bundle
+    from edge_runtime.devices import load_config
+    from edge_runtime.frames import Frame
+    from edge_runtime.preprocess import Preprocessor
+    from edge_runtime.runtime import engine_request, reference_bundles
+
+    for name, modality, dtype in (("us-despeckle", "US", np.uint8), ("xr-denoise", "DX", np.uint16)):
+        bundle = Bundle.load(reference_bundles()[name])
+        profile = engine_request(bundle, load_config("jetson-agx-orin-64gb"), "fp16").profiles["image"]  # type: ignore[index]
+        assert profile["min"] == [1, 1, 16, 16], (name, profile)
+        tensor = IOTensor("image", True, np.dtype(np.float32), (1, 1, None, None),
+                          (tuple(profile["min"]), tuple(profile["opt"]), tuple(profile["max"])))
+        pre = Preprocessor.from_manifest(bundle.manifest)
+        for h, w in ((1, 1), (12, 640), (16, 480), (480, 640)):
+            x, _ = pre(Frame(np.zeros((h, w), dtype), modality=modality, bits_stored=8 if modality == "US" else 12))
+            check_profile(tensor, x.shape)
