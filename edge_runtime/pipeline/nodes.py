@@ -313,6 +313,8 @@ class FrameSlot:
             if self.policy == "all":
                 while frame.stream_id in self.frames and not stop.is_set():
                     self.cond.wait(0.1)
+            if stop.is_set():  # the source has stopped: not read (it would be in no count)
+                return
             if frame.stream_id in self.frames:
                 self.superseded += 1
             self.frames[frame.stream_id] = frame
@@ -447,25 +449,38 @@ class SourceNode:
 
         # a lost worker: its done count then, the frames counted lost, how many of those it has since finished
         lost_counted: dict[bytes, tuple[int, int, int]] = {}
+        resent: set[tuple[str, int, int]] = set()  # frames already sent again once (stream, seq, capture_ns)
 
         def lose(ident: bytes, why: str) -> None:
             w = workers.pop(ident)
             for _, _, held_slot, _ in w.inflight:
                 release(held_slot)  # safe even if it still reads: the generation check catches a rewrite
-            # Policy 'all' ("every frame is processed"): the frames go to another worker, first; 'latest'
-            # counts them (newer frames have come meanwhile).
-            resend = [f for *_, f in w.inflight if f is not None] if self.policy == "all" else []
+            # Policy 'all' ("every frame is processed"): the frames go to another worker, first, once
+            # each: a frame on which the model process dies (a native crash) killed every restarted
+            # worker it was resent to until the supervisor gave up on the run. 'latest' counts them
+            # (newer frames have come meanwhile).
+            resend: list[Frame] = []
+            lost = []
+            for st, sq, _, f in w.inflight:
+                key = (st, sq, f.capture_ns) if f is not None else None
+                if self.policy == "all" and key is not None and key not in resent:
+                    resent.add(key)
+                    resend.append(f)
+                else:  # 'latest', or sent again once already: counted, never sent a third time
+                    if key is not None:
+                        resent.discard(key)
+                    lost.append({"stream": st, "seq": sq})
             slot.retry.extend(resend)
-            if len(w.inflight) > len(resend):
-                counters.drops["worker_lost"] += len(w.inflight) - len(resend)
-                lost_counted[ident] = (w.done, len(w.inflight) - len(resend), 0)
+            if lost:
+                counters.drops["worker_lost"] += len(lost)
+                lost_counted[ident] = (w.done, len(lost), 0)
             counters.transport["frames_resent"] += len(resend)
             _send_quiet(push, protocol.encode_control(
                 "event", node=self.name, event="worker_lost", worker=w.name, why=why, t_ns=time.monotonic_ns(),
-                frames_lost=[{"stream": st, "seq": sq} for st, sq, _, f in w.inflight if f is None],
+                frames_lost=lost,
                 frames_resent=[{"stream": f.stream_id, "seq": f.seq} for f in resend]), counters, "event")
-            log.warning("%s: worker %s lost (%s), %d in-flight frame(s) %s", self.name, w.name, why,
-                        len(w.inflight), "sent again" if resend else "counted")
+            log.warning("%s: worker %s lost (%s), %d in-flight frame(s): %d sent again, %d counted lost", self.name,
+                        w.name, why, len(w.inflight), len(resend), len(lost))
 
         def read_workers(now: float) -> None:
             """Credits and heartbeats from workers: all that are queued."""
@@ -591,18 +606,30 @@ class SourceNode:
                     if not any(w.inflight for w in workers.values()) or now >= drain_deadline:
                         break
         finally:
+            stopped = stop.is_set()  # from outside (the supervisor): no end of stream to announce
+            # Workers stop after the source: wait (at most drain_s) for the frames in flight to come back, so
+            # the source's counts hold them ('all': a frame sent just before a stop was not processed and was
+            # in no count, 3 runs in 20).
+            deadline = time.monotonic() + s.drain_s
+            while stopped and any(w.inflight for w in workers.values()) and time.monotonic() < deadline:
+                if router.poll(50):
+                    read_workers(time.monotonic())
+            stop.set()  # no frame is read from here on (FrameSlot.put)
+            with slot.cond:
+                unsent = len(slot.frames) + len(slot.retry)
+            if unsent:  # read, and waiting for a worker when the run stopped: counted, not lost from view
+                counters.drops["unsent_at_stop"] += unsent
             counters.drops["superseded"] = slot.superseded
             if getattr(state.get("source"), "skipped", 0):
                 counters.drops["unreadable_file"] = int(state["source"].skipped)
             _send_quiet(push, counters.stats_message(frames_read=slot.read, frames_sent=sent, frames_shm=shm_sent,
                                                      workers=len(workers)), counters, "stats")
-            if state["exhausted"] and not stop.is_set():
+            if state["exhausted"] and not stopped:
                 _send_quiet(push, protocol.encode_control(
                     "event", node=self.name, event="end_of_stream", t_ns=time.monotonic_ns(),
                     frames_read=slot.read, frames_sent=sent, error=state["error"]), counters, "event")
-            stop.set()  # lets the reader thread leave a blocking put
             counters.close_monitors()
-            router.close(linger=0)
+            router.close(linger=500)  # frames already sent reach their worker, which counts them if it stops first
             push.close(linger=int(s.drain_s * 1000))  # the end-of-stream event must reach the hub
             if reader.is_alive():
                 reader.join(timeout=1.0)
@@ -853,6 +880,16 @@ class WorkerNode:
                 deliver()
             if pending:
                 counters.drops["abandoned_at_stop"] += pending
+            while True:  # frames still queued on the socket: sent, so the source counts them in flight
+                try:
+                    msg = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    if protocol.decode(msg, s.limits, shm).frame is not None:
+                        counters.drops["abandoned_at_stop"] += 1
+                except BadMessage as exc:
+                    counters.reject(exc, "the source")
             _send_quiet(push, counters.stats_message(frames=done), counters, "stats")
         finally:
             inbox.put(None)
