@@ -216,6 +216,26 @@ def test_a_restarted_source_is_shown_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_finite_source_that_dies_is_not_restarted_to_replay_its_input(tmp_path: Path) -> None:
+    """A restarted file source starts from its first frame: under --fast every frame it had sent came
+    back twice (a review: 394 results of 365 frames read, 94 seqs recorded twice). A finite source is not
+    restarted: the run fails, saying so, without a duplicate; frames read is a lower bound then."""
+    config = PipelineConfig(mode="process", policy="all", restart_backoff_s=(0.2, 1.0), work_dir=str(tmp_path / "ipc"))
+    sup = Supervisor(SyntheticSource(count=300), BuiltinProcessor("slow:20"), config)
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= 20, 30, "20 results")
+        os.kill(sup.handle("source").pid, signal.SIGKILL)
+        assert sup.wait(30)
+    finally:
+        report = sup.report() if sup.wait(0) else sup.stop()
+    seqs = [r["seq"] for r in report.records]
+    assert len(seqs) == len(set(seqs)) and len(seqs) < 300 and sup.handle("source").restarts == 0
+    assert report.failure is not None and "a file source is not restarted" in report.failure
+    assert "frames read (a source process was lost" in report.summary() or not report.frames_read
+
+
+@pytest.mark.slow
 def test_recorder_sigterm_and_sigkill_keep_every_written_line(tmp_path: Path) -> None:
     config = PipelineConfig(mode="process", record_dir=str(tmp_path), restart_backoff_s=(0.2, 1.0))
     sup = Supervisor(SyntheticSource(count=None, fps=100, shape=(32, 32)), BuiltinProcessor("detect"), config)

@@ -127,6 +127,11 @@ class SyntheticSource:
     modality: str = "US"
     variants: int = 8  # distinct images generated up front and cycled (generation is not the test)
 
+    @property
+    def finite(self) -> bool:
+        """Ends by itself (the supervisor does not restart a finite source: it would start over)."""
+        return self.count is not None
+
     def _images(self) -> list[np.ndarray]:
         rng = np.random.default_rng(0)
         h, w = self.shape[:2]

@@ -91,6 +91,15 @@ class SourceSpec:
 
         return paced(open_source(self.spec, **dict(self.options)), realtime=self.realtime, loop=self.loop)
 
+    @property
+    def finite(self) -> bool:
+        """Whether the source ends by itself: a file, folder or DICOM series read once (not looped), or a
+        phantom with ``n_frames``. A camera, a phantom without a count and a looped file do not."""
+        kind = self.spec.split(":")[0]
+        if self.loop or kind == "camera":
+            return False
+        return kind != "phantom" or dict(self.options).get("n_frames") is not None
+
     def has_rate(self) -> bool:
         """Whether real time means anything for this source: a camera, a synthetic stream, or a file
         with a frame rate (its own or ``fps=``). A single radiograph or an image folder has none."""
@@ -254,6 +263,10 @@ class PipelineReport:
         e2e = self.stats.get("e2e_ms", {})
         # fps counts from the supervisor's start, so start-up (spawning, model loads) is inside it.
         read = f" of {self.frames_read} frames read" if self.frames_read else ""
+        if read and any(e.get("event") == "node_exit" and e.get("kind") == "source" for e in self.events):
+            # a killed source's frames since its last stats message (once a second) are in no count
+            read = f" of at least {self.frames_read} frames read (a source process was lost: what it read after " \
+                   "its last stats message is not counted)"
         lines = [f"{self.results} results{read} in {self.duration_s:.1f} s ({self.fps:.1f} fps incl. start-up)"]
         if e2e.get("n"):
             worst = self.stats.get("worst") or {}
@@ -534,6 +547,23 @@ class Supervisor:
             h.finished = True
             self.source_ended = code
             return
+        if h.kind == "source":
+            with self.hub.lock:
+                ended = list(self.hub.stream_ends)
+            if ended:  # it died closing down, after its end of stream: restarted, it read the file again
+                h.finished = True
+                self.source_ended = EXIT_SOURCE_FAILED if any(e.get("error") for e in ended) else EXIT_OK
+                return
+            if getattr(self.source_factory, "finite", False):
+                # Restarted, a file source replays from its first frame: every frame it had sent came back
+                # twice (a review: 394 results of 365 frames read, 94 seqs recorded twice).
+                self._event("node_exit", node_name=h.name, kind=h.kind, exitcode=code, incarnation=h.incarnation,
+                            uptime_s=round(now - h.started_at, 3))
+                self.failure = (f"the source exited with code {code} before the end of its input; a file source "
+                                "is not restarted (it would replay from its first frame); see its log above")
+                log.error("%s", self.failure)
+                h.finished = True
+                return
         lo, hi = self.config.restart_backoff_s
         uptime = now - h.started_at
         stable = uptime >= self.config.stable_after_s
