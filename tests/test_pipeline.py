@@ -473,3 +473,33 @@ def test_run_refuses_a_source_of_another_modality_before_starting_nodes(capsys: 
     assert main(["run", "--source", "phantom:us", "--bundle", "xr-nodule-det", "--duration", "1"]) == 1
     err = capsys.readouterr().err
     assert "expected a source of modality ['CR', 'DX', 'XR'] (what the bundles take), found 'US'" in err, err
+
+
+def test_run_settings_out_of_range_are_config_errors() -> None:
+    """--config settings: a negative or NaN time gave a ZeroMQ traceback inside a node; a
+    max_message_bytes of 0 dropped every message (stats too) and the run said '0 results', exit 0."""
+    from edge_runtime.pipeline.cli import _settings
+
+    def settings(**values: object) -> object:
+        return _settings({"settings": values, "keys": None, "insecure": False})
+
+    for key, value in (("liveness_s", -1), ("send_timeout_s", 0), ("drain_s", float("nan")),
+                       ("heartbeat_s", float("inf")), ("stats_interval_s", "1"), ("liveness_s", True)):
+        with pytest.raises(ConfigError, match=rf"expected settings.{key} as a number of seconds > 0"):
+            settings(**{key: value})
+    with pytest.raises(ConfigError, match="liveness_s > heartbeat_s"):
+        settings(heartbeat_s=3)
+    for size in (0, 1000, 2.5e6, None):
+        with pytest.raises(ConfigError, match="max_message_bytes as an integer >= 65536"):
+            settings(max_message_bytes=size)
+    ok = settings(heartbeat_s=0.2, liveness_s=1, max_message_bytes=1 << 20)
+    assert ok.liveness_s == 1.0 and ok.limits.max_message_bytes == 1 << 20  # type: ignore[attr-defined]
+
+
+def test_a_frame_larger_than_max_message_bytes_is_counted_not_sent() -> None:
+    """libzmq dropped it at the worker unseen: the worker was declared lost, nothing said why."""
+    from edge_runtime.pipeline.protocol import Limits
+
+    report = run_pipeline(SyntheticSource(count=5, shape=(512, 512)), BuiltinProcessor("identity"), mode="thread",
+                          policy="all", settings=NodeSettings(limits=Limits(max_message_bytes=100_000)))
+    assert report.results == 0 and report.drops.get("message_too_large") == 5, report.drops

@@ -208,3 +208,21 @@ def test_keys_given_encrypt_a_loopback_bind_too(keys: Path) -> None:
 
     settings = _settings({"keys": str(keys), "insecure": False, "settings": {}})
     assert security.wants_curve("tcp://127.0.0.1:5555", settings.security)
+
+
+def test_a_tcp_port_outside_1_65535_is_refused_not_wrapped() -> None:
+    """libzmq binds a port modulo 65536: tcp://127.0.0.1:99999 listened on 34463, where no client looks."""
+    import zmq
+
+    from edge_runtime.pipeline import security
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUB)
+    try:
+        for endpoint in ("tcp://127.0.0.1:99999", "tcp://127.0.0.1:0", "tcp://127.0.0.1:", "tcp://127.0.0.1:5x"):
+            with pytest.raises(ConfigError, match=r"expected a tcp port in 1\.\.65535"):
+                security.bind(sock, endpoint, None)
+        security.bind(sock, "tcp://127.0.0.1:*", None)  # a wildcard port is libzmq's to choose
+        assert sock.last_endpoint.decode().startswith("tcp://127.0.0.1:")
+    finally:
+        sock.close(linger=0)

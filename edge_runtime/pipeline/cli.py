@@ -140,7 +140,12 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
     raw = dict(options["settings"])
     limits = Limits()
     if "max_message_bytes" in raw:
-        limits = replace(limits, max_message_bytes=int(raw.pop("max_message_bytes")))
+        size = raw.pop("max_message_bytes")
+        # 0 dropped every message, stats included: "0 results", exit 0
+        if isinstance(size, bool) or not isinstance(size, int) or size < limits.max_header_bytes:
+            raise ConfigError(expected(f"settings.max_message_bytes as an integer >= {limits.max_header_bytes} "
+                                       "(a header's limit)", size))
+        limits = replace(limits, max_message_bytes=size)
     security = None
     if options["keys"]:
         # Keys given: CURVE on every tcp bind, loopback included (a loopback port is open to all local users).
@@ -148,10 +153,16 @@ def _settings(options: dict[str, Any]) -> NodeSettings:
                                                 curve_on_loopback=True)
     elif options["insecure"]:
         security = SecurityConfig(insecure=True)
-    try:
-        return NodeSettings(**{k: float(v) for k, v in raw.items()}, limits=limits, security=security)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(expected("numeric settings", str(exc))) from exc
+    values = {}
+    for key, value in raw.items():  # a negative or NaN time gave a ZeroMQ traceback deep in a node
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ConfigError(expected(f"settings.{key} as a number of seconds > 0", value))
+        values[key] = float(value)
+    settings = NodeSettings(**values, limits=limits, security=security)
+    if settings.liveness_s <= settings.heartbeat_s:
+        raise ConfigError(expected(f"settings.liveness_s > heartbeat_s ({settings.heartbeat_s} s): a worker is "
+                                   "lost when silent that long", settings.liveness_s))
+    return settings
 
 
 def _stated(o: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

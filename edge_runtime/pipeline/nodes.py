@@ -574,6 +574,13 @@ class SourceNode:
                         ref = None
                         if self.shm_slots and workers[ident].shm:
                             held, ref = shm_ref(frame, protocol.wire_array(frame.pixels)[0])
+                        if ref is None and frame.pixels.nbytes > s.limits.max_message_bytes:
+                            # libzmq would drop it at the worker, unseen, and the worker be lost waiting
+                            counters.drops["message_too_large"] += 1
+                            counters.warn("message_too_large", "%s: frame %s/%d of %d bytes exceeds "
+                                          "max_message_bytes %d: not sent", self.name, frame.stream_id, frame.seq,
+                                          frame.pixels.nbytes, s.limits.max_message_bytes)
+                            continue
                         frame.stamps["source_send"] = time.monotonic_ns()
                         protocol.send(router, [ident, *protocol.encode_frame(frame, ref)], zmq.NOBLOCK)
                     except zmq.ZMQError as exc:  # EHOSTUNREACH (gone) or EAGAIN (stuck): not ready
@@ -999,6 +1006,8 @@ class HubNode:
         if self.public_endpoint:
             pubs.append(open_socket(ctx, zmq.PUB, self.public_settings or s, bind=self.public_endpoint,
                                     receives=False))
+            # the bound address: a wildcard port (tcp://127.0.0.1:*) was never said anywhere
+            log.info("%s: results for subscribers on %s", self.name, pubs[-1].last_endpoint.decode())
         for pub in pubs:
             pub.sndhwm = 64
         rec = None

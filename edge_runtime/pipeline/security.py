@@ -201,7 +201,16 @@ def _ipv6_host(endpoint: str) -> bool:
         return False
 
 
+def _check_port(endpoint: str) -> None:
+    """libzmq takes a tcp port modulo 65536 (tcp://127.0.0.1:99999 bound port 34463): refused here."""
+    scheme, _, rest = endpoint.partition("://")
+    port = rest.rsplit(":", 1)[-1] if scheme == "tcp" and ":" in rest else "*"
+    if port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(expected(f"a tcp port in 1..65535 (or *) in {endpoint}", port))
+
+
 def _attach(sock: zmq.Socket, endpoint: str, how: str) -> None:
+    _check_port(endpoint)
     if _ipv6_host(endpoint):
         sock.setsockopt(zmq.IPV6, 1)
     try:
