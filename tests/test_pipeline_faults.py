@@ -423,6 +423,9 @@ def test_results_lost_with_a_killed_recorder_are_counted(tmp_path: Path) -> None
     recorded = {r["seq"] for r in read_records(path) if r["type"] == "result"}
     missing = len({r["seq"] for r in report.records} - recorded)
     assert missing > 0 and report.drops.get("recorder_lost") == missing, (missing, report.drops)
+    last = read_records(path)[-1]  # the recording says so too (its last stats line showed no loss)
+    assert (last["event"], last["results_lost"], last["results_recorded"]) == ("recorder_lost", missing,
+                                                                                len(recorded)), last
 
 
 @pytest.mark.slow

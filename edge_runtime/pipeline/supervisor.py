@@ -664,6 +664,17 @@ class Supervisor:
                 self.hub.stats.count_drop("recorder_lost", lost)
             log.warning("%d result(s) reached the recorder's queue but not the recording (a recorder restart "
                         "loses what was queued for it)", lost)
+            # Said in the recording too: its last stats line (sent before the recorder was gone) showed
+            # neither the loss nor the right count, and the file is what outlives the run.
+            from .recorder import JsonlWriter
+
+            try:
+                out = JsonlWriter(path)
+                out.write({"type": "event", "event": "recorder_lost", "node": "supervisor", "run_id": self.run_id,
+                           "t_ns": time.monotonic_ns(), "results_lost": lost, "results_recorded": written})
+                out.close()
+            except OSError as exc:
+                log.warning("could not add the recorder_lost line to the recording: %s", exc.strerror or exc)
 
     # -- control
 
