@@ -1,6 +1,6 @@
 """``edge-runtime run``: one command (or one YAML file, for carts) starts the supervised pipeline.
 
-    edge-runtime run --source cine.dcm --bundle models/us-detect --workers 2 --record out/run
+    edge-runtime run --source cine.dcm --bundle us-lesion-det --workers 2 --record out/run
     edge-runtime run --source synthetic --processor detect+slow:20 --duration 10 --fast
     edge-runtime run --config /etc/edge/cart.yaml
 
