@@ -17,8 +17,7 @@ DICOM pixel pipeline (``DicomSource``), per frame, in this order:
   -> grayscale only: modality LUT / rescale slope+intercept (``apply_modality_lut``)
   -> grayscale only, when asked: VOI LUT or window (``apply_voi_lut``), then scaled to the
      display range 0 .. 2**BitsStored - 1 (uint8 when BitsStored <= 8, else uint16)
-  -> MONOCHROME1 kept as it is (labelled so): the pre-processor inverts it after its own window
-     (``invert_monochrome1``), the viewer for display; enhanced frames come back in the file's polarity.
+  -> MONOCHROME1 inverted to MONOCHROME2 (after the VOI when it was applied).
 Output dtype without VOI is decided once per file from the header, so every frame of a stream
 has the same dtype: the possible value range after the modality LUT is computed from BitsStored,
 PixelRepresentation and slope/intercept (or the modality LUT's depth); integral and within
@@ -829,9 +828,6 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
             raise UnsupportedFormatError(expected("8- or 16-bit RGB pixels", str(arr.dtype)))
         return np.ascontiguousarray(arr), min(int(ds.get("BitsStored") or 8), arr.dtype.itemsize * 8), "RGB"
 
-    # The file's polarity is kept: MONOCHROME1 frames stay MONOCHROME1, and the pre-processor inverts
-    # them after the manifest's window (docs/BUNDLE.md); inverted here, a window met inverted values.
-    photometric = "MONOCHROME1" if plan.monochrome1 else "MONOCHROME2"
     if plan.voi is None and arr.dtype.kind == "f":  # its range is not known from the header
         raise UnsupportedFormatError(expected(
             "integer pixel data, or a window for float pixel data (apply_voi=True or window=)",
@@ -850,14 +846,22 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
         if (y_min, y_max) != (0.0, top):
             shown = (shown - y_min) * (top / (y_max - y_min))
         out = np.rint(np.clip(shown, 0.0, top))
+        if plan.monochrome1:
+            out = top - out
         dtype = np.uint8 if plan.display_bits <= 8 else np.uint16
-        return out.astype(dtype), plan.display_bits, photometric
+        return out.astype(dtype), plan.display_bits, "MONOCHROME2"
 
+    lo, hi = plan.value_range
     if plan.dtype == np.float32:  # a stored value means the same number signed or not: never shifted
-        return np.asarray(values, dtype=np.float32), plan.bits_out, photometric
+        out = np.asarray(values, dtype=np.float32)
+        if plan.monochrome1:
+            out = np.float32(2**plan.bits_out - 1) - out
+        return out, plan.bits_out, "MONOCHROME2"
+    if plan.monochrome1:
+        values = (lo + hi) - np.asarray(values, dtype=np.float64)
     if values.dtype.kind == "f":
         values = np.rint(values)
-    return np.asarray(values).astype(plan.dtype), plan.bits_out, photometric
+    return np.asarray(values).astype(plan.dtype), plan.bits_out, "MONOCHROME2"
 
 
 class DicomSource(Source):

