@@ -307,7 +307,7 @@ class Postprocessor:
             c, w = pre.window  # inverse of the DICOM linear window (clipped values stay clipped)
             alpha, beta = w - 1, c - 0.5 - 0.5 * (w - 1)
         if pre is not None and pre.invert_monochrome1 and frame.photometric == "MONOCHROME1":
-            alpha, beta = -alpha, alpha + beta  # the model saw 1 - y
+            alpha, beta = -alpha, maxval - beta  # the model saw the window of maxval - v
         h, w = mapping.orig_size
         integer = frame.pixels.dtype != np.float32  # float32: signed or fractionally rescaled stored values
         # What the model's [0, 1] spans in stored values: 0 .. 2**bits - 1 (the pre-processor refuses float

@@ -112,7 +112,7 @@ class Preprocessor:
 
     def __init__(self, spec: MappingABC[str, Any] | None, input_spec: MappingABC[str, Any] | None = None, *,
                  modality: Sequence[str] | None = None, bits_stored: int | None = None,
-                 reuse_tensor: bool = False) -> None:
+                 reuse_tensor: bool = False, photometric: str | None = None) -> None:
         self._local = threading.local() if reuse_tensor else None
         spec = _check_keys(spec or {}, KEYS, "preprocess")
         self.color = spec.get("color", "gray")
@@ -168,6 +168,7 @@ class Preprocessor:
 
         self.modality = tuple(modality) if modality else None
         self.bits_stored = int(bits_stored) if bits_stored else None
+        self.photometric = photometric  # the model's (manifest): a grey frame of the other polarity is refused
         self.input_name = str((input_spec or {}).get("name", "image"))
         self._check_input_spec(input_spec)
 
@@ -175,7 +176,8 @@ class Preprocessor:
     def from_manifest(cls, manifest: MappingABC[str, Any], *, reuse_tensor: bool = False) -> Preprocessor:
         inputs = manifest.get("inputs") or [None]
         return cls(manifest.get("preprocess"), inputs[0], modality=manifest.get("modality"),
-                   bits_stored=manifest.get("bits_stored"), reuse_tensor=reuse_tensor)
+                   bits_stored=manifest.get("bits_stored"), reuse_tensor=reuse_tensor,
+                   photometric=manifest.get("photometric"))
 
     def _tensor(self, th: int, tw: int) -> np.ndarray:
         shape = (1, self.channels, th, tw)
@@ -209,6 +211,12 @@ class Preprocessor:
         if self.bits_stored and frame.bits_stored != self.bits_stored:
             raise InputError(expected(f"a {self.bits_stored}-bit frame (the model's training data)",
                                       f"{frame.bits_stored}-bit"))
+        grey = ("MONOCHROME1", "MONOCHROME2")
+        if self.photometric in grey and frame.photometric in grey and frame.photometric != self.photometric \
+                and not (self.photometric == "MONOCHROME2" and self.invert_monochrome1):
+            # e.g. invert_monochrome1: false: the model would see the anatomy inverted (as calibration refuses)
+            raise InputError(expected(f"a {self.photometric} frame (the model's polarity; invert_monochrome1 "
+                                      f"{str(self.invert_monochrome1).lower()})", frame.photometric))
         px = frame.pixels
         bits = int(frame.bits_stored or px.dtype.itemsize * 8)
         if px.dtype != np.float32 and bits < px.dtype.itemsize * 8:
@@ -244,17 +252,25 @@ class Preprocessor:
         th, tw = -(-th // k) * k, -(-tw // k) * k
         return PixelMapping((h, w), (th, tw), cw / w, ch / h, ox, oy, (ch, cw))
 
+    def _inverts(self, frame: Frame) -> bool:
+        return self.invert_monochrome1 and frame.photometric == "MONOCHROME1"
+
     def _affine(self, frame: Frame) -> tuple[float, float, bool]:
-        """Stored value v -> scaled y = a*v + b (before normalisation); clip needed?"""
+        """Stored value v -> scaled y = a*v + b (before normalisation); clip needed?
+
+        A MONOCHROME1 frame is inverted first (v' = 2**bits - 1 - v), then windowed: the manifest's
+        window is in the model's polarity (bright = high signal), as DICOM sources deliver every frame
+        (they invert MONOCHROME1 files themselves, after the file's own VOI)."""
+        top = 2 ** int(frame.bits_stored or 8) - 1
         if self.window is not None and self.window[1] == 1:
-            a, b, clip = 1.0, 0.0, False  # pixels already thresholded to 0 / 1 in __call__
-        elif self.window is not None:
+            return 1.0, 0.0, False  # pixels already thresholded to 0 / 1 in __call__ (inverted there)
+        if self.window is not None:
             c, w = self.window  # DICOM PS3.3 C.11.2.1.2.1 LINEAR, as pydicom's apply_voi_lut
             a, b, clip = 1.0 / (w - 1), 0.5 - (c - 0.5) / (w - 1), True
         else:
-            a, b, clip = 1.0 / (2 ** int(frame.bits_stored or 8) - 1), 0.0, False
-        if self.invert_monochrome1 and frame.photometric == "MONOCHROME1":
-            a, b = -a, 1.0 - b
+            a, b, clip = 1.0 / top, 0.0, False
+        if self._inverts(frame):  # y = a * (top - v) + b
+            a, b = -a, a * top + b
         return a, b, clip
 
     def __call__(self, frame: Frame) -> tuple[np.ndarray, PixelMapping]:
@@ -271,8 +287,11 @@ class Preprocessor:
         if (ch, cw) != px.shape[:2]:
             px = _resize(px, ch, cw, self.interpolation)
         if self.window is not None and self.window[1] == 1:
-            # PS3.3 C.11.2.1.2.1: a width of 1 is a threshold at center - 0.5 (y = 0 at or below, 1 above)
-            px = (px > self.window[0] - 0.5).astype(np.uint8)
+            # PS3.3 C.11.2.1.2.1: a width of 1 is a threshold at center - 0.5 (y = 0 at or below, 1 above),
+            # of the inverted values for a MONOCHROME1 frame
+            threshold = self.window[0] - 0.5
+            px = ((2 ** int(frame.bits_stored or 8) - 1 - threshold > px) if self._inverts(frame)
+                  else (px > threshold)).astype(np.uint8)
 
         a, b, clip = self._affine(frame)
         # Fold normalisation into the affine map: x = (a*v + b - mean) / std, per channel.

@@ -134,14 +134,16 @@ def test_enhance_back_to_uint16_12_bit_range_and_size() -> None:
     f1 = Frame(px, modality="DX", bits_stored=12, photometric="MONOCHROME1")
     x1, m1 = pre(f1)
     np.testing.assert_array_equal(post({"enhanced": x1}, m1, f1).enhanced, px)
-    # A window and MONOCHROME1 together: values inside the window come back exactly, the rest clipped.
+    # A window and MONOCHROME1 together (the window meets the inverted values, 4095 - v): values inside
+    # the window come back exactly, the rest clipped.
     pre_w = Preprocessor({"window": {"center": 2000, "width": 1001}, "resize": {"mode": "none", "multiple": 16}},
                          bits_stored=12)
     xw, mw = pre_w(f1)
     out = Postprocessor({"type": "enhance"}, preprocess=pre_w)({"enhanced": xw}, mw, f1).enhanced
-    inside = (px >= 1500) & (px <= 2500)
+    inv, out_inv = 4095 - px.astype(int), 4095 - out.astype(int)
+    inside = (inv >= 1500) & (inv <= 2499)  # 2500 lies at the clipped edge (1499.5 .. 2499.5)
     np.testing.assert_array_equal(out[inside], px[inside])
-    assert out[px < 1500].min() >= 1499 and out[px > 2500].max() <= 2501
+    assert out_inv[inv < 1500].min() >= 1499 and out_inv[inv > 2500].max() <= 2501
     # Resized models: the result comes back at the frame's size.
     pre_r = Preprocessor({"resize": {"mode": "letterbox", "size": [128, 128]}}, bits_stored=12)
     xr, mr = pre_r(frame)

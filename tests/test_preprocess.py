@@ -72,9 +72,15 @@ def test_monochrome1_is_inverted_and_can_be_kept() -> None:
     np.testing.assert_allclose(x[0, 0], 1 - px / 4095.0, atol=1e-6)
     x, _ = Preprocessor({"invert_monochrome1": False})(f)
     np.testing.assert_allclose(x[0, 0], px / 4095.0, atol=1e-6)
-    # Windowed: DICOM applies the window, then MONOCHROME1 is displayed inverted.
+    # Windowed: the manifest's window is in the model's polarity, so a MONOCHROME1 frame is inverted
+    # first and meets the same window as its MONOCHROME2 twin (4095 - v), as a DICOM source's frames do
+    # (windowed first, a MONOCHROME1 file's window selected the complementary intensities).
+    twin = _frame(4095 - px, bits_stored=12)
+    for window in ({"center": 1000, "width": 801}, {"center": 3000, "width": 1}):
+        pre = Preprocessor({"window": window})
+        np.testing.assert_array_equal(pre(f)[0], pre(twin)[0])
     x, _ = Preprocessor({"window": {"center": 1000, "width": 801}})(f)
-    np.testing.assert_allclose(x[0, 0], [[1.0, 1 - ((1000 - 999.5) / 800 + 0.5), 0.0]], atol=1e-6)
+    np.testing.assert_allclose(x[0, 0], [[1.0, 1.0, 0.0]], atol=1e-6)  # of 4095, 3095, 0
 
 
 def test_normalise_pad_value_and_multiple_padding() -> None:
@@ -171,7 +177,7 @@ def test_window_width_1_is_a_threshold_as_pydicom_applies_it() -> None:
     np.testing.assert_array_equal(x[0, 0], [[0, 0, 1, 1, 1]])
     inverted, _ = Preprocessor({"window": {"center": 100, "width": 1}, "normalize": {"mean": 0.5, "std": 0.5}})(
         _frame(arr, bits_stored=12, photometric="MONOCHROME1"))
-    np.testing.assert_array_equal(inverted[0, 0], [[1, 1, -1, -1, -1]])
+    np.testing.assert_array_equal(inverted[0, 0], [[1, 1, 1, 1, -1]])  # the threshold of 4095 - v
     for bad in ({"center": 100, "width": 0.5}, {"center": 100, "width": float("nan")},
                 {"center": float("inf"), "width": 10}, {"center": "a", "width": 10}, {"center": 100}):
         with pytest.raises(BundleError, match="preprocess.window"):
@@ -258,3 +264,16 @@ def test_a_stretch_that_shrinks_one_axis_and_enlarges_the_other_averages_the_shr
         x, _ = pre(_frame(px))
         assert abs(x[0, 0].sum() / 256 - 2 / 7.8125) < 0.01, x_line  # the line's mass, on every row
         assert 0.15 < x[0, 0].max() <= 0.26, x_line
+
+
+def test_a_frame_of_the_other_polarity_is_refused_when_the_model_does_not_invert_it() -> None:
+    """invert_monochrome1: false ran MONOCHROME1 frames through a MONOCHROME2 model as they were (the
+    anatomy inverted: 7 detections against the twin's 4) while calibration refused them."""
+    px = np.array([[0, 1000, 4095]], np.uint16)
+    m1 = _frame(px, bits_stored=12, photometric="MONOCHROME1")
+    with pytest.raises(InputError, match=r"expected a MONOCHROME2 frame .*invert_monochrome1 false.*'MONOCHROME1'"):
+        Preprocessor({"invert_monochrome1": False}, photometric="MONOCHROME2")(m1)
+    with pytest.raises(InputError, match="expected a MONOCHROME1 frame"):
+        Preprocessor({}, photometric="MONOCHROME1")(_frame(px, bits_stored=12))
+    Preprocessor({}, photometric="MONOCHROME2")(m1)  # inverted: taken
+    Preprocessor({"invert_monochrome1": False}, photometric="MONOCHROME1")(m1)  # the model's own polarity
