@@ -158,10 +158,13 @@ def _count(text: str) -> int:
     return value
 
 
-def record(result: Result, enhanced_file: str | None = None, position: str = "") -> dict[str, Any]:
+def record(result: Result, enhanced_file: str | None = None, position: str = "",
+           photometric: str = "") -> dict[str, Any]:
+    """One results.jsonl line; ``photometric``: the enhanced file's (a 16-bit PNG cannot say it)."""
     return {"type": "result", "stream": result.stream_id, "seq": result.seq, **({"position": position} if position else {}),
             "detections": [d.to_dict() for d in result.detections],
             "enhanced": result.enhanced is not None, **({"enhanced_file": enhanced_file} if enhanced_file else {}),
+            **({"photometric": photometric} if enhanced_file and photometric else {}),
             "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
             "provenance": result.provenance}
 
@@ -242,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             enhanced_file = write_enhanced(args.out, frame, result) if args.save_enhanced else None
             if annotated:
                 write_image(args.out / f"{file_stem(frame.stream_id)}_{frame.seq:06d}.png", annotate(frame, result))
-            writer.write(record(result, enhanced_file, frame.position))
+            writer.write(record(result, enhanced_file, frame.position, frame.photometric))
             recorded += 1
 
         failed = None  # the source's own error (a truncated file): what it gave so far is kept

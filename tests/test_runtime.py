@@ -187,6 +187,7 @@ def test_infer_command_writes_results_and_pngs(tmp_path: Path) -> None:
     for r in records:
         img = cv2.imread(str(out / r["enhanced_file"]), cv2.IMREAD_UNCHANGED)
         assert img.dtype == np.uint16 and img.shape == (512, 512) and img.max() > 255, r["enhanced_file"]
+        assert r["photometric"] == "MONOCHROME2"  # the file's polarity: a 16-bit PNG cannot say it
     assert main(["infer", "--bundle", str(bundle), "--source", "phantom:xr", "--out", str(out),
                  "--device", "cpu-x86", "--limit", "1", "--every", "0"]) == 0
     assert [p.name for p in (out / "enhanced").iterdir()] == ["phantom_xr_000000.png"]  # this run's only
