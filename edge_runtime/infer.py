@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -212,7 +213,8 @@ def run(args: argparse.Namespace) -> int:
     runtimes = RuntimeSet([Runtime(b, args.device, precision=args.precision, gpu=args.gpu) for b in args.bundle])
     timings: dict[str, list[float]] = {}
     n = skipped = 0
-    reasons: dict[str, int] = {}  # why frames were skipped -> how many
+    reasons: dict[str, int] = {}  # why frames were skipped (numbers as N) -> how many
+    first_said: dict[str, str] = {}  # each reason as first said
     started = time.perf_counter()
     with runtimes:
         wanted = runtimes.modalities()
@@ -266,15 +268,17 @@ def run(args: argparse.Namespace) -> int:
                     skipped += 1
                     n += 1
                     why = str(exc)
-                    reasons[why] = reasons.get(why, 0) + 1
-                    if reasons[why] <= WARN_SAME_REASON:  # a 1000-frame file gave 1000 identical warnings
+                    reason = re.sub(r"\d+(\.\d+)?", "N", why)  # the same refusal, whatever values it names
+                    first_said.setdefault(reason, why)
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                    if reasons[reason] <= WARN_SAME_REASON:  # a 1000-frame file gave 1000 identical warnings
                         # no stream id: file names can name patients
                         log.warning("frame %d%s skipped: %s%s%s", frame.seq,
                                     f" ({frame.position})" if frame.position else "", why,
                                     bits_hint(kind, frame, model_bits) if "bits_stored" not in opts and
                                     "-bit frame" in why else "",
                                     " (further frames skipped for this reason are counted, not logged)"
-                                    if reasons[why] == WARN_SAME_REASON else "")
+                                    if reasons[reason] == WARN_SAME_REASON else "")
                     continue
                 files.put(frame, result, bool(args.every and n % args.every == 0))
                 for stage, ms in result.timings_ms.items():
@@ -292,8 +296,9 @@ def run(args: argparse.Namespace) -> int:
     files_skipped = getattr(source, "skipped", 0)
     print(f"{n} frames in {wall:.1f} s -> {args.out}/results.jsonl"
           + (f"; {skipped} skipped (see the warnings above)" if skipped else "")
-          + "".join(f"\n  {count} skipped: {why}" for why, count in reasons.items() if count > WARN_SAME_REASON)
-          + (f"; {files_skipped} input file(s) unreadable and left out" if files_skipped else ""))
+          + (f"; {files_skipped} input file(s) unreadable and left out" if files_skipped else "")
+          + "".join(f"\n  {count} skipped like this: {first_said[reason]}" for reason, count in reasons.items()
+                    if count > WARN_SAME_REASON))
     if failed is not None:
         print(f"the source stopped after {n} frames: {type(failed).__name__}: {describe_error(failed)}", file=sys.stderr)
     for stage in ("preprocess", "infer", "postprocess"):

@@ -11,6 +11,7 @@ detectors), ``yolov8`` (the common YOLOv8/YOLO11 ONNX export, ``[1, 4 + C, N]``)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,8 +39,8 @@ def _number(spec: Mapping[str, Any], key: str, default: float, kind: type, what:
             ok: Callable[[Any], bool]) -> Any:
     """spec[key] (or the default) as ``kind`` if ``ok``, else a BundleError naming the key."""
     value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)) \
-            or not ok(kind(value)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and value != int(value)) or not ok(kind(value)):
         raise BundleError(f"postprocess.{key}: " + expected(what, value))
     return kind(value)
 
@@ -246,7 +247,7 @@ class Postprocessor:
         # One flat index array split by divmod: np.nonzero's three index arrays took 29-46 us against 11-12
         # (warm, 2 x 64 x 64); right after an inference the decode as a whole gained 0-7% (us-lesion-det /
         # xr-nodule-det, interleaved, Zen 3).
-        _finite(float(heat.max()), "heatmap scores")  # max propagates NaN: one pass over the map
+        _finite(np.array([heat.min(), heat.max()]), "heatmap scores")  # min / max propagate NaN
         flat = np.flatnonzero(heat >= self.score_threshold)
         if len(flat) == 0:
             return []
@@ -279,7 +280,9 @@ class Postprocessor:
             raise InputError(expected(f"a YOLOv8 output [1, {4 + nc}, N]", out.shape))
         pred = out[0].T if out.shape[1] == 4 + nc else out[0]  # (N, 4 + C); some exports transpose
         scores_all = pred[:, 4:]
-        _finite(float(scores_all.max()), "class scores")  # argmax would pick a NaN score
+        if len(pred) == 0:  # an export with no candidate rows
+            return []
+        _finite(np.array([scores_all.min(), scores_all.max()]), "class scores")  # argmax would pick a NaN
         cls = scores_all.argmax(axis=1)
         scores = scores_all[np.arange(len(pred)), cls].astype(np.float64)
         ok = scores >= self.score_threshold
@@ -347,7 +350,7 @@ class Postprocessor:
                 p = cv2.resize(p, (iw, ih), interpolation=cv2.INTER_LINEAR)
             planes.append(cv2.resize(p[y0:y1, x0:x1], (ow, oh), interpolation=cv2.INTER_LINEAR))
         stack = np.stack(planes)
-        _finite(float(stack.max()), "segmentation logits")  # a NaN plane would win the argmax, or no pixel
+        _finite(np.array([stack.min(), stack.max()]), "segmentation logits")  # a NaN plane would win the argmax, or no pixel
         if act == "softmax":
             winner = stack.argmax(axis=0)
             masks = np.stack([(winner == c) for c in range(len(planes))]).astype(np.uint8)

@@ -280,7 +280,7 @@ class Preprocessor:
             px = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
         if self.sector_threshold is not None:
             grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
-            mask = sector_mask(grey, self.sector_threshold).astype(px.dtype)
+            mask = sector_mask(grey, self.sector_threshold, frame.bits_stored).astype(px.dtype)
             px = px * (mask if px.ndim == 2 else mask[:, :, None])
         m = self.geometry(px.shape[0], px.shape[1])
         ch, cw = m.content_size
@@ -335,7 +335,7 @@ def _resize(px: np.ndarray, ch: int, cw: int, interpolation: str | None) -> np.n
 SECTOR_DARK = 16 / 255  # a border median up to this fraction of full scale is background, not tissue
 
 
-def sector_mask(gray: np.ndarray, threshold: int = 1) -> np.ndarray:
+def sector_mask(gray: np.ndarray, threshold: int = 1, bits_stored: int | None = None) -> np.ndarray:
     """Ultrasound field of view: the filled convex hull of the largest region >= threshold, and above
     the background: the median of the frame's outermost rows and columns (+1) when that median is
     dark (at most SECTOR_DARK of full scale). JPEG cines rarely keep a black of 0 (the real pydicom
@@ -343,11 +343,13 @@ def sector_mask(gray: np.ndarray, threshold: int = 1) -> np.ndarray:
     A bright border is tissue: the field of view reaches the frame's edge (a linear probe, a frame
     cropped to the image), and raising the threshold to it zeroed 44% of a linear phantom's tissue.
 
+    Full scale is 2**bits_stored - 1 (12-bit data in uint16 is not judged against 65535), else the dtype's.
     Text, calibration marks and colour bars outside the sector are zeroed by the caller.
     """
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
     background = int(np.median(border))
-    full = 255 if gray.dtype == np.uint8 else 65535 if gray.dtype == np.uint16 else 1
+    full = 2 ** bits_stored - 1 if bits_stored else 255 if gray.dtype == np.uint8 else \
+        65535 if gray.dtype == np.uint16 else 1
     if background <= SECTOR_DARK * full:
         threshold = max(threshold, background + 1)
     binary = cv2.morphologyEx((gray >= threshold).astype(np.uint8), cv2.MORPH_CLOSE, np.ones((7, 7), np.uint8))

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # ONNX Runtime's CPU provider has few FP16 kernels, so CPU configs do not list fp16 at all.
 AUTO_ORDER = ("int8", "fp16", "fp32")
 ENGINE_MAX_HW = (1024, 1024)
+ENGINE_MIN_HW = 16  # smallest H and W of a dynamic-size engine's profile (or the model's size multiple)
 
 
 def resolve_device(device: str | Path | DeviceConfig | None) -> DeviceConfig:
@@ -107,9 +108,10 @@ def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> Engi
     """The runtime's engine for ``bundle`` in ``precision`` on ``device``; shared with ``export build
     --cache``, which pre-builds exactly the engine the runtime will look for.
 
-    Image-to-image models have dynamic H/W: one profile from the pre-processing's size multiple (the
-    smallest tensor a frame can give; a 32 px floor refused frames of 16 px or less that ONNX Runtime
-    serves) up to ENGINE_MAX_HW, tuned for 512 x 512 (larger frames are tiled by post-processing when
+    Image-to-image models have dynamic H/W: one profile from ENGINE_MIN_HW or the pre-processing's
+    size multiple, whichever is larger (the smallest tensor a frame gives: a 32 px floor refused the
+    shipped enhancers' 16 px tensors of thin frames, which ONNX Runtime serves; a floor keeps tiny
+    shapes, which pooling layers may not build for, out of the profile) up to ENGINE_MAX_HW, tuned for 512 x 512 (larger frames are tiled by post-processing when
     the bundle says so). DLA runs static
     shapes only (NVIDIA's DLA restrictions: profile min = opt = max), so only a static-shape
     FP16/INT8 model gets DLA core 0 on a device with DLA; a dynamic one would build a "DLA" engine
@@ -120,7 +122,7 @@ def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> Engi
     profiles = None
     if not all(isinstance(d, int) for d in spec["shape"]):
         pre = Preprocessor.from_manifest(bundle.manifest)
-        c, k = spec["shape"][1] if isinstance(spec["shape"][1], int) else pre.channels, pre.multiple
+        c, k = spec["shape"][1] if isinstance(spec["shape"][1], int) else pre.channels, max(ENGINE_MIN_HW, pre.multiple)
         profiles = {spec["name"]: {"min": [1, c, k, k], "opt": [1, c, 512, 512], "max": [1, c, *ENGINE_MAX_HW]}}
     dla = 0 if device.dla_cores > 0 and precision != "fp32" and profiles is None else None
     return EngineRequest(onnx_path, dla, profiles)

@@ -233,7 +233,8 @@ def test_manifest_mistakes_are_bundle_errors_at_load_not_key_errors_per_frame() 
     for key, value, what in (("peak_kernel", 0, "an integer >= 1"), ("stride", 0, "an integer >= 1"),
                              ("stride", -4, "an integer >= 1"), ("score_threshold", 2, r"a number in \(0, 1\]"),
                              ("score_threshold", None, r"a number in \(0, 1\]"), ("nms_iou", 1.5, r"a number in \[0, 1\]"),
-                             ("stride", 2.5, "an integer >= 1"), ("max_detections", True, "an integer >= 1")):
+                             ("stride", 2.5, "an integer >= 1"), ("max_detections", True, "an integer >= 1"),
+                             ("stride", float("nan"), "an integer >= 1"), ("peak_kernel", float("inf"), "an integer")):
         with pytest.raises(BundleError, match=rf"postprocess.{key}: expected {what}"):
             Postprocessor({"type": "centernet", "classes": ["a"], key: value})
     for threshold in (1.0, 1.5, -0.2, 0):
@@ -253,6 +254,7 @@ def test_nan_or_inf_in_a_detectors_output_is_a_backend_error_not_no_findings() -
     post = Postprocessor(spec)
     assert len(post(_centernet_outputs(), m, frame).detections) == 3
     for tensor, cell, value in (("heatmap", (0, 0, 0, 0), np.nan), ("heatmap", (0, 1, 7, 7), np.inf),
+                                ("heatmap", (0, 1, 7, 7), -np.inf),
                                 ("size", (0, 0, 2, 3), np.nan), ("offset", (0, 1, 5, 1), np.inf)):
         outs = _centernet_outputs()
         outs[tensor][cell] = value
@@ -268,6 +270,7 @@ def test_nan_or_inf_in_a_detectors_output_is_a_backend_error_not_no_findings() -
         yolo({"output0": out}, m, frame)
     out[0, :, 0] = (10, 10, 4, 4, 0.05, 0.95)
     assert [d.label for d in yolo({"output0": out}, m, frame).detections] == ["b"]
+    assert yolo({"output0": np.zeros((1, 6, 0), np.float32)}, m, frame).detections == []  # no rows: none
 
 
 def test_centernet_outputs_can_rename_some_tensors() -> None:

@@ -158,9 +158,11 @@ def test_sector_mask_keeps_a_field_of_view_that_reaches_the_frame_border() -> No
 
     for geometry in ("linear", "sector"):
         fan = us_fan_mask(geometry=geometry) > 0
-        mask = sector_mask(us_frame(3, geometry=geometry).pixels) > 0
-        assert not (fan & ~mask).any(), (geometry, float((fan & ~mask).mean()))  # no tissue zeroed
-        assert (mask & ~fan).mean() < 0.02, geometry  # and little outside the field of view kept
+        px = us_frame(3, geometry=geometry).pixels
+        # 8-bit, and the same image as 12-bit data in uint16 (full scale 4095, not 65535)
+        for mask in (sector_mask(px) > 0, sector_mask(px.astype(np.uint16) * 16, 1, bits_stored=12) > 0):
+            assert not (fan & ~mask).any(), (geometry, float((fan & ~mask).mean()))  # no tissue zeroed
+            assert (mask & ~fan).mean() < 0.02, geometry  # and little outside the field of view kept
 
 
 def test_window_width_1_is_a_threshold_as_pydicom_applies_it() -> None:

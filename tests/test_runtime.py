@@ -862,7 +862,9 @@ def test_infer_logs_a_repeated_reason_for_skipping_three_times_then_counts_it(
     from edge_runtime.cli import main
 
     def refuse(self: RuntimeSet, frame: Frame):  # type: ignore[no-untyped-def]
-        raise InputError("expected uint16 pixel values in 0..4095 (bits_stored 12), found 'a maximum of 65535'")
+        # one reason, naming a value of its own frame each time (it was logged for every frame)
+        raise InputError(f"expected uint16 pixel values in 0..4095 (bits_stored 12), found 'a maximum of "
+                         f"{65000 + frame.seq}'")
 
     monkeypatch.setattr(RuntimeSet, "process", refuse)
     assert main(["infer", "--bundle", str(_enhance_bundle(tmp_path / "b")), "--source", "phantom:xr",
@@ -871,7 +873,9 @@ def test_infer_logs_a_repeated_reason_for_skipping_three_times_then_counts_it(
     assert len(warned) == infer.WARN_SAME_REASON == 3, warned
     assert warned[0].startswith("frame 0 skipped: expected uint16") and "counted, not logged" in warned[-1]
     out = capsys.readouterr().out
-    assert "7 frames" in out and "7 skipped" in out and "\n  7 skipped: expected uint16 pixel values" in out, out
+    assert "7 frames" in out and "7 skipped" in out, out
+    assert "\n  7 skipped like this: expected uint16 pixel values in 0..4095 (bits_stored 12), found 'a maximum " \
+           "of 65000'" in out, out
 
 
 def test_infer_says_an_endless_source_runs_until_stopped(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -613,11 +613,13 @@ class Supervisor:
             self._done.set()
 
     def _shutdown(self) -> None:
-        """Source first (no new frames), then workers (finish or abandon their frame), then the hub
+        """Source first (no new frames; it waits up to drain_s for the frames in flight), then workers
+        (finish or abandon their frame), then the hub
         (drains, sends the final stats and ``end``), then the recorder (writes all, fsyncs) and viewer."""
         s = self.config.settings
         by_kind = {k: [h for h in self.handles if h.kind == k] for k in ("source", "worker", "recorder", "viewer")}
-        for kind, timeout in (("source", 3.0), ("worker", s.drain_s + 3.0)):
+        # the source waits up to drain_s for frames in flight (workers stop after it): its timeout covers that
+        for kind, timeout in (("source", s.drain_s + 3.0), ("worker", s.drain_s + 3.0)):
             for h in by_kind[kind]:
                 h.restart_at = None
                 h.request_stop()
