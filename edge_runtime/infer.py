@@ -247,7 +247,9 @@ def run(args: argparse.Namespace) -> int:
             enhanced_file = write_enhanced(args.out, frame, result) if args.save_enhanced else None
             if annotated:
                 write_image(args.out / f"{file_stem(frame.stream_id)}_{frame.seq:06d}.png", annotate(frame, result))
-            writer.write(record(result, enhanced_file, frame.position, frame.photometric))
+            grey = result.enhanced is not None and result.enhanced.ndim == 2  # a grey model's output of RGB input
+            writer.write(record(result, enhanced_file, frame.position,
+                                "MONOCHROME2" if grey and frame.photometric == "RGB" else frame.photometric))
             recorded += 1
 
         failed = None  # the source's own error (a truncated file): what it gave so far is kept
@@ -268,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
                     skipped += 1
                     n += 1
                     why = str(exc)
-                    reason = re.sub(r"\d+(\.\d+)?", "N", why)  # the same refusal, whatever values it names
+                    # the same refusal, whatever values it names (digits inside names such as MONOCHROME1 kept)
+                    reason = re.sub(r"(?<![A-Za-z0-9])\d+(\.\d+)?", "N", why)
                     first_said.setdefault(reason, why)
                     reasons[reason] = reasons.get(reason, 0) + 1
                     if reasons[reason] <= WARN_SAME_REASON:  # a 1000-frame file gave 1000 identical warnings

@@ -39,8 +39,12 @@ def _number(spec: Mapping[str, Any], key: str, default: float, kind: type, what:
             ok: Callable[[Any], bool]) -> Any:
     """spec[key] (or the default) as ``kind`` if ``ok``, else a BundleError naming the key."""
     value = spec.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or (kind is int and value != int(value)) or not ok(kind(value)):
+    try:
+        fine = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+            and (kind is not int or value == int(value)) and ok(kind(value))
+    except OverflowError:  # an integer beyond a float (JSON allows it)
+        fine = False
+    if not fine:
         raise BundleError(f"postprocess.{key}: " + expected(what, value))
     return kind(value)
 

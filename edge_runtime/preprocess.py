@@ -169,6 +169,9 @@ class Preprocessor:
         self.modality = tuple(modality) if modality else None
         self.bits_stored = int(bits_stored) if bits_stored else None
         self.photometric = photometric  # the model's (manifest): a grey frame of the other polarity is refused
+        if photometric == "MONOCHROME1" and self.invert_monochrome1:
+            raise BundleError("preprocess.invert_monochrome1: " + expected(
+                "false for a MONOCHROME1 model (inverting would give it the other polarity)", True))
         self.input_name = str((input_spec or {}).get("name", "image"))
         self._check_input_spec(input_spec)
 

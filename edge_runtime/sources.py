@@ -855,7 +855,9 @@ def _process(plan: _Plan, arr: np.ndarray) -> tuple[np.ndarray, int, str]:
     if plan.dtype == np.float32:  # a stored value means the same number signed or not: never shifted
         out = np.asarray(values, dtype=np.float32)
         if plan.monochrome1:
-            out = np.float32(2**plan.bits_out - 1) - out
+            # about the value range (a fractional slope's 0..1023.75 stays there; it became 3071.25..4095),
+            # except for signed storage of unrescaled values: about 2**bits - 1, as its unsigned twin
+            out = np.float32(lo + hi if lo >= 0 else 2**plan.bits_out - 1) - out
         return out, plan.bits_out, "MONOCHROME2"
     if plan.monochrome1:
         values = (lo + hi) - np.asarray(values, dtype=np.float64)

@@ -276,6 +276,8 @@ def test_a_frame_of_the_other_polarity_is_refused_when_the_model_does_not_invert
     with pytest.raises(InputError, match=r"expected a MONOCHROME2 frame .*invert_monochrome1 false.*'MONOCHROME1'"):
         Preprocessor({"invert_monochrome1": False}, photometric="MONOCHROME2")(m1)
     with pytest.raises(InputError, match="expected a MONOCHROME1 frame"):
-        Preprocessor({}, photometric="MONOCHROME1")(_frame(px, bits_stored=12))
+        Preprocessor({"invert_monochrome1": False}, photometric="MONOCHROME1")(_frame(px, bits_stored=12))
     Preprocessor({}, photometric="MONOCHROME2")(m1)  # inverted: taken
     Preprocessor({"invert_monochrome1": False}, photometric="MONOCHROME1")(m1)  # the model's own polarity
+    with pytest.raises(BundleError, match="invert_monochrome1: expected false for a MONOCHROME1 model"):
+        Preprocessor({}, photometric="MONOCHROME1")  # it would get its own polarity inverted

@@ -767,3 +767,15 @@ def test_a_truncated_jpeg_image_is_refused(tmp_path: Path) -> None:
     (folder / "b.jpg").write_bytes(jpg.tobytes()[: len(jpg) // 2])
     images = ImageFolderSource(folder, modality="US")
     assert len(list(images)) == 1 and images.skipped == 1
+
+
+def test_a_rescaled_monochrome1_file_is_inverted_about_its_value_range(tmp_path: Path) -> None:
+    """Float frames (a fractional slope) were inverted about 2**bits - 1: stored 0..4095 at slope 0.25
+    (0..1023.75) came out as 3071.25..4095, a different image for the model."""
+    raw = np.array([[0, 1000, 4095]], np.uint16)
+    twin = next(iter(DicomSource(write_dicom(tmp_path / "m2.dcm", 4095 - raw, "MONOCHROME2", 12,
+                                             RescaleSlope=0.25, RescaleIntercept=0))))
+    (m1,) = list(DicomSource(write_dicom(tmp_path / "m1.dcm", raw, "MONOCHROME1", 12, RescaleSlope=0.25,
+                                         RescaleIntercept=0)))
+    assert m1.photometric == "MONOCHROME2" and m1.pixels.dtype == np.float32
+    np.testing.assert_allclose(m1.pixels, twin.pixels)  # 1023.75 - v / 4, as (4095 - v) / 4
