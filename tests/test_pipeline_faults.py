@@ -32,6 +32,18 @@ from edge_runtime.results import Result
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _kill_after(sup: Supervisor, node: str, results: int) -> Any:
+    """Start ``sup``, SIGKILL ``node`` once ``results`` results are in, let the run end (60 s at most)."""
+    sup.start()
+    try:
+        wait_for(lambda: sup.hub.snapshot()["results"] >= results, 30, f"{results} results")
+        os.kill(sup.handle(node).pid, signal.SIGKILL)
+        assert sup.wait(60)
+    finally:
+        report = sup.report() if sup.wait(0) else sup.stop()
+    return report
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -222,13 +234,7 @@ def test_a_finite_source_that_dies_is_not_restarted_to_replay_its_input(tmp_path
     restarted: the run fails, saying so, without a duplicate; frames read is a lower bound then."""
     config = PipelineConfig(mode="process", policy="all", restart_backoff_s=(0.2, 1.0), work_dir=str(tmp_path / "ipc"))
     sup = Supervisor(SyntheticSource(count=300), BuiltinProcessor("slow:20"), config)
-    sup.start()
-    try:
-        wait_for(lambda: sup.hub.snapshot()["results"] >= 20, 30, "20 results")
-        os.kill(sup.handle("source").pid, signal.SIGKILL)
-        assert sup.wait(30)
-    finally:
-        report = sup.report() if sup.wait(0) else sup.stop()
+    report = _kill_after(sup, "source", 20)
     seqs = [r["seq"] for r in report.records]
     assert len(seqs) == len(set(seqs)) and len(seqs) < 300 and sup.handle("source").restarts == 0
     assert report.failure is not None and "a file source is not restarted" in report.failure
@@ -434,14 +440,7 @@ def test_policy_all_sends_a_killed_workers_frames_again(tmp_path: Path) -> None:
     processed (a review: 118 results of 120), and the end-of-stream drain gave a slow model 2 s."""
     n = 60
     cfg = PipelineConfig(mode="process", policy="all", window=2, work_dir=str(tmp_path / "ipc"))
-    sup = Supervisor(SyntheticSource(count=n), BuiltinProcessor("slow:50"), cfg)
-    sup.start()
-    try:
-        wait_for(lambda: sup.hub.snapshot()["results"] >= 15, 30, "15 results")
-        os.kill(sup.handle("w0").pid, signal.SIGKILL)
-        assert sup.wait(60)
-    finally:
-        report = sup.stop()
+    report = _kill_after(Supervisor(SyntheticSource(count=n), BuiltinProcessor("slow:50"), cfg), "w0", 15)
     assert sorted({r["seq"] for r in report.records}) == list(range(n))
     assert "worker_lost" not in report.drops and report.transport.get("frames_resent", 0) >= 1
 

@@ -31,12 +31,15 @@ def _invert_model(path: Path, op: str = "Sub", value: float = 1.0) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
 
 
-def _enhance_bundle(root: Path, *, tile: dict | None = None) -> Path:
+def _enhance_bundle(root: Path, *, tile: dict | None = None, post: dict | None = None, value: float = 1.0) -> Path:
+    """A bundle of ``value`` - x (an enhancer; with ``post``, e.g. a segmentation head, another task)."""
     root.mkdir()
-    _invert_model(root / "fp32.onnx")
-    post = {"type": "enhance", "output": "enhanced"} | ({"tile": tile} if tile else {})
+    _invert_model(root / "fp32.onnx", value=value)
+    task = {"segmentation": "segmentation", "centernet": "detection", "yolov8": "detection"}.get(
+        (post or {}).get("type", ""), "enhancement")
+    post = post or {"type": "enhance", "output": "enhanced"} | ({"tile": tile} if tile else {})
     write_bundle(root, {
-        "name": "tiny-invert", "task": "enhancement", "modality": ["DX"], "bits_stored": 12,
+        "name": "tiny-invert", "task": task, "modality": ["DX"], "bits_stored": 12,
         "photometric": "MONOCHROME2", "description": "test model",
         "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
         "outputs": [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
@@ -913,18 +916,9 @@ def test_ctrl_c_while_a_command_imports_its_modules_exits_130_without_a_tracebac
 
 def test_a_segmentation_bundle_gives_masks_and_their_contours(tmp_path: Path) -> None:
     """Runtime.process computed the contours on every frame and dropped them (Result had no field)."""
-    root = tmp_path / "seg"
-    root.mkdir()
-    _invert_model(root / "fp32.onnx", op="Sub", value=0.5)  # logit 0.5 - x: > 0 where x < 0.5
-    write_bundle(root, {
-        "name": "tiny-seg", "task": "segmentation", "modality": ["DX"], "bits_stored": 12,
-        "photometric": "MONOCHROME2", "description": "test model",
-        "inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
-        "outputs": [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
-        "preprocess": {"color": "gray", "resize": {"mode": "none", "multiple": 8}},
-        "postprocess": {"type": "segmentation", "output": "enhanced", "classes": ["dark"]},
-        "artifacts": [{"file": "fp32.onnx", "kind": "onnx", "precision": "fp32"}],
-    })
+    # logit 0.5 - x: > 0 where x < 0.5
+    root = _enhance_bundle(tmp_path / "seg", value=0.5,
+                           post={"type": "segmentation", "output": "enhanced", "classes": ["dark"]})
     px = np.full((60, 70), 4000, np.uint16)
     px[10:30, 20:50] = 100  # one dark rectangle
     frame = Frame(px, modality="DX", bits_stored=12)
