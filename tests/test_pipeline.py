@@ -503,3 +503,14 @@ def test_a_frame_larger_than_max_message_bytes_is_counted_not_sent() -> None:
     report = run_pipeline(SyntheticSource(count=5, shape=(512, 512)), BuiltinProcessor("identity"), mode="thread",
                           policy="all", settings=NodeSettings(limits=Limits(max_message_bytes=100_000)))
     assert report.results == 0 and report.drops.get("message_too_large") == 5, report.drops
+
+
+def test_a_source_spec_takes_a_path() -> None:
+    """SourceSpec(Path) (what edge_runtime.demo.real_cine_path() returns) failed inside the source node:
+    'PosixPath' object has no attribute 'split', 0 results."""
+    from edge_runtime.demo import real_cine_path
+    from edge_runtime.pipeline.supervisor import SourceSpec
+
+    spec = SourceSpec(real_cine_path(), realtime=False)
+    assert spec.spec == str(real_cine_path()) and spec.finite and spec.has_rate()
+    assert len(list(itertools.islice(spec(), 3))) == 3

@@ -237,7 +237,7 @@ def test_a_finite_source_that_dies_is_not_restarted_to_replay_its_input(tmp_path
     report = _kill_after(sup, "source", 20)
     seqs = [r["seq"] for r in report.records]
     assert len(seqs) == len(set(seqs)) and len(seqs) < 300 and sup.handle("source").restarts == 0
-    assert report.failure is not None and "a file source is not restarted" in report.failure
+    assert report.failure is not None and "a finite source (a file read once) is not restarted" in report.failure
     assert "frames read (a source process was lost" in report.summary() or not report.frames_read
 
 

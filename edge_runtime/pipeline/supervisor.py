@@ -2,9 +2,10 @@
 
 ``run_pipeline(...)`` is the one-call form for Python callers (the demo, benchmarks, tests)::
 
-    report = run_pipeline(SyntheticSource(count=300, fps=30), BuiltinProcessor("detect"),
-                          n_workers=2, mode="process", record_dir="out/run")
-    print(report.summary())
+    if __name__ == "__main__":  # nodes are spawned processes: they import the calling script
+        report = run_pipeline(SyntheticSource(count=300, fps=30), BuiltinProcessor("detect"),
+                              n_workers=2, mode="process", record_dir="out/run")
+        print(report.summary())
 
 The hub (first sink: stats, fan-out to PUB and recorder) runs as a thread in the supervisor's
 process in both modes, so the report is assembled where the results were counted.
@@ -13,7 +14,8 @@ Restart policy: a worker, recorder or viewer that exits while the pipeline runs 
 backoff (0.2 s doubling to 5 s, reset once it stayed up 10 s); the gap is an event on the results
 channel and in the recorder (``node_exit`` with the exit code, then ``node_restarted`` with the time
 down). The source exits 0 at the end of a finite stream (the pipeline then stops) and 3 when the
-source itself failed (stop, no restart); any other source exit is restarted.
+source itself failed (stop, no restart); any other exit of an endless source (camera, phantom, looped
+file) is restarted; a finite one (a file read once) is not: it would start again from its first frame.
 
 Factories cross into spawned processes by multiprocessing's pickling of the node's arguments
 (parent to child over a local pipe, trusted); frames and results never do: they use the protocol.
@@ -70,11 +72,14 @@ class SourceSpec:
     ``synthetic`` or ``synthetic:HxW`` needs no sources module (the built-in moving disc).
     """
 
-    spec: str
+    spec: str  # a path is taken too (as text)
     realtime: bool = True
     loop: bool = False
     fps: float = 30.0  # synthetic only
     options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "spec", os.fspath(self.spec))  # a Path failed in a node: no .split
 
     def __call__(self) -> Any:
         if self.spec.split(":")[0] == "synthetic":
@@ -559,8 +564,9 @@ class Supervisor:
                 # twice (a review: 394 results of 365 frames read, 94 seqs recorded twice).
                 self._event("node_exit", node_name=h.name, kind=h.kind, exitcode=code, incarnation=h.incarnation,
                             uptime_s=round(now - h.started_at, 3))
-                self.failure = (f"the source exited with code {code} before the end of its input; a file source "
-                                "is not restarted (it would replay from its first frame); see its log above")
+                self.failure = (f"the source exited with code {code} before the end of its input; a finite source "
+                                "(a file read once) is not restarted: it would replay from its first frame; see its "
+                                "log above")
                 log.error("%s", self.failure)
                 h.finished = True
                 return
