@@ -192,7 +192,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .heap import pin_for_runtime
-    from .sources import bits_hint, open_source, source_kind, stated_options
+    from .sources import bits_hint, check_stated_modality, open_source, source_kind, stated_options
 
     pin_for_runtime()
     kind = source_kind(args.source)
@@ -222,11 +222,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(expected(f"--modality for a folder of images (the files do not say what they show; "
                                        f"the bundles take {wanted})", "none"))
         source = open_source(args.source, **opts)
-        stated = source.stated_modality()
-        if stated is not None and stated not in wanted:  # every frame would be refused, one warning each
-            said = {"dicom": "stated by the DICOM file", "phantom": "the phantom's frames"}.get(
-                kind, "--modality" if "modality" in opts else f"the default for {kind} frames; --modality says otherwise")
-            raise ConfigError(expected(f"a source of modality {wanted} (what the bundles take)", stated) + f" ({said})")
+        check_stated_modality(source, wanted, kind, "modality" in opts)  # not one warning per frame
         if args.limit is None and source.n_frames is None and kind in ("phantom", "camera"):
             print(f"{args.source} has no end: stop with Ctrl-C, or give --limit N", file=sys.stderr)
         model_bits = [int(r.bundle.manifest["bits_stored"]) for r in runtimes.runtimes  # loaded by now

@@ -1224,6 +1224,17 @@ def stated_options(kind: str, modality: str | None, bits_stored: int | None,
     return given
 
 
+def check_stated_modality(source: Source, wanted: Iterable[str], kind: str, stated: bool) -> None:
+    """ConfigError when every frame of ``source`` states a modality outside ``wanted`` (the bundles'):
+    each frame would be refused, one by one (``stated``: the modality came from the user's option)."""
+    modality, wanted = source.stated_modality(), sorted(wanted)
+    if modality is None or modality in wanted:
+        return
+    said = {"dicom": "stated by the DICOM file", "phantom": "the phantom's frames"}.get(
+        kind, "--modality" if stated else f"the default for {kind} frames; --modality says otherwise")
+    raise ConfigError(expected(f"a source of modality {wanted} (what the bundles take)", modality) + f" ({said})")
+
+
 def bits_hint(kind: str, frame: Frame, model_bits: Iterable[int], flag: str = "--bits-stored") -> str:
     """For image files read at their dtype's depth where a model takes fewer bits (12-bit detector
     data in 16-bit PNGs): the option that says so, else "". Only for image files: DICOM states its own

@@ -189,17 +189,16 @@ def _check_modality(o: dict[str, Any]) -> None:
     and a live run without --duration never ended."""
     from ..bundle import Bundle
     from ..runtime import resolve_bundle
-    from ..sources import open_source, source_kind
+    from ..sources import check_stated_modality, open_source, source_kind
 
     if not o["bundle"] or str(o["source"]).startswith(("synthetic", "camera:")):
         return  # a camera is opened by the source node only
-    if source_kind(o["source"]) == "dicom" and Path(o["source"]).is_dir():
+    kind = source_kind(o["source"])
+    if kind == "dicom" and Path(o["source"]).is_dir():
         return  # a series folder: each file states its own, and reading every header twice is slow
-    stated = open_source(o["source"], **o["source_options"]).stated_modality()  # no frame is read
-    wanted = sorted({m for b in _as_list(o["bundle"]) for m in
-                     Bundle.load(resolve_bundle(str(b)), verify=False).manifest["modality"]})
-    if stated is not None and stated not in wanted:
-        raise ConfigError(expected(f"a source of modality {wanted} (what the bundles take)", stated))
+    wanted = {m for b in _as_list(o["bundle"]) for m in Bundle.load(resolve_bundle(str(b)), verify=False).manifest["modality"]}
+    check_stated_modality(open_source(o["source"], **o["source_options"]), wanted, kind,  # no frame is read
+                          "modality" in o["source_options"])
 
 
 def _as_list(value: Any) -> list[Any]:
