@@ -215,8 +215,8 @@ class Preprocessor:
             raise InputError(expected(f"a {self.bits_stored}-bit frame (the model's training data)",
                                       f"{frame.bits_stored}-bit"))
         grey = ("MONOCHROME1", "MONOCHROME2")
-        if self.photometric in grey and frame.photometric in grey and frame.photometric != self.photometric \
-                and not (self.photometric == "MONOCHROME2" and self.invert_monochrome1):
+        if self.photometric in grey and frame.photometric in grey \
+                and frame.photometric not in accepted_photometrics(self.photometric, self.invert_monochrome1):
             # e.g. invert_monochrome1: false: the model would see the anatomy inverted (as calibration refuses)
             raise InputError(expected(f"a {self.photometric} frame (the model's polarity; invert_monochrome1 "
                                       f"{str(self.invert_monochrome1).lower()})", frame.photometric))
@@ -264,7 +264,7 @@ class Preprocessor:
         A MONOCHROME1 frame is inverted first (v' = 2**bits - 1 - v), then windowed: the manifest's
         window is in the model's polarity (bright = high signal), as DICOM sources deliver every frame
         (they invert MONOCHROME1 files themselves, after the file's own VOI)."""
-        top = 2 ** int(frame.bits_stored or 8) - 1
+        top = _top(frame)
         if self.window is not None and self.window[1] == 1:
             return 1.0, 0.0, False  # pixels already thresholded to 0 / 1 in __call__ (inverted there)
         if self.window is not None:
@@ -293,7 +293,7 @@ class Preprocessor:
             # PS3.3 C.11.2.1.2.1: a width of 1 is a threshold at center - 0.5 (y = 0 at or below, 1 above),
             # of the inverted values for a MONOCHROME1 frame
             threshold = self.window[0] - 0.5
-            px = ((2 ** int(frame.bits_stored or 8) - 1 - threshold > px) if self._inverts(frame)
+            px = ((_top(frame) - threshold > px) if self._inverts(frame)
                   else (px > threshold)).astype(np.uint8)
 
         a, b, clip = self._affine(frame)
@@ -320,6 +320,17 @@ class Preprocessor:
             if clip:
                 np.clip(view, min(lo[c], hi[c]), max(lo[c], hi[c]), out=view)
         return out, m
+
+
+def accepted_photometrics(model: str | None, invert_monochrome1: bool) -> set[str | None]:
+    """The photometric interpretations a model of photometric ``model`` takes as grey input: its own,
+    and MONOCHROME1 for a MONOCHROME2 model that inverts it (the runtime and calibration's governance)."""
+    return {model} | ({"MONOCHROME1"} if model == "MONOCHROME2" and invert_monochrome1 else set())
+
+
+def _top(frame: Frame) -> int:
+    """The frame's full scale, 2**bits_stored - 1 (8 bits when it does not say)."""
+    return 2 ** int(frame.bits_stored or 8) - 1
 
 
 def _resize(px: np.ndarray, ch: int, cw: int, interpolation: str | None) -> np.ndarray:

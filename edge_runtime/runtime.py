@@ -111,8 +111,8 @@ def engine_request(bundle: Bundle, device: DeviceConfig, precision: str) -> Engi
     Image-to-image models have dynamic H/W: one profile from ENGINE_MIN_HW or the pre-processing's
     size multiple, whichever is larger (the smallest tensor a frame gives: a 32 px floor refused the
     shipped enhancers' 16 px tensors of thin frames, which ONNX Runtime serves; a floor keeps tiny
-    shapes, which pooling layers may not build for, out of the profile) up to ENGINE_MAX_HW, tuned for 512 x 512 (larger frames are tiled by post-processing when
-    the bundle says so). DLA runs static
+    shapes, which pooling layers may not build for, out of the profile) up to ENGINE_MAX_HW, tuned
+    for 512 x 512 (larger frames are tiled by post-processing when the bundle says so). DLA runs static
     shapes only (NVIDIA's DLA restrictions: profile min = opt = max), so only a static-shape
     FP16/INT8 model gets DLA core 0 on a device with DLA; a dynamic one would build a "DLA" engine
     that runs wholly on the GPU, or fail.

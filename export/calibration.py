@@ -162,6 +162,8 @@ def frames_from(spec: str, manifest: Mapping[str, Any], count: int, *, seed0: in
 
 def governance_problems(frames: Sequence[Frame], manifest: Mapping[str, Any], invert_monochrome1: bool = True) -> list[str]:
     """Modality / bits_stored / photometric mismatches against the manifest, counted."""
+    from edge_runtime.preprocess import accepted_photometrics  # the runtime's rule (imported where used)
+
     problems = []
     n = len(frames)
     mods = [str(m) for m in manifest.get("modality", [])]
@@ -175,7 +177,7 @@ def governance_problems(frames: Sequence[Frame], manifest: Mapping[str, Any], in
         problems.append(f"{sum(bad_bits.values())} of {n} frames: " + expected(f"bits_stored {bits} (manifest)",
                                                                                  dict(bad_bits)))
     photo = manifest.get("photometric")
-    ok = {photo} | ({"MONOCHROME1"} if photo == "MONOCHROME2" and invert_monochrome1 else set())
+    ok = accepted_photometrics(photo, invert_monochrome1)
     if photo in ("MONOCHROME1", "MONOCHROME2") and (manifest.get("preprocess") or {}).get("color", "gray") == "gray":
         ok.add("RGB")  # the runtime's pre-processing makes grey of colour frames for a grey model, as `infer` does
     bad = Counter(f.photometric for f in frames if photo and f.photometric not in ok)
