@@ -331,6 +331,11 @@ class FrameSlot:
             self.cond.notify_all()
             return frame
 
+    def retry_next(self) -> bool:
+        """Whether take() returns a frame sent again (only the dispatching thread adds those)."""
+        with self.cond:
+            return bool(self.retry)
+
     def put_back(self, frame: Frame) -> None:
         """Undo a take (the chosen worker vanished) unless a newer frame arrived meanwhile."""
         with self.cond:
@@ -451,6 +456,10 @@ class SourceNode:
         lost_counted: dict[bytes, tuple[int, int, int]] = {}
         resent: set[tuple[str, int, int]] = set()  # frames already sent again once (stream, seq, capture_ns)
 
+        def holds_resent(w: _WorkerState) -> bool:
+            return bool(resent) and any(f is not None and (f.stream_id, f.seq, f.capture_ns) in resent
+                                        for _, _, _, f in w.inflight)
+
         def lose(ident: bytes, why: str) -> None:
             w = workers.pop(ident)
             for _, _, held_slot, _ in w.inflight:
@@ -516,7 +525,10 @@ class SourceNode:
                     counters.reject(BadMessage("bad_credit", expected(
                         f"done <= {w.done + len(w.inflight)} (frames sent to {w.name[:64]})", done)), "a worker")
                 for _ in range(min(max(0, done - w.done), len(w.inflight))):  # bounded by frames in flight
-                    release(w.inflight.popleft()[2])  # the worker is done with it: slot reusable
+                    _, _, held_slot, f = w.inflight.popleft()
+                    release(held_slot)  # the worker is done with it: slot reusable
+                    if f is not None and resent:
+                        resent.discard((f.stream_id, f.seq, f.capture_ns))
                     if self.policy == "all" and drain_deadline is not None:
                         drain_deadline = now + ALL_DRAIN_S  # still coming back: keep draining
                 w.done, w.window, w.last_seen = max(done, w.done), window, now
@@ -560,9 +572,14 @@ class SourceNode:
                             if ident in workers:
                                 lose(ident, "disconnected")
                 # Dispatch: the newest frame of the oldest-waiting stream to the longest-idle worker.
+                # A frame sent again goes alone to an idle worker and nothing joins it there: should
+                # it kill that worker too, no other frame is lost with it (the frame that shared a
+                # window with a crashing one was lost on the crash's second round).
                 while len(slot):
+                    alone = slot.retry_next()
                     ready = [(len(w.inflight), w.ready_since, i) for i, w in workers.items()
-                             if len(w.inflight) < w.window]
+                             if len(w.inflight) < w.window and not holds_resent(w)
+                             and not (alone and w.inflight)]
                     if not ready:
                         break
                     ident = min(ready)[2]
