@@ -221,6 +221,10 @@ class Preprocessor:
             raise InputError(expected(f"a {self.photometric} frame (the model's polarity; invert_monochrome1 "
                                       f"{str(self.invert_monochrome1).lower()})", frame.photometric))
         px = frame.pixels
+        if self._inverts(frame) and px.dtype == np.float32 and frame.bits_stored == 32:
+            # inverting is about the full scale: 2**32 - 1 (float32's default) is nobody's full scale
+            raise InputError(expected("the bits_stored of a float32 MONOCHROME1 frame (inverted about "
+                                      "2**bits_stored - 1)", "none (float32's default of 32)"))
         bits = int(frame.bits_stored or px.dtype.itemsize * 8)
         if px.dtype != np.float32 and bits < px.dtype.itemsize * 8:
             # e.g. uint16 storage of a 12-bit image: a value above 4095 (16-bit data labelled 12-bit, or
@@ -258,7 +262,7 @@ class Preprocessor:
     def _inverts(self, frame: Frame) -> bool:
         return self.invert_monochrome1 and frame.photometric == "MONOCHROME1"
 
-    def _affine(self, frame: Frame) -> tuple[float, float, bool]:
+    def _affine(self, frame: Frame, inverts: bool) -> tuple[float, float, bool]:
         """Stored value v -> scaled y = a*v + b (before normalisation); clip needed?
 
         A MONOCHROME1 frame is inverted first (v' = 2**bits - 1 - v), then windowed: the manifest's
@@ -272,7 +276,7 @@ class Preprocessor:
             a, b, clip = 1.0 / (w - 1), 0.5 - (c - 0.5) / (w - 1), True
         else:
             a, b, clip = 1.0 / top, 0.0, False
-        if self._inverts(frame):  # y = a * (top - v) + b
+        if inverts:  # y = a * (top - v) + b
             a, b = -a, a * top + b
         return a, b, clip
 
@@ -281,7 +285,10 @@ class Preprocessor:
         px = frame.pixels
         if px.ndim == 3 and self.color == "gray":
             px = cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
+        inverts = self._inverts(frame)
         if self.sector_threshold is not None:
+            if inverts:  # the mask looks for bright tissue on a dark background: the model's polarity
+                px, inverts = _top(frame) - px, False  # (values checked <= top: no wrap-around)
             grey = px if px.ndim == 2 else cv2.cvtColor(px, cv2.COLOR_RGB2GRAY)
             mask = sector_mask(grey, self.sector_threshold, frame.bits_stored).astype(px.dtype)
             px = px * (mask if px.ndim == 2 else mask[:, :, None])
@@ -293,10 +300,9 @@ class Preprocessor:
             # PS3.3 C.11.2.1.2.1: a width of 1 is a threshold at center - 0.5 (y = 0 at or below, 1 above),
             # of the inverted values for a MONOCHROME1 frame
             threshold = self.window[0] - 0.5
-            px = ((_top(frame) - threshold > px) if self._inverts(frame)
-                  else (px > threshold)).astype(np.uint8)
+            px = ((_top(frame) - threshold > px) if inverts else (px > threshold)).astype(np.uint8)
 
-        a, b, clip = self._affine(frame)
+        a, b, clip = self._affine(frame, inverts)
         # Fold normalisation into the affine map: x = (a*v + b - mean) / std, per channel.
         scale, shift = a / self.std, (b - self.mean) / self.std
         lo, hi = (0.0 - self.mean) / self.std, (1.0 - self.mean) / self.std

@@ -151,6 +151,31 @@ def test_sector_mask_removes_annotations_outside_the_fan() -> None:
     assert mask[150, 100] == 1 and mask[188, 10] == 0 and mask.mean() < 0.6
 
 
+def test_sector_mask_of_a_monochrome1_frame_is_found_in_the_model_polarity() -> None:
+    """A MONOCHROME1 frame (from the API or the wire) was sector-masked before its inversion: its
+    white background was taken for tissue, the mask was the whole frame and the annotation text
+    reached the model. Now it gives the tensor of its MONOCHROME2 twin."""
+    img = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(img, (100, 10), (170, 170), 0, 50, 130, 120, -1)
+    cv2.putText(img, "MI 0.9", (5, 190), cv2.FONT_HERSHEY_SIMPLEX, 0.4, 255, 1)
+    pre = Preprocessor({"sector_mask": {"threshold": 1}})
+    m1, _ = pre(_frame(255 - img, photometric="MONOCHROME1"))
+    twin, _ = pre(_frame(img))
+    np.testing.assert_array_equal(m1, twin)
+    assert m1[0, 0, 180:195, 0:60].max() == 0 and m1[0, 0, 150, 100] > 0
+
+
+def test_a_float32_monochrome1_frame_must_say_its_bits() -> None:
+    """Inverting is about 2**bits_stored - 1; a float32 frame that gave none was inverted about
+    2**32 - 1 (float32's default) and reached the model as a tensor of about 1.0 everywhere."""
+    px = np.array([[0.0, 1000.0, 4095.0]], np.float32)
+    with pytest.raises(InputError, match="bits_stored of a float32 MONOCHROME1 frame"):
+        Preprocessor({})(_frame(px, photometric="MONOCHROME1"))
+    x, _ = Preprocessor({})(_frame(px, photometric="MONOCHROME1", bits_stored=12))
+    np.testing.assert_allclose(x[0, 0], 1 - px / 4095.0, atol=1e-6)
+    x, _ = Preprocessor({"invert_monochrome1": False})(_frame(px, photometric="MONOCHROME1"))  # not inverted
+
+
 def test_sector_mask_keeps_a_field_of_view_that_reaches_the_frame_border() -> None:
     """A linear probe's image (or a frame cropped to the image) has tissue at its border: raising the
     threshold to the border's median zeroed 44% of a linear phantom's field of view."""
