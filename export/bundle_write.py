@@ -62,6 +62,17 @@ def write_bundle(directory: str | os.PathLike[str], manifest: dict[str, Any]) ->
 
 
 @contextlib.contextmanager
+def named_as(stage: Path, root: Path) -> Iterator[None]:
+    """Errors about a working copy name the bundle the user gave (not a hidden folder beside it)."""
+    try:
+        yield
+    except BundleError as exc:
+        if str(stage) not in str(exc):
+            raise
+        raise BundleError(str(exc).replace(str(stage), str(root))) from None
+
+
+@contextlib.contextmanager
 def staged(directory: str | os.PathLike[str]) -> Iterator[Path]:
     """A copy of bundle ``directory`` to rewrite, swapped in whole (after verification) when the block
     ends without an error; on an error the old bundle is left as it was. A runtime loading the bundle
@@ -71,8 +82,9 @@ def staged(directory: str | os.PathLike[str]) -> Iterator[Path]:
     shutil.rmtree(stage, ignore_errors=True)
     shutil.copytree(root, stage)
     try:
-        yield stage
-        Bundle.load(stage, verify=True)
+        with named_as(stage, root):
+            yield stage
+            Bundle.load(stage, verify=True)
         backup = root.parent / f".{root.name}.old-{os.getpid()}"
         os.rename(root, backup)
         os.rename(stage, root)

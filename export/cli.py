@@ -529,7 +529,7 @@ def _gate_record(report: dict[str, Any], derived: dict[str, Path], fp32: Path | 
 def cmd_bundle(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle, sha256_file
 
-    from .bundle_write import staged, write_archive, write_bundle
+    from .bundle_write import named_as, staged, write_archive, write_bundle
     from .quantize import PROVENANCE_HINT, stamped_source
 
     manifest = _read_json(args.manifest, "--manifest")
@@ -630,7 +630,8 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir()
         try:
-            assemble(stage)
+            with named_as(stage, out):
+                assemble(stage)
             os.rename(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)

@@ -589,3 +589,20 @@ def test_export_takes_a_shipped_models_name_like_infer(tmp_path: Path, capsys: p
     assert _cli(["validate", "--bundle", "us-lesion-det", "--candidate", f"same={fp32}", "--frames", "4",
                  "--no-progress", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["model"] == "us-lesion-det"
+
+
+def test_a_refused_manifest_is_named_by_the_bundle_not_its_working_copy(tmp_path: Path) -> None:
+    """`export bundle` assembles in a hidden folder beside --out: its schema errors named that folder
+    (".b.new-1234/manifest.json: ..."), a path the user never gave and that is gone after the run."""
+    from edge_runtime.runtime import reference_bundles
+
+    shipped = Bundle.load(reference_bundles()["us-lesion-det"])
+    (tmp_path / "m.json").write_text(json.dumps({**shipped.manifest, "modality": "US"}))  # not a list
+    existing = tmp_path / "existing"
+    _cli(["bundle", "--manifest", str(shipped.path / "manifest.json"), "--out", str(existing),
+          "--fp32", str(shipped.file("fp32.onnx"))])
+    for out in (tmp_path / "b", existing):  # written new, and rewritten in place
+        with pytest.raises(BundleError, match="modality") as err:
+            _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(out),
+                  "--fp32", str(shipped.file("fp32.onnx"))])
+        assert str(err.value).startswith(f"{out / 'manifest.json'}: "), str(err.value)
