@@ -25,6 +25,7 @@ from .preprocess import PixelMapping, _check_keys
 from .results import Detection
 
 TYPES = ("centernet", "yolov8", "enhance", "segmentation")
+FEW_CANDIDATES = 64  # heatmap cells above the threshold decoded one by one in Python (more: numpy)
 CENTERNET_OUTPUTS = ("heatmap", "size", "offset")  # in the graph's output order
 DETECTION_KEYS = {"type", "classes", "score_threshold", "nms_iou", "max_detections"}
 KEYS = {
@@ -73,12 +74,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
         return np.zeros(0, np.int64)
     xywh = np.array(boxes, np.float64)  # a copy: x0, y0, x1, y1 -> x, y, w, h in place
     xywh[:, 2:] -= xywh[:, :2]
+    return np.asarray(_nms_xywh(xywh, np.asarray(scores), np.asarray(class_ids), iou, max_detections), np.int64)
+
+
+def _nms_xywh(xywh: Any, scores: Any, class_ids: Any, iou: float, max_detections: int) -> list[int]:
+    """OpenCV's class-wise NMS on (x, y, w, h) boxes given as arrays or lists: kept indices, best score
+    first (ties in OpenCV's order), at most ``max_detections`` (0: all)."""
     # OpenCV's stubs say Sequence; its bindings take numpy arrays without a per-element conversion.
-    kept = cv2.dnn.NMSBoxesBatched(
-        xywh, np.asarray(scores, np.float32), np.asarray(class_ids, np.int32),  # type: ignore[arg-type]
-        -np.inf, float(iou))
-    keep = np.asarray(kept, np.int64).reshape(-1)
-    keep = keep[np.argsort(-np.asarray(scores)[keep], kind="stable")]
+    kept = cv2.dnn.NMSBoxesBatched(xywh, scores, class_ids, -np.inf, float(iou))  # type: ignore[arg-type]
+    keep = sorted(np.asarray(kept, np.int64).reshape(-1).tolist(), key=lambda i: -float(scores[i]))
     return keep[:max_detections] if max_detections > 0 else keep
 
 
@@ -245,37 +249,66 @@ class Postprocessor:
             raise InputError(expected(f"a heatmap with {len(self.classes)} classes", heat.shape))
         if size.shape != (2, h, w) or offset.shape != (2, h, w):
             raise InputError(expected(f"size and offset of shape (2, {h}, {w})", (size.shape, offset.shape)))
-        # A peak is a cell at or above the threshold that equals the max of its k x k neighbourhood
-        # (CenterNet's max-pool). Only cells above the threshold are examined, so the cost follows
-        # the few candidates rather than the map: a handful of numpy calls per frame.
-        # One flat index array split by divmod: np.nonzero's three index arrays took 29-46 us against 11-12
-        # (warm, 2 x 64 x 64); right after an inference the decode as a whole gained 0-7% (us-lesion-det /
-        # xr-nodule-det, interleaved, Zen 3).
-        _finite(np.array([heat.min(), heat.max()]), "heatmap scores")  # min / max propagate NaN
+        # The decode runs right after an inference has evicted the caches, where each numpy call
+        # costs 10-20 us whatever its size: the map is read by three calls (a sum, whose NaN/inf
+        # says the model failed, then the threshold), and the few cells above it are decoded in
+        # plain Python (us-lesion-det 280 -> 150 us per frame, same detections, interleaved, Zen 4).
+        if not math.isfinite(heat.sum(dtype=np.float64)):
+            _finite(heat, "heatmap scores")
         flat = np.flatnonzero(heat >= self.score_threshold)
         if len(flat) == 0:
             return []
-        cls, rest = np.divmod(flat, h * w)
-        ys, xs = np.divmod(rest, w)
-        k = self.peak_kernel
-        d = np.arange(k) - k // 2  # cv2.dilate's centred anchor
-        # Clipping an offset that leaves the map lands on a cell already inside the window, so the
-        # neighbourhood max is the same as with a -inf border (minimum/maximum: np.clip's Python
-        # wrapper costs more than the work on a few candidates).
-        ny = np.minimum(np.maximum(ys[:, None, None] + d[None, :, None], 0), h - 1)
-        nx = np.minimum(np.maximum(xs[:, None, None] + d[None, None, :], 0), w - 1)
-        vals = heat[cls, ys, xs]
-        peak = vals >= heat[cls[:, None, None], ny, nx].max(axis=(1, 2))
-        cls, ys, xs = cls[peak], ys[peak], xs[peak]
-        scores = vals[peak].astype(np.float64)
-        top = np.argsort(-scores, kind="stable")[: self.max_detections * 4]  # top-k before NMS
-        cls, ys, xs, scores = cls[top], ys[top], xs[top], scores[top]
-        cx = (xs + offset[0, ys, xs]) * self.stride
-        cy = (ys + offset[1, ys, xs]) * self.stride
-        bw, bh = np.maximum(size[0, ys, xs], 0), np.maximum(size[1, ys, xs], 0)
-        boxes = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], axis=1)
-        _finite(boxes, "box sizes and offsets")  # only the few decoded cells
-        return self._finish(boxes, scores, cls, mapping)
+        peaks = self._peaks(heat, flat)[: self.max_detections * 4]  # top-k before NMS
+        boxes, scores, cls = [], [], []
+        for score, k, y, x in peaks:
+            cx, cy = (x + float(offset[0, y, x])) * self.stride, (y + float(offset[1, y, x])) * self.stride
+            bw, bh = max(float(size[0, y, x]), 0.0) / 2, max(float(size[1, y, x]), 0.0) / 2
+            boxes.append((cx - bw, cy - bh, cx + bw, cy + bh))
+            scores.append(score)
+            cls.append(k)
+        if not all(math.isfinite(v) for box in boxes for v in box):
+            _finite(np.array(boxes), "box sizes and offsets")  # only the few decoded cells
+        return self._finish_few(boxes, scores, cls, mapping)
+
+    def _peaks(self, heat: np.ndarray, flat: np.ndarray) -> list[tuple[float, int, int, int]]:
+        """(score, class, y, x) of the cells in ``flat`` (flat indices into heat, all at or above the
+        threshold) that equal the max of their k x k neighbourhood (CenterNet's max-pool; the border
+        as -inf), best first, ties in map order."""
+        _, h, w = heat.shape
+        n, r = self.peak_kernel, self.peak_kernel // 2  # offsets -r .. n - 1 - r: cv2.dilate's anchor
+        if len(flat) <= FEW_CANDIDATES:
+            found = []
+            for i in flat.tolist():
+                k, rest = divmod(i, h * w)
+                y, x = divmod(rest, w)
+                v = heat[k, y, x]
+                if v >= heat[k, max(y - r, 0):y - r + n, max(x - r, 0):x - r + n].max():
+                    found.append((float(v), k, y, x))
+        else:  # a map with many candidates (an untrained or failing model): vectorised
+            cls, rest = np.divmod(flat, h * w)
+            ys, xs = np.divmod(rest, w)
+            d = np.arange(n) - r
+            # Clipping an offset that leaves the map lands on a cell already inside the window, so the
+            # neighbourhood max is the same as with a -inf border.
+            ny = np.minimum(np.maximum(ys[:, None, None] + d[None, :, None], 0), h - 1)
+            nx = np.minimum(np.maximum(xs[:, None, None] + d[None, None, :], 0), w - 1)
+            vals = heat[cls, ys, xs]
+            peak = vals >= heat[cls[:, None, None], ny, nx].max(axis=(1, 2))
+            found = list(zip(vals[peak].astype(np.float64).tolist(), cls[peak].tolist(), ys[peak].tolist(),
+                             xs[peak].tolist()))
+        found.sort(key=lambda p: -p[0])  # stable: ties stay in map order
+        return found
+
+    def _finish_few(self, boxes: list[tuple[float, float, float, float]], scores: list[float], cls: list[int],
+                    mapping: PixelMapping) -> list[Detection]:
+        """``_finish`` for a few boxes (at most 4 x max_detections) as Python numbers."""
+        mapped = [mapping.box_to_original(*b) for b in boxes]
+        ok = [i for i, (x0, y0, x1, y1) in enumerate(mapped) if x1 > x0 and y1 > y0]  # drop boxes all in padding
+        if not ok:
+            return []
+        xywh = [(mapped[i][0], mapped[i][1], mapped[i][2] - mapped[i][0], mapped[i][3] - mapped[i][1]) for i in ok]
+        keep = _nms_xywh(xywh, [scores[i] for i in ok], [cls[i] for i in ok], self.nms_iou, self.max_detections)
+        return [Detection(mapped[ok[j]], scores[ok[j]], self.classes[cls[ok[j]]]) for j in keep]
 
     def decode_yolov8(self, outputs: Any, mapping: PixelMapping) -> list[Detection]:
         out = self._output(outputs, self.spec.get("output"))

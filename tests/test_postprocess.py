@@ -61,11 +61,16 @@ def test_centernet_boxes_map_back_through_letterbox() -> None:
     np.testing.assert_allclose(dets[0].box, (25, 0, 45, 7.5))
 
 
+@pytest.mark.parametrize("few", [0, 10**6])  # every candidate by numpy / one by one in Python
 @pytest.mark.parametrize("kernel", [2, 3, 5])
-def test_centernet_peaks_equal_a_dilation_reference(kernel: int) -> None:
+def test_centernet_peaks_equal_a_dilation_reference(kernel: int, few: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The candidate-only peak search finds exactly the cells cv2.dilate's max-pool finds,
-    on heatmaps with plateaus (ties) and peaks on the border."""
+    on heatmaps with plateaus (ties) and peaks on the border, in both of its ways."""
     import cv2
+
+    import edge_runtime.postprocess as pp
+
+    monkeypatch.setattr(pp, "FEW_CANDIDATES", few)
 
     rng = np.random.default_rng(kernel)
     spec = {"type": "centernet", "stride": 1, "classes": ["a", "b", "c"], "score_threshold": 0.5,
@@ -84,6 +89,27 @@ def test_centernet_peaks_equal_a_dilation_reference(kernel: int) -> None:
             peaks = (plane >= 0.5) & (plane == cv2.dilate(plane, np.ones((kernel, kernel), np.uint8)))
             want |= {(label, int(x), int(y)) for y, x in zip(*np.nonzero(peaks))}
         assert got == want
+
+
+def test_centernet_decodes_a_few_candidates_as_it_decodes_many(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to FEW_CANDIDATES cells above the threshold are decoded in plain Python, more with numpy:
+    the same detections, boxes, scores and order either way (ties included), through a letterbox."""
+    import edge_runtime.postprocess as pp
+
+    rng = np.random.default_rng(7)
+    spec = {"type": "centernet", "stride": 4, "classes": ["a", "b"], "score_threshold": 0.3,
+            "nms_iou": 0.5, "max_detections": 5}
+    frame = Frame(np.zeros((50, 70), np.uint8))
+    _, m = Preprocessor({"resize": {"mode": "letterbox", "size": [64, 64]}})(frame)
+    for trial in range(30):
+        heat = np.round(rng.random((1, 2, 16, 16)) * rng.uniform(0.3, 1.0), 2).astype(np.float32)
+        outs = {"heatmap": heat, "size": rng.uniform(-2, 30, (1, 2, 16, 16)).astype(np.float32),
+                "offset": rng.uniform(-1, 1, (1, 2, 16, 16)).astype(np.float32)}
+        got = {}
+        for few in (0, 10**6):
+            monkeypatch.setattr(pp, "FEW_CANDIDATES", few)
+            got[few] = [(d.label, d.score, d.box) for d in Postprocessor(spec)(outs, m, frame).detections]
+        assert got[0] == got[10**6] and (trial > 0 or got[0]), trial
 
 
 def test_nms_is_class_wise_and_orders_by_score() -> None:
