@@ -253,7 +253,7 @@ class CalibrationSet:
 
 
 def _unnamed(source: str) -> str:
-    """A calibration source for a message: a phantom spec as given, a path only by its kind."""
+    """A calibration source for a message or a record: a phantom spec as given, a path only by its kind."""
     if source.startswith("phantom:"):
         return source
     p = Path(source)
@@ -270,7 +270,9 @@ def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, 
     from edge_runtime.preprocess import Preprocessor
 
     pre = Preprocessor.from_manifest(manifest)
-    label = _unnamed(source)  # messages name no file (calibration.json records the source given)
+    # Named by kind, never by path, in messages and in calibration.json (which the bundle's manifest
+    # copies): file and folder names can identify patients; the set is identified by its sha256.
+    label = _unnamed(source)
     try:
         items = list(_progress(frames, progress, "calibration frames"))
     except EdgeRuntimeError as exc:
@@ -300,7 +302,7 @@ def build(frames: Iterable[Frame], manifest: Mapping[str, Any], *, source: str, 
             "photometric": sorted({f.photometric for f in items}), "duplicate_frames": dupes,
             "frame_shape": sorted({"x".join(map(str, f.pixels.shape)) for f in items}),
             "tensor_shape": sorted({"x".join(map(str, t.shape)) for t in tensors}), **(details or {})}
-    return CalibrationSet(tensors, hashes, source, pre.input_name, str(manifest.get("name", "")), info)
+    return CalibrationSet(tensors, hashes, label, pre.input_name, str(manifest.get("name", "")), info)
 
 
 def _progress(frames: Iterable[Frame], show: bool, desc: str) -> Iterable[Frame]:

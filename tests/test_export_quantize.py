@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,16 @@ def test_too_few_frames_states_count_and_minimum(tmp_path) -> None:
     with pytest.raises(ExportError, match=r"calibration source \(a \.dcm file\): expected at least 200") as info:
         C.build(_xr(150), blur_manifest(), source=str(named))
     assert "DOE" not in str(info.value)
+
+
+def test_the_calibration_record_names_its_source_by_kind_only(tmp_path) -> None:
+    """calibration.json (copied into the bundle's manifest and archive) recorded the --calib path as
+    given: data/LEAKTEST_NAME/LEAKID123.dcm, a patient's folder and file name, in every copy of the bundle."""
+    named = tmp_path / "DOE_JANE" / "MRN1234"
+    named.mkdir(parents=True)
+    record = C.build(_xr(12), blur_manifest(), source=str(named), min_frames=12).record(method="minmax")
+    assert record["source"] == "(a folder)" and "DOE" not in json.dumps(record) and "MRN" not in json.dumps(record)
+    assert C.build(_xr(12), blur_manifest(), source="phantom:xr", min_frames=12).source == "phantom:xr"
 
 
 def test_wrong_modality_is_an_error_with_counts() -> None:
