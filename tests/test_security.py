@@ -226,3 +226,36 @@ def test_a_tcp_port_outside_1_65535_is_refused_not_wrapped() -> None:
         assert sock.last_endpoint.decode().startswith("tcp://127.0.0.1:")
     finally:
         sock.close(linger=0)
+
+
+def test_a_send_only_socket_refuses_a_huge_subscription() -> None:
+    """A PUB keeps its subscriptions in a trie of about 50x their size and set no MAXMSGSIZE: one
+    20 MiB SUBSCRIBE from any local account took a loopback-bound hub from 61 MiB to 1 GiB (a privacy
+    review). A subscription beyond SEND_ONLY_MAX_BYTES now drops that peer; short topics work."""
+    import zmq
+
+    from edge_runtime.pipeline.nodes import SEND_ONLY_MAX_BYTES, open_socket
+
+    ctx = zmq.Context()
+    try:
+        endpoint = f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"
+        pub = open_socket(ctx, zmq.PUB, NodeSettings(), bind=endpoint, receives=False)
+        subs = {}
+        for name, topics in (("huge", [b"r" * (4 * SEND_ONLY_MAX_BYTES), b""]), ("plain", [b"result/"])):
+            sub = subs[name] = ctx.socket(zmq.SUB)
+            sub.linger = 0
+            for topic in topics:
+                sub.setsockopt(zmq.SUBSCRIBE, topic)
+            sub.connect(endpoint)
+        got = dict.fromkeys(subs, 0)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            pub.send(b"result/s1 payload")
+            for name, sub in subs.items():
+                while sub.poll(0):
+                    sub.recv()
+                    got[name] += 1
+            time.sleep(0.01)
+        assert got["plain"] > 0 and got["huge"] == 0, got
+    finally:
+        ctx.destroy(linger=0)

@@ -148,6 +148,9 @@ def is_late(pos: Position, last: Position | None) -> bool:
     return last is not None and pos <= last and last[0] - pos[0] <= REBOOT_GAP_NS
 
 
+SEND_ONLY_MAX_BYTES = 4096  # the largest message a send-only socket (PUB, PUSH) takes in
+
+
 def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: str | None = None,
                 connect: str | None = None, receives: bool = True, identity: bytes | None = None,
                 heartbeats: bool = True) -> zmq.Socket:
@@ -158,8 +161,10 @@ def open_socket(ctx: zmq.Context, kind: int, settings: NodeSettings, *, bind: st
     peer (the supervisor watches the recorder process instead)."""
     sock = ctx.socket(kind)
     sock.linger = 0
-    if receives:
-        sock.setsockopt(zmq.MAXMSGSIZE, settings.limits.max_message_bytes)
+    # A socket that only sends still takes messages in: a PUB its subscriptions, which libzmq keeps in
+    # a trie of about 50x their size (one 20 MiB subscription took a hub from 61 MiB to 1 GiB, no key
+    # needed on a loopback bind). Topics and ZMTP commands (a CURVE handshake) are far below this.
+    sock.setsockopt(zmq.MAXMSGSIZE, settings.limits.max_message_bytes if receives else SEND_ONLY_MAX_BYTES)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     endpoint = bind or connect or ""
