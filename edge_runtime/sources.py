@@ -639,11 +639,20 @@ def _check_native_frame_count(path: Path, frame_bits: int, n_frames: int) -> Non
             f"{length} bytes, {length // frame_bytes} whole frames' worth (NumberOfFrames or Rows/Columns wrong?)"))
 
 
+def _pydicom() -> Any:
+    """pydicom, with its checks of element values on reading off (for the whole process): they run
+    when a value is first used and their warnings quote it (a StudyInstanceUID built from an accession
+    number, a name) to the log and stderr. Values are checked where used, by what uses them."""
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    return pydicom
+
+
 def _quiet_dcmread(path: Path, **read: Any) -> Any:
     """The whole dataset, without pydicom's warnings on a cut file: they name the path (a patient
     identifier, often), so they are neither logged nor shown."""
-    import pydicom
-
+    pydicom = _pydicom()
     pydicom_log = logging.getLogger("pydicom")
     was_disabled, pydicom_log.disabled = pydicom_log.disabled, True
     try:
@@ -684,9 +693,9 @@ def _sop_class_name(ds: Any) -> str:
 
 
 def _read_header(path: Path) -> Any:
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
+    pydicom = _pydicom()
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:

@@ -234,3 +234,32 @@ def test_newcomer_mistakes_are_one_line_errors_without_the_path(tmp_path: Path,
     monkeypatch.setattr(infer, "run", interrupted)
     assert main(["infer", "--bundle", "us-lesion-det", "--source", "phantom:us", "--out", str(tmp_path / "o")]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_pydicom_never_quotes_an_element_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """Scanners write non-conforming values; pydicom's checks (run when a value is first used: every
+    element of a 12-bit file, a series folder's SeriesInstanceUID) quoted them in warnings to the log
+    and stderr, e.g. a StudyInstanceUID built from an accession number (a privacy review)."""
+    import warnings
+
+    from pydicom import config
+
+    monkeypatch.setattr(config.settings, "reading_validation_mode", config.WARN)  # pydicom's default
+    px = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) % 4096
+    (tmp_path / "s").mkdir()
+    monkeypatch.setattr(config.settings, "writing_validation_mode", config.IGNORE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_dicom(tmp_path / "s" / "a.dcm", px, bits_stored=12,
+                    StudyInstanceUID="1.2.826.0.1.ACC777LEAK.01", SeriesInstanceUID="1.2.826.0.1.MRN123LEAK.02")
+    caplog.clear()
+    capfd.readouterr()
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for source in (tmp_path / "s" / "a.dcm", tmp_path / "s"):  # a file, a series folder
+            assert len(list(open_source(source))) == 1
+    shown = capfd.readouterr()
+    text = caplog.text + shown.out + shown.err + " ".join(str(w.message) for w in caught)
+    assert "LEAK" not in text, text
