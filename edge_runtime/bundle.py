@@ -33,6 +33,9 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 BUNDLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 REQUIRED = ("format", "format_version", "name", "task", "modality", "inputs", "outputs",
             "preprocess", "postprocess", "artifacts", "files")
+OPTIONAL = ("bits_stored", "photometric", "description", "metrics", "tolerances", "calibration", "validation",
+            "training", "baselines", "toolchain", "created")
+PHOTOMETRICS = ("MONOCHROME2", "MONOCHROME1", "RGB")
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -149,6 +152,10 @@ class Bundle:
         missing = [k for k in REQUIRED if k not in m]
         if missing:
             raise BundleError(f"{where}: " + expected(f"fields {list(REQUIRED)}", f"missing {missing}"))
+        unknown = sorted(set(m) - set(REQUIRED) - set(OPTIONAL))
+        if unknown:  # a misspelt "bits_stord" turned the bit-depth check off; "tolerences" the gate's own
+            raise BundleError(f"{where}: unknown field(s) {unknown}; " + expected(
+                f"fields among {sorted(REQUIRED + OPTIONAL)}", unknown))
         if m["format"] != FORMAT:
             raise BundleError(f"{where}: " + expected(f"format {FORMAT!r}", m["format"]))
         if type(m["format_version"]) is not int or m["format_version"] != FORMAT_VERSION:  # true == 1 in Python
@@ -179,6 +186,8 @@ class Bundle:
         if m.get("bits_stored") is not None and (type(m["bits_stored"]) is not int or not 0 <= m["bits_stored"] <= 16):
             raise BundleError(f"{where}: " + expected("bits_stored as an integer 0..16 (0: all bits) or null",
                                                       m["bits_stored"]))
+        if m.get("photometric") is not None and m["photometric"] not in PHOTOMETRICS:
+            raise BundleError(f"{where}: " + expected(f"photometric in {list(PHOTOMETRICS)} or null", m["photometric"]))
         arts = m["artifacts"]
         if not isinstance(arts, list):
             raise BundleError(f"{where}: " + expected("artifacts as a list of objects", type(arts).__name__))

@@ -375,6 +375,18 @@ def test_malformed_manifest_is_a_bundle_error(bundle: Path, field: str, value: o
         Bundle.load(bundle)
 
 
+def test_a_misspelt_field_or_an_unknown_photometric_is_refused(bundle: Path) -> None:
+    """A misspelt "bits_stord" was ignored, so the bit-depth check was off and an 8-bit model ran on
+    16-bit frames; "tolerences" left the gate on its defaults; "MONOCHROME3" was taken (a review)."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    for field, value, match in (("bits_stord", 8, r"unknown field\(s\) \['bits_stord'\]"),
+                                ("tolerences", {"psnr_db": 0.3}, "tolerences"),
+                                ("photometric", "MONOCHROME3", "photometric in")):
+        with pytest.raises(BundleError, match=match):
+            write_bundle(bundle, {**m, field: value})
+    Bundle.load(bundle, verify=True)  # left as it was
+
+
 def test_a_hash_that_is_not_lower_case_hex_is_refused(bundle: Path) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
     m["files"]["fp32.onnx"] = m["files"]["fp32.onnx"].upper()  # was read as "stale" naming the same hash
@@ -405,7 +417,7 @@ def test_a_gate_report_on_another_fp32_model_is_refused(tmp_path: Path) -> None:
 
 def test_write_bundle_leaves_no_temporary_manifest_on_failure(bundle: Path) -> None:
     m = json.loads((bundle / "manifest.json").read_text())
-    m["note"] = object()  # json cannot write it
+    m["description"] = object()  # json cannot write it
     with pytest.raises(TypeError):
         write_bundle(bundle, m)
     assert sorted(p.name for p in bundle.iterdir()) == ["fp16.onnx", "fp32.onnx", "manifest.json"]
@@ -422,9 +434,9 @@ def test_staged_rewrite_swaps_in_whole_or_not_at_all(bundle: Path) -> None:
     assert (bundle / "manifest.json").read_bytes() == before and Bundle.load(bundle)
     with staged(bundle) as stage:
         m = json.loads((stage / "manifest.json").read_text())
-        m["note"] = "rewritten"
+        m["description"] = "rewritten"
         write_bundle(stage, m)
-    assert Bundle.load(bundle).manifest["note"] == "rewritten"
+    assert Bundle.load(bundle).manifest["description"] == "rewritten"
     assert sorted(p.name for p in bundle.parent.iterdir()) == ["xr-blur"]  # no stage or backup left
 
 
