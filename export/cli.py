@@ -673,15 +673,20 @@ def _check_processing(manifest: dict[str, Any], fp32: Path | None = None) -> Non
     from edge_runtime.postprocess import Postprocessor
     from edge_runtime.preprocess import Preprocessor
 
-    post = Postprocessor.from_manifest(manifest, Preprocessor.from_manifest(manifest))
+    pre = Preprocessor.from_manifest(manifest)
+    post = Postprocessor.from_manifest(manifest, pre)
     if fp32 is not None and fp32.is_file():
-        _check_io(manifest, fp32, post)
+        dims = _check_io(manifest, fp32, post)
+        if pre.mode == "none" and post.tile is None and len(dims) == 4 and dims[2] and dims[3]:
+            _say(f"note: the model's input is fixed at {dims[2]}x{dims[3]} and preprocess.resize mode is none: "
+                 "frames of any other size will be refused (letterbox or stretch resize them)")
 
 
-def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> None:
-    """Input and output names, ranks and fixed sizes as the FP32 graph has them, and the detector's class
-    count where its output fixes it: a bundle naming input 'images' for a model's 'image', or 3 classes
-    for a 2-class head, verified OK and then every frame was skipped on the cart."""
+def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> list[int | None]:
+    """Input and output names, dtypes, ranks and fixed sizes as the FP32 graph has them, the outputs
+    post-processing reads, and the detector's class count and stride where its output fixes them: a
+    bundle naming input 'images' for a model's 'image', or 3 classes for a 2-class head, verified OK
+    and then every frame was skipped on the cart. The model input's dims (None: dynamic)."""
     import onnx
 
     graph = onnx.load(str(fp32), load_external_data=False).graph
@@ -690,35 +695,59 @@ def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> None:
     def dims(v: Any) -> list[int | None]:
         return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
 
-    tensors = {"inputs": {v.name: dims(v) for v in graph.input if v.name not in inits},
-               "outputs": {v.name: dims(v) for v in graph.output}}
+    def dtype(v: Any) -> str:
+        return str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+
+    graph_inputs = [v for v in graph.input if v.name not in inits]
+    if len(graph_inputs) != 1:  # a second input was listed as asked, then never fed: every frame skipped
+        raise ConfigError(expected("a model with one image input (format 1 feeds one tensor a frame)",
+                                   f"inputs {[v.name for v in graph_inputs]}"))
+    tensors = {"inputs": {v.name: (dims(v), dtype(v)) for v in graph_inputs},
+               "outputs": {v.name: (dims(v), dtype(v)) for v in graph.output}}
     for key, have in tensors.items():
         for t in manifest[key]:
             if t["name"] not in have:
                 raise ConfigError(f"manifest {key} {t['name']!r}: " + expected(f"a name of the model's {key} {sorted(have)}",
                                                                                t["name"]))
-            shape, real = t.get("shape") or [], have[t["name"]]
+            shape, (real, kind) = t.get("shape") or [], have[t["name"]]
             if real and (len(shape) != len(real) or any(isinstance(a, int) and b is not None and a != b
                                                         for a, b in zip(shape, real))):
                 raise ConfigError(f"manifest {key} {t['name']!r}: " + expected(f"the model's shape {real} "
                                                                                "(None: any size)", shape))
-    missing = sorted(set(tensors["inputs"]) - {t["name"] for t in manifest["inputs"]})
+            if t.get("dtype", kind) != kind:  # e.g. a float16 output: 12-bit levels do not fit its mantissa
+                raise ConfigError(f"manifest {key} {t['name']!r}: " + expected(f"the model's dtype {kind}", t["dtype"]))
+    (in_name, (in_dims, _)), = tensors["inputs"].items()
+    missing = sorted({in_name} - {t["name"] for t in manifest["inputs"]})
     if missing:
-        raise ConfigError(expected("every model input in the manifest's inputs (the runtime feeds only those)",
-                                   f"{missing} missing"))
-    spec, outs = manifest.get("postprocess") or {}, tensors["outputs"]
+        raise ConfigError(expected("the model's input in the manifest's inputs", f"{missing} missing"))
+    spec = manifest.get("postprocess") or {}
+    outs = {name: d for name, (d, _) in tensors["outputs"].items()}
+    kind = str(spec.get("type"))
+    read = list(post.centernet_outputs.values()) if kind == "centernet" else \
+        [str(spec["output"])] if spec.get("output") is not None else []
+    unknown = [n for n in read if n not in outs]
+    if unknown or (not read and len(outs) != 1):  # every frame was skipped: "expected model output 'hm'"
+        raise ConfigError(f"postprocess ({kind}): " + expected(
+            f"output names among the model's outputs {sorted(outs)}" if unknown
+            else "an 'output' naming one of the model's outputs", unknown or "none named"))
     names = list(getattr(post, "classes", None) or [])
-    if spec.get("type") == "yolov8" and names:
-        real = outs.get(str(spec.get("output")), next(iter(outs.values()), []))
+    if kind == "yolov8" and names:
+        real = outs[read[0]] if read else next(iter(outs.values()))
         fixed = [d for d in real[1:] if d is not None]
         if fixed and 4 + len(names) not in fixed:
             raise ConfigError(f"postprocess classes {names}: " + expected(
                 f"a model output [1, 4 + {len(names)}, N] (YOLOv8 layout)", real))
-    if spec.get("type") == "centernet" and names:
-        heat = outs.get(post.centernet_outputs["heatmap"]) or []
-        if len(heat) > 1 and heat[1] is not None and heat[1] != len(names):
+    if kind == "centernet":
+        heat = outs[post.centernet_outputs["heatmap"]]
+        if names and len(heat) > 1 and heat[1] is not None and heat[1] != len(names):
             raise ConfigError(f"postprocess classes {names}: " + expected(
                 f"a heatmap output of {len(names)} channel(s)", heat))
+        sides = [(a, b) for a, b in zip(in_dims[2:], heat[2:]) if a and b]
+        if len(sides) == 2 and any(a != b * post.stride for a, b in sides):
+            # stride 8 on a stride-4 head gave no findings, stride 2 boxes in the wrong place
+            raise ConfigError(f"postprocess.stride {post.stride}: " + expected(
+                f"input / heatmap size, {[a / b for a, b in sides]}", post.stride))
+    return in_dims
 
 
 def _targets(file: str) -> dict[str, Any]:

@@ -99,6 +99,58 @@ def test_a_detectors_class_count_is_checked_against_its_output(tmp_path: Path) -
         _check_io(m, tmp_path / "m.onnx", types.SimpleNamespace(classes=["cyst", "solid", "calcification"]))
 
 
+def _graph(tmp_path: Path, inputs: dict[str, list[int | str]], outputs: dict[str, tuple[list[int | str], int]]) -> Path:
+    """A model of Casts of its first input: only the names, dtypes and shapes of its tensors matter here."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    first = next(iter(inputs))
+    nodes = [helper.make_node("Cast", [first], [name], to=dtype) for name, (_, dtype) in outputs.items()]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info(n, d, s) for n, (s, d) in outputs.items()])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_the_manifest_is_checked_against_what_the_runtime_will_feed_and_read(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Each of these verified OK and then every frame was skipped, or gave wrong results (a review bringing
+    its own models): a second model input, a post-processing output name the model lacks, a CenterNet stride
+    its fixed shapes rule out (stride 8 on a stride-4 head: no findings), a float16 output named float32."""
+    from onnx import TensorProto
+
+    from edge_runtime.errors import ConfigError
+    from export.cli import _check_processing
+
+    f32 = TensorProto.FLOAT
+    head = {"heatmap": ([1, 2, 32, 32], f32), "size": ([1, 2, 32, 32], f32), "offset": ([1, 2, 32, 32], f32)}
+    det = {"inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, 128, 128]}],
+           "outputs": [{"name": n, "dtype": "float32", "shape": s} for n, (s, _) in head.items()],
+           "preprocess": {"resize": {"mode": "letterbox", "size": [128, 128]}},
+           "postprocess": {"type": "centernet", "stride": 4, "classes": ["a", "b"]}}
+    model = _graph(tmp_path, {"image": [1, 1, 128, 128]}, head)
+    _check_processing(det, model)  # as made: fine
+    for change, match in (({"stride": 8}, r"postprocess.stride 8: expected input / heatmap size, \[4.0, 4.0\]"),
+                          ({"outputs": {"heatmap": "hm"}}, r"output names among the model's outputs .* found \['hm'\]")):
+        with pytest.raises(ConfigError, match=match):
+            _check_processing({**det, "postprocess": {**det["postprocess"], **change}}, model)
+    two = _graph(tmp_path, {"image": [1, 1, 128, 128], "prior": [1, 1, 128, 128]}, head)
+    with pytest.raises(ConfigError, match=r"one image input .* found \"inputs \['image', 'prior'\]"):
+        _check_processing(det, two)
+    enh = {"inputs": [{"name": "image", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+           "outputs": [{"name": "enhanced", "dtype": "float32", "shape": [1, 1, "H", "W"]}],
+           "preprocess": {}, "postprocess": {"type": "enhance", "output": "enhanced"}}
+    half = _graph(tmp_path, {"image": [1, 1, "H", "W"]}, {"enhanced": ([1, 1, "H", "W"], TensorProto.FLOAT16)})
+    with pytest.raises(ConfigError, match=r"manifest outputs 'enhanced': expected the model's dtype float16"):
+        _check_processing(enh, half)
+    fixed = _graph(tmp_path, {"image": [1, 1, 64, 64]}, {"enhanced": ([1, 1, 64, 64], f32)})
+    capsys.readouterr()
+    _check_processing({**enh, "inputs": [{**enh["inputs"][0], "shape": [1, 1, 64, 64]}],
+                       "outputs": [{**enh["outputs"][0], "shape": [1, 1, 64, 64]}]}, fixed)
+    assert "fixed at 64x64 and preprocess.resize mode is none: frames of any other size" in capsys.readouterr().err
+
+
 def test_verify_fails_on_an_unlisted_file(bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (bundle / "extra.onnx").write_bytes(b"\x08\x07")
     assert _cli(["verify", str(bundle)]) == 1
