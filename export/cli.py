@@ -195,10 +195,12 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from .lint import refuse_external_data
     from .quantize import FORM_TARGETS, quantize_int8, stamp_source, to_fp16
 
     if not Path(args.model).is_file():
         raise ConfigError(expected("an existing ONNX model to quantise", args.model))
+    refuse_external_data(args.model, "the model to quantise")
     written = [Path(args.out), *([Path(args.record)] if args.record else [])]
     inside = [str(w) for w in written if _in_bundle(w)]
     if inside:  # it overwrote a bundle's int8.onnx and calibration.json, and the bundle no longer verified
@@ -319,12 +321,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import sha256_file
 
     from . import validate as V
+    from .lint import refuse_external_data
     from .quantize import stamp_source
 
     manifest = _manifest(args)
     fp32 = args.fp32 or (str(Path(args.bundle) / "fp32.onnx") if args.bundle else None)
     if not fp32:
         raise ConfigError(expected("--fp32 MODEL (or --bundle DIR holding fp32.onnx)", "none"))
+    refuse_external_data(fp32, "--fp32")
     cands = {}
     for c in args.candidate:
         precision, _, path = c.partition("=")
@@ -530,6 +534,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle, sha256_file
 
     from .bundle_write import named_as, staged, write_archive, write_bundle
+    from .lint import refuse_external_data
     from .quantize import PROVENANCE_HINT, stamped_source
 
     manifest = _read_json(args.manifest, "--manifest")
@@ -541,6 +546,9 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     missing += [extra for extra in [*args.add, *args.engine] if not Path(extra).is_file()]
     if missing:
         raise ConfigError(expected("existing files to bundle", missing))
+    for name, src in files.items():
+        if src and name.endswith(".onnx"):
+            refuse_external_data(src, f"--{name[:-5].replace('_', '-')}")
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
     listed = manifest.get("files")
@@ -646,8 +654,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle
 
     from .bundle_write import unpack_archive
+    from .lint import refuse_external_data
 
     def check(b: Bundle) -> tuple[str, str, int]:
+        for a in b.artifacts:
+            if a.kind == "onnx":
+                refuse_external_data(b.file(a.file), f"bundle {b.name!r}: {a.file}")
         _check_processing(b.manifest, b.file(b.artifact("fp32").file))
         return b.name, b.sha256, len(b.manifest["files"])
 

@@ -428,6 +428,31 @@ def _check_cpu_int8(model: Any, g: _Graph, findings: list[Finding]) -> None:
     findings.append(Finding("warn" if cpu_form else "info", "cpu-int8-range", text))
 
 
+def external_data(model: Any) -> list[str]:
+    """The files an ONNX model (loaded without its external data) keeps tensors in, sorted."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    return sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)})
+
+
+ONE_FILE = ("an ONNX model in one file (weights inside: bundle format 1 lists, hashes and copies one file per "
+            "model; onnx.save(onnx.load(PATH), OUT) writes it so, up to 2 GiB)")
+
+
+def refuse_external_data(path: str | os.PathLike[str], what: str) -> None:
+    """ExportError when ``path`` keeps weights in other files: `export bundle` copied only the graph
+    (the bundle verified OK, then FP32 could not load), and the sha256 that ties FP16/INT8 files and gate
+    reports to their FP32 covered the graph only (new weights passed with the old INT8 and verdict)."""
+    import onnx
+
+    try:
+        files = external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:  # noqa: BLE001 - not readable: the step that reads it says so
+        return
+    if files:
+        raise ExportError(f"{what}: " + expected(ONE_FILE, f"weights in {files[:3]}"))
+
+
 def check_model(path: str | os.PathLike[str], *, profile: Profile | None = None,
                 device: Mapping[str, Any] | Any | None = None, dla: int | None = None) -> LintReport:
     """Check ``path`` and lint it for TensorRT. ``dla`` overrides the device config's DLA core count."""
@@ -441,6 +466,9 @@ def check_model(path: str | os.PathLike[str], *, profile: Profile | None = None,
     except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for a corrupt file
         raise ExportError(f"{p}: not a readable ONNX model ({exc})") from None
     findings: list[Finding] = []
+    outside = external_data(onnx.load(str(p), load_external_data=False))
+    if outside:
+        findings.append(Finding("error", "external-data", expected(ONE_FILE, f"weights in {outside[:3]}")))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     inferred = _check_structure(model, str(p), findings)
     g = _Graph(inferred)

@@ -670,3 +670,36 @@ def test_a_refused_manifest_is_named_by_the_bundle_not_its_working_copy(tmp_path
             _cli(["bundle", "--manifest", str(tmp_path / "m.json"), "--out", str(out),
                   "--fp32", str(shipped.file("fp32.onnx"))])
         assert str(err.value).startswith(f"{out / 'manifest.json'}: "), str(err.value)
+
+
+def test_a_model_with_external_data_is_refused_by_every_step(tmp_path: Path, bundle: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Weights saved beside the graph (onnx.save(..., save_as_external_data=True)): `export bundle` copied
+    the graph only and verify said OK, then FP32 could not load; and the sha256 tying INT8 files and gate
+    reports to their FP32 covered the graph only, so new weights passed with the old INT8 and verdict."""
+    import onnx
+
+    from edge_runtime.errors import ExportError
+    from export.lint import check_model
+
+    ext = tmp_path / "ext" / "fp32.onnx"
+    ext.parent.mkdir()
+    onnx.save(onnx.load(str(bundle / "fp32.onnx")), str(ext), save_as_external_data=True,
+              location="fp32.onnx.data", size_threshold=0)
+    assert (ext.parent / "fp32.onnx.data").is_file()
+    why = r"an ONNX model in one file .* found \"weights in \['fp32.onnx.data'\]\""
+    with pytest.raises(ExportError, match=why):
+        _cli(["quantize", str(ext), "--precision", "fp16", "--out", str(tmp_path / "fp16.onnx")])
+    with pytest.raises(ExportError, match=why):
+        _cli(["bundle", "--manifest", str(bundle / "manifest.json"), "--out", str(tmp_path / "b"), "--fp32", str(ext)])
+    assert not (tmp_path / "b").exists()
+    assert [f.rule for f in check_model(ext).findings if f.severity == "error"][:1] == ["external-data"]
+    # A bundle assembled by hand with both files verifies its hashes, and `export verify` refuses it.
+    (bundle / "fp32.onnx").write_bytes(ext.read_bytes())
+    (bundle / "fp32.onnx.data").write_bytes((ext.parent / "fp32.onnx.data").read_bytes())
+    (bundle / "fp16.onnx").unlink()
+    m = json.loads((bundle / "manifest.json").read_text())
+    write_bundle(bundle, {**m, "artifacts": [a for a in m["artifacts"] if a["file"] == "fp32.onnx"]})
+    capsys.readouterr()
+    assert _cli(["verify", str(bundle)]) == 1
+    assert "fp32.onnx: expected an ONNX model in one file" in capsys.readouterr().out
