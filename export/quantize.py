@@ -227,6 +227,17 @@ def _node_names(path: str | os.PathLike[str]) -> set[str]:
     return {n.name for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
+def _splits_after(path: str | os.PathLike[str], in_float: Sequence[str]) -> list[str]:
+    """Split nodes reading an output of a node kept in float. ORT quantises a Split on its own (it is
+    in its QDQ registry), so the merged CenterNet heads (one Conv + Split, merge_sibling_convs) kept
+    their outputs in int8 with every node "kept in float": sizes off by 1.5 px, a repair never passing."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    made_by = {o: n.name for n in graph.node for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "Split" and made_by.get(n.input[0]) in set(in_float)]
+
+
 def _drop_unused_initializers(graph: Any) -> None:
     """Remove the initializers no node reads any more (after a rewrite replaced their readers)."""
     used = {i for n in graph.node for i in n.input}
@@ -765,6 +776,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
             model_in = Path(tmp) / "up.onnx"
         for_speed = [n for n in single_channel_convs(model_in) if n not in nodes_to_exclude] \
             if float_single_channel_convs else []
+        follow = _splits_after(model_in, nodes_to_exclude)  # implied by the nodes kept in float
         # ONNX Runtime skips names it does not find without a word: the node would be quantised while the
         # manifest records it as kept in float (a typo, or a name from another graph).
         unknown = sorted(set(nodes_to_exclude) - _node_names(model_in))
@@ -776,7 +788,7 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str], read
             quantize_static(str(model_in), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8 if cpu else QuantType.QInt8,
                             weight_type=QuantType.QInt8, per_channel=per_channel, reduce_range=cpu,
-                            calibrate_method=cal, nodes_to_exclude=[*nodes_to_exclude, *for_speed],
+                            calibrate_method=cal, nodes_to_exclude=[*nodes_to_exclude, *for_speed, *follow],
                             op_types_to_quantize=list(op_types_to_quantize) if op_types_to_quantize else None,
                             extra_options=extra, calibration_cache_path=str(cache_path) if cache_path else None)
         except (ValueError, RuntimeError) as exc:
