@@ -562,6 +562,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                 | _targets(name)
             if name == "fp32.onnx":
                 continue
+            _check_int8_form(name, src)
             made_from = stamped_source(src)
             if not made_from and template_files.get(name) == sha256_file(src):
                 # the template's own file (a shipped bundle's, written by `export reference`): its record says
@@ -760,6 +761,22 @@ def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> list[int | Non
             raise ConfigError(f"postprocess.stride {post.stride}: " + expected(
                 f"input / heatmap size, {[a / b for a, b in sides]}", post.stride))
     return in_dims
+
+
+def _check_int8_form(name: str, src: str) -> None:
+    """--int8 takes the TensorRT form (int8 activations), --int8-cpu the CPU form (uint8): the CPU form
+    given as --int8 was bundled as a TensorRT artefact, which TensorRT refuses (asymmetric Q/DQ)."""
+    from .quantize import qdq_summary
+
+    forms = {"int8.onnx": ("int8", "the TensorRT form", "--int8"), "int8_cpu.onnx": ("uint8", "the CPU form", "--int8-cpu")}
+    if name not in forms:
+        return
+    found = set(qdq_summary(src)["activation_zero_point_types"])
+    want, form, flag = forms[name]
+    if found and found != {want}:
+        other = next((f"{w} activations, {fm}: give it as {fl}" for w, fm, fl in forms.values() if {w} == found),
+                     f"{sorted(found)} activations")
+        raise ConfigError(f"{flag}: " + expected(f"{form} ({want} activations)", other))
 
 
 def _targets(file: str) -> dict[str, Any]:

@@ -703,3 +703,18 @@ def test_a_model_with_external_data_is_refused_by_every_step(tmp_path: Path, bun
     capsys.readouterr()
     assert _cli(["verify", str(bundle)]) == 1
     assert "fp32.onnx: expected an ONNX model in one file" in capsys.readouterr().out
+
+
+def test_an_int8_file_given_for_the_other_form_is_refused(tmp_path: Path) -> None:
+    """The CPU form (uint8 activations) given as --int8 was bundled as a TensorRT artefact, which
+    TensorRT refuses (asymmetric Q/DQ); verify said OK (a review)."""
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.runtime import reference_bundles
+
+    shipped = Bundle.load(reference_bundles()["us-lesion-det"])
+    for flag, file, match in (("--int8", "int8_cpu.onnx", "--int8: expected the TensorRT form .* give it as --int8-cpu"),
+                              ("--int8-cpu", "int8.onnx", "--int8-cpu: expected the CPU form .* give it as --int8")):
+        with pytest.raises(ConfigError, match=match):
+            _cli(["bundle", "--manifest", str(shipped.path / "manifest.json"), "--out", str(tmp_path / "b"),
+                  "--fp32", str(shipped.file("fp32.onnx")), flag, str(shipped.file(file))])
+    assert not (tmp_path / "b").exists()
