@@ -605,6 +605,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
         _check_calibration_record(rec, manifest)
+        judged = set((_read_json(args.validation, "--validation") if args.validation else {}).get("frame_sha256") or [])
+        shared = judged & set(rec.get("frame_sha256") or [])
+        if shared:  # quantize checked overlap only with its own --val-source (phantoms by default)
+            raise ConfigError("--calibration: " + expected(
+                "calibration frames none of which the gate (--validation) judged by",
+                f"{len(shared)} of its {len(rec.get('frame_sha256') or [])} frames among them"))
         manifest["calibration"] = {k: rec.get(k) for k in ("frames", "source", "sha256", "method", "min_frames")} \
             | {"file": "calibration.json"}
 

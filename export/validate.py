@@ -383,6 +383,8 @@ class ValidationReport:
     fp32_threads: int = 2  # ... and the FP32 reference (computed separately when validate() is given ``ref``)
     backends: list[str] = field(default_factory=list)  # what ran the models (backend_name of each file)
     fp32_sha256: str = ""  # the FP32 file the candidates were judged against (bundling checks it)
+    # frames judged and their clean references: `export bundle` refuses a calibration that used any
+    frame_sha256: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -409,6 +411,7 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         return {"format": REPORT_FORMAT, "version": 1, "model": self.model, "task": self.task,
                 "frames": self.frames, "source": self.source, "validation_set_sha256": self.validation_set_sha256,
+                "frame_sha256": sorted(self.frame_sha256),
                 **({"ground_truth_sha256": self.ground_truth_sha256} if self.ground_truth_sha256 else {}),
                 "tolerances": self.tolerances, "tolerance_source": self.tolerance_source,
                 "gated_metrics": list(GATED[self.task]), "passed": self.passed,
@@ -569,7 +572,7 @@ def validate(manifest: Mapping[str, Any], fp32: str | os.PathLike[str],
     report = ValidationReport(str(manifest.get("name", "")), manifest["task"], evalset.source, len(evalset.frames),
                               tol, ref.metrics, ref.ms_per_frame,
                               validation_set_sha256=set_sha256(evalset.frame_hashes),
-                              ground_truth_sha256=evalset.truth_sha256,
+                              ground_truth_sha256=evalset.truth_sha256, frame_sha256=evalset.exclude_hashes,
                               tolerance_source={m: "manifest" if m in given and tolerances is None else
                                                 "caller" if tolerances is not None else "default" for m in tol},
                               threads=threads, fp32_threads=ref.threads,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -305,7 +306,8 @@ def _report(files: dict[str, bool]) -> dict[str, object]:
             "passed": all(files.values()), "candidates": [{"file": f, "passed": ok} for f, ok in files.items()]}
 
 
-def _bundle_with_report(tmp_path: Path, report: dict[str, object] | None, template_passed: bool = True) -> int:
+def _bundle_with_report(tmp_path: Path, report: dict[str, object] | None, template_passed: bool = True,
+                        extra: Sequence[str] = ()) -> int:
     blur_model(tmp_path / "model.onnx")
     to_fp16(tmp_path / "model.onnx", tmp_path / "fp16.onnx")
     m = blur_manifest()
@@ -317,7 +319,7 @@ def _bundle_with_report(tmp_path: Path, report: dict[str, object] | None, templa
     if report is not None:
         (tmp_path / "validation.json").write_text(json.dumps(report))
         argv += ["--validation", str(tmp_path / "validation.json")]
-    return _cli(argv)
+    return _cli([*argv, *extra])
 
 
 def test_bundle_gate_record_comes_from_the_report_not_the_template(tmp_path: Path) -> None:
@@ -373,6 +375,27 @@ def test_bundle_refuses_another_models_calibration_and_a_name_with_a_slash(tmp_p
     (tmp_path / "m.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="no '/'"):
         _cli([*base[:4], str(tmp_path / "out2"), *base[5:-2]])  # no calibration record
+
+
+def test_bundle_refuses_a_calibration_sharing_frames_with_the_gate(tmp_path: Path) -> None:
+    """`export quantize` checks calibration against its own --val-source (phantoms by default), so an INT8
+    calibrated on the very frames `export validate --source` then judged it by was bundled, its record
+    saying "validation_overlap 0" (a review). The report now lists the frames judged; bundle compares."""
+    from edge_runtime.errors import ConfigError
+
+    record = {"format": "edge-runtime-calibration", "model": "xr-blur", "modality": ["DX"], "bits_stored": [12],
+              "frames": 3, "source": "(a folder)", "sha256": "0" * 64, "method": "minmax", "min_frames": 3,
+              "frame_sha256": ["a" * 64, "b" * 64, "c" * 64]}
+    (tmp_path / "calibration.json").write_text(json.dumps(record))
+    for judged, ok in ((["d" * 64], True), (["b" * 64, "e" * 64], False)):
+        report = {**_report({"fp16.onnx": True}), "frame_sha256": judged}
+        (tmp_path / "validation.json").write_text(json.dumps(report))
+        argv = ["--calibration", str(tmp_path / "calibration.json"), "--validation", str(tmp_path / "validation.json")]
+        if ok:
+            assert _bundle_with_report(tmp_path, None, extra=argv) == 0
+        else:
+            with pytest.raises(ConfigError, match="none of which the gate .* found '1 of its 3 frames among them'"):
+                _bundle_with_report(tmp_path, None, extra=argv)
 
 
 def test_quantize_refuses_to_write_into_a_bundle(bundle: Path) -> None:

@@ -50,6 +50,7 @@ def test_gate_passes_for_fp16_and_int8_of_a_sound_model(tmp_path: Path, evalset:
     data = json.loads(report.write(tmp_path / "validation.json").read_text())
     assert data["passed"] and data["tolerances"] == {"psnr_db": 0.3, "ssim": 0.01}
     assert data["validation_set_sha256"] == C.set_sha256(evalset.frame_hashes)
+    assert data["frame_sha256"] == sorted(evalset.exclude_hashes)  # `export bundle` checks calibration against it
 
 
 def test_gate_fails_on_damaged_weights_with_a_readable_report(tmp_path: Path, evalset: V.EvalSet) -> None:
