@@ -1,10 +1,10 @@
-"""Pseudonyms for file and folder names: a keyed hash, so that a stream id cannot be turned back into
-the name it came from (names are often an MRN or accession number: an unkeyed SHA-256 of six digits
+"""Pseudonyms for file and folder paths: a keyed hash, so that a stream id cannot be turned back into
+the path it came from (names are often an MRN or accession number: an unkeyed SHA-256 of six digits
 is reversed by trying all 10^6 in about a second).
 
 The key is 32 random bytes per install, in ``$EDGE_RUNTIME_PSEUDONYM_KEY`` (a file path), else
 ``$XDG_CONFIG_HOME/edge-runtime/pseudonym.key`` (default ``~/.config/...``), created mode 0600 on
-first use. The same name gives the same pseudonym on one install (results of one cart can be joined
+first use. The same path gives the same pseudonym on one install (results of one cart can be joined
 across runs) and a different one on another. Where the key cannot be created (read-only home on a
 cart: point the variable at a writable partition) a random key is used for this process only, with
 a warning: ids then differ from run to run.

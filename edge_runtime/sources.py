@@ -49,6 +49,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -127,10 +128,16 @@ def safe_stream_id(name: str) -> str:
     return f"{_STREAM_ID_BAD.sub('_', name)[:55]}-{digest}"
 
 
+def _where(path: Path) -> str:
+    """What a file source's pseudonym is of: its absolute path. Its name alone gave two patients'
+    IM000001.dcm (or SERIES1 folders) one stream id, and so one set of result and video file names."""
+    return os.fspath(path.resolve())
+
+
 def _stream_id(given: str | None, name: str, kind: str | None = None) -> str:
-    """The caller's stream id (checked), else one derived from the source name: for a file source
-    (``kind`` "video", "images" or "dicom") a pseudonym, kind + 12 hex digits of a keyed hash of the
-    name (edge_runtime.pseudonym: not reversible without this install's key), because file and
+    """The caller's stream id (checked), else one derived from the source: for a file source (``kind``
+    "video", "images" or "dicom") a pseudonym, kind + 12 hex digits of a keyed hash of its absolute
+    path (edge_runtime.pseudonym: not reversible without this install's key), because file and
     folder names can carry patient identifiers and the id travels in every header, recording, video
     file name and log line; for cameras and phantoms the (safe) name itself."""
     if given is None or given == "":
@@ -281,7 +288,7 @@ class VideoSource(_CaptureSource):
         if not self.path.is_file():
             raise InputError(expected("an existing video file", "none at the path given"))
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name, "video")
+        self.stream_id = _stream_id(stream_id, _where(self.path), "video")
         cap = self._open()
         native = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
@@ -382,7 +389,7 @@ class ImageFolderSource(Source):
         self.fps = _check_fps(fps)
         self.pixel_spacing = _check_spacing(pixel_spacing)
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name, "images")
+        self.stream_id = _stream_id(stream_id, _where(self.path), "images")
         # a multi-page TIFF holds more frames than one
         self.n_frames = None if any(f.suffix.lower() in (".tif", ".tiff") for f in self.files) else len(self.files)
 
@@ -929,7 +936,7 @@ class DicomSource(Source):
         self.transfer_syntax = str(getattr(ds.file_meta.TransferSyntaxUID, "name", ds.file_meta.TransferSyntaxUID))
         self.n_frames = self._first.n_frames if len(self.files) == 1 else None
         self.name = self.path.name
-        self.stream_id = _stream_id(stream_id, self.name, "dicom")
+        self.stream_id = _stream_id(stream_id, _where(self.path), "dicom")
         # Not named: a DICOM file or folder name can be a patient identifier.
         log.info("DICOM: %d file(s), %s, %s frame(s) in the first, %s", len(self.files),
                  self.transfer_syntax, self._first.n_frames, f"{self.fps:.1f} fps" if self.fps else "no frame rate")

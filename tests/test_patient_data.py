@@ -263,3 +263,17 @@ def test_pydicom_never_quotes_an_element_value(tmp_path: Path, monkeypatch: pyte
     shown = capfd.readouterr()
     text = caplog.text + shown.out + shown.err + " ".join(str(w.message) for w in caught)
     assert "LEAK" not in text, text
+
+
+def test_two_patients_files_of_one_name_get_two_stream_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scanner exports name every patient's files alike: two patients' IM000001.dcm (and SERIES1 folders)
+    got one stream id, so one set of result, PNG and video names (a privacy review). The pseudonym is
+    now of the absolute path: stable for one file, distinct for two."""
+    monkeypatch.setenv(pseudonym.ENV_VAR, str(tmp_path / "pseudonym.key"))
+    ids = {}
+    for patient in ("A", "B"):
+        (tmp_path / patient / "SERIES1").mkdir(parents=True)
+        path = write_dicom(tmp_path / patient / "SERIES1" / "IM000001.dcm", np.zeros((8, 8), np.uint8))
+        ids[patient] = (DicomSource(path).stream_id, open_source(path.parent).stream_id)
+        assert ids[patient] == (DicomSource(path).stream_id, open_source(path.parent).stream_id)
+    assert len({*ids["A"], *ids["B"]}) == 4, ids
