@@ -47,6 +47,21 @@ def private_file(path: str | os.PathLike[str]) -> Path:
     return Path(path)
 
 
+def _create(tmp: Path) -> int:
+    """A new temporary file, never through a link planted in a shared folder (O_EXCL refuses one,
+    O_NOFOLLOW too); a regular file of that name is what a write killed midway left: replaced."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(tmp, flags, FILE_MODE)
+    except FileExistsError:
+        if tmp.is_symlink() or not tmp.is_file():  # the message names no file: a name can identify a patient
+            raise ConfigError(expected("an image's temporary file (.NAME.partial) absent or a regular file",
+                                       "a symbolic link or a special file (refused: the image would go wherever "
+                                       "it points)")) from None
+        tmp.unlink()
+        return os.open(tmp, flags, FILE_MODE)
+
+
 def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     """Encode ``image`` by its suffix and write it 0640, through a temporary file and a rename, so a
     reader never sees half a PNG."""
@@ -55,7 +70,7 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     if not ok:
         raise InputError(expected(f"an image OpenCV can encode as {out.suffix}", f"{image.dtype} {image.shape}"))
     tmp = out.with_name(f".{out.name}.partial")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    fd = _create(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.tobytes())

@@ -259,3 +259,39 @@ def test_a_send_only_socket_refuses_a_huge_subscription() -> None:
         assert got["plain"] > 0 and got["huge"] == 0, got
     finally:
         ctx.destroy(linger=0)
+
+
+def test_each_allow_list_has_its_own_zap_domain(tmp_path: Path) -> None:
+    """One ZAP authenticator serves every socket of a context, and it was configured for domain "*":
+    the last allow-list loaded served all of them, so the public endpoint's integrator keys opened
+    the internal channels (or the run's own keys replaced the integrators' and they were refused)."""
+    import zmq
+
+    ours, theirs = tmp_path / "run", tmp_path / "public"
+    for d, client in ((ours, "client"), (theirs, "viewer")):
+        security.generate_keys(d, "server")
+        security.generate_keys(d, client, allow=True)
+    ctx = zmq.Context()
+    try:
+        servers = {}
+        for d in (ours, theirs):
+            servers[d] = ctx.socket(zmq.PULL)
+            servers[d].linger = 0
+            security.bind(servers[d], "tcp://127.0.0.1:*", SecurityConfig.from_keys_dir(d, curve_on_loopback=True))
+
+        def delivered(server: Path, client: Path) -> bool:
+            with ctx.socket(zmq.PUSH) as push:
+                push.linger = 0
+                security.configure_client(push, client, server / "server.key")
+                push.connect(servers[server].last_endpoint.decode())
+                push.send(b"hello")
+                return servers[server].poll(1000) != 0 and servers[server].recv() == b"hello"
+
+        assert delivered(theirs, theirs / "viewer.key_secret")
+        assert delivered(ours, ours / "client.key_secret")
+        # the other list's key, even with the right server key: refused by that socket's own domain
+        assert not delivered(ours, theirs / "viewer.key_secret")
+        assert not delivered(theirs, ours / "client.key_secret")
+    finally:
+        security.stop_authenticator(ctx)
+        ctx.destroy(linger=0)

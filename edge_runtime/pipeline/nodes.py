@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -937,6 +937,17 @@ class WorkerNode:
 # --------------------------------------------------------------------------- hub (first sink)
 
 
+def without_input(h: dict[str, Any], payload: Sequence[Any]) -> list[Any] | None:
+    """A result for the public (--bind) PUB: without its ``input`` part, the raw frame attached for the
+    pipeline's own sinks (video, viewer). Integrators get results, never the patient's images as
+    captured. None when the result carries no input part."""
+    descs = h.get("parts") or []
+    keep = [i for i, d in enumerate(descs) if d["name"] != "input"]
+    if len(keep) == len(descs):
+        return None
+    return [protocol.encode_header({**h, "parts": [descs[i] for i in keep]}), *(payload[i] for i in keep)]
+
+
 @dataclass
 class HubNode:
     """Collects results/stats/events from every node, stamps sink_recv, aggregates Stats, fans out.
@@ -954,7 +965,8 @@ class HubNode:
     endpoints: Endpoints
     settings: NodeSettings = field(default_factory=NodeSettings)
     record: bool = False
-    public_endpoint: str | None = None  # an extra PUB for integrators, e.g. tcp://0.0.0.0:5555 (CURVE)
+    # An extra PUB for integrators, e.g. tcp://0.0.0.0:5555 (CURVE); results without their input part
+    public_endpoint: str | None = None
     keep_results: int = 10000  # result summaries kept for the PipelineReport
     backlog: int = 20000
     backlog_bytes: int = 256 << 20
@@ -1063,10 +1075,12 @@ class HubNode:
                 held -= size
                 self.results_recorded += was_result
 
-        def publish(topic: str, parts: list[Any]) -> None:
-            for pub in pubs:
+        def publish(topic: str, parts: list[Any], public: list[Any] | None = None) -> None:
+            """``public``: what the --bind PUB gets instead of ``parts`` (None: the same)."""
+            for i, pub in enumerate(pubs):
                 try:
-                    protocol.send(pub, [topic.encode(), *parts], zmq.NOBLOCK)
+                    body = parts if i == 0 or public is None else public
+                    protocol.send(pub, [topic.encode(), *body], zmq.NOBLOCK)
                 except zmq.Again:
                     pass
             to_recorder(parts, topic.startswith("result"))
@@ -1105,7 +1119,8 @@ class HubNode:
                     self.stats.add(r.stream_id, r.seq, r.stamps, r.timings_ms, r.provenance)
                     self.summaries.append({"stream": r.stream_id, "seq": r.seq, "worker": h.get("worker", ""),
                                            "stamps": dict(r.stamps), "detections": len(r.detections)})
-                publish(f"result/{r.stream_id}", [protocol.encode_header(h), *msg[1:]])
+                publish(f"result/{r.stream_id}", [protocol.encode_header(h), *msg[1:]],
+                        without_input(h, msg[1:]) if len(pubs) > 1 else None)
             elif m.type == "stats":  # a node's cumulative counters
                 with self.lock:
                     if h["node"] not in self.nodes and len(self.nodes) >= MAX_NODES and not self._retire_silent():

@@ -21,6 +21,7 @@ the durable record.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import InputError, expected
+from ..errors import ConfigError, InputError, expected
 from ..outputs import FILE_MODE, file_stem, private_dir
 from . import protocol
 from .nodes import (
@@ -60,7 +61,13 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike, fsync_every: int = 50, fsync_interval_s: float = 1.0) -> None:
         self.path = Path(path)
         private_dir(self.path.parent)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        try:  # O_NOFOLLOW: a link planted in a shared record folder would take the results elsewhere
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, FILE_MODE)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(expected(f"{self.path.name} in the record folder as a regular file",
+                                       "a symbolic link (refused: the results would go wherever it points)")) from None
         if _ends_torn(self.path):  # a power cut mid-line last time: end that fragment before appending
             os.write(self.fd, b"\n")
         self.fsync_every = fsync_every

@@ -17,6 +17,7 @@ This module is also the ``keys`` CLI group.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import logging
 import os
@@ -144,18 +145,27 @@ _AUTH: dict[int, ThreadAuthenticator] = {}
 _AUTH_LOCK = threading.Lock()
 
 
-def ensure_authenticator(ctx: zmq.Context, allowed_dir: Path) -> ThreadAuthenticator:
+def zap_domain(allowed_dir: Path) -> str:
+    """The ZAP domain of one allow-list. Sockets of a context share its authenticator: with a single
+    domain the last allow-list configured served them all, and an integrator's subscriber key opened
+    the internal channels (the run's own keys) too, or the reverse."""
+    return "edge-" + hashlib.sha256(os.fsencode(Path(allowed_dir).resolve())).hexdigest()[:16]
+
+
+def ensure_authenticator(ctx: zmq.Context, allowed_dir: Path) -> str:
+    """Start the context's authenticator if needed, load ``allowed_dir``; returns its ZAP domain."""
     allowed = Path(allowed_dir)
     if not allowed.is_dir() or not any(allowed.glob("*.key")):
         raise ConfigError(expected(f"client public keys (*.key) in {allowed}", "none"))
+    domain = zap_domain(allowed)
     with _AUTH_LOCK:
         auth = _AUTH.get(id(ctx))
         if auth is None:
             auth = ThreadAuthenticator(ctx, log=logging.getLogger("edge_runtime.pipeline.zap"))
             auth.start()
             _AUTH[id(ctx)] = auth
-        auth.configure_curve(domain="*", location=str(allowed))
-        return auth
+        auth.configure_curve(domain=domain, location=str(allowed))
+    return domain
 
 
 def stop_authenticator(ctx: zmq.Context) -> None:
@@ -171,7 +181,7 @@ def configure_server(sock: zmq.Socket, security: SecurityConfig) -> None:
     public, secret = _load_pair(security.server_secret, "server secret")
     if secret is None:
         raise ConfigError(expected("a secret key (.key_secret file)", str(security.server_secret)))
-    ensure_authenticator(sock.context, security.allowed_dir)
+    sock.zap_domain = ensure_authenticator(sock.context, security.allowed_dir).encode()
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
@@ -225,7 +235,16 @@ def bind(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> No
     """Bind after the loopback/CURVE policy check; CURVE server options are set before bind."""
     if wants_curve(endpoint, security):
         configure_server(sock, security)  # type: ignore[arg-type]
+    elif endpoint.startswith("tcp://") and is_local_endpoint(endpoint):
+        # Said here, once per bind (wants_curve also runs as an early check).
+        log.warning("%s has no CURVE keys: any local account can connect to it (and subscribe to the results: "
+                    "patient data). Bind ipc:///PATH in a folder only this user can open, or give --keys DIR.",
+                    endpoint)
     _attach(sock, endpoint, "bind")
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # ipc://* binds a path libzmq picks
+    if bound.startswith("ipc://") and not bound.startswith("ipc://@"):
+        # The socket file gets its mode from the umask (0777 under umask 000): owner only.
+        os.chmod(bound[len("ipc://"):], 0o600)
 
 
 def connect(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> None:

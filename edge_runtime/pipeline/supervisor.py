@@ -55,7 +55,7 @@ from .nodes import (
     WorkerNode,
     open_socket,
 )
-from .recorder import RESULTS_FILE, RecorderNode, new_run_id
+from .recorder import RESULTS_FILE, JsonlWriter, RecorderNode, new_run_id
 from .security import SecurityConfig
 from .viewer import ViewerNode
 
@@ -443,14 +443,9 @@ class Supervisor:
     def _internal_tcp_security(self, given: SecurityConfig | None) -> SecurityConfig:
         """CURVE on the internal channels when they run over tcp: unlike ipc in a 0700 folder, a
         loopback port is open to every local user, who could pose as a worker and be sent the frames,
-        or inject results. The user's keys when they include a client key, else a key pair made for
-        this run in a private temporary folder (removed at the end)."""
-        if given is not None and given.can_serve_curve:
-            if given.client_secret is None or given.server_public is None:
-                raise ConfigError(expected(
-                    "a client key in the --keys folder for --transport tcp (edge-runtime keys generate DIR "
-                    "--name client --allow)", "none"))
-            return dataclasses.replace(given, curve_on_loopback=True)
+        or inject results. Always a key pair made for this run in a private temporary folder (removed
+        at the end), never the --keys folder: every key its allowed/ list holds (an integrator's
+        subscriber key) would open these channels too."""
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="edge-")
         keys = Path(self._tmp.name) / "keys"
@@ -464,6 +459,8 @@ class Supervisor:
         check = getattr(self.make_processor, "check", None)  # e.g. RuntimeProcessor: bundles and device
         if callable(check):
             check()
+        if c.record_dir is not None:  # a refused results.jsonl (a planted link): said now, not by a recorder's crashes
+            JsonlWriter(Path(c.record_dir) / RESULTS_FILE).close()
         s = c.settings
         if c.shared_memory:
             left = protocol.sweep_dead_owners()
@@ -674,15 +671,14 @@ class Supervisor:
                         "loses what was queued for it)", lost)
             # Said in the recording too: its last stats line (sent before the recorder was gone) showed
             # neither the loss nor the right count, and the file is what outlives the run.
-            from .recorder import JsonlWriter
-
             try:
                 out = JsonlWriter(path)
                 out.write({"type": "event", "event": "recorder_lost", "node": "supervisor", "run_id": self.run_id,
                            "t_ns": time.monotonic_ns(), "results_lost": lost, "results_recorded": written})
                 out.close()
-            except OSError as exc:
-                log.warning("could not add the recorder_lost line to the recording: %s", exc.strerror or exc)
+            except (OSError, ConfigError) as exc:  # ConfigError: results.jsonl became a symbolic link
+                log.warning("could not add the recorder_lost line to the recording: %s",
+                            getattr(exc, "strerror", None) or exc)
 
     # -- control
 
