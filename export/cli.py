@@ -222,7 +222,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     res = quantize_int8(args.model, args.out, cal.reader(_bar(len(cal), "calibrate", not args.no_progress)),
                         method=method, nodes_to_exclude=_csv(args.exclude_nodes),
                         op_types_to_quantize=_csv(args.op_types) or None, form=args.form)
-    stamp_source(res.path, args.model)
+    stamp_source(res.path, args.model, cal.sha256)
     record = cal.record(method=method, min_frames=args.min_frames, validation_sha256=_set_sha(val))
     Path(args.record or Path(args.out).with_name("calibration.json")).write_text(json.dumps(record, indent=2) + "\n")
     zp = "zero points all 0" if args.form == "tensorrt" else \
@@ -374,7 +374,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 rr.report.file = out.name  # never the repair's temporary file (deleted with its folder)
                 if rr.report.passed:
                     shutil.copyfile(rr.path, out)
-                    stamp_source(out, fp32)
+                    stamp_source(out, fp32, cal.sha256)
                     # the verdict is matched to the file by sha256 (export bundle, the runtime): the stamp is
                     # metadata_props only, not the graph the gate ran, so the verdict holds for these bytes
                     rr.report.sha256 = sha256_file(out)
@@ -535,7 +535,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
     from .bundle_write import named_as, staged, write_archive, write_bundle
     from .lint import refuse_external_data
-    from .quantize import PROVENANCE_HINT, stamped_source
+    from .quantize import CALIBRATION_KEY, PROVENANCE_HINT, stamped_source
 
     manifest = _read_json(args.manifest, "--manifest")
     if not isinstance(manifest, dict):
@@ -606,6 +606,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         rec = _read_json(args.calibration, "--calibration")
         _check_calibration_record(rec, manifest)
         judged = set((_read_json(args.validation, "--validation") if args.validation else {}).get("frame_sha256") or [])
+        for name in ("int8.onnx", "int8_cpu.onnx"):  # each INT8 given: calibrated on the set the record names?
+            made_on = stamped_source(files[name], CALIBRATION_KEY) if files[name] else None
+            if made_on and made_on != rec.get("sha256"):
+                raise ConfigError("--calibration: " + expected(
+                    f"the record of the set --{name[:-5].replace('_', '-')} was calibrated on (sha256 {made_on[:12]}...)",
+                    f"one of set sha256 {str(rec.get('sha256'))[:12]}..."))
         shared = judged & set(rec.get("frame_sha256") or [])
         if shared:  # quantize checked overlap only with its own --val-source (phantoms by default)
             raise ConfigError("--calibration: " + expected(

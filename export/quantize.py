@@ -110,20 +110,27 @@ def check_loads(path: str | os.PathLike[str]) -> None:
 # bundle` records it (artifact info.source_fp32_sha256: a bundle pairing the file with another FP32 is
 # stale and refused) and `export validate` refuses a candidate judged against another FP32.
 SOURCE_KEY = "edge_runtime.source_fp32_sha256"
+# ... and the sha256 of the calibration set an INT8 file was calibrated on (calibration.json's sha256):
+# `export bundle --calibration` refuses a record of another set.
+CALIBRATION_KEY = "edge_runtime.calibration_sha256"
 
 
-def stamp_source(path: str | os.PathLike[str], fp32: str | os.PathLike[str]) -> str:
-    """Record in ``path`` the sha256 of the FP32 model ``fp32`` it was made from; returns that sha256."""
+def stamp_source(path: str | os.PathLike[str], fp32: str | os.PathLike[str], calibration_sha256: str | None = None
+                 ) -> str:
+    """Record in ``path`` the sha256 of the FP32 model ``fp32`` it was made from (and of the calibration
+    set, for INT8); returns the FP32 sha256."""
     import onnx
 
     from edge_runtime.bundle import sha256_file
 
     sha = sha256_file(fp32)
     model = onnx.load(str(path))
-    kept = [p for p in model.metadata_props if p.key != SOURCE_KEY]
+    stamps = {SOURCE_KEY: sha, **({CALIBRATION_KEY: calibration_sha256} if calibration_sha256 else {})}
+    kept = [p for p in model.metadata_props if p.key not in (SOURCE_KEY, CALIBRATION_KEY)]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
-    model.metadata_props.add(key=SOURCE_KEY, value=sha)
+    for key, value in stamps.items():
+        model.metadata_props.add(key=key, value=value)
     out = Path(path)
     tmp = out.with_name(f".{out.name}.stamp")
     onnx.save(model, str(tmp))
@@ -131,8 +138,9 @@ def stamp_source(path: str | os.PathLike[str], fp32: str | os.PathLike[str]) -> 
     return sha
 
 
-def stamped_source(path: str | os.PathLike[str]) -> str | None:
-    """The FP32 sha256 stamp_source recorded in ``path``, or None (a file made elsewhere)."""
+def stamped_source(path: str | os.PathLike[str], key: str = SOURCE_KEY) -> str | None:
+    """The FP32 sha256 (or with ``key`` CALIBRATION_KEY, the calibration set's) stamp_source recorded
+    in ``path``, or None (a file made elsewhere)."""
     import onnx
 
     try:
@@ -140,7 +148,7 @@ def stamped_source(path: str | os.PathLike[str]) -> str | None:
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file
         raise ExportError(f"{Path(path).name}: " + expected("an ONNX model file", f"one that does not parse "
                                                             f"({type(exc).__name__})")) from None
-    return next((p.value for p in model.metadata_props if p.key == SOURCE_KEY), None)
+    return next((p.value for p in model.metadata_props if p.key == key), None)
 
 
 def provenance_problems(fp32: str | os.PathLike[str], files: dict[str, str | os.PathLike[str]]) -> list[str]:

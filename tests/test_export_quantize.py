@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from test_export_models import blur_manifest, blur_model
 
 from edge_runtime.backends.onnxruntime import OrtBackend
-from edge_runtime.errors import ExportError
+from edge_runtime.errors import ConfigError, ExportError
 from edge_runtime.frames import Frame, GroundTruth
 from export import calibration as C
 from export.lint import check_model, parse_profile
@@ -317,6 +317,16 @@ def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.run(parser.parse_args(["quantize", str(src), "--precision", "fp16", "--out",
                                       str(tmp_path / "fp16.onnx")])) == 0
     assert (tmp_path / "fp16.onnx").is_file()
+    # The INT8 file carries its calibration set's sha256: bundling it with another set's record (a review:
+    # a cine-calibrated INT8 with a phantom record) is refused, with its own record it bundles.
+    assert cli.run(parser.parse_args(base + ["--precision", "int8", "--out", str(tmp_path / "other" / "int8.onnx"),
+                                             "--calib-frames", "24", "--min-frames", "24"])) == 0
+    bundle = ["bundle", "--manifest", str(tmp_path / "m.json"), "--fp32", str(src), "--int8", str(tmp_path / "int8.onnx")]
+    with pytest.raises(ConfigError, match="the record of the set --int8 was calibrated on"):
+        cli.run(parser.parse_args(bundle + ["--out", str(tmp_path / "b1"), "--calibration",
+                                            str(tmp_path / "other" / "calibration.json")]))
+    assert cli.run(parser.parse_args(bundle + ["--out", str(tmp_path / "b2"), "--calibration",
+                                               str(tmp_path / "calibration.json")])) == 0
 
 
 def test_recipe_frames_follow_the_training_record() -> None:
