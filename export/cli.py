@@ -91,6 +91,8 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     from .onnx_export import export_onnx
 
     mod_name, _, attr = args.module.partition(":")
+    if os.getcwd() not in sys.path:  # a module of the user's own folder, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
     try:
         factory = getattr(importlib.import_module(mod_name), attr or "build_model")
     except (ImportError, AttributeError) as exc:
@@ -994,7 +996,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="step", required=True)
 
     p = sub.add_parser("onnx", help="PyTorch module -> ONNX, refused unless ONNX Runtime matches PyTorch")
-    p.add_argument("--module", required=True, help="package.module:callable returning the torch.nn.Module")
+    p.add_argument("--module", required=True, help="package.module:callable returning the torch.nn.Module (found "
+                   "on sys.path and in the working directory)")
     p.add_argument("--weights", help="state_dict file (torch.save), loaded with weights_only=True")
     p.add_argument("--input-shape", required=True, help="sample input shape, e.g. 1x1x256x256")
     p.add_argument("--extra-shape", action="append", default=[], help="another sample shape (dynamic axes)")

@@ -78,3 +78,23 @@ def test_export_mistakes_are_export_errors_not_tracebacks(tmp_path: Path) -> Non
         export_onnx(Small(), torch.rand(1, 1, 16, 16), tmp_path / "m.onnx", input_names=["image"],
                     output_names=["a", "b", "c"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_finds_a_module_of_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export onnx --module mymodels:enhancer` from the user's own folder failed with "No module named
+    'mymodels'": the console script does not put the working directory on sys.path (a review)."""
+    import argparse
+    import sys
+
+    from export import cli
+
+    (tmp_path / "mymodels_cwd.py").write_text(
+        "import torch\n\ndef enhancer():\n    return torch.nn.Conv2d(1, 1, 3, padding=1)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["onnx", "--module", "mymodels_cwd:enhancer", "--input-shape", "1x1x32x32",
+                              "--output-names", "enhanced",
+                              "--out", str(tmp_path / "m.onnx")])
+    assert cli.run(args) == 0 and (tmp_path / "m.onnx").is_file()
