@@ -154,12 +154,18 @@ def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phanto
     from .validate import EvalSet
 
     flags = flags or FLAGS
+    give = {"enhancement": f"{flags['reference']} CLEAN", "segmentation": f"{flags['reference']} MASKS",
+            "detection": f"{flags['labels']} COCO.json"}[manifest["task"]]  # the ground truth of one's own frames
     phantom = _is_phantom(source)
     if phantom:
         if reference or labels:
             raise ConfigError(expected(f"{flags['reference']} / {flags['labels']} with held-out frames of your own "
                                        f"({flags['source']} PATH)", "phantom frames, which carry their own ground truth"))
-        items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
+        try:
+            items = list(frames_from(source, manifest, frames, seed0=VALIDATION_SEED0, role="validation"))
+        except ExportError as exc:  # e.g. an MR model: the phantoms make US and X-ray frames only
+            raise ExportError(f"validation frames ({flags['source']} {source}): {exc}; give held-out frames of your "
+                              f"own ({flags['source']} PATH with {give})") from None
         label = describe(source, manifest, len(items), VALIDATION_SEED0)
     else:
         items = labelled_frames(source, manifest, frames, reference=reference, labels=labels, flags=flags,
@@ -173,8 +179,6 @@ def _validation_set(manifest: dict[str, Any], frames: int, source: str = "phanto
     problems = governance_problems(items, manifest, Preprocessor.from_manifest(manifest).invert_monochrome1)
     if problems:
         # said before pre-processing would refuse the first frame as if the user's data were wrong
-        give = {"enhancement": f"{flags['reference']} CLEAN", "segmentation": f"{flags['reference']} MASKS",
-                "detection": f"{flags['labels']} COCO.json"}[manifest["task"]]
         hint = ("; the phantom generators make 8-bit ultrasound and 12-bit X-ray frames only: validate this model "
                 f"on held-out frames of your own ({flags['source']} PATH with {give})") if phantom else ""
         if not phantom and manifest.get("bits_stored") and "bits_stored" not in (opts or {}):
@@ -214,7 +218,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         out = to_fp16(args.model, args.out, op_block_list=_csv(args.keep_op_types) or None,
                       node_block_list=_csv(args.exclude_nodes))
         stamp_source(out, args.model)
-        print(f"wrote {out} (FP16 inside, float32 inputs/outputs; loads in ONNX Runtime CPU)")
+        import onnx
+
+        graph = onnx.load(str(out), load_external_data=False).graph
+        io = sorted({str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+                     for v in [*graph.input, *graph.output] if v.name not in {i.name for i in graph.initializer}})
+        print(f"wrote {out} (FP16 inside, inputs/outputs {'/'.join(io)} as in the FP32 model; loads in ONNX Runtime CPU)")
         return 0
     manifest = _manifest(args)
     val = _validation_set(manifest, args.val_frames, **_val_opts(args, manifest, "val_"))

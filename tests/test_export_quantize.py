@@ -317,6 +317,7 @@ def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli.run(parser.parse_args(["quantize", str(src), "--precision", "fp16", "--out",
                                       str(tmp_path / "fp16.onnx")])) == 0
     assert (tmp_path / "fp16.onnx").is_file()
+    assert "FP16 inside, inputs/outputs float32 as in the FP32 model" in capsys.readouterr().out  # said, not assumed
     # The INT8 file carries its calibration set's sha256: bundling it with another set's record (a review:
     # a cine-calibrated INT8 with a phantom record) is refused, with its own record it bundles.
     assert cli.run(parser.parse_args(base + ["--precision", "int8", "--out", str(tmp_path / "other" / "int8.onnx"),
@@ -798,3 +799,21 @@ def test_keeping_every_node_in_float_gives_the_fp32_outputs_of_merged_centernet_
     got = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, {"image": x[0]})
     for a, b in zip(want, got):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_quantizing_a_modality_the_phantoms_lack_says_to_give_validation_frames(tmp_path: Path) -> None:
+    """An MR model with its own --calib: the default validation set (phantoms) failed with "expected a US or
+    X-ray modality in the manifest for phantom frames", not saying which option avoids it (a review)."""
+    import argparse
+
+    from export import cli
+
+    src = blur_model(tmp_path / "fp32.onnx")
+    (tmp_path / "m.json").write_text(json.dumps({**blur_manifest(), "modality": ["MR"]}))
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["quantize", str(src), "--manifest", str(tmp_path / "m.json"), "--no-progress",
+                              "--precision", "int8", "--out", str(tmp_path / "int8.onnx"), "--calib", str(tmp_path)])
+    with pytest.raises(ExportError, match=r"US or X-ray modality .* give held-out frames of your own "
+                                          r"\(--val-source PATH with --val-reference CLEAN\)"):
+        cli.run(args)
