@@ -298,6 +298,10 @@ class Postprocessor:
             found = list(zip(vals[peak].astype(np.float64).tolist(), cls[peak].tolist(), ys[peak].tolist(),
                              xs[peak].tolist()))
         found.sort(key=lambda p: -p[0])  # stable: ties stay in map order
+        if found and found[0][0] > 1.001:  # the highest cell is a peak; int8/fp16 rounding stays far below this
+            # a heatmap of logits (no sigmoid in the graph) gave no findings or false ones, without a word
+            raise BackendError(expected("heatmap scores in 0..1 from the model (centernet: sigmoid in the graph)",
+                                        f"a score of {found[0][0]:.3g}"))
         return found
 
     def _finish_few(self, boxes: list[tuple[float, float, float, float]], scores: list[float], cls: list[int],

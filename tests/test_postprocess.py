@@ -299,6 +299,24 @@ def test_nan_or_inf_in_a_detectors_output_is_a_backend_error_not_no_findings() -
     assert yolo({"output0": np.zeros((1, 6, 0), np.float32)}, m, frame).detections == []  # no rows: none
 
 
+def test_a_heatmap_of_logits_is_a_backend_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector exported without its heatmap's sigmoid gave no findings (or false ones) without a
+    word (a review); scores above 1 now say what the model gave, in both peak paths."""
+    import edge_runtime.postprocess as pp
+
+    spec = {"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3}
+    frame = Frame(np.zeros((32, 32), np.uint8))
+    _, m = Preprocessor({})(frame)
+    outs = _centernet_outputs()
+    outs["heatmap"][0, 0, 2, 3] = 4.2  # a logit
+    for few in (0, 10**6):
+        monkeypatch.setattr(pp, "FEW_CANDIDATES", few)
+        with pytest.raises(BackendError, match="heatmap scores in 0..1 .* found 'a score of 4.2'"):
+            Postprocessor(spec)(outs, m, frame)
+    outs["heatmap"][0, 0, 2, 3] = 1.0
+    assert len(Postprocessor(spec)(outs, m, frame).detections) == 3
+
+
 def test_centernet_outputs_can_rename_some_tensors() -> None:
     """docs/BUNDLE.md's own example renames only the heatmap: the other two keep their names."""
     spec = {"type": "centernet", "stride": 4, "classes": ["cyst", "solid"], "score_threshold": 0.3,
