@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, sha256_file
-from edge_runtime.errors import BundleError, expected
+from edge_runtime.errors import BundleError, EdgeRuntimeError, expected
 
 
 def toolchain_versions() -> dict[str, str]:
@@ -66,10 +66,10 @@ def named_as(stage: Path, root: Path) -> Iterator[None]:
     """Errors about a working copy name the bundle the user gave (not a hidden folder beside it)."""
     try:
         yield
-    except BundleError as exc:
+    except EdgeRuntimeError as exc:
         if str(stage) not in str(exc):
             raise
-        raise BundleError(str(exc).replace(str(stage), str(root))) from None
+        raise type(exc)(str(exc).replace(str(stage), str(root))) from None
 
 
 @contextlib.contextmanager

@@ -677,7 +677,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from edge_runtime.bundle import Bundle
 
-    from .bundle_write import unpack_archive
+    from .bundle_write import named_as, unpack_archive
     from .lint import refuse_external_data
 
     def check(b: Bundle) -> tuple[str, str, int]:
@@ -692,8 +692,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         p = Path(target)
         try:
             if p.is_file():
-                with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
-                    name, sha, n = check(Bundle.load(unpack_archive(p, tmp)))
+                with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp, named_as(Path(tmp), p):
+                    name, sha, n = check(Bundle.load(unpack_archive(p, tmp)))  # errors name the archive
             else:
                 name, sha, n = check(Bundle.load(p))
             print(f"OK {target}: {name}, {n} files verified, manifest sha256 {sha}")

@@ -179,7 +179,7 @@ def test_symbolic_links_are_refused_by_write_and_verify(bundle: Path, tmp_path: 
         write_bundle(bundle, json.loads((bundle / "manifest.json").read_text()))
 
 
-def test_archive_is_deterministic_and_verifiable(bundle: Path, tmp_path: Path) -> None:
+def test_archive_is_deterministic_and_verifiable(bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = write_archive(bundle, tmp_path / "a.tar")
     b = write_archive(bundle, tmp_path / "b.tar")
     assert a.read_bytes() == b.read_bytes()
@@ -190,7 +190,10 @@ def test_archive_is_deterministic_and_verifiable(bundle: Path, tmp_path: Path) -
     i = raw.find(b"ONNX", 2048)  # inside a member's data, past the first headers
     raw[i if i > 0 else 4096] ^= 0x20
     (tmp_path / "bad.tar").write_bytes(bytes(raw))
+    capsys.readouterr()
     assert _cli(["verify", str(tmp_path / "bad.tar")]) == 1
+    said = capsys.readouterr().out  # the archive, not the temporary folder it was unpacked into
+    assert f"bundle {tmp_path / 'bad.tar'}/xr-blur failed verification" in said and "edge-verify-" not in said, said
 
 
 def test_unpack_refuses_paths_outside(tmp_path: Path) -> None:
