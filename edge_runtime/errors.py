@@ -6,6 +6,10 @@ act on the message alone. Validation raises these explicitly; it never uses ``as
 
 from __future__ import annotations
 
+import re
+
+WARN_SAME_REASON = 3  # items skipped for one reason that are logged one by one; the rest are counted
+
 
 class EdgeRuntimeError(Exception):
     """Base class of every error the runtime and the export toolchain raise on purpose."""
@@ -55,3 +59,9 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return exc.strerror or type(exc).__name__
     return str(exc)
+
+
+def reason_key(message: str) -> str:
+    """A refusal's reason whatever values it names (numbers -> N; digits inside names such as
+    MONOCHROME1 kept): skips for the same reason are logged WARN_SAME_REASON times, then counted."""
+    return re.sub(r"(?<![A-Za-z0-9])\d+(\.\d+)?", "N", message)

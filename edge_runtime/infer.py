@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import queue
-import re
 import sys
 import threading
 import time
@@ -26,7 +25,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import BackendError, ConfigError, InputError, UnsupportedFormatError, describe_error, expected
+from .errors import (
+    WARN_SAME_REASON,
+    BackendError,
+    ConfigError,
+    InputError,
+    UnsupportedFormatError,
+    describe_error,
+    expected,
+    reason_key,
+)
 from .frames import Frame
 from .outputs import file_stem, private_dir, write_image
 from .pipeline.recorder import JsonlWriter
@@ -36,7 +44,6 @@ from .runtime import Runtime, RuntimeSet, resolve_bundle
 from .telemetry import summarize
 
 log = logging.getLogger(__name__)
-WARN_SAME_REASON = 3  # frames skipped for one reason that are logged one by one; the rest are counted
 
 
 def annotate(frame: Frame, result: Result, *, truth: bool = True) -> np.ndarray:
@@ -266,8 +273,7 @@ def run(args: argparse.Namespace) -> int:
                     skipped += 1
                     n += 1
                     why = str(exc)
-                    # the same refusal, whatever values it names (digits inside names such as MONOCHROME1 kept)
-                    reason = re.sub(r"(?<![A-Za-z0-9])\d+(\.\d+)?", "N", why)
+                    reason = reason_key(why)  # the same refusal, whatever values it names
                     first_said.setdefault(reason, why)
                     reasons[reason] = reasons.get(reason, 0) + 1
                     if reasons[reason] <= WARN_SAME_REASON:  # a 1000-frame file gave 1000 identical warnings

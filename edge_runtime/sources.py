@@ -64,12 +64,14 @@ import cv2
 import numpy as np
 
 from .errors import (
+    WARN_SAME_REASON,
     ConfigError,
     EdgeRuntimeError,
     InputError,
     UnsupportedFormatError,
     describe_error,
     expected,
+    reason_key,
 )
 from .frames import STREAM_ID_CHARS, STREAM_ID_RE, Frame
 from .pseudonym import pseudonym
@@ -204,10 +206,18 @@ class Source(ABC):
 
     def _skip(self, which: str, exc: Exception) -> None:
         """One unreadable file of a folder is counted and skipped, never the folder; warned once per file
-        (a looped folder would repeat it every pass: later passes log it at DEBUG)."""
+        (a looped folder would repeat it every pass: later passes log it at DEBUG) and WARN_SAME_REASON
+        times per reason (a folder of 210 16-bit images declared 8-bit gave 210 identical warnings)."""
         self.skipped += 1
         warned: set[str] = self.__dict__.setdefault("_warned", set())
-        log.log(logging.DEBUG if which in warned else logging.WARNING, "%s skipped: %s", which, exc)
+        reasons: dict[str, int] = self.__dict__.setdefault("_reasons", {})
+        key = reason_key(str(exc))
+        if which not in warned:
+            reasons[key] = reasons.get(key, 0) + 1
+        loud = which not in warned and reasons[key] <= WARN_SAME_REASON
+        log.log(logging.WARNING if loud else logging.DEBUG, "%s skipped: %s%s", which, exc,
+                " (further files skipped for this reason are counted, not logged)"
+                if loud and reasons[key] == WARN_SAME_REASON else "")
         warned.add(which)
 
     def __repr__(self) -> str:  # the stream id, not the name: a file name can be a patient identifier

@@ -779,3 +779,21 @@ def test_a_rescaled_monochrome1_file_is_inverted_about_its_value_range(tmp_path:
                                          RescaleIntercept=0)))
     assert m1.photometric == "MONOCHROME2" and m1.pixels.dtype == np.float32
     np.testing.assert_allclose(m1.pixels, twin.pixels)  # 1023.75 - v / 4, as (4095 - v) / 4
+
+
+def test_a_folder_warns_a_few_times_per_reason_then_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """210 16-bit images declared 8-bit gave 210 identical warnings before calibration's error (a review):
+    the same reason is now warned 3 times (as `infer` does for frames), every file still counted."""
+    import logging
+
+    import cv2
+
+    for i in range(6):
+        assert cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 8), 1000 + i, np.uint16))
+    (tmp_path / "f7.png").write_bytes(b"not a png")  # another reason: warned too
+    assert cv2.imwrite(str(tmp_path / "f8.png"), np.full((8, 8), 200, np.uint16))  # readable
+    caplog.set_level(logging.WARNING)
+    images = ImageFolderSource(tmp_path, bits_stored=8, modality="US")
+    assert len(list(images)) == 1 and images.skipped == 7
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 4 and "further files skipped for this reason are counted" in warned[2], warned
