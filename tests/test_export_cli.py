@@ -157,3 +157,31 @@ def test_quantize_takes_the_manifests_calibration_method(tmp_path: Path, monkeyp
         with pytest.raises(Stop):
             _cli([*base, *extra])
     assert seen == ["entropy", "minmax"]
+
+
+@pytest.mark.slow
+def test_the_readmes_own_model_walkthrough_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Your own model, end to end" block, command by command, in a copy of docs/examples/
+    (the cine it names is pydicom's real one): the walkthrough a newcomer follows cannot rot."""
+    import re
+    import shlex
+    import shutil
+
+    pytest.importorskip("torch", reason="export onnx needs PyTorch (the train extra)")
+    from edge_runtime.cli import main
+    from edge_runtime.demo import real_cine_path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"Your own model, end to end.*?```sh\n(.*?)```", readme, re.DOTALL)
+    assert block, "the walkthrough is gone from README.md"
+    commands = [shlex.split(c.split("  #")[0]) for c in block.group(1).replace("\\\n", " ").splitlines() if c.strip()]
+    shutil.copytree(root / "docs" / "examples", tmp_path / "my-model")
+    monkeypatch.chdir(tmp_path / "my-model")
+    for argv in commands:
+        assert argv[0] == "edge-runtime", argv
+        argv = [str(real_cine_path()) if a == "cine.dcm" else a for a in argv[1:]]
+        if argv[:2] == ["export", "quantize"] or argv[:2] == ["export", "validate"]:
+            argv.append("--no-progress")
+        assert main(argv) == 0, argv
+    assert (tmp_path / "my-model" / "out" / "my" / "results.jsonl").read_text().count("\n") == 30
