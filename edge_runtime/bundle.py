@@ -63,6 +63,28 @@ class Artifact:
         return not self.targets or any(target == t or target.startswith(t + "-") for t in self.targets)
 
 
+TRUSTED_ENV = "EDGE_RUNTIME_TRUSTED_BUNDLES"  # a file of manifest sha256s, one a line: the only bundles served
+
+
+def check_trusted(bundle: Bundle) -> None:
+    """With $EDGE_RUNTIME_TRUSTED_BUNDLES set, a BundleError unless ``bundle``'s manifest sha256 is
+    listed there. Verification catches a changed file, not a rewritten manifest (a raised threshold
+    hides every finding, swapped class names mislabel them, a swapped model with its hashes rewritten
+    verifies): a cart pins the bundles it was validated with, in a file on its read-only partition."""
+    listed = os.environ.get(TRUSTED_ENV)
+    if not listed:
+        return
+    try:
+        text = Path(listed).read_text()
+    except OSError as exc:  # set but unreadable: serving anything would defeat it
+        raise ConfigError(f"${TRUSTED_ENV}: " + expected("a readable file of manifest sha256s",
+                                                         exc.strerror or type(exc).__name__)) from None
+    trusted = {w.lower() for line in text.splitlines() for w in line.split("#")[0].split()}
+    if bundle.sha256 not in trusted:
+        raise BundleError(f"bundle {bundle.name!r}: " + expected(
+            f"a manifest sha256 listed in ${TRUSTED_ENV} ({len(trusted)} listed)", bundle.sha256))
+
+
 def gate_results(report: dict[str, Any], file: str, digest: str | None) -> list[dict[str, Any]]:
     """A validation report's results for one file: by sha256 where the report records them, else by
     file name (reports before per-candidate hashes). Shared by `export bundle` and bundle loading."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .backends import Backend, TrtBackend, select_backend, tensorrt_available
-from .bundle import Bundle
+from .bundle import Bundle, check_trusted
 from .devices import DeviceConfig, cpu_int8, detect, load_config, spinning_mode
 from .engine_cache import BackgroundBuilder, EngineCache, EngineKey, preference, untrusted
 from .errors import BackendError, BundleError, ConfigError, InputError, expected
@@ -162,6 +162,7 @@ class Runtime:
     def load(self) -> Self:
         b = self._bundle_arg
         self.bundle = b if isinstance(b, Bundle) else Bundle.load(resolve_bundle(b), verify=True)
+        check_trusted(self.bundle)
         self.device = resolve_device(self._device_arg)
         self.precision = choose_precision(self.bundle, self.device, self.requested_precision,
                                           self.requested_backend)

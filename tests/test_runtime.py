@@ -931,3 +931,30 @@ def test_a_segmentation_bundle_gives_masks_and_their_contours(tmp_path: Path) ->
     with RuntimeSet([Runtime(root, "cpu-x86")]) as rs:
         merged = rs.process(frame)
     assert merged.contours is not None and len(merged.contours[0]) == 1
+
+
+def test_a_cart_serves_only_the_bundles_it_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verification catches a changed file, not a rewritten manifest: a raised score threshold (every
+    finding hidden) or swapped class names verified and ran (a privacy review). With
+    $EDGE_RUNTIME_TRUSTED_BUNDLES only the manifests listed there are served."""
+    import json
+    import shutil
+
+    from edge_runtime.bundle import TRUSTED_ENV, Bundle
+    from edge_runtime.runtime import reference_bundles
+    from export.bundle_write import write_bundle
+
+    shipped = Bundle.load(reference_bundles()["us-lesion-det"])
+    edited = tmp_path / "us-lesion-det"
+    shutil.copytree(shipped.path, edited)
+    m = json.loads((edited / "manifest.json").read_text())
+    m["postprocess"]["score_threshold"] = 0.999
+    write_bundle(edited, m)  # hashes rewritten: it verifies
+    (tmp_path / "trusted.txt").write_text(f"{shipped.sha256}  # us-lesion-det as validated\n")
+    monkeypatch.setenv(TRUSTED_ENV, str(tmp_path / "trusted.txt"))
+    Runtime(shipped.path, "cpu-x86").load().close()
+    with pytest.raises(BundleError, match=f"listed in \\${TRUSTED_ENV} \\(1 listed\\)"):
+        Runtime(edited, "cpu-x86").load()
+    monkeypatch.setenv(TRUSTED_ENV, str(tmp_path / "missing.txt"))
+    with pytest.raises(ConfigError, match="a readable file of manifest sha256s"):
+        Runtime(shipped.path, "cpu-x86").load()
