@@ -197,7 +197,16 @@ def _calibration_set(manifest: dict[str, Any], source: str, frames: int, min_fra
 
     items = C.frames_from(source, manifest, frames, seed0=C.CALIBRATION_SEED0, **(source_opts or {}))
     label = C.describe(source, manifest, frames, C.CALIBRATION_SEED0)
-    return C.build(items, manifest, source=label, min_frames=min_frames, exclude=exclude, progress=progress)
+    try:
+        return C.build(items, manifest, source=label, min_frames=min_frames, exclude=exclude, progress=progress)
+    except ExportError as exc:  # the options that answer it (C.build names none: it is an API too)
+        why = str(exc)
+        answers = {"calibration frames, found": "--calib-frames N reads more, --min-frames N lowers the minimum",
+                   "bits_stored": "--calib-bits N states a folder's or video's bit depth",
+                   "modality in": "--calib-modality M states a folder's or video's modality"}
+        hints = [h for cue, h in answers.items()
+                 if cue in why and (cue.startswith("calibration") or not _is_phantom(source))]
+        raise ExportError(why + "".join(f"; {h}" for h in hints)) from None
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -311,7 +311,8 @@ def test_cli_quantize_int8_and_fp16(tmp_path: Path, capsys: pytest.CaptureFixtur
     rec = json.loads((tmp_path / "calibration.json").read_text())
     assert rec["frames"] == 20 and rec["method"] == "percentile" and rec["source"].startswith("phantom:xr")
     assert "zero points all 0" in capsys.readouterr().out
-    with pytest.raises(ExportError, match="at least 200 calibration frames, found '20 frames'"):
+    with pytest.raises(ExportError, match="at least 200 calibration frames, found '20 frames'; --calib-frames N "
+                                          "reads more, --min-frames N lowers the minimum"):
         cli.run(parser.parse_args(base + ["--precision", "int8", "--out", str(tmp_path / "x.onnx"),
                                           "--calib-frames", "20"]))
     assert cli.run(parser.parse_args(["quantize", str(src), "--precision", "fp16", "--out",
