@@ -193,8 +193,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", help="what a folder of images (required there) or a video shows, e.g. DX, US; "
                         "DICOM and phantoms state their own")
     parser.add_argument("--bits-stored", type=int, help="bits used in 16-bit images, e.g. 12 for detector data")
-    parser.add_argument("--stream-id", help="stream id for the results (default: a pseudonym from a hash of the "
-                        "file or folder name); 1-64 of A-Z a-z 0-9 _ . : -")
+    parser.add_argument("--stream-id", help="stream id for the results (default: a pseudonym from a keyed hash of "
+                        "the file or folder's absolute path); 1-64 of A-Z a-z 0-9 _ . : -")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ def _create(tmp: Path) -> int:
         return os.open(tmp, flags, FILE_MODE)
     except FileExistsError:
         if tmp.is_symlink() or not tmp.is_file():  # the message names no file: a name can identify a patient
-            raise ConfigError(expected("an image's temporary file (.NAME.partial) absent or a regular file",
+            raise ConfigError(expected("an output's temporary file (.NAME.partial) absent or a regular file",
                                        "a symbolic link or a special file (refused: the image would go wherever "
                                        "it points)")) from None
         tmp.unlink()
@@ -69,11 +69,18 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray) -> Path:
     ok, data = cv2.imencode(out.suffix or ".png", image)
     if not ok:
         raise InputError(expected(f"an image OpenCV can encode as {out.suffix}", f"{image.dtype} {image.shape}"))
+    return write_file(out, data.tobytes())
+
+
+def write_file(path: str | os.PathLike[str], data: bytes) -> Path:
+    """``data`` to ``path``, 0640, through a temporary file and a rename: a reader never sees half a file,
+    and a symbolic link planted at ``path`` is replaced, never written through."""
+    out = Path(path)
     tmp = out.with_name(f".{out.name}.partial")
     fd = _create(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
+            f.write(data)
         private_file(tmp)
         os.replace(tmp, out)
     except BaseException:

@@ -13,6 +13,7 @@ the worst frame's seq, drops by cause, and the backend/precision in use.
 from __future__ import annotations
 
 import atexit
+import io
 import json
 import logging
 import os
@@ -309,6 +310,7 @@ class Stats:
 
 def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any], title: str) -> None:
     """Latency distribution: matplotlib when importable, else an OpenCV drawing."""
+    from .outputs import write_file, write_image
     try:
         import matplotlib
 
@@ -340,8 +342,10 @@ def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any]
             ax2.legend()
         fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
+        write_file(path, png.getvalue())
         return
     import cv2
 
@@ -356,13 +360,14 @@ def _histogram_png(path: Path, samples: list[float], snapshot: Mapping[str, Any]
         cv2.putText(img, f"{edges[-1]:.1f} ms", (600, 385), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
     label = f"{title}  p50 {e2e.get('p50', 0):.1f}  p99 {e2e.get('p99', 0):.1f}  max {e2e.get('max', 0):.1f} ms"
     cv2.putText(img, label, (10, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
-    cv2.imwrite(str(path), img)
+    write_image(path, img)
 
 
 def write_latency_report(stats: Stats, out_dir: str | os.PathLike, name: str = "latency",
                          title: str = "edge-runtime latency", extra: Mapping[str, Any] | None = None
                          ) -> tuple[Path, Path]:
     """Write ``NAME.json`` (snapshot + histogram) and ``NAME.png`` (distribution) into ``out_dir``."""
+    from .outputs import write_file
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     snap = stats.snapshot(advance=False)
@@ -371,7 +376,7 @@ def write_latency_report(stats: Stats, out_dir: str | os.PathLike, name: str = "
     report = {**snap, "histogram_e2e_ms": {"counts": counts.astype(int).tolist(),
                                           "edges": [round(float(e), 3) for e in edges]}, **(extra or {})}
     json_path = out / f"{name}.json"
-    json_path.write_text(json.dumps(report, indent=2, default=str))
+    write_file(json_path, json.dumps(report, indent=2, default=str).encode())  # never through a planted link
     png_path = out / f"{name}.png"
     _histogram_png(png_path, samples, snap, title)
     return json_path, png_path

@@ -100,7 +100,8 @@ def test_a_detectors_class_count_is_checked_against_its_output(tmp_path: Path) -
         _check_io(m, tmp_path / "m.onnx", types.SimpleNamespace(classes=["cyst", "solid", "calcification"]))
 
 
-def _graph(tmp_path: Path, inputs: dict[str, list[int | str]], outputs: dict[str, tuple[list[int | str], int]]) -> Path:
+def _graph(tmp_path: Path, inputs: dict[str, list[int | str]], outputs: dict[str, tuple[list[int | str], int]],
+           name: str = "m") -> Path:
     """A model of Casts of its first input: only the names, dtypes and shapes of its tensors matter here."""
     import onnx
     from onnx import TensorProto, helper
@@ -109,7 +110,7 @@ def _graph(tmp_path: Path, inputs: dict[str, list[int | str]], outputs: dict[str
     nodes = [helper.make_node("Cast", [first], [name], to=dtype) for name, (_, dtype) in outputs.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
                               [helper.make_tensor_value_info(n, d, s) for n, (s, d) in outputs.items()])
-    path = tmp_path / "m.onnx"
+    path = tmp_path / f"{name}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     return path
 
@@ -132,6 +133,11 @@ def test_the_manifest_is_checked_against_what_the_runtime_will_feed_and_read(tmp
            "postprocess": {"type": "centernet", "stride": 4, "classes": ["a", "b"]}}
     model = _graph(tmp_path, {"image": [1, 1, 128, 128]}, head)
     _check_processing(det, model)  # as made: fine
+    odd = {n: ([1, 2, 63, 63], t) for n, (_, t) in head.items()}  # 250 / 4 rounded up: a working head
+    _check_processing({**det, "inputs": [{**det["inputs"][0], "shape": [1, 1, 250, 250]}],
+                       "outputs": [{**t, "shape": [1, 2, 63, 63]} for t in det["outputs"]],
+                       "preprocess": {"resize": {"mode": "letterbox", "size": [250, 250]}}},
+                      _graph(tmp_path, {"image": [1, 1, 250, 250]}, odd, "odd"))
     for change, match in (({"stride": 8}, r"postprocess.stride 8: expected input / heatmap size, \[4.0, 4.0\]"),
                           ({"outputs": {"heatmap": "hm"}}, r"output names among the model's outputs .* found \['hm'\]")):
         with pytest.raises(ConfigError, match=match):

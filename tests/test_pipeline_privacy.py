@@ -133,6 +133,14 @@ def test_an_ipc_bind_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
             pub.linger = 0
             security.bind(pub, f"ipc://{tmp_path}/results", None)
             assert stat.S_IMODE(os.stat(tmp_path / "results").st_mode) == 0o600
+        # Owner-only from its creation: a chmod after the bind left a gap another account connected in
+        # (a review: 2 binds of 20); without that chmod the file is still closed to others.
+        with ctx.socket(zmq.PUB) as pub, pytest.MonkeyPatch.context() as mp:
+            pub.linger = 0
+            mp.setattr(security.os, "chmod", lambda *a: None)
+            security.bind(pub, f"ipc://{tmp_path}/results2", None)
+            assert stat.S_IMODE(os.stat(tmp_path / "results2").st_mode) & 0o077 == 0
+        assert os.umask(0) == 0  # the process's umask restored
     finally:
         os.umask(old)
         ctx.term()
@@ -162,3 +170,26 @@ def test_a_planted_link_is_refused_not_written_through(tmp_path: Path) -> None:
     (out / ".b.png.partial").write_bytes(b"half a png")  # what a write killed midway leaves: replaced
     write_image(out / "b.png", np.zeros((4, 4), np.uint8))
     assert (out / "b.png").read_bytes().startswith(b"\x89PNG") and not (out / ".b.png.partial").exists()
+
+
+def test_the_latency_report_and_videos_never_go_through_a_planted_link(tmp_path: Path) -> None:
+    """A review planted latency.json / latency.png links in a --record folder: the report was written
+    where they pointed; a dangling link named as the video crashed the recorder (FileExistsError,
+    3 restarts, 45 of 88 results lost, no video). The links are now replaced, or their name skipped."""
+    from edge_runtime.pipeline.recorder import VideoSink
+    from edge_runtime.telemetry import Stats, write_latency_report
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for name in ("latency.json", "latency.png"):
+        (rec / name).symlink_to(victim)
+    json_path, png_path = write_latency_report(Stats(), rec)
+    assert victim.read_text() == "keep me"
+    assert not json_path.is_symlink() and not png_path.is_symlink() and json_path.read_text().startswith("{")
+    (rec / "s1.mp4").symlink_to(tmp_path / "nowhere.mp4")  # dangling
+    sink = VideoSink(rec, 10.0)
+    writer = sink._open("s1", (32, 32))
+    writer.release()
+    assert sink.paths and sink.paths[0].name != "s1.mp4" and not (tmp_path / "nowhere.mp4").exists()

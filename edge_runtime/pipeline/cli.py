@@ -71,7 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bits-stored", dest="bits_stored", type=int,
                         help="bits used in 16-bit images, e.g. 12 for detector data")
     parser.add_argument("--stream-id", dest="stream_id", help="stream id (default for a file source: a "
-                        "pseudonym from a hash of its name); 1-64 of A-Z a-z 0-9 _ . : -")
+                        "pseudonym from a keyed hash of its absolute path); 1-64 of A-Z a-z 0-9 _ . : -")
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     parser.add_argument("--duration", type=float, help="stop after this many seconds")
     parser.add_argument("--mode", choices=["process", "thread"], help="node isolation (default process)")

@@ -179,11 +179,12 @@ class VideoSink:
         safe = file_stem(stream)
         for suffix, fourcc in ((".mp4", "mp4v"), (".avi", "MJPG")):
             # Never over an earlier file (a restarted recorder, a reused directory): VideoWriter truncates.
-            path = next(p for k in range(1, 10_000)
-                        if not (p := self.out_dir / (f"{safe}{suffix}" if k == 1 else f"{safe}-{k}{suffix}")).exists())
+            # A name held by a link, even a dangling one, is taken (O_EXCL would refuse it: a crash).
+            path = next(p for k in range(1, 10_000) if not os.path.lexists(
+                p := self.out_dir / (f"{safe}{suffix}" if k == 1 else f"{safe}-{k}{suffix}")))
             # Made 0640 first (patient images, edge_runtime.outputs): VideoWriter truncates it and
             # keeps the mode, whenever its backend creates the file.
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE))
             writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), self.fps, size)
             if writer.isOpened():
                 self.paths.append(path)

@@ -231,6 +231,9 @@ def _attach(sock: zmq.Socket, endpoint: str, how: str) -> None:
             "an endpoint like tcp://HOST:PORT or ipc:///path", exc.strerror or str(exc))) from None
 
 
+_UMASK_LOCK = threading.Lock()
+
+
 def bind(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> None:
     """Bind after the loopback/CURVE policy check; CURVE server options are set before bind."""
     if wants_curve(endpoint, security):
@@ -240,11 +243,20 @@ def bind(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> No
         log.warning("%s has no CURVE keys: any local account can connect to it (and subscribe to the results: "
                     "patient data). Bind ipc:///PATH in a folder only this user can open, or give --keys DIR.",
                     endpoint)
-    _attach(sock, endpoint, "bind")
-    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # ipc://* binds a path libzmq picks
-    if bound.startswith("ipc://") and not bound.startswith("ipc://@"):
-        # The socket file gets its mode from the umask (0777 under umask 000): owner only.
-        os.chmod(bound[len("ipc://"):], 0o600)
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        # The socket file gets its mode from the umask (0777 under umask 000) and the mode is checked at
+        # connect: a chmod after the bind left a gap another account connected in (2 binds of 20), so the
+        # file is made owner-only as it is created. The umask is the process's: only narrowed, briefly.
+        with _UMASK_LOCK:
+            old = os.umask(0o077)
+            try:
+                _attach(sock, endpoint, "bind")
+            finally:
+                os.umask(old)
+        bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # ipc://* binds a path libzmq picks
+        os.chmod(bound[len("ipc://"):], 0o600)  # 0700 from the umask: no need to be executable
+    else:
+        _attach(sock, endpoint, "bind")
 
 
 def connect(sock: zmq.Socket, endpoint: str, security: SecurityConfig | None) -> None:
