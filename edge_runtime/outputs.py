@@ -56,7 +56,7 @@ def _create(tmp: Path) -> int:
     except FileExistsError:
         if tmp.is_symlink() or not tmp.is_file():  # the message names no file: a name can identify a patient
             raise ConfigError(expected("an output's temporary file (.NAME.partial) absent or a regular file",
-                                       "a symbolic link or a special file (refused: the image would go wherever "
+                                       "a symbolic link or a special file (refused: the file would go wherever "
                                        "it points)")) from None
         tmp.unlink()
         return os.open(tmp, flags, FILE_MODE)

@@ -74,7 +74,6 @@ class PixelMapping:
             np.minimum(np.maximum(out, 0.0, out=out), (w, h, w, h), out=out)
         return out
 
-
     def box_to_original(self, x0: float, y0: float, x1: float, y1: float) -> tuple[float, float, float, float]:
         """One box as ``to_original`` (clipped), in Python numbers: cheaper than numpy for a few boxes."""
         h, w = self.orig_size
