@@ -230,8 +230,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         import onnx
 
         graph = onnx.load(str(out), load_external_data=False).graph
-        io = sorted({str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-                     for v in [*graph.input, *graph.output] if v.name not in {i.name for i in graph.initializer}})
+        io = sorted({_dtype(v) for v in [*graph.input, *graph.output] if v.name not in {i.name for i in graph.initializer}})
         print(f"wrote {out} (FP16 inside, inputs/outputs {'/'.join(io)} as in the FP32 model; loads in ONNX Runtime CPU)")
         return 0
     manifest = _manifest(args)
@@ -568,7 +567,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         raise ConfigError(expected("existing files to bundle", missing))
     for name, src in files.items():
         if src and name.endswith(".onnx"):
-            refuse_external_data(src, f"--{name[:-5].replace('_', '-')}")
+            refuse_external_data(src, _flag(name))
     out = Path(args.out)
     artifacts = {a["file"]: a for a in manifest.get("artifacts", []) if isinstance(a, dict)}
     listed = manifest.get("files")
@@ -590,7 +589,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
             if made_from:  # the bundle's stale check compares it with fp32.onnx (edge_runtime.bundle)
                 artifacts[name]["info"] = {"source_fp32_sha256": made_from}
                 if fp32_sha and made_from != fp32_sha:  # said now, not as a stale staging folder after the copies
-                    raise ConfigError(f"--{name.split('.')[0].replace('_', '-')}: " + expected(
+                    raise ConfigError(f"{_flag(name)}: " + expected(
                         f"a file made from this --fp32 (sha256 {fp32_sha[:12]}...)",
                         f"one made from fp32 sha256 {made_from[:12]}...") + f" ({PROVENANCE_HINT})")
     if args.archive:
@@ -610,10 +609,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
                if a.get("kind") == "onnx" and a.get("precision") != "fp32"}
     # Only this call's report speaks for these files (a template's record may describe other ones).
     manifest.pop("validation", None)
-    if args.validation:
+    report = _read_json(args.validation, "--validation") if args.validation else None
+    if report is not None:
         fp32 = files["fp32.onnx"] or (out / "fp32.onnx")
-        manifest["validation"] = _gate_record(_read_json(args.validation, "--validation"), derived,
-                                              Path(fp32) if Path(fp32).is_file() else None)
+        manifest["validation"] = _gate_record(report, derived, Path(fp32) if Path(fp32).is_file() else None)
     elif derived:
         _say(f"no --validation report: the runtime will serve only FP32 from this bundle ({', '.join(derived)} "
              "stay unused until a passing report is bundled)")
@@ -625,12 +624,12 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     if args.calibration:
         rec = _read_json(args.calibration, "--calibration")
         _check_calibration_record(rec, manifest)
-        judged = set((_read_json(args.validation, "--validation") if args.validation else {}).get("frame_sha256") or [])
+        judged = set((report or {}).get("frame_sha256") or [])
         for name in ("int8.onnx", "int8_cpu.onnx"):  # each INT8 given: calibrated on the set the record names?
             made_on = stamped_source(files[name], CALIBRATION_KEY) if files[name] else None
             if made_on and made_on != rec.get("sha256"):
                 raise ConfigError("--calibration: " + expected(
-                    f"the record of the set --{name[:-5].replace('_', '-')} was calibrated on (sha256 {made_on[:12]}...)",
+                    f"the record of the set {_flag(name)} was calibrated on (sha256 {made_on[:12]}...)",
                     f"one of set sha256 {str(rec.get('sha256'))[:12]}..."))
         shared = judged & set(rec.get("frame_sha256") or [])
         if shared:  # quantize checked overlap only with its own --val-source (phantoms by default)
@@ -740,15 +739,12 @@ def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> list[int | Non
     def dims(v: Any) -> list[int | None]:
         return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
 
-    def dtype(v: Any) -> str:
-        return str(onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-
     graph_inputs = [v for v in graph.input if v.name not in inits]
     if len(graph_inputs) != 1:  # a second input was listed as asked, then never fed: every frame skipped
         raise ConfigError(expected("a model with one image input (format 1 feeds one tensor a frame)",
                                    f"inputs {[v.name for v in graph_inputs]}"))
-    tensors = {"inputs": {v.name: (dims(v), dtype(v)) for v in graph_inputs},
-               "outputs": {v.name: (dims(v), dtype(v)) for v in graph.output}}
+    tensors = {"inputs": {v.name: (dims(v), _dtype(v)) for v in graph_inputs},
+               "outputs": {v.name: (dims(v), _dtype(v)) for v in graph.output}}
     for key, have in tensors.items():
         for t in manifest[key]:
             if t["name"] not in have:
@@ -794,6 +790,18 @@ def _check_io(manifest: dict[str, Any], fp32: Path, post: Any) -> list[int | Non
             raise ConfigError(f"postprocess.stride {post.stride}: " + expected(
                 f"input / heatmap size, {[round(a / b, 2) for a, b in sides]}", post.stride))
     return in_dims
+
+
+def _flag(file: str) -> str:
+    """The `export bundle` option that gives a bundle file: int8_cpu.onnx -> --int8-cpu."""
+    return "--" + file.split(".")[0].replace("_", "-")
+
+
+def _dtype(value: Any) -> str:
+    """An ONNX graph input's or output's element type as numpy names it (float32, float16, ...)."""
+    import onnx
+
+    return str(onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
 
 
 def _check_int8_form(name: str, src: str) -> None:
